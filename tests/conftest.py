@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny VideoLLaVA checkpoints saved to disk, and test clips written with PyAV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+
+from vidsparse.models.tiny import video_llava_config, word_tokenizer
+
+WORDS = "what is happening in the video a red green blue circle square moves left right up down color".split()
+
+
+def save_tiny_checkpoint(path: Path, *, kv_heads: int | None = None, seed: int = 0, **config) -> Path:
+    """A randomly initialised tiny VideoLLaVA + word tokenizer, saved the way users' checkpoints are."""
+    tokenizer = word_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(video_llava_config(tokenizer, kv_heads=kv_heads, **config))
+    # Random init leaves logits nearly flat; a larger LM head makes greedy choices decisive, so that
+    # comparisons between implementations are not decided by float noise.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """GQA decoder (4 query heads, 2 key/value heads), 32x32 frames, patch 8: 8 x 17 visual tokens."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-gqa"), kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_mha(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mha"), kv_heads=None, seed=1)
+
+
+def moving_square_frames(n: int = 24, height: int = 48, width: int = 64) -> np.ndarray:
+    """A bright square moving right over a smooth gradient: easy for every codec to keep."""
+    y, x = np.mgrid[0:height, 0:width]
+    frames = np.empty((n, height, width, 3), np.uint8)
+    for i in range(n):
+        frames[i, ..., 0] = (x * 3) % 256
+        frames[i, ..., 1] = (y * 4 + i * 5) % 256
+        frames[i, ..., 2] = 90
+        left = (i * 2) % (width - 12)
+        frames[i, 16:28, left : left + 12] = 255
+    return frames
+
+
+def write_video(path: Path, frames: np.ndarray, codec: str, fps: int = 12, **options: str) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """Good clips in three codecs, and the bad inputs a user can hand us."""
+    root = tmp_path_factory.mktemp("clips")
+    frames = moving_square_frames()
+    good = {
+        "h264": write_video(root / "clip.mp4", frames, "libx264", crf="18"),
+        "vp9": write_video(root / "clip.webm", frames, "libvpx-vp9"),
+        "av1": write_video(root / "clip_av1.mp4", frames, "libsvtav1"),
+    }
+    data = good["h264"].read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "notes.mp4").write_text("these are not video bytes\n" * 20)
+    with av.open(str(root / "empty.mp4"), "w") as container:  # a container whose stream got no frames
+        stream = container.add_stream("libx264", rate=12)
+        stream.width, stream.height = 64, 48
+        container.start_encoding()  # writes the header although no frame ever comes
+        container.mux(stream.encode())
+    (root / "folder").mkdir()
+    bad = {
+        "missing": root / "missing.mp4",
+        "directory": root / "folder",
+        "not_video": root / "notes.mp4",
+        "truncated": root / "truncated.mp4",
+        "zero_frames": root / "empty.mp4",
+    }
+    return {**good, **{f"bad_{k}": v for k, v in bad.items()}}

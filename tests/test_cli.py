@@ -1,0 +1,100 @@
+"""The command line, through Typer's CliRunner and once as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vidsparse.cli import app
+from vidsparse.models import video_llava
+
+runner = CliRunner()
+
+
+def ask(*args):
+    return runner.invoke(app, ["ask", *map(str, args)])
+
+
+def test_ask_prints_answer_and_stats_table(tiny_checkpoint, clips):
+    result = ask(clips["h264"], "what is happening ?", "--model", tiny_checkpoint, "--max-new-tokens", "5")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Answer: ")
+    for row in ("visual tokens", "136 -> 136", "prefill FLOPs", "peak memory", "KV cache", "time: prefill"):
+        assert row in result.stdout
+
+
+def test_ask_json_fields(tiny_checkpoint, clips):
+    result = ask(clips["vp9"], "what is happening ?", "--model", tiny_checkpoint, "--json", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert set(stats) == {"answer", "question", "video", "model", "pruning", "tokens", "flops", "memory", "time_ms",
+                          "decode_tokens_per_s"}
+    assert stats["video"]["frame_indices"] == [0, 3, 7, 10, 13, 16, 20, 23]
+    assert stats["tokens"]["visual_before"] == stats["tokens"]["visual_after"] == 136
+    assert stats["tokens"]["text"] == stats["tokens"]["prompt"] - 136
+    assert 1 <= stats["tokens"]["generated"] <= 3
+    assert set(stats["time_ms"]) == {"decode_video", "preprocess", "vision", "prefill", "generate", "total"}
+    assert stats["time_ms"]["total"] >= stats["time_ms"]["prefill"] > 0
+    # FLOPs from the config (d=64, m=256, 2 layers), paper convention, tokens entering each layer.
+    n = stats["tokens"]["prompt"]
+    assert stats["flops"]["prefill"] == 2 * (4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 256)
+    # KV cache: 2 layers x (keys + values) x 2 kv heads x 16 dims x 4 bytes x cached tokens.
+    cached = n + stats["tokens"]["generated"] - 1
+    assert stats["memory"]["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * cached
+    assert stats["memory"]["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "video_key, question, message",
+    [
+        ("bad_missing", "what ?", "video not found"),
+        ("bad_directory", "what ?", "is a directory"),
+        ("bad_not_video", "what ?", "not a video"),
+        ("bad_truncated", "what ?", "corrupt/truncated"),
+        ("bad_zero_frames", "what ?", "corrupt/truncated"),
+        ("h264", "   ", "question is empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, clips, video_key, question, message):
+    result = ask(clips[video_key], question, "--model", tiny_checkpoint)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path, clips):
+    result = ask(clips["h264"], "what ?", "--model", tmp_path)
+    assert result.exit_code == 2 and "no config.json" in result.stderr
+
+
+def test_unknown_model_without_network(clips, monkeypatch):
+    monkeypatch.setattr(video_llava, "_hub_reachable", lambda: False)
+    result = ask(clips["h264"], "what ?", "--model", "someone/unknown-model")
+    assert result.exit_code == 2
+    assert "hub cannot be reached" in result.stderr and "--model" in result.stderr
+
+
+def test_help_shows_examples():
+    assert "Example:" in runner.invoke(app, ["--help"]).stdout
+    for command in ("ask", "batch", "sweep"):
+        assert "Example:" in runner.invoke(app, [command, "--help"]).stdout
+
+
+def test_real_subprocess(tiny_checkpoint, clips):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vidsparse", "ask", str(clips["av1"]), "what is happening ?",
+         "--model", str(tiny_checkpoint), "--json", "--max-new-tokens", "2"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["video"]["backend"] == "pyav" and stats["answer"]
+    bad = subprocess.run([sys.executable, "-m", "vidsparse", "ask", str(clips["bad_not_video"]), "what ?"],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1

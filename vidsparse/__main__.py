@@ -1,0 +1,3 @@
+from vidsparse.cli import main
+
+main()

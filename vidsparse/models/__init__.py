@@ -1,0 +1,1 @@
+"""Model adapters: load a checkpoint, build prompts, turn frames into input embeddings."""

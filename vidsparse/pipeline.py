@@ -1,0 +1,159 @@
+"""The whole question-answering run, as a Python API: video -> frames -> pixels -> embeddings ->
+prefill + greedy decode -> answer with its statistics (SPEC section 6).
+
+    qa = VideoQA.from_pretrained("models/shapes-videollava")
+    result = qa.ask("clip.mp4", "what color is the circle ?")
+    print(result.answer, result.to_dict()["time_ms"]["prefill"])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidsparse.engine import generate
+from vidsparse.errors import UserError
+from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava
+from vidsparse.preprocess import preprocess_frames
+from vidsparse.stats import (
+    PeakMemory,
+    StageTimer,
+    equivalent_tokens,
+    kv_cache_bytes,
+    prefill_flops,
+    vision_flops,
+)
+from vidsparse.video import Backend, DecodedVideo, decode_video
+
+STAGES = ("preprocess", "vision", "prefill", "generate")
+
+
+@dataclass
+class AskResult:
+    """The answer and everything measured while producing it."""
+
+    answer: str
+    question: str
+    video: DecodedVideo
+    video_path: str | None
+    model: str
+    dtype: str
+    device: str
+    prompt_tokens: int
+    visual_before: int
+    visual_per_layer: list[int]
+    generated_tokens: int
+    prefill_flops: int
+    prefill_flops_unpruned: int
+    vision_flops: int
+    peak_memory_bytes: int | None
+    kv_cache_bytes: int
+    seconds: dict[str, float]
+    decode_tokens_per_s: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON layout (documented in the README)."""
+        visual_after = self.visual_per_layer[-1]
+        return {
+            "answer": self.answer,
+            "question": self.question,
+            "video": {
+                "path": self.video_path,
+                "frame_indices": self.video.indices,
+                "total_frames": self.video.total_frames,
+                "fps": round(self.video.fps, 3),
+                "duration_s": round(self.video.duration, 3),
+                "backend": self.video.backend,
+            },
+            "model": {"name": self.model, "dtype": self.dtype, "device": self.device},
+            "pruning": {"method": "none", "budget": None, "stages": []},
+            "tokens": {
+                "prompt": self.prompt_tokens,
+                "text": self.prompt_tokens - self.visual_before,
+                "visual_before": self.visual_before,
+                "visual_after": visual_after,
+                "equivalent_visual": round(equivalent_tokens(self.visual_per_layer), 2),
+                "generated": self.generated_tokens,
+            },
+            "flops": {
+                "prefill": self.prefill_flops,
+                "prefill_unpruned": self.prefill_flops_unpruned,
+                "vision": self.vision_flops,
+            },
+            "memory": {"peak_bytes": self.peak_memory_bytes, "kv_cache_bytes": self.kv_cache_bytes},
+            "time_ms": {name: round(s * 1000, 3) for name, s in self.seconds.items()},
+            "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 2),
+        }
+
+
+class VideoQA:
+    """A loaded model that answers questions about videos."""
+
+    def __init__(self, model: VideoLlava):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> VideoQA:
+        return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
+
+    def ask(self, video: str | Path | DecodedVideo, question: str, *, num_frames: int = 8,
+            backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
+        """Answer `question` about `video` (a path, or frames already decoded by `decode_video`)."""
+        if not question.strip():
+            raise UserError("the question is empty")
+        if max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        model = self.model
+        timer = StageTimer(model.device)
+        memory = PeakMemory(model.device)
+        memory.reset()
+        start = time.perf_counter()
+        video_path = None
+        if not isinstance(video, DecodedVideo):
+            video_path = str(video)
+            video = decode_video(video, num_frames, backend)
+        with timer.stage("preprocess"):
+            pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
+            input_ids = model.prompt_ids(question, len(video.frames))
+        self._check_length(input_ids.shape[1] + max_new_tokens)
+        with timer.stage("vision"):
+            prompt = model.embed(input_ids, model.video_features(pixels))
+        generation = generate(model.decoder, model.lm_head, prompt.embeds, max_new_tokens,
+                              model.eos_token_ids, timer)
+        answer = model.decode_text(generation.token_ids)
+        seconds = {"decode_video": video.seconds, **{name: timer.seconds.get(name, 0.0) for name in STAGES}}
+        # A clip decoded before ask() was called still counts in the total.
+        seconds["total"] = time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
+        text_config = model.model.config.text_config
+        d, m = text_config.hidden_size, text_config.intermediate_size
+        n_visual = len(prompt.visual)
+        n_text = input_ids.shape[1] - n_visual
+        decode_steps = timer.calls.get("generate", [])
+        return AskResult(
+            answer=answer,
+            question=question,
+            video=video,
+            video_path=video_path,
+            model=model.name,
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=str(model.device),
+            prompt_tokens=int(input_ids.shape[1]),
+            visual_before=n_visual,
+            visual_per_layer=[n - n_text for n in generation.tokens_per_layer],
+            generated_tokens=len(generation.token_ids),
+            prefill_flops=prefill_flops(generation.tokens_per_layer, d, m),
+            prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * len(generation.tokens_per_layer), d, m),
+            vision_flops=vision_flops(model.model.config, len(video.frames)),
+            peak_memory_bytes=memory.peak_bytes(),
+            kv_cache_bytes=kv_cache_bytes(generation.cache),
+            seconds=seconds,
+            decode_tokens_per_s=len(decode_steps) / sum(decode_steps) if decode_steps else None,
+        )
+
+    def _check_length(self, needed: int) -> None:
+        limit = self.model.model.config.text_config.max_position_embeddings
+        if needed > limit:
+            raise UserError(f"the prompt plus answer needs {needed} positions but the model has {limit}: "
+                            f"sample fewer --frames or lower --max-new-tokens")
