@@ -15,11 +15,13 @@ from vidsparse.models.tiny import video_llava_config, word_tokenizer
 WORDS = "what is happening in the video a red green blue circle square moves left right up down color".split()
 
 
-def save_tiny_checkpoint(path: Path, *, kv_heads: int | None = None, seed: int = 0, **config) -> Path:
+def save_tiny_checkpoint(path: Path, *, kv_heads: int | None = None, seed: int = 0, text_layers: int = 4,
+                         **config) -> Path:
     """A randomly initialised tiny VideoLLaVA + word tokenizer, saved the way users' checkpoints are."""
     tokenizer = word_tokenizer(WORDS)
     torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(video_llava_config(tokenizer, kv_heads=kv_heads, **config))
+    config = video_llava_config(tokenizer, kv_heads=kv_heads, text_layers=text_layers, **config)
+    model = VideoLlavaForConditionalGeneration(config)
     # Random init leaves logits nearly flat; a larger LM head makes greedy choices decisive, so that
     # comparisons between implementations are not decided by float noise.
     with torch.no_grad():

@@ -22,7 +22,7 @@ def test_ask_prints_answer_and_stats_table(tiny_checkpoint, clips):
     result = ask(clips["h264"], "what is happening ?", "--model", tiny_checkpoint, "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Answer: ")
-    for row in ("visual tokens", "136 -> 136", "prefill FLOPs", "peak memory", "KV cache", "time: prefill"):
+    for row in ("visual tokens", "136 (equivalent 136)", "prefill FLOPs", "peak memory", "KV cache", "time: prefill"):
         assert row in result.stdout
 
 
@@ -36,14 +36,15 @@ def test_ask_json_fields(tiny_checkpoint, clips):
     assert stats["tokens"]["visual_before"] == stats["tokens"]["visual_after"] == 136
     assert stats["tokens"]["text"] == stats["tokens"]["prompt"] - 136
     assert 1 <= stats["tokens"]["generated"] <= 3
-    assert set(stats["time_ms"]) == {"decode_video", "preprocess", "vision", "prefill", "generate", "total"}
+    assert set(stats["time_ms"]) == {"decode_video", "preprocess", "vision", "prefill", "pruning", "generate", "total"}
     assert stats["time_ms"]["total"] >= stats["time_ms"]["prefill"] > 0
-    # FLOPs from the config (d=64, m=256, 2 layers), paper convention, tokens entering each layer.
+    # FLOPs from the config (d=64, m=256, 4 layers), paper convention, tokens entering each layer.
     n = stats["tokens"]["prompt"]
-    assert stats["flops"]["prefill"] == 2 * (4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 256)
-    # KV cache: 2 layers x (keys + values) x 2 kv heads x 16 dims x 4 bytes x cached tokens.
+    assert stats["flops"]["prefill"] == 4 * (4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 256)
+    # KV cache: 4 layers x (keys + values) x 2 kv heads x 16 dims x 4 bytes x cached tokens.
     cached = n + stats["tokens"]["generated"] - 1
-    assert stats["memory"]["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * cached
+    memory = stats["memory"]
+    assert memory["kv_cache_bytes"] == memory["kv_cache_bytes_unpruned"] == 4 * 2 * 2 * 16 * 4 * cached
     assert stats["memory"]["peak_bytes"] > 0
 
 
@@ -98,3 +99,40 @@ def test_real_subprocess(tiny_checkpoint, clips):
                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
+    result = ask(clips["h264"], "what color is the square ?", "--model", tiny_checkpoint, "--json",
+                 "--method", "sparsevlm", "--budget", "20", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    pruning = stats["pruning"]
+    assert pruning["method"] == "sparsevlm" and pruning["budget"] == 20 and pruning["stages"] == [1]
+    assert pruning["visual_per_stage"] == [136, 20]
+    assert set(pruning["raters"].split()) <= {"what", "color", "is", "the", "square", "?", "assistant", ":"}
+    # Layers 0-1 see 136 visual tokens, layers 2-3 see 20: equivalent (2 * 136 + 2 * 20) / 4.
+    assert stats["tokens"]["equivalent_visual"] == 78
+    assert stats["flops"]["prefill"] < stats["flops"]["prefill_unpruned"]
+    assert stats["memory"]["kv_cache_bytes"] < stats["memory"]["kv_cache_bytes_unpruned"]
+    assert stats["time_ms"]["pruning"] > 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--budget", "0"], "--budget must be at least 1"),
+        (["--budget", "-5"], "--budget must be at least 1"),
+        (["--method", "fastv", "--prune-after", "3"], "between 0 and 2"),
+        (["--method", "pdrop", "--prune-after", "2,1"], "strictly increasing"),
+        (["--method", "pdrop", "--prune-after", "1,x"], "layer numbers"),
+        (["--prune-after", "1"], "does not apply to 'none'"),
+        (["--method", "tome", "--prune-after", "1"], "prunes before layer 0"),
+        (["--method", "magic"], "unknown method"),
+        (["--method", "fastv", "--positions", "shuffle"], "keep or compact"),
+        (["--method", "fastv", "--budget", "10", "--min-per-frame", "2"], "budget of at least 16"),
+    ],
+)
+def test_bad_pruning_options_are_one_line_errors(tiny_checkpoint, clips, options, message):
+    result = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, *options)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1

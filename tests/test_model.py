@@ -69,7 +69,7 @@ def test_prefill_logits_equal_transformers_forward(loaded, pixels):
     with torch.no_grad():
         expected = reference_model(loaded)(**inputs).logits[0, -1]
     prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels))
-    ours = generate(loaded.decoder, loaded.lm_head, prompt.embeds, 1, loaded.eos_token_ids, StageTimer(loaded.device))
+    ours = generate(loaded.decoder, loaded.lm_head, prompt, 1, loaded.eos_token_ids, StageTimer(loaded.device))
     torch.testing.assert_close(ours.first_logits, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -82,7 +82,7 @@ def test_greedy_decode_equals_transformers_generate(loaded, pixels, question):
     if expected[-1] in loaded.eos_token_ids:
         expected = expected[:-1]
     prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels))
-    ours = generate(loaded.decoder, loaded.lm_head, prompt.embeds, 12, loaded.eos_token_ids, StageTimer(loaded.device))
+    ours = generate(loaded.decoder, loaded.lm_head, prompt, 12, loaded.eos_token_ids, StageTimer(loaded.device))
     assert len(expected) >= 4, "the random tiny model should say something before EOS"
     assert ours.token_ids == expected
     # Prompt + every generated token but the last is cached in each layer.

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import DEFAULT_MODEL
+from vidsparse.pruning import METHODS, check_options
 
 app = typer.Typer(
     help="VideoLLaVA video question answering with visual-token pruning.\n\n"
@@ -48,7 +49,7 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-@app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --model models/shapes-videollava --json')
+@app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194 --json')
 @user_errors
 def ask(
     video: Annotated[Path, typer.Argument(help="Video file (mp4, webm, mkv, ...).")],
@@ -59,6 +60,14 @@ def ask(
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16 (auto: fp32 CPU, bf16 GPU).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    method: Annotated[str, typer.Option(help=f"Pruning method: {', '.join(METHODS)}.")] = "none",
+    budget: Annotated[int, typer.Option(help="Visual tokens left after the last pruning stage.")] = 194,
+    prune_after: Annotated[
+        str | None, typer.Option(help="Decoder layers to prune after, e.g. 1 or 2,6,15 (default: the method's).")
+    ] = None,
+    positions: Annotated[str, typer.Option(help="RoPE positions after pruning: keep (original) or compact.")] = "keep",
+    min_per_frame: Annotated[int, typer.Option(help="Keep at least this many tokens of every frame.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random method.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Answer a question about a video and report latency, memory and FLOPs."""
@@ -68,9 +77,11 @@ def ask(
 
     if not question.strip():
         raise UserError("the question is empty")
+    check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
     decoded = decode_video(video, frames, backend)  # before loading: a bad file fails in a second
     qa = VideoQA.from_pretrained(model, dtype=dtype, device=device)
-    result = qa.ask(decoded, question, max_new_tokens=max_new_tokens)
+    result = qa.ask(decoded, question, method=method, budget=budget, prune_after=prune_after, positions=positions,
+                    min_per_frame=min_per_frame, seed=seed, max_new_tokens=max_new_tokens)
     result.video_path = str(video)
     stats = result.to_dict()
     if as_json:
@@ -101,13 +112,19 @@ def stats_table(stats: dict[str, Any]) -> Table:
     table.add_row("model", f"{model['name']} ({model['dtype']}, {model['device']})")
     table.add_row("video", f"{video['duration_s']:.2f} s @ {video['fps']:.2f} fps, frames {video['frame_indices']} "
                   f"({video['backend']})")
-    table.add_row("visual tokens", f"{tokens['visual_before']} -> {tokens['visual_after']} "
-                  f"(equivalent {tokens['equivalent_visual']:g})")
+    pruning = stats["pruning"]
+    table.add_row("pruning", f"{pruning['method']}" + (
+        f", budget {pruning['budget']}, after layers {pruning['stages']}, positions {pruning['positions']}"
+        if pruning["method"] != "none" else ""))
+    if "raters" in pruning:
+        table.add_row("raters", pruning["raters"])
+    table.add_row("visual tokens", " -> ".join(map(str, pruning["visual_per_stage"]))
+                  + f" (equivalent {tokens['equivalent_visual']:g})")
     table.add_row("text tokens", str(tokens["text"]))
     table.add_row("prefill FLOPs", f"{_si(flops['prefill'])} (unpruned {_si(flops['prefill_unpruned'])})")
     table.add_row("vision FLOPs", _si(flops["vision"]))
     table.add_row("peak memory", _mb(memory["peak_bytes"]))
-    table.add_row("KV cache", _mb(memory["kv_cache_bytes"]))
+    table.add_row("KV cache", f"{_mb(memory['kv_cache_bytes'])} (unpruned {_mb(memory['kv_cache_bytes_unpruned'])})")
     for name, ms in times.items():
         table.add_row(f"time: {name.replace('_', ' ')}", f"{ms:,.1f} ms")
     rate = stats["decode_tokens_per_s"]

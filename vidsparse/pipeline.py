@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidsparse.engine import generate
+from vidsparse.engine import StageRecord, generate
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava
+from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava, VisualMap
 from vidsparse.preprocess import preprocess_frames
+from vidsparse.pruning import make_plan
+from vidsparse.pruning.base import PruningPlan, check_floor
+from vidsparse.pruning.stage import VisualBlock
 from vidsparse.stats import (
     PeakMemory,
     StageTimer,
@@ -27,7 +30,7 @@ from vidsparse.stats import (
 )
 from vidsparse.video import Backend, DecodedVideo, decode_video
 
-STAGES = ("preprocess", "vision", "prefill", "generate")
+STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
 
 
 @dataclass
@@ -41,17 +44,31 @@ class AskResult:
     model: str
     dtype: str
     device: str
+    plan: PruningPlan
+    stage_records: list[StageRecord]
+    method_report: dict[str, object]
     prompt_tokens: int
     visual_before: int
     visual_per_layer: list[int]
+    visual_map: VisualMap
+    final_block: VisualBlock
     generated_tokens: int
     prefill_flops: int
     prefill_flops_unpruned: int
     vision_flops: int
     peak_memory_bytes: int | None
     kv_cache_bytes: int
+    kv_cache_bytes_unpruned: int
     seconds: dict[str, float]
     decode_tokens_per_s: float | None
+
+    def kept_tokens(self) -> list[dict[str, int | bool]]:
+        """The visual tokens that reached the last layer: frame, row, col (-1 for CLS), merged or not."""
+        visual, block = self.visual_map, self.final_block
+        return [
+            {"frame": int(visual.frame[o]), "row": int(visual.row[o]), "col": int(visual.col[o]), "merged": bool(m)}
+            for o, m in zip(block.origin.tolist(), block.merged.tolist(), strict=True)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON layout (documented in the README)."""
@@ -68,7 +85,15 @@ class AskResult:
                 "backend": self.video.backend,
             },
             "model": {"name": self.model, "dtype": self.dtype, "device": self.device},
-            "pruning": {"method": "none", "budget": None, "stages": []},
+            "pruning": {
+                "method": self.plan.method.name,
+                "budget": None if self.plan.method.name == "none" else self.plan.budget,
+                "stages": self.plan.stages,
+                "positions": self.plan.positions,
+                "min_per_frame": self.plan.min_per_frame,
+                "visual_per_stage": [self.visual_before] + [r.visual_out for r in self.stage_records],
+                **self.method_report,
+            },
             "tokens": {
                 "prompt": self.prompt_tokens,
                 "text": self.prompt_tokens - self.visual_before,
@@ -82,7 +107,11 @@ class AskResult:
                 "prefill_unpruned": self.prefill_flops_unpruned,
                 "vision": self.vision_flops,
             },
-            "memory": {"peak_bytes": self.peak_memory_bytes, "kv_cache_bytes": self.kv_cache_bytes},
+            "memory": {
+                "peak_bytes": self.peak_memory_bytes,
+                "kv_cache_bytes": self.kv_cache_bytes,
+                "kv_cache_bytes_unpruned": self.kv_cache_bytes_unpruned,
+            },
             "time_ms": {name: round(s * 1000, 3) for name, s in self.seconds.items()},
             "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 2),
         }
@@ -98,14 +127,18 @@ class VideoQA:
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> VideoQA:
         return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
 
-    def ask(self, video: str | Path | DecodedVideo, question: str, *, num_frames: int = 8,
-            backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
-        """Answer `question` about `video` (a path, or frames already decoded by `decode_video`)."""
+    def ask(self, video: str | Path | DecodedVideo, question: str, *, method: str = "none", budget: int = 194,
+            prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
+            num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
+        """Answer `question` about `video` (a path, or frames already decoded by `decode_video`),
+        pruning the visual tokens to `budget` with `method` (see vidsparse.pruning.METHODS)."""
         if not question.strip():
             raise UserError("the question is empty")
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         model = self.model
+        plan = make_plan(method, budget, len(model.decoder.layers), prune_after=prune_after, positions=positions,
+                         min_per_frame=min_per_frame, seed=seed)
         timer = StageTimer(model.device)
         memory = PeakMemory(model.device)
         memory.reset()
@@ -120,8 +153,9 @@ class VideoQA:
         self._check_length(input_ids.shape[1] + max_new_tokens)
         with timer.stage("vision"):
             prompt = model.embed(input_ids, model.video_features(pixels))
-        generation = generate(model.decoder, model.lm_head, prompt.embeds, max_new_tokens,
-                              model.eos_token_ids, timer)
+        if method != "none" and budget < len(prompt.visual):
+            check_floor(budget, len(video.frames), min_per_frame)
+        generation = generate(model.decoder, model.lm_head, prompt, max_new_tokens, model.eos_token_ids, timer, plan)
         answer = model.decode_text(generation.token_ids)
         seconds = {"decode_video": video.seconds, **{name: timer.seconds.get(name, 0.0) for name in STAGES}}
         # A clip decoded before ask() was called still counts in the total.
@@ -129,8 +163,11 @@ class VideoQA:
         text_config = model.model.config.text_config
         d, m = text_config.hidden_size, text_config.intermediate_size
         n_visual = len(prompt.visual)
-        n_text = input_ids.shape[1] - n_visual
         decode_steps = timer.calls.get("generate", [])
+        # Unpruned, every layer would cache the whole prompt plus each decoded token.
+        cached_tokens = sum(layer.keys.shape[-2] for layer in generation.cache.layers)
+        kv_per_token_layer = kv_cache_bytes(generation.cache) / cached_tokens
+        cached_per_layer = input_ids.shape[1] + len(decode_steps)
         return AskResult(
             answer=answer,
             question=question,
@@ -139,15 +176,21 @@ class VideoQA:
             model=model.name,
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
+            plan=plan,
+            stage_records=generation.stages,
+            method_report=plan.method.report(),
             prompt_tokens=int(input_ids.shape[1]),
             visual_before=n_visual,
-            visual_per_layer=[n - n_text for n in generation.tokens_per_layer],
+            visual_per_layer=generation.visual_per_layer,
+            visual_map=prompt.visual,
+            final_block=generation.block,
             generated_tokens=len(generation.token_ids),
             prefill_flops=prefill_flops(generation.tokens_per_layer, d, m),
             prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * len(generation.tokens_per_layer), d, m),
             vision_flops=vision_flops(model.model.config, len(video.frames)),
             peak_memory_bytes=memory.peak_bytes(),
             kv_cache_bytes=kv_cache_bytes(generation.cache),
+            kv_cache_bytes_unpruned=round(kv_per_token_layer * cached_per_layer * len(generation.cache.layers)),
             seconds=seconds,
             decode_tokens_per_s=len(decode_steps) / sum(decode_steps) if decode_steps else None,
         )

@@ -75,6 +75,7 @@ class PromptEmbeds:
     input_ids: torch.Tensor  # (1, n)
     embeds: torch.Tensor  # (1, n, d)
     visual: VisualMap
+    suffix_words: list[str]  # the tokens after the visual block (question and template), as text
 
 
 class VideoLlava:
@@ -155,7 +156,9 @@ class VideoLlava:
             raise ValueError(f"{flat.shape[0]} visual features for {positions.numel()} placeholders")
         embeds[0, positions] = flat
         num_frames = features.shape[0]
-        return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid))
+        suffix = input_ids[0, int(positions[-1]) + 1 :].tolist()
+        words = [self.tokenizer.decode([i]).strip() for i in suffix]
+        return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), words)
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -1,0 +1,67 @@
+"""Slow, independent references for the pruning engine.
+
+`masked_logits` never removes a row: every token of the prompt (and a slot for every merged token)
+stays in the sequence, removed visual tokens are masked out *as keys* for the layers after their
+stage with an explicit 4-D mask, attention is transformers' eager implementation, and nothing is
+cached: each call recomputes everything. It shares no code with vidsparse's engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _mask(alive: torch.Tensor) -> torch.Tensor:
+    """(1, 1, N, N) additive mask: causal by row order, dead rows hidden as keys (each row still
+    sees itself, so dead rows stay finite)."""
+    n = alive.numel()
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed = causal & (alive[None, :] | torch.eye(n, dtype=torch.bool))
+    return torch.where(allowed, 0.0, float("-inf"))[None, None]
+
+
+def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, num_visual: int, stages,
+                  positions: str, extra_tokens: list[int]) -> torch.Tensor:
+    """Logits after `extra_tokens` (greedy-generated so far) follow the prompt, with the recorded
+    stage selections (layer, Selection) applied by masking. `eager_model` uses eager attention."""
+    lm = eager_model.model.language_model
+    prompt = prompt_embeds[0]
+    n_prompt = prompt.shape[0]
+    slots = [s.merge_anchor.numel() for _, s in stages]
+    visual_end = visual_start + num_visual
+    extra = lm.embed_tokens(torch.tensor(extra_tokens, dtype=torch.long)) if extra_tokens else prompt[:0]
+    rows = torch.cat([prompt[:visual_end], prompt.new_zeros(sum(slots), prompt.shape[1]), prompt[visual_end:], extra])
+    total = rows.shape[0]
+    slot_start = visual_end
+    suffix_start = visual_end + sum(slots)
+    # Original RoPE position of each row (a slot gets its anchor's when it comes alive).
+    original = torch.cat([torch.arange(visual_end), torch.zeros(sum(slots), dtype=torch.long),
+                          torch.arange(visual_end, n_prompt + len(extra_tokens))])
+    alive = torch.ones(total, dtype=torch.bool)
+    alive[slot_start:suffix_start] = False
+    current = torch.arange(visual_start, visual_end)  # rows of the current visual tokens, in order
+    hidden = rows[None]
+    schedule = dict(stages)
+    layer_ids = [-1] if -1 in schedule else []
+    for i in [*layer_ids, *range(len(lm.layers))]:
+        if i >= 0:
+            row_positions = original if positions == "keep" else torch.cumsum(alive.long(), 0) - 1
+            position_ids = row_positions[None]
+            cos_sin = lm.rotary_emb(hidden, position_ids)
+            hidden = lm.layers[i](hidden, attention_mask=_mask(alive), position_ids=position_ids,
+                                  position_embeddings=cos_sin)
+        if i in schedule:
+            selection = schedule[i]
+            count = selection.merge_anchor.numel()
+            new_slots = torch.arange(slot_start, slot_start + count)
+            for slot, group in zip(new_slots.tolist(), range(count), strict=True):
+                members = current[selection.merge_source[selection.merge_target == group]]
+                hidden[0, slot] = hidden[0, members].mean(0)
+                original[slot] = original[current[selection.merge_anchor[group]]]
+            alive[current] = False
+            alive[current[selection.keep]] = True
+            alive[new_slots] = True
+            current = torch.cat([current[selection.keep], new_slots])
+            slot_start += count
+    hidden = lm.norm(hidden)
+    return eager_model.lm_head(hidden[0, -1]).float()

@@ -1,0 +1,146 @@
+"""The pruning engine against independent slow references, and each method's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+
+from tests.reference import masked_logits
+from vidsparse.engine import decode_step, generate, prefill, run_layers
+from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
+from vidsparse.preprocess import preprocess_frames
+from vidsparse.pruning import METHODS, make_plan
+from vidsparse.pruning.stage import attention_rows
+from vidsparse.stats import StageTimer
+from vidsparse.video import decode_video
+
+QUESTION = "what color is the square ?"
+
+
+@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_checkpoint_mha"])
+def setup(request, clips):
+    """(sdpa model, eager reference model, prompt) for one tiny checkpoint (GQA or not)."""
+    path = str(request.getfixturevalue(request.param))
+    model = VideoLlava.from_pretrained(path)
+    eager = VideoLlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    pixels = preprocess_frames(decode_video(clips["h264"], 8).frames, model.image_size)
+    with torch.inference_mode():
+        prompt = model.embed(model.prompt_ids(QUESTION, 8), model.video_features(pixels))
+    return model, eager, prompt
+
+
+def run(model, prompt, plan, max_new_tokens=6, eos=frozenset()):
+    return generate(model.decoder, model.lm_head, prompt, max_new_tokens, set(eos), StageTimer(model.device), plan)
+
+
+def replay_logits(model, prompt, plan, selections, extra_tokens):
+    """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens."""
+    with torch.inference_mode():
+        extra = model.decoder.embed_tokens(torch.tensor([extra_tokens], dtype=torch.long))
+        longer = PromptEmbeds(prompt.input_ids, torch.cat([prompt.embeds, extra], 1), prompt.visual, [])
+        hidden, _ = prefill(model.decoder, longer, plan, StageTimer(model.device), replay=selections)
+        return model.lm_head(model.decoder.norm(hidden[:, -1]))[0].float()
+
+
+CASES = [(m, None) for m in METHODS if m != "none"] + [("sparsevlm", "0,1,2"), ("fastv", "0,2")]
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("method, prune_after", CASES)
+def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, prune_after, positions):
+    model, eager, prompt = setup
+    plan = make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
+    decoder = model.decoder
+    with torch.inference_mode():
+        hidden, generation = prefill(decoder, prompt, plan, StageTimer(model.device))
+        cached = model.lm_head(decoder.norm(hidden[:, -1]))[0].float()
+    selections = [record.selection for record in generation.stages]
+    stages = [(record.layer, record.selection) for record in generation.stages]
+    start, count = int(prompt.visual.positions[0]), len(prompt.visual)
+    tokens: list[int] = []
+    for step in range(6):
+        recomputed = replay_logits(model, prompt, plan, selections, tokens)
+        with torch.no_grad():
+            masked = masked_logits(eager, prompt.embeds, start, count, stages, positions, tokens)
+        torch.testing.assert_close(recomputed, masked, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
+        tokens.append(int(cached.argmax()))
+        with torch.inference_mode():  # one cached decode step, as generate() takes it
+            embedded = decoder.embed_tokens(torch.tensor([[tokens[-1]]]))
+            hidden = decode_step(decoder, embedded, [p + step for p in generation.next_positions], generation.cache)
+            cached = model.lm_head(decoder.norm(hidden[:, -1]))[0].float()
+    assert run(model, prompt, make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
+               ).token_ids == tokens
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("extra_budget", [0, 5])
+def test_no_pruning_when_budget_covers_every_token(setup, method, extra_budget):
+    model, eager, prompt = setup
+    plan = make_plan(method, len(prompt.visual) + extra_budget, 4)
+    generation = run(model, prompt, plan, max_new_tokens=1)
+    with torch.no_grad():
+        expected = eager(inputs_embeds=prompt.embeds).logits[0, -1]
+    torch.testing.assert_close(generation.first_logits, expected, atol=1e-4, rtol=1e-4)
+    assert generation.visual_per_layer == [len(prompt.visual)] * 4
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_exact_budget_and_text_never_removed(setup, method):
+    model, _, prompt = setup
+    n = len(prompt.visual)
+    n_text = prompt.embeds.shape[1] - n
+    for budget in (1, 7, 64, 194, n - 1, n, n + 5):
+        generation = run(model, prompt, make_plan(method, budget, 4), max_new_tokens=1)
+        last_stage = max(record.layer for record in generation.stages)
+        after = generation.visual_per_layer[last_stage + 1 :]
+        assert after and all(v == min(budget, n) for v in after), (budget, generation.visual_per_layer)
+        assert [t - v for t, v in zip(generation.tokens_per_layer, generation.visual_per_layer, strict=True)] == [
+            n_text
+        ] * 4
+        assert generation.cache.layers[-1].keys.shape[-2] == n_text + min(budget, n)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_attention_rows_equal_eager_output_attentions(setup, layer):
+    model, eager, prompt = setup
+    decoder = model.decoder
+    n = prompt.embeds.shape[1]
+    rows = torch.tensor([n - 1, n - 4, 10, 3])
+    with torch.inference_mode():
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=decoder.config)
+        positions = torch.arange(n)[None]
+        cos_sin = decoder.rotary_emb(prompt.embeds, positions)
+        layer_input = run_layers(decoder, prompt.embeds, positions, cos_sin, cache, range(layer))
+        run_layers(decoder, layer_input, positions, cos_sin, cache, range(layer, layer + 1))
+        ours = attention_rows(decoder.layers[layer], layer_input, rows, cos_sin, cache.layers[layer].keys)
+    with torch.no_grad():
+        expected = eager(inputs_embeds=prompt.embeds, output_attentions=True).attentions[layer][0].mean(0)[rows]
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(ours[:, n - 3 :][1:2] == 0)  # row n-4 sees no future key
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "sparsevlm", "pdrop"])
+def test_min_per_frame_keeps_every_moment(setup, method):
+    model, _, prompt = setup
+    plan = make_plan(method, 16, 4, min_per_frame=2)
+    generation = run(model, prompt, plan, max_new_tokens=1)
+    frames = prompt.visual.frame[generation.block.origin[~generation.block.merged]]
+    assert torch.bincount(frames, minlength=8).min() >= 2
+
+
+def test_uniform_spreads_the_budget_over_frames(setup):
+    model, _, prompt = setup
+    generation = run(model, prompt, make_plan("uniform", 20, 4), max_new_tokens=1)
+    frames = prompt.visual.frame[generation.block.origin]
+    assert torch.bincount(frames, minlength=8).tolist() == [3, 3, 3, 3, 2, 2, 2, 2]
+    assert not prompt.visual.is_cls[generation.block.origin].any()
+
+
+def test_random_is_seeded(setup):
+    model, _, prompt = setup
+    kept = [run(model, prompt, make_plan("random", 20, 4, seed=s), max_new_tokens=1).block.origin for s in (1, 1, 2)]
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])

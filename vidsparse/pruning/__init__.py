@@ -1,0 +1,63 @@
+"""Visual-token pruning: the methods, and the plan (method + stages + budget) a run follows."""
+
+from __future__ import annotations
+
+from vidsparse.errors import UserError
+from vidsparse.pruning.attention_scored import FastV, PyramidDrop
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, PruningPlan
+from vidsparse.pruning.baselines import NoPruning, RandomPruning, UniformPruning
+from vidsparse.pruning.sparsevlm import SparseVLM
+from vidsparse.pruning.tome import ToMe
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (NoPruning, RandomPruning, UniformPruning, FastV, PyramidDrop, ToMe, SparseVLM)
+}
+POSITION_MODES = ("keep", "compact")
+
+
+def parse_stages(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--prune-after takes layer numbers like '1' or '2,6,15', got {text!r}") from None
+
+
+def check_options(method: str, budget: int, *, prune_after: str | None = None, positions: str = "keep",
+                  min_per_frame: int = 0) -> list[int] | None:
+    """Everything about the options that can be checked before a model is loaded; returns the
+    parsed --prune-after layers (None: the method's default)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if budget < 1:
+        raise UserError(f"--budget must be at least 1 visual token, got {budget}")
+    if positions not in POSITION_MODES:
+        raise UserError(f"--positions must be keep or compact, got {positions!r}")
+    if min_per_frame < 0:
+        raise UserError(f"--min-per-frame must be >= 0, got {min_per_frame}")
+    if prune_after is None:
+        return None
+    if not METHODS[method].allows_prune_after:
+        where = "does not prune" if method == "none" else "prunes before layer 0"
+        raise UserError(f"--prune-after does not apply to {method!r}: it {where}")
+    stages = parse_stages(prune_after)
+    if not stages:
+        raise UserError("--prune-after needs at least one layer")
+    if stages != sorted(set(stages)) or stages[0] < 0:
+        raise UserError(f"--prune-after layers must be >= 0 and strictly increasing, got {prune_after!r}")
+    return stages
+
+
+def make_plan(method: str, budget: int, num_layers: int, *, prune_after: str | None = None,
+              positions: str = "keep", min_per_frame: int = 0, seed: int = 0) -> PruningPlan:
+    """Check the options a user gave and build the plan (a fresh method instance per run)."""
+    stages = check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
+    chosen = METHODS[method]()
+    if stages is None:
+        stages = chosen.default_stages(num_layers)
+    elif stages[-1] > num_layers - 2:
+        raise UserError(f"--prune-after layers must be between 0 and {num_layers - 2} for this "
+                        f"{num_layers}-layer decoder (a stage after the last layer changes nothing)")
+    if any(layer > num_layers - 2 for layer in stages if layer != BEFORE_FIRST_LAYER):
+        raise UserError(f"{method} prunes after layer {max(stages)} by default, but the decoder has only "
+                        f"{num_layers} layers: pass --prune-after")
+    return PruningPlan(chosen, stages, budget, positions, min_per_frame, seed)

@@ -1,0 +1,131 @@
+"""What a pruning method sees and returns, and the selection helpers the methods share.
+
+A method only *chooses*: at each stage it gets the current visual tokens (hidden states, frames,
+and, if it asked for them, attention probabilities from some text rows) and returns a Selection.
+The engine and `pruning/stage.py` do the mechanics, identically for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from vidsparse.errors import UserError
+
+BEFORE_FIRST_LAYER = -1  # a stage "after layer -1" acts on the input embeddings
+PositionMode = Literal["keep", "compact"]  # RoPE positions after pruning: original, or renumbered
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The visual block after a stage: `keep` (ascending indices into the current block), then one
+    merged token per group, the mean of its members. A merged token takes the position and the
+    frame/row/col of its anchor."""
+
+    keep: torch.Tensor
+    merge_source: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    merge_target: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    merge_anchor: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return int(self.keep.numel() + self.merge_anchor.numel())
+
+
+@dataclass(frozen=True)
+class PromptText:
+    """The text around the visual block, as methods may need it (SparseVLM's raters)."""
+
+    embeds: torch.Tensor  # (n, d) input embeddings of the whole prompt
+    visual_start: int  # index of the first visual token
+    num_visual: int
+    suffix_words: list[str]  # the text tokens after the visual block, as words
+
+    @property
+    def suffix_start(self) -> int:
+        return self.visual_start + self.num_visual
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """Everything a method may use to choose at one stage."""
+
+    index: int  # 0-based stage number
+    num_stages: int
+    layer: int  # prune after this decoder layer (-1: before layer 0)
+    num_visual: int  # visual tokens of the clip before any stage
+    budget: int  # visual tokens after the last stage, already min(B, n)
+    hidden: torch.Tensor  # (n_v, d) current visual tokens: layer output (or embeddings before layer 0)
+    frames: torch.Tensor  # (n_v,) frame of each current visual token
+    attention: torch.Tensor | None  # (rows, n_v) head-averaged probabilities from the query rows
+    min_per_frame: int
+    generator: torch.Generator
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+class Method:
+    """Base of every pruning method: its name, where it prunes by default, which text rows it
+    needs attention from, and `select`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    needs_attention: ClassVar[bool] = False
+    allows_prune_after: ClassVar[bool] = True
+
+    def default_stages(self, num_layers: int) -> list[int]:
+        raise NotImplementedError
+
+    def prepare(self, prompt: PromptText) -> None:
+        """Called once per prompt before prefill (e.g. to choose raters)."""
+
+    def query_rows(self, num_suffix: int) -> torch.Tensor:
+        """Text rows after the visual block (0 = first suffix token) whose attention `select` needs."""
+        return torch.tensor([num_suffix - 1])
+
+    def select(self, stage: StageInput) -> Selection:
+        raise NotImplementedError
+
+    def report(self) -> dict[str, object]:
+        """Extra facts for the stats (e.g. the raters chosen)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """A method, the layers it prunes after (ascending; -1 = before layer 0) and the budget."""
+
+    method: Method
+    stages: list[int]
+    budget: int
+    positions: PositionMode = "keep"
+    min_per_frame: int = 0
+    seed: int = 0
+
+
+def top_k(scores: torch.Tensor, k: int, frames: torch.Tensor, min_per_frame: int = 0) -> torch.Tensor:
+    """Ascending indices of the k highest scores (ties: lower index first), with at least
+    `min_per_frame` tokens (or all it has) from every frame."""
+    n = scores.numel()
+    k = min(k, n)
+    order = torch.sort(-scores.float(), stable=True).indices
+    if min_per_frame <= 0:
+        return order[:k].sort().values
+    ranked_frames = frames[order]
+    guaranteed = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    for frame in frames.unique():
+        guaranteed[(ranked_frames == frame).nonzero().squeeze(1)[:min_per_frame]] = True
+    rest = order[~guaranteed][: k - int(guaranteed.sum())]
+    return torch.cat([order[guaranteed], rest]).sort().values
+
+
+def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:
+    if min_per_frame < 0:
+        raise UserError(f"--min-per-frame must be >= 0, got {min_per_frame}")
+    if min_per_frame * num_frames > budget:
+        raise UserError(f"--min-per-frame {min_per_frame} x {num_frames} frames needs a budget of at least "
+                        f"{min_per_frame * num_frames}, got {budget}")

@@ -1,0 +1,123 @@
+"""SparseVLM (SPEC section 4): text raters, rank-adaptive deletion, token recycling with DPC-kNN.
+
+Deviations from the official code, on purpose: clustering is deterministic (ties broken by index
+instead of random noise on the density); the last stage lands exactly on the budget B (kept +
+recycled); attention rows are computed for the raters only, never the full n x n matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vidsparse.pruning.base import Method, PromptText, Selection, StageInput, top_k
+
+RECYCLE_FRACTION = 0.3  # tau: the best-scored 30% of the deleted tokens are recycled
+TOKENS_PER_CLUSTER = 10  # theta = 0.1: one cluster per 10 recycled tokens, plus one
+DELETION_RATE = 0.5  # lambda: intermediate stages delete lambda * (Lv - rank(P))
+
+
+def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Indices of the text rows that rate the visual tokens: M = softmax over text of V T^T
+    (unscaled), r_j = mean over visual rows of M[:, j]; raters are j with r_j > mean(r)."""
+    relevance = torch.softmax(visual.float() @ text.float().T, dim=1).mean(0)
+    raters = (relevance > relevance.mean()).nonzero().squeeze(1)
+    return raters if raters.numel() else torch.arange(text.shape[0], device=text.device)
+
+
+def recycling_split(target: int, num_visual: int) -> tuple[int, int]:
+    """(kept K, clusters C) with K + C = target, C = floor(|pool| / 10) + 1 where the pool is the
+    best 30% of the num_visual - K deleted tokens (no pool, no clusters). C grows by at most one
+    when K shrinks by one, so the smallest C that satisfies the rule is exact, unless the budget is
+    too small to hold every cluster: then C = target."""
+    if target >= num_visual:
+        return num_visual, 0
+    for clusters in range(target + 1):
+        if num_clusters(num_visual - (target - clusters)) <= clusters:
+            return target - clusters, clusters
+    return 0, target
+
+
+def pool_size(deleted: int) -> int:
+    return int(deleted * RECYCLE_FRACTION)
+
+
+def num_clusters(deleted: int) -> int:
+    pool = pool_size(deleted)
+    return pool // TOKENS_PER_CLUSTER + 1 if pool else 0
+
+
+def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with k nearest neighbours, deterministic.
+
+    Returns (centres, assignment): indices of the `clusters` centre tokens, and each token's cluster
+    (0..clusters-1, centres in the order returned). Distances are Euclidean / sqrt(dim); density
+    rho = exp(-mean squared distance to the k = clusters nearest); delta = distance to the nearest
+    denser token (the largest distance for the densest); centres = top rho * delta.
+    """
+    n = x.shape[0]
+    x = x.float()
+    distance = torch.cdist(x, x) / x.shape[1] ** 0.5
+    nearest = torch.topk(distance, k=min(clusters, n), dim=1, largest=False).values
+    density = torch.exp(-(nearest**2).mean(1))
+    index = torch.arange(n, device=x.device)
+    # j is denser than i if its density is higher, or equal with a lower index (no random noise).
+    same = density[None, :] == density[:, None]
+    denser = (density[None, :] > density[:, None]) | (same & (index[None, :] < index[:, None]))
+    delta = torch.where(denser, distance, torch.full_like(distance, float("inf"))).min(1).values
+    delta = torch.where(torch.isinf(delta), distance.max(), delta)
+    centres = torch.sort(-(density * delta), stable=True).indices[:clusters]
+    assignment = distance[:, centres].argmin(1)
+    assignment[centres] = torch.arange(centres.numel(), device=x.device)
+    return centres, assignment
+
+
+class SparseVLM(Method):
+    name = "sparsevlm"
+    summary = ("text raters score visual tokens; rank-adaptive deletion per stage; the best deleted "
+               "tokens are recycled into DPC-kNN cluster means; kept + recycled = B")
+    needs_attention = True
+
+    def __init__(self) -> None:
+        self.raters = torch.zeros(0, dtype=torch.long)
+        self.rater_words: list[str] = []
+        self.ranks: list[int] = []
+
+    def default_stages(self, num_layers: int) -> list[int]:
+        return [1]  # the official video branch: one stage at layer index 1
+
+    def prepare(self, prompt: PromptText) -> None:
+        visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
+        self.raters = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
+        self.rater_words = [prompt.suffix_words[i] for i in self.raters.tolist()]
+        self.ranks = []
+
+    def query_rows(self, num_suffix: int) -> torch.Tensor:
+        return self.raters
+
+    def stage_size(self, stage: StageInput) -> int:
+        """Intermediate stages delete floor(lambda * (Lv - rank P)) but never go below B."""
+        if stage.is_last:
+            return stage.budget
+        num_visual = stage.frames.numel()
+        rank = int(torch.linalg.matrix_rank(stage.attention.float()))
+        self.ranks.append(rank)
+        deleted = int(DELETION_RATE * (num_visual - rank))
+        return max(stage.budget, num_visual - deleted)
+
+    def select(self, stage: StageInput) -> Selection:
+        scores = stage.attention.mean(0)
+        target = self.stage_size(stage)
+        kept_count, clusters = recycling_split(target, scores.numel())
+        keep = top_k(scores, kept_count, stage.frames, stage.min_per_frame)
+        if clusters == 0:
+            return Selection(keep)
+        deleted = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        deleted[keep] = False
+        deleted_ids = deleted.nonzero().squeeze(1)
+        pool_count = max(pool_size(deleted_ids.numel()), clusters)
+        pool = deleted_ids[torch.sort(-scores[deleted_ids].float(), stable=True).indices[:pool_count]]
+        centres, assignment = dpc_knn(stage.hidden[pool], clusters)
+        return Selection(keep, pool, assignment, pool[centres])
+
+    def report(self) -> dict[str, object]:
+        return {"raters": " ".join(self.rater_words), "ranks": self.ranks}

@@ -1,0 +1,83 @@
+"""Stage mechanics shared by every method (SPEC section 3): attention rows without the n x n
+matrix, and removal/merging of visual rows with their positions and provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from vidsparse.pruning.base import PositionMode, Selection
+
+
+@dataclass(frozen=True)
+class VisualBlock:
+    """Where the visual tokens are in the current sequence, and which clip token each one is."""
+
+    start: int  # sequence index of the first visual token (the prefix text comes before)
+    origin: torch.Tensor  # (n_v,) index into the prompt's VisualMap (a merged token: its anchor's)
+    merged: torch.Tensor  # (n_v,) bool: recycled / merged token
+
+    @property
+    def size(self) -> int:
+        return int(self.origin.numel())
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                   keys: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities (len(rows), n) of query rows `rows` at decoder `layer`.
+
+    q is recomputed for those rows only from the layer's input (input_layernorm, q_proj, RoPE at
+    their positions); keys are the layer's cached post-RoPE keys. Softmax in fp32 over the causal
+    keys. Cost O(rows x n): SDPA stays on for the layer itself.
+    """
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(layer_input[:, rows])
+    query = attn.q_proj(x).view(1, rows.numel(), -1, head_dim).transpose(1, 2)  # (1, H, r, hd)
+    cos, sin = cos_sin
+    query, _ = apply_rotary_pos_emb(query, query, cos[:, rows], sin[:, rows])
+    kv_heads = keys.shape[1]
+    # GQA: group the query heads by the key/value head they share, instead of repeating keys.
+    query = query.reshape(1, kv_heads, -1, rows.numel(), head_dim).float()
+    scores = torch.einsum("bkgrd,bknd->bkgrn", query, keys.float()) * attn.scaling
+    n = keys.shape[-2]
+    future = torch.arange(n, device=keys.device)[None, :] > rows.to(keys.device)[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1).mean(dim=(0, 1, 2))
+
+
+def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: VisualBlock, selection: Selection,
+                    mode: PositionMode) -> tuple[torch.Tensor, torch.Tensor, VisualBlock]:
+    """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then
+    the merged ones. Positions follow (`keep`: original RoPE positions, a merged token its anchor's;
+    `compact`: renumbered 0..n'-1)."""
+    device = hidden.device
+    visual = hidden[:, block.start : block.end]
+    visual_positions = positions[:, block.start : block.end]
+    keep = selection.keep.to(device)
+    parts = [visual[:, keep]]
+    new_positions = [visual_positions[:, keep]]
+    origin = [block.origin[keep]]
+    merged = [block.merged[keep]]
+    if selection.merge_anchor.numel():
+        source, target, anchor = (t.to(device) for t in (selection.merge_source, selection.merge_target,
+                                                         selection.merge_anchor))
+        count = anchor.numel()
+        sums = torch.zeros(1, count, hidden.shape[-1], dtype=torch.float32, device=device)
+        sums.index_add_(1, target, visual[:, source].float())
+        sizes = torch.bincount(target, minlength=count).to(sums.dtype)[None, :, None]
+        parts.append((sums / sizes).to(hidden.dtype))
+        new_positions.append(visual_positions[:, anchor])
+        origin.append(block.origin[anchor])
+        merged.append(torch.ones(count, dtype=torch.bool, device=device))
+    hidden = torch.cat([hidden[:, : block.start], *parts, hidden[:, block.end :]], dim=1)
+    positions = torch.cat([positions[:, : block.start], *new_positions, positions[:, block.end :]], dim=1)
+    if mode == "compact":
+        positions = torch.arange(hidden.shape[1], device=device)[None]
+    return hidden, positions, VisualBlock(block.start, torch.cat(origin), torch.cat(merged))
