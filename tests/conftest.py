@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import av
@@ -93,3 +94,21 @@ def clips(tmp_path_factory) -> dict[str, Path]:
         "zero_frames": root / "empty.mp4",
     }
     return {**good, **{f"bad_{k}": v for k, v in bad.items()}}
+
+
+QUESTIONS = ["what color is the square ?", "what is happening ?", "what moves ?", "what is the color ?"]
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory) -> Path:
+    """Three good clips (one in a subfolder), one corrupt file, and a qa.jsonl over them."""
+    root = tmp_path_factory.mktemp("videos")
+    (root / "sub").mkdir()
+    names = ["a.mp4", "b.webm", "sub/c.mp4"]
+    for i, name in enumerate(names):
+        write_video(root / name, moving_square_frames(20 + 4 * i), "libx264" if name.endswith("mp4") else "libvpx-vp9")
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
+    lines = [{"video": n, "question": q, "answer": "square", "type": q.split()[1]} for n in names for q in QUESTIONS]
+    lines.append({"video": "broken.mp4", "question": "what ?", "answer": "x", "type": "is"})
+    (root / "qa.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root

@@ -122,6 +122,8 @@ def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
     [
         (["--budget", "0"], "--budget must be at least 1"),
         (["--budget", "-5"], "--budget must be at least 1"),
+        (["--budget", "0%"], "percentage must be in"),
+        (["--budget", "lots"], "token count or a percentage"),
         (["--method", "fastv", "--prune-after", "3"], "between 0 and 2"),
         (["--method", "pdrop", "--prune-after", "2,1"], "strictly increasing"),
         (["--method", "pdrop", "--prune-after", "1,x"], "layer numbers"),
@@ -136,3 +138,11 @@ def test_bad_pruning_options_are_one_line_errors(tiny_checkpoint, clips, options
     result = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, *options)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_budget_as_a_share_of_the_clip(tiny_checkpoint, clips):
+    result = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--json", "--method", "fastv",
+                 "--prune-after", "1", "--budget", "10%", "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["pruning"]["budget"] == 14 and stats["tokens"]["visual_after"] == 14  # round(0.1 x 136)

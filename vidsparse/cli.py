@@ -1,4 +1,4 @@
-"""The `vidsparse` command line."""
+"""The `vidsparse` command line: ask, batch, sweep, make-shapes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from vidsparse.errors import UserError
@@ -19,13 +20,30 @@ from vidsparse.pruning import METHODS, check_options
 
 app = typer.Typer(
     help="VideoLLaVA video question answering with visual-token pruning.\n\n"
-    'Example:  vidsparse ask clip.mp4 "What is happening?" --model models/shapes-videollava',
+    'Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194',
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
+
+# Options shared by ask, batch and sweep.
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint folder, or shapes-demo.")]
+Frames = Annotated[int, typer.Option("--frames", help="Frames sampled uniformly over each clip.")]
+Backend = Annotated[str, typer.Option("--backend", help="Video decoder: auto (decord, then PyAV), decord, pyav.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16, bfloat16 (auto: fp32 CPU, bf16 GPU).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
+Method = Annotated[str, typer.Option("--method", help=f"Pruning method: {', '.join(METHODS)}.")]
+Budget = Annotated[str, typer.Option("--budget", help="Visual tokens after the last stage: a count, or a share: 10%.")]
+PruneAfter = Annotated[
+    str | None, typer.Option("--prune-after", help="Decoder layers to prune after, e.g. 1 or 2,6,15 (default: method's).")
+]
+Positions = Annotated[str, typer.Option("--positions", help="RoPE positions after pruning: keep (original), compact.")]
+MinPerFrame = Annotated[int, typer.Option("--min-per-frame", help="Keep at least this many tokens of every frame.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the random method.")]
+Questions = Annotated[Path | None, typer.Option("--questions", help="qa.jsonl, or an MSVD/MSRVTT-QA json file.")]
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,11 +60,22 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _quiet_transformers() -> None:
+def _load(model: str, dtype: str, device: str):
     from transformers.utils import logging
+
+    from vidsparse.pipeline import VideoQA
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    return VideoQA.from_pretrained(model, dtype=dtype, device=device)
+
+
+def _options(method: str, budget: str, prune_after: str | None, positions: str, min_per_frame: int, seed: int,
+             frames: int, backend: str, max_new_tokens: int):
+    from vidsparse.batch import AskOptions
+
+    check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
+    return AskOptions(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
 
 
 @app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194 --json')
@@ -54,51 +83,55 @@ def _quiet_transformers() -> None:
 def ask(
     video: Annotated[Path, typer.Argument(help="Video file (mp4, webm, mkv, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint folder.")] = DEFAULT_MODEL,
-    frames: Annotated[int, typer.Option(help="Frames sampled uniformly over the clip.")] = 8,
-    backend: Annotated[str, typer.Option(help="Video decoder: auto (decord, then PyAV), decord, pyav.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16 (auto: fp32 CPU, bf16 GPU).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
-    method: Annotated[str, typer.Option(help=f"Pruning method: {', '.join(METHODS)}.")] = "none",
-    budget: Annotated[int, typer.Option(help="Visual tokens left after the last pruning stage.")] = 194,
-    prune_after: Annotated[
-        str | None, typer.Option(help="Decoder layers to prune after, e.g. 1 or 2,6,15 (default: the method's).")
-    ] = None,
-    positions: Annotated[str, typer.Option(help="RoPE positions after pruning: keep (original) or compact.")] = "keep",
-    min_per_frame: Annotated[int, typer.Option(help="Keep at least this many tokens of every frame.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the random method.")] = 0,
+    model: Model = DEFAULT_MODEL,
+    method: Method = "none",
+    budget: Budget = "194",
+    prune_after: PruneAfter = None,
+    positions: Positions = "keep",
+    min_per_frame: MinPerFrame = 0,
+    seed: Seed = 0,
+    frames: Frames = 8,
+    backend: Backend = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    max_new_tokens: MaxNewTokens = 64,
+    show_kept: Annotated[Path | None, typer.Option("--show-kept", help="Write a PNG of the tokens kept.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Answer a question about a video and report latency, memory and FLOPs."""
-    _quiet_transformers()
-    from vidsparse.pipeline import VideoQA
+    from dataclasses import asdict
+
     from vidsparse.video import decode_video
 
     if not question.strip():
         raise UserError("the question is empty")
-    check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
+    options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
     decoded = decode_video(video, frames, backend)  # before loading: a bad file fails in a second
-    qa = VideoQA.from_pretrained(model, dtype=dtype, device=device)
-    result = qa.ask(decoded, question, method=method, budget=budget, prune_after=prune_after, positions=positions,
-                    min_per_frame=min_per_frame, seed=seed, max_new_tokens=max_new_tokens)
+    qa = _load(model, dtype, device)
+    result = qa.ask(decoded, question, **asdict(options))
     result.video_path = str(video)
     stats = result.to_dict()
+    if show_kept is not None:
+        from vidsparse.kept_view import draw_kept
+
+        draw_kept(result, qa.model.image_size, qa.model.mean, qa.model.std, show_kept)
     if as_json:
         sys.stdout.write(json.dumps(stats) + "\n")
-    else:
-        console.print(f"[bold]Answer:[/] {result.answer}", highlight=False)
-        console.print(stats_table(stats))
+        return
+    console.print(f"[bold]Answer:[/] {result.answer}", highlight=False)
+    console.print(stats_table(stats))
+    if show_kept is not None:
+        console.print(f"kept tokens drawn in {show_kept}")
 
 
-def _si(flops: int) -> str:
+def _si(flops: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if flops >= scale:
             return f"{flops / scale:.3f} {unit}"
-    return f"{flops:,}"
+    return f"{flops:,.0f}"
 
 
-def _mb(n: int | None) -> str:
+def _mb(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.1f} MB"
 
 
@@ -108,12 +141,11 @@ def stats_table(stats: dict[str, Any]) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     tokens, flops, memory, times = stats["tokens"], stats["flops"], stats["memory"], stats["time_ms"]
-    video, model = stats["video"], stats["model"]
+    video, model, pruning = stats["video"], stats["model"], stats["pruning"]
     table.add_row("model", f"{model['name']} ({model['dtype']}, {model['device']})")
     table.add_row("video", f"{video['duration_s']:.2f} s @ {video['fps']:.2f} fps, frames {video['frame_indices']} "
                   f"({video['backend']})")
-    pruning = stats["pruning"]
-    table.add_row("pruning", f"{pruning['method']}" + (
+    table.add_row("pruning", pruning["method"] + (
         f", budget {pruning['budget']}, after layers {pruning['stages']}, positions {pruning['positions']}"
         if pruning["method"] != "none" else ""))
     if "raters" in pruning:
@@ -128,25 +160,176 @@ def stats_table(stats: dict[str, Any]) -> Table:
     for name, ms in times.items():
         table.add_row(f"time: {name.replace('_', ' ')}", f"{ms:,.1f} ms")
     rate = stats["decode_tokens_per_s"]
-    table.add_row("decoding", f"{stats['tokens']['generated']} tokens" + (f", {rate:,.1f} tokens/s" if rate else ""))
+    table.add_row("decoding", f"{tokens['generated']} tokens" + (f", {rate:,.1f} tokens/s" if rate else ""))
     return table
 
 
-_NOT_YET = "not yet implemented: this command arrives with its own issue"
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err_console)
 
 
-@app.command(epilog="Example:  vidsparse batch videos/ --questions qa.jsonl --out results.jsonl")
+@app.command(epilog="Example:  vidsparse batch videos/ --questions qa.jsonl --out results.jsonl --method sparsevlm "
+             "--budget 10%")
 @user_errors
-def batch() -> None:
-    """(Not yet implemented) Answer questions over a whole folder of videos, resumably."""
-    raise UserError(_NOT_YET)
+def batch(
+    videos_dir: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Results file (JSON lines); re-running resumes it.")],
+    questions: Questions = None,
+    question: Annotated[str | None, typer.Option("--question", help="Ask this about every video.")] = None,
+    model: Model = DEFAULT_MODEL,
+    method: Method = "none",
+    budget: Budget = "194",
+    prune_after: PruneAfter = None,
+    positions: Positions = "keep",
+    min_per_frame: MinPerFrame = 0,
+    seed: Seed = 0,
+    frames: Frames = 8,
+    backend: Backend = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    max_new_tokens: MaxNewTokens = 64,
+) -> None:
+    """Answer questions over a whole folder of videos, appending to a results file as it goes.
+
+    Re-running the same command resumes: answered ids are skipped. A video that cannot be decoded
+    is recorded as an error and the run goes on; the exit code is 1 if any question failed.
+    """
+    from vidsparse.batch import run_batch
+    from vidsparse.metrics import accuracy, summarize
+    from vidsparse.questions import load_questions
+    from vidsparse.results import ResultsFile
+
+    options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    todo = load_questions(videos_dir, questions, question)
+    ids = {q.id for q in todo}
+    with ResultsFile(out) as results:
+        done = len(ids & results.done_ids())
+        qa = _load(model, dtype, device)
+        records = [r for r in results.records if r.get("id") in ids]
+        with _progress() as progress:
+            task = progress.add_task("answering", total=len(todo), completed=done, status="")
+
+            def update(record: dict[str, Any]) -> None:
+                records.append(record)
+                acc = accuracy(records)
+                errors = sum(1 for r in records if r.get("error"))
+                status = (f"acc {acc:.1%}" if acc is not None else "") + (f"  errors {errors}" if errors else "")
+                progress.update(task, advance=1, status=status)
+
+            run_batch(qa, todo, videos_dir, results, options, update)
+    summary = summarize(records)
+    summary_path = out.with_name(out.stem + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    console.print(summary_table(summary))
+    console.print(f"results: {out}  summary: {summary_path}")
+    if summary["errors"]:
+        err_console.print(f"{summary['errors']} question(s) failed; see the 'error' field in {out}")
+        raise typer.Exit(1)
 
 
-@app.command(epilog='Example:  vidsparse sweep clip.mp4 "What is happening?" --budgets 2056,1024,512,194,64')
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="Batch summary", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("questions", f"{summary['questions']} ({summary['answered']} answered, {summary['errors']} errors)")
+    if summary["accuracy"] is not None:
+        table.add_row("accuracy", f"{summary['accuracy']:.1%}")
+        for kind, acc in summary["accuracy_by_type"].items():
+            if acc is not None:
+                table.add_row(f"  {kind}", f"{acc:.1%} of {summary['count_by_type'][kind]}")
+    for stage, ms in summary["time_ms_mean"].items():
+        table.add_row(f"time: {stage.replace('_', ' ')}",
+                      f"mean {ms:,.1f} ms, median {summary['time_ms_median'][stage]:,.1f} ms")
+    table.add_row("peak memory", _mb(summary["peak_memory_bytes"]))
+    if summary["equivalent_visual_tokens_mean"] is not None:
+        table.add_row("equivalent visual tokens", f"{summary['equivalent_visual_tokens_mean']:,.1f}")
+        table.add_row("prefill FLOPs (mean)", _si(summary["prefill_flops_mean"]))
+    return table
+
+
+@app.command(epilog='Example:  vidsparse sweep clip.mp4 "What is happening?" --budgets 100%,50%,25%,10%,5% '
+             "--methods none,fastv,sparsevlm")
 @user_errors
-def sweep() -> None:
-    """(Not yet implemented) Accuracy, latency and memory across pruning budgets."""
-    raise UserError(_NOT_YET)
+def sweep(
+    target: Annotated[Path, typer.Argument(help="A video file, or a folder of videos (with --questions).")],
+    question: Annotated[str | None, typer.Argument(help="The question, when TARGET is one video.")] = None,
+    questions: Questions = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="Reference answer for a single question.")] = None,
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets (counts or shares).")] = (
+        "100%,50%,25%,10%,5%"),
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "none,fastv,sparsevlm",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per cell (median reported).")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.csv, sweep.json and the plots.")] = Path(
+        "sweep"),
+    show_kept: Annotated[bool, typer.Option("--show-kept", help="Also draw the kept tokens, a PNG per method.")] = False,
+    model: Model = DEFAULT_MODEL,
+    prune_after: PruneAfter = None,
+    positions: Positions = "keep",
+    min_per_frame: MinPerFrame = 0,
+    seed: Seed = 0,
+    frames: Frames = 8,
+    backend: Backend = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    max_new_tokens: MaxNewTokens = 64,
+) -> None:
+    """Accuracy, latency and memory across pruning methods and budgets, with plots."""
+    from vidsparse.batch import AskOptions
+    from vidsparse.questions import Question, load_questions
+    from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_outputs
+
+    budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
+    options = AskOptions("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    cells = sweep_cells([m.strip() for m in methods.split(",") if m.strip()], budget_list, options)
+    if target.is_dir():
+        todo = load_questions(target, questions, question)
+    else:
+        if question is None or not question.strip():
+            raise UserError("give the QUESTION after the video (or a folder with --questions)")
+        if not target.exists():
+            raise UserError(f"video not found: {target}")
+        todo = [Question("0", target, question, answer)]
+    qa = _load(model, dtype, device)
+    with _progress() as progress:
+        task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
+        run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1))
+    rows = sweep_rows(cells)
+    paths = write_outputs(rows, out)
+    console.print(sweep_table(rows))
+    if show_kept:
+        from vidsparse.kept_view import draw_kept
+
+        for cell in cells:
+            if cell.method != "none" and cell.budget == budget_list[-1] and cell.first_result is not None:
+                path = draw_kept(cell.first_result, qa.model.image_size, qa.model.mean, qa.model.std,
+                                 out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
+                                 f"budget {cell.budget})")
+                paths[f"kept {cell.method}"] = path
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> Table:
+    graded = any(r["accuracy"] is not None for r in rows)
+    single = all(r["answer"] is not None for r in rows)
+    table = Table(title="Sweep (timings: medians of interleaved runs; x = speedup vs none)", title_justify="left")
+    headers = ["method", "budget", "tokens", "answer" if single else "", "acc" if graded else "=none",
+               "equiv", "TFLOPs", "prefill ms", "total ms", "peak MB", "x prefill", "x total"]
+    for h in (h for h in headers if h):
+        table.add_column(h, justify="left" if h in ("method", "budget", "answer") else "right",
+                         no_wrap=h != "answer", max_width=24 if h == "answer" else None)
+    for r in rows:
+        quality = r["accuracy"] if graded else r["agreement_with_none"]
+        cells = [r["method"], r["budget"], f"{r['visual_tokens']:g}"]
+        if single:
+            cells.append(str(r["answer"]))
+        cells += ["-" if quality is None else f"{quality:.1%}", f"{r['equivalent_tokens']:g}",
+                  f"{r['prefill_tflops']:.4f}", f"{r['prefill_ms']:,.1f}", f"{r['total_ms']:,.1f}",
+                  "-" if r["peak_mb"] is None else f"{r['peak_mb']:,.0f}",
+                  "-" if r["prefill_speedup"] is None else f"{r['prefill_speedup']:.2f}",
+                  "-" if r["total_speedup"] is None else f"{r['total_speedup']:.2f}"]
+        table.add_row(*cells)
+    return table
 
 
 def main() -> None:

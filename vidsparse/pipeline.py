@@ -17,7 +17,7 @@ from vidsparse.engine import StageRecord, generate
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava, VisualMap
 from vidsparse.preprocess import preprocess_frames
-from vidsparse.pruning import make_plan
+from vidsparse.pruning import check_options, make_plan, resolve_budget
 from vidsparse.pruning.base import PruningPlan, check_floor
 from vidsparse.pruning.stage import VisualBlock
 from vidsparse.stats import (
@@ -127,18 +127,18 @@ class VideoQA:
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> VideoQA:
         return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
 
-    def ask(self, video: str | Path | DecodedVideo, question: str, *, method: str = "none", budget: int = 194,
+    def ask(self, video: str | Path | DecodedVideo, question: str, *, method: str = "none", budget: int | str = 194,
             prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
             num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
         """Answer `question` about `video` (a path, or frames already decoded by `decode_video`),
-        pruning the visual tokens to `budget` with `method` (see vidsparse.pruning.METHODS)."""
+        pruning the visual tokens to `budget` (a count, or a percentage like "10%") with `method`
+        (see vidsparse.pruning.METHODS)."""
         if not question.strip():
             raise UserError("the question is empty")
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         model = self.model
-        plan = make_plan(method, budget, len(model.decoder.layers), prune_after=prune_after, positions=positions,
-                         min_per_frame=min_per_frame, seed=seed)
+        check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
         timer = StageTimer(model.device)
         memory = PeakMemory(model.device)
         memory.reset()
@@ -151,6 +151,9 @@ class VideoQA:
             pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
             input_ids = model.prompt_ids(question, len(video.frames))
         self._check_length(input_ids.shape[1] + max_new_tokens)
+        budget = resolve_budget(budget, len(video.frames) * model.tokens_per_frame)
+        plan = make_plan(method, budget, len(model.decoder.layers), prune_after=prune_after, positions=positions,
+                         min_per_frame=min_per_frame, seed=seed)
         with timer.stage("vision"):
             prompt = model.embed(input_ids, model.video_features(pixels))
         if method != "none" and budget < len(prompt.visual):

@@ -22,14 +22,39 @@ def parse_stages(text: str) -> list[int]:
         raise UserError(f"--prune-after takes layer numbers like '1' or '2,6,15', got {text!r}") from None
 
 
-def check_options(method: str, budget: int, *, prune_after: str | None = None, positions: str = "keep",
+def parse_budget(budget: int | str) -> int | float:
+    """`194` -> 194 tokens; `10%` -> the fraction 0.1 of the clip's visual tokens."""
+    text = str(budget).strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise UserError(f"--budget takes a token count or a percentage like 10%, got {text!r}") from None
+        if not 0 < percent <= 100:
+            raise UserError(f"--budget percentage must be in (0, 100], got {text}")
+        return percent / 100
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise UserError(f"--budget takes a token count or a percentage like 10%, got {text!r}") from None
+    if tokens < 1:
+        raise UserError(f"--budget must be at least 1 visual token, got {tokens}")
+    return tokens
+
+
+def resolve_budget(budget: int | str, num_visual: int) -> int:
+    """Visual tokens for this clip: a count as given, a percentage rounded (at least 1)."""
+    parsed = parse_budget(budget)
+    return parsed if isinstance(parsed, int) else max(1, round(parsed * num_visual))
+
+
+def check_options(method: str, budget: int | str, *, prune_after: str | None = None, positions: str = "keep",
                   min_per_frame: int = 0) -> list[int] | None:
     """Everything about the options that can be checked before a model is loaded; returns the
     parsed --prune-after layers (None: the method's default)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if budget < 1:
-        raise UserError(f"--budget must be at least 1 visual token, got {budget}")
+    parse_budget(budget)
     if positions not in POSITION_MODES:
         raise UserError(f"--positions must be keep or compact, got {positions!r}")
     if min_per_frame < 0:

@@ -1,0 +1,115 @@
+"""`vidsparse batch`: question files, crash-safe results, resume after kill -9, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from vidsparse.cli import app
+from vidsparse.errors import UserError
+from vidsparse.metrics import is_correct, normalize_answer, summarize
+from vidsparse.questions import load_questions
+from vidsparse.results import ResultsFile
+
+runner = CliRunner()
+
+
+def test_answers_are_normalised_before_matching():
+    assert normalize_answer("The Red  square!") == "red square"
+    assert is_correct("A circle.", "circle") and not is_correct("circles", "circle")
+
+
+def test_questions_from_jsonl(folder):
+    questions = load_questions(folder, folder / "qa.jsonl", None)
+    assert len(questions) == 13 and len({q.id for q in questions}) == 13
+    assert questions[8].video == folder / "sub/c.mp4" and questions[0].type == "color"
+
+
+def test_questions_from_msvd_json_layout(folder, tmp_path):
+    items = [{"video_id": "a", "question": "what ?", "answer": "x", "question_id": 7},
+             {"video_id": "c", "question": "who ?", "answer": "y", "question_id": 8}]
+    path = tmp_path / "msvd.json"
+    path.write_text(json.dumps(items))
+    questions = load_questions(folder, path, None)
+    assert [(q.id, q.video.name, q.answer) for q in questions] == [("7", "a.mp4", "x"), ("8", "c.mp4", "y")]
+
+
+def test_one_question_for_every_video(folder):
+    questions = load_questions(folder, None, "what is happening ?")
+    assert [q.id for q in questions] == ["a.mp4", "b.webm", "broken.mp4", "sub/c.mp4"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [('{"video": "a.mp4"}\n', "non-empty 'question'"), ("not json\n", "line 1: not valid JSON"),
+     ('{"question": "q"}\n', "needs 'video'"),
+     ('{"video": "a.mp4", "question": "q", "id": 1}\n{"video": "a.mp4", "question": "r", "id": 1}\n', "twice")],
+)
+def test_bad_question_files(folder, tmp_path, content, message):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_questions(folder, path, None)
+
+
+def test_results_file_cuts_a_partial_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": "1"}\n{"id": "2"}\n{"id": "3", "answ')
+    with ResultsFile(path) as results:
+        assert results.done_ids() == {"1", "2"}
+        results.append({"id": "3"})
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["1", "2", "3"]
+
+
+def batch_args(folder, out, model):
+    return ["batch", str(folder), "--questions", str(folder / "qa.jsonl"), "--out", str(out), "--model", str(model),
+            "--method", "sparsevlm", "--budget", "25%", "--max-new-tokens", "2"]
+
+
+def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoint):
+    out = tmp_path / "results.jsonl"
+    result = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
+    assert result.exit_code == 1  # one question failed
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 13
+    errors = [r for r in records if r.get("error")]
+    assert [r["video"] for r in errors] == ["broken.mp4"] and "not a video" in errors[0]["error"]
+    answered = [r for r in records if not r.get("error")]
+    assert all(r["pruning"]["visual_per_stage"] == [136, 34] and isinstance(r["correct"], bool) for r in answered)
+    summary = json.loads((tmp_path / "results.summary.json").read_text())
+    assert summary["questions"] == 13 and summary["answered"] == 12 and summary["errors"] == 1
+    assert summary["accuracy"] == summarize(records)["accuracy"]
+    assert set(summary["accuracy_by_type"]) == {"color", "is", "moves"}
+    assert "Batch summary" in result.stdout
+    # Everything answered: a re-run asks nothing and writes nothing.
+    again = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
+    assert again.exit_code == 1 and len(out.read_text().splitlines()) == 13
+
+
+def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_checkpoint):
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "vidsparse", *batch_args(folder, out, tiny_checkpoint)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = out.read_text().splitlines()
+    assert 3 <= len(written) < 13, "the run should have been killed part-way"
+    with open(out, "a") as f:  # what a kill in the middle of a write would leave
+        f.write('{"id": "a.mp4|what moves ?", "answer": "squ')
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == 13
+    assert [json.loads(line) for line in written] == records[: len(written)]  # old results untouched

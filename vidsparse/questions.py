@@ -1,0 +1,89 @@
+"""Which questions a batch or sweep asks about which videos, read from a folder and a questions file.
+
+Accepted: a JSON-lines file of `{"video", "question", "answer"?, "id"?, "type"?}`; the MSVD-QA /
+MSRVTT-QA JSON layout `[{"video_id" | "video", "question", "answer", "question_id"}]`; or no file at
+all, where every video in the folder gets the same question.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vidsparse.errors import UserError
+
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".gif", ".mpg", ".mpeg", ".flv", ".wmv"}
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str  # stable across runs: what `batch` resumes by
+    video: Path
+    question: str
+    answer: str | None = None
+    type: str | None = None
+
+
+def find_videos(folder: Path) -> list[Path]:
+    """Every file under `folder` (recursively) with a video extension, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def load_questions(folder: Path, questions_file: Path | None, question: str | None) -> list[Question]:
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of videos")
+    if questions_file is None:
+        if not question or not question.strip():
+            raise UserError("give --questions FILE, or --question TEXT to ask about every video in the folder")
+        videos = find_videos(folder)
+        if not videos:
+            raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {folder}")
+        return [Question(str(v.relative_to(folder)), v, question) for v in videos]
+    if not questions_file.is_file():
+        raise UserError(f"questions file not found: {questions_file}")
+    items = _read_items(questions_file)
+    stems: dict[str, Path] | None = None
+    questions, seen = [], set()
+    for number, item in enumerate(items, 1):
+        where = f"{questions_file}, item {number}"
+        if not isinstance(item, dict) or not str(item.get("question", "")).strip():
+            raise UserError(f"{where}: needs a non-empty 'question'")
+        if "video" in item:
+            video = folder / str(item["video"])
+        elif "video_id" in item:
+            if stems is None:
+                stems = {p.stem: p for p in find_videos(folder)}
+            key = str(item["video_id"])
+            video = stems.get(key) or stems.get(f"video{key}") or folder / key
+        else:
+            raise UserError(f"{where}: needs 'video' (a file under {folder}) or 'video_id'")
+        qid = str(item.get("id", item.get("question_id", f"{video.relative_to(folder)}|{item['question']}")))
+        if qid in seen:
+            raise UserError(f"{where}: id {qid!r} appears twice")
+        seen.add(qid)
+        answer = item.get("answer")
+        questions.append(Question(qid, video, str(item["question"]), None if answer is None else str(answer),
+                                  item.get("type")))
+    if not questions:
+        raise UserError(f"{questions_file} holds no questions")
+    return questions
+
+
+def _read_items(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        return items
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+    return items
