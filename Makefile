@@ -2,7 +2,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 MODEL ?= models/shapes-videollava
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint bench
 
 # torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU box.
 install:
@@ -14,3 +14,6 @@ test:
 
 lint:
 	$(PYTHON) -m ruff check vidsparse tests
+
+bench:
+	$(PYTHON) bench/prefill.py

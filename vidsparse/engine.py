@@ -83,7 +83,8 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     generation = Generation([], cache, [], [], torch.empty(0), [], block)
     method = plan.method if plan else None
     if method is not None and replay is None:
-        method.prepare(PromptText(hidden[0], block.start, block.size, prompt.suffix_words))
+        with timer.stage("pruning"):
+            method.prepare(PromptText(hidden[0], block.start, block.size, prompt.suffix_words))
     generator = torch.Generator().manual_seed(plan.seed) if plan else None
     layer = 0
     for index, stage_layer in enumerate(stages):

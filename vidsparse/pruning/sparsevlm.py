@@ -19,7 +19,9 @@ DELETION_RATE = 0.5  # lambda: intermediate stages delete lambda * (Lv - rank(P)
 def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Indices of the text rows that rate the visual tokens: M = softmax over text of V T^T
     (unscaled), r_j = mean over visual rows of M[:, j]; raters are j with r_j > mean(r)."""
-    relevance = torch.softmax(visual.float() @ text.float().T, dim=1).mean(0)
+    # The product in the model's dtype (as the official code does; no fp32 copy of all visual
+    # tokens), the softmax in fp32.
+    relevance = torch.softmax((visual @ text.T).float(), dim=1).mean(0)
     raters = (relevance > relevance.mean()).nonzero().squeeze(1)
     return raters if raters.numel() else torch.arange(text.shape[0], device=text.device)
 
@@ -56,7 +58,10 @@ def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]
     """
     n = x.shape[0]
     x = x.float()
-    distance = torch.cdist(x, x) / x.shape[1] ** 0.5
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one matmul (torch.cdist takes a slow path on CPU).
+    squared = (x * x).sum(1)
+    distance = (squared[:, None] + squared[None, :] - 2 * (x @ x.T)).clamp_min_(0).sqrt_() / x.shape[1] ** 0.5
+    distance.fill_diagonal_(0)
     nearest = torch.topk(distance, k=min(clusters, n), dim=1, largest=False).values
     density = torch.exp(-(nearest**2).mean(1))
     index = torch.arange(n, device=x.device)

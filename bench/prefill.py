@@ -1,0 +1,169 @@
+"""How close pruned prefill gets to its FLOPs limit, what pruning costs, and what it saves.
+
+A Video-LLaVA-7B-shaped decoder (d=4096, m=11008, 32 heads, vocab 32064) with random weights and
+8 x 257 visual tokens; fewer layers on a CPU (--layers, default 4), all 32 on a GPU. Every method
+is timed in the same run, interleaved (none, A, B, ..., none, A, B, ...) after a warm-up, median of
+--repeats. The machine's own dense-matmul peak is measured first, so achieved TFLOP/s can be read
+against the physical limit.
+
+    python bench/prefill.py                   # CPU: 4 layers, bfloat16
+    python bench/prefill.py --layers 32 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+from transformers.utils import logging
+
+from vidsparse.engine import generate
+from vidsparse.models.video_llava import PromptEmbeds, visual_map
+from vidsparse.pruning import make_plan
+from vidsparse.stats import PeakMemory, StageTimer, kv_cache_bytes, prefill_flops, synchronize
+
+CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64)]
+FRAMES, TOKENS_PER_FRAME, PREFIX, SUFFIX = 8, 257, 5, 24  # "USER: <video>" ... "{question} ASSISTANT:"
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:
+    """Best dense-matmul TFLOP/s (real FLOPs: 2 per multiply-add) of this device and dtype."""
+    a = torch.randn(size // 2, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = max(best, 2 * a.shape[0] * size * size / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def build_decoder(layers: int, device: torch.device, dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=224, patch_size=14)  # unused: the visual tokens are given directly
+    config = VideoLlavaConfig(vision_config=vision, text_config=text)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
+    return model
+
+
+def synthetic_prompt(model, device, dtype) -> PromptEmbeds:
+    """Random text ids around 2056 visual features scaled like projector outputs."""
+    n_visual = FRAMES * TOKENS_PER_FRAME
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32000, (1, PREFIX + n_visual + SUFFIX), generator=generator).to(device)
+    with torch.inference_mode():
+        embeds = model.model.language_model.embed_tokens(ids)
+        embeds[0, PREFIX : PREFIX + n_visual] = (torch.randn(n_visual, 4096, generator=generator) * 0.02).to(
+            device, dtype)
+    words = [f"w{i}" for i in range(SUFFIX)]
+    return PromptEmbeds(ids, embeds, visual_map(torch.arange(PREFIX, PREFIX + n_visual), FRAMES, 16), words)
+
+
+def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
+    decoder = model.model.language_model
+    device = prompt.embeds.device
+    timer, memory = StageTimer(device), PeakMemory(device)
+    memory.reset()
+    plan = make_plan(method, budget, len(decoder.layers))
+    generation = generate(decoder, model.lm_head, prompt, new_tokens, set(), timer, plan)
+    steps = timer.calls.get("generate", [])
+    return {
+        "prefill_s": timer.seconds["prefill"],
+        "pruning_s": timer.seconds.get("pruning", 0.0),
+        "decode_ms_per_token": 1000 * statistics.fmean(steps) if steps else None,
+        "peak_bytes": memory.peak_bytes(),
+        "kv_bytes": kv_cache_bytes(generation.cache),
+        "flops": prefill_flops(generation.tokens_per_layer, 4096, 11008),
+        "equivalent": statistics.fmean(generation.visual_per_layer),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 32 on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    logging.set_verbosity_error()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    layers = args.layers or (32 if device.type == "cuda" else 4)
+    peak = matmul_peak(device, dtype)
+    model = build_decoder(layers, device, dtype)
+    prompt = synthetic_prompt(model, device, dtype)
+    run_once(model, prompt, "none", 2056, 2)  # warm-up
+    runs: dict[tuple[str, int], list[dict]] = {c: [] for c in CONFIGS}
+    for _ in range(args.repeats):
+        for method, budget in CONFIGS:  # interleaved: drift hits every method alike
+            runs[(method, budget)].append(run_once(model, prompt, method, budget, args.new_tokens))
+    rows = summarize(runs, peak)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'} " \
+        f"x {torch.get_num_threads()} threads"
+    print(f"\n{hardware}, {args.dtype}, {layers}-layer 7B-width decoder, 8 x 257 visual tokens + {PREFIX + SUFFIX} "
+          f"text, median of {args.repeats} interleaved runs; dense-matmul peak {peak:.3f} TFLOP/s\n")
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"prefill-{device.type}-{layers}L.json"
+    path.write_text(json.dumps({"hardware": hardware, "dtype": args.dtype, "layers": layers,
+                                "matmul_peak_tflops": peak, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {path}")
+
+
+def summarize(runs: dict[tuple[str, int], list[dict]], peak: float) -> list[dict]:
+    median = statistics.median
+    base = runs[("none", 2056)]
+    base_prefill = median(r["prefill_s"] for r in base)
+    base_peak = median(r["peak_bytes"] for r in base) if base[0]["peak_bytes"] else None
+    rows = []
+    for (method, budget), results in runs.items():
+        prefill = median(r["prefill_s"] for r in results)
+        flops_ratio = base[0]["flops"] / results[0]["flops"]
+        speedup = base_prefill / prefill
+        peak_bytes = median(r["peak_bytes"] for r in results) if results[0]["peak_bytes"] else None
+        rows.append({
+            "method": method, "budget": budget if method != "none" else None,
+            "equivalent_tokens": round(results[0]["equivalent"], 1),
+            "flops_ratio": round(flops_ratio, 3), "prefill_ms": round(1000 * prefill, 1),
+            "speedup": round(speedup, 3), "fraction_of_limit": round(speedup / flops_ratio, 3),
+            "overhead_pct": round(100 * median(r["pruning_s"] for r in results) / prefill, 2),
+            "peak_mb": None if peak_bytes is None else round(peak_bytes / 2**20, 1),
+            "peak_vs_none": None if peak_bytes is None or not base_peak else round(peak_bytes / base_peak, 3),
+            "kv_mb": round(results[0]["kv_bytes"] / 2**20, 2),
+            "decode_ms_per_token": round(median(r["decode_ms_per_token"] for r in results), 2),
+            "achieved_tflops": round(2 * results[0]["flops"] / prefill / 1e12, 3),
+            "fraction_of_peak": round(2 * results[0]["flops"] / prefill / 1e12 / peak, 3),
+        })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [("method", "method"), ("budget", "budget"), ("equivalent_tokens", "equiv tok"),
+               ("flops_ratio", "FLOPs x"), ("prefill_ms", "prefill ms"), ("speedup", "speedup"),
+               ("fraction_of_limit", "of limit"), ("overhead_pct", "overhead %"), ("peak_mb", "peak MB"),
+               ("peak_vs_none", "peak/none"), ("kv_mb", "KV MB"), ("decode_ms_per_token", "decode ms/tok"),
+               ("achieved_tflops", "TFLOP/s"), ("fraction_of_peak", "of peak")]
+    widths = [max(len(title), *(len(str(r[key])) for r in rows)) for key, title in columns]
+    print("  ".join(title.rjust(w) for (_, title), w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(r[key] if r[key] is not None else "-").rjust(w)
+                        for (key, _), w in zip(columns, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
