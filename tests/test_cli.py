@@ -146,3 +146,11 @@ def test_budget_as_a_share_of_the_clip(tiny_checkpoint, clips):
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
     assert stats["pruning"]["budget"] == 14 and stats["tokens"]["visual_after"] == 14  # round(0.1 x 136)
+
+
+def test_methods_lists_every_method_with_its_default_stages():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for name in ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm"):
+        assert f"│ {name} " in result.stdout
+    assert "7, 15, 23" in result.stdout  # PyramidDrop's published stages

@@ -332,5 +332,39 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+@app.command(epilog="Example:  vidsparse methods")
+def methods() -> None:
+    """List the pruning methods, what each does, and where it prunes in a 32-layer decoder."""
+    table = Table(title="Pruning methods (--method)", title_justify="left")
+    table.add_column("method", style="bold")
+    table.add_column("prunes after layers (32-layer default)")
+    table.add_column("what it does")
+    for name, cls in METHODS.items():
+        stages = cls().default_stages(32)
+        where = "-" if not stages else ("before layer 0" if stages == [-1] else ", ".join(map(str, stages)))
+        table.add_row(name, where, cls.summary)
+    console.print(table)
+
+
+@app.command("make-shapes", epilog="Example:  vidsparse make-shapes shapes-eval --n 500 --seed 1000")
+@user_errors
+def make_shapes(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the clips and qa.jsonl to.")],
+    n: Annotated[int, typer.Option("--n", help="Number of clips (one question each).")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same data.")] = 0,
+) -> None:
+    """Generate ShapesQA: short clips of moving coloured shapes with questions (the batch format)."""
+    from vidsparse.datasets.shapes import make_shapes as generate_shapes
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder")
+    with _progress() as progress:
+        task = progress.add_task("writing clips", total=n, status="")
+        qa = generate_shapes(out_dir, n, seed, lambda done, total: progress.update(task, completed=done))
+    console.print(f"wrote {n} clips and {qa}")
+
+
 def main() -> None:
     app()

@@ -21,6 +21,8 @@ from vidsparse.errors import UserError
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
 
 DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
+# Names for checkpoints the project ships (in the repository's models/ folder).
+ALIASES = {"shapes-demo": Path(__file__).resolve().parents[2] / "models" / "shapes-videollava"}
 PROMPT_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -187,6 +189,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _checked_source(name_or_path: str) -> str:
     """A local folder must hold a VideoLLaVA config; anything else is taken as a hub id."""
+    if name_or_path in ALIASES:
+        if not ALIASES[name_or_path].is_dir():
+            raise UserError(f"{name_or_path}: the shipped checkpoint is missing ({ALIASES[name_or_path]}); "
+                            "run vidsparse from a full checkout of the repository")
+        name_or_path = str(ALIASES[name_or_path])
     path = Path(name_or_path).expanduser()
     if path.exists():
         config_file = path / "config.json"

@@ -107,6 +107,15 @@ class PruningPlan:
     seed: int = 0
 
 
+class BeforeFirstLayer(Method):
+    """A method that prunes the input embeddings once, before layer 0, and nowhere else."""
+
+    allows_prune_after = False
+
+    def default_stages(self, num_layers: int) -> list[int]:
+        return [BEFORE_FIRST_LAYER]
+
+
 def top_k(scores: torch.Tensor, k: int, frames: torch.Tensor, min_per_frame: int = 0) -> torch.Tensor:
     """Ascending indices of the k highest scores (ties: lower index first), with at least
     `min_per_frame` tokens (or all it has) from every frame."""

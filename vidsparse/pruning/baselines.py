@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput, top_k
+from vidsparse.pruning.base import BeforeFirstLayer, Method, Selection, StageInput, top_k
 
 
 class NoPruning(Method):
@@ -16,26 +16,18 @@ class NoPruning(Method):
         return []
 
 
-class RandomPruning(Method):
+class RandomPruning(BeforeFirstLayer):
     name = "random"
     summary = "B visual tokens drawn uniformly at random (seeded), before layer 0"
-    allows_prune_after = False
-
-    def default_stages(self, num_layers: int) -> list[int]:
-        return [BEFORE_FIRST_LAYER]
 
     def select(self, stage: StageInput) -> Selection:
         scores = torch.rand(stage.frames.numel(), generator=stage.generator).to(stage.frames.device)
         return Selection(top_k(scores, stage.budget, stage.frames, stage.min_per_frame))
 
 
-class UniformPruning(Method):
+class UniformPruning(BeforeFirstLayer):
     name = "uniform"
     summary = "an equal share of B per frame (remainder to the earliest), a strided grid inside each frame"
-    allows_prune_after = False
-
-    def default_stages(self, num_layers: int) -> list[int]:
-        return [BEFORE_FIRST_LAYER]
 
     def select(self, stage: StageInput) -> Selection:
         frame_ids, counts = stage.frames.unique_consecutive(return_counts=True)

@@ -6,16 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
 
 
-class ToMe(Method):
+class ToMe(BeforeFirstLayer):
     name = "tome"
     summary = "bipartite soft matching of the visual embeddings, merging by cosine similarity until B remain"
-    allows_prune_after = False
-
-    def default_stages(self, num_layers: int) -> list[int]:
-        return [BEFORE_FIRST_LAYER]
 
     def select(self, stage: StageInput) -> Selection:
         if stage.min_per_frame:
