@@ -44,8 +44,9 @@ def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos_sin
     query, _ = apply_rotary_pos_emb(query, query, cos[:, rows], sin[:, rows])
     kv_heads = keys.shape[1]
     # GQA: group the query heads by the key/value head they share, instead of repeating keys.
-    query = query.reshape(1, kv_heads, -1, rows.numel(), head_dim).float()
-    scores = torch.einsum("bkgrd,bknd->bkgrn", query, keys.float()) * attn.scaling
+    query = query.reshape(1, kv_heads, -1, rows.numel(), head_dim)
+    # The product in the cache's dtype (no fp32 copy of every key), the softmax in fp32.
+    scores = torch.einsum("bkgrd,bknd->bkgrn", query.to(keys.dtype), keys).float() * attn.scaling
     n = keys.shape[-2]
     future = torch.arange(n, device=keys.device)[None, :] > rows.to(keys.device)[:, None]
     scores = scores.masked_fill(future, float("-inf"))
@@ -71,7 +72,8 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
         count = anchor.numel()
         sums = torch.zeros(1, count, hidden.shape[-1], dtype=torch.float32, device=device)
         sums.index_add_(1, target, visual[:, source].float())
-        sizes = torch.bincount(target, minlength=count).to(sums.dtype)[None, :, None]
+        sizes = torch.zeros(count, device=device).index_add_(0, target, torch.ones_like(target, dtype=torch.float32))
+        sizes = sizes[None, :, None]
         parts.append((sums / sizes).to(hidden.dtype))
         new_positions.append(visual_positions[:, anchor])
         origin.append(block.origin[anchor])
