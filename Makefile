@@ -1,13 +1,24 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-MODEL ?= models/shapes-videollava
 
-.PHONY: install test demo lint bench
+.PHONY: install test demo lint bench eval-demo train-demo
+DEMO_SEED ?= 2026
 
 # torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU box.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+
+# A sample ShapesQA clip, answered by the shipped model with SparseVLM keeping 25% of the visual tokens.
+demo:
+	@$(PYTHON) -c "import vidsparse.cli, torch" 2>/dev/null || $(MAKE) install
+	$(PYTHON) -m vidsparse make-shapes demo --n 4 --seed $(DEMO_SEED)
+	@line=$$(sed -n 1p demo/qa.jsonl); \
+	question=$$(echo "$$line" | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["question"])'); \
+	answer=$$(echo "$$line" | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["answer"])'); \
+	echo "question: $$question   (the true answer: $$answer)"; \
+	$(PYTHON) -m vidsparse ask demo/00000.mp4 "$$question" --model shapes-demo --method sparsevlm --budget 25% \
+		--show-kept demo/kept.png
 
 test:
 	$(PYTHON) -m pytest tests

@@ -78,6 +78,7 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
     device = prompt.embeds.device
     timer, memory = StageTimer(device), PeakMemory(device)
     memory.reset()
+    baseline = memory.current_bytes()
     plan = make_plan(method, budget, len(decoder.layers))
     generation = generate(decoder, model.lm_head, prompt, new_tokens, set(), timer, plan)
     steps = timer.calls.get("generate", [])
@@ -86,6 +87,7 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
         "pruning_s": timer.seconds.get("pruning", 0.0),
         "decode_ms_per_token": 1000 * statistics.fmean(steps) if steps else None,
         "peak_bytes": memory.peak_bytes(),
+        "working_bytes": memory.peak_bytes() - baseline,
         "kv_bytes": kv_cache_bytes(generation.cache),
         "flops": prefill_flops(generation.tokens_per_layer, 4096, 11008),
         "equivalent": statistics.fmean(generation.visual_per_layer),
@@ -136,6 +138,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float) -> list[dict
         flops_ratio = base[0]["flops"] / results[0]["flops"]
         speedup = base_prefill / prefill
         peak_bytes = median(r["peak_bytes"] for r in results) if results[0]["peak_bytes"] else None
+        working = median(r["working_bytes"] for r in results) if results[0]["peak_bytes"] else None
         rows.append({
             "method": method, "budget": budget if method != "none" else None,
             "equivalent_tokens": round(results[0]["equivalent"], 1),
@@ -144,6 +147,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float) -> list[dict
             "overhead_pct": round(100 * median(r["pruning_s"] for r in results) / prefill, 2),
             "peak_mb": None if peak_bytes is None else round(peak_bytes / 2**20, 1),
             "peak_vs_none": None if peak_bytes is None or not base_peak else round(peak_bytes / base_peak, 3),
+            "working_mb": None if working is None else round(working / 2**20, 1),
             "kv_mb": round(results[0]["kv_bytes"] / 2**20, 2),
             "decode_ms_per_token": round(median(r["decode_ms_per_token"] for r in results), 2),
             "achieved_tflops": round(2 * results[0]["flops"] / prefill / 1e12, 3),
@@ -156,7 +160,8 @@ def print_table(rows: list[dict]) -> None:
     columns = [("method", "method"), ("budget", "budget"), ("equivalent_tokens", "equiv tok"),
                ("flops_ratio", "FLOPs x"), ("prefill_ms", "prefill ms"), ("speedup", "speedup"),
                ("fraction_of_limit", "of limit"), ("overhead_pct", "overhead %"), ("peak_mb", "peak MB"),
-               ("peak_vs_none", "peak/none"), ("kv_mb", "KV MB"), ("decode_ms_per_token", "decode ms/tok"),
+               ("peak_vs_none", "peak/none"), ("working_mb", "run MB"), ("kv_mb", "KV MB"),
+               ("decode_ms_per_token", "decode ms/tok"),
                ("achieved_tflops", "TFLOP/s"), ("fraction_of_peak", "of peak")]
     widths = [max(len(title), *(len(str(r[key])) for r in rows)) for key, title in columns]
     print("  ".join(title.rjust(w) for (_, title), w in zip(columns, widths, strict=True)))

@@ -63,11 +63,21 @@ class PeakMemory:
     def peak_bytes(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        if _STATUS.exists():
-            match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
-            if match:
-                return int(match.group(1)) * 1024
-        return None
+        return _status_bytes("VmHWM")
+
+    def current_bytes(self) -> int | None:
+        """What is held now (the model's weights, mostly): a run's peak above it is its working memory."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int | None:
+    if _STATUS.exists():
+        match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    return None
 
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
