@@ -20,6 +20,19 @@ demo:
 	$(PYTHON) -m vidsparse ask demo/00000.mp4 "$$question" --model shapes-demo --method sparsevlm --budget 25% \
 		--show-kept demo/kept.png
 
+# Reproduce the shipped checkpoint (about 30 minutes on 2 CPU cores) and its EVAL.md.
+train-demo:
+	$(PYTHON) -m vidsparse.train_demo --out models/shapes-videollava
+
+# Held-out accuracy of the shipped model per question type, then every method at 25% and 10%.
+eval-demo:
+	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
+	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full.jsonl \
+		--model shapes-demo --method none --max-new-tokens 8
+	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-demo \
+		--methods none,random,uniform,tome,fastv,pdrop,sparsevlm --budgets 25%,10% --repeats 1 --max-new-tokens 8 \
+		--out docs/shapes-sweep
+
 test:
 	$(PYTHON) -m pytest tests
 
