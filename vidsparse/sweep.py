@@ -30,6 +30,7 @@ class Cell:
     budget: str  # as the user wrote it ("-" for none)
     answers: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)  # question type of each graded answer
     agrees: list[bool] = field(default_factory=list)  # same answer as `none`
     visual_tokens: list[int] = field(default_factory=list)
     equivalent: list[float] = field(default_factory=list)
@@ -42,6 +43,8 @@ class Cell:
     def row(self, reference: Cell | None) -> dict[str, Any]:
         mean = statistics.fmean
         prefill, total = mean(self.prefill_ms), mean(self.total_ms)
+        by_type = {t: round(mean(c for c, ct in zip(self.correct, self.types, strict=True) if ct == t), 4)
+                   for t in sorted(set(self.types)) if t}
         return {
             "method": self.method,
             "budget": self.budget,
@@ -56,6 +59,7 @@ class Cell:
             "peak_mb": round(max(self.peak_bytes) / 2**20, 1) if self.peak_bytes else None,
             "prefill_speedup": round(mean(reference.prefill_ms) / prefill, 3) if reference else None,
             "total_speedup": round(mean(reference.total_ms) / total, 3) if reference else None,
+            **{f"accuracy_{t}": acc for t, acc in by_type.items()},
         }
 
 
@@ -121,6 +125,7 @@ def _record(cell: Cell, q: Question, results: list[AskResult], none_answer: str 
     cell.answers.append(first.answer)
     if q.answer is not None:
         cell.correct.append(is_correct(first.answer, q.answer))
+        cell.types.append(q.type or "")
     if none_answer is not None:
         cell.agrees.append(is_correct(first.answer, none_answer))
     cell.visual_tokens.append(stats["tokens"]["visual_after"])
