@@ -176,6 +176,9 @@ def _plot(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> None:
         else:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
     ax.set_xscale("log")
+    ticks = sorted({r["visual_tokens"] for r in rows})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("visual tokens after pruning (budget)")
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
