@@ -41,3 +41,4 @@ lint:
 
 bench:
 	$(PYTHON) bench/prefill.py
+	$(PYTHON) bench/end_to_end.py

@@ -1,0 +1,100 @@
+"""Whole `ask` runs, vanilla vs pruned, with the share of each stage, so the next bottleneck shows.
+
+The same Video-LLaVA-7B geometry as bench/prefill.py for the decoder (fewer layers on a CPU) and
+the real video tower geometry (CLIP ViT-L/14: 24 layers, d=1024, 224 x 224 frames, 8 x 257
+tokens), random weights, a real decoded clip, the same interleaved timing (warm-up, median).
+
+    python bench/end_to_end.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+from transformers.utils import logging
+
+from vidsparse.datasets.shapes import write_video
+from vidsparse.models.tiny import word_tokenizer
+from vidsparse.models.video_llava import VideoLlava
+from vidsparse.pipeline import VideoQA
+
+STAGES = ("decode_video", "preprocess", "vision", "prefill", "generate")
+CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194)]
+
+
+def build(layers: int, device: torch.device, dtype: torch.dtype) -> VideoQA:
+    tokenizer = word_tokenizer("what is happening in the video".split())
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=4096,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=224, patch_size=14)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text,
+                              video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
+    model.model.image_tower = None
+    return VideoQA(VideoLlava(model, tokenizer, f"7B-geometry ({layers} decoder layers)"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 32 on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    logging.set_verbosity_error()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    layers = args.layers or (32 if device.type == "cuda" else 4)
+    qa = build(layers, device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        rng = np.random.default_rng(0)
+        write_video(clip, rng.integers(0, 256, (48, 240, 320, 3), dtype=np.uint8))
+        question = "what is happening in the video ?"
+        ask = {"max_new_tokens": args.new_tokens}
+        qa.ask(clip, question, **ask)  # warm-up
+        runs: dict[str, list[dict]] = {m: [] for m, _ in CONFIGS}
+        for _ in range(args.repeats):
+            for method, budget in CONFIGS:
+                result = qa.ask(clip, question, method=method, budget=budget, **ask)
+                runs[method].append(result.seconds)
+    rows = []
+    base_total = statistics.median(r["total"] for r in runs["none"])
+    for method, budget in CONFIGS:
+        medians = {s: statistics.median(r[s] for r in runs[method]) for s in (*STAGES, "total")}
+        rows.append({"method": method, "budget": None if method == "none" else budget,
+                     "total_ms": round(1000 * medians["total"], 1),
+                     "speedup": round(base_total / medians["total"], 3),
+                     **{f"{s}_share": round(medians[s] / medians["total"], 3) for s in STAGES}})
+    print(f"\n{args.device}, {args.dtype}, CLIP ViT-L/14 tower + {layers}-layer 7B-width decoder, 8 frames, "
+          f"{args.new_tokens} new tokens, median of {args.repeats} interleaved runs\n")
+    header = ["method", "budget", "total ms", "speedup", *STAGES]
+    print("  ".join(f"{h:>12}" for h in header))
+    for r in rows:
+        cells = [r["method"], r["budget"] or "-", r["total_ms"], r["speedup"],
+                 *(f"{100 * r[f'{s}_share']:.1f}%" for s in STAGES)]
+        print("  ".join(f"{c!s:>12}" for c in cells))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"end_to_end-{device.type}-{layers}L.json"
+    path.write_text(json.dumps({"layers": layers, "dtype": args.dtype, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
