@@ -9,7 +9,6 @@ tokens), random weights, a real decoded clip, the same interleaved timing (warm-
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
-from transformers.utils import logging
+from common import llama_7b, parse_args
+from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.datasets.shapes import write_video
 from vidsparse.models.tiny import word_tokenizer
@@ -31,9 +30,7 @@ CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194)]
 
 def build(layers: int, device: torch.device, dtype: torch.dtype) -> VideoQA:
     tokenizer = word_tokenizer("what is happening in the video".split())
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                       num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=4096,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    text = llama_7b(layers, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=224, patch_size=14)
     config = VideoLlavaConfig(vision_config=vision, text_config=text,
@@ -50,17 +47,7 @@ def build(layers: int, device: torch.device, dtype: torch.dtype) -> VideoQA:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 32 on GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args()
-    logging.set_verbosity_error()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    layers = args.layers or (32 if device.type == "cuda" else 4)
+    args, device, dtype, layers = parse_args(__doc__, repeats=3)
     qa = build(layers, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"

@@ -12,16 +12,14 @@ against the physical limit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
-from transformers.utils import logging
+from common import llama_7b, parse_args
+from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.engine import generate
 from vidsparse.models.video_llava import PromptEmbeds, visual_map
@@ -48,8 +46,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 4096) -> f
 
 
 def build_decoder(layers: int, device: torch.device, dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                       num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=4096)
+    text = llama_7b(layers)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                               image_size=224, patch_size=14)  # unused: the visual tokens are given directly
     config = VideoLlavaConfig(vision_config=vision, text_config=text)
@@ -95,17 +92,7 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 32 on GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args()
-    logging.set_verbosity_error()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    layers = args.layers or (32 if device.type == "cuda" else 4)
+    args, device, dtype, layers = parse_args(__doc__, repeats=5)
     peak = matmul_peak(device, dtype)
     model = build_decoder(layers, device, dtype)
     prompt = synthetic_prompt(model, device, dtype)
@@ -149,7 +136,8 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float) -> list[dict
             "peak_vs_none": None if peak_bytes is None or not base_peak else round(peak_bytes / base_peak, 3),
             "working_mb": None if working is None else round(working / 2**20, 1),
             "kv_mb": round(results[0]["kv_bytes"] / 2**20, 2),
-            "decode_ms_per_token": round(median(r["decode_ms_per_token"] for r in results), 2),
+            "decode_ms_per_token": None if results[0]["decode_ms_per_token"] is None else round(
+                median(r["decode_ms_per_token"] for r in results), 2),
             "achieved_tflops": round(2 * results[0]["flops"] / prefill / 1e12, 3),
             "fraction_of_peak": round(2 * results[0]["flops"] / prefill / 1e12 / peak, 3),
         })
