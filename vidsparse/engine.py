@@ -23,7 +23,6 @@ from vidsparse.stats import StageTimer
 @dataclass(frozen=True)
 class StageRecord:
     layer: int
-    visual_in: int
     visual_out: int
     selection: Selection
 
@@ -109,9 +108,8 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
                     frames=frames[block.origin], attention=attention, min_per_frame=plan.min_per_frame,
                     generator=generator,
                 ))
-            visual_in = block.size
             hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
-        generation.stages.append(StageRecord(stage_layer, visual_in, block.size, selection))
+        generation.stages.append(StageRecord(stage_layer, block.size, selection))
         generation.block = block
         layer = stage_layer + 1
     cos_sin = decoder.rotary_emb(hidden, positions)

@@ -133,8 +133,7 @@ def top_k(scores: torch.Tensor, k: int, frames: torch.Tensor, min_per_frame: int
 
 
 def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:
-    if min_per_frame < 0:
-        raise UserError(f"--min-per-frame must be >= 0, got {min_per_frame}")
+    """The per-frame floor must fit in the budget."""
     if min_per_frame * num_frames > budget:
         raise UserError(f"--min-per-frame {min_per_frame} x {num_frames} frames needs a budget of at least "
                         f"{min_per_frame * num_frames}, got {budget}")
