@@ -38,7 +38,8 @@ MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens
 Method = Annotated[str, typer.Option("--method", help=f"Pruning method: {', '.join(METHODS)}.")]
 Budget = Annotated[str, typer.Option("--budget", help="Visual tokens after the last stage: a count, or a share: 10%.")]
 PruneAfter = Annotated[
-    str | None, typer.Option("--prune-after", help="Decoder layers to prune after, e.g. 1 or 2,6,15 (default: method's).")
+    str | None,
+    typer.Option("--prune-after", help="Decoder layers to prune after, e.g. 1 or 2,6,15 (default: the method's)."),
 ]
 Positions = Annotated[str, typer.Option("--positions", help="RoPE positions after pruning: keep (original), compact.")]
 MinPerFrame = Annotated[int, typer.Option("--min-per-frame", help="Keep at least this many tokens of every frame.")]
@@ -262,7 +263,8 @@ def sweep(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per cell (median reported).")] = 3,
     out: Annotated[Path, typer.Option("--out", help="Folder for sweep.csv, sweep.json and the plots.")] = Path(
         "sweep"),
-    show_kept: Annotated[bool, typer.Option("--show-kept", help="Also draw the kept tokens, a PNG per method.")] = False,
+    show_kept: Annotated[bool, typer.Option("--show-kept", help="Also draw the kept tokens (a PNG per method).")] = (
+        False),
     model: Model = DEFAULT_MODEL,
     prune_after: PruneAfter = None,
     positions: Positions = "keep",
