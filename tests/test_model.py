@@ -121,3 +121,14 @@ def test_offline_hub_id_says_how_to_use_a_local_copy(monkeypatch):
 def test_bad_dtype_and_device(tiny_checkpoint, kwargs, message):
     with pytest.raises(UserError, match=message):
         VideoLlava.from_pretrained(str(tiny_checkpoint), **kwargs)
+
+
+def test_python_api_takes_frames_directly(tiny_checkpoint, clips):
+    from vidsparse.pipeline import VideoQA
+
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint))
+    frames = decode_video(clips["h264"], 8).frames
+    from_frames = qa.ask(frames, "what is happening ?", method="sparsevlm", budget=20, max_new_tokens=4)
+    from_file = qa.ask(clips["h264"], "what is happening ?", method="sparsevlm", budget=20, max_new_tokens=4)
+    assert from_frames.answer == from_file.answer
+    assert from_frames.to_dict()["tokens"]["visual_after"] == 20 and from_frames.video.backend == "given"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vidsparse.engine import StageRecord, generate
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava, VisualMap
@@ -127,10 +129,11 @@ class VideoQA:
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> VideoQA:
         return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
 
-    def ask(self, video: str | Path | DecodedVideo, question: str, *, method: str = "none", budget: int | str = 194,
+    def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none", budget: int | str = 194,
             prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
             num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
-        """Answer `question` about `video` (a path, or frames already decoded by `decode_video`),
+        """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
+        (T, H, W, 3) of your own),
         pruning the visual tokens to `budget` (a count, or a percentage like "10%") with `method`
         (see vidsparse.pruning.METHODS)."""
         if not question.strip():
@@ -144,7 +147,9 @@ class VideoQA:
         memory.reset()
         start = time.perf_counter()
         video_path = None
-        if not isinstance(video, DecodedVideo):
+        if isinstance(video, np.ndarray):
+            video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))
+        elif not isinstance(video, DecodedVideo):
             video_path = str(video)
             video = decode_video(video, num_frames, backend)
         with timer.stage("preprocess"):
