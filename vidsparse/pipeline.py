@@ -129,8 +129,8 @@ class VideoQA:
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> VideoQA:
         return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
 
-    def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none", budget: int | str = 194,
-            prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
+    def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
+            budget: int | str = 194, prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
             num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
         """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
         (T, H, W, 3) of your own),
