@@ -130,8 +130,8 @@ class VideoQA:
         return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
 
     def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
-            budget: int | str = 194, prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
-            num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
+            budget: int | str = 194, prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0,
+            seed: int = 0, num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
         """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
         (T, H, W, 3) of your own),
         pruning the visual tokens to `budget` (a count, or a percentage like "10%") with `method`
