@@ -20,7 +20,7 @@ from vidsparse.errors import UserError
 from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava, VisualMap
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import check_options, make_plan, resolve_budget
-from vidsparse.pruning.base import PruningPlan, check_floor
+from vidsparse.pruning.base import PruningPlan
 from vidsparse.pruning.stage import VisualBlock
 from vidsparse.stats import (
     PeakMemory,
@@ -156,13 +156,12 @@ class VideoQA:
             pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
             input_ids = model.prompt_ids(question, len(video.frames))
         self._check_length(input_ids.shape[1] + max_new_tokens)
-        budget = resolve_budget(budget, len(video.frames) * model.tokens_per_frame)
+        num_visual = len(video.frames) * model.tokens_per_frame
+        budget = resolve_budget(budget, num_visual)
         plan = make_plan(method, budget, len(model.decoder.layers), prune_after=prune_after, positions=positions,
-                         min_per_frame=min_per_frame, seed=seed)
+                         min_per_frame=min_per_frame, seed=seed, clip=(len(video.frames), num_visual))
         with timer.stage("vision"):
             prompt = model.embed(input_ids, model.video_features(pixels))
-        if method != "none" and budget < len(prompt.visual):
-            check_floor(budget, len(video.frames), min_per_frame)
         generation = generate(model.decoder, model.lm_head, prompt, max_new_tokens, model.eos_token_ids, timer, plan)
         answer = model.decode_text(generation.token_ids)
         seconds = {"decode_video": video.seconds, **{name: timer.seconds.get(name, 0.0) for name in STAGES}}

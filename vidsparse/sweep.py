@@ -85,7 +85,8 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     for cell in cells:  # fail before the first run, not in the middle of the sweep
         o = options_for(cell, options)
         make_plan(o.method, resolve_budget(o.budget, num_visual), len(qa.model.decoder.layers),
-                  prune_after=o.prune_after, positions=o.positions, min_per_frame=o.min_per_frame)
+                  prune_after=o.prune_after, positions=o.positions, min_per_frame=o.min_per_frame,
+                  clip=(options.num_frames, num_visual))
     videos: dict[Path, DecodedVideo] = {}
     warmed = False
     for q in questions:

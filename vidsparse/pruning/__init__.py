@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vidsparse.errors import UserError
 from vidsparse.pruning.attention_scored import FastV, PyramidDrop
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, PruningPlan
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, PruningPlan, check_floor
 from vidsparse.pruning.baselines import NoPruning, RandomPruning, UniformPruning
 from vidsparse.pruning.sparsevlm import SparseVLM
 from vidsparse.pruning.tome import ToMe
@@ -73,8 +73,10 @@ def check_options(method: str, budget: int | str, *, prune_after: str | None = N
 
 
 def make_plan(method: str, budget: int, num_layers: int, *, prune_after: str | None = None,
-              positions: str = "keep", min_per_frame: int = 0, seed: int = 0) -> PruningPlan:
-    """Check the options a user gave and build the plan (a fresh method instance per run)."""
+              positions: str = "keep", min_per_frame: int = 0, seed: int = 0,
+              clip: tuple[int, int] | None = None) -> PruningPlan:
+    """Check the options a user gave and build the plan (a fresh method instance per run).
+    `clip` = (frames, visual tokens), when known, also checks that the per-frame floor fits."""
     stages = check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
     chosen = METHODS[method]()
     if stages is None:
@@ -85,4 +87,6 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: str | N
     if any(layer > num_layers - 2 for layer in stages if layer != BEFORE_FIRST_LAYER):
         raise UserError(f"{method} prunes after layer {max(stages)} by default, but the decoder has only "
                         f"{num_layers} layers: pass --prune-after")
+    if clip is not None and method != "none" and budget < clip[1]:
+        check_floor(budget, clip[0], min_per_frame)
     return PruningPlan(chosen, stages, budget, positions, min_per_frame, seed)
