@@ -172,8 +172,9 @@ class VideoQA:
         n_visual = len(prompt.visual)
         decode_steps = timer.calls.get("generate", [])
         # Unpruned, every layer would cache the whole prompt plus each decoded token.
+        kv_bytes = kv_cache_bytes(generation.cache)
         cached_tokens = sum(layer.keys.shape[-2] for layer in generation.cache.layers)
-        kv_per_token_layer = kv_cache_bytes(generation.cache) / cached_tokens
+        kv_per_token_layer = kv_bytes / cached_tokens
         cached_per_layer = input_ids.shape[1] + len(decode_steps)
         return AskResult(
             answer=answer,
@@ -196,7 +197,7 @@ class VideoQA:
             prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * len(generation.tokens_per_layer), d, m),
             vision_flops=vision_flops(model.model.config, len(video.frames)),
             peak_memory_bytes=memory.peak_bytes(),
-            kv_cache_bytes=kv_cache_bytes(generation.cache),
+            kv_cache_bytes=kv_bytes,
             kv_cache_bytes_unpruned=round(kv_per_token_layer * cached_per_layer * len(generation.cache.layers)),
             seconds=seconds,
             decode_tokens_per_s=len(decode_steps) / sum(decode_steps) if decode_steps else None,

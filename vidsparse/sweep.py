@@ -87,20 +87,20 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
         make_plan(o.method, resolve_budget(o.budget, num_visual), len(qa.model.decoder.layers),
                   prune_after=o.prune_after, positions=o.positions, min_per_frame=o.min_per_frame,
                   clip=(options.num_frames, num_visual))
+    cell_options = [asdict(options_for(c, options)) for c in cells]
     videos: dict[Path, DecodedVideo] = {}
     warmed = False
     for q in questions:
         if q.video not in videos:
             videos[q.video] = decode_video(q.video, options.num_frames, options.backend)
         video = videos[q.video]
-        cell_options = [options_for(c, options) for c in cells]
         if not warmed:  # first-call costs (allocations, kernels) go to no cell
-            qa.ask(video, q.question, **_kwargs(cell_options[0]))
+            qa.ask(video, q.question, **cell_options[0])
             warmed = True
         runs: list[list[AskResult]] = [[] for _ in cells]
         for _ in range(repeats):
             for i, opts in enumerate(cell_options):
-                runs[i].append(qa.ask(video, q.question, **_kwargs(opts)))
+                runs[i].append(qa.ask(video, q.question, **opts))
                 on_step()
         reference_answer = runs[0][0].answer if cells and cells[0].method == "none" else None
         for cell, results in zip(cells, runs, strict=True):
@@ -113,10 +113,6 @@ def options_for(cell: Cell, options: AskOptions) -> AskOptions:
     prune_after = options.prune_after if METHODS[cell.method].allows_prune_after else None
     budget = options.budget if cell.method == "none" else cell.budget
     return replace(options, method=cell.method, budget=budget, prune_after=prune_after)
-
-
-def _kwargs(options: AskOptions) -> dict[str, Any]:
-    return asdict(options)
 
 
 def _record(cell: Cell, q: Question, results: list[AskResult], none_answer: str | None) -> None:

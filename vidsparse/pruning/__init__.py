@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vidsparse.errors import UserError
 from vidsparse.pruning.attention_scored import FastV, PyramidDrop
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, PruningPlan, check_floor
+from vidsparse.pruning.base import Method, PruningPlan, check_floor
 from vidsparse.pruning.baselines import NoPruning, RandomPruning, UniformPruning
 from vidsparse.pruning.sparsevlm import SparseVLM
 from vidsparse.pruning.tome import ToMe
@@ -79,14 +79,14 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: str | N
     `clip` = (frames, visual tokens), when known, also checks that the per-frame floor fits."""
     stages = check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
     chosen = METHODS[method]()
-    if stages is None:
-        stages = chosen.default_stages(num_layers)
-    elif stages[-1] > num_layers - 2:
-        raise UserError(f"--prune-after layers must be between 0 and {num_layers - 2} for this "
-                        f"{num_layers}-layer decoder (a stage after the last layer changes nothing)")
-    if any(layer > num_layers - 2 for layer in stages if layer != BEFORE_FIRST_LAYER):
-        raise UserError(f"{method} prunes after layer {max(stages)} by default, but the decoder has only "
-                        f"{num_layers} layers: pass --prune-after")
+    given = stages is not None
+    stages = stages if given else chosen.default_stages(num_layers)
+    if stages and stages[-1] > num_layers - 2:  # a stage after the last layer would change nothing
+        raise UserError(
+            f"--prune-after layers must be between 0 and {num_layers - 2} for this {num_layers}-layer decoder"
+            if given else
+            f"{method} prunes after layer {stages[-1]} by default, but the decoder has only {num_layers} layers: "
+            "pass --prune-after")
     if clip is not None and method != "none" and budget < clip[1]:
         check_floor(budget, clip[0], min_per_frame)
     return PruningPlan(chosen, stages, budget, positions, min_per_frame, seed)
