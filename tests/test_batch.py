@@ -59,13 +59,97 @@ def test_bad_question_files(folder, tmp_path, content, message):
         load_questions(folder, path, None)
 
 
-def test_results_file_cuts_a_partial_last_line(tmp_path):
+SETTINGS = {"model": "m", "method": "fastv", "budget": "10%"}
+HEADER = json.dumps({"vidsparse": "results", "version": 1, "settings": SETTINGS}) + "\n"
+
+
+def test_results_file_cuts_a_partial_last_line_and_nothing_else(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"id": "1"}\n{"id": "2"}\n{"id": "3", "answ')
-    with ResultsFile(path) as results:
+    path.write_text(HEADER + '{"id": "1"}\n{"id": "2"}\n{"id": "3", "answ')
+    with ResultsFile(path, SETTINGS) as results:
         assert results.done_ids() == {"1", "2"}
         results.append({"id": "3"})
-    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["1", "2", "3"]
+    assert path.read_text() == HEADER + '{"id": "1"}\n{"id": "2"}\n{"id": "3"}\n'
+
+
+def test_a_new_results_file_starts_with_its_settings(tmp_path):
+    path = tmp_path / "new" / "r.jsonl"
+    with ResultsFile(path, SETTINGS) as results:
+        results.append({"id": "1"})
+    assert path.read_text().splitlines()[0] == HEADER.strip()
+    with ResultsFile(path, SETTINGS) as results:
+        assert results.done_ids() == {"1"}
+
+
+@pytest.mark.parametrize("content", [
+    '{"video": "a.mp4", "question": "what ?"}\n',  # a questions file
+    "notes about the run\n",
+    b"\x00\x00\x00\x18ftypmp42\x00\x00",  # an mp4, no newline anywhere
+    '{"id": "1", "answer": "x"}\n',  # records without the header
+])
+def test_a_file_that_is_not_a_results_file_is_refused_untouched(tmp_path, content):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="not a vidsparse results file"):
+        ResultsFile(path, SETTINGS)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad", ["{broken json", "[1, 2]", "7", '{"no": "id"}'])
+def test_a_damaged_line_in_the_middle_is_an_error_naming_it(tmp_path, bad):
+    path = tmp_path / "r.jsonl"
+    path.write_text(HEADER + '{"id": "1"}\n' + bad + '\n{"id": "2"}\n')
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="line 3: not a results record"):
+        ResultsFile(path, SETTINGS)
+    assert path.read_bytes() == before
+
+
+def test_other_settings_are_refused_naming_what_differs(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(HEADER + '{"id": "1"}\n')
+    with pytest.raises(UserError, match=r"budget '10%' there, '25%' now.*new --out") as error:
+        ResultsFile(path, SETTINGS | {"budget": "25%"})
+    assert "method" not in str(error.value)
+    assert path.read_text() == HEADER + '{"id": "1"}\n'
+
+
+def test_one_writer_at_a_time(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with ResultsFile(path, SETTINGS) as first:
+        first.append({"id": "1"})
+        with pytest.raises(UserError, match=f"another vidsparse batch \\(process {os.getpid()}\\)"):
+            ResultsFile(path, SETTINGS)
+    with ResultsFile(path, SETTINGS) as again:  # released when the first run ends
+        assert again.done_ids() == {"1"}
+
+
+def test_a_results_file_that_got_no_answer_is_removed(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with ResultsFile(path, SETTINGS):
+        pass
+    assert not path.exists()
+
+
+def test_a_full_disk_keeps_every_complete_answer(tmp_path, monkeypatch):
+    path = tmp_path / "r.jsonl"
+    with ResultsFile(path, SETTINGS) as results:
+        results.append({"id": "1"})
+
+        def disk_full(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", disk_full)
+        with pytest.raises(UserError, match="No space left on device.*re-run the same command"):
+            results.append({"id": "2"})
+    assert path.read_text() == HEADER + '{"id": "1"}\n'  # the failed line taken back
+
+
+def read_results(path):
+    """(header, records) of a results file."""
+    header, *records = (json.loads(line) for line in path.read_text().splitlines())
+    return header, records
 
 
 def batch_args(folder, out, model):
@@ -77,7 +161,11 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     out = tmp_path / "results.jsonl"
     result = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
     assert result.exit_code == 1  # one question failed
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    header, records = read_results(out)
+    assert header["settings"] | {"model": None} == {
+        "model": None, "dtype": "float32", "method": "sparsevlm", "budget": "25%", "prune_after": None,
+        "positions": "keep", "min_per_frame": 0, "seed": 0, "num_frames": 8, "backend": "auto", "max_new_tokens": 2}
+    assert header["settings"]["model"] == str(tiny_checkpoint.resolve())
     assert len(records) == 13
     errors = [r for r in records if r.get("error")]
     assert [r["video"] for r in errors] == ["broken.mp4"] and "not a video" in errors[0]["error"]
@@ -90,7 +178,7 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     assert "Batch summary" in result.stdout
     # Everything answered: a re-run asks nothing and writes nothing.
     again = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
-    assert again.exit_code == 1 and len(out.read_text().splitlines()) == 13
+    assert again.exit_code == 1 and len(read_results(out)[1]) == 13
 
 
 def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_checkpoint):
@@ -99,17 +187,17 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_ch
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     written = out.read_text().splitlines()
-    assert 3 <= len(written) < 13, "the run should have been killed part-way"
+    assert 4 <= len(written) < 14, "the run should have been killed part-way"
     with open(out, "a") as f:  # what a kill in the middle of a write would leave
         f.write('{"id": "a.mp4|what moves ?", "answer": "squ')
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 1, done.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    ids = [r["id"] for r in records]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["id"] for r in lines[1:]]
     assert len(ids) == len(set(ids)) == 13
-    assert [json.loads(line) for line in written] == records[: len(written)]  # old results untouched
+    assert [json.loads(line) for line in written] == lines[: len(written)]  # old results untouched

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vidsparse.cli import app
-from vidsparse.models import video_llava
+from vidsparse.models import loading
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def test_folder_that_is_not_a_checkpoint(tmp_path, clips):
 
 
 def test_unknown_model_without_network(clips, monkeypatch):
-    monkeypatch.setattr(video_llava, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
     result = ask(clips["h264"], "what ?", "--model", "someone/unknown-model")
     assert result.exit_code == 2
     assert "hub cannot be reached" in result.stderr and "--model" in result.stderr

@@ -24,6 +24,7 @@ def stage(attention, budget, is_last, frames=None):
     n = attention.shape[1]
     return StageInput(index=0, num_stages=1 if is_last else 2, layer=1, num_visual=n, budget=budget,
                       hidden=torch.zeros(n, 4), frames=torch.zeros(n, dtype=torch.long) if frames is None else frames,
+                      rows=torch.zeros(n, dtype=torch.long), cols=torch.arange(n),
                       attention=attention, min_per_frame=0, generator=torch.Generator())
 
 

@@ -8,7 +8,7 @@ from transformers import VideoLlavaForConditionalGeneration
 
 from vidsparse.engine import generate
 from vidsparse.errors import UserError
-from vidsparse.models import video_llava
+from vidsparse.models import loading
 from vidsparse.models.video_llava import VideoLlava, prompt_ids
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.stats import StageTimer
@@ -110,7 +110,7 @@ def test_missing_local_path_is_rejected():
 
 
 def test_offline_hub_id_says_how_to_use_a_local_copy(monkeypatch):
-    monkeypatch.setattr(video_llava, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
     with pytest.raises(UserError, match="pass --model /path/to/that/folder"):
         VideoLlava.from_pretrained("nobody-here/no-such-video-llava")
 

@@ -43,7 +43,7 @@ def replay_logits(model, prompt, plan, selections, extra_tokens):
         return model.lm_head(model.decoder.norm(hidden[:, -1]))[0].float()
 
 
-CASES = [(m, None) for m in METHODS if m != "none"] + [("sparsevlm", "0,1,2"), ("fastv", "0,2")]
+CASES = [(m, None) for m in METHODS if m != "none"] + [("sparsevlm", (0, 1, 2)), ("fastv", (0, 2))]
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])

@@ -8,8 +8,8 @@ import json
 from PIL import Image
 from typer.testing import CliRunner
 
-from vidsparse.batch import AskOptions
 from vidsparse.cli import app
+from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import Question
 from vidsparse.sweep import run_sweep, sweep_cells
@@ -24,15 +24,16 @@ class RecordingQA(VideoQA):
         super().__init__(qa.model)
         self.calls: list[tuple[str, str]] = []
 
-    def ask(self, video, question, **options):
-        self.calls.append((options["method"], str(options["budget"])))
-        return super().ask(video, question, **options)
+    def answer(self, video, question, options):
+        self.calls.append((options.method, str(options.budget)))
+        return super().answer(video, question, options)
 
 
 def test_cells_are_interleaved_after_one_warm_up(tiny_checkpoint, clips):
     qa = RecordingQA(VideoQA.from_pretrained(str(tiny_checkpoint)))
     options = AskOptions(max_new_tokens=1)
-    cells = sweep_cells(["none", "fastv", "tome"], ["50%", "10%"], options)
+    budgets = [parse_budget(b) for b in ("50%", "10%", "10.0%")]  # a repeated budget gives no second cell
+    cells = sweep_cells(["none", "fastv", "tome", "fastv"], budgets, options)
     assert [(c.method, c.budget) for c in cells] == [("none", "-"), ("fastv", "50%"), ("fastv", "10%"),
                                                       ("tome", "50%"), ("tome", "10%")]
     run_sweep(qa, [Question("q", clips["h264"], "what ?")], cells, options, repeats=2)
@@ -61,20 +62,40 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
     assert "x prefill" in result.stdout
 
 
-def test_sweep_a_folder_reports_accuracy(tiny_checkpoint, folder, tmp_path):
+def test_sweep_a_folder_reports_accuracy_and_skips_a_broken_clip(tiny_checkpoint, folder, tmp_path):
     result = runner.invoke(app, ["sweep", str(folder), "--questions", str(folder / "qa.jsonl"), "--model",
                                  str(tiny_checkpoint), "--methods", "none,uniform", "--budgets", "5%",
                                  "--repeats", "1", "--max-new-tokens", "1", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "broken.mp4" in result.stderr  # a sweep needs every clip readable
-    good = tmp_path / "qa.jsonl"
-    good.write_text("".join(line + "\n" for line in (folder / "qa.jsonl").read_text().splitlines()
-                            if "broken" not in line))
-    result = runner.invoke(app, ["sweep", str(folder), "--questions", str(good), "--model", str(tiny_checkpoint),
-                                 "--methods", "none,uniform", "--budgets", "5%", "--repeats", "1",
+    assert result.exit_code == 1  # one clip could not be decoded: said, skipped, the rest swept
+    assert "skipped" in result.stderr and "broken.mp4" in result.stderr and "Traceback" not in result.output
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["method"], r["questions"]) for r in rows] == [("none", 12), ("uniform", 12)]
+    assert all(r["accuracy"] is not None and r["answer"] is None for r in rows)
+
+
+def test_sweep_checks_its_out_folder_before_any_run(tiny_checkpoint, clips, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    result = runner.invoke(app, ["sweep", str(clips["h264"]), "what ?", "--model", str(tiny_checkpoint),
+                                 "--out", str(taken)])
+    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+    assert taken.read_text() == "mine"
+
+
+def test_sweep_writes_each_finished_cell_before_the_next(tiny_checkpoint, clips, tmp_path, monkeypatch):
+    from vidsparse import sweep
+
+    seen = []
+    real = sweep.write_tables
+    monkeypatch.setattr(sweep, "write_tables", lambda rows, out: seen.append([r["method"] for r in rows])
+                        or real(rows, out))
+    result = runner.invoke(app, ["sweep", str(clips["h264"]), "what ?", "--model", str(tiny_checkpoint),
+                                 "--methods", "fastv,uniform", "--budgets", "20", "--repeats", "2",
                                  "--max-new-tokens", "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "sweep.json").read_text())
-    assert all(r["accuracy"] is not None and r["answer"] is None for r in rows)
+    assert seen[:2] == [["fastv"], ["fastv", "uniform"]]
+    assert (tmp_path / "latency.png").exists() and not (tmp_path / "accuracy.png").exists()  # nothing to grade
+    assert "accuracy.png" not in result.stdout
 
 
 def test_ask_show_kept_draws_the_surviving_tokens(tiny_checkpoint, clips, tmp_path):
@@ -91,5 +112,8 @@ def test_kept_tokens_map_back_to_frames_and_patches(tiny_checkpoint, clips):
     qa = VideoQA.from_pretrained(str(tiny_checkpoint))
     result = qa.ask(clips["h264"], "what ?", method="uniform", budget=8, max_new_tokens=1)
     kept = result.kept_tokens()
-    # One token per frame, each the centre of its frame's 4 x 4 patch grid (patch 8 of 16: row 2, col 0).
-    assert [(t["frame"], t["row"], t["col"], t["merged"]) for t in kept] == [(f, 2, 0, False) for f in range(8)]
+    # One patch token per frame: the centre of the 4 x 4 grid in frame 0, elsewhere in later frames.
+    assert [(t["frame"], t["merged"]) for t in kept] == [(f, False) for f in range(8)]
+    assert (kept[0]["row"], kept[0]["col"]) == (2, 2) and all(t["row"] >= 0 for t in kept)
+    places = {(t["row"], t["col"]) for t in kept}
+    assert len(places) == 8 and len({r for r, _ in places}) == len({c for _, c in places}) == 4

@@ -9,31 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct
+from vidsparse.options import AskOptions
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import Question
 from vidsparse.results import ResultsFile
 from vidsparse.video import DecodedVideo, decode_video
 
 
-@dataclass(frozen=True)
-class AskOptions:
-    """The options of one answer, as `VideoQA.ask` takes them."""
+def batch_settings(model: str, dtype: str, device: str, options: AskOptions) -> dict[str, Any]:
+    """What decides the answers of a batch (and so what a results file must not mix): the checkpoint,
+    the dtype it runs in (resolved: `auto` differs between CPU and GPU) and every answer option."""
+    from vidsparse.models.loading import find_checkpoint, resolve_device, resolve_dtype
 
-    method: str = "none"
-    budget: int | str = 194
-    prune_after: str | None = None
-    positions: str = "keep"
-    min_per_frame: int = 0
-    seed: int = 0
-    num_frames: int = 8
-    backend: str = "auto"
-    max_new_tokens: int = 64
+    resolved = resolve_dtype(dtype, resolve_device(device))
+    return {"model": find_checkpoint(model).identity, "dtype": str(resolved).removeprefix("torch."),
+            **options.settings()}
 
 
 def group_by_video(questions: list[Question]) -> dict[Path, list[Question]]:
@@ -67,22 +62,25 @@ def question_record(q: Question, root: Path) -> dict[str, Any]:
 
 def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
               on_record: Callable[[dict[str, Any]], None] = lambda record: None) -> None:
-    """Answer the questions not yet in `results`, appending one record per question."""
+    """Answer the questions not yet in `results`, appending one record per question. A question that
+    cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
+    qa.model.check_context(0, options.num_frames, options.max_new_tokens)  # fails every question: fail now
     done = results.done_ids()
     todo = [q for q in questions if q.id not in done]
     groups = group_by_video(todo)
-    ask_options = asdict(options)
     for path, video in prefetched(list(groups), options):
         for q in groups[path]:
             record = question_record(q, root)
             try:
                 if isinstance(video, UserError):
                     raise video
-                stats = qa.ask(video, q.question, **ask_options).to_dict()
+                stats = qa.answer(video, q.question, options).to_dict()
                 stats["clip"] = stats.pop("video") | {"path": str(path)}
                 record |= stats
                 record["correct"] = None if q.answer is None else is_correct(stats["answer"], q.answer)
             except UserError as e:
                 record["error"] = str(e)
+            except Exception as e:  # noqa: BLE001 - one item must not end the run; the error is recorded
+                record["error"] = f"unexpected {type(e).__name__}: {e}"
             results.append(record)
             on_record(record)

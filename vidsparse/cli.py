@@ -15,8 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import DEFAULT_MODEL
-from vidsparse.pruning import METHODS, check_options
+from vidsparse.options import DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budget
+
+# Only light modules at the top: help and option mistakes are answered before torch and
+# transformers (seconds of imports) are loaded; each command imports what it needs.
 
 app = typer.Typer(
     help="VideoLLaVA video question answering with visual-token pruning.\n\n"
@@ -35,7 +37,7 @@ Backend = Annotated[str, typer.Option("--backend", help="Video decoder: auto (de
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16, bfloat16 (auto: fp32 CPU, bf16 GPU).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")]
-Method = Annotated[str, typer.Option("--method", help=f"Pruning method: {', '.join(METHODS)}.")]
+Method = Annotated[str, typer.Option("--method", help=f"Pruning method: {', '.join(METHOD_NAMES)}.")]
 Budget = Annotated[str, typer.Option("--budget", help="Visual tokens after the last stage: a count, or a share: 10%.")]
 PruneAfter = Annotated[
     str | None,
@@ -72,11 +74,14 @@ def _load(model: str, dtype: str, device: str):
 
 
 def _options(method: str, budget: str, prune_after: str | None, positions: str, min_per_frame: int, seed: int,
-             frames: int, backend: str, max_new_tokens: int):
-    from vidsparse.batch import AskOptions
+             frames: int, backend: str, max_new_tokens: int) -> AskOptions:
+    """The flags of one answer, typed and checked (the method-specific rule too, which needs torch)."""
+    options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend,
+                          max_new_tokens)
+    from vidsparse.pruning import check_method
 
-    check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
-    return AskOptions(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    check_method(options.method, options.prune_after)
+    return options
 
 
 @app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194 --json')
@@ -100,16 +105,25 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Answer a question about a video and report latency, memory and FLOPs."""
-    from dataclasses import asdict
-
-    from vidsparse.video import decode_video
+    from vidsparse.outputs import check_output_file
+    from vidsparse.video import check_video_file
 
     if not question.strip():
         raise UserError("the question is empty")
+    check_video_file(video)  # before any heavy import: a mistyped path is answered at once
+    if show_kept is not None:
+        check_output_file(show_kept, "--show-kept")
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
-    decoded = decode_video(video, frames, backend)  # before loading: a bad file fails in a second
+    from vidsparse.models.loading import peek_config
+    from vidsparse.models.video_llava import check_context
+    from vidsparse.video import decode_video
+
+    config = peek_config(model)  # on disk already: check the clip's length before decoding it
+    if config is not None:
+        check_context(config, options.num_frames, options.max_new_tokens)
+    decoded = decode_video(video, options.num_frames, options.backend)  # before loading: a bad file fails fast
     qa = _load(model, dtype, device)
-    result = qa.ask(decoded, question, **asdict(options))
+    result = qa.answer(decoded, question, options)
     result.video_path = str(video)
     stats = result.to_dict()
     if show_kept is not None:
@@ -117,7 +131,7 @@ def ask(
 
         draw_kept(result, qa.model.image_size, qa.model.mean, qa.model.std, show_kept)
     if as_json:
-        sys.stdout.write(json.dumps(stats) + "\n")
+        sys.stdout.write(json.dumps(stats, allow_nan=False) + "\n")
         return
     console.print(f"[bold]Answer:[/] {result.answer}", highlight=False)
     console.print(stats_table(stats))
@@ -196,15 +210,19 @@ def batch(
     Re-running the same command resumes: answered ids are skipped. A video that cannot be decoded
     is recorded as an error and the run goes on; the exit code is 1 if any question failed.
     """
-    from vidsparse.batch import run_batch
-    from vidsparse.metrics import accuracy, summarize
     from vidsparse.questions import load_questions
-    from vidsparse.results import ResultsFile
 
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
     todo = load_questions(videos_dir, questions, question)
+    if questions is not None and out.exists() and out.resolve() == questions.resolve():
+        raise UserError(f"--out {out} is the questions file: give the results their own file")
+    from vidsparse.batch import batch_settings, run_batch
+    from vidsparse.metrics import accuracy, summarize
+    from vidsparse.outputs import replace_file
+    from vidsparse.results import ResultsFile
+
     ids = {q.id for q in todo}
-    with ResultsFile(out) as results:
+    with ResultsFile(out, batch_settings(model, dtype, device, options)) as results:
         done = len(ids & results.done_ids())
         qa = _load(model, dtype, device)
         records = [r for r in results.records if r.get("id") in ids]
@@ -221,7 +239,7 @@ def batch(
             run_batch(qa, todo, videos_dir, results, options, update)
     summary = summarize(records)
     summary_path = out.with_name(out.stem + ".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    replace_file(summary_path, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     console.print(summary_table(summary))
     console.print(f"results: {out}  summary: {summary_path}")
     if summary["errors"]:
@@ -277,38 +295,54 @@ def sweep(
     max_new_tokens: MaxNewTokens = 64,
 ) -> None:
     """Accuracy, latency and memory across pruning methods and budgets, with plots."""
-    from vidsparse.batch import AskOptions
+    from vidsparse.outputs import check_output_dir
     from vidsparse.questions import Question, load_questions
-    from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_outputs
 
-    budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
-    options = AskOptions("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
-    cells = sweep_cells([m.strip() for m in methods.split(",") if m.strip()], budget_list, options)
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in method_list:
+        ask_options(name)  # unknown names fail here, before anything heavy
+    # Shared by every cell; options_for gives each cell its method and budget (--prune-after where it applies).
+    options = ask_options("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
     if target.is_dir():
         todo = load_questions(target, questions, question)
     else:
         if question is None or not question.strip():
             raise UserError("give the QUESTION after the video (or a folder with --questions)")
-        if not target.exists():
-            raise UserError(f"video not found: {target}")
+        from vidsparse.video import check_video_file
+
+        check_video_file(target)
         todo = [Question("0", target, question, answer)]
+    check_output_dir(out, "--out")
+    from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
+
+    cells = sweep_cells(method_list, budget_list, options)
     qa = _load(model, dtype, device)
     with _progress() as progress:
         task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
-        run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1))
+        skipped = run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1),
+                            lambda: write_tables(sweep_rows(cells), out))
     rows = sweep_rows(cells)
-    paths = write_outputs(rows, out)
+    if not rows:
+        raise UserError("no clip could be decoded: " + "; ".join(error for _, error in skipped))
+    paths = write_tables(rows, out) | write_plots(rows, out)
     console.print(sweep_table(rows))
     if show_kept:
         from vidsparse.kept_view import draw_kept
 
         for cell in cells:
-            if cell.method != "none" and cell.budget == budget_list[-1] and cell.first_result is not None:
+            if cell.method != "none" and cell.budget_value == budget_list[-1] and cell.first_result is not None:
                 path = draw_kept(cell.first_result, qa.model.image_size, qa.model.mean, qa.model.std,
                                  out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
                                  f"budget {cell.budget})")
                 paths[f"kept {cell.method}"] = path
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if skipped:
+        for video, error in skipped:
+            err_console.print(f"skipped {video}: {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> Table:
@@ -337,6 +371,8 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
 @app.command(epilog="Example:  vidsparse methods")
 def methods() -> None:
     """List the pruning methods, what each does, and where it prunes in a 32-layer decoder."""
+    from vidsparse.pruning import METHODS
+
     table = Table(title="Pruning methods (--method)", title_justify="left")
     table.add_column("method", style="bold")
     table.add_column("prunes after layers (32-layer default)")

@@ -75,7 +75,7 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     device = hidden.device
     block = VisualBlock(int(visual.positions[0]) if len(visual) else n, torch.arange(len(visual), device=device),
                         torch.zeros(len(visual), dtype=torch.bool, device=device))
-    frames = visual.frame.to(device)
+    frames, patch_rows, patch_cols = (t.to(device) for t in (visual.frame, visual.row, visual.col))
     positions = torch.arange(n, device=device)[None]
     cache = DynamicCache(config=decoder.config)
     stages = plan.stages if plan else []
@@ -99,14 +99,14 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
             else:
                 attention = None
                 if method.needs_attention:
-                    rows = block.end + method.query_rows(hidden.shape[1] - block.end).to(device)
-                    attention = attention_rows(decoder.layers[stage_layer], layer_input, rows, cos_sin,
+                    query = block.end + method.query_rows(hidden.shape[1] - block.end).to(device)
+                    attention = attention_rows(decoder.layers[stage_layer], layer_input, query, cos_sin,
                                                cache.layers[stage_layer].keys)[:, block.start : block.end]
                 selection = method.select(StageInput(
                     index=index, num_stages=len(stages), layer=stage_layer, num_visual=len(visual),
                     budget=min(plan.budget, len(visual)), hidden=hidden[0, block.start : block.end],
-                    frames=frames[block.origin], attention=attention, min_per_frame=plan.min_per_frame,
-                    generator=generator,
+                    frames=frames[block.origin], rows=patch_rows[block.origin], cols=patch_cols[block.origin],
+                    attention=attention, min_per_frame=plan.min_per_frame, generator=generator,
                 ))
             hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
         generation.stages.append(StageRecord(stage_layer, block.size, selection))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidsparse.outputs import save_figure
 from vidsparse.pipeline import AskResult
 from vidsparse.preprocess import preprocess_frames
 
@@ -58,7 +59,5 @@ def draw_kept(result: AskResult, image_size: int, mean, std, path: Path, title: 
     fig.suptitle(title or result.question, fontsize=12)
     fig.supxlabel(f"{stats['method']}, {len(kept)} of {result.visual_before} visual tokens kept "
                   f"(green: kept, orange: recycled/merged) -- answer: {result.answer}", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

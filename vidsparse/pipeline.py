@@ -9,6 +9,7 @@ prefill + greedy decode -> answer with its statistics (SPEC section 6).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import numpy as np
 
 from vidsparse.engine import StageRecord, generate
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import DEFAULT_MODEL, VideoLlava, VisualMap
+from vidsparse.models.video_llava import VideoLlava, VisualMap
+from vidsparse.options import DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.preprocess import preprocess_frames
-from vidsparse.pruning import check_options, make_plan, resolve_budget
+from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.pruning.stage import VisualBlock
 from vidsparse.stats import (
@@ -30,7 +32,7 @@ from vidsparse.stats import (
     prefill_flops,
     vision_flops,
 )
-from vidsparse.video import Backend, DecodedVideo, decode_video
+from vidsparse.video import DecodedVideo, decode_video
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
 
@@ -130,39 +132,44 @@ class VideoQA:
         return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
 
     def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
-            budget: int | str = 194, prune_after: str | None = None, positions: str = "keep", min_per_frame: int = 0,
-            seed: int = 0, num_frames: int = 8, backend: Backend = "auto", max_new_tokens: int = 64) -> AskResult:
+            budget: int | str = 194, prune_after: str | Sequence[int] | None = None, positions: str = "keep",
+            min_per_frame: int = 0, seed: int = 0, num_frames: int = 8, backend: str = "auto",
+            max_new_tokens: int = 64) -> AskResult:
         """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
-        (T, H, W, 3) of your own),
-        pruning the visual tokens to `budget` (a count, or a percentage like "10%") with `method`
-        (see vidsparse.pruning.METHODS)."""
+        (T, H, W, 3) of your own), pruning the visual tokens to `budget` (a count, or a share like
+        "10%") with `method` (see vidsparse.pruning.METHODS)."""
+        options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, num_frames, backend,
+                              max_new_tokens)
+        return self.answer(video, question, options)
+
+    def answer(self, video: str | Path | DecodedVideo | np.ndarray, question: str, options: AskOptions) -> AskResult:
+        """`ask` with options already parsed. Everything that can fail without the pixels (the question,
+        the prompt length, the plan) is checked before a video file is decoded."""
         if not question.strip():
             raise UserError("the question is empty")
-        if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         model = self.model
-        check_options(method, budget, prune_after=prune_after, positions=positions, min_per_frame=min_per_frame)
         timer = StageTimer(model.device)
         memory = PeakMemory(model.device)
         memory.reset()
         start = time.perf_counter()
-        video_path = None
         if isinstance(video, np.ndarray):
             video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))
-        elif not isinstance(video, DecodedVideo):
+        num_frames = len(video.frames) if isinstance(video, DecodedVideo) else options.num_frames
+        with timer.stage("preprocess"):
+            input_ids = model.prompt_ids(question, num_frames)
+        num_visual = num_frames * model.tokens_per_frame
+        model.check_context(input_ids.shape[1] - num_visual, num_frames, options.max_new_tokens)
+        plan = plan_for(options, len(model.decoder.layers), num_frames, num_visual)
+        video_path = None
+        if not isinstance(video, DecodedVideo):
             video_path = str(video)
-            video = decode_video(video, num_frames, backend)
+            video = decode_video(video, options.num_frames, options.backend)
         with timer.stage("preprocess"):
             pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
-            input_ids = model.prompt_ids(question, len(video.frames))
-        self._check_length(input_ids.shape[1] + max_new_tokens)
-        num_visual = len(video.frames) * model.tokens_per_frame
-        budget = resolve_budget(budget, num_visual)
-        plan = make_plan(method, budget, len(model.decoder.layers), prune_after=prune_after, positions=positions,
-                         min_per_frame=min_per_frame, seed=seed, clip=(len(video.frames), num_visual))
         with timer.stage("vision"):
             prompt = model.embed(input_ids, model.video_features(pixels))
-        generation = generate(model.decoder, model.lm_head, prompt, max_new_tokens, model.eos_token_ids, timer, plan)
+        generation = generate(model.decoder, model.lm_head, prompt, options.max_new_tokens, model.eos_token_ids,
+                              timer, plan)
         answer = model.decode_text(generation.token_ids)
         seconds = {"decode_video": video.seconds, **{name: timer.seconds.get(name, 0.0) for name in STAGES}}
         # A clip decoded before ask() was called still counts in the total.
@@ -203,8 +210,3 @@ class VideoQA:
             decode_tokens_per_s=len(decode_steps) / sum(decode_steps) if decode_steps else None,
         )
 
-    def _check_length(self, needed: int) -> None:
-        limit = self.model.model.config.text_config.max_position_embeddings
-        if needed > limit:
-            raise UserError(f"the prompt plus answer needs {needed} positions but the model has {limit}: "
-                            f"sample fewer --frames or lower --max-new-tokens")

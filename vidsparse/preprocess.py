@@ -22,23 +22,29 @@ def preprocess_frames(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> torch.Tensor:
-    """uint8 (T, H, W, 3) frames -> float32 (T, 3, size, size) normalised pixels."""
+    """uint8 (T, H, W, 3) frames -> float32 (T, 3, size, size) normalised pixels.
+
+    Resize-then-crop is computed as one crop-aware resampling, frame by frame and a band of rows at
+    a time, so a 4K clip never exists as full-resolution floats (it would take ~100 MB a frame)."""
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    x = x.permute(0, 3, 1, 2).float()
-    height, width = x.shape[-2:]
-    if min(height, width) != size:
-        # Same rounding as transformers' get_resize_output_image_size (int of the scaled long edge).
-        scale = size / min(height, width)
-        new_h, new_w = (size, int(width * scale)) if height <= width else (int(height * scale), size)
-        x = _resize_like_pil(x, new_h, new_w)
-    top = (x.shape[-2] - size) // 2
-    left = (x.shape[-1] - size) // 2
-    x = x[..., top : top + size, left : left + size]
+    height, width = x.shape[1:3]
+    # Same rounding as transformers' get_resize_output_image_size (int of the scaled long edge).
+    scale = size / min(height, width)
+    new_h, new_w = (size, int(width * scale)) if height <= width else (int(height * scale), size)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out = torch.empty(x.shape[0], 3, size, size)
+    if (new_h, new_w) == (height, width):
+        out.copy_(x[:, top : top + size, left : left + size].permute(0, 3, 1, 2))
+    else:
+        rows, (r0, r1) = _cropped_weights(height, new_h, top, size)
+        cols, (c0, c1) = _cropped_weights(width, new_w, left, size)
+        for t, frame in enumerate(x):
+            out[t] = _resize_like_pil(frame[r0:r1, c0:c1], rows, cols)
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
-    return ((x / 255.0 - mean_t) / std_t).contiguous()
+    return (out / 255.0 - mean_t) / std_t
 
 
 def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -63,8 +69,20 @@ def _resample_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return (weights / weights.sum(1, keepdim=True)).float()
 
 
-def _resize_like_pil(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Separable resize, horizontal pass then vertical, rounding to uint8 after each as PIL does."""
-    x = torch.einsum("ow,nchw->ncho", _resample_matrix(x.shape[-1], width), x).round().clamp(0, 255)
-    x = torch.einsum("oh,nchw->ncow", _resample_matrix(x.shape[-2], height), x).round().clamp(0, 255)
-    return x
+def _cropped_weights(in_size: int, out_size: int, first: int, count: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The rows `first..first+count` of the (out, in) resampling matrix, restricted to the input span
+    they touch; returns (weights, (start, end) of that span)."""
+    weights = _resample_matrix(in_size, out_size)[first : first + count]
+    touched = weights.abs().sum(0).nonzero().squeeze(1)
+    start, end = int(touched[0]), int(touched[-1]) + 1
+    return weights[:, start:end], (start, end)
+
+
+def _resize_like_pil(frame: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, band: int = 256) -> torch.Tensor:
+    """uint8 (h, w, 3) -> float (3, out_h, out_w): horizontal pass then vertical, rounding to uint8
+    after each as PIL does; the horizontal pass takes `band` input rows at a time."""
+    horizontal = torch.empty(3, frame.shape[0], cols.shape[0])
+    for r in range(0, frame.shape[0], band):
+        chunk = frame[r : r + band].permute(2, 0, 1).float()  # (3, band, w)
+        horizontal[:, r : r + band] = (chunk @ cols.T).round_().clamp_(0, 255)
+    return (rows @ horizontal).round_().clamp_(0, 255)

@@ -40,8 +40,10 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
         if not videos:
             raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {folder}")
         return [Question(str(v.relative_to(folder)), v, question) for v in videos]
-    if not questions_file.is_file():
+    if not questions_file.exists():
         raise UserError(f"questions file not found: {questions_file}")
+    if not questions_file.is_file():
+        raise UserError(f"--questions {questions_file} is not a regular file")
     items = _read_items(questions_file)
     stems: dict[str, Path] | None = None
     questions, seen = [], set()
@@ -50,7 +52,7 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
         if not isinstance(item, dict) or not str(item.get("question", "")).strip():
             raise UserError(f"{where}: needs a non-empty 'question'")
         if "video" in item:
-            video = folder / str(item["video"])
+            video = folder / str(item["video"])  # an absolute path stays as it is
         elif "video_id" in item:
             if stems is None:
                 stems = {p.stem: p for p in find_videos(folder)}
@@ -58,7 +60,8 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
             video = stems.get(key) or stems.get(f"video{key}") or folder / key
         else:
             raise UserError(f"{where}: needs 'video' (a file under {folder}) or 'video_id'")
-        qid = str(item.get("id", item.get("question_id", f"{video.relative_to(folder)}|{item['question']}")))
+        name = video.relative_to(folder) if video.is_relative_to(folder) else video
+        qid = str(item.get("id", item.get("question_id", f"{name}|{item['question']}")))
         if qid in seen:
             raise UserError(f"{where}: id {qid!r} appears twice")
         seen.add(qid)
@@ -71,7 +74,12 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
 
 
 def _read_items(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (save the file as UTF-8)") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

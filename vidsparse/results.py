@@ -1,52 +1,123 @@
-"""An append-only JSON-lines results file that survives being killed at any moment.
+"""The batch results file: the user's data, so never lost, never mixed, never written by two runs.
 
-Each record is written whole with one write, flushed and fsynced, so a SIGKILL can leave at most
-one partial last line; opening the file again cuts that line off before anything is appended.
+Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "version": 1, "settings":
+{...}}`, holding the settings that change answers; every other line is one record. Guarantees:
+
+- Only a results file (or a new path) is ever opened for writing; anything else is refused whole.
+- One writer: an exclusive `flock` is held for the whole run; a second run is refused at once,
+  naming the process that holds the file.
+- A resume must use the same settings as the file's header, or it is refused (saying which differ).
+- Each record is written whole with one write, flushed and fsynced, so a SIGKILL or a full disk can
+  leave at most one partial last line (no trailing newline); opening the file again cuts exactly
+  that, and nothing else. A damaged line anywhere else is an error naming it; nothing is removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from vidsparse.errors import UserError
+
+MAGIC, VERSION = "results", 1
+
 
 class ResultsFile:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, settings: dict[str, Any]):
         self.path = path
+        self.settings = settings
         self.records: list[dict[str, Any]] = []
-        if path.exists():
-            self._load_and_repair()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # held open for the whole run
+        self._appended = 0
+        self._created = False
+        self._file = self._open_locked()
+        try:
+            self._load(self._file.read())
+        except BaseException:
+            self._file.close()
+            raise
 
-    def _load_and_repair(self) -> None:
-        data = self.path.read_bytes()
-        good = 0  # byte length of the complete, valid lines
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                self.records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-        if good < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
+    def _open_locked(self):
+        """Open (creating if absent) and lock; retried if the path was replaced while we waited."""
+        _check_regular_or_absent(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                existed = self.path.exists()
+                file = open(self.path, "a+b")  # noqa: SIM115 - held open (and locked) for the whole run
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    file.close()
+                    holder = _lock_holder(self.path)
+                    raise UserError(f"{self.path} is being written by another vidsparse batch"
+                                    + (f" (process {holder})" if holder else "")
+                                    + ": wait for it to finish, or choose another --out") from None
+                if _same_file(file, self.path):
+                    self._created = not existed
+                    file.seek(0)
+                    return file
+                file.close()  # the run that held it removed the file: open the new one
+        except OSError as e:
+            raise UserError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
+
+    def _load(self, data: bytes) -> None:
+        if not data:
+            self._write_line({"vidsparse": MAGIC, "version": VERSION, "settings": self.settings})
+            return
+        lines = data.split(b"\n")
+        complete, partial = lines[:-1], lines[-1]  # a last piece without a newline is a cut-off write
+        header = _parse(complete[0]) if complete else None
+        if not (isinstance(header, dict) and header.get("vidsparse") == MAGIC):
+            raise UserError(f"{self.path} is not a vidsparse results file (it does not start with a results "
+                            "header), so it is left untouched: choose another --out")
+        for number, line in enumerate(complete[1:], 2):
+            record = _parse(line)
+            if not isinstance(record, dict) or "id" not in record:
+                raise UserError(f"{self.path}, line {number}: not a results record (damaged?); nothing was changed. "
+                                "Repair or delete that line, or choose another --out")
+            self.records.append(record)
+        self._check_settings(header.get("settings", {}))
+        if partial:
+            self._file.truncate(len(data) - len(partial))
+
+    def _check_settings(self, recorded: dict[str, Any]) -> None:
+        differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in self.settings.items()
+                  if recorded.get(key) != value]
+        if differ:
+            raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
+                            "same settings, or choose a new --out")
 
     def done_ids(self) -> set[str]:
-        return {str(r["id"]) for r in self.records if "id" in r}
+        return {str(r["id"]) for r in self.records}
 
     def append(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._write_line(record)
         self.records.append(record)
+        self._appended += 1
+
+    def _write_line(self, value: dict[str, Any]) -> None:
+        line = (json.dumps(value, allow_nan=False) + "\n").encode()
+        size = self._file.seek(0, os.SEEK_END)
+        try:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            try:  # leave no partial line behind if we can
+                self._file.truncate(size)
+            except OSError:
+                pass
+            raise UserError(f"cannot write to {self.path}: {e.strerror or e}. The answers written so far are kept; "
+                            "re-run the same command to resume") from None
 
     def close(self) -> None:
+        """Release the lock; a file this run created and never wrote a record to is removed again."""
+        if self._created and not self._appended:
+            self.path.unlink(missing_ok=True)  # still locked: nobody can be appending to it
         self._file.close()
 
     def __enter__(self) -> ResultsFile:
@@ -54,3 +125,43 @@ class ResultsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_regular_or_absent(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserError(f"cannot use {path} as the results file: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"--out {path} is a directory; give a file name such as {path / 'results.jsonl'}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"--out {path} is not a regular file")
+
+
+def _same_file(file, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The process holding a flock on `path`, from /proc/locks (Linux); None where unknown."""
+    try:
+        inode = path.stat().st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return int(fields[4])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _parse(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None

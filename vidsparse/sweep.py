@@ -8,18 +8,20 @@ B, C, ...) `repeats` times per question, and the median taken, so machine drift 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vidsparse.batch import AskOptions
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct
+from vidsparse.options import AskOptions, Budget
+from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import AskResult, VideoQA
-from vidsparse.pruning import METHODS, check_options, make_plan, resolve_budget
+from vidsparse.pruning import METHODS, check_method, plan_for
 from vidsparse.questions import Question
 from vidsparse.video import DecodedVideo, decode_video
 
@@ -28,6 +30,7 @@ from vidsparse.video import DecodedVideo, decode_video
 class Cell:
     method: str
     budget: str  # as the user wrote it ("-" for none)
+    budget_value: Budget | None = None  # None for none
     answers: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     types: list[str] = field(default_factory=list)  # question type of each graded answer
@@ -48,6 +51,7 @@ class Cell:
         return {
             "method": self.method,
             "budget": self.budget,
+            "questions": len(self.answers),
             "visual_tokens": round(mean(self.visual_tokens), 1),
             "answer": self.answers[0] if len(self.answers) == 1 else None,
             "accuracy": round(mean(self.correct), 4) if self.correct else None,
@@ -63,55 +67,69 @@ class Cell:
         }
 
 
-def sweep_cells(methods: list[str], budgets: list[str], options: AskOptions) -> list[Cell]:
-    """One cell for `none`, one per other method x budget; every cell's options checked up front."""
+def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) -> list[Cell]:
+    """One cell for `none`, one per other method x budget (repeats dropped); options checked up front."""
     if not methods or not budgets:
         raise UserError("--methods and --budgets need at least one value each")
+    methods = list(dict.fromkeys(methods))
+    budgets = list(dict.fromkeys(budgets))
+    for method in methods:
+        o = options_for(Cell(method, ""), options)
+        check_method(o.method, o.prune_after)
     cells = [Cell("none", "-")] if "none" in methods else []
-    cells += [Cell(m, b) for m in dict.fromkeys(methods) if m != "none" for b in budgets]
-    for cell in cells:
-        o = options_for(cell, options) if cell.method in METHODS else replace(options, method=cell.method)
-        check_options(o.method, o.budget, prune_after=o.prune_after, positions=o.positions,
-                      min_per_frame=o.min_per_frame)
-    return cells
+    return cells + [Cell(m, str(b), b) for m in methods if m != "none" for b in budgets]
 
 
 def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options: AskOptions, repeats: int,
-              on_step: Callable[[], None] = lambda: None) -> list[Cell]:
-    """Fill every cell with every question's answer and median timings."""
+              on_step: Callable[[], None] = lambda: None,
+              on_cell_done: Callable[[], None] = lambda: None) -> list[tuple[Path, str]]:
+    """Fill every cell with every question's answer and median timings; `on_cell_done` is called each
+    time a cell has finished one more question (so a crash keeps what was done). A clip that cannot
+    be decoded is skipped; returns those as (video, error)."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    num_visual = options.num_frames * qa.model.tokens_per_frame
-    for cell in cells:  # fail before the first run, not in the middle of the sweep
-        o = options_for(cell, options)
-        make_plan(o.method, resolve_budget(o.budget, num_visual), len(qa.model.decoder.layers),
-                  prune_after=o.prune_after, positions=o.positions, min_per_frame=o.min_per_frame,
-                  clip=(options.num_frames, num_visual))
-    cell_options = [asdict(options_for(c, options)) for c in cells]
-    videos: dict[Path, DecodedVideo] = {}
+    model = qa.model
+    num_visual = options.num_frames * model.tokens_per_frame
+    model.check_context(0, options.num_frames, options.max_new_tokens)
+    cell_options = [options_for(c, options) for c in cells]
+    for o in cell_options:  # fail before the first run, not in the middle of the sweep
+        plan_for(o, len(model.decoder.layers), options.num_frames, num_visual)
+    videos: dict[Path, DecodedVideo | UserError] = {}
+    skipped: list[tuple[Path, str]] = []
     warmed = False
     for q in questions:
         if q.video not in videos:
-            videos[q.video] = decode_video(q.video, options.num_frames, options.backend)
+            try:
+                videos[q.video] = decode_video(q.video, options.num_frames, options.backend)
+            except UserError as e:
+                videos[q.video] = e
+                skipped.append((q.video, str(e)))
         video = videos[q.video]
+        if isinstance(video, UserError):
+            for _ in range(len(cells) * repeats):
+                on_step()
+            continue
         if not warmed:  # first-call costs (allocations, kernels) go to no cell
-            qa.ask(video, q.question, **cell_options[0])
+            qa.answer(video, q.question, cell_options[0])
             warmed = True
         runs: list[list[AskResult]] = [[] for _ in cells]
-        for _ in range(repeats):
-            for i, opts in enumerate(cell_options):
-                runs[i].append(qa.ask(video, q.question, **opts))
+        reference_answer = None
+        for repeat in range(repeats):
+            for i, (cell, opts) in enumerate(zip(cells, cell_options, strict=True)):
+                runs[i].append(qa.answer(video, q.question, opts))
                 on_step()
-        reference_answer = runs[0][0].answer if cells and cells[0].method == "none" else None
-        for cell, results in zip(cells, runs, strict=True):
-            _record(cell, q, results, reference_answer)
-    return cells
+                if repeat == repeats - 1:
+                    if i == 0 and cell.method == "none":
+                        reference_answer = runs[0][0].answer
+                    _record(cell, q, runs[i], reference_answer)
+                    on_cell_done()
+    return skipped
 
 
 def options_for(cell: Cell, options: AskOptions) -> AskOptions:
     """The shared options, with this cell's method and budget; --prune-after only where it applies."""
     prune_after = options.prune_after if METHODS[cell.method].allows_prune_after else None
-    budget = options.budget if cell.method == "none" else cell.budget
+    budget = options.budget if cell.method == "none" else cell.budget_value
     return replace(options, method=cell.method, budget=budget, prune_after=prune_after)
 
 
@@ -136,24 +154,33 @@ def _record(cell: Cell, q: Question, results: list[AskResult], none_answer: str 
 
 
 def sweep_rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    reference = next((c for c in cells if c.method == "none"), None)
-    return [c.row(reference) for c in cells]
+    """A row per cell that has answered at least one question."""
+    reference = next((c for c in cells if c.method == "none" and c.answers), None)
+    return [c.row(reference) for c in cells if c.answers]
 
 
-def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """sweep.csv, sweep.json, accuracy.png and latency.png in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json",
-             "accuracy": out_dir / "accuracy.png", "latency": out_dir / "latency.png"}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    paths["json"].write_text(json.dumps(rows, indent=1) + "\n")
+def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """sweep.csv and sweep.json, each replaced whole (a crash leaves the previous complete version)."""
+    paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json"}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_file(paths["csv"], buffer.getvalue())
+    replace_file(paths["json"], json.dumps(rows, indent=1, allow_nan=False) + "\n")
+    return paths
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """latency.png, and accuracy.png where there is something to grade against (reference answers,
+    or the `none` cell's answers)."""
+    paths = {"latency": out_dir / "latency.png"}
+    _plot(rows, "prefill_ms", "LLM prefill latency (ms)", paths["latency"])
     graded = any(r["accuracy"] is not None for r in rows)
     metric = "accuracy" if graded else "agreement_with_none"
-    _plot(rows, metric, "accuracy" if graded else "agreement with the unpruned answer", paths["accuracy"])
-    _plot(rows, "prefill_ms", "LLM prefill latency (ms)", paths["latency"])
+    if any(r[metric] is not None for r in rows):
+        paths["accuracy"] = out_dir / "accuracy.png"
+        _plot(rows, metric, "accuracy" if graded else "agreement with the unpruned answer", paths["accuracy"])
     return paths
 
 
@@ -181,5 +208,4 @@ def _plot(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -6,21 +6,21 @@ FFmpeg does. `auto` tries decord and falls back to PyAV when decord is missing o
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from vidsparse.errors import UserError
-
-Backend = Literal["auto", "decord", "pyav"]
+from vidsparse.options import Backend
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,16 @@ def _decode_decord(path: Path, num_frames: int) -> DecodedVideo:
         fps = float(reader.get_avg_fps())
     except (decord.DECORDError, RuntimeError) as e:
         raise DecodeError(_clean_decord_message(str(e))) from e
-    return DecodedVideo(frames, indices, fps, total / fps if fps else 0.0, "decord", total)
+    if frames.ndim != 4 or frames.shape[-1] != 3:  # e.g. a clip rotated by 90 degrees comes out with 4 channels
+        raise DecodeError(f"decord returned frames of shape {frames.shape[1:]}, not RGB")
+    return DecodedVideo(frames, indices, _finite(fps), _duration(total, fps), "decord", total)
 
 
 def _decode_pyav(path: Path, num_frames: int) -> DecodedVideo:
+    """Decode every frame once (the only reliable count: headers lie for truncated files) but keep
+    only the sampled ones, so memory does not grow with the clip. The sample is chosen from the
+    count the header promises (or a packet count); if decoding finds another count, a second pass
+    takes the frames that count samples."""
     import av
 
     try:
@@ -71,17 +77,45 @@ def _decode_pyav(path: Path, num_frames: int) -> DecodedVideo:
                 raise DecodeError("the file has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            # Decoding every frame is the only reliable count (headers lie for truncated files);
-            # only the sampled ones are converted to RGB.
-            decoded = list(container.decode(stream))
+            expected = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        frames, total = _pyav_pass(path, set(sample_indices(max(expected, 1), num_frames)))
+        if total == 0:
+            raise DecodeError("the video has no frames")
+        indices = sample_indices(total, num_frames)
+        if not set(indices) <= frames.keys():
+            frames, _ = _pyav_pass(path, set(indices))
     except av.FFmpegError as e:
         raise DecodeError(e.strerror or str(e)) from e
-    total = len(decoded)
-    if total == 0:
-        raise DecodeError("the video has no frames")
-    indices = sample_indices(total, num_frames)
-    frames = np.stack([decoded[i].to_ndarray(format="rgb24") for i in indices])
-    return DecodedVideo(frames, indices, fps, total / fps if fps else 0.0, "pyav", total)
+    return DecodedVideo(np.stack([frames[i] for i in indices]), indices, _finite(fps), _duration(total, fps), "pyav",
+                        total)
+
+
+def _pyav_pass(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """One decoding pass: the `wanted` frames as upright RGB arrays, and how many frames there are."""
+    import av
+
+    kept: dict[int, np.ndarray] = {}
+    total = 0
+    with av.open(str(path)) as container:
+        for total, frame in enumerate(container.decode(container.streams.video[0]), 1):
+            if total - 1 in wanted:
+                kept[total - 1] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+    return kept, total
+
+
+def _upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """Apply the clip's display rotation (counter-clockwise degrees, e.g. a phone filmed upright)."""
+    turns = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+def _finite(fps: float) -> float:
+    """Frames per second as a JSON-safe number: 0.0 where the container gives none (or NaN)."""
+    return fps if math.isfinite(fps) and fps > 0 else 0.0
+
+
+def _duration(total: int, fps: float) -> float:
+    return total / fps if _finite(fps) else 0.0
 
 
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}
@@ -110,13 +144,26 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
+def check_video_file(path: Path) -> None:
+    """A video must be a readable regular file: a FIFO or a device would block or stream forever."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"video not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path} is a directory, not a video file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path} is not a regular file (a pipe, socket or device), so not a video file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied")
+
+
 def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto") -> DecodedVideo:
     """Decode `num_frames` uniformly sampled RGB frames; bad input raises UserError."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"video not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory, not a video file")
+    check_video_file(path)
     if num_frames < 1:
         raise UserError(f"--frames must be at least 1, got {num_frames}")
     if backend not in ("auto", *_DECODERS):
@@ -131,5 +178,7 @@ def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto
             return replace(decoded, seconds=time.perf_counter() - start)
         except DecodeError as e:
             failures.append(f"{name}: {e}")
+        except Exception as e:  # noqa: BLE001 - a damaged file can make a decoder raise anything
+            failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e).strip() else ''}")
     hint = " (try --backend pyav)" if backend == "decord" else ""
     raise UserError(f"cannot decode {path}: not a video, or corrupt/truncated ({'; '.join(failures)}){hint}")

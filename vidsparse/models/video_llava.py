@@ -7,24 +7,25 @@ are visual and which frame / row / column each one comes from (pruning keeps tha
 
 from __future__ import annotations
 
-import json
-import socket
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
-from transformers.utils import cached_file
+from transformers import PreTrainedTokenizerBase, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.errors import UserError
+from vidsparse.models.loading import (
+    find_checkpoint,
+    load_config,
+    load_pixel_stats,
+    load_tokenizer,
+    load_weights,
+    resolve_device,
+    resolve_dtype,
+)
+from vidsparse.options import DEFAULT_MODEL
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
 
-DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
-# Names for checkpoints the project ships (in the repository's models/ folder).
-ALIASES = {"shapes-demo": Path(__file__).resolve().parents[2] / "models" / "shapes-videollava"}
 PROMPT_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_visual: int, video_token_id: int) -> list[int]:
@@ -33,6 +34,10 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_visual: int,
     The placeholder is repeated in the text before tokenizing, exactly as VideoLlavaProcessor does,
     so the ids around it are the ones the checkpoint was trained with.
     """
+    special = _special_tokens_in(tokenizer, question)
+    if special:
+        raise UserError(f"the question contains {special[0]!r}, a special token of this model's tokenizer; "
+                        "leave it out or spell it differently")
     prefix, suffix = PROMPT_TEMPLATE.split("<video>")
     text = prefix + "<video>" * n_visual + suffix.format(question=question)
     ids = tokenizer(text).input_ids
@@ -40,6 +45,35 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_visual: int,
     if found != n_visual:
         raise ValueError(f"tokenizer produced {found} video tokens, expected {n_visual}")
     return ids
+
+
+def _special_tokens_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The tokenizer's special and added tokens (<video>, <s>, ...) written out in `text`: the
+    tokenizer would read them as those tokens, not as the user's words."""
+    tokens = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+    return sorted(t for t in tokens if t and t in text)
+
+
+def tokens_per_frame(config: VideoLlavaConfig) -> int:
+    """Visual tokens a frame becomes: the patch grid plus CLS (VideoLLaVA keeps CLS for video)."""
+    return (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+
+
+def check_context(config: VideoLlavaConfig, num_frames: int, max_new_tokens: int, text_tokens: int = 0) -> None:
+    """The prompt (frames x tokens a frame + the text) plus the answer must fit the model's positions."""
+    limit = config.text_config.max_position_embeddings
+    visual = num_frames * tokens_per_frame(config)
+    needed = visual + text_tokens + max_new_tokens
+    if needed <= limit:
+        return
+    frames_that_fit = (limit - text_tokens - max_new_tokens) // tokens_per_frame(config)
+    if frames_that_fit >= 1:
+        remedy = f"sample at most {frames_that_fit} --frames, or lower --max-new-tokens"
+    else:
+        remedy = "shorten the question" if text_tokens >= limit // 2 else "lower --max-new-tokens"
+    raise UserError(f"the prompt plus answer needs {needed} positions ({num_frames} frames x "
+                    f"{tokens_per_frame(config)} visual tokens, {text_tokens} text tokens, {max_new_tokens} new "
+                    f"tokens) but the model has {limit}: {remedy}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +126,7 @@ class VideoLlava:
         config = model.config
         self.image_size: int = config.vision_config.image_size
         self.grid: int = self.image_size // config.vision_config.patch_size
-        self.tokens_per_frame: int = self.grid * self.grid + 1  # patches + CLS (kept for video)
+        self.tokens_per_frame: int = tokens_per_frame(config)
         self.video_token_id: int = config.video_token_id
         eos = config.text_config.eos_token_id
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id} - {None}
@@ -104,20 +138,14 @@ class VideoLlava:
         """Load from a hub id or a local folder, by the same `from_pretrained` path for every checkpoint."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        source = _checked_source(name_or_path)
-        # Offline, look only in the local cache: the hub client would retry for ~25 s before failing.
-        local_only = Path(source).exists() or not _hub_reachable()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            model = VideoLlavaForConditionalGeneration.from_pretrained(
-                source, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=local_only
-            )
-        except OSError as e:
-            raise UserError(_load_failure(name_or_path, e)) from e
+        source = find_checkpoint(name_or_path)
+        config = load_config(source)
+        tokenizer = load_tokenizer(source, config)
+        mean, std = load_pixel_stats(source)
+        model = load_weights(source, config, torch_dtype)
         # Video-only use: the image tower is never run (0.3B parameters on the 7B model).
         model.model.image_tower = None
         model.to(torch_device).eval()
-        mean, std = _pixel_stats(source, local_only)
         return cls(model, tokenizer, name_or_path, mean, std)
 
     @property
@@ -136,6 +164,9 @@ class VideoLlava:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def check_context(self, text_tokens: int, num_frames: int, max_new_tokens: int) -> None:
+        check_context(self.model.config, num_frames, max_new_tokens, text_tokens)
 
     def prompt_ids(self, question: str, num_frames: int) -> torch.Tensor:
         ids = prompt_ids(self.tokenizer, question, num_frames * self.tokens_per_frame, self.video_token_id)
@@ -164,79 +195,3 @@ class VideoLlava:
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA GPU here")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on CPU (fastest there for small models, exact), bfloat16 on a GPU that has it."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}: choose auto, float32, float16 or bfloat16")
-    return DTYPES[dtype]
-
-
-def _checked_source(name_or_path: str) -> str:
-    """A local folder must hold a VideoLLaVA config; anything else is taken as a hub id."""
-    if name_or_path in ALIASES:
-        if not ALIASES[name_or_path].is_dir():
-            raise UserError(f"{name_or_path}: the shipped checkpoint is missing ({ALIASES[name_or_path]}); "
-                            "run vidsparse from a full checkout of the repository")
-        name_or_path = str(ALIASES[name_or_path])
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        config_file = path / "config.json"
-        if not path.is_dir() or not config_file.is_file():
-            raise UserError(f"{name_or_path} is not a model folder (no config.json in it)")
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{config_file} is not valid JSON: {e}") from e
-        if model_type != "video_llava":
-            raise UserError(f"{name_or_path} is not a VideoLLaVA checkpoint (model_type is {model_type!r})")
-        return str(path)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise UserError(f"model not found: {name_or_path} is neither a local folder nor a hub id like 'org/name'")
-    return name_or_path
-
-
-def _hub_reachable() -> bool:
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-
-
-def _load_failure(name: str, error: OSError) -> str:
-    if Path(name).exists():
-        return f"cannot load the checkpoint in {name}: {str(error).splitlines()[0]}"
-    if not _hub_reachable():
-        return (f"cannot load {name!r}: it is not in the local Hugging Face cache and the hub cannot be reached. "
-                f"Download it where there is network (`hf download {name}`), copy the folder here, "
-                f"and pass --model /path/to/that/folder")
-    return f"cannot load {name!r} from the hub: {str(error).splitlines()[0]}"
-
-
-def _pixel_stats(source: str, local_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation from the checkpoint's preprocessor_config.json if it has one, else CLIP's."""
-    config_file = cached_file(source, "preprocessor_config.json", local_files_only=local_only,
-                              _raise_exceptions_for_missing_entries=False)
-    if config_file is None:
-        return CLIP_MEAN, CLIP_STD
-    config = json.loads(Path(config_file).read_text())
-    return tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))

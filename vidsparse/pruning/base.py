@@ -8,14 +8,14 @@ The engine and `pruning/stage.py` do the mechanics, identically for every method
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from vidsparse.errors import UserError
+from vidsparse.options import PositionMode
 
 BEFORE_FIRST_LAYER = -1  # a stage "after layer -1" acts on the input embeddings
-PositionMode = Literal["keep", "compact"]  # RoPE positions after pruning: original, or renumbered
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class StageInput:
     budget: int  # visual tokens after the last stage, already min(B, n)
     hidden: torch.Tensor  # (n_v, d) current visual tokens: layer output (or embeddings before layer 0)
     frames: torch.Tensor  # (n_v,) frame of each current visual token
+    rows: torch.Tensor  # (n_v,) patch row of each (-1: the frame's CLS token); a merged token: its anchor's
+    cols: torch.Tensor  # (n_v,) patch column of each (-1: CLS)
     attention: torch.Tensor | None  # (rows, n_v) head-averaged probabilities from the query rows
     min_per_frame: int
     generator: torch.Generator

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vidsparse.pruning.base import BeforeFirstLayer, Method, Selection, StageInput, top_k
@@ -27,23 +29,41 @@ class RandomPruning(BeforeFirstLayer):
 
 class UniformPruning(BeforeFirstLayer):
     name = "uniform"
-    summary = "an equal share of B per frame (remainder to the earliest), a strided grid inside each frame"
+    summary = ("an equal share of B per frame (remainder to the earliest), a 2-D grid of patches inside each "
+               "frame, shifted from frame to frame so that the frames together cover the image")
 
     def select(self, stage: StageInput) -> Selection:
         frame_ids, counts = stage.frames.unique_consecutive(return_counts=True)
         share, extra = divmod(stage.budget, len(frame_ids))
         keep, start = [], 0
-        for f, count in enumerate(counts.tolist()):
-            want = min(count, share + (1 if f < extra else 0))
-            keep.append(start + strided(count, want).to(stage.frames.device))
+        for t, count in enumerate(counts.tolist()):
+            want = min(count, share + (1 if t < extra else 0))
+            rows, cols = stage.rows[start : start + count], stage.cols[start : start + count]
+            keep.append(start + grid_picks(rows, cols, want, t))
             start += count
         return Selection(torch.cat(keep))
 
 
-def strided(count: int, want: int) -> torch.Tensor:
-    """`want` of a frame's `count` tokens (CLS first, then patches row-major): the centres of
-    `want` equal strides over the patches; CLS only when every patch is already taken."""
-    patches = count - 1
-    if want > patches:
-        return torch.arange(count)
-    return 1 + ((torch.arange(want) * 2 + 1) * patches) // (2 * want)
+# Per-frame grid offsets: the R2 low-discrepancy sequence (steps 1/rho and 1/rho^2, rho the plastic
+# number), so that the offsets of successive frames fill the unit square evenly.
+_R2_STEPS = (0.7548776662466927, 0.5698402909980532)
+
+
+def grid_picks(rows: torch.Tensor, cols: torch.Tensor, want: int, frame: int) -> torch.Tensor:
+    """Ascending indices of `want` of one frame's tokens (`rows`/`cols` their patch coordinates, -1 for
+    CLS): a lattice of R rows of near-equal counts, each point at the same offset inside its cell;
+    the offset is the cell centre in frame 0 and moves along the R2 sequence with `frame`. CLS only
+    when every patch is already taken."""
+    patch = (rows >= 0).nonzero().squeeze(1)
+    if want > patch.numel():  # want == every token of the frame
+        return torch.arange(rows.numel(), device=rows.device)
+    height, width = int(rows.max()) + 1, int(cols.max()) + 1
+    lattice_rows = min(want, height, max(-(-want // width), math.ceil(math.sqrt(want * height / width))))
+    dy, dx = ((0.5 + frame * step) % 1.0 for step in _R2_STEPS)
+    index_of = {(int(r), int(c)): int(i) for i, r, c in zip(patch, rows[patch], cols[patch], strict=True)}
+    picks = []
+    for i in range(lattice_rows):
+        in_row = want // lattice_rows + (1 if i < want % lattice_rows else 0)
+        row = int((i + dy) * height / lattice_rows)
+        picks += [index_of[row, int((j + dx) * width / in_row)] for j in range(in_row)]
+    return torch.tensor(sorted(picks), dtype=torch.long, device=rows.device)

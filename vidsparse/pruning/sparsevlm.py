@@ -11,7 +11,7 @@ import torch
 
 from vidsparse.pruning.base import Method, PromptText, Selection, StageInput, top_k
 
-RECYCLE_FRACTION = 0.3  # tau: the best-scored 30% of the deleted tokens are recycled
+RECYCLE_FRACTION = 0.3  # tau: the best-scored 30% (+ 1) of the deleted tokens are recycled
 TOKENS_PER_CLUSTER = 10  # theta = 0.1: one cluster per 10 recycled tokens, plus one
 DELETION_RATE = 0.5  # lambda: intermediate stages delete lambda * (Lv - rank(P))
 
@@ -27,10 +27,10 @@ def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def recycling_split(target: int, num_visual: int) -> tuple[int, int]:
-    """(kept K, clusters C) with K + C = target, C = floor(|pool| / 10) + 1 where the pool is the
-    best 30% of the num_visual - K deleted tokens (no pool, no clusters). C grows by at most one
-    when K shrinks by one, so the smallest C that satisfies the rule is exact, unless the budget is
-    too small to hold every cluster: then C = target."""
+    """(kept K, clusters C) with K + C = target, C = floor(|pool| / 10) + 1 where the pool is the best
+    int(30% of the num_visual - K deleted tokens) + 1 (none deleted: no pool, no clusters). C grows by
+    at most one when K shrinks by one, so the smallest C that satisfies the rule is exact, unless the
+    budget is too small to hold every cluster: then C = target."""
     if target >= num_visual:
         return num_visual, 0
     for clusters in range(target + 1):
@@ -40,7 +40,8 @@ def recycling_split(target: int, num_visual: int) -> tuple[int, int]:
 
 
 def pool_size(deleted: int) -> int:
-    return int(deleted * RECYCLE_FRACTION)
+    """The official code's (and LightCompress's) pool: int(tau * deleted) + 1 of the deleted tokens."""
+    return int(deleted * RECYCLE_FRACTION) + 1 if deleted else 0
 
 
 def num_clusters(deleted: int) -> int:

@@ -1,0 +1,244 @@
+"""Find and load a VideoLLaVA checkpoint, turning every way a checkpoint can be broken into one
+line that names the file and what is wrong with it.
+
+A checkpoint is a hub id, a local folder (what `save_pretrained` writes), or an alias of a folder
+the project ships. Each part is loaded on its own (config, tokenizer, weights, pixel statistics)
+so that a failure can say which file caused it; offline, only the local cache is consulted (the
+hub client would otherwise retry for ~25 s before failing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+)
+from transformers.utils import cached_file
+
+from vidsparse.errors import UserError
+from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
+
+# Names for checkpoints the project ships (in the repository's models/ folder).
+ALIASES = {"shapes-demo": Path(__file__).resolve().parents[2] / "models" / "shapes-videollava"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint comes from: `name` as the user gave it, `location` for from_pretrained."""
+
+    name: str
+    location: str  # a folder path or a hub id
+    local_only: bool  # look only on disk / in the local cache
+
+    @property
+    def identity(self) -> str:
+        """The checkpoint's name independent of the working directory (an alias or a hub id as given,
+        a folder as its absolute path): what a results file records."""
+        local = Path(self.location).exists() and self.name not in ALIASES
+        return str(Path(self.location).resolve()) if local else self.name
+
+    def file(self, filename: str) -> str:
+        """How to name one of its files in an error message."""
+        return str(Path(self.location) / filename) if Path(self.location).is_dir() else f"{filename} of {self.name}"
+
+    def weights_file(self) -> str:
+        folder = Path(self.location)
+        found = next((f for f in WEIGHT_FILES if (folder / f).is_file()), None) if folder.is_dir() else None
+        return self.file(found) if found else f"the weights of {self.name}"
+
+
+def find_checkpoint(name_or_path: str) -> Source:
+    """Resolve an alias, check that a local folder holds a VideoLLaVA config; anything else is a hub id."""
+    if not name_or_path.strip():
+        raise UserError("--model is empty: give a hub id like LanguageBind/Video-LLaVA-7B-hf, a checkpoint folder, "
+                        "or shapes-demo")
+    location = name_or_path
+    if name_or_path in ALIASES:
+        if not ALIASES[name_or_path].is_dir():
+            raise UserError(f"{name_or_path}: the shipped checkpoint is missing ({ALIASES[name_or_path]}); "
+                            "run vidsparse from a full checkout of the repository")
+        location = str(ALIASES[name_or_path])
+    path = Path(location).expanduser()
+    if path.exists():
+        config_file = path / "config.json"
+        if not path.is_dir() or not config_file.is_file():
+            raise UserError(f"{name_or_path} is not a model folder (no config.json in it)")
+        config = _read_json(config_file)
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type != "video_llava":
+            raise UserError(f"{name_or_path} is not a VideoLLaVA checkpoint (model_type is {model_type!r})")
+        return Source(name_or_path, str(path), local_only=True)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise UserError(f"model not found: {name_or_path} is neither a local folder nor a hub id like 'org/name'")
+    return Source(name_or_path, name_or_path, local_only=not hub_reachable())
+
+
+def peek_config(name_or_path: str) -> VideoLlavaConfig | None:
+    """The checkpoint's config if it is on disk already (a folder or the hub cache), without loading
+    weights: lets the CLI check a clip's length against the context before decoding it."""
+    source = find_checkpoint(name_or_path)
+    try:
+        return load_config(Source(source.name, source.location, local_only=True))
+    except UserError:
+        return None
+
+
+def load_config(source: Source) -> VideoLlavaConfig:
+    config = _loading(source, source.file("config.json"), lambda: VideoLlavaConfig.from_pretrained(
+        source.location, local_files_only=source.local_only))
+    vision, text = config.vision_config, config.text_config
+    problems = [f"{key} is {value!r}, must be a positive integer" for key, value in (
+        ("vision_config.image_size", vision.image_size), ("vision_config.patch_size", vision.patch_size),
+        ("text_config.num_hidden_layers", text.num_hidden_layers),
+        ("text_config.max_position_embeddings", text.max_position_embeddings),
+    ) if not isinstance(value, int) or value < 1]
+    if not problems and vision.patch_size > vision.image_size:
+        problems.append(f"vision_config.patch_size {vision.patch_size} exceeds image_size {vision.image_size}")
+    if problems:
+        raise UserError(f"{source.file('config.json')}: {problems[0]}")
+    return config
+
+
+def load_tokenizer(source: Source, config: VideoLlavaConfig) -> PreTrainedTokenizerBase:
+    where = source.file("tokenizer.json")
+    tokenizer = _loading(source, where, lambda: AutoTokenizer.from_pretrained(
+        source.location, local_files_only=source.local_only))
+    placeholder = tokenizer("<video>", add_special_tokens=False).input_ids
+    if placeholder != [config.video_token_id]:
+        raise UserError(f"{where}: the tokenizer turns '<video>' into {placeholder}, but config.json's "
+                        f"video_token_id is {config.video_token_id}: tokenizer and config do not belong together")
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+                        f"{config.text_config.vocab_size}: tokenizer and config do not belong together")
+    return tokenizer
+
+
+def load_weights(source: Source, config: VideoLlavaConfig, dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
+    where = source.weights_file()
+
+    def load():
+        with warnings.catch_warnings():  # torch's pickle-protocol chatter; a refusal is reported below
+            warnings.simplefilter("ignore")
+            return VideoLlavaForConditionalGeneration.from_pretrained(
+                source.location, config=config, dtype=dtype, attn_implementation="sdpa",
+                local_files_only=source.local_only, output_loading_info=True, ignore_mismatched_sizes=True)
+
+    model, info = _loading(source, where, load)
+    mismatched = sorted(info["mismatched_keys"])
+    if mismatched:
+        key, in_file, by_config = mismatched[0]
+        raise UserError(f"{where} does not match config.json: {len(mismatched)} tensors differ in shape, e.g. "
+                        f"{key} is {tuple(in_file)} in the file but {tuple(by_config)} by the config")
+    missing = sorted(k for k in info["missing_keys"] if ".image_tower." not in k)  # the image tower is never run
+    if missing:
+        raise UserError(f"{where} lacks {len(missing)} of the model's tensors, e.g. {missing[0]}")
+    return model
+
+
+def load_pixel_stats(source: Source) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation from the checkpoint's preprocessor_config.json if it has one, else CLIP's."""
+    where = source.file("preprocessor_config.json")
+    path = _loading(source, where, lambda: cached_file(
+        source.location, "preprocessor_config.json", local_files_only=source.local_only,
+        _raise_exceptions_for_missing_entries=False))
+    if path is None:
+        return CLIP_MEAN, CLIP_STD
+    config = _read_json(Path(path), where)
+    stats = []
+    for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        value = config.get(key, default) if isinstance(config, dict) else None
+        if (not isinstance(value, list | tuple) or len(value) != 3
+                or not all(isinstance(v, int | float) and math.isfinite(v) for v in value)
+                or (key == "image_std" and min(value) <= 0)):
+            raise UserError(f"{where}: {key} must be three finite numbers" + (" above 0" if key == "image_std" else "")
+                            + f", got {value!r}")
+        stats.append(tuple(float(v) for v in value))
+    return stats[0], stats[1]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU (fastest there for small models, exact), bfloat16 on a GPU that has it."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose auto, float32, float16 or bfloat16")
+    return DTYPES[dtype]
+
+
+def hub_reachable() -> bool:
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _loading(source: Source, where: str, load: Callable[[], T]) -> T:
+    """Run one loading step; whatever it raises becomes one line naming `where`."""
+    try:
+        return load()
+    except UserError:
+        raise
+    except OSError as e:  # missing files, hub errors
+        if not Path(source.location).exists():
+            raise UserError(_hub_failure(source.name, e)) from e
+        raise UserError(f"cannot load {where}: {_first_line(e, with_type=False)}") from e
+    except Exception as e:  # noqa: BLE001 - a broken file can make any library raise anything
+        reason = ("it holds pickled code, not only tensors; vidsparse will not run it (convert the checkpoint to "
+                  "safetensors where you trust it)" if "weights only load failed" in str(e).lower()
+                  else _first_line(e))
+        raise UserError(f"cannot load {where}: {reason}") from e
+
+
+def _hub_failure(name: str, error: OSError) -> str:
+    if not hub_reachable():
+        return (f"cannot load {name!r}: it is not in the local Hugging Face cache and the hub cannot be reached. "
+                f"Download it where there is network (`hf download {name}`), copy the folder here, "
+                f"and pass --model /path/to/that/folder")
+    return f"cannot load {name!r} from the hub: {_first_line(error, with_type=False)}"
+
+
+def _first_line(error: BaseException, with_type: bool = True) -> str:
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
+
+
+def _read_json(path: Path, where: str | None = None) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{where or path} is not valid JSON: {e}") from e

@@ -1,0 +1,122 @@
+"""The options of one answer, parsed once at the edge (CLI flags or Python API keywords) into typed
+values that the inner layers use as they are.
+
+Torch-free on purpose: the CLI imports this module to answer `--help` and reject a bad option at
+once, before the seconds it takes to import torch and transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from vidsparse.errors import UserError
+
+DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
+# The names of `vidsparse.pruning.METHODS`, in its order (that package checks the two agree when
+# it is imported); listed here so that help and option checks need no torch.
+METHOD_NAMES = ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm")
+POSITION_MODES = ("keep", "compact")
+BACKENDS = ("auto", "decord", "pyav")
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
+
+PositionMode = Literal["keep", "compact"]  # RoPE positions after pruning: original, or renumbered
+Backend = Literal["auto", "decord", "pyav"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Visual tokens after the last pruning stage: a count, or a share of the clip's tokens."""
+
+    count: int | None = None
+    share: float | None = None  # in (0, 1]
+
+    def tokens(self, num_visual: int) -> int:
+        """Tokens for a clip of `num_visual` visual tokens: a count as given, a share rounded (>= 1)."""
+        return self.count if self.count is not None else max(1, round(self.share * num_visual))
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.share * 100:g}%"
+
+
+def parse_budget(value: int | str | Budget) -> Budget:
+    """`194` -> 194 tokens; `"10%"` -> a tenth of the clip's visual tokens."""
+    if isinstance(value, Budget):
+        return value
+    text = str(value).strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise UserError(f"--budget takes a token count or a percentage like 10%, got {text!r}") from None
+        if not 0 < percent <= 100:
+            raise UserError(f"--budget percentage must be in (0, 100], got {text}")
+        return Budget(share=percent / 100)
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise UserError(f"--budget takes a token count or a percentage like 10%, got {text!r}") from None
+    if tokens < 1:
+        raise UserError(f"--budget must be at least 1 visual token, got {tokens}")
+    return Budget(count=tokens)
+
+
+def parse_layers(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """`"2,6,15"` -> (2, 6, 15): strictly increasing layer numbers >= 0; None keeps the method's default."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            layers = tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise UserError(f"--prune-after takes layer numbers like '1' or '2,6,15', got {value!r}") from None
+    else:
+        layers = tuple(int(v) for v in value)
+    if not layers:
+        raise UserError("--prune-after needs at least one layer")
+    if list(layers) != sorted(set(layers)) or layers[0] < 0:
+        raise UserError(f"--prune-after layers must be >= 0 and strictly increasing, got {value!r}")
+    return layers
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """Everything that decides one answer besides the model, the clip and the question."""
+
+    method: str = "none"
+    budget: Budget = Budget(count=194)
+    prune_after: tuple[int, ...] | None = None  # None: the method's published stages
+    positions: PositionMode = "keep"
+    min_per_frame: int = 0
+    seed: int = 0
+    num_frames: int = 8
+    backend: Backend = "auto"
+    max_new_tokens: int = 64
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready values, the budget as the user would write it."""
+        return {**asdict(self), "budget": str(self.budget),
+                "prune_after": None if self.prune_after is None else list(self.prune_after)}
+
+
+def ask_options(method: str = "none", budget: int | str | Budget = 194, prune_after: str | Sequence[int] | None = None,
+                positions: str = "keep", min_per_frame: int = 0, seed: int = 0, num_frames: int = 8,
+                backend: str = "auto", max_new_tokens: int = 64) -> AskOptions:
+    """Check and type every option that can be checked without a model (method-specific rules, such
+    as which methods take --prune-after, are `vidsparse.pruning.check_method`'s)."""
+    if method not in METHOD_NAMES:
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
+    if positions not in POSITION_MODES:
+        raise UserError(f"--positions must be keep or compact, got {positions!r}")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}: choose auto, decord or pyav")
+    for flag, value, least in (("--min-per-frame", min_per_frame, 0), ("--frames", num_frames, 1),
+                               ("--max-new-tokens", max_new_tokens, 1), ("--seed", seed, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if seed > MAX_SEED:
+        raise UserError(f"--seed must be at most 2**64 - 1, got {seed}")
+    return AskOptions(method, parse_budget(budget), parse_layers(prune_after), positions, min_per_frame, seed,
+                      num_frames, backend, max_new_tokens)
+

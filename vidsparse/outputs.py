@@ -1,0 +1,54 @@
+"""Writing what the user asked for (pictures, tables, folders) safely: every output location is
+checked before a model is loaded, and a failure to write is one line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from vidsparse.errors import UserError
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """An output file (e.g. --show-kept's PNG) must be writable: checked before a model is loaded."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name such as {path / 'kept.png'}")
+    check_output_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write {path} ({flag}): the file is read-only")
+
+
+def check_output_dir(folder: Path, flag: str) -> None:
+    """A folder outputs go to: created if absent, and proven writable by writing a scratch file."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({flag}): {e.strerror or e}") from None
+
+
+def save_figure(figure, path: Path) -> None:
+    """Save a matplotlib figure as PNG to exactly `path` (no extension added), and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110, format="png")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(figure)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a crash leaves the previous complete version."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
