@@ -46,8 +46,27 @@ def test_recycling_count_solves_k_plus_c_equals_budget(target, visual):
     assert clusters == num_clusters(visual - kept) or clusters == target
 
 
+def official_split(budget, visual):
+    """Slow reference of the official rule (SparseVLM's code and LightCompress), searched by brute
+    force: with K tokens kept, the d = n - K deleted give a pool of int(0.3 d) + 1 and
+    pool // 10 + 1 clusters; the split is the largest K whose K + clusters is the budget."""
+    if budget >= visual:
+        return visual, 0
+    for kept in range(budget, -1, -1):
+        clusters = (int((visual - kept) * 0.3) + 1) // 10 + 1
+        if kept + clusters == budget:
+            return kept, clusters
+    return 0, budget  # too small a budget to hold every cluster: all of it goes to clusters
+
+
+@pytest.mark.parametrize("visual", [136, 2056])
+def test_recycling_split_follows_the_official_rule_at_every_budget(visual):
+    for budget in range(1, visual + 2):
+        assert recycling_split(budget, visual) == official_split(budget, visual), budget
+
+
 def test_recycling_split_by_hand():
-    # K = 136 kept: 1920 deleted, pool int(0.3 * 1920) = 576, C = 576 // 10 + 1 = 58; 136 + 58 = 194.
+    # K = 136 kept: 1920 deleted, pool int(0.3 * 1920) + 1 = 577, C = 577 // 10 + 1 = 58; 136 + 58 = 194.
     assert recycling_split(194, 2056) == (136, 58)
     assert recycling_split(136, 136) == (136, 0)
     assert recycling_split(200, 136) == (136, 0)
@@ -101,3 +120,41 @@ def test_tome_merges_the_most_similar_pair_first():
     # A = {0, 2}, B = {1, 3}: 0 matches 3 (cos ~1), 2 matches 1 (cos 1); the best pair merges first.
     group = bipartite_merge(x, 3)
     assert group[2] == group[1] and group.unique().numel() == 3
+
+
+def clip_geometry(frames, grid):
+    """frames / rows / cols of a clip's visual tokens: per frame CLS (-1, -1), then the patches row-major."""
+    per_frame = grid * grid + 1
+    index = torch.arange(frames * per_frame)
+    patch = index % per_frame - 1
+    is_cls = patch < 0
+    return index // per_frame, torch.where(is_cls, -1, patch // grid), torch.where(is_cls, -1, patch % grid)
+
+
+def uniform_kept(frames, grid, budget):
+    from vidsparse.pruning.baselines import UniformPruning
+
+    frame, row, col = clip_geometry(frames, grid)
+    n = frame.numel()
+    keep = UniformPruning().select(StageInput(
+        index=0, num_stages=1, layer=-1, num_visual=n, budget=budget, hidden=torch.zeros(n, 4), frames=frame,
+        rows=row, cols=col, attention=None, min_per_frame=0, generator=torch.Generator())).keep
+    return frame[keep], row[keep], col[keep]
+
+
+def test_uniform_covers_space_and_space_across_time():
+    # 10% of 8 x 17 tokens: 1 or 2 a frame. Together the frames cover every row and column of the grid.
+    frame, row, col = uniform_kept(8, 4, 14)
+    assert torch.bincount(frame).tolist() == [2, 2, 2, 2, 2, 2, 1, 1] and (row >= 0).all()
+    places = set(zip(row.tolist(), col.tolist(), strict=True))
+    assert len(places) >= 12 and {r for r, _ in places} == {c for _, c in places} == {0, 1, 2, 3}
+    # A square number of picks in a frame: one in each cell of the matching coarse grid, every frame,
+    # and the picks move from frame to frame.
+    for grid, per_frame in ((8, 4), (8, 16), (4, 4)):
+        frame, row, col = uniform_kept(8, grid, 8 * per_frame)
+        side = grid // int(per_frame**0.5)
+        for f in range(8):
+            cells = sorted(zip((row[frame == f] // side).tolist(), (col[frame == f] // side).tolist(), strict=True))
+            assert cells == sorted({(r, c) for r in range(grid // side) for c in range(grid // side)}), (grid, f)
+        moved = [set(zip(row[frame == f].tolist(), col[frame == f].tolist(), strict=True)) for f in range(8)]
+        assert all(moved[f] != moved[f + 1] for f in range(7)) or side == 1

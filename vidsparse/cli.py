@@ -63,6 +63,17 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _check_context_early(model: str, options: AskOptions) -> None:
+    """When the checkpoint's config is on disk already, check that the frames fit its context before
+    any clip is decoded or the weights are loaded (the run checks again with the real prompt)."""
+    from vidsparse.models.loading import peek_config
+    from vidsparse.models.video_llava import check_context
+
+    config = peek_config(model)
+    if config is not None:
+        check_context(config, options.num_frames, options.max_new_tokens)
+
+
 def _load(model: str, dtype: str, device: str):
     from transformers.utils import logging
 
@@ -114,13 +125,9 @@ def ask(
     if show_kept is not None:
         check_output_file(show_kept, "--show-kept")
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
-    from vidsparse.models.loading import peek_config
-    from vidsparse.models.video_llava import check_context
     from vidsparse.video import decode_video
 
-    config = peek_config(model)  # on disk already: check the clip's length before decoding it
-    if config is not None:
-        check_context(config, options.num_frames, options.max_new_tokens)
+    _check_context_early(model, options)
     decoded = decode_video(video, options.num_frames, options.backend)  # before loading: a bad file fails fast
     qa = _load(model, dtype, device)
     result = qa.answer(decoded, question, options)
@@ -216,6 +223,7 @@ def batch(
     todo = load_questions(videos_dir, questions, question)
     if questions is not None and out.exists() and out.resolve() == questions.resolve():
         raise UserError(f"--out {out} is the questions file: give the results their own file")
+    _check_context_early(model, options)
     from vidsparse.batch import batch_settings, run_batch
     from vidsparse.metrics import accuracy, summarize
     from vidsparse.outputs import replace_file
@@ -316,6 +324,7 @@ def sweep(
         check_video_file(target)
         todo = [Question("0", target, question, answer)]
     check_output_dir(out, "--out")
+    _check_context_early(model, options)
     from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
 
     cells = sweep_cells(method_list, budget_list, options)

@@ -47,7 +47,8 @@ class ResultsFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while True:
                 existed = self.path.exists()
-                file = open(self.path, "a+b")  # noqa: SIM115 - held open (and locked) for the whole run
+                # Unbuffered: a failed write must leave nothing behind in a buffer to be flushed later.
+                file = open(self.path, "a+b", buffering=0)  # noqa: SIM115 - held open (and locked) for the run
                 try:
                     fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -103,8 +104,9 @@ class ResultsFile:
         line = (json.dumps(value, allow_nan=False) + "\n").encode()
         size = self._file.seek(0, os.SEEK_END)
         try:
-            self._file.write(line)
-            self._file.flush()
+            view = memoryview(line)
+            while view:  # a raw write may write only part of the line
+                view = view[self._file.write(view) :]
             os.fsync(self._file.fileno())
         except OSError as e:
             try:  # leave no partial line behind if we can

@@ -72,7 +72,7 @@ def _decode_pyav(path: Path, num_frames: int) -> DecodedVideo:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="replace") as container:
             if not container.streams.video:
                 raise DecodeError("the file has no video stream")
             stream = container.streams.video[0]
@@ -96,7 +96,7 @@ def _pyav_pass(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int
 
     kept: dict[int, np.ndarray] = {}
     total = 0
-    with av.open(str(path)) as container:
+    with av.open(str(path), metadata_errors="replace") as container:
         for total, frame in enumerate(container.decode(container.streams.video[0]), 1):
             if total - 1 in wanted:
                 kept[total - 1] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
