@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -15,14 +16,42 @@ def parse_args(doc: str, repeats: int) -> tuple[argparse.Namespace, torch.device
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 32 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="auto: bfloat16 on a GPU that has it; on a CPU whichever matmul is faster here")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     logging.set_verbosity_error()
     device = torch.device(args.device)
+    if args.dtype == "auto":
+        args.dtype, why = fastest_dtype(device)
+        print(f"dtype: {args.dtype} (auto: {why})")
     return args, device, getattr(torch, args.dtype), args.layers or (32 if device.type == "cuda" else 4)
+
+
+def fastest_dtype(device: torch.device) -> tuple[str, str]:
+    """The dtype to benchmark in, and why. A CPU without native bfloat16 (AVX2 only) runs a bf16 matmul
+    over 100x slower than fp32, so on a CPU both are timed on a small matmul and the faster wins."""
+    if device.type == "cuda":
+        name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return name, f"{torch.cuda.get_device_name(device)} {'supports' if name == 'bfloat16' else 'lacks'} bf16"
+    rates = {name: matmul_rate(getattr(torch, name)) for name in ("bfloat16", "float32")}
+    best = max(rates, key=rates.get)
+    return best, ", ".join(f"{name} matmul {rate:.3f} TFLOP/s" for name, rate in rates.items()) + " on this CPU"
+
+
+def matmul_rate(dtype: torch.dtype, size: int = 512) -> float:
+    """Best of 3 timings of a size^3 matmul, in TFLOP/s (2 per multiply-add); small enough to take
+    about a second even where the dtype has no native support."""
+    a = torch.randn(size, size, dtype=dtype)
+    a @ a
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
 
 
 def llama_7b(layers: int, **tokens: int) -> LlamaConfig:

@@ -6,7 +6,7 @@ is timed in the same run, interleaved (none, A, B, ..., none, A, B, ...) after a
 --repeats. The machine's own dense-matmul peak is measured first, so achieved TFLOP/s can be read
 against the physical limit.
 
-    python bench/prefill.py                   # CPU: 4 layers, bfloat16
+    python bench/prefill.py                   # CPU: 4 layers, the faster of bfloat16 / float32 here
     python bench/prefill.py --layers 32 --device cuda
 """
 
