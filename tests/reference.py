@@ -53,15 +53,27 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
         if i in schedule:
             selection = schedule[i]
             count = selection.merge_anchor.numel()
-            new_slots = torch.arange(slot_start, slot_start + count)
+            # A merged token takes a fresh slot after the visual block, or with `in_clip_order` its
+            # anchor's own row (which earlier layers saw as the anchor itself).
+            new_slots = (current[selection.merge_anchor] if selection.in_clip_order
+                         else torch.arange(slot_start, slot_start + count))
+            weights = (torch.ones(selection.merge_source.numel()) if selection.merge_weight is None
+                       else selection.merge_weight.float())
+            values = []
+            for group in range(count):
+                chosen = selection.merge_target == group
+                members = hidden[0, current[selection.merge_source[chosen]]]
+                values.append((members * weights[chosen, None]).sum(0) / weights[chosen].sum())
             for slot, group in zip(new_slots.tolist(), range(count), strict=True):
-                members = current[selection.merge_source[selection.merge_target == group]]
-                hidden[0, slot] = hidden[0, members].mean(0)
+                hidden[0, slot] = values[group]
                 original[slot] = original[current[selection.merge_anchor[group]]]
             alive[current] = False
             alive[current[selection.keep]] = True
             alive[new_slots] = True
             current = torch.cat([current[selection.keep], new_slots])
-            slot_start += count
+            if selection.in_clip_order:
+                current = current.sort().values
+            else:
+                slot_start += count
     hidden = lm.norm(hidden)
     return eager_model.lm_head(hidden[0, -1]).float()

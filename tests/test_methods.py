@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vidsparse.pruning.base import Selection, StageInput, top_k
-from vidsparse.pruning.sparsevlm import SparseVLM, choose_raters, dpc_knn, num_clusters, recycling_split
+from vidsparse.pruning.clustering import dpc_knn
+from vidsparse.pruning.sparsevlm import SparseVLM, choose_raters, num_clusters, recycling_split
 from vidsparse.pruning.stage import VisualBlock, apply_selection
 from vidsparse.pruning.tome import bipartite_merge, groups_to_selection
 

@@ -78,7 +78,7 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     frames, patch_rows, patch_cols = (t.to(device) for t in (visual.frame, visual.row, visual.col))
     positions = torch.arange(n, device=device)[None]
     cache = DynamicCache(config=decoder.config)
-    stages = plan.stages if plan else []
+    stages = plan.stages if plan and plan.budget < len(visual) else []  # B >= n: the contract says no pruning
     generation = Generation([], cache, [], [], torch.empty(0), [], block)
     method = plan.method if plan else None
     if method is not None and replay is None:
@@ -98,7 +98,7 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
                 selection = replay[index]
             else:
                 attention = None
-                if method.needs_attention:
+                if method.needs_attention and stage_layer > BEFORE_FIRST_LAYER:  # no layer has run before 0
                     query = block.end + method.query_rows(hidden.shape[1] - block.end).to(device)
                     attention = attention_rows(decoder.layers[stage_layer], layer_input, query, cos_sin,
                                                cache.layers[stage_layer].keys)[:, block.start : block.end]
@@ -107,6 +107,8 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
                     budget=min(plan.budget, len(visual)), hidden=hidden[0, block.start : block.end],
                     frames=frames[block.origin], rows=patch_rows[block.origin], cols=patch_cols[block.origin],
                     attention=attention, min_per_frame=plan.min_per_frame, generator=generator,
+                    saliency=None if prompt.saliency is None else prompt.saliency.to(device)[block.origin],
+                    frame_features=prompt.frame_features,
                 ))
             hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
         generation.stages.append(StageRecord(stage_layer, block.size, selection))

@@ -167,7 +167,7 @@ class VideoQA:
         with timer.stage("preprocess"):
             pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
         with timer.stage("vision"):
-            prompt = model.embed(input_ids, model.video_features(pixels))
+            prompt = model.embed(input_ids, model.video_features(pixels, saliency=plan.method.needs_saliency))
         generation = generate(model.decoder, model.lm_head, prompt, options.max_new_tokens, model.eos_token_ids,
                               timer, plan)
         answer = model.decode_text(generation.token_ids)

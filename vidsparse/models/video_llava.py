@@ -54,6 +54,18 @@ def _special_tokens_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[st
     return sorted(t for t in tokens if t and t in text)
 
 
+def cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
+    """(T, N) head-averaged attention probabilities of each frame's CLS query (row 0) over its N
+    tokens in a CLIP encoder `layer`, recomputed from the layer's input (softmax in fp32)."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(layer_input)
+    frames, n, _ = x.shape
+    query = attn.q_proj(x[:, :1]).view(frames, 1, -1, attn.head_dim).transpose(1, 2)  # (T, H, 1, hd)
+    keys = attn.k_proj(x).view(frames, n, -1, attn.head_dim).transpose(1, 2)  # (T, H, N, hd)
+    scores = (query @ keys.transpose(-1, -2)).float() * attn.scale
+    return scores.softmax(-1).mean(1)[:, 0]
+
+
 def tokens_per_frame(config: VideoLlavaConfig) -> int:
     """Visual tokens a frame becomes: the patch grid plus CLS (VideoLLaVA keeps CLS for video)."""
     return (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
@@ -112,6 +124,19 @@ class PromptEmbeds:
     embeds: torch.Tensor  # (1, n, d)
     visual: VisualMap
     suffix_words: list[str]  # the tokens after the visual block (question and template), as text
+    saliency: torch.Tensor | None = None  # (n_visual,) VideoFeatures.cls_attention, flattened
+    frame_features: torch.Tensor | None = None  # (frames, d_vision) VideoFeatures.frame_embedding
+
+
+@dataclass(frozen=True)
+class VideoFeatures:
+    """The video tower's output for a clip, and what some pruning methods read from inside the tower."""
+
+    tokens: torch.Tensor  # (T, tokens_per_frame, d) projected visual tokens
+    # At the layer whose output feeds the projector: the CLS query's attention over the frame's
+    # tokens (head-averaged, CLS column included), and the CLS state after the tower's final norm.
+    cls_attention: torch.Tensor | None = None  # (T, tokens_per_frame)
+    frame_embedding: torch.Tensor | None = None  # (T, d_vision)
 
 
 class VideoLlava:
@@ -173,14 +198,41 @@ class VideoLlava:
         return torch.tensor([ids], device=self.device)
 
     @torch.inference_mode()
-    def video_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(T, 3, S, S) pixels -> (T, tokens_per_frame, d) projected visual tokens."""
+    def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
+        """(T, 3, S, S) pixels -> projected visual tokens; with `saliency`, also the CLS attention and
+        frame embedding of the feature layer (read by hooks on that layer: one query row, no n x n)."""
         pixels = pixels.to(self.device, self.dtype)
-        return self.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+        if not saliency:
+            return VideoFeatures(self.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output)
+        tower = self.model.model.video_tower
+        feature_layer = self.model.config.vision_feature_layer
+        if isinstance(feature_layer, int):
+            feature_layer %= len(tower.encoder.layers) + 1
+        if not isinstance(feature_layer, int) or feature_layer < 1:
+            raise UserError(f"this checkpoint feeds the projector from vision_feature_layer {feature_layer}: there "
+                            "is no single tower layer to read the CLS attention from")
+        layer = tower.encoder.layers[feature_layer - 1]  # hidden_states[k] is the output of layer k - 1
+        seen = {}
+
+        def keep_input(module, args, kwargs) -> None:
+            seen["input"] = args[0] if args else kwargs["hidden_states"]
+
+        def keep_output(module, args, output) -> None:
+            seen["output"] = output[0] if isinstance(output, tuple) else output
+
+        hooks = [layer.register_forward_pre_hook(keep_input, with_kwargs=True),
+                 layer.register_forward_hook(keep_output)]
+        try:
+            tokens = self.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return VideoFeatures(tokens, cls_attention(layer, seen["input"]), tower.post_layernorm(seen["output"][:, 0]))
 
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> PromptEmbeds:
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures) -> PromptEmbeds:
         """Text embeddings with the visual features scattered, frame-major, into the placeholders."""
+        features = video.tokens
         embeds = self.decoder.embed_tokens(input_ids)
         is_video = input_ids[0] == self.video_token_id
         positions = is_video.nonzero().squeeze(1)
@@ -191,7 +243,9 @@ class VideoLlava:
         num_frames = features.shape[0]
         suffix = input_ids[0, int(positions[-1]) + 1 :].tolist()
         words = [self.tokenizer.decode([i]).strip() for i in suffix]
-        return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), words)
+        saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
+        return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), words, saliency,
+                            None if video.frame_embedding is None else video.frame_embedding.float())
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

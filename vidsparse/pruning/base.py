@@ -21,13 +21,17 @@ BEFORE_FIRST_LAYER = -1  # a stage "after layer -1" acts on the input embeddings
 @dataclass(frozen=True)
 class Selection:
     """The visual block after a stage: `keep` (ascending indices into the current block), then one
-    merged token per group, the mean of its members. A merged token takes the position and the
-    frame/row/col of its anchor."""
+    merged token per group: the mean of its members (`merge_source[i]` joins group
+    `merge_target[i]`; a token may join several groups), weighted by `merge_weight` where given. A
+    merged token takes the position and the frame/row/col of its anchor. `in_clip_order` places every
+    token at its place in the clip (merged ones at their anchor's) instead of merged ones last."""
 
     keep: torch.Tensor
     merge_source: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     merge_target: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     merge_anchor: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    merge_weight: torch.Tensor | None = None  # (len(merge_source),) float; None: equal weights
+    in_clip_order: bool = False
 
     @property
     def size(self) -> int:
@@ -64,6 +68,8 @@ class StageInput:
     attention: torch.Tensor | None  # (rows, n_v) head-averaged probabilities from the query rows
     min_per_frame: int
     generator: torch.Generator
+    saliency: torch.Tensor | None = None  # (n_v,) the vision tower's CLS attention to each token, if asked for
+    frame_features: torch.Tensor | None = None  # (frames, d_vision) each frame's CLS embedding, if asked for
 
     @property
     def is_last(self) -> bool:
@@ -77,6 +83,7 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_attention: ClassVar[bool] = False
+    needs_saliency: ClassVar[bool] = False  # StageInput.saliency / frame_features from the vision tower
     allows_prune_after: ClassVar[bool] = True
 
     def default_stages(self, num_layers: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from vidsparse.pruning.base import Method, PromptText, Selection, StageInput, top_k
+from vidsparse.pruning.clustering import dpc_knn
 
 RECYCLE_FRACTION = 0.3  # tau: the best-scored 30% (+ 1) of the deleted tokens are recycled
 TOKENS_PER_CLUSTER = 10  # theta = 0.1: one cluster per 10 recycled tokens, plus one
@@ -47,34 +48,6 @@ def pool_size(deleted: int) -> int:
 def num_clusters(deleted: int) -> int:
     pool = pool_size(deleted)
     return pool // TOKENS_PER_CLUSTER + 1 if pool else 0
-
-
-def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peak clustering with k nearest neighbours, deterministic.
-
-    Returns (centres, assignment): indices of the `clusters` centre tokens, and each token's cluster
-    (0..clusters-1, centres in the order returned). Distances are Euclidean / sqrt(dim); density
-    rho = exp(-mean squared distance to the k = clusters nearest); delta = distance to the nearest
-    denser token (the largest distance for the densest); centres = top rho * delta.
-    """
-    n = x.shape[0]
-    x = x.float()
-    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one matmul (torch.cdist takes a slow path on CPU).
-    squared = (x * x).sum(1)
-    distance = (squared[:, None] + squared[None, :] - 2 * (x @ x.T)).clamp_min_(0).sqrt_() / x.shape[1] ** 0.5
-    distance.fill_diagonal_(0)
-    nearest = torch.topk(distance, k=min(clusters, n), dim=1, largest=False).values
-    density = torch.exp(-(nearest**2).mean(1))
-    index = torch.arange(n, device=x.device)
-    # j is denser than i if its density is higher, or equal with a lower index (no random noise).
-    same = density[None, :] == density[:, None]
-    denser = (density[None, :] > density[:, None]) | (same & (index[None, :] < index[:, None]))
-    delta = torch.where(denser, distance, torch.full_like(distance, float("inf"))).min(1).values
-    delta = torch.where(torch.isinf(delta), distance.max(), delta)
-    centres = torch.sort(-(density * delta), stable=True).indices[:clusters]
-    assignment = distance[:, centres].argmin(1)
-    assignment[centres] = torch.arange(centres.numel(), device=x.device)
-    return centres, assignment
 
 
 class SparseVLM(Method):

@@ -55,31 +55,35 @@ def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos_sin
 
 def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: VisualBlock, selection: Selection,
                     mode: PositionMode) -> tuple[torch.Tensor, torch.Tensor, VisualBlock]:
-    """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then
-    the merged ones. Positions follow (`keep`: original RoPE positions, a merged token its anchor's;
+    """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then the
+    merged ones (or, with `in_clip_order`, all of them in clip order, a merged row at its anchor's
+    place). Positions follow (`keep`: original RoPE positions, a merged token its anchor's;
     `compact`: renumbered 0..n'-1)."""
     device = hidden.device
     visual = hidden[:, block.start : block.end]
     visual_positions = positions[:, block.start : block.end]
     keep = selection.keep.to(device)
     parts = [visual[:, keep]]
-    new_positions = [visual_positions[:, keep]]
-    origin = [block.origin[keep]]
+    places = [keep]  # index in the current block of each output row (a merged row: its anchor's)
     merged = [block.merged[keep]]
     if selection.merge_anchor.numel():
         source, target, anchor = (t.to(device) for t in (selection.merge_source, selection.merge_target,
                                                          selection.merge_anchor))
+        weight = (torch.ones(source.numel(), device=device) if selection.merge_weight is None
+                  else selection.merge_weight.to(device, torch.float32))
         count = anchor.numel()
         sums = torch.zeros(1, count, hidden.shape[-1], dtype=torch.float32, device=device)
-        sums.index_add_(1, target, visual[:, source].float())
-        sizes = torch.zeros(count, device=device).index_add_(0, target, torch.ones_like(target, dtype=torch.float32))
-        sizes = sizes[None, :, None]
-        parts.append((sums / sizes).to(hidden.dtype))
-        new_positions.append(visual_positions[:, anchor])
-        origin.append(block.origin[anchor])
+        sums.index_add_(1, target, visual[:, source].float() * weight[None, :, None])
+        totals = torch.zeros(count, device=device).index_add_(0, target, weight)[None, :, None]
+        parts.append((sums / totals).to(hidden.dtype))
+        places.append(anchor)
         merged.append(torch.ones(count, dtype=torch.bool, device=device))
-    hidden = torch.cat([hidden[:, : block.start], *parts, hidden[:, block.end :]], dim=1)
-    positions = torch.cat([positions[:, : block.start], *new_positions, positions[:, block.end :]], dim=1)
+    place = torch.cat(places)
+    order = torch.sort(place, stable=True).indices if selection.in_clip_order else slice(None)
+    new_visual = torch.cat(parts, dim=1)[:, order]
+    hidden = torch.cat([hidden[:, : block.start], new_visual, hidden[:, block.end :]], dim=1)
+    positions = torch.cat([positions[:, : block.start], visual_positions[:, place[order]], positions[:, block.end :]],
+                          dim=1)
     if mode == "compact":
         positions = torch.arange(hidden.shape[1], device=device)[None]
-    return hidden, positions, VisualBlock(block.start, torch.cat(origin), torch.cat(merged))
+    return hidden, positions, VisualBlock(block.start, block.origin[place[order]], torch.cat(merged)[order])

@@ -1,0 +1,76 @@
+"""DyCoke (Tao et al., CVPR 2025; official code KD-TAO/DyCoke): temporal token merging (TTM) before
+layer 0 drops, in every other frame, the tokens that barely changed since the frame before; then the
+last prompt token's attention keeps exactly B.
+
+What is implemented, adapted to VideoLLaVA and to an exact budget (../shared/PEERS.md):
+- TTM, as the official `dycole_ttm`: frames are paired (0, 1), (2, 3), ...; in each pair the second
+  frame keeps its k positions least cosine-similar to the same position in the first; then within
+  each window of four frames (0-3, 4-7, ...; the last full window excluded, as in the code) the third
+  frame keeps its k positions least similar to the first. For 8 frames, frames 0, 4 and 6 stay whole.
+  Every spatial index counts, CLS included. The original keeps k = 30% of a frame; here
+  k = clamp(ceil((max(B, M0) - whole x N) / pruned), 1, N), so that TTM leaves at least B tokens
+  (M0 is the count with the original k). Kept tokens stay in clip order (the original leaves a pruned
+  frame's tokens in similarity order).
+- The decode-time dynamic KV pruning is **not** implemented: it chooses anew at every generated token
+  and cannot be expressed as a fixed budget. Its prefill-time stand-in lands on B: after layer
+  l - 1 = 2 (DyCoke's l = 3), keep the B tokens the last prompt token attends to most (FastV-like).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput, top_k
+
+MERGE_RATIO = 0.7  # K: the share of a pruned frame's tokens TTM drops by default
+ATTENTION_LAYER = 2  # the second stage prunes after this layer (DyCoke's l = 3 reads layer l - 1)
+
+
+def ttm_pairs(num_frames: int) -> list[tuple[int, int]]:
+    """(reference frame, pruned frame) in the order the official code prunes them."""
+    pairs = [(i, i + 1) for i in range(0, num_frames - 1, 2)]
+    return pairs + [(i, i + 2) for i in range(0, num_frames - 4, 4)]
+
+
+def ttm_keep_count(budget: int, num_frames: int, per_frame: int) -> int:
+    """Tokens each pruned frame keeps: enough that TTM leaves >= B tokens (and the default K's count
+    where that is more), at least 1, at most the whole frame."""
+    pruned = len({frame for _, frame in ttm_pairs(num_frames)})
+    if not pruned:
+        return per_frame
+    whole = (num_frames - pruned) * per_frame
+    default = whole + pruned * int((1 - MERGE_RATIO) * per_frame)
+    return min(per_frame, max(1, math.ceil((max(budget, default) - whole) / pruned)))
+
+
+class DyCoke(Method):
+    name = "dycoke"
+    summary = ("DyCoke: temporal merging drops the tokens of every other frame that match the frame before "
+               "(before layer 0), then the last prompt token's attention keeps B (after layer 2)")
+    needs_attention = True  # at the second stage
+    allows_prune_after = False
+
+    def default_stages(self, num_layers: int) -> list[int]:
+        return [BEFORE_FIRST_LAYER, min(ATTENTION_LAYER, num_layers - 2)]
+
+    def select(self, stage: StageInput) -> Selection:
+        if stage.layer == BEFORE_FIRST_LAYER:
+            return Selection(temporal_merge(stage.hidden, stage.frames, stage.budget))
+        return Selection(top_k(stage.attention.mean(0), stage.budget, stage.frames, stage.min_per_frame))
+
+
+def temporal_merge(x: torch.Tensor, frames: torch.Tensor, budget: int) -> torch.Tensor:
+    """Ascending indices of the tokens TTM keeps (every frame has the same number of tokens here)."""
+    num_frames = int(frames.max()) + 1
+    per_frame = x.shape[0] // num_frames
+    tokens = x.float().view(num_frames, per_frame, -1)
+    keep = ttm_keep_count(budget, num_frames, per_frame)
+    kept = torch.ones(num_frames, per_frame, dtype=torch.bool, device=x.device)
+    for reference, pruned in ttm_pairs(num_frames):
+        similarity = F.cosine_similarity(tokens[reference], tokens[pruned], dim=-1)
+        kept[pruned] = False
+        kept[pruned, torch.sort(similarity, stable=True).indices[:keep]] = True
+    return kept.flatten().nonzero().squeeze(1)

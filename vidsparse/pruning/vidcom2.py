@@ -1,0 +1,81 @@
+"""VidCom² (Liu et al. 2025; official code xuyang-liu16/VidCom2, vLLM's port): before layer 0, keep
+the tokens most distinct from their frame and from the whole video, with more tokens for frames that
+are unlike the rest of the clip. Text-agnostic; tokens are selected, never averaged.
+
+Adapted to VideoLLaVA (../shared/PEERS.md): it runs on the projector outputs of all T x 257 tokens
+and treats each frame's CLS token as an ordinary token of the frame. To land exactly on B, the
+per-frame counts are reconciled as vLLM's upstream port does: drop the retained tokens with the
+largest score, or add the unretained ones with the smallest, across the whole clip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vidsparse.errors import UserError
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
+
+CHANNEL_SHARE = 0.5  # keep the lowest-variance half of the channels
+KERNEL_SCALES = (1 / 8, 1 / 4, 1 / 2, 1, 2)  # alpha of the multi-scale Gaussian similarity
+TEMPERATURE = 0.01  # frame-allocation softmax
+
+
+class VidCom2(BeforeFirstLayer):
+    name = "vidcom2"
+    summary = ("VidCom2: frames unlike the video get more of B; in each frame, keep the tokens least similar to "
+               "their frame and to the video (before layer 0)")
+
+    def select(self, stage: StageInput) -> Selection:
+        if stage.min_per_frame:
+            raise UserError("vidcom2 sets its own per-frame counts; --min-per-frame does not apply to it")
+        scores, frame_scores = token_scores(stage.hidden, stage.frames)
+        counts = frame_counts(frame_scores, stage.budget, torch.bincount(stage.frames).tolist())
+        return Selection(keep_lowest(scores, stage.frames, counts, stage.budget))
+
+
+def token_scores(x: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, u): per token s = K(x, video centre) + K(x, frame centre) on the normalised low-variance
+    channels, and per frame u = -mean over its tokens of K(x, video centre) (its uniqueness)."""
+    x = x.float()
+    channels = max(1, int(x.shape[1] * CHANNEL_SHARE))
+    low_variance = torch.sort(x.var(0, unbiased=False), stable=True).indices[:channels]
+    x = F.normalize(x[:, low_variance], dim=1)
+    num_frames = int(frames.max()) + 1
+    sizes = torch.bincount(frames, minlength=num_frames).float()
+    frame_centres = torch.zeros(num_frames, x.shape[1], device=x.device).index_add_(0, frames, x) / sizes[:, None]
+    to_video = similarity(x, x.mean(0, keepdim=True))
+    to_frame = similarity(x, frame_centres[frames])
+    uniqueness = -torch.zeros(num_frames, device=x.device).index_add_(0, frames, to_video) / sizes
+    return to_video + to_frame, uniqueness
+
+
+def similarity(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    squared = ((x - centre) ** 2).sum(1)
+    return sum(torch.exp(-squared / (2 * alpha)) for alpha in KERNEL_SCALES)
+
+
+def frame_counts(uniqueness: torch.Tensor, budget: int, sizes: list[int]) -> list[int]:
+    """Tokens per frame before reconciling: r_t = min(1, r (1 + p_t - mean p)), p = softmax of the
+    frames' uniqueness at temperature 0.01, r = B / total; k_t = max(1, round-half-even(r_t N_t))."""
+    ratio = budget / sum(sizes)
+    p = torch.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
+    shares = (ratio * (1 + p - p.mean())).clamp(max=1.0)
+    return [max(1, round(float(share) * size)) for share, size in zip(shares, sizes, strict=True)]
+
+
+def keep_lowest(scores: torch.Tensor, frames: torch.Tensor, counts: list[int], budget: int) -> torch.Tensor:
+    """Per frame the `counts[t]` lowest scores (ties: lower index), then reconciled to exactly
+    `budget` across the clip (too many: drop the kept ones with the highest scores; too few: add the
+    others with the lowest). Ascending indices."""
+    order = torch.sort(scores, stable=True).indices  # lowest score first
+    kept = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    for t, count in enumerate(counts):
+        kept[order[frames[order] == t][:count]] = True
+    surplus = int(kept.sum()) - budget
+    if surplus > 0:
+        candidates = order[kept[order]].flip(0)  # highest score first (ties: the higher index first)
+        kept[candidates[:surplus]] = False
+    elif surplus < 0:
+        kept[order[~kept[order]][:-surplus]] = True
+    return kept.nonzero().squeeze(1)
