@@ -388,7 +388,7 @@ def methods() -> None:
     table.add_column("what it does")
     for name, cls in METHODS.items():
         stages = cls().default_stages(32)
-        where = "-" if not stages else ("before layer 0" if stages == [-1] else ", ".join(map(str, stages)))
+        where = ", ".join("before layer 0" if layer == -1 else str(layer) for layer in stages) or "-"
         table.add_row(name, where, cls.summary)
     console.print(table)
 
