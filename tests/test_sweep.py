@@ -52,11 +52,14 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
         ("none", "-", 136), ("fastv", "50%", 68), ("fastv", "10", 10), ("sparsevlm", "50%", 68),
         ("sparsevlm", "10", 10)]
     assert rows[0]["prefill_speedup"] == 1.0 and rows[0]["agreement_with_none"] == 1.0
+    # FLOPs as a share of the unpruned prefill: layers 0-1 of 4 see every token, 2-3 only the kept ones.
+    shares = [r["prefill_flops_share"] for r in rows]
+    assert shares[0] == 1.0 and 0.5 < shares[2] < shares[1] < 1
     assert all(r["answer"] is not None and r["accuracy"] is None for r in rows)
     assert rows[2]["prefill_tflops"] < rows[0]["prefill_tflops"] or rows[0]["prefill_tflops"] == 0
     with open(tmp_path / "sweep.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == [r["method"] for r in rows]
-    for name in ("accuracy.png", "latency.png", "kept-fastv.png", "kept-sparsevlm.png"):
+    for name in ("accuracy.png", "accuracy_vs_flops.png", "latency.png", "kept-fastv.png", "kept-sparsevlm.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 300
     assert "x prefill" in result.stdout

@@ -38,6 +38,7 @@ class Cell:
     visual_tokens: list[int] = field(default_factory=list)
     equivalent: list[float] = field(default_factory=list)
     flops: list[int] = field(default_factory=list)
+    flops_unpruned: list[int] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)  # per question, the median over repeats
     total_ms: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
@@ -58,6 +59,7 @@ class Cell:
             "agreement_with_none": round(mean(self.agrees), 4) if self.agrees else None,
             "equivalent_tokens": round(mean(self.equivalent), 1),
             "prefill_tflops": round(mean(self.flops) / 1e12, 6),
+            "prefill_flops_share": round(sum(self.flops) / sum(self.flops_unpruned), 4),
             "prefill_ms": round(prefill, 2),
             "total_ms": round(total, 2),
             "peak_mb": round(max(self.peak_bytes) / 2**20, 1) if self.peak_bytes else None,
@@ -146,6 +148,7 @@ def _record(cell: Cell, q: Question, results: list[AskResult], none_answer: str 
     cell.visual_tokens.append(stats["tokens"]["visual_after"])
     cell.equivalent.append(stats["tokens"]["equivalent_visual"])
     cell.flops.append(stats["flops"]["prefill"])
+    cell.flops_unpruned.append(stats["flops"]["prefill_unpruned"])
     cell.prefill_ms.append(statistics.median(r.seconds["prefill"] * 1000 for r in results))
     cell.total_ms.append(statistics.median(r.seconds["total"] * 1000 for r in results))
     peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes]
@@ -172,19 +175,27 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
 
 
 def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """latency.png, and accuracy.png where there is something to grade against (reference answers,
-    or the `none` cell's answers)."""
+    """latency.png, and accuracy.png / accuracy_vs_flops.png where there is something to grade against
+    (reference answers, or the `none` cell's answers): methods compared at equal tokens and at equal
+    cost (in-LLM methods pay for the layers before their first stage)."""
     paths = {"latency": out_dir / "latency.png"}
-    _plot(rows, "prefill_ms", "LLM prefill latency (ms)", paths["latency"])
+    _plot(rows, "visual_tokens", "prefill_ms", "LLM prefill latency (ms)", paths["latency"])
     graded = any(r["accuracy"] is not None for r in rows)
     metric = "accuracy" if graded else "agreement_with_none"
+    label = "accuracy" if graded else "agreement with the unpruned answer"
     if any(r[metric] is not None for r in rows):
         paths["accuracy"] = out_dir / "accuracy.png"
-        _plot(rows, metric, "accuracy" if graded else "agreement with the unpruned answer", paths["accuracy"])
+        _plot(rows, "visual_tokens", metric, label, paths["accuracy"])
+        paths["accuracy_vs_flops"] = out_dir / "accuracy_vs_flops.png"
+        _plot(rows, "prefill_flops_share", metric, label, paths["accuracy_vs_flops"])
     return paths
 
 
-def _plot(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> None:
+X_AXES = {"visual_tokens": "visual tokens after pruning (budget)",
+          "prefill_flops_share": "LLM prefill FLOPs, share of none's"}
+
+
+def _plot(rows: list[dict[str, Any]], x_key: str, key: str, label: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +203,7 @@ def _plot(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["visual_tokens"], r[key]) for r in rows if r["method"] == method and r[key] is not None)
+        points = sorted((r[x_key], r[key]) for r in rows if r["method"] == method and r[key] is not None)
         if not points:
             continue
         if method == "none":
@@ -200,12 +211,12 @@ def _plot(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> None:
         else:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
     ax.set_xscale("log")
-    ticks = sorted({r["visual_tokens"] for r in rows})
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ticks = sorted({r[x_key] for r in rows if r["method"] != "none"} or {r[x_key] for r in rows})
+    ax.set_xticks(ticks, [f"{t:.0%}" if x_key == "prefill_flops_share" else f"{t:g}" for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("visual tokens after pruning (budget)")
+    ax.set_xlabel(X_AXES[x_key])
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
