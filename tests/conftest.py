@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import av
@@ -56,12 +57,22 @@ def moving_square_frames(n: int = 24, height: int = 48, width: int = 64) -> np.n
     return frames
 
 
-def write_video(path: Path, frames: np.ndarray, codec: str, fps: int = 12, **options: str) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps, options=options)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+def write_video(path: Path, frames: Iterable[np.ndarray], codec: str = "libx264", fps: int = 12, *,
+                muxer_options: dict[str, str] | None = None, rotation: int | None = None, title: str | None = None,
+                **options: str) -> Path:
+    """uint8 RGB frames (an array (T, H, W, 3) or any iterable of (H, W, 3)) -> a yuv420p clip;
+    optionally with muxer options, a display rotation (degrees counter-clockwise) or a title tag."""
+    with av.open(str(path), "w", options=muxer_options or {}) as container:
+        if title is not None:
+            container.metadata["title"] = title
+        stream = None
         for frame in frames:
+            if stream is None:
+                stream = container.add_stream(codec, rate=fps, options=options)
+                stream.height, stream.width = frame.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                if rotation is not None:
+                    stream.set_display_rotation(rotation)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import moving_square_frames
+from tests.conftest import moving_square_frames, write_video
 from vidsparse.errors import UserError
 from vidsparse.video import decode_video, sample_indices
 
@@ -88,15 +88,8 @@ def test_pyav_gives_the_frames_of_the_real_count_when_the_header_lies(tmp_path):
     over the frames that really decode, exactly as decoding everything first would take it."""
     import av
 
-    path = tmp_path / "faststart.mp4"
-    frames = moving_square_frames(40)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=12, options={"crf": "18"})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_video(tmp_path / "faststart.mp4", moving_square_frames(40), crf="18",
+                       muxer_options={"movflags": "faststart"})
     with av.open(str(path)) as container:  # cut the file right after a packet: the rest is simply gone
         ends = [packet.pos + packet.size for packet in container.demux(video=0) if packet.size]
     cut = tmp_path / "cut.mp4"
@@ -126,18 +119,14 @@ print(kb("VmHWM") - before)
 def test_pyav_memory_does_not_grow_with_the_clip(tmp_path):
     """600 frames of 320x240 (about 70 MB as decoded YUV, 140 MB as RGB): the PyAV path's peak is
     within 1.2x (+ 8 MB) of decord's on the same clip, where holding every frame took ~100 MB more."""
-    import av
-
-    path = tmp_path / "long.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "crf": "35"})
-        stream.height, stream.width, stream.pix_fmt = 240, 320, "yuv420p"
+    def frames():
         frame = np.zeros((240, 320, 3), np.uint8)
         for i in range(600):
             frame[:] = 40
             frame[100:140, (i * 3) % 280 : (i * 3) % 280 + 40] = 250
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+            yield frame
+
+    path = write_video(tmp_path / "long.mp4", frames(), fps=30, preset="ultrafast", crf="35")
     peaks = {}
     for backend in ("decord", "pyav"):
         done = subprocess.run([sys.executable, "-c", LONG_CLIP_SCRIPT, str(path), backend], capture_output=True,
@@ -151,18 +140,8 @@ def test_pyav_memory_does_not_grow_with_the_clip(tmp_path):
 def test_display_rotation_is_applied(tmp_path, degrees, turns, backend):
     """A phone clip filmed upright is stored sideways with a display matrix; the model must see it
     upright. Reference: the stored frames turned counter-clockwise by the matrix's angle."""
-    import av
-
     frames = moving_square_frames(12)
-    path = tmp_path / f"rotated{degrees}.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=12, options={"crf": "18"})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.set_display_rotation(degrees)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_video(tmp_path / f"rotated{degrees}.mp4", frames, crf="18", rotation=degrees)
     video = decode_video(path, 4, backend=backend)
     upright = np.rot90(frames[video.indices], turns, axes=(1, 2))
     assert video.frames.shape == upright.shape
@@ -170,18 +149,7 @@ def test_display_rotation_is_applied(tmp_path, degrees, turns, backend):
 
 
 def test_metadata_that_is_not_utf8_does_not_stop_pyav(tmp_path, clips):
-    import av
-
-    path = tmp_path / "titled.mp4"
-    frames = moving_square_frames()
-    with av.open(str(path), "w") as container:
-        container.metadata["title"] = "TITLE-MARKER"
-        stream = container.add_stream("libx264", rate=12, options={"crf": "18"})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_video(tmp_path / "titled.mp4", moving_square_frames(), crf="18", title="TITLE-MARKER")
     data = path.read_bytes()
     garbled = tmp_path / "garbled.mp4"
     garbled.write_bytes(data.replace(b"TITLE-MARKER", b"\xff\xfe\xfa\xff-MARKER"))

@@ -50,6 +50,22 @@ def num_clusters(deleted: int) -> int:
     return pool // TOKENS_PER_CLUSTER + 1 if pool else 0
 
 
+def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_clip_order: bool = False) -> Selection:
+    """SparseVLM's token recycling, landing on `target`: keep the best K by `scores`; the best
+    deleted ones (the pool) become C DPC-kNN cluster means; K + C = target."""
+    kept_count, clusters = recycling_split(target, scores.numel())
+    keep = top_k(scores, kept_count, stage.frames, stage.min_per_frame)
+    if clusters == 0:
+        return Selection(keep, in_clip_order=in_clip_order)
+    deleted = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    deleted[keep] = False
+    deleted_ids = deleted.nonzero().squeeze(1)
+    pool_count = max(pool_size(deleted_ids.numel()), clusters)
+    pool = deleted_ids[torch.sort(-scores[deleted_ids].float(), stable=True).indices[:pool_count]]
+    centres, assignment = dpc_knn(stage.hidden[pool], clusters)
+    return Selection(keep, pool, assignment, pool[centres], in_clip_order=in_clip_order)
+
+
 class SparseVLM(Method):
     name = "sparsevlm"
     summary = ("text raters score visual tokens; rank-adaptive deletion per stage; the best deleted "
@@ -84,19 +100,7 @@ class SparseVLM(Method):
         return max(stage.budget, num_visual - deleted)
 
     def select(self, stage: StageInput) -> Selection:
-        scores = stage.attention.mean(0)
-        target = self.stage_size(stage)
-        kept_count, clusters = recycling_split(target, scores.numel())
-        keep = top_k(scores, kept_count, stage.frames, stage.min_per_frame)
-        if clusters == 0:
-            return Selection(keep)
-        deleted = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-        deleted[keep] = False
-        deleted_ids = deleted.nonzero().squeeze(1)
-        pool_count = max(pool_size(deleted_ids.numel()), clusters)
-        pool = deleted_ids[torch.sort(-scores[deleted_ids].float(), stable=True).indices[:pool_count]]
-        centres, assignment = dpc_knn(stage.hidden[pool], clusters)
-        return Selection(keep, pool, assignment, pool[centres])
+        return keep_and_recycle(stage, stage.attention.mean(0), self.stage_size(stage))
 
     def report(self) -> dict[str, object]:
         return {"raters": " ".join(self.rater_words), "ranks": self.ranks}

@@ -52,7 +52,7 @@ def bipartite_merge(x: torch.Tensor, target: int) -> torch.Tensor:
     return group
 
 
-def groups_to_selection(group: torch.Tensor) -> Selection:
+def groups_to_selection(group: torch.Tensor, in_clip_order: bool = False) -> Selection:
     """Singleton groups are kept as they are; larger groups become merged tokens (anchor: earliest)."""
     sizes = torch.bincount(group)
     singleton = sizes[group] == 1
@@ -61,4 +61,4 @@ def groups_to_selection(group: torch.Tensor) -> Selection:
     merged_groups, target = group[source].unique(return_inverse=True)
     anchor = torch.full((merged_groups.numel(),), group.numel(), device=group.device).scatter_reduce_(
         0, target, source, "amin")
-    return Selection(keep, source, target, anchor)
+    return Selection(keep, source, target, anchor, in_clip_order=in_clip_order)
