@@ -26,7 +26,8 @@ from vidsparse.models.video_llava import PromptEmbeds, visual_map
 from vidsparse.pruning import make_plan
 from vidsparse.stats import PeakMemory, StageTimer, kv_cache_bytes, prefill_flops, synchronize
 
-CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64)]
+CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64), ("vidcom2", 194),
+           ("fastvid", 194), ("dycoke", 194)]
 FRAMES, TOKENS_PER_FRAME, PREFIX, SUFFIX = 8, 257, 5, 24  # "USER: <video>" ... "{question} ASSISTANT:"
 
 
@@ -67,7 +68,11 @@ def synthetic_prompt(model, device, dtype) -> PromptEmbeds:
         embeds[0, PREFIX : PREFIX + n_visual] = (torch.randn(n_visual, 4096, generator=generator) * 0.02).to(
             device, dtype)
     words = [f"w{i}" for i in range(SUFFIX)]
-    return PromptEmbeds(ids, embeds, visual_map(torch.arange(PREFIX, PREFIX + n_visual), FRAMES, 16), words)
+    # What the video tower would give FastVID: CLS attention over each frame, a CLS embedding per frame.
+    saliency = torch.rand(FRAMES, TOKENS_PER_FRAME, generator=generator).softmax(-1).flatten().to(device)
+    frame_features = torch.randn(FRAMES, 1024, generator=generator).to(device)
+    return PromptEmbeds(ids, embeds, visual_map(torch.arange(PREFIX, PREFIX + n_visual), FRAMES, 16), words,
+                        saliency, frame_features)
 
 
 def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:

@@ -36,22 +36,30 @@ class VidCom2(BeforeFirstLayer):
 
 def token_scores(x: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, u): per token s = K(x, video centre) + K(x, frame centre) on the normalised low-variance
-    channels, and per frame u = -mean over its tokens of K(x, video centre) (its uniqueness)."""
+    channels, and per frame u = -mean over its tokens of K(x, video centre) (its uniqueness).
+    Squared distances as |x|^2 + |g|^2 - 2 x.g (|x| = 1): matrix-vector products, no n x d temporaries."""
     x = x.float()
+    n = x.shape[0]
+    centred = x - x.sum(0) / n
+    variance = centred.square_().sum(0) / n
     channels = max(1, int(x.shape[1] * CHANNEL_SHARE))
-    low_variance = torch.sort(x.var(0, unbiased=False), stable=True).indices[:channels]
+    low_variance = torch.sort(variance, stable=True).indices[:channels]
     x = F.normalize(x[:, low_variance], dim=1)
     num_frames = int(frames.max()) + 1
     sizes = torch.bincount(frames, minlength=num_frames).float()
     frame_centres = torch.zeros(num_frames, x.shape[1], device=x.device).index_add_(0, frames, x) / sizes[:, None]
-    to_video = similarity(x, x.mean(0, keepdim=True))
-    to_frame = similarity(x, frame_centres[frames])
+    video_centre = x.mean(0)
+    to_video = similarity(1 + video_centre @ video_centre - 2 * (x @ video_centre))
+    to_frame_centres = x @ frame_centres.T  # (n, frames)
+    to_frame = similarity(1 + frame_centres.square().sum(1)[frames]
+                          - 2 * to_frame_centres.gather(1, frames[:, None]).squeeze(1))
     uniqueness = -torch.zeros(num_frames, device=x.device).index_add_(0, frames, to_video) / sizes
     return to_video + to_frame, uniqueness
 
 
-def similarity(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    squared = ((x - centre) ** 2).sum(1)
+def similarity(squared_distance: torch.Tensor) -> torch.Tensor:
+    """The multi-scale Gaussian kernel sum_alpha exp(-d^2 / (2 alpha))."""
+    squared = squared_distance.clamp_min(0)
     return sum(torch.exp(-squared / (2 * alpha)) for alpha in KERNEL_SCALES)
 
 
