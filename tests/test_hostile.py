@@ -247,3 +247,17 @@ def test_missing_video_is_answered_without_importing_torch():
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported and "transformers" not in imported
     assert Path(done.stderr.splitlines()[-1]).name  # one line of error after the import log
+
+
+def test_make_shapes_into_an_unwritable_folder():
+    assert_one_line_error(invoke("make-shapes", "/proc/vidsparse-shapes", "--n", 2), "cannot write to /proc")
+
+
+def test_any_file_system_refusal_is_one_line(clips, tiny_checkpoint, monkeypatch):
+    from vidsparse import video
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/tmp/somewhere")
+
+    monkeypatch.setattr(video, "decode_video", full_disk)
+    assert_one_line_error(ask(clips["h264"], QUESTION, tiny_checkpoint), "No space left on device: /tmp/somewhere")

@@ -59,6 +59,10 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # the file system said no (full disk, permissions, a vanished folder)
+            where = f": {e.filename}" if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -406,8 +410,9 @@ def make_shapes(
 
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder")
+    from vidsparse.outputs import check_output_dir
+
+    check_output_dir(out_dir, "OUT_DIR")
     with _progress() as progress:
         task = progress.add_task("writing clips", total=n, status="")
         qa = generate_shapes(out_dir, n, seed, lambda done, total: progress.update(task, completed=done))
