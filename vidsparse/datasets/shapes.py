@@ -27,8 +27,9 @@ decodes is what the model was trained on.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,18 +82,24 @@ CHANCE = {
 }
 
 
-def _shape_masks(s: int = OBJ) -> dict[str, np.ndarray]:
+@functools.cache
+def shape_masks(s: int) -> dict[str, np.ndarray]:
+    """Boolean s x s masks of every shape (the cross's arms are ~3/7 of s wide, as at s = 7).
+    Shared with ShapesQA-HD, which draws objects of several sizes. Read-only: cached per size."""
     yy, xx = np.mgrid[0:s, 0:s]
     c = (s - 1) / 2
-    return {
+    masks = {
         "square": np.ones((s, s), bool),
         "circle": (yy - c) ** 2 + (xx - c) ** 2 <= (s / 2) ** 2 * 0.85,
         "triangle": (yy >= np.abs(xx - c) * 2 - 0.5) & (yy <= s - 1),
-        "cross": (np.abs(yy - c) <= 1) | (np.abs(xx - c) <= 1),
+        "cross": (np.abs(yy - c) <= s / 7) | (np.abs(xx - c) <= s / 7),
     }
+    for m in masks.values():
+        m.flags.writeable = False
+    return masks
 
 
-SHAPE_MASKS = _shape_masks()
+SHAPE_MASKS = shape_masks(OBJ)
 
 
 @dataclass(frozen=True)
@@ -118,21 +125,29 @@ class Clip:
         dominant one gives the labels); ``center`` (.., 2) the dominant object's centre x, y in
         [-1, 1] (0 where ``has`` is False).
         """
-        n = len(self.objects)
-        counts = np.stack([(self.ids == k).reshape(FRAMES, GRID, PATCH, GRID, PATCH).sum((2, 4)) for k in range(n)], -1)
-        dominant = counts.argmax(-1).reshape(FRAMES, GRID * GRID)
-        has = (counts.max(-1) >= min_pixels).reshape(FRAMES, GRID * GRID)
-        color_cls = np.array([COLOR_NAMES.index(o.color) + 1 for o in self.objects])
-        shape_cls = np.array([SHAPES.index(o.shape) + 1 for o in self.objects])
         cx = np.stack([o.x + OBJ / 2 for o in self.objects], 1) / SIZE * 2 - 1  # (FRAMES, n)
         cy = np.stack([o.y + OBJ / 2 for o in self.objects], 1) / SIZE * 2 - 1
-        center = np.stack([np.take_along_axis(cx, dominant, 1), np.take_along_axis(cy, dominant, 1)], -1)
-        return {
-            "color": np.where(has, color_cls[dominant], 0),
-            "shape": np.where(has, shape_cls[dominant], 0),
-            "has": has,
-            "center": np.where(has[..., None], center, 0.0).astype(np.float32),
-        }
+        return patch_labels(self.ids, self.objects, np.stack([cx, cy], -1), PATCH, min_pixels)
+
+
+def patch_labels(ids: np.ndarray, objects, centers: np.ndarray, patch: int, min_pixels: int) -> dict[str, np.ndarray]:
+    """Per-patch targets from an object-id video ``ids`` (T, H, W) (-1 = background), for objects
+    with ``.color`` and ``.shape``, and ``centers`` (T, n, 2) of each object in [-1, 1] (x, y).
+    Shared by both yardsticks; see :meth:`Clip.patch_labels` for the meaning of the outputs."""
+    frames, grid = ids.shape[0], ids.shape[1] // patch
+    n = len(objects)
+    counts = np.stack([(ids == k).reshape(frames, grid, patch, grid, patch).sum((2, 4)) for k in range(n)], -1)
+    dominant = counts.argmax(-1).reshape(frames, grid * grid)
+    has = (counts.max(-1) >= min_pixels).reshape(frames, grid * grid)
+    color_cls = np.array([COLOR_NAMES.index(o.color) + 1 for o in objects])
+    shape_cls = np.array([SHAPES.index(o.shape) + 1 for o in objects])
+    center = np.stack([np.take_along_axis(centers[..., i], dominant, 1) for i in range(2)], -1)
+    return {
+        "color": np.where(has, color_cls[dominant], 0),
+        "shape": np.where(has, shape_cls[dominant], 0),
+        "has": has,
+        "center": np.where(has[..., None], center, 0.0).astype(np.float32),
+    }
 
 
 def _trajectory(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -258,8 +273,14 @@ def sample(rng: np.random.Generator, qtype: str) -> tuple[Clip, str, str]:
 
 def vocabulary() -> list[str]:
     """Every word of every question and answer (the prompt template's words come from the tokenizer)."""
+    texts = [*QUESTION_TEMPLATES.values(), *AUX_QUESTIONS.values(), *SHAPES, *COLOR_NAMES, *COUNT_WORDS.values()]
+    return words_of(texts)
+
+
+def words_of(texts: Iterable[str]) -> list[str]:
+    """The distinct words of ``texts`` in order of first use, template slots left out."""
     words: list[str] = []
-    for text in [*QUESTION_TEMPLATES.values(), *AUX_QUESTIONS.values(), *SHAPES, *COLOR_NAMES, *COUNT_WORDS.values()]:
+    for text in texts:
         for w in text.replace("{shape}", "").replace("{color}", "").split():
             if w not in words:
                 words.append(w)
@@ -291,20 +312,35 @@ def make_shapes(
 ) -> Path:
     """Write n clips (``00000.mp4`` ...) and ``qa.jsonl`` (one question a clip) to ``out_dir``.
 
-    Question types cycle color, shape, count, first, so every type gets n/4 questions. Returns the
-    path of ``qa.jsonl``. ``progress(done, n)`` is called after each clip.
+    Question types cycle color, shape, count, first, second, so every type gets n/5 questions.
+    Returns the path of ``qa.jsonl``. ``progress(done, n)`` is called after each clip.
     """
+    return write_dataset(out_dir, n, seed, QUESTION_TYPES, sample, "shapes", progress)
+
+
+def write_dataset(
+    out_dir: Path,
+    n: int,
+    seed: int,
+    question_types: tuple[str, ...],
+    draw: Callable[[np.random.Generator, str], tuple],
+    prefix: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """The ``make_shapes`` writer of every ShapesQA variant: clip i has type ``question_types[i % k]``
+    and is ``draw(default_rng([seed, i]), type) -> (clip with .frames, question, answer)``; id
+    ``{prefix}-{seed}-{i:05d}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        clip, question, answer = sample(np.random.default_rng([seed, i]), qtype)
+        qtype = question_types[i % len(question_types)]
+        clip, question, answer = draw(np.random.default_rng([seed, i]), qtype)
         name = f"{i:05d}.mp4"
         write_video(out_dir / name, clip.frames)
         lines.append(
             json.dumps(
-                {"video": name, "question": question, "answer": answer, "type": qtype, "id": f"shapes-{seed}-{i:05d}"}
+                {"video": name, "question": question, "answer": answer, "type": qtype, "id": f"{prefix}-{seed}-{i:05d}"}
             )
         )
         if progress is not None:

@@ -1,0 +1,96 @@
+"""The demo-model trainer: one trainer for both yardsticks, and a killed run that resumes from its saved
+state ends with exactly the weights of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidsparse import train_demo
+from vidsparse.yardsticks import HD, YARDSTICKS
+
+TINY = dataclasses.replace(
+    HD,
+    name="tiny",
+    arch={
+        "vision_hidden": 16,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_hidden": 16,
+        "text_layers": 2,
+        "text_heads": 2,
+        "vision_feature_layer": -1,
+    },
+    defaults={
+        **HD.defaults,
+        "tower_steps": 3,
+        "tower_batch": 1,
+        "qa_steps": 4,
+        "batch": 2,
+        "eval_every": 2,
+        "monitor_n": 1,
+    },
+)
+
+
+def test_each_yardstick_has_its_defaults():
+    y, args = train_demo.parse_args([])
+    assert y is YARDSTICKS["demo"] and args.out == Path("models/shapes-videollava")
+    assert (args.qa_steps, args.batch, args.eval_seed) == (3000, 32, 424242)
+    y, args = train_demo.parse_args(["--yardstick", "hd", "--qa-steps", "7"])
+    assert y is HD and args.out == Path("models/shapes-hd-videollava") and args.qa_steps == 7
+    assert args.eval_seed == 434343 and HD.monitor_seed != HD.eval_seed
+    assert HD.arch["text_layers"] >= 8
+    assert set(HD.data.QUESTION_TYPES) <= set(HD.qa_tasks)
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, int] | None = None) -> dict:
+    """train() on the tiny yardstick, saving the state at every step; ``kill=(function, n)`` raises
+    on the n-th call of that batch function, like a process killed mid-run."""
+    monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
+    y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / name), "--save-minutes", "0"])
+    state_path = args.out / train_demo.STATE_FILE
+    state = torch.load(state_path, weights_only=False) if resume else None
+    if kill is not None:
+        fn, n = kill
+        original, calls = getattr(train_demo, fn), []
+
+        def dies(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise Killed
+            return original(*a, **k)
+
+        monkeypatch.setattr(train_demo, fn, dies)
+    try:
+        train_demo.train(
+            y, args, ["--yardstick", "tiny"], torch.device("cpu"), train_demo.Checkpointer(state_path, 0, state)
+        )
+    finally:
+        monkeypatch.undo()
+    return torch.load(state_path, weights_only=False)
+
+
+@pytest.mark.parametrize("stage", ["tower_batch", "qa_batch"])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage):
+    torch.set_num_threads(1)
+    whole = _run(tmp_path, "whole", False, monkeypatch)
+    assert whole["stage"] == "done" and whole["training"]["resumed"] == 0
+    with pytest.raises(Killed):
+        _run(tmp_path, "killed", False, monkeypatch, kill=(stage, 3))
+    saved = torch.load(tmp_path / "killed" / train_demo.STATE_FILE, weights_only=False)
+    assert saved["stage"] == stage.split("_")[0] and saved["step"] == 2
+    done = _run(tmp_path, "killed", True, monkeypatch)
+    assert done["training"]["resumed"] == 1
+    for key, value in whole["model"].items():
+        assert torch.equal(value, done["model"][key]), key
+    strip = [{k: v for k, v in h.items() if k != "minutes"} for h in whole["training"]["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "minutes"} for h in done["training"]["history"]]
+    assert whole["training"]["tower_metrics"] == done["training"]["tower_metrics"]

@@ -1,0 +1,162 @@
+"""The two ShapesQA yardsticks the demo models are trained and evaluated on.
+
+A yardstick bundles what differs between them -- the data generator, the architecture, the
+training task mix, the seeds and the default step counts -- so that one trainer
+(``vidsparse.train_demo``) and one evaluation (``vidsparse.eval_demo``) serve both:
+
+- ``demo``: ShapesQA, 32x32 frames, 8 x (16 + 1) = 136 visual tokens, a 4-layer decoder
+  (``models/shapes-videollava``). Its entries reproduce the shipped checkpoint exactly.
+- ``hd``: ShapesQA-HD, 64x64 frames, 8 x (64 + 1) = 520 visual tokens, still camera with still and
+  moving objects that enter and leave, an 8-layer decoder (``models/shapes-hd-videollava``), so that
+  pruning after an early layer leaves most of the depth to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import numpy as np
+
+from vidsparse.datasets import shapes, shapes_hd
+
+Draw = Callable[[np.random.Generator, str, int], tuple]  # (rng, question type, max objects) -> (clip, q, a)
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    name: str
+    title: str  # heading of EVAL.md
+    data: ModuleType  # the generator: SIZE, PATCH, FRAMES, QUESTION_TYPES, TEMPORAL_TYPES, CHANCE, vocabulary()...
+    make: Callable  # make_shapes(out_dir, n, seed, progress) of the held-out set
+    arch: dict  # video_llava_config keywords
+    qa_tasks: dict[str, float]  # question type (and auxiliary task) -> share of the QA batches
+    eval_seed: int  # the held-out mp4 set of EVAL.md; never drawn by training or monitoring
+    monitor_seed: int  # in-memory clips for monitoring during training and the tower's held-out metrics
+    tower_clip: Callable[[np.random.Generator], object]  # a clip for dense tower pretraining
+    qa_clip: Draw  # a training clip with a question of the given type
+    monitor_clip: Callable[[np.random.Generator, str], tuple]  # a monitoring clip with its question
+    defaults: dict = field(default_factory=dict)  # train_demo option defaults
+    tower_in_qa: bool = True  # fine-tune the video tower during QA (after --tower-freeze steps)
+    # Pass the padding mask in training. Right padding under a causal mask changes no real position's
+    # output, and without a mask SDPA takes its causal path (~15% faster at 520 visual tokens); the
+    # first model was trained with the mask, kept to reproduce it bit for bit.
+    padding_mask: bool = True
+    bf16: bool = False  # bfloat16 autocast in training (float32 weights, float32 evaluation)
+    curriculum_objects: int = 3  # at most this many objects in the first 20% of the QA steps
+
+
+# ------------------------------------------------------------------------------------- ShapesQA
+def _demo_tower_clip(rng: np.random.Generator):
+    styles = [False, True, "ordered"]
+    return shapes.render_clip(rng, temporal=styles[rng.choice(3, p=[0.7, 0.15, 0.15])])
+
+
+def _demo_qa_clip(rng: np.random.Generator, qtype: str, max_objects: int):
+    clip = shapes.render_clip(
+        rng,
+        n_objects=int(rng.integers(shapes.MIN_OBJECTS, max_objects + 1)),
+        temporal=shapes.CLIP_STYLE.get(qtype, False),
+    )
+    return (clip, *shapes.ask(clip, qtype, rng))
+
+
+DEMO = Yardstick(
+    name="demo",
+    title="ShapesQA demo model",
+    data=shapes,
+    make=shapes.make_shapes,
+    arch={
+        "vision_hidden": 96,
+        "vision_layers": 2,
+        "vision_heads": 4,
+        "text_hidden": 160,
+        "text_layers": 4,
+        "text_heads": 4,
+        "vision_feature_layer": -1,
+    },
+    qa_tasks={
+        "color": 0.2,
+        "shape": 0.08,
+        "count": 0.12,
+        "first": 0.1,
+        "second": 0.2,
+        "describe": 0.1,
+        "describe_shapes": 0.2,
+    },
+    eval_seed=424242,
+    monitor_seed=424242,  # (the first model monitored on other streams of its eval seed; kept to reproduce it)
+    tower_clip=_demo_tower_clip,
+    qa_clip=_demo_qa_clip,
+    monitor_clip=shapes.sample,
+    defaults={
+        "out": "models/shapes-videollava",
+        "tower_steps": 1500,
+        "tower_batch": 24,
+        "tower_lr": 2e-3,
+        "qa_steps": 3000,
+        "batch": 32,
+        "lr": 1e-3,
+        "tower_freeze": 300,
+        "eval_every": 300,
+        "monitor_n": 200,
+        "eval_n": 500,
+    },
+)
+
+
+# ------------------------------------------------------------------------------------- ShapesQA-HD
+def _hd_qa_clip(rng: np.random.Generator, qtype: str, max_objects: int):
+    return shapes_hd.sample(rng, qtype, max_objects)
+
+
+HD = Yardstick(
+    name="hd",
+    title="ShapesQA-HD demo model",
+    data=shapes_hd,
+    make=shapes_hd.make_shapes_hd,
+    arch={
+        "vision_hidden": 96,
+        "vision_layers": 2,
+        "vision_heads": 4,
+        "text_hidden": 128,
+        "text_layers": 8,
+        "text_heads": 4,
+        "vision_feature_layer": -1,
+    },
+    qa_tasks={
+        "color": 0.14,
+        "shape": 0.08,
+        "count": 0.08,
+        "first": 0.08,
+        "second": 0.12,
+        "disappears": 0.12,
+        "moving": 0.14,
+        "describe": 0.08,
+        "describe_shapes": 0.16,
+    },
+    eval_seed=434343,
+    monitor_seed=515151,
+    tower_clip=shapes_hd.render_clip,
+    qa_clip=_hd_qa_clip,
+    monitor_clip=shapes_hd.sample,
+    defaults={
+        "out": "models/shapes-hd-videollava",
+        "tower_steps": 2000,
+        "tower_batch": 16,
+        "tower_lr": 4e-3,
+        "qa_steps": 3000,
+        "batch": 32,
+        "lr": 1e-3,
+        "tower_freeze": 0,
+        "eval_every": 250,
+        "monitor_n": 60,
+        "eval_n": 700,
+    },
+    tower_in_qa=False,
+    padding_mask=False,
+    bf16=True,
+)
+
+YARDSTICKS = {y.name: y for y in (DEMO, HD)}
