@@ -174,3 +174,16 @@ def test_make_shapes_then_the_shipped_model_answers(tmp_path):
 def test_make_shapes_rejects_a_bad_count(tmp_path):
     result = runner.invoke(app, ["make-shapes", str(tmp_path / "x"), "--n", "0"])
     assert result.exit_code == 2 and "--n must be at least 1" in result.stderr
+
+
+def test_make_shapes_hd_writes_the_real_geometry_yardstick(tmp_path):
+    out = tmp_path / "hd"
+    made = runner.invoke(app, ["make-shapes", str(out), "--kind", "hd", "--n", "7", "--seed", "5"])
+    assert made.exit_code == 0, made.output
+    items = [json.loads(line) for line in (out / "qa.jsonl").read_text().splitlines()]
+    assert [i["type"] for i in items] == ["color", "shape", "count", "first", "second", "disappears", "moving"]
+    from vidsparse.video import decode_video
+
+    assert decode_video(out / items[0]["video"], 8).frames.shape == (8, 64, 64, 3)
+    bad = runner.invoke(app, ["make-shapes", str(out), "--kind", "4k"])
+    assert bad.exit_code == 2 and "--kind must be demo or hd" in bad.stderr

@@ -398,24 +398,31 @@ def methods() -> None:
     console.print(table)
 
 
-@app.command("make-shapes", epilog="Example:  vidsparse make-shapes shapes-eval --n 500 --seed 1000")
+@app.command("make-shapes", epilog="Examples:  vidsparse make-shapes shapes-eval --n 500 --seed 1000\n\n"
+             "           vidsparse make-shapes shapes-hd-eval --kind hd --n 500 --seed 1000")
 @user_errors
 def make_shapes(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the clips and qa.jsonl to.")],
     n: Annotated[int, typer.Option("--n", help="Number of clips (one question each).")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same data.")] = 0,
+    kind: Annotated[str, typer.Option("--kind", help="demo: ShapesQA, 32x32 frames, 8 x 17 tokens, 5 question "
+                                      "types; hd: ShapesQA-HD, 64x64, 8 x 65 tokens, still background, 7 types.")]
+    = "demo",
 ) -> None:
-    """Generate ShapesQA: short clips of moving coloured shapes with questions (the batch format)."""
-    from vidsparse.datasets.shapes import make_shapes as generate_shapes
-
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
+    """Generate ShapesQA: short clips of coloured shapes with questions (the batch format)."""
+    from vidsparse.datasets import make_shapes as generate_demo
+    from vidsparse.datasets import make_shapes_hd
     from vidsparse.outputs import check_output_dir
 
+    generators = {"demo": generate_demo, "hd": make_shapes_hd}
+    if kind not in generators:
+        raise UserError(f"--kind must be demo or hd, got {kind!r}")
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
     check_output_dir(out_dir, "OUT_DIR")
     with _progress() as progress:
         task = progress.add_task("writing clips", total=n, status="")
-        qa = generate_shapes(out_dir, n, seed, lambda done, total: progress.update(task, completed=done))
+        qa = generators[kind](out_dir, n, seed, lambda done, total: progress.update(task, completed=done))
     console.print(f"wrote {n} clips and {qa}")
 
 
