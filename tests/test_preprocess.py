@@ -53,9 +53,9 @@ print(kb("VmHWM") - before, tuple(pixels.shape))
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc (Linux)")
 def test_preprocessing_large_frames_needs_no_full_resolution_floats():
     """4 frames of 1440p are 44 MB as uint8 and 177 MB as float32 per copy; resizing then cropping
-    them used to take 420 MB of working memory (now 42 MB)."""
+    them used to take 420 MB of working memory (now 40-65 MB, thread pools included)."""
     done = subprocess.run([sys.executable, "-c", PREPROCESS_SCRIPT], capture_output=True, text=True, timeout=120,
                           check=True)
     peak_kb, shape = done.stdout.split(maxsplit=1)
     assert shape.strip() == "(4, 3, 224, 224)"
-    assert int(peak_kb) < 60 * 1024, f"{int(peak_kb) / 1024:.0f} MB above the frames"
+    assert int(peak_kb) < 150 * 1024, f"{int(peak_kb) / 1024:.0f} MB above the frames"
