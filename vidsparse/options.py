@@ -16,7 +16,8 @@ from vidsparse.errors import UserError
 DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
 # The names of `vidsparse.pruning.METHODS`, in its order (that package checks the two agree when
 # it is imported); listed here so that help and option checks need no torch.
-METHOD_NAMES = ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm", "vidcom2", "fastvid", "dycoke")
+METHOD_NAMES = ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm", "vidcom2", "fastvid", "dycoke",
+                "stprune")
 POSITION_MODES = ("keep", "compact")
 BACKENDS = ("auto", "decord", "pyav")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts

@@ -12,12 +12,13 @@ from vidsparse.pruning.baselines import NoPruning, RandomPruning, UniformPruning
 from vidsparse.pruning.dycoke import DyCoke
 from vidsparse.pruning.fastvid import FastVID
 from vidsparse.pruning.sparsevlm import SparseVLM
+from vidsparse.pruning.stprune import STPrune
 from vidsparse.pruning.tome import ToMe
 from vidsparse.pruning.vidcom2 import VidCom2
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (NoPruning, RandomPruning, UniformPruning, FastV, PyramidDrop, ToMe, SparseVLM, VidCom2,
-                              FastVID, DyCoke)
+                              FastVID, DyCoke, STPrune)
 }
 if tuple(METHODS) != METHOD_NAMES:  # the torch-free list the CLI offers must name exactly these
     raise ImportError(f"vidsparse.options.METHOD_NAMES {METHOD_NAMES} != the registered methods {tuple(METHODS)}")

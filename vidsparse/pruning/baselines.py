@@ -33,15 +33,20 @@ class UniformPruning(BeforeFirstLayer):
                "frame, shifted from frame to frame so that the frames together cover the image")
 
     def select(self, stage: StageInput) -> Selection:
-        frame_ids, counts = stage.frames.unique_consecutive(return_counts=True)
-        share, extra = divmod(stage.budget, len(frame_ids))
-        keep, start = [], 0
-        for t, count in enumerate(counts.tolist()):
-            want = min(count, share + (1 if t < extra else 0))
-            rows, cols = stage.rows[start : start + count], stage.cols[start : start + count]
-            keep.append(start + grid_picks(rows, cols, want, t))
-            start += count
-        return Selection(torch.cat(keep))
+        return Selection(lattice(stage.frames, stage.rows, stage.cols, stage.budget))
+
+
+def lattice(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
+    """Ascending indices of `budget` tokens of a whole clip (frame-major, every patch present): an
+    equal share per frame (remainder to the earliest), a shifted 2-D grid inside each (grid_picks)."""
+    frame_ids, counts = frames.unique_consecutive(return_counts=True)
+    share, extra = divmod(budget, len(frame_ids))
+    keep, start = [], 0
+    for t, count in enumerate(counts.tolist()):
+        want = min(count, share + (1 if t < extra else 0))
+        keep.append(start + grid_picks(rows[start : start + count], cols[start : start + count], want, t))
+        start += count
+    return torch.cat(keep)
 
 
 # Per-frame grid offsets: the R2 low-discrepancy sequence (steps 1/rho and 1/rho^2, rho the plastic

@@ -7,6 +7,8 @@ recycled); attention rows are computed for the raters only, never the full n x n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vidsparse.pruning.base import Method, PromptText, Selection, StageInput, top_k
@@ -50,11 +52,12 @@ def num_clusters(deleted: int) -> int:
     return pool // TOKENS_PER_CLUSTER + 1 if pool else 0
 
 
-def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_clip_order: bool = False) -> Selection:
-    """SparseVLM's token recycling, landing on `target`: keep the best K by `scores`; the best
-    deleted ones (the pool) become C DPC-kNN cluster means; K + C = target."""
+def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_clip_order: bool = False,
+                     choose: Callable[[int], torch.Tensor] | None = None) -> Selection:
+    """SparseVLM's token recycling, landing on `target`: keep K tokens (the best K by `scores`, or
+    `choose(K)`); the best-scored deleted ones (the pool) become C DPC-kNN cluster means; K + C = target."""
     kept_count, clusters = recycling_split(target, scores.numel())
-    keep = top_k(scores, kept_count, stage.frames, stage.min_per_frame)
+    keep = choose(kept_count) if choose else top_k(scores, kept_count, stage.frames, stage.min_per_frame)
     if clusters == 0:
         return Selection(keep, in_clip_order=in_clip_order)
     deleted = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)

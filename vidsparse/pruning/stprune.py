@@ -1,0 +1,98 @@
+"""stprune, vidsparse's own method: a question-independent spatio-temporal cover of the clip before
+layer 0, then a question-guided, redundancy-aware choice after layer 1 that lands exactly on B.
+
+Why this shape (measured on ShapesQA tuning clips, never on the held-out sets; README "stprune"):
+- Coverage beats saliency before the LLM. A 2-D lattice per frame, shifted from frame to frame, keeps
+  every moment and, across frames, every part of the image; selecting the tokens most distinct from
+  the clip's background (or the most feature-diverse ones) loses far more (count questions fall to
+  chance: the model reads how many things there are from tokens spread over the image).
+- The question's evidence helps after the first layers, but a plain top-k by attention piles its
+  picks onto the one object the question token looks at and drops the others (FastV and SparseVLM
+  lose count questions). So stage 2 picks by maximal marginal relevance: relevance = attention from
+  the question's raters (SparseVLM's text raters) and from the last prompt token (FastV's signal),
+  each normalised to sum 1 and averaged; a candidate's gain is its relevance (scaled to [0, 1]) minus
+  its highest cosine similarity (layer-1 states) to a token already picked.
+
+Stage 1 (before layer 0, depends on the video only, so it can be computed once per clip): the
+`uniform` lattice to M = min(n, 2 B) tokens (SUMMARY_FACTOR).
+Stage 2 (after layer 1): K tokens by maximal marginal relevance; the best deleted ones are recycled
+into C density-peak cluster means (SparseVLM's rule), K + C = B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vidsparse.errors import UserError
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, PromptText, Selection, StageInput
+from vidsparse.pruning.baselines import lattice
+from vidsparse.pruning.sparsevlm import choose_raters, keep_and_recycle
+
+SUMMARY_FACTOR = 2.0  # stage 1 keeps this many times B: layers 0-1 see them
+QUESTION_LAYER = 1  # stage 2 prunes after this decoder layer
+RATER_WEIGHT = 0.5  # share of the raters' evidence in the relevance (the rest: the last prompt token)
+REDUNDANCY_WEIGHT = 1.0  # how much similarity to a token already picked costs
+
+
+class STPrune(Method):
+    name = "stprune"
+    summary = ("vidsparse's own: a spatio-temporal lattice of 2B tokens before layer 0 (question-independent), "
+               "then question relevance minus redundancy, with recycling, to exactly B after layer 1")
+    needs_attention = True  # at the second stage
+    allows_prune_after = False
+
+    def __init__(self) -> None:
+        self.raters = torch.zeros(0, dtype=torch.long)
+        self.rater_words: list[str] = []
+
+    def default_stages(self, num_layers: int) -> list[int]:
+        return [BEFORE_FIRST_LAYER, min(QUESTION_LAYER, num_layers - 2)]
+
+    def prepare(self, prompt: PromptText) -> None:
+        visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
+        self.raters = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
+        self.rater_words = [prompt.suffix_words[i] for i in self.raters.tolist()]
+
+    def query_rows(self, num_suffix: int) -> torch.Tensor:
+        """The raters, then the last prompt token."""
+        return torch.cat([self.raters, torch.tensor([num_suffix - 1], device=self.raters.device)])
+
+    def select(self, stage: StageInput) -> Selection:
+        if stage.min_per_frame:
+            raise UserError("stprune keeps every frame in its first stage; --min-per-frame does not apply to it")
+        if stage.layer == BEFORE_FIRST_LAYER:
+            target = min(stage.frames.numel(), max(stage.budget, math.ceil(SUMMARY_FACTOR * stage.budget)))
+            return Selection(lattice(stage.frames, stage.rows, stage.cols, target), in_clip_order=True)
+        relevance = question_relevance(stage.attention)
+        return keep_and_recycle(stage, relevance, stage.budget, in_clip_order=True,
+                                choose=lambda k: diverse_top_k(relevance, stage.hidden, k, REDUNDANCY_WEIGHT))
+
+    def report(self) -> dict[str, object]:
+        return {"raters": " ".join(self.rater_words)}
+
+
+def question_relevance(attention: torch.Tensor) -> torch.Tensor:
+    """Rows: the raters, then the last prompt token. Each evidence normalised to sum 1, then mixed."""
+    raters, last = attention[:-1].mean(0), attention[-1]
+    return RATER_WEIGHT * raters / raters.sum() + (1 - RATER_WEIGHT) * last / last.sum()
+
+
+def diverse_top_k(relevance: torch.Tensor, features: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+    """Ascending indices of k tokens picked greedily by maximal marginal relevance: relevance scaled
+    to [0, 1], minus `weight` x the highest cosine similarity (clamped at 0) of the candidate's
+    features to any token already picked. Ties: the lower index."""
+    span = relevance.max() - relevance.min()
+    gain = (relevance - relevance.min()) / span if span > 0 else torch.zeros_like(relevance)
+    x = F.normalize(features.float(), dim=1)
+    redundancy = torch.zeros_like(gain, dtype=torch.float32)
+    available = torch.ones(gain.numel(), dtype=torch.bool, device=gain.device)
+    picked = []
+    for _ in range(min(k, gain.numel())):
+        best = int(torch.where(available, gain - weight * redundancy, -torch.inf).argmax())
+        picked.append(best)
+        available[best] = False
+        redundancy = torch.maximum(redundancy, (x @ x[best]).clamp_min(0))
+    return torch.tensor(sorted(picked), dtype=torch.long, device=gain.device)
