@@ -73,6 +73,9 @@ def test_sweep_a_folder_reports_accuracy_and_skips_a_broken_clip(tiny_checkpoint
     assert "skipped" in result.stderr and "broken.mp4" in result.stderr and "Traceback" not in result.output
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [(r["method"], r["questions"]) for r in rows] == [("none", 12), ("uniform", 12)]
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[0] == "| method | budget | tokens | equiv. tokens | prefill FLOPs | accuracy | color | is | moves |"
+    assert table[2].startswith("| none | - | 136 | 136 | 100.0% |") and len(table) == 4
     assert all(r["accuracy"] is not None and r["answer"] is None for r in rows)
 
 

@@ -163,15 +163,34 @@ def sweep_rows(cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """sweep.csv and sweep.json, each replaced whole (a crash leaves the previous complete version)."""
-    paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json"}
+    """sweep.csv, sweep.json and sweep.md, each replaced whole (a crash leaves the previous complete
+    version)."""
+    paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json", "markdown": out_dir / "sweep.md"}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
     writer.writeheader()
     writer.writerows(rows)
     replace_file(paths["csv"], buffer.getvalue())
     replace_file(paths["json"], json.dumps(rows, indent=1, allow_nan=False) + "\n")
+    replace_file(paths["markdown"], markdown_table(rows))
     return paths
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Method x budget with tokens, equivalent tokens, prefill FLOPs share and the quality (accuracy
+    overall and per question type, or agreement with `none`), ready to paste into a report."""
+    types = sorted({key.removeprefix("accuracy_") for row in rows for key in row if key.startswith("accuracy_")})
+    graded = any(row["accuracy"] is not None for row in rows)
+    quality = "accuracy" if graded else "agreement_with_none"
+    header = ["method", "budget", "tokens", "equiv. tokens", "prefill FLOPs", quality.replace("_", " "), *types]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        value = row[quality]
+        cells = [row["method"], row["budget"], f"{row['visual_tokens']:g}", f"{row['equivalent_tokens']:g}",
+                 f"{row['prefill_flops_share']:.1%}", "-" if value is None else f"{value:.3f}",
+                 *(f"{row.get('accuracy_' + t, 0):.2f}" if "accuracy_" + t in row else "-" for t in types)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
