@@ -3,6 +3,9 @@ PIP := $(PYTHON) -m pip
 
 .PHONY: install test demo lint bench eval-demo train-demo
 DEMO_SEED ?= 2026
+# Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill.
+EVAL_METHODS ?= none,random,uniform,tome,vidcom2,fastvid,dycoke,fastv,pdrop,sparsevlm,stprune
+EVAL_BUDGETS ?= 5%,10%,15%,25%
 
 # torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU box.
 install:
@@ -24,14 +27,13 @@ demo:
 train-demo:
 	$(PYTHON) -m vidsparse.train_demo --out models/shapes-videollava
 
-# Held-out accuracy of the shipped model per question type, then every method at 25% and 10%.
+# Held-out accuracy of the shipped model per question type, then every method at every budget.
 eval-demo:
 	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
 	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full.jsonl \
 		--model shapes-demo --method none --max-new-tokens 8
 	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-demo \
-		--methods none,random,uniform,tome,fastv,pdrop,sparsevlm --budgets 25%,10% --repeats 1 --max-new-tokens 8 \
-		--out docs/shapes-sweep
+		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 --out docs/shapes-sweep
 
 test:
 	$(PYTHON) -m pytest tests
