@@ -25,7 +25,7 @@ from vidsparse.models.video_llava import VideoLlava
 from vidsparse.pipeline import VideoQA
 
 STAGES = ("decode_video", "preprocess", "vision", "prefill", "generate")
-CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194), ("fastvid", 194)]
+CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194), ("fastvid", 194), ("stprune", 194)]
 
 
 def build(layers: int, device: torch.device, dtype: torch.dtype) -> VideoQA:
