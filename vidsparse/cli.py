@@ -280,7 +280,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 
 @app.command(epilog='Example:  vidsparse sweep clip.mp4 "What is happening?" --budgets 100%,50%,25%,10%,5% '
-             "--methods none,fastv,sparsevlm")
+             "--methods none,fastv,sparsevlm,stprune")
 @user_errors
 def sweep(
     target: Annotated[Path, typer.Argument(help="A video file, or a folder of videos (with --questions).")],
@@ -289,7 +289,8 @@ def sweep(
     answer: Annotated[str | None, typer.Option("--answer", help="Reference answer for a single question.")] = None,
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets (counts or shares).")] = (
         "100%,50%,25%,10%,5%"),
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "none,fastv,sparsevlm",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
+        "none,fastv,sparsevlm,stprune"),
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per cell (median reported).")] = 3,
     out: Annotated[Path, typer.Option("--out", help="Folder for sweep.csv, sweep.json and the plots.")] = Path(
         "sweep"),
