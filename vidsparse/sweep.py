@@ -220,7 +220,7 @@ def _plot(rows: list[dict[str, Any]], x_key: str, key: str, label: str, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r[x_key], r[key]) for r in rows if r["method"] == method and r[key] is not None)
         if not points:
@@ -230,12 +230,17 @@ def _plot(rows: list[dict[str, Any]], x_key: str, key: str, label: str, path: Pa
         else:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
     ax.set_xscale("log")
-    ticks = sorted({r[x_key] for r in rows if r["method"] != "none"} or {r[x_key] for r in rows})
-    ax.set_xticks(ticks, [f"{t:.0%}" if x_key == "prefill_flops_share" else f"{t:g}" for t in ticks])
+    values = sorted({r[x_key] for r in rows if r["method"] != "none"} or {r[x_key] for r in rows})
+    if x_key == "prefill_flops_share":  # round shares as ticks: measured ones crowd each other
+        ticks = [t for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0) if values[0] * 0.9 <= t <= values[-1] * 1.1]
+        labels = [f"{t:.0%}" for t in ticks]
+    else:
+        ticks, labels = values, [f"{t:g}" for t in values]
+    ax.set_xticks(ticks, labels)
     ax.minorticks_off()
     ax.set_xlabel(X_AXES[x_key])
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path)
