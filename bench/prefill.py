@@ -24,7 +24,7 @@ from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForCondit
 from vidsparse.engine import generate
 from vidsparse.models.video_llava import PromptEmbeds, visual_map
 from vidsparse.pruning import make_plan
-from vidsparse.stats import PeakMemory, StageTimer, kv_cache_bytes, prefill_flops, synchronize
+from vidsparse.stats import PeakMemory, StageTimer, prefill_flops, synchronize
 
 CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64), ("vidcom2", 194),
            ("fastvid", 194), ("dycoke", 194), ("stprune", 194)]
@@ -90,7 +90,7 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
         "decode_ms_per_token": 1000 * statistics.fmean(steps) if steps else None,
         "peak_bytes": memory.peak_bytes(),
         "working_bytes": memory.peak_bytes() - baseline,
-        "kv_bytes": kv_cache_bytes(generation.cache),
+        "kv_bytes": generation.kv_bytes(),
         "flops": prefill_flops(generation.tokens_per_layer, 4096, 11008),
         "equivalent": statistics.fmean(generation.visual_per_layer),
     }

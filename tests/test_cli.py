@@ -31,7 +31,7 @@ def test_ask_json_fields(tiny_checkpoint, clips):
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
     assert set(stats) == {"answer", "question", "video", "model", "pruning", "tokens", "flops", "memory", "time_ms",
-                          "decode_tokens_per_s"}
+                          "decode_tokens_per_s", "shared"}
     assert stats["video"]["frame_indices"] == [0, 3, 7, 10, 13, 16, 20, 23]
     assert stats["tokens"]["visual_before"] == stats["tokens"]["visual_after"] == 136
     assert stats["tokens"]["text"] == stats["tokens"]["prompt"] - 136
@@ -41,6 +41,12 @@ def test_ask_json_fields(tiny_checkpoint, clips):
     # FLOPs from the config (d=64, m=256, 4 layers), paper convention, tokens entering each layer.
     n = stats["tokens"]["prompt"]
     assert stats["flops"]["prefill"] == 4 * (4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 256)
+    # One question: the head (text + video, up to the last visual token) shares every layer with nobody.
+    head = 136 + 3  # <s> "USER:" then the visual block
+    assert stats["shared"]["questions"] == 1
+    assert stats["shared"]["prefill_flops"] == 4 * (4 * head * 64**2 + 2 * head * head * 64 + 3 * head * 64 * 256)
+    assert stats["flops"]["prefill_own"] == stats["flops"]["prefill"] - stats["shared"]["prefill_flops"]
+    assert stats["flops"]["amortised"] == stats["flops"]["prefill"] + stats["flops"]["vision"]
     # KV cache: 4 layers x (keys + values) x 2 kv heads x 16 dims x 4 bytes x cached tokens.
     cached = n + stats["tokens"]["generated"] - 1
     memory = stats["memory"]

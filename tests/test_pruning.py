@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from tests.reference import masked_logits
-from vidsparse.engine import decode_step, generate, prefill, run_layers
+from vidsparse.engine import decode_step, generate, prefill, prefill_head
+from vidsparse.layers import run_layers
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import METHODS, make_plan
@@ -68,7 +71,7 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
         tokens.append(int(cached.argmax()))
         with torch.inference_mode():  # one cached decode step, as generate() takes it
             embedded = decoder.embed_tokens(torch.tensor([[tokens[-1]]]))
-            hidden = decode_step(decoder, embedded, [p + step for p in generation.next_positions], generation.cache)
+            hidden = decode_step(decoder, embedded, [p + step for p in generation.next_positions], generation)
             cached = model.lm_head(decoder.norm(hidden[:, -1]))[0].float()
     assert run(model, prompt, make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
                ).token_ids == tokens
@@ -99,7 +102,7 @@ def test_exact_budget_and_text_never_removed(setup, method):
         assert [t - v for t, v in zip(generation.tokens_per_layer, generation.visual_per_layer, strict=True)] == [
             n_text
         ] * 4
-        assert generation.cache.layers[-1].keys.shape[-2] == n_text + min(budget, n)
+        assert generation.kv_lengths()[-1] == n_text + min(budget, n)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
@@ -116,7 +119,11 @@ def test_attention_rows_equal_eager_output_attentions(setup, layer):
         cos_sin = decoder.rotary_emb(prompt.embeds, positions)
         layer_input = run_layers(decoder, prompt.embeds, positions, cos_sin, cache, range(layer))
         run_layers(decoder, layer_input, positions, cos_sin, cache, range(layer, layer + 1))
-        ours = attention_rows(decoder.layers[layer], layer_input, rows, cos_sin, cache.layers[layer].keys)
+        keys = cache.layers[layer].keys
+        cos, sin = cos_sin
+        # The keys in two blocks, as a question after a clip's shared head passes them.
+        ours = attention_rows(decoder.layers[layer], layer_input[:, rows], (cos[:, rows], sin[:, rows]), rows,
+                              [keys[:, :, :30], keys[:, :, 30:]])
     with torch.no_grad():
         expected = eager(inputs_embeds=prompt.embeds, output_attentions=True).attentions[layer][0].mean(0)[rows]
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
@@ -144,3 +151,51 @@ def test_random_is_seeded(setup):
     model, _, prompt = setup
     kept = [run(model, prompt, make_plan("random", 20, 4, seed=s), max_new_tokens=1).block.origin for s in (1, 1, 2)]
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+
+
+OTHER_QUESTIONS = ["how many objects are there ?", "which shape moves first ? answer with one word please"]
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("method, prune_after", [(m, None) for m in METHODS] + [("fastv", (0, 2))])
+def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, positions):
+    """The head built from one question's prompt, reused by others: each equals the masked eager
+    reference with its own selections and its own solo run (logits, kept tokens); the head's keys
+    and values are read in place, never copied or changed."""
+    model, eager, prompt = setup
+    decoder = model.decoder
+
+    def plan():
+        return make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
+
+    with torch.inference_mode():
+        head = prefill_head(decoder, prompt, plan(), StageTimer(model.device))
+        pointers = [(kv.keys.data_ptr(), kv.values.data_ptr()) for kv in head.kv]
+        snapshot = [kv.keys.clone() for kv in head.kv]
+        start, count = int(prompt.visual.positions[0]), len(prompt.visual)
+        for question in OTHER_QUESTIONS:
+            other = replace(prompt, **_question_parts(model, prompt, question))
+            shared = generate(decoder, model.lm_head, other, 1, set(), StageTimer(model.device), plan(), head=head)
+            solo = generate(decoder, model.lm_head, other, 1, set(), StageTimer(model.device), plan())
+            stages = [(record.layer, record.selection) for record in shared.stages]
+            with torch.no_grad():
+                masked = masked_logits(eager, other.embeds, start, count, stages, positions, [])
+            torch.testing.assert_close(shared.first_logits, masked, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(shared.first_logits, solo.first_logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(shared.block.origin, solo.block.origin)
+            question_rows = other.embeds.shape[1] - head.length
+            assert all(layer.keys.shape[-2] == question_rows for layer in shared.cache.layers[: head.layers])
+    assert [(kv.keys.data_ptr(), kv.values.data_ptr()) for kv in head.kv] == pointers
+    assert all(torch.equal(kv.keys, before) for kv, before in zip(head.kv, snapshot, strict=True))
+    assert head.layers == (4 if not METHODS[method].needs_attention else 1 + next(
+        layer for layer in plan().stages if layer >= 0))
+
+
+def _question_parts(model, prompt, question):
+    """The input ids, embeddings and suffix words of `question` about the same clip as `prompt`."""
+    ids = model.prompt_ids(question, 8)
+    end = int(prompt.visual.positions[-1]) + 1
+    assert torch.equal(ids[:, :end], prompt.input_ids[:, :end])
+    embeds = torch.cat([prompt.embeds[:, :end], model.decoder.embed_tokens(ids[:, end:])], 1)
+    return {"input_ids": ids, "embeds": embeds,
+            "suffix_words": [model.tokenizer.decode([i]).strip() for i in ids[0, end:].tolist()]}

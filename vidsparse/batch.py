@@ -15,7 +15,7 @@ from typing import Any
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions
-from vidsparse.pipeline import VideoQA
+from vidsparse.pipeline import AskResult, VideoQA
 from vidsparse.questions import Question
 from vidsparse.results import ResultsFile
 from vidsparse.video import DecodedVideo, decode_video
@@ -60,27 +60,42 @@ def question_record(q: Question, root: Path) -> dict[str, Any]:
     return {"id": q.id, "video": str(video), "question": q.question, "type": q.type, "reference": q.answer}
 
 
+def clip_answers(qa: VideoQA, video: DecodedVideo | UserError, questions: list[str],
+                 options: AskOptions) -> Iterator[AskResult | Exception]:
+    """One result or error per question about a clip; what stops the whole clip (its video, its
+    shared work) becomes the error of each question not answered yet."""
+    count = 0
+    try:
+        if isinstance(video, UserError):
+            raise video
+        for result in qa.answer_clip(video, questions, options):
+            count += 1
+            yield result
+    except Exception as e:  # noqa: BLE001 - one clip must not end the run; the error is recorded
+        yield from [e] * (len(questions) - count)
+
+
 def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
               on_record: Callable[[dict[str, Any]], None] = lambda record: None) -> None:
-    """Answer the questions not yet in `results`, appending one record per question. A question that
+    """Answer the questions not yet in `results`, appending one record per question. A clip's
+    questions share its decoding, vision tower and prompt head (VideoQA.answer_clip). A question that
     cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
     qa.model.check_context(0, options.num_frames, options.max_new_tokens)  # fails every question: fail now
     done = results.done_ids()
     todo = [q for q in questions if q.id not in done]
     groups = group_by_video(todo)
     for path, video in prefetched(list(groups), options):
-        for q in groups[path]:
+        group = groups[path]
+        for q, result in zip(group, clip_answers(qa, video, [q.question for q in group], options), strict=True):
             record = question_record(q, root)
-            try:
-                if isinstance(video, UserError):
-                    raise video
-                stats = qa.answer(video, q.question, options).to_dict()
+            if isinstance(result, UserError):
+                record["error"] = str(result)
+            elif isinstance(result, Exception):
+                record["error"] = f"unexpected {type(result).__name__}: {result}"
+            else:
+                stats = result.to_dict()
                 stats["clip"] = stats.pop("video") | {"path": str(path)}
                 record |= stats
                 record["correct"] = None if q.answer is None else is_correct(stats["answer"], q.answer)
-            except UserError as e:
-                record["error"] = str(e)
-            except Exception as e:  # noqa: BLE001 - one item must not end the run; the error is recorded
-                record["error"] = f"unexpected {type(e).__name__}: {e}"
             results.append(record)
             on_record(record)

@@ -9,16 +9,17 @@ prefill + greedy decode -> answer with its statistics (SPEC section 6).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from vidsparse.engine import StageRecord, generate
+from vidsparse.engine import Head, StageRecord, generate, prefill_head
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import VideoLlava, VisualMap
+from vidsparse.models.video_llava import PromptEmbeds, VideoLlava, VisualMap
 from vidsparse.options import DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for
@@ -28,13 +29,36 @@ from vidsparse.stats import (
     PeakMemory,
     StageTimer,
     equivalent_tokens,
-    kv_cache_bytes,
     prefill_flops,
     vision_flops,
 )
 from vidsparse.video import DecodedVideo, decode_video
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
+
+
+@dataclass(frozen=True)
+class ClipWork:
+    """What a clip's questions share, paid once: decoding, preprocessing, the vision tower and the
+    prompt head's prefill (seconds per stage, FLOPs), and how many questions share it."""
+
+    questions: int
+    seconds: dict[str, float]
+    prefill_flops: int  # the head's rows through the shared layers
+    vision_flops: int
+
+
+@dataclass(frozen=True)
+class _Clip:
+    """A clip's shared state while its questions are answered."""
+
+    head_prompt: PromptEmbeds  # the prompt's head rows, visual map and tower outputs
+    head: Head
+    plan: PruningPlan
+    video: DecodedVideo
+    video_path: str | None
+    work: ClipWork
+    memory: PeakMemory
 
 
 @dataclass
@@ -60,11 +84,13 @@ class AskResult:
     prefill_flops: int
     prefill_flops_unpruned: int
     vision_flops: int
+    shared: ClipWork
     peak_memory_bytes: int | None
     kv_cache_bytes: int
     kv_cache_bytes_unpruned: int
     seconds: dict[str, float]
     decode_tokens_per_s: float | None
+    first_logits: torch.Tensor  # (vocab,) after the prompt: what runs of the same question must agree on
 
     def kept_tokens(self) -> list[dict[str, int | bool]]:
         """The visual tokens that reached the last layer: frame, row, col (-1 for CLS), merged or not."""
@@ -74,9 +100,17 @@ class AskResult:
             for o, m in zip(block.origin.tolist(), block.merged.tolist(), strict=True)
         ]
 
+    @property
+    def amortised_flops(self) -> int:
+        """This question's own prefill plus its share of the clip's vision tower and shared prefill."""
+        shared = self.shared
+        own = self.prefill_flops - shared.prefill_flops
+        return round(own + (shared.prefill_flops + shared.vision_flops) / shared.questions)
+
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON layout (documented in the README)."""
         visual_after = self.visual_per_layer[-1]
+        shared = self.shared
         return {
             "answer": self.answer,
             "question": self.question,
@@ -110,6 +144,13 @@ class AskResult:
                 "prefill": self.prefill_flops,
                 "prefill_unpruned": self.prefill_flops_unpruned,
                 "vision": self.vision_flops,
+                "prefill_own": self.prefill_flops - shared.prefill_flops,
+                "amortised": self.amortised_flops,
+            },
+            "shared": {
+                "questions": shared.questions,
+                "prefill_flops": shared.prefill_flops,
+                "time_ms": {name: round(s * 1000, 3) for name, s in shared.seconds.items()},
             },
             "memory": {
                 "peak_bytes": self.peak_memory_bytes,
@@ -145,10 +186,20 @@ class VideoQA:
     def answer(self, video: str | Path | DecodedVideo | np.ndarray, question: str, options: AskOptions) -> AskResult:
         """`ask` with options already parsed. Everything that can fail without the pixels (the question,
         the prompt length, the plan) is checked before a video file is decoded."""
-        if not question.strip():
-            raise UserError("the question is empty")
+        result = next(iter(self.answer_clip(video, [question], options)))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def answer_clip(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
+                    options: AskOptions) -> Iterator[AskResult | Exception]:
+        """Every question about one clip, paying once for what they share: decoding, preprocessing,
+        the vision tower, and the prompt head (text + visual block) through the layers before the
+        plan's first question-guided stage (engine.prefill_head). Yields, in order, each question's
+        result or the error that stopped it alone; raises for what stops them all (the video, the
+        plan). The shared state is released when the last question is answered."""
         model = self.model
-        timer = StageTimer(model.device)
+        timer = StageTimer(model.device)  # the clip's shared work
         memory = PeakMemory(model.device)
         memory.reset()
         start = time.perf_counter()
@@ -156,9 +207,11 @@ class VideoQA:
             video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))
         num_frames = len(video.frames) if isinstance(video, DecodedVideo) else options.num_frames
         with timer.stage("preprocess"):
-            input_ids = model.prompt_ids(question, num_frames)
+            prompts = [self._prompt_ids(q, num_frames, options) for q in questions]
+        if all(isinstance(p, UserError) for p in prompts):
+            yield from prompts
+            return
         num_visual = num_frames * model.tokens_per_frame
-        model.check_context(input_ids.shape[1] - num_visual, num_frames, options.max_new_tokens)
         plan = plan_for(options, len(model.decoder.layers), num_frames, num_visual)
         video_path = None
         if not isinstance(video, DecodedVideo):
@@ -166,28 +219,82 @@ class VideoQA:
             video = decode_video(video, options.num_frames, options.backend)
         with timer.stage("preprocess"):
             pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
+        head_ids = next(p for p in prompts if not isinstance(p, UserError))
         with timer.stage("vision"):
-            prompt = model.embed(input_ids, model.video_features(pixels, saliency=plan.method.needs_saliency))
+            features = model.video_features(pixels, saliency=plan.method.needs_saliency)
+            head_prompt = model.embed(head_ids[:, : int((head_ids[0] == model.video_token_id).nonzero()[-1]) + 1],
+                                      features)
+        with timer.stage("prefill"):
+            head = prefill_head(model.decoder, head_prompt, plan, timer)
+        shared = ClipWork(
+            questions=sum(not isinstance(p, UserError) for p in prompts),
+            # A clip decoded before the call still counts in the total.
+            seconds={"decode_video": video.seconds, **timer.seconds,
+                     "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)},
+            prefill_flops=prefill_flops(head.tokens_per_layer, *self._widths()),
+            vision_flops=vision_flops(model.model.config, len(video.frames)),
+        )
+        clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
+        del head_prompt, head, features, pixels  # the clip's state lives in `clip` only, until the last question
+        for question, ids in zip(questions, prompts, strict=True):
+            if isinstance(ids, UserError):
+                yield ids
+                continue
+            try:
+                yield self._answer_question(question, ids, clip, options)
+            except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
+                yield e
+
+    def _prompt_ids(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
+        model = self.model
+        try:
+            if not question.strip():
+                raise UserError("the question is empty")
+            input_ids = model.prompt_ids(question, num_frames)
+            model.check_context(input_ids.shape[1] - num_frames * model.tokens_per_frame, num_frames,
+                                options.max_new_tokens)
+            return input_ids
+        except UserError as e:
+            return e
+
+    def _widths(self) -> tuple[int, int]:
+        text = self.model.model.config.text_config
+        return text.hidden_size, text.intermediate_size
+
+    def _answer_question(self, question: str, input_ids: torch.Tensor, clip: _Clip, options: AskOptions) -> AskResult:
+        """One question after the clip's shared work: its own rows from the head on, then decoding."""
+        model = self.model
+        head_prompt, head, shared = clip.head_prompt, clip.head, clip.work
+        timer = StageTimer(model.device)
+        start = time.perf_counter()
+        with timer.stage("preprocess"):
+            own = model.decoder.embed_tokens(input_ids[:, head.length :])
+            words = [model.tokenizer.decode([i]).strip() for i in input_ids[0, head.length :].tolist()]
+            prompt = replace(head_prompt, input_ids=input_ids, embeds=torch.cat([head_prompt.embeds, own], 1),
+                             suffix_words=words)
+        plan = replace(clip.plan, method=type(clip.plan.method)())  # a question's own method state (raters, ranks)
         generation = generate(model.decoder, model.lm_head, prompt, options.max_new_tokens, model.eos_token_ids,
-                              timer, plan)
+                              timer, plan, head=head)
         answer = model.decode_text(generation.token_ids)
-        seconds = {"decode_video": video.seconds, **{name: timer.seconds.get(name, 0.0) for name in STAGES}}
-        # A clip decoded before ask() was called still counts in the total.
-        seconds["total"] = time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
-        text_config = model.model.config.text_config
-        d, m = text_config.hidden_size, text_config.intermediate_size
+        own_seconds = timer.seconds
+        own_seconds["total"] = time.perf_counter() - start
+        # Amortised: this question's own time plus its share of the clip's.
+        seconds = {name: own_seconds.get(name, 0.0) + shared.seconds.get(name, 0.0) / shared.questions
+                   for name in (*STAGES, "total")}
+        seconds = {"decode_video": shared.seconds["decode_video"] / shared.questions, **seconds}
+        d, m = self._widths()
         n_visual = len(prompt.visual)
         decode_steps = timer.calls.get("generate", [])
         # Unpruned, every layer would cache the whole prompt plus each decoded token.
-        kv_bytes = kv_cache_bytes(generation.cache)
-        cached_tokens = sum(layer.keys.shape[-2] for layer in generation.cache.layers)
-        kv_per_token_layer = kv_bytes / cached_tokens
+        kv_bytes = generation.kv_bytes()
+        kv_per_token_layer = kv_bytes / sum(generation.kv_lengths())
         cached_per_layer = input_ids.shape[1] + len(decode_steps)
+        full_flops = prefill_flops(generation.tokens_per_layer, d, m)
         return AskResult(
             answer=answer,
             question=question,
-            video=video,
-            video_path=video_path,
+            video=clip.video,
+            video_path=clip.video_path,
             model=model.name,
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
@@ -200,13 +307,14 @@ class VideoQA:
             visual_map=prompt.visual,
             final_block=generation.block,
             generated_tokens=len(generation.token_ids),
-            prefill_flops=prefill_flops(generation.tokens_per_layer, d, m),
+            prefill_flops=full_flops,
             prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * len(generation.tokens_per_layer), d, m),
-            vision_flops=vision_flops(model.model.config, len(video.frames)),
-            peak_memory_bytes=memory.peak_bytes(),
+            vision_flops=shared.vision_flops,
+            shared=shared,
+            peak_memory_bytes=clip.memory.peak_bytes(),
             kv_cache_bytes=kv_bytes,
-            kv_cache_bytes_unpruned=round(kv_per_token_layer * cached_per_layer * len(generation.cache.layers)),
+            kv_cache_bytes_unpruned=round(kv_per_token_layer * cached_per_layer * len(generation.tokens_per_layer)),
             seconds=seconds,
             decode_tokens_per_s=len(decode_steps) / sum(decode_steps) if decode_steps else None,
+            first_logits=generation.first_logits,
         )
-

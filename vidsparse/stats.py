@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, VideoLlavaConfig
+from transformers import VideoLlavaConfig
 
 
 def synchronize(device: torch.device) -> None:
@@ -78,12 +78,6 @@ def _status_bytes(field: str) -> int | None:
         if match:
             return int(match.group(1)) * 1024
     return None
-
-
-def kv_cache_bytes(cache: DynamicCache) -> int:
-    """Bytes held by the keys and values of every layer (layers may hold different lengths)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
 
 
 def layer_flops(n: int, d: int, m: int) -> int:

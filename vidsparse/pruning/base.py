@@ -89,8 +89,14 @@ class Method:
     def default_stages(self, num_layers: int) -> list[int]:
         raise NotImplementedError
 
+    def reads_question(self, layer: int) -> bool:
+        """Whether the stage after `layer` chooses from the question. Stages that do not are shared by
+        every question about a clip (engine.prefill_head), so they must not use `prepare`'s facts;
+        attention is the only question-dependent input a stage gets, and none exists before layer 0."""
+        return self.needs_attention and layer > BEFORE_FIRST_LAYER
+
     def prepare(self, prompt: PromptText) -> None:
-        """Called once per prompt before prefill (e.g. to choose raters)."""
+        """Called once per question, before its first question-reading stage (e.g. to choose raters)."""
 
     def query_rows(self, num_suffix: int) -> torch.Tensor:
         """Text rows after the visual block (0 = first suffix token) whose attention `select` needs."""

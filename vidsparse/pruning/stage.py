@@ -3,11 +3,13 @@ matrix, and removal/merging of visual rows with their positions and provenance."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from vidsparse.layers import grouped_scores
 from vidsparse.pruning.base import PositionMode, Selection
 
 
@@ -28,27 +30,24 @@ class VisualBlock:
         return self.start + self.size
 
 
-def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                   keys: torch.Tensor) -> torch.Tensor:
-    """Head-averaged attention probabilities (len(rows), n) of query rows `rows` at decoder `layer`.
+def attention_rows(layer, query_input: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                   query_index: torch.Tensor, key_blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Head-averaged attention probabilities (r, n) of r query rows at decoder `layer`.
 
-    q is recomputed for those rows only from the layer's input (input_layernorm, q_proj, RoPE at
-    their positions); keys are the layer's cached post-RoPE keys. Softmax in fp32 over the causal
-    keys. Cost O(rows x n): SDPA stays on for the layer itself.
+    q is recomputed for those rows only from their layer input `query_input` (1, r, d)
+    (input_layernorm, q_proj, RoPE with `cos_sin` at their positions); the keys are the layer's cached
+    post-RoPE keys, given as consecutive blocks (a clip's shared head, then a question's own) so
+    that none is copied. `query_index` (r,): each row's index in the sequence, for the causal mask.
+    Softmax in fp32. Cost O(r x n): SDPA stays on for the layer itself.
     """
     attn = layer.self_attn
-    head_dim = attn.head_dim
-    x = layer.input_layernorm(layer_input[:, rows])
-    query = attn.q_proj(x).view(1, rows.numel(), -1, head_dim).transpose(1, 2)  # (1, H, r, hd)
-    cos, sin = cos_sin
-    query, _ = apply_rotary_pos_emb(query, query, cos[:, rows], sin[:, rows])
-    kv_heads = keys.shape[1]
-    # GQA: group the query heads by the key/value head they share, instead of repeating keys.
-    query = query.reshape(1, kv_heads, -1, rows.numel(), head_dim)
-    # The product in the cache's dtype (no fp32 copy of every key), the softmax in fp32.
-    scores = torch.einsum("bkgrd,bknd->bkgrn", query.to(keys.dtype), keys).float() * attn.scaling
-    n = keys.shape[-2]
-    future = torch.arange(n, device=keys.device)[None, :] > rows.to(keys.device)[:, None]
+    rows = query_input.shape[1]
+    x = layer.input_layernorm(query_input)
+    query = attn.q_proj(x).view(1, rows, -1, attn.head_dim).transpose(1, 2)  # (1, H, r, hd)
+    query, _ = apply_rotary_pos_emb(query, query, *cos_sin)
+    scores = torch.cat([grouped_scores(query, keys, attn.scaling) for keys in key_blocks], -1)
+    n = scores.shape[-1]
+    future = torch.arange(n, device=scores.device)[None, :] > query_index.to(scores.device)[:, None]
     scores = scores.masked_fill(future, float("-inf"))
     return scores.softmax(-1).mean(dim=(0, 1, 2))
 

@@ -1,0 +1,70 @@
+"""A clip's questions answered together (VideoQA.answer_clip, what `batch` runs) against each
+question asked alone (`ask`): the same answers, first-token logits and kept tokens, with the clip's
+shared work paid once and accounted for honestly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidsparse.errors import UserError
+from vidsparse.options import ask_options
+from vidsparse.pipeline import VideoQA
+from vidsparse.pruning import plan_for
+from vidsparse.stats import layer_flops
+from vidsparse.video import decode_video
+
+QUESTIONS = ["what color is the square ?", "how many objects are there ?", "what moves ?",
+             "which shape appears first in the video , the circle or the triangle ?"]
+
+
+@pytest.fixture(scope="module")
+def qa_and_video(tiny_checkpoint, clips):
+    return VideoQA.from_pretrained(str(tiny_checkpoint)), decode_video(clips["h264"], 8)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("method", ["none", "uniform", "tome", "fastv", "pdrop", "sparsevlm", "vidcom2", "fastvid",
+                                    "dycoke", "stprune"])
+def test_questions_of_a_clip_answer_as_if_asked_alone(qa_and_video, method, positions):
+    qa, video = qa_and_video
+    options = ask_options(method, "20%", None, positions, 0, 0, 8, "auto", 4)
+    together = list(qa.answer_clip(video, QUESTIONS, options))
+    for question, shared in zip(QUESTIONS, together, strict=True):
+        alone = qa.answer(video, question, options)
+        assert shared.answer == alone.answer
+        torch.testing.assert_close(shared.first_logits, alone.first_logits, atol=1e-4, rtol=1e-4)
+        assert shared.kept_tokens() == alone.kept_tokens()
+        assert shared.prefill_flops == alone.prefill_flops  # the method's own cost does not change
+    records = [r.to_dict() for r in together]
+    assert {r["shared"]["questions"] for r in records} == {len(QUESTIONS)}
+    clip_flops = records[0]["shared"]["prefill_flops"] + records[0]["flops"]["vision"]
+    # Amortised FLOPs add up to each question's own plus the clip's shared work, once.
+    assert sum(r["flops"]["amortised"] for r in records) == pytest.approx(
+        sum(r["flops"]["prefill_own"] for r in records) + clip_flops, abs=len(records))
+    # The shared work is the head's rows through the shared layers: all of them for a method that never
+    # reads the question, the layers up to its first question-guided stage otherwise.
+    alone = qa.answer(video, QUESTIONS[0], options).to_dict()
+    assert alone["shared"]["prefill_flops"] == records[0]["shared"]["prefill_flops"]
+    plan = plan_for(options, 4, 8, 136)
+    guided = [layer for layer in plan.stages if plan.method.reads_question(layer)]
+    shared_layers = guided[0] + 1 if guided else 4
+    pruned_before_layer_0 = bool(plan.stages) and plan.stages[0] == -1
+    head_rows = 3 + (records[0]["pruning"]["visual_per_stage"][1] if pruned_before_layer_0 else 136)
+    assert records[0]["shared"]["prefill_flops"] == shared_layers * layer_flops(head_rows, 64, 256)
+
+
+def test_a_bad_question_fails_alone(qa_and_video):
+    qa, video = qa_and_video
+    options = ask_options("sparsevlm", "20%", None, "keep", 0, 0, 8, "auto", 2)
+    results = list(qa.answer_clip(video, ["what moves ?", "  ", "what is <video> ?", "what color ?"], options))
+    assert [type(r).__name__ for r in results] == ["AskResult", "UserError", "UserError", "AskResult"]
+    assert "empty" in str(results[1]) and "special token" in str(results[2])
+    assert results[0].to_dict()["shared"]["questions"] == 2
+
+
+def test_a_clip_with_only_bad_questions_is_never_decoded(qa_and_video, tmp_path):
+    qa, _ = qa_and_video
+    options = ask_options("none", "100%", None, "keep", 0, 0, 8, "auto", 2)
+    results = list(qa.answer_clip(tmp_path / "missing.mp4", [""], options))
+    assert isinstance(results[0], UserError) and "empty" in str(results[0])
