@@ -44,3 +44,5 @@ lint:
 bench:
 	$(PYTHON) bench/prefill.py
 	$(PYTHON) bench/end_to_end.py
+	$(PYTHON) bench/batch.py
+	$(PYTHON) bench/batch.py --model demo

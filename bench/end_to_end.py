@@ -15,40 +15,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import llama_7b, parse_args
-from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+from common import build_7b, parse_args
 
 from vidsparse.datasets.shapes import write_video
-from vidsparse.models.tiny import word_tokenizer
-from vidsparse.models.video_llava import VideoLlava
-from vidsparse.pipeline import VideoQA
 
 STAGES = ("decode_video", "preprocess", "vision", "prefill", "generate")
 CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194), ("fastvid", 194), ("stprune", 194)]
 
 
-def build(layers: int, device: torch.device, dtype: torch.dtype) -> VideoQA:
-    tokenizer = word_tokenizer("what is happening in the video".split())
-    text = llama_7b(layers, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=224, patch_size=14)
-    config = VideoLlavaConfig(vision_config=vision, text_config=text,
-                              video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    config._attn_implementation = "sdpa"
-    config.vision_config._attn_implementation = "sdpa"
-    config.text_config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
-    model.model.image_tower = None
-    return VideoQA(VideoLlava(model, tokenizer, f"7B-geometry ({layers} decoder layers)"))
-
-
 def main() -> None:
     args, device, dtype, layers = parse_args(__doc__, repeats=3)
-    qa = build(layers, device, dtype)
+    qa = build_7b(layers, device, dtype, "what is happening in the video".split())
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
         rng = np.random.default_rng(0)

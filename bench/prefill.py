@@ -83,11 +83,11 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
     baseline = memory.current_bytes()
     plan = make_plan(method, budget, len(decoder.layers))
     generation = generate(decoder, model.lm_head, prompt, new_tokens, set(), timer, plan)
-    steps = timer.calls.get("generate", [])
     return {
         "prefill_s": timer.seconds["prefill"],
         "pruning_s": timer.seconds.get("pruning", 0.0),
-        "decode_ms_per_token": 1000 * statistics.fmean(steps) if steps else None,
+        "decode_ms_per_token": (1000 * generation.decode_seconds / generation.decode_steps
+                                if generation.decode_steps else None),
         "peak_bytes": memory.peak_bytes(),
         "working_bytes": memory.peak_bytes() - baseline,
         "kv_bytes": generation.kv_bytes(),

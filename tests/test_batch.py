@@ -171,7 +171,14 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     assert [r["video"] for r in errors] == ["broken.mp4"] and "not a video" in errors[0]["error"]
     answered = [r for r in records if not r.get("error")]
     assert all(r["pruning"]["visual_per_stage"] == [136, 34] and isinstance(r["correct"], bool) for r in answered)
+    # A clip's questions share its vision tower and prompt head: each record says with how many.
+    per_video = {v: sum(r["video"] == v for r in answered) for v in {r["video"] for r in answered}}
+    assert max(per_video.values()) > 1
+    assert all(r["shared"]["questions"] == per_video[r["video"]] for r in answered)
+    assert all(r["flops"]["amortised"] < r["flops"]["prefill"] + r["flops"]["vision"] for r in answered
+               if r["shared"]["questions"] > 1)
     summary = json.loads((tmp_path / "results.summary.json").read_text())
+    assert summary["questions_per_s_this_run"] > 0 and summary["amortised_flops_mean"] > 0
     assert summary["questions"] == 13 and summary["answered"] == 12 and summary["errors"] == 1
     assert summary["accuracy"] == summarize(records)["accuracy"]
     assert set(summary["accuracy_by_type"]) == {"color", "is", "moves"}

@@ -9,7 +9,7 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from tests.reference import masked_logits
-from vidsparse.engine import decode_step, generate, prefill, prefill_head
+from vidsparse.engine import DecodeState, generate, prefill, prefill_head
 from vidsparse.layers import run_layers
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
 from vidsparse.preprocess import preprocess_frames
@@ -62,7 +62,8 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
     stages = [(record.layer, record.selection) for record in generation.stages]
     start, count = int(prompt.visual.positions[0]), len(prompt.visual)
     tokens: list[int] = []
-    for step in range(6):
+    state = None
+    for _ in range(6):
         recomputed = replay_logits(model, prompt, plan, selections, tokens)
         with torch.no_grad():
             masked = masked_logits(eager, prompt.embeds, start, count, stages, positions, tokens)
@@ -70,9 +71,8 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
         torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
         tokens.append(int(cached.argmax()))
         with torch.inference_mode():  # one cached decode step, as generate() takes it
-            embedded = decoder.embed_tokens(torch.tensor([[tokens[-1]]]))
-            hidden = decode_step(decoder, embedded, [p + step for p in generation.next_positions], generation)
-            cached = model.lm_head(decoder.norm(hidden[:, -1]))[0].float()
+            state = state or DecodeState(decoder, [generation], 6)
+            cached = model.lm_head(decoder.norm(state.step(torch.tensor([tokens[-1]]))[:, -1]))[0].float()
     assert run(model, prompt, make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
                ).token_ids == tokens
 
@@ -184,7 +184,7 @@ def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, po
             torch.testing.assert_close(shared.first_logits, solo.first_logits, atol=1e-4, rtol=1e-4)
             assert torch.equal(shared.block.origin, solo.block.origin)
             question_rows = other.embeds.shape[1] - head.length
-            assert all(layer.keys.shape[-2] == question_rows for layer in shared.cache.layers[: head.layers])
+            assert shared.own_lengths[: head.layers] == [question_rows] * head.layers
     assert [(kv.keys.data_ptr(), kv.values.data_ptr()) for kv in head.kv] == pointers
     assert all(torch.equal(kv.keys, before) for kv, before in zip(head.kv, snapshot, strict=True))
     assert head.layers == (4 if not METHODS[method].needs_attention else 1 + next(

@@ -4,9 +4,11 @@ shared work paid once and accounted for honestly."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from vidsparse.datasets import shapes
 from vidsparse.errors import UserError
 from vidsparse.options import ask_options
 from vidsparse.pipeline import VideoQA
@@ -68,3 +70,19 @@ def test_a_clip_with_only_bad_questions_is_never_decoded(qa_and_video, tmp_path)
     options = ask_options("none", "100%", None, "keep", 0, 0, 8, "auto", 2)
     results = list(qa.answer_clip(tmp_path / "missing.mp4", [""], options))
     assert isinstance(results[0], UserError) and "empty" in str(results[0])
+
+
+def test_questions_decoded_together_each_stop_at_their_own_end():
+    """One forward per step for every unfinished question: each still stops at its own EOS, with the
+    tokens and cache it would have alone (the shipped model: one-word answers and longer descriptions)."""
+    qa = VideoQA.from_pretrained("shapes-demo")
+    clip = shapes.render_clip(np.random.default_rng(5))
+    questions = ["describe the objects ?", "what color is the circle ?", "how many objects are there ?",
+                 "describe the shapes ?", "what shape is the red object ?"]
+    options = ask_options("stprune", "25%", None, "keep", 0, 0, 8, "auto", 12)
+    alone = [qa.answer(clip.frames, q, options) for q in questions]
+    together = list(qa.answer_clip(clip.frames, questions, options, decode_batch=4))
+    assert len({r.generated_tokens for r in alone}) > 1, "the questions should stop at different steps"
+    for a, t in zip(alone, together, strict=True):
+        assert (t.answer, t.generated_tokens, t.kv_cache_bytes) == (a.answer, a.generated_tokens, a.kv_cache_bytes)
+        torch.testing.assert_close(t.first_logits, a.first_logits, atol=1e-4, rtol=1e-4)

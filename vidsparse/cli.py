@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -248,8 +249,12 @@ def batch(
                 status = (f"acc {acc:.1%}" if acc is not None else "") + (f"  errors {errors}" if errors else "")
                 progress.update(task, advance=1, status=status)
 
+            started, before = time.perf_counter(), len(records)
             run_batch(qa, todo, videos_dir, results, options, update)
+            seconds = time.perf_counter() - started
     summary = summarize(records)
+    answered_now = sum(1 for r in records[before:] if not r.get("error"))
+    summary["questions_per_s_this_run"] = round(answered_now / seconds, 3) if answered_now else None
     summary_path = out.with_name(out.stem + ".summary.json")
     replace_file(summary_path, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     console.print(summary_table(summary))
@@ -272,10 +277,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for stage, ms in summary["time_ms_mean"].items():
         table.add_row(f"time: {stage.replace('_', ' ')}",
                       f"mean {ms:,.1f} ms, median {summary['time_ms_median'][stage]:,.1f} ms")
+    if summary.get("questions_per_s_this_run"):
+        table.add_row("questions/s (this run)", f"{summary['questions_per_s_this_run']:,.2f}")
     table.add_row("peak memory", _mb(summary["peak_memory_bytes"]))
     if summary["equivalent_visual_tokens_mean"] is not None:
         table.add_row("equivalent visual tokens", f"{summary['equivalent_visual_tokens_mean']:,.1f}")
         table.add_row("prefill FLOPs (mean)", _si(summary["prefill_flops_mean"]))
+    if summary.get("amortised_flops_mean") is not None:
+        table.add_row("amortised FLOPs a question", _si(summary["amortised_flops_mean"]))
     return table
 
 

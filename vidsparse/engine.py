@@ -15,16 +15,17 @@ lengths. Batch size 1.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from vidsparse.layers import HeadKV, layer_after_head, run_layers
+from vidsparse.layers import HeadKV, PaddedKV, layer_step_together, run_after_head, run_layers
 from vidsparse.models.video_llava import PromptEmbeds
 from vidsparse.pruning.base import PromptText, PruningPlan, Selection, StageInput
 from vidsparse.pruning.stage import VisualBlock, apply_selection, attention_rows
-from vidsparse.stats import StageTimer
+from vidsparse.stats import StageTimer, synchronize
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,18 @@ class Head:
         return sum(t.numel() * t.element_size() for kv in self.kv for t in (kv.keys, kv.values))
 
 
+# A question's rows after the shared layers: (last shared layer's output, that layer's input, a cache
+# holding the rows' keys/values at the shared layers).
+QuestionRows = tuple[torch.Tensor, torch.Tensor, DynamicCache]
+
+
 @dataclass
 class Generation:
     token_ids: list[int]  # generated tokens, EOS excluded
     head: Head  # shared with the clip's other questions
-    cache: DynamicCache  # this question's own keys/values at every layer (after the head's, where shared)
+    # This question's own keys/values at every layer (after the head's, where shared) from prefill;
+    # None once decoding has copied them into its buffers.
+    cache: DynamicCache | None
     tokens_per_layer: list[int]  # prompt tokens entering each decoder layer in prefill
     visual_per_layer: list[int]  # visual tokens entering each decoder layer in prefill
     first_logits: torch.Tensor  # (vocab,) logits after the prompt
@@ -69,16 +77,20 @@ class Generation:
     # RoPE position of the next token, per layer: the positions a full recomputation would give it
     # (keep: after the original prompt; compact: after the layer's own, shortened, sequence).
     next_positions: list[int] = field(default_factory=list)
+    own_lengths: list[int] = field(default_factory=list)  # this question's own cached rows per layer after prefill
+    token_kv_bytes: int = 0  # keys + values of one token at one layer
+    decode_steps: int = 0  # generated tokens fed back through the layers
+    decode_seconds: float = 0.0  # this question's share of the decoding time
 
     def kv_lengths(self) -> list[int]:
-        """Keys each layer attends to: the shared head's and this question's own."""
-        return [(self.head.kv[i].keys.shape[-2] if i < self.head.layers else 0) + layer.keys.shape[-2]
-                for i, layer in enumerate(self.cache.layers)]
+        """Keys each layer attends to after decoding: the shared head's, this question's prompt rows
+        and its fed-back tokens."""
+        return [(self.head.kv[i].keys.shape[-2] if i < self.head.layers else 0) + own + self.decode_steps
+                for i, own in enumerate(self.own_lengths)]
 
     def kv_bytes(self) -> int:
-        """Bytes of keys/values this question reads: the shared head's and its own."""
-        own = sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
-        return own + self.head.kv_bytes()
+        """Bytes of keys/values this question reads (the shared head's included)."""
+        return self.token_kv_bytes * sum(self.kv_lengths())
 
 
 def _check_attention(decoder) -> None:
@@ -156,25 +168,41 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     uses it). Returns the last layer's hidden states of the rows after the head and the Generation."""
     if head is None:
         head = prefill_head(decoder, prompt, plan, timer, replay)
+    (rows,) = _rows_after_head(decoder, head, [prompt], plan)
+    return _finish(decoder, prompt, plan, timer, replay, head, *rows)
+
+
+def _rows_after_head(decoder, head: Head, prompts: list[PromptEmbeds], plan: PruningPlan | None
+                     ) -> list[QuestionRows]:
+    """Each prompt's rows after the head through the shared layers, all prompts in one batch: per
+    prompt (last shared layer's output, its input, a cache holding the rows' keys/values)."""
+    keep = plan is None or plan.positions == "keep"
+    starts = [head.length if keep else n for n in head.tokens_per_layer]
+    questions = [p.embeds[0, head.length :] for p in prompts]
+    padded = torch.nn.utils.rnn.pad_sequence(questions, batch_first=True)
+    out, layer_input, kv = run_after_head(decoder, head.kv, padded, starts)
+    rows = []
+    for i, question in enumerate(questions):
+        count = question.shape[0]
+        cache = DynamicCache(config=decoder.config)
+        for layer, (keys, values) in enumerate(kv):
+            cache.update(keys[i : i + 1, :, :count], values[i : i + 1, :, :count], layer)
+        rows.append((out[i : i + 1, :count], layer_input[i : i + 1, :count], cache))
+    return rows
+
+
+def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer,
+            replay: list[Selection] | None, head: Head, question: torch.Tensor, layer_input: torch.Tensor,
+            cache: DynamicCache) -> tuple[torch.Tensor, Generation]:
+    """A question's prefill after its rows went through the shared layers: its question-guided
+    stages and the layers after them, on its own sequence."""
     device = prompt.embeds.device
     num_layers = len(decoder.layers)
-    question = prompt.embeds[:, head.length :]
     count = question.shape[1]
     keep = plan is None or plan.positions == "keep"
-    cache = DynamicCache(config=decoder.config)
     generation = Generation([], head, cache, [], [], torch.empty(0), list(head.stages), head.block)
-    local = torch.arange(count, device=device)
-
-    def start(layer: int) -> int:  # the question's first RoPE position at a shared layer
-        return head.length if keep else head.tokens_per_layer[layer]
-
-    layer_input = question
-    for i in range(head.layers):  # the question's rows after the shared head
-        layer_input = question
-        rope = decoder.rotary_emb(question, (start(i) + local)[None])
-        question = layer_after_head(decoder.layers[i], question, rope, head.kv[i], cache, i)
-        generation.tokens_per_layer.append(head.tokens_per_layer[i] + count)
-        generation.visual_per_layer.append(head.visual_per_layer[i])
+    generation.tokens_per_layer = [n + count for n in head.tokens_per_layer]
+    generation.visual_per_layer = list(head.visual_per_layer)
     stages = _stages(plan, len(prompt.visual))
     index = len(head.stages)
     if index == len(stages):
@@ -192,7 +220,8 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
             else:
                 layer = head.layers - 1
                 rows = method.query_rows(count).to(device)
-                rope = decoder.rotary_emb(question, (start(layer) + rows)[None])
+                start = head.length if keep else head.tokens_per_layer[layer]
+                rope = decoder.rotary_emb(question, (start + rows)[None])
                 n_head = head.hidden.shape[1]
                 attention = attention_rows(decoder.layers[layer], layer_input[:, rows], rope, n_head + rows,
                                            [head.kv[layer].keys, cache.layers[layer].keys])
@@ -201,11 +230,14 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
             hidden, positions, block = apply_selection(head.hidden, head.positions, block, selection, plan.positions)
             hidden = torch.cat([hidden, question], 1)
             positions = (torch.arange(hidden.shape[1], device=device)[None] if not keep
-                         else torch.cat([positions, head.length + local[None]], 1))
+                         else torch.cat([positions, head.length + torch.arange(count, device=device)[None]], 1))
         generation.stages.append(StageRecord(stages[index], block.size, selection))
         hidden = _guided_stages(decoder, prompt, plan, timer, replay, generation, hidden, positions, block,
                                 index + 1, generator)
     generation.next_positions = ([head.length + count] * num_layers if keep else list(generation.tokens_per_layer))
+    generation.own_lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    keys = cache.layers[0].keys
+    generation.token_kv_bytes = 2 * keys.shape[1] * keys.shape[-1] * keys.element_size()
     return hidden[:, -count:], generation
 
 
@@ -245,37 +277,105 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
     return layers(hidden, len(decoder.layers))
 
 
+class DecodeState:
+    """Greedy decoding of one or several questions about a clip together: one forward per step for
+    all of them, each at its own positions, attending to the shared head and its own keys/values
+    (copied once into padded buffers that decoded tokens are written into in place)."""
+
+    def __init__(self, decoder, generations: list[Generation], max_new_tokens: int):
+        self.decoder = decoder
+        self.generations = generations
+        self.head = generations[0].head
+        self.own = [PaddedKV.gather([g.cache.layers[i] for g in generations], max_new_tokens)
+                    for i in range(len(decoder.layers))]
+        self.positions = torch.tensor([g.next_positions for g in generations], device=self.own[0].keys.device)
+        for g in generations:
+            g.cache = None  # taken over by the buffers
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token to each question ((b,) ids); their next hidden states (b, 1, d)."""
+        hidden = self.decoder.embed_tokens(tokens[:, None])
+        rope = None
+        for i, layer in enumerate(self.decoder.layers):
+            if i == 0 or not torch.equal(self.positions[:, i], self.positions[:, i - 1]):
+                rope = self.decoder.rotary_emb(hidden, self.positions[:, i : i + 1])
+            hidden = layer_step_together(layer, hidden, rope, self.head.kv[i] if i < self.head.layers else None,
+                                         self.own[i])
+        self.positions += 1
+        for g in self.generations:
+            g.decode_steps += 1
+        return hidden
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these questions only (the others have finished)."""
+        self.generations = [self.generations[i] for i in rows.tolist()]
+        self.positions = self.positions[rows]
+        self.own = [PaddedKV(kv.keys[rows], kv.values[rows], kv.lengths[rows]) for kv in self.own]
+
+
+@torch.inference_mode()
+def decode_together(decoder, lm_head: torch.nn.Linear, generations: list[Generation], max_new_tokens: int,
+                    eos_token_ids: set[int], device: torch.device) -> None:
+    """Greedy decoding of prefilled questions (their `first_logits` set) until each meets EOS or
+    `max_new_tokens`; each one's tokens land in its `token_ids`, and its share of each step's time
+    (split among the questions in the step) in its `decode_seconds`."""
+    state = None
+    logits = torch.stack([g.first_logits for g in generations])
+    active = list(generations)
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(-1)
+        going = []
+        for row, (g, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+            if token not in eos_token_ids:
+                g.token_ids.append(token)
+                if step + 1 < max_new_tokens:
+                    going.append(row)
+        if not going:
+            return
+        synchronize(device)
+        start = time.perf_counter()
+        if state is None:
+            state = DecodeState(decoder, active, max_new_tokens)
+        if len(going) < len(active):
+            rows = torch.tensor(going, device=logits.device)
+            state.keep(rows)
+            tokens, active = tokens[rows], state.generations
+        logits = lm_head(decoder.norm(state.step(tokens)))[:, -1].float()
+        synchronize(device)
+        for g in active:
+            g.decode_seconds += (time.perf_counter() - start) / len(active)
+
+
 @torch.inference_mode()
 def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_tokens: int,
              eos_token_ids: set[int], timer: StageTimer, plan: PruningPlan | None = None,
              head: Head | None = None) -> Generation:
     """Greedy decoding: prefill the prompt (pruning as planned; from `head` if given), then one token
     at a time."""
-    with timer.stage("prefill"):
-        hidden, generation = prefill(decoder, prompt, plan, timer, head=head)
-        logits = lm_head(decoder.norm(hidden[:, -1:]))[0, -1].float()
-    generation.first_logits = logits
-    for step in range(max_new_tokens):
-        token = int(logits.argmax())
-        if token in eos_token_ids:
-            break
-        generation.token_ids.append(token)
-        if step + 1 == max_new_tokens:
-            break
-        with timer.stage("generate"):
-            hidden = decoder.embed_tokens(torch.tensor([[token]], device=prompt.embeds.device))
-            hidden = decode_step(decoder, hidden, [p + step for p in generation.next_positions], generation)
-            logits = lm_head(decoder.norm(hidden))[0, -1].float()
+    generation = prefill_question(decoder, lm_head, prompt, plan, timer, head)
+    decode_together(decoder, lm_head, [generation], max_new_tokens, eos_token_ids, prompt.embeds.device)
     return generation
 
 
-def decode_step(decoder, hidden: torch.Tensor, positions: list[int], generation: Generation) -> torch.Tensor:
-    """One new token through every layer, at each layer's own RoPE position, attending to the shared
-    head (where there is one) and the question's own cache."""
-    head = generation.head
-    rope = None
-    for i, layer in enumerate(decoder.layers):
-        if i == 0 or positions[i] != positions[i - 1]:
-            rope = decoder.rotary_emb(hidden, torch.tensor([[positions[i]]], device=hidden.device))
-        hidden = layer_after_head(layer, hidden, rope, head.kv[i] if i < head.layers else None, generation.cache, i)
-    return hidden
+def prefill_question(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, plan: PruningPlan | None,
+                     timer: StageTimer, head: Head | None = None) -> Generation:
+    """`prefill` and the logits of the first answer token (timed as "prefill")."""
+    with timer.stage("prefill"), torch.inference_mode():
+        hidden, generation = prefill(decoder, prompt, plan, timer, head=head)
+        generation.first_logits = lm_head(decoder.norm(hidden[:, -1:]))[0, -1].float()
+    return generation
+
+
+@torch.inference_mode()
+def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: PruningPlan | None) -> list[QuestionRows]:
+    """Several questions about a clip through the layers they share with its head, in one batch."""
+    return _rows_after_head(decoder, head, prompts, plan)
+
+
+def finish_question(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, plan: PruningPlan | None,
+                    timer: StageTimer, head: Head, rows: QuestionRows) -> Generation:
+    """The rest of one question's prefill after `question_rows`, and its first answer logits."""
+    with timer.stage("prefill"), torch.inference_mode():
+        hidden, generation = _finish(decoder, prompt, plan, timer, None, head, *rows)
+        generation.first_logits = lm_head(decoder.norm(hidden[:, -1:]))[0, -1].float()
+    return generation

@@ -3,11 +3,12 @@
 - `run_layers`: the model's own layers (SDPA with its implicit causal mask) on a whole sequence,
   appending to a `DynamicCache`. Used for the head of a prompt and wherever a question's own
   sequence goes through layers with nothing shared.
-- `layer_after_head`: one layer for rows that come after a *shared head* (the prompt up to the end of
-  the visual block, computed once per clip): the rows attend to the head's keys/values, read in place,
-  and to their own cached ones. Attention is written out (scores per block, one softmax over both)
-  because SDPA takes one key tensor, and joining the head's keys to each question's would copy the
-  clip's whole KV cache per question. It is only used for few rows (a question, a decoded token).
+- `run_after_head` / `layer_step_together`: rows that come after a *shared head* (the prompt up to the
+  end of the visual block, computed once per clip) -- several questions' rows at once, or one new
+  token of each of several questions: they attend to the head's keys/values, read in place, and to
+  their own. Attention is written out (scores per block, one softmax over both) because SDPA takes
+  one key tensor, and joining the head's keys to each question's would copy the clip's whole KV
+  cache per question. It is only used for few rows (questions, decoded tokens).
 """
 
 from __future__ import annotations
@@ -43,43 +44,99 @@ def run_layers(decoder, hidden: torch.Tensor, position_ids: torch.Tensor, cos_si
 
 
 def grouped_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(1, H, r, hd) queries x (1, kv_heads, n, hd) keys -> fp32 scores (1, kv_heads, H / kv_heads, r, n).
-    GQA: query heads are grouped by the key head they share instead of repeating the keys; the
-    product runs in the keys' dtype (no fp32 copy of every key)."""
-    kv_heads = keys.shape[1]
-    grouped = query.reshape(query.shape[0], kv_heads, -1, query.shape[-2], query.shape[-1])
-    return torch.einsum("bkgrd,bknd->bkgrn", grouped.to(keys.dtype), keys).float() * scaling
+    """(b, H, r, hd) queries x keys -> fp32 scores (b, kv_heads, H / kv_heads, r, n). Keys are
+    (b, kv_heads, n, hd), or (kv_heads, n, hd) shared by every query row: the queries are folded
+    onto them, the keys are never expanded or copied. GQA: query heads are grouped by the key head
+    they share; the product runs in the keys' dtype (no fp32 copy of every key)."""
+    kv_heads = keys.shape[-3]
+    grouped = query.reshape(query.shape[0], kv_heads, -1, query.shape[-2], query.shape[-1]).to(keys.dtype)
+    pattern = "bkgrd,knd->bkgrn" if keys.dim() == 3 else "bkgrd,bknd->bkgrn"
+    return torch.einsum(pattern, grouped, keys).float() * scaling
 
 
-def layer_after_head(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], head: HeadKV | None,
-                     cache: DynamicCache, index: int) -> torch.Tensor:
-    """Decoder layer `index` on rows `hidden` (1, r, d) that follow `head` (None: nothing shared) and
-    the rows already in `cache` at this layer: their keys/values are appended to `cache`. Row i sees
-    every head key, the cached keys, and its own rows up to itself. The same arithmetic as
-    LlamaDecoderLayer; softmax in fp32."""
+def _project(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
+    """The layer's queries, keys and values of rows `hidden` (b, r, d), RoPE applied: (b, heads, r, hd)."""
     attn = layer.self_attn
-    rows = hidden.shape[1]
     x = layer.input_layernorm(hidden)
-    shape = (1, rows, -1, attn.head_dim)
+    shape = (*hidden.shape[:2], -1, attn.head_dim)
     query = attn.q_proj(x).view(shape).transpose(1, 2)
     key = attn.k_proj(x).view(shape).transpose(1, 2)
     value = attn.v_proj(x).view(shape).transpose(1, 2)
     query, key = apply_rotary_pos_emb(query, key, *cos_sin)
-    own_keys, own_values = cache.update(key, value, index)
-    own = grouped_scores(query, own_keys, attn.scaling)
-    seen = own_keys.shape[-2] - rows  # cached rows before these
-    future = torch.arange(own_keys.shape[-2], device=hidden.device)[None, :] > seen + torch.arange(
-        rows, device=hidden.device)[:, None]
-    own = own.masked_fill(future, float("-inf"))
+    return query, key, value
+
+
+def _attend_and_finish(layer, hidden: torch.Tensor, query: torch.Tensor, head: HeadKV | None, keys: torch.Tensor,
+                       values: torch.Tensor, hidden_keys: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer: attention of `query` (b, H, r, hd) over the head's keys (shared by every
+    row) and `keys`/`values` (b, kv_heads, n, hd), where `hidden_keys` (b, r, n) marks keys a row must
+    not see; one fp32 softmax over both blocks; o_proj, residual, MLP."""
+    attn = layer.self_attn
+    batch, rows = hidden.shape[:2]
+    own = grouped_scores(query, keys, attn.scaling).masked_fill(hidden_keys[:, None, None], float("-inf"))
     if head is None:
-        probs = own.softmax(-1)
-        out = torch.einsum("bkgrn,bknd->bkgrd", probs.to(own_values.dtype), own_values)
+        out = torch.einsum("bkgrn,bknd->bkgrd", own.softmax(-1).to(values.dtype), values)
     else:
-        shared = grouped_scores(query, head.keys, attn.scaling)
+        shared = grouped_scores(query, head.keys[0], attn.scaling)
         probs = torch.cat([shared, own], -1).softmax(-1)
         n_head = head.keys.shape[-2]
-        out = (torch.einsum("bkgrn,bknd->bkgrd", probs[..., :n_head].to(head.values.dtype), head.values)
-               + torch.einsum("bkgrn,bknd->bkgrd", probs[..., n_head:].to(own_values.dtype), own_values))
-    out = out.reshape(1, -1, rows, attn.head_dim).transpose(1, 2).reshape(1, rows, -1)
+        out = (torch.einsum("bkgrn,knd->bkgrd", probs[..., :n_head].to(head.values.dtype), head.values[0])
+               + torch.einsum("bkgrn,bknd->bkgrd", probs[..., n_head:].to(values.dtype), values))
+    out = out.reshape(batch, -1, rows, attn.head_dim).transpose(1, 2).reshape(batch, rows, -1)
     hidden = hidden + attn.o_proj(out.to(hidden.dtype))
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Rows of b questions (hidden (b, r, d), right-padded to a common r) after a shared head, through
+    the layers `head` covers; at layer i they sit at RoPE positions starts[i], starts[i] + 1, ...
+    Row j of a question sees every head key and that question's rows up to j (padding comes after
+    its rows, so no real row sees it). Returns the last layer's output, the last layer's input, and
+    each layer's keys/values of the rows, (b, kv_heads, r, hd)."""
+    local = torch.arange(hidden.shape[1], device=hidden.device)
+    future = (local[None, :] > local[:, None])[None]
+    layer_input, kv = hidden, []
+    for i, shared in enumerate(head):
+        layer = decoder.layers[i]
+        layer_input = hidden
+        query, key, value = _project(layer, hidden, decoder.rotary_emb(hidden, (starts[i] + local)[None]))
+        kv.append((key, value))
+        hidden = _attend_and_finish(layer, hidden, query, shared, key, value, future)
+    return hidden, layer_input, kv
+
+
+@dataclass
+class PaddedKV:
+    """Several questions' own keys/values at one layer, for decoding them together: (b, kv_heads,
+    capacity, hd) buffers filled to `lengths`, written in place as tokens are decoded."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor  # (b,) long
+
+    @classmethod
+    def gather(cls, layers: list, extra: int) -> PaddedKV:
+        """From each question's cache layer (DynamicLayer), with room for `extra` more tokens."""
+        lengths = torch.tensor([layer.keys.shape[-2] for layer in layers], device=layers[0].keys.device)
+        keys = layers[0].keys.new_zeros(len(layers), layers[0].keys.shape[1], int(lengths.max()) + extra,
+                                        layers[0].keys.shape[-1])
+        values = torch.zeros_like(keys)
+        for i, layer in enumerate(layers):
+            keys[i, :, : layer.keys.shape[-2]] = layer.keys[0]
+            values[i, :, : layer.values.shape[-2]] = layer.values[0]
+        return cls(keys, values, lengths)
+
+
+def layer_step_together(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                        head: HeadKV | None, own: PaddedKV) -> torch.Tensor:
+    """One new token of each of b questions (hidden (b, 1, d), each at its own position) through a
+    decoder layer: written into `own` at each question's length, attending to the shared head and to
+    its own keys only (the padding beyond its length is hidden)."""
+    query, key, value = _project(layer, hidden, cos_sin)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    own.keys[rows, :, own.lengths] = key[:, :, 0]
+    own.values[rows, :, own.lengths] = value[:, :, 0]
+    own.lengths += 1
+    padding = torch.arange(own.keys.shape[-2], device=hidden.device)[None, :] >= own.lengths[:, None]
+    return _attend_and_finish(layer, hidden, query, head, own.keys, own.values, padding[:, None])

@@ -54,4 +54,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_memory_bytes": max(peaks) if peaks else None,
         "equivalent_visual_tokens_mean": _mean([r["tokens"]["equivalent_visual"] for r in answered]),
         "prefill_flops_mean": _mean([r["flops"]["prefill"] for r in answered]),
+        # Own prefill plus the share of the clip's shared prefill and vision tower (absent in old records).
+        "amortised_flops_mean": _mean([r["flops"]["amortised"] for r in answered if "amortised" in r["flops"]]),
     }

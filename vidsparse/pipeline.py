@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidsparse.engine import Head, StageRecord, generate, prefill_head
+from vidsparse.engine import (
+    Generation,
+    Head,
+    StageRecord,
+    decode_together,
+    finish_question,
+    prefill_head,
+    question_rows,
+)
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava, VisualMap
 from vidsparse.options import DEFAULT_MODEL, AskOptions, ask_options
@@ -35,6 +43,7 @@ from vidsparse.stats import (
 from vidsparse.video import DecodedVideo, decode_video
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
+DECODE_BATCH = 16  # questions of a clip decoded together
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,17 @@ class _Clip:
     video_path: str | None
     work: ClipWork
     memory: PeakMemory
+
+
+@dataclass(eq=False)
+class _Prefilled:
+    """A question between its prefill and decoding."""
+
+    question: str
+    prompt: PromptEmbeds
+    plan: PruningPlan
+    generation: Generation | None  # None until prefilled
+    timer: StageTimer  # its own stages
 
 
 @dataclass
@@ -192,12 +212,13 @@ class VideoQA:
         return result
 
     def answer_clip(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
-                    options: AskOptions) -> Iterator[AskResult | Exception]:
+                    options: AskOptions, decode_batch: int = DECODE_BATCH) -> Iterator[AskResult | Exception]:
         """Every question about one clip, paying once for what they share: decoding, preprocessing,
         the vision tower, and the prompt head (text + visual block) through the layers before the
         plan's first question-guided stage (engine.prefill_head). Yields, in order, each question's
         result or the error that stopped it alone; raises for what stops them all (the video, the
-        plan). The shared state is released when the last question is answered."""
+        plan). Up to `decode_batch` questions are decoded together (one forward per step for all);
+        the shared state is released when the last question is answered."""
         model = self.model
         timer = StageTimer(model.device)  # the clip's shared work
         memory = PeakMemory(model.device)
@@ -236,14 +257,19 @@ class VideoQA:
         )
         clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
         del head_prompt, head, features, pixels  # the clip's state lives in `clip` only, until the last question
-        for question, ids in zip(questions, prompts, strict=True):
-            if isinstance(ids, UserError):
-                yield ids
-                continue
+        pending = list(zip(questions, prompts, strict=True))
+        while pending:  # in groups of up to `decode_batch` questions
+            group, pending = pending[: max(1, decode_batch)], pending[max(1, decode_batch) :]
+            ready = self._prefill_group(group, clip)
+            started = [r for r in ready if isinstance(r, _Prefilled)]
             try:
-                yield self._answer_question(question, ids, clip, options)
-            except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
-                yield e
+                if started:
+                    decode_together(model.decoder, model.lm_head, [r.generation for r in started],
+                                    options.max_new_tokens, model.eos_token_ids, model.device)
+            except Exception as e:  # noqa: BLE001 - the group's decoding failed: each of its questions says so
+                ready = [e if isinstance(r, _Prefilled) else r for r in ready]
+            for r in ready:
+                yield self._result(r, clip) if isinstance(r, _Prefilled) else r
 
     def _prompt_ids(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
         model = self.model
@@ -261,60 +287,84 @@ class VideoQA:
         text = self.model.model.config.text_config
         return text.hidden_size, text.intermediate_size
 
-    def _answer_question(self, question: str, input_ids: torch.Tensor, clip: _Clip, options: AskOptions) -> AskResult:
-        """One question after the clip's shared work: its own rows from the head on, then decoding."""
+    def _prefill_group(self, group: list[tuple[str, torch.Tensor | UserError]], clip: _Clip
+                       ) -> list[_Prefilled | Exception]:
+        """The prefill of a group of questions after the clip's shared work: their rows through the
+        layers shared with the head in one batch (its time split evenly among them), then each one's
+        own stages and layers."""
         model = self.model
-        head_prompt, head, shared = clip.head_prompt, clip.head, clip.work
-        timer = StageTimer(model.device)
-        start = time.perf_counter()
-        with timer.stage("preprocess"):
-            own = model.decoder.embed_tokens(input_ids[:, head.length :])
-            words = [model.tokenizer.decode([i]).strip() for i in input_ids[0, head.length :].tolist()]
-            prompt = replace(head_prompt, input_ids=input_ids, embeds=torch.cat([head_prompt.embeds, own], 1),
-                             suffix_words=words)
-        plan = replace(clip.plan, method=type(clip.plan.method)())  # a question's own method state (raters, ranks)
-        generation = generate(model.decoder, model.lm_head, prompt, options.max_new_tokens, model.eos_token_ids,
-                              timer, plan, head=head)
-        answer = model.decode_text(generation.token_ids)
-        own_seconds = timer.seconds
-        own_seconds["total"] = time.perf_counter() - start
+        ready: list[_Prefilled | Exception] = []
+        for question, ids in group:
+            if isinstance(ids, UserError):
+                ready.append(ids)
+                continue
+            timer = StageTimer(model.device)
+            with timer.stage("preprocess"):
+                length = clip.head.length
+                own = model.decoder.embed_tokens(ids[:, length:])
+                words = [model.tokenizer.decode([i]).strip() for i in ids[0, length:].tolist()]
+                prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
+                                 suffix_words=words)
+            plan = replace(clip.plan, method=type(clip.plan.method)())  # its own method state (raters, ranks)
+            ready.append(_Prefilled(question, prompt, plan, None, timer))
+        slots = [i for i, r in enumerate(ready) if isinstance(r, _Prefilled)]
+        started = [ready[i] for i in slots]
+        if not started:
+            return ready
+        batch = StageTimer(model.device)
+        try:
+            with batch.stage("prefill"):
+                rows = question_rows(model.decoder, clip.head, [r.prompt for r in started], clip.plan)
+        except Exception as e:  # noqa: BLE001 - the group's shared rows failed: each of its questions says so
+            return [e if isinstance(r, _Prefilled) else r for r in ready]
+        share = batch.seconds["prefill"] / len(started)
+        for slot, r, row in zip(slots, started, rows, strict=True):
+            r.timer.calls.setdefault("prefill", []).append(share)
+            try:
+                r.generation = finish_question(model.decoder, model.lm_head, r.prompt, r.plan, r.timer, clip.head, row)
+            except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
+                ready[slot] = e
+        return ready
+
+    def _result(self, done: _Prefilled, clip: _Clip) -> AskResult:
+        """The answer and statistics of a decoded question."""
+        model = self.model
+        shared, generation, input_ids = clip.work, done.generation, done.prompt.input_ids
+        own_seconds = done.timer.seconds | {"generate": generation.decode_seconds}
+        own_seconds["total"] = sum(own_seconds.get(name, 0.0) for name in ("preprocess", "prefill", "generate"))
         # Amortised: this question's own time plus its share of the clip's.
         seconds = {name: own_seconds.get(name, 0.0) + shared.seconds.get(name, 0.0) / shared.questions
-                   for name in (*STAGES, "total")}
-        seconds = {"decode_video": shared.seconds["decode_video"] / shared.questions, **seconds}
+                   for name in ("decode_video", *STAGES, "total")}
         d, m = self._widths()
-        n_visual = len(prompt.visual)
-        decode_steps = timer.calls.get("generate", [])
-        # Unpruned, every layer would cache the whole prompt plus each decoded token.
-        kv_bytes = generation.kv_bytes()
-        kv_per_token_layer = kv_bytes / sum(generation.kv_lengths())
-        cached_per_layer = input_ids.shape[1] + len(decode_steps)
-        full_flops = prefill_flops(generation.tokens_per_layer, d, m)
+        layers = len(generation.tokens_per_layer)
+        # Unpruned, every layer would cache the whole prompt plus each fed-back token.
+        unpruned_kv = generation.token_kv_bytes * (input_ids.shape[1] + generation.decode_steps) * layers
         return AskResult(
-            answer=answer,
-            question=question,
+            answer=model.decode_text(generation.token_ids),
+            question=done.question,
             video=clip.video,
             video_path=clip.video_path,
             model=model.name,
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
-            plan=plan,
+            plan=done.plan,
             stage_records=generation.stages,
-            method_report=plan.method.report(),
+            method_report=done.plan.method.report(),
             prompt_tokens=int(input_ids.shape[1]),
-            visual_before=n_visual,
+            visual_before=len(done.prompt.visual),
             visual_per_layer=generation.visual_per_layer,
-            visual_map=prompt.visual,
+            visual_map=done.prompt.visual,
             final_block=generation.block,
             generated_tokens=len(generation.token_ids),
-            prefill_flops=full_flops,
-            prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * len(generation.tokens_per_layer), d, m),
+            prefill_flops=prefill_flops(generation.tokens_per_layer, d, m),
+            prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * layers, d, m),
             vision_flops=shared.vision_flops,
             shared=shared,
             peak_memory_bytes=clip.memory.peak_bytes(),
-            kv_cache_bytes=kv_bytes,
-            kv_cache_bytes_unpruned=round(kv_per_token_layer * cached_per_layer * len(generation.tokens_per_layer)),
+            kv_cache_bytes=generation.kv_bytes(),
+            kv_cache_bytes_unpruned=unpruned_kv,
             seconds=seconds,
-            decode_tokens_per_s=len(decode_steps) / sum(decode_steps) if decode_steps else None,
+            decode_tokens_per_s=(generation.decode_steps / generation.decode_seconds
+                                 if generation.decode_steps else None),
             first_logits=generation.first_logits,
         )

@@ -1,0 +1,172 @@
+"""What `batch` gains by paying for each clip once, on an MSVD-like workload (many questions a clip).
+
+Rows, for each method, side by side in one run:
+- `hf generate`: Hugging Face `generate()` per question, what evaluation harnesses run (`none` only);
+- `per question`: `VideoQA.answer` for each question: vision tower and whole prefill every time
+  (the path before clips were shared);
+- `reuse`: `VideoQA.answer_clip`: a clip's vision tower and prompt head (text + visual block through
+  the layers before the method's first question-guided stage) computed once for its questions.
+Clips are decoded once for every row (decoding is not what differs). The per-question rows are
+timed on --sample questions of the first clip: their cost does not depend on what came before.
+
+Columns: questions/s; speedup over `per question`; amortised FLOPs a question (prefill + vision,
+the clip's shared work divided among its questions); the FLOPs limit of reuse (per-question FLOPs /
+amortised FLOPs: the speedup reuse would reach if time followed FLOPs); the share of that limit
+reached; peak memory; whether every answer equals the per-question answer.
+
+Two models: `--model 7b` (default): Video-LLaVA-7B geometry with random weights (CLIP ViT-L/14 tower,
+7B-width decoder; on a CPU 3 layers and 4 frames so that it runs in minutes on 2 cores);
+`--model demo`: the shipped ShapesQA model on ShapesQA clips with every question type.
+
+    python bench/batch.py                       # 7B geometry, CPU defaults
+    python bench/batch.py --model demo
+    python bench/batch.py --device cuda --layers 32 --frames 8
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import build_7b, parse_args
+
+from vidsparse.datasets import shapes
+from vidsparse.options import ask_options
+from vidsparse.pipeline import AskResult, VideoQA
+from vidsparse.preprocess import preprocess_frames
+from vidsparse.stats import PeakMemory, synchronize
+from vidsparse.video import DecodedVideo, decode_video
+
+WORDS = "what is happening in the video who does it where and why how many people are there".split()
+METHODS = "none,sparsevlm,stprune,vidcom2"  # fastv, dycoke, ... with --methods
+BUDGET = "10%"
+
+
+def more_options(parser) -> None:
+    parser.add_argument("--model", choices=["7b", "demo"], default="7b")
+    parser.add_argument("--clips", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=25, help="questions a clip")
+    parser.add_argument("--frames", type=int, default=None, help="default: 4 on CPU, 8 on GPU (7b); 8 (demo)")
+    parser.add_argument("--sample", type=int, default=3, help="questions timed on the per-question rows")
+    parser.add_argument("--methods", default=METHODS, help=f"comma-separated (default {METHODS})")
+    parser.add_argument("--budget", default=BUDGET, help=f"every method's but none's (default {BUDGET})")
+
+
+def workload(kind: str, clips: int, per_clip: int, folder: Path) -> tuple[list[Path], list[list[str]]]:
+    """`clips` clips and `per_clip` questions of varied length about each."""
+    rng = np.random.default_rng(0)
+    paths, questions = [], []
+    for c in range(clips):
+        path = folder / f"clip{c}.mp4"
+        if kind == "7b":
+            shapes.write_video(path, rng.integers(0, 256, (48, 240, 320, 3), dtype=np.uint8))
+            asked = [" ".join(rng.choice(WORDS, int(rng.integers(4, 30)))) + " ?" for _ in range(per_clip)]
+        else:
+            clip = shapes.render_clip(rng, temporal="ordered")
+            shapes.write_video(path, clip.frames)
+            asked = []
+            while len(asked) < per_clip:
+                try:
+                    asked.append(shapes.ask(clip, shapes.QUESTION_TYPES[len(asked) % len(shapes.QUESTION_TYPES)],
+                                            rng)[0])
+                except ValueError:  # this clip does not define that type: the next one
+                    asked.append(shapes.ask(clip, "count", rng)[0])
+        paths.append(path)
+        questions.append(asked)
+    return paths, questions
+
+
+def timed(device, run, *args):
+    """run(*args), its seconds and the peak memory while it ran."""
+    memory = PeakMemory(device)
+    memory.reset()
+    synchronize(device)
+    start = time.perf_counter()
+    out = run(*args)
+    synchronize(device)
+    return out, time.perf_counter() - start, memory.peak_bytes()
+
+
+def hf_generate(qa: VideoQA, video: DecodedVideo, question: str, new_tokens: int) -> str:
+    """Transformers' own path: the processor's inputs, `generate()`, greedy."""
+    model = qa.model
+    pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std).to(model.device, model.dtype)
+    ids = model.prompt_ids(question, len(video.frames))
+    with torch.inference_mode():
+        out = model.model.generate(input_ids=ids, pixel_values_videos=pixels[None], max_new_tokens=new_tokens,
+                                   do_sample=False, eos_token_id=sorted(model.eos_token_ids), pad_token_id=0)
+    return model.decode_text([t for t in out[0, ids.shape[1] :].tolist() if t not in model.eos_token_ids])
+
+
+def amortised(results: list[AskResult]) -> float:
+    return statistics.fmean(r.amortised_flops for r in results)
+
+
+def main() -> None:
+    args, device, dtype, layers = parse_args(__doc__, repeats=1, cpu_layers=3, new_tokens=3,
+                                             more=more_options)
+    if args.model == "7b":
+        qa = build_7b(layers, device, dtype, WORDS)
+        frames = args.frames or (8 if device.type == "cuda" else 4)
+        geometry = f"7B-width decoder, {layers} layers, CLIP ViT-L/14 tower, random weights"
+    else:
+        qa = VideoQA.from_pretrained("shapes-demo", dtype=args.dtype, device=args.device)
+        frames = args.frames or 8
+        geometry = "the shipped ShapesQA model"
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, questions = workload(args.model, args.clips, args.questions, Path(tmp))
+        videos = [decode_video(p, frames) for p in paths]
+    total_questions = sum(map(len, questions))
+    sample = questions[0][: args.sample]
+    qa.answer(videos[0], sample[0], ask_options("none", "100%", None, "keep", 0, 0, frames, "auto", 1))  # warm-up
+    rows = []
+    for method in args.methods.split(","):
+        budget = "100%" if method == "none" else args.budget
+        options = ask_options(method, budget, None, "keep", 0, 0, frames, "auto", args.new_tokens)
+        alone, seconds, peak = timed(device, lambda o: [qa.answer(videos[0], q, o) for q in sample], options)
+        per_question = {"questions_per_s": len(sample) / seconds, "peak": peak,
+                        "flops": statistics.fmean(r.prefill_flops + r.vision_flops for r in alone)}
+        if method == "none":
+            answers, seconds, peak = timed(device, lambda: [hf_generate(qa, videos[0], q, args.new_tokens)
+                                                            for q in sample])
+            rows.append(row(method, budget, "hf generate", len(sample) / seconds, per_question, None, peak,
+                            answers == [r.answer for r in alone]))
+        rows.append(row(method, budget, "per question", per_question["questions_per_s"], per_question,
+                        per_question["flops"], per_question["peak"], True))
+        together, seconds, peak = timed(device, lambda o: [r for video, asked in zip(videos, questions, strict=True)
+                                                           for r in qa.answer_clip(video, asked, o)], options)
+        same = [r.answer for r in together[: len(sample)]] == [r.answer for r in alone]
+        rows.append(row(method, budget, "reuse", total_questions / seconds, per_question, amortised(together), peak,
+                        same))
+    print(f"\n{device.type}, {args.dtype}, {geometry}; {args.clips} clips x {args.questions} questions, "
+          f"{frames} frames, {args.new_tokens} new tokens; per-question rows on {len(sample)} questions\n")
+    header = ["method", "budget", "path", "questions/s", "speedup", "amortised TFLOPs", "reuse limit",
+              "of limit", "peak MB", "same answers"]
+    print("  ".join(f"{h:>16}" for h in header))
+    for r in rows:
+        print("  ".join(f"{'-' if v is None else v!s:>16}" for v in r.values()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"batch-{args.model}-{device.type}-{len(qa.model.decoder.layers)}L.json"
+    path.write_text(json.dumps({"geometry": geometry, "frames": frames, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {path}")
+
+
+def row(method: str, budget: str, path: str, rate: float, per_question: dict, flops: float | None,
+        peak: int | None, same: bool) -> dict:
+    speedup = rate / per_question["questions_per_s"]
+    limit = per_question["flops"] / flops if flops else None
+    return {"method": method, "budget": "-" if method == "none" else budget, "path": path,
+            "questions_per_s": round(rate, 3), "speedup": round(speedup, 2),
+            "amortised_tflops": None if flops is None else float(f"{flops / 1e12:.4g}"),
+            "reuse_limit": None if limit is None else round(limit, 2),
+            "of_limit": None if limit is None else round(speedup / limit, 2),
+            "peak_mb": None if peak is None else round(peak / 2**20), "same_answers": same}
+
+
+if __name__ == "__main__":
+    main()
