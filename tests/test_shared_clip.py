@@ -4,11 +4,16 @@ shared work paid once and accounted for honestly."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
+from vidsparse import pipeline
 from vidsparse.datasets import shapes
+from vidsparse.engine import prefill_head
 from vidsparse.errors import UserError
 from vidsparse.options import ask_options
 from vidsparse.pipeline import VideoQA
@@ -86,3 +91,21 @@ def test_questions_decoded_together_each_stop_at_their_own_end():
     for a, t in zip(alone, together, strict=True):
         assert (t.answer, t.generated_tokens, t.kv_cache_bytes) == (a.answer, a.generated_tokens, a.kv_cache_bytes)
         torch.testing.assert_close(t.first_logits, a.first_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_clips_shared_state_is_released_with_its_last_answer(qa_and_video, monkeypatch):
+    """Memory does not grow with the clips: once a clip's last answer is out, nothing holds its head's
+    keys/values (the results keep only what they report)."""
+    qa, video = qa_and_video
+    heads = []
+
+    def spy(*args, **kwargs):
+        head = prefill_head(*args, **kwargs)
+        heads.append(weakref.ref(head.kv[0].keys))
+        return head
+
+    monkeypatch.setattr(pipeline, "prefill_head", spy)
+    options = ask_options("sparsevlm", "20%", None, "keep", 0, 0, 8, "auto", 3)
+    results = [r for _ in range(2) for r in qa.answer_clip(video, QUESTIONS, options)]
+    gc.collect()
+    assert len(heads) == 2 and all(ref() is None for ref in heads) and len(results) == 2 * len(QUESTIONS)

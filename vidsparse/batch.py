@@ -14,7 +14,7 @@ from typing import Any
 
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct
-from vidsparse.options import AskOptions
+from vidsparse.options import DECODE_BATCH, AskOptions
 from vidsparse.pipeline import AskResult, VideoQA
 from vidsparse.questions import Question
 from vidsparse.results import ResultsFile
@@ -60,15 +60,15 @@ def question_record(q: Question, root: Path) -> dict[str, Any]:
     return {"id": q.id, "video": str(video), "question": q.question, "type": q.type, "reference": q.answer}
 
 
-def clip_answers(qa: VideoQA, video: DecodedVideo | UserError, questions: list[str],
-                 options: AskOptions) -> Iterator[AskResult | Exception]:
+def clip_answers(qa: VideoQA, video: DecodedVideo | UserError, questions: list[str], options: AskOptions,
+                 decode_batch: int) -> Iterator[AskResult | Exception]:
     """One result or error per question about a clip; what stops the whole clip (its video, its
     shared work) becomes the error of each question not answered yet."""
     count = 0
     try:
         if isinstance(video, UserError):
             raise video
-        for result in qa.answer_clip(video, questions, options):
+        for result in qa.answer_clip(video, questions, options, decode_batch):
             count += 1
             yield result
     except Exception as e:  # noqa: BLE001 - one clip must not end the run; the error is recorded
@@ -76,9 +76,11 @@ def clip_answers(qa: VideoQA, video: DecodedVideo | UserError, questions: list[s
 
 
 def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
-              on_record: Callable[[dict[str, Any]], None] = lambda record: None) -> None:
+              on_record: Callable[[dict[str, Any]], None] = lambda record: None,
+              decode_batch: int = DECODE_BATCH) -> None:
     """Answer the questions not yet in `results`, appending one record per question. A clip's
-    questions share its decoding, vision tower and prompt head (VideoQA.answer_clip). A question that
+    questions share its decoding, vision tower and prompt head and are decoded `decode_batch` at a
+    time (VideoQA.answer_clip). A question that
     cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
     qa.model.check_context(0, options.num_frames, options.max_new_tokens)  # fails every question: fail now
     done = results.done_ids()
@@ -86,7 +88,8 @@ def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: Resul
     groups = group_by_video(todo)
     for path, video in prefetched(list(groups), options):
         group = groups[path]
-        for q, result in zip(group, clip_answers(qa, video, [q.question for q in group], options), strict=True):
+        for q, result in zip(group, clip_answers(qa, video, [q.question for q in group], options,
+                                                          decode_batch), strict=True):
             record = question_record(q, root)
             if isinstance(result, UserError):
                 record["error"] = str(result)

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vidsparse.errors import UserError
-from vidsparse.options import DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budget
+from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budget
 
 # Only light modules at the top: help and option mistakes are answered before torch and
 # transformers (seconds of imports) are loaded; each command imports what it needs.
@@ -216,9 +216,13 @@ def batch(
     dtype: Dtype = "auto",
     device: Device = "auto",
     max_new_tokens: MaxNewTokens = 64,
+    decode_batch: Annotated[int, typer.Option(
+        "--decode-batch", min=1,
+        help="Questions of a clip prefilled and decoded together (lower it to hold less memory).")] = DECODE_BATCH,
 ) -> None:
     """Answer questions over a whole folder of videos, appending to a results file as it goes.
 
+    A clip's questions share its decoding, vision tower and prompt head, and are decoded together.
     Re-running the same command resumes: answered ids are skipped. A video that cannot be decoded
     is recorded as an error and the run goes on; the exit code is 1 if any question failed.
     """
@@ -250,7 +254,7 @@ def batch(
                 progress.update(task, advance=1, status=status)
 
             started, before = time.perf_counter(), len(records)
-            run_batch(qa, todo, videos_dir, results, options, update)
+            run_batch(qa, todo, videos_dir, results, options, update, decode_batch)
             seconds = time.perf_counter() - started
     summary = summarize(records)
     answered_now = sum(1 for r in records[before:] if not r.get("error"))

@@ -121,3 +121,5 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194, prune_af
     return AskOptions(method, parse_budget(budget), parse_layers(prune_after), positions, min_per_frame, seed,
                       num_frames, backend, max_new_tokens)
 
+
+DECODE_BATCH = 16  # questions of a clip prefilled and decoded together by default (`batch --decode-batch`)

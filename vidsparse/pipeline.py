@@ -28,7 +28,7 @@ from vidsparse.engine import (
 )
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava, VisualMap
-from vidsparse.options import DEFAULT_MODEL, AskOptions, ask_options
+from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
@@ -43,7 +43,6 @@ from vidsparse.stats import (
 from vidsparse.video import DecodedVideo, decode_video
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
-DECODE_BATCH = 16  # questions of a clip decoded together
 
 
 @dataclass(frozen=True)
