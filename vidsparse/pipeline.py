@@ -216,8 +216,9 @@ class VideoQA:
         the vision tower, and the prompt head (text + visual block) through the layers before the
         plan's first question-guided stage (engine.prefill_head). Yields, in order, each question's
         result or the error that stopped it alone; raises for what stops them all (the video, the
-        plan). Up to `decode_batch` questions are decoded together (one forward per step for all);
-        the shared state is released when the last question is answered."""
+        plan). Up to `decode_batch` questions of similar length go through the shared layers in one
+        batch and are decoded together (one forward per step for all); the shared state is released
+        when the last question is answered."""
         model = self.model
         timer = StageTimer(model.device)  # the clip's shared work
         memory = PeakMemory(model.device)
@@ -256,10 +257,14 @@ class VideoQA:
         )
         clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
         del head_prompt, head, features, pixels  # the clip's state lives in `clip` only, until the last question
-        pending = list(zip(questions, prompts, strict=True))
-        while pending:  # in groups of up to `decode_batch` questions
-            group, pending = pending[: max(1, decode_batch)], pending[max(1, decode_batch) :]
-            ready = self._prefill_group(group, clip)
+        # Groups of up to `decode_batch` questions of similar length (less padding in the batch);
+        # results still come out in the order asked, each as soon as those before it are out.
+        done: dict[int, AskResult | Exception] = {i: p for i, p in enumerate(prompts) if isinstance(p, UserError)}
+        order = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: prompts[i].shape[1])
+        step, out = max(1, decode_batch), 0
+        for first in range(0, len(order), step):
+            group = order[first : first + step]
+            ready = self._prefill_group([(questions[i], prompts[i]) for i in group], clip)
             started = [r for r in ready if isinstance(r, _Prefilled)]
             try:
                 if started:
@@ -267,8 +272,14 @@ class VideoQA:
                                     options.max_new_tokens, model.eos_token_ids, model.device)
             except Exception as e:  # noqa: BLE001 - the group's decoding failed: each of its questions says so
                 ready = [e if isinstance(r, _Prefilled) else r for r in ready]
-            for r in ready:
-                yield self._result(r, clip) if isinstance(r, _Prefilled) else r
+            done |= {i: self._result(r, clip) if isinstance(r, _Prefilled) else r for i, r in zip(group, ready,
+                                                                                                   strict=True)}
+            while out in done:
+                yield done.pop(out)
+                out += 1
+        while out in done:  # only errors were left
+            yield done.pop(out)
+            out += 1
 
     def _prompt_ids(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
         model = self.model
@@ -286,17 +297,13 @@ class VideoQA:
         text = self.model.model.config.text_config
         return text.hidden_size, text.intermediate_size
 
-    def _prefill_group(self, group: list[tuple[str, torch.Tensor | UserError]], clip: _Clip
-                       ) -> list[_Prefilled | Exception]:
+    def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: _Clip) -> list[_Prefilled | Exception]:
         """The prefill of a group of questions after the clip's shared work: their rows through the
         layers shared with the head in one batch (its time split evenly among them), then each one's
         own stages and layers."""
         model = self.model
-        ready: list[_Prefilled | Exception] = []
+        started = []
         for question, ids in group:
-            if isinstance(ids, UserError):
-                ready.append(ids)
-                continue
             timer = StageTimer(model.device)
             with timer.stage("preprocess"):
                 length = clip.head.length
@@ -305,19 +312,16 @@ class VideoQA:
                 prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
                                  suffix_words=words)
             plan = replace(clip.plan, method=type(clip.plan.method)())  # its own method state (raters, ranks)
-            ready.append(_Prefilled(question, prompt, plan, None, timer))
-        slots = [i for i, r in enumerate(ready) if isinstance(r, _Prefilled)]
-        started = [ready[i] for i in slots]
-        if not started:
-            return ready
+            started.append(_Prefilled(question, prompt, plan, None, timer))
         batch = StageTimer(model.device)
         try:
             with batch.stage("prefill"):
                 rows = question_rows(model.decoder, clip.head, [r.prompt for r in started], clip.plan)
         except Exception as e:  # noqa: BLE001 - the group's shared rows failed: each of its questions says so
-            return [e if isinstance(r, _Prefilled) else r for r in ready]
+            return [e] * len(started)
         share = batch.seconds["prefill"] / len(started)
-        for slot, r, row in zip(slots, started, rows, strict=True):
+        ready: list[_Prefilled | Exception] = list(started)
+        for slot, (r, row) in enumerate(zip(started, rows, strict=True)):
             r.timer.calls.setdefault("prefill", []).append(share)
             try:
                 r.generation = finish_question(model.decoder, model.lm_head, r.prompt, r.plan, r.timer, clip.head, row)
