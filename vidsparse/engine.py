@@ -372,10 +372,19 @@ def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: Prunin
     return _rows_after_head(decoder, head, prompts, plan)
 
 
-def finish_question(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, plan: PruningPlan | None,
-                    timer: StageTimer, head: Head, rows: QuestionRows) -> Generation:
-    """The rest of one question's prefill after `question_rows`, and its first answer logits."""
+def finish_question(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer, head: Head,
+                    rows: QuestionRows) -> tuple[Generation, torch.Tensor]:
+    """The rest of one question's prefill after `question_rows`: its Generation and its last row's
+    final hidden state (1, d), for `first_logits`."""
     with timer.stage("prefill"), torch.inference_mode():
         hidden, generation = _finish(decoder, prompt, plan, timer, None, head, *rows)
-        generation.first_logits = lm_head(decoder.norm(hidden[:, -1:]))[0, -1].float()
-    return generation
+    return generation, hidden[0, -1:]
+
+
+@torch.inference_mode()
+def set_first_logits(decoder, lm_head: torch.nn.Linear, generations: list[Generation],
+                     last: list[torch.Tensor]) -> None:
+    """Each question's logits after its prompt, from its last row, in one product with the LM head."""
+    logits = lm_head(decoder.norm(torch.cat(last))).float()
+    for generation, row in zip(generations, logits, strict=True):
+        generation.first_logits = row

@@ -25,6 +25,7 @@ from vidsparse.engine import (
     finish_question,
     prefill_head,
     question_rows,
+    set_first_logits,
 )
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava, VisualMap
@@ -319,14 +320,19 @@ class VideoQA:
                 rows = question_rows(model.decoder, clip.head, [r.prompt for r in started], clip.plan)
         except Exception as e:  # noqa: BLE001 - the group's shared rows failed: each of its questions says so
             return [e] * len(started)
-        share = batch.seconds["prefill"] / len(started)
         ready: list[_Prefilled | Exception] = list(started)
+        last = {}
         for slot, (r, row) in enumerate(zip(started, rows, strict=True)):
-            r.timer.calls.setdefault("prefill", []).append(share)
             try:
-                r.generation = finish_question(model.decoder, model.lm_head, r.prompt, r.plan, r.timer, clip.head, row)
+                r.generation, last[slot] = finish_question(model.decoder, r.prompt, r.plan, r.timer, clip.head, row)
             except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
                 ready[slot] = e
+        if last:
+            with batch.stage("prefill"):
+                set_first_logits(model.decoder, model.lm_head, [ready[i].generation for i in last], list(last.values()))
+        share = batch.seconds["prefill"] / len(started)  # the batched parts, split evenly
+        for r in started:
+            r.timer.calls.setdefault("prefill", []).append(share)
         return ready
 
     def _result(self, done: _Prefilled, clip: _Clip) -> AskResult:
