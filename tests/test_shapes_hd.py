@@ -266,3 +266,18 @@ def test_ask_rejects_unknown_types_and_undefined_questions():
     assert all(v > 0 for v in undefined.values())
     q, a = shapes_hd.ask(clip, "describe", rng)
     assert q == shapes.AUX_QUESTIONS["describe"] and len(a.split()) == 2 * len(clip.objects)
+
+
+def test_auxiliary_answers_match_the_masks(clips):
+    for _, clip, _, _ in clips[:40]:
+        n = len(clip.objects)
+        colors = [_pixel_color(clip, k) for k in range(n)]
+        order = sorted(range(n), key=lambda k: shapes.COLOR_NAMES.index(colors[k]))
+        vis = [np.nonzero((clip.ids == k).any((1, 2)))[0] for k in range(n)]
+        times = shapes_hd.ask(clip, "describe_times", None)[1].split()
+        assert times == [
+            w for k in order for w in (colors[k], shapes_hd.FRAME_WORDS[vis[k][0]], shapes_hd.FRAME_WORDS[vis[k][-1]])
+        ]
+        motion = shapes_hd.ask(clip, "describe_motion", None)[1].split()
+        assert motion == [w for k in order for w in (colors[k], "moves" if _moves(_masks(clip, k)) else "still")]
+        assert set(times + motion) <= set(shapes_hd.vocabulary())

@@ -68,7 +68,16 @@ MOVING_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four"}
 QUESTION_TYPES = ("color", "shape", "count", "first", "second", "disappears", "moving")
 TEMPORAL_TYPES = frozenset({"first", "second", "disappears"})  # answers that depend on frame order
 MULTI_FRAME_TYPES = frozenset({"count", "first", "second", "disappears", "moving"})
-AUX_QUESTIONS = shapes.AUX_QUESTIONS
+FRAME_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven")
+# Auxiliary training tasks (not in the data sets), dense per-object answers in COLOR_NAMES order:
+# the first ShapesQA's two descriptions (colour <-> shape binding), plus when each object is visible
+# ("red zero seven blue two five": onset and offset frames) and whether it moves ("red moves blue
+# still"). They teach the per-object facts that first/second/disappears and moving combine.
+AUX_QUESTIONS = {
+    **shapes.AUX_QUESTIONS,
+    "describe_times": "describe the times ?",
+    "describe_motion": "describe the motion ?",
+}
 QUESTION_TEMPLATES = {
     **shapes.QUESTION_TEMPLATES,
     "disappears": "which color disappears first ?",
@@ -233,6 +242,13 @@ def ask(clip: Clip, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
     """(question, answer) of type ``qtype`` about ``clip``; ValueError when the clip does not
     define a unique answer (see the module docstring)."""
     objs = clip.objects
+    by_color = sorted(objs, key=lambda o: COLOR_NAMES.index(o.color))
+    if qtype == "describe_times":
+        return AUX_QUESTIONS[qtype], " ".join(
+            f"{o.color} {FRAME_WORDS[o.onset]} {FRAME_WORDS[o.offset]}" for o in by_color
+        )
+    if qtype == "describe_motion":
+        return AUX_QUESTIONS[qtype], " ".join(f"{o.color} {'moves' if o.moving else 'still'}" for o in by_color)
     if qtype in AUX_QUESTIONS:
         return AUX_QUESTIONS[qtype], describe(clip, by="color" if qtype == "describe" else "shape")
     if qtype == "count":
@@ -278,6 +294,8 @@ def vocabulary() -> list[str]:
             *COLOR_NAMES,
             *COUNT_WORDS.values(),
             *MOVING_WORDS.values(),
+            *FRAME_WORDS,
+            "moves still",
         ]
     )
 
