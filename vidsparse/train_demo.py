@@ -251,11 +251,20 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     if not y.tower_in_qa:
         for p in tower:
             p.requires_grad_(False)
-    rest = [p for n, p in model.named_parameters() if "video_tower" not in n and "image_tower" not in n]
+    own_rate = y.projector_lr_scale != 1.0
+
+    def in_rest(name: str) -> bool:
+        return not any(k in name for k in ("video_tower", "image_tower")) and not (
+            own_rate and "multi_modal_projector" in name)
+
+    rest = [p for n, p in model.named_parameters() if in_rest(n)]
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.05, "base": args.lr},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base": args.lr},
     ]
+    if own_rate:
+        groups.append({"params": list(model.model.multi_modal_projector.parameters()), "weight_decay": 0.0,
+                       "base": args.lr * y.projector_lr_scale})
     if y.tower_in_qa:
         groups.append({"params": tower, "weight_decay": 0.01, "base": args.lr / 10, "tower": True})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
