@@ -12,7 +12,8 @@ from vidsparse.cli import app
 from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import Question
-from vidsparse.sweep import run_sweep, sweep_cells
+from vidsparse.sweep import options_for, run_sweep, sweep_cells
+from vidsparse.video import decode_video
 
 runner = CliRunner()
 
@@ -24,9 +25,9 @@ class RecordingQA(VideoQA):
         super().__init__(qa.model)
         self.calls: list[tuple[str, str]] = []
 
-    def answer(self, video, question, options):
+    def answer(self, video, question, options, features=None):
         self.calls.append((options.method, str(options.budget)))
-        return super().answer(video, question, options)
+        return super().answer(video, question, options, features)
 
 
 def test_cells_are_interleaved_after_one_warm_up(tiny_checkpoint, clips):
@@ -40,6 +41,24 @@ def test_cells_are_interleaved_after_one_warm_up(tiny_checkpoint, clips):
     order = [("none", "194"), ("fastv", "50%"), ("fastv", "10%"), ("tome", "50%"), ("tome", "10%")]
     assert qa.calls == [("none", "194")] + order * 2
     assert [len(c.prefill_ms) for c in cells] == [1] * 5
+
+
+def test_a_clip_goes_through_the_vision_tower_once_for_every_cell(tiny_checkpoint, clips, monkeypatch):
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint))
+    options = AskOptions(max_new_tokens=2)
+    cells = sweep_cells(["none", "fastv", "vidcom2"], [parse_budget("25%")], options)
+    asked = [Question("a", clips["h264"], "what color is the square ?"), Question("b", clips["vp9"], "what ?"),
+             Question("c", clips["h264"], "what moves ?")]
+    expected = {(q.id, c.method): qa.answer(decode_video(q.video, 8), q.question, options_for(c, options)).answer
+                for q in asked for c in cells}
+    towers = []
+    real = qa.model.video_features
+    monkeypatch.setattr(qa.model, "video_features", lambda *a, **k: towers.append(1) or real(*a, **k))
+    run_sweep(qa, asked, cells, options, repeats=2)
+    assert len(towers) == 1 + 2  # the warm-up, then once per clip (h264's two questions share it)
+    assert {(q.id, c.method): a for c in cells for q, a in zip(sorted(asked, key=lambda q: q.video != clips["h264"]),
+                                                               c.answers, strict=True)} == expected
+    assert all(ms > 0 for c in cells for ms in c.total_ms)
 
 
 def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, tmp_path):

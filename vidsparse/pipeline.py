@@ -28,7 +28,7 @@ from vidsparse.engine import (
     set_first_logits,
 )
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import PromptEmbeds, VideoLlava, VisualMap
+from vidsparse.models.video_llava import PromptEmbeds, VideoFeatures, VideoLlava, VisualMap
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for
@@ -55,6 +55,19 @@ class ClipWork:
     seconds: dict[str, float]
     prefill_flops: int  # the head's rows through the shared layers
     vision_flops: int
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    """A clip's vision-tower output, computed once and handed to several runs, with what it took."""
+
+    tokens: VideoFeatures
+    seconds: dict[str, float]  # preprocess, vision
+    done_at: float  # time.perf_counter() when it was computed
+
+    def seconds_before(self, start: float) -> float:
+        """The part of its time spent before `start` (a run that started after it must add it)."""
+        return sum(self.seconds.values()) if self.done_at <= start else 0.0
 
 
 @dataclass(frozen=True)
@@ -203,21 +216,36 @@ class VideoQA:
                               max_new_tokens)
         return self.answer(video, question, options)
 
-    def answer(self, video: str | Path | DecodedVideo | np.ndarray, question: str, options: AskOptions) -> AskResult:
+    def answer(self, video: str | Path | DecodedVideo | np.ndarray, question: str, options: AskOptions,
+               features: ClipFeatures | None = None) -> AskResult:
         """`ask` with options already parsed. Everything that can fail without the pixels (the question,
-        the prompt length, the plan) is checked before a video file is decoded."""
-        result = next(iter(self.answer_clip(video, [question], options)))
+        the prompt length, the plan) is checked before a video file is decoded. `features`: see
+        `answer_clip`."""
+        result = next(iter(self.answer_clip(video, [question], options, features=features)))
         if isinstance(result, Exception):
             raise result
         return result
 
+    def clip_features(self, video: DecodedVideo, saliency: bool = False) -> ClipFeatures:
+        """Preprocessing and the vision tower for a clip, to hand to several `answer_clip` calls (a
+        sweep's methods); `saliency` also keeps what vidcom2/fastvid/dycoke read inside the tower."""
+        model = self.model
+        timer = StageTimer(model.device)
+        with timer.stage("preprocess"):
+            pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
+        with timer.stage("vision"):
+            tokens = model.video_features(pixels, saliency=saliency)
+        return ClipFeatures(tokens, timer.seconds, time.perf_counter())
+
     def answer_clip(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
-                    options: AskOptions, decode_batch: int = DECODE_BATCH) -> Iterator[AskResult | Exception]:
+                    options: AskOptions, decode_batch: int = DECODE_BATCH,
+                    features: ClipFeatures | None = None) -> Iterator[AskResult | Exception]:
         """Every question about one clip, paying once for what they share: decoding, preprocessing,
         the vision tower, and the prompt head (text + visual block) through the layers before the
         plan's first question-guided stage (engine.prefill_head). Yields, in order, each question's
         result or the error that stopped it alone; raises for what stops them all (the video, the
-        plan). Up to `decode_batch` questions of similar length go through the shared layers in one
+        plan). `features` (from `clip_features` on the same clip) skip the vision tower; their time still
+        counts as this clip's. Up to `decode_batch` questions of similar length go through the shared layers in one
         batch and are decoded together (one forward per step for all); the shared state is released
         when the last question is answered."""
         model = self.model
@@ -239,25 +267,28 @@ class VideoQA:
         if not isinstance(video, DecodedVideo):
             video_path = str(video)
             video = decode_video(video, options.num_frames, options.backend)
-        with timer.stage("preprocess"):
-            pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
+        if features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None):
+            features = self.clip_features(video, plan.method.needs_saliency)
         head_ids = next(p for p in prompts if not isinstance(p, UserError))
         with timer.stage("vision"):
-            features = model.video_features(pixels, saliency=plan.method.needs_saliency)
             head_prompt = model.embed(head_ids[:, : int((head_ids[0] == model.video_token_id).nonzero()[-1]) + 1],
-                                      features)
+                                      features.tokens)
         with timer.stage("prefill"):
             head = prefill_head(model.decoder, head_prompt, plan, timer)
+        seconds = timer.seconds
+        for name, spent in features.seconds.items():
+            seconds[name] = seconds.get(name, 0.0) + spent
         shared = ClipWork(
             questions=sum(not isinstance(p, UserError) for p in prompts),
-            # A clip decoded before the call still counts in the total.
-            seconds={"decode_video": video.seconds, **timer.seconds,
-                     "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)},
+            # A clip decoded (or its features computed) before the call still counts in the total.
+            seconds={"decode_video": video.seconds, **seconds,
+                     "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
+                     + features.seconds_before(start)},
             prefill_flops=prefill_flops(head.tokens_per_layer, *self._widths()),
             vision_flops=vision_flops(model.model.config, len(video.frames)),
         )
         clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
-        del head_prompt, head, features, pixels  # the clip's state lives in `clip` only, until the last question
+        del head_prompt, head, features  # the clip's state lives in `clip` only, until the last question
         # Groups of up to `decode_batch` questions of similar length (less padding in the batch);
         # results still come out in the order asked, each as soon as those before it are out.
         done: dict[int, AskResult | Exception] = {i: p for i, p in enumerate(prompts) if isinstance(p, UserError)}

@@ -23,7 +23,7 @@ from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import AskResult, VideoQA
 from vidsparse.pruning import METHODS, check_method, plan_for
 from vidsparse.questions import Question
-from vidsparse.video import DecodedVideo, decode_video
+from vidsparse.video import decode_video
 
 
 @dataclass
@@ -86,8 +86,10 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
               on_step: Callable[[], None] = lambda: None,
               on_cell_done: Callable[[], None] = lambda: None) -> list[tuple[Path, str]]:
     """Fill every cell with every question's answer and median timings; `on_cell_done` is called each
-    time a cell has finished one more question (so a crash keeps what was done). A clip that cannot
-    be decoded is skipped; returns those as (video, error)."""
+    time a cell has finished one more question (so a crash keeps what was done). Questions are taken
+    clip by clip: each clip is decoded and run through the vision tower once for every cell (whose
+    times still include that work, as an `ask` would pay it). A clip that cannot be decoded is
+    skipped; returns those as (video, error)."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     model = qa.model
@@ -96,35 +98,36 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     cell_options = [options_for(c, options) for c in cells]
     for o in cell_options:  # fail before the first run, not in the middle of the sweep
         plan_for(o, len(model.decoder.layers), options.num_frames, num_visual)
-    videos: dict[Path, DecodedVideo | UserError] = {}
+    saliency = any(METHODS[c.method].needs_saliency for c in cells)
     skipped: list[tuple[Path, str]] = []
     warmed = False
+    by_video: dict[Path, list[Question]] = {}
     for q in questions:
-        if q.video not in videos:
-            try:
-                videos[q.video] = decode_video(q.video, options.num_frames, options.backend)
-            except UserError as e:
-                videos[q.video] = e
-                skipped.append((q.video, str(e)))
-        video = videos[q.video]
-        if isinstance(video, UserError):
-            for _ in range(len(cells) * repeats):
+        by_video.setdefault(q.video, []).append(q)
+    for path, asked in by_video.items():  # one clip in memory at a time, decoded and through the tower once
+        try:
+            video = decode_video(path, options.num_frames, options.backend)
+        except UserError as e:
+            skipped.append((path, str(e)))
+            for _ in range(len(asked) * len(cells) * repeats):
                 on_step()
             continue
         if not warmed:  # first-call costs (allocations, kernels) go to no cell
-            qa.answer(video, q.question, cell_options[0])
+            qa.answer(video, asked[0].question, cell_options[0])
             warmed = True
-        runs: list[list[AskResult]] = [[] for _ in cells]
-        reference_answer = None
-        for repeat in range(repeats):
-            for i, (cell, opts) in enumerate(zip(cells, cell_options, strict=True)):
-                runs[i].append(qa.answer(video, q.question, opts))
-                on_step()
-                if repeat == repeats - 1:
-                    if i == 0 and cell.method == "none":
-                        reference_answer = runs[0][0].answer
-                    _record(cell, q, runs[i], reference_answer)
-                    on_cell_done()
+        features = qa.clip_features(video, saliency)  # every cell's run counts its time as its own
+        for q in asked:
+            runs: list[list[AskResult]] = [[] for _ in cells]
+            reference_answer = None
+            for repeat in range(repeats):
+                for i, (cell, opts) in enumerate(zip(cells, cell_options, strict=True)):
+                    runs[i].append(qa.answer(video, q.question, opts, features))
+                    on_step()
+                    if repeat == repeats - 1:
+                        if i == 0 and cell.method == "none":
+                            reference_answer = runs[0][0].answer
+                        _record(cell, q, runs[i], reference_answer)
+                        on_cell_done()
     return skipped
 
 
