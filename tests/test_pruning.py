@@ -9,7 +9,8 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from tests.reference import masked_logits
-from vidsparse.engine import DecodeState, generate, prefill, prefill_head
+from vidsparse.decoding import DecodeState
+from vidsparse.engine import generate, prefill, prefill_head
 from vidsparse.layers import run_layers
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
 from vidsparse.preprocess import preprocess_frames

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidsparse.decoding import decode_together
 from vidsparse.engine import (
     Generation,
     Head,
     StageRecord,
-    decode_together,
     finish_question,
     prefill_head,
     question_rows,
