@@ -244,10 +244,10 @@ class VideoQA:
         the vision tower, and the prompt head (text + visual block) through the layers before the
         plan's first question-guided stage (engine.prefill_head). Yields, in order, each question's
         result or the error that stopped it alone; raises for what stops them all (the video, the
-        plan). `features` (from `clip_features` on the same clip) skip the vision tower; their time still
-        counts as this clip's. Up to `decode_batch` questions of similar length go through the shared layers in one
-        batch and are decoded together (one forward per step for all); the shared state is released
-        when the last question is answered."""
+        plan). `features` (from `clip_features` on the same clip) skip the vision tower; their time
+        still counts as this clip's. Up to `decode_batch` questions of similar length go through the
+        shared layers in one batch and are decoded together (one forward per step for all); the
+        shared state is released when the last question is answered."""
         model = self.model
         timer = StageTimer(model.device)  # the clip's shared work
         memory = PeakMemory(model.device)
