@@ -57,6 +57,11 @@ class Head:
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.kv for t in (kv.keys, kv.values))
 
+    def question_start(self, layer: int, keep: bool) -> int:
+        """RoPE position of a question's first row at shared `layer` (keep: after the original head;
+        compact: after the head's rows at that layer)."""
+        return self.length if keep else self.tokens_per_layer[layer]
+
 
 # A question's rows after the shared layers: (last shared layer's output, that layer's input, a cache
 # holding the rows' keys/values at the shared layers).
@@ -144,10 +149,8 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
     records: list[StageRecord] = []
 
     def layers(hidden: torch.Tensor, upto: int) -> torch.Tensor:
-        done = len(tokens_per_layer)
-        tokens_per_layer.extend([hidden.shape[1]] * (upto - done))
-        visual_per_layer.extend([block.size] * (upto - done))
-        return run_layers(decoder, hidden, positions, decoder.rotary_emb(hidden, positions), cache, range(done, upto))
+        return _counted_layers(decoder, hidden, positions, cache, range(len(tokens_per_layer), upto), block.size,
+                               tokens_per_layer, visual_per_layer)
 
     for index in range(first_guided):
         hidden = layers(hidden, stages[index] + 1)
@@ -169,16 +172,16 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     uses it). Returns the last layer's hidden states of the rows after the head and the Generation."""
     if head is None:
         head = prefill_head(decoder, prompt, plan, timer, replay)
-    (rows,) = _rows_after_head(decoder, head, [prompt], plan)
+    (rows,) = question_rows(decoder, head, [prompt], plan)
     return _finish(decoder, prompt, plan, timer, replay, head, *rows)
 
 
-def _rows_after_head(decoder, head: Head, prompts: list[PromptEmbeds], plan: PruningPlan | None
-                     ) -> list[QuestionRows]:
-    """Each prompt's rows after the head through the shared layers, all prompts in one batch: per
-    prompt (last shared layer's output, its input, a cache holding the rows' keys/values)."""
+@torch.inference_mode()
+def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: PruningPlan | None) -> list[QuestionRows]:
+    """Each prompt's rows after the head through the layers it shares with the head, all prompts in one
+    batch: per prompt (last shared layer's output, its input, a cache holding the rows' keys/values)."""
     keep = plan is None or plan.positions == "keep"
-    starts = [head.length if keep else n for n in head.tokens_per_layer]
+    starts = [head.question_start(i, keep) for i in range(head.layers)]
     questions = [p.embeds[0, head.length :] for p in prompts]
     padded = torch.nn.utils.rnn.pad_sequence(questions, batch_first=True)
     out, layer_input, kv = run_after_head(decoder, head.kv, padded, starts)
@@ -221,8 +224,7 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
             else:
                 layer = head.layers - 1
                 rows = method.query_rows(count).to(device)
-                start = head.length if keep else head.tokens_per_layer[layer]
-                rope = decoder.rotary_emb(question, (start + rows)[None])
+                rope = decoder.rotary_emb(question, (head.question_start(layer, keep) + rows)[None])
                 n_head = head.hidden.shape[1]
                 attention = attention_rows(decoder.layers[layer], layer_input[:, rows], rope, n_head + rows,
                                            [head.kv[layer].keys, cache.layers[layer].keys])
@@ -242,6 +244,14 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     return hidden[:, -count:], generation
 
 
+def _counted_layers(decoder, hidden: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, layers: range,
+                    visual: int, tokens_per_layer: list[int], visual_per_layer: list[int]) -> torch.Tensor:
+    """run_layers, recording how many tokens (and visual tokens) enter each layer."""
+    tokens_per_layer.extend([hidden.shape[1]] * len(layers))
+    visual_per_layer.extend([visual] * len(layers))
+    return run_layers(decoder, hidden, positions, decoder.rotary_emb(hidden, positions), cache, layers)
+
+
 def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: StageTimer,
                    replay: list[Selection] | None, generation: Generation, hidden: torch.Tensor,
                    positions: torch.Tensor, block: VisualBlock, first: int, generator: torch.Generator) -> torch.Tensor:
@@ -249,15 +259,10 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
     layers, with the plan's remaining stages (nothing shared any more)."""
     stages = _stages(plan, len(prompt.visual))
     cache = generation.cache
-    layer = stages[first - 1] + 1
 
     def layers(hidden: torch.Tensor, upto: int) -> torch.Tensor:
-        nonlocal layer
-        generation.tokens_per_layer.extend([hidden.shape[1]] * (upto - layer))
-        generation.visual_per_layer.extend([block.size] * (upto - layer))
-        rope = decoder.rotary_emb(hidden, positions)
-        hidden, layer = run_layers(decoder, hidden, positions, rope, cache, range(layer, upto)), upto
-        return hidden
+        return _counted_layers(decoder, hidden, positions, cache, range(len(generation.tokens_per_layer), upto),
+                               block.size, generation.tokens_per_layer, generation.visual_per_layer)
 
     for index in range(first, len(stages)):
         layer_input = layers(hidden, stages[index])
@@ -294,14 +299,8 @@ def prefill_question(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, pl
     """`prefill` and the logits of the first answer token (timed as "prefill")."""
     with timer.stage("prefill"), torch.inference_mode():
         hidden, generation = prefill(decoder, prompt, plan, timer, head=head)
-        generation.first_logits = lm_head(decoder.norm(hidden[:, -1:]))[0, -1].float()
+        set_first_logits(decoder, lm_head, [generation], [hidden[0, -1:]])
     return generation
-
-
-@torch.inference_mode()
-def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: PruningPlan | None) -> list[QuestionRows]:
-    """Several questions about a clip through the layers they share with its head, in one batch."""
-    return _rows_after_head(decoder, head, prompts, plan)
 
 
 def finish_question(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer, head: Head,
