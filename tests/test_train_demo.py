@@ -33,6 +33,7 @@ TINY = dataclasses.replace(
         "eval_every": 2,
         "monitor_n": 1,
     },
+    pointer_layer=1,  # the pointer loss is trained (and resumed) too
 )
 
 
@@ -94,3 +95,38 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage):
     strip = [{k: v for k, v in h.items() if k != "minutes"} for h in whole["training"]["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "minutes"} for h in done["training"]["history"]]
     assert whole["training"]["tower_metrics"] == done["training"]["tower_metrics"]
+
+
+def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
+    """The pointer loss recomputes one head's attention row from the captured layer input; HF's eager
+    attention probabilities (output_attentions) give the same -log share of video attention."""
+    import numpy as np
+
+    from vidsparse.demo_eval import Encoder
+    from vidsparse.pointer_loss import PointerLoss
+
+    torch.manual_seed(0)
+    y = dataclasses.replace(TINY, arch={**TINY.arch, "text_layers": 3, "text_heads": 4}, pointer_layer=2)
+    tok, model = train_demo.build(y, torch.device("cpu"))
+    model.config._attn_implementation = "eager"
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "eager"
+    enc = Encoder(tok, model.config.video_seq_length)
+    y = dataclasses.replace(y, qa_tasks={"color": 0.4, "shape": 0.3, "count": 0.3})
+    batch, targets = train_demo.qa_batch(y, enc, np.random.default_rng(5), 8, 4, torch.device("cpu"))
+    assert (targets["query_index"] >= 0).sum() >= 2 and (targets["query_index"] < 0).any()
+    pointer = PointerLoss(model, y.pointer_layer, head=1)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss = pointer(**targets)
+    pointer.close()
+    probs = out.attentions[y.pointer_layer][:, 1]  # (b, n, n), head 1
+    expected = []
+    for b, last in enumerate(targets["query_index"].tolist()):
+        if last < 0:
+            continue
+        row = probs[b, last]
+        assert targets["target"][b].any() and not (targets["target"][b] & ~targets["visual"][b]).any()
+        expected.append(-torch.log(row[targets["target"][b]].sum() / row[targets["visual"][b]].sum()))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)

@@ -22,6 +22,9 @@ is reproducible on one machine):
    only, with a curriculum (at most 3 objects during the first 20% of the steps). Prompts are built
    by ``vidsparse.models.video_llava.prompt_ids``, pixels by ``vidsparse.preprocess.preprocess_frames``
    from the exact uint8 frames that the data set's mp4 files store, so training matches inference.
+   Where the yardstick sets ``pointer_weight`` (HD), an auxiliary loss on colour/shape batches
+   points one early head at the asked object from the answer position, faded out by
+   ``pointer_until`` of the steps (``vidsparse.pointer_loss`` says why).
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
@@ -70,6 +73,7 @@ from vidsparse.demo_eval import (  # noqa: E402
     write_report,
 )
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
+from vidsparse.pointer_loss import PointerLoss, asked_object, object_tokens  # noqa: E402
 from vidsparse.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
 
 TRAIN_SEED = 1  # training draws from [TRAIN_SEED, stage]; held-out and monitoring seeds are the yardstick's
@@ -217,8 +221,9 @@ def fmt(m: dict) -> str:
 
 # ---------------------------------------------------------------- stage 2: question answering
 def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, max_objects: int, device):
+    """A batch for the model's forward, and the pointer-loss targets (``pointer_loss.PointerLoss``)."""
     names, probs = list(y.qa_tasks), np.array(list(y.qa_tasks.values()))
-    clips, ids, labels = [], [], []
+    clips, ids, labels, asked = [], [], [], []
     for _ in range(size):
         qtype = names[rng.choice(len(names), p=probs / probs.sum())]
         clip, q, a = y.qa_clip(rng, qtype, max_objects)
@@ -226,6 +231,7 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         clips.append(clip)
         ids.append(p + ans)
         labels.append([-100] * len(p) + ans)
+        asked.append((len(p) - 1, asked_object(clip, qtype, q)))
     length = max(map(len, ids))
     inp = torch.full((size, length), enc.tok.pad_token_id)
     lab = torch.full((size, length), -100)
@@ -240,7 +246,14 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
     }
     if not y.padding_mask:
         del batch["attention_mask"]
-    return batch
+    visual = inp == enc.video_id
+    target = torch.zeros_like(visual)
+    for b, (clip, (_, k)) in enumerate(zip(clips, asked, strict=True)):
+        if k is not None:
+            target[b, visual[b]] = torch.from_numpy(object_tokens(clip.ids, k, y.data.PATCH))
+    query_index = torch.tensor([last if k is not None else -1 for last, k in asked])
+    pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device)}
+    return batch, pointer
 
 
 def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpointer | None = None) -> list[dict]:
@@ -270,29 +283,36 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
-    history, ema, start, t0 = [], None, 0, time.time()
+    history, ema, point_ema, start, t0 = [], None, None, 0, time.time()
     if ckpt is not None and (state := ckpt.resumes("qa")):
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
+        point_ema = state.get("point_ema")
         log(f"resumed the QA stage at step {start}")
+    pointer = PointerLoss(model, y.pointer_layer) if y.pointer_weight > 0 else None
     model.train()
     for step in range(start, args.qa_steps):
         f = cosine(step, args.qa_steps, 60)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f * (0.0 if g.get("tower") and step < args.tower_freeze else 1.0)
         max_objects = y.curriculum_objects if step < 0.2 * args.qa_steps else y.data.MAX_OBJECTS
-        batch = qa_batch(y, enc, rng, args.batch, max_objects, device)
+        batch, targets = qa_batch(y, enc, rng, args.batch, max_objects, device)
+        weight = y.pointer_weight * max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
-        loss.backward()
+            point = pointer(**targets) if pointer is not None else None
+        (loss + weight * point if point is not None and weight > 0 else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if point is not None:
+            point_ema = point.item() if point_ema is None else 0.95 * point_ema + 0.05 * point.item()
         if (step + 1) % 25 == 0:
             log(
                 f"qa step {step + 1}/{args.qa_steps} loss {ema:.3f} lr {f * args.lr:.2e} "
-                f"{(time.time() - t0) / (step + 1):.2f}s/step"
+                + (f"pointer {point_ema:.3f} (weight {weight:.3f}) " if point_ema is not None else "")
+                + f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.qa_steps:
             acc = quick_eval(model, sets, device)
@@ -300,8 +320,10 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             log(f"monitor {history[-1]}")
             save(model, tok, out)
         if ckpt is not None:
-            extra = {"history": history, "ema": ema, "qa_seconds": time.time() - t0}
+            extra = {"history": history, "ema": ema, "point_ema": point_ema, "qa_seconds": time.time() - t0}
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == args.qa_steps, **extra)
+    if pointer is not None:
+        pointer.close()
     return history
 
 

@@ -50,6 +50,11 @@ class Yardstick:
     # ~14x in 750 HD steps and mapped same-colour objects of different shapes together (a linear
     # shape probe fell from 0.999 to 0.75 on its output), so colour/shape questions stayed at chance.
     projector_lr_scale: float = 1.0
+    # The auxiliary pointer loss (``vidsparse.pointer_loss``) on colour/shape batches: its weight at
+    # the start, faded linearly to 0 at ``pointer_until`` of the QA steps; the layer and head it trains.
+    pointer_weight: float = 0.0
+    pointer_until: float = 0.6
+    pointer_layer: int = 2
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
@@ -168,6 +173,7 @@ HD = Yardstick(
     padding_mask=False,
     bf16=True,
     projector_lr_scale=0.1,
+    pointer_weight=0.2,
 )
 
 YARDSTICKS = {y.name: y for y in (DEMO, HD)}
