@@ -51,3 +51,4 @@ bench:
 	$(PYTHON) bench/end_to_end.py
 	$(PYTHON) bench/batch.py
 	$(PYTHON) bench/batch.py --model demo
+	$(PYTHON) bench/ray_batch.py

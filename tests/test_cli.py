@@ -73,6 +73,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, clips, video_key, que
     assert "Traceback" not in result.stderr
 
 
+def test_error_lines_print_brackets_as_they_are(tiny_checkpoint, tmp_path):
+    """A path like take[2].mp4 is not console markup: the error names it as it is."""
+    result = ask(tmp_path / "take[2] [bold].mp4", "what ?", "--model", tiny_checkpoint)
+    assert result.exit_code == 2 and "take[2] [bold].mp4" in result.stderr
+
+
 def test_folder_that_is_not_a_checkpoint(tmp_path, clips):
     result = ask(clips["h264"], "what ?", "--model", tmp_path)
     assert result.exit_code == 2 and "no config.json" in result.stderr

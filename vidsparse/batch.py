@@ -60,6 +60,26 @@ def question_record(q: Question, root: Path) -> dict[str, Any]:
     return {"id": q.id, "video": str(video), "question": q.question, "type": q.type, "reference": q.answer}
 
 
+def answer_fields(result: AskResult | Exception, path: Path) -> dict[str, Any]:
+    """What a record holds about its answer: the answer and its statistics, or the error (JSON only,
+    so that a worker on another machine can send it)."""
+    if isinstance(result, UserError):
+        return {"error": str(result)}
+    if isinstance(result, Exception):
+        return {"error": f"unexpected {type(result).__name__}: {result}"}
+    stats = result.to_dict()
+    stats["clip"] = stats.pop("video") | {"path": str(path)}
+    return stats
+
+
+def answer_record(q: Question, root: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """One line of the results file: the question, then its answer fields, then whether it is correct."""
+    record = question_record(q, root) | fields
+    if "error" not in fields:
+        record["correct"] = None if q.answer is None else is_correct(fields["answer"], q.answer)
+    return record
+
+
 def clip_answers(qa: VideoQA, video: DecodedVideo | UserError, questions: list[str], options: AskOptions,
                  decode_batch: int) -> Iterator[AskResult | Exception]:
     """One result or error per question about a clip; what stops the whole clip (its video, its
@@ -90,15 +110,6 @@ def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: Resul
         group = groups[path]
         for q, result in zip(group, clip_answers(qa, video, [q.question for q in group], options,
                                                           decode_batch), strict=True):
-            record = question_record(q, root)
-            if isinstance(result, UserError):
-                record["error"] = str(result)
-            elif isinstance(result, Exception):
-                record["error"] = f"unexpected {type(result).__name__}: {result}"
-            else:
-                stats = result.to_dict()
-                stats["clip"] = stats.pop("video") | {"path": str(path)}
-                record |= stats
-                record["correct"] = None if q.answer is None else is_correct(stats["answer"], q.answer)
+            record = answer_record(q, root, answer_fields(result, path))
             results.append(record)
             on_record(record)

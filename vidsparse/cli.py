@@ -6,14 +6,18 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from vidsparse.errors import UserError
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budget
@@ -58,11 +62,12 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:  # the file system said no (full disk, permissions, a vanished folder)
             where = f": {e.filename}" if e.filename else ""
-            err_console.print(f"[bold red]error:[/] {e.strerror or e}{where}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -196,8 +201,29 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err_console)
 
 
-@app.command(epilog="Example:  vidsparse batch videos/ --questions qa.jsonl --out results.jsonl --method sparsevlm "
-             "--budget 10%")
+class OptionalRayAddress(TyperCommand):
+    """Lets `--ray` stand alone (start Ray here) or take an address, which click cannot express:
+    an alone `--ray` gets the value `local`. A following word is its address only if it looks like one."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--ray" and not (i + 1 < len(args) and _is_ray_address(args[i + 1])):
+                args.insert(i + 1, "local")
+                break
+        return super().parse_args(ctx, args)
+
+
+def _is_ray_address(word: str) -> bool:
+    return word in ("auto", "local") or word.startswith("ray://") or (":" in word and "/" not in word)
+
+
+@app.command(cls=OptionalRayAddress,
+             epilog="Example:  vidsparse batch videos/ --questions qa.jsonl --out results.jsonl --method sparsevlm "
+             "--budget 10%    On Ray workers: add --ray --workers 2 (this machine) or --ray auto (the cluster "
+             "this node belongs to).")
 @user_errors
 def batch(
     videos_dir: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively).")],
@@ -219,12 +245,20 @@ def batch(
     decode_batch: Annotated[int, typer.Option(
         "--decode-batch", min=1,
         help="Questions of a clip prefilled and decoded together (lower it to hold less memory).")] = DECODE_BATCH,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Answer on Ray workers: alone, start Ray on this machine; 'auto' or ray://HOST:PORT joins a cluster "
+             "(needs pip install 'vidsparse\\[ray]').")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Ray workers (default: one per GPU; without GPUs, 1 sharing the CPU cores).")] = None,
 ) -> None:
     """Answer questions over a whole folder of videos, appending to a results file as it goes.
 
     A clip's questions share its decoding, vision tower and prompt head, and are decoded together.
     Re-running the same command resumes: answered ids are skipped. A video that cannot be decoded
     is recorded as an error and the run goes on; the exit code is 1 if any question failed.
+    With --ray, whole clips go to Ray workers (each holding the model); this process alone writes
+    the results file, under the same rules.
     """
     from vidsparse.questions import load_questions
 
@@ -238,10 +272,20 @@ def batch(
     from vidsparse.outputs import replace_file
     from vidsparse.results import ResultsFile
 
+    if workers is not None and ray_address is None:
+        raise UserError("--workers needs --ray")
     ids = {q.id for q in todo}
-    with ResultsFile(out, batch_settings(model, dtype, device, options)) as results:
+    with ExitStack() as stack:
+        if ray_address is None:
+            pool, settings = None, batch_settings(model, dtype, device, options)
+        else:
+            from vidsparse.ray_batch import WorkerPool
+
+            pool = stack.enter_context(WorkerPool.start(ray_address, workers, model, dtype, device))
+            settings = pool.settings(options)
+        results = stack.enter_context(ResultsFile(out, settings))
         done = len(ids & results.done_ids())
-        qa = _load(model, dtype, device)
+        qa = _load(model, dtype, device) if pool is None else None
         records = [r for r in results.records if r.get("id") in ids]
         with _progress() as progress:
             task = progress.add_task("answering", total=len(todo), completed=done, status="")
@@ -254,7 +298,10 @@ def batch(
                 progress.update(task, advance=1, status=status)
 
             started, before = time.perf_counter(), len(records)
-            run_batch(qa, todo, videos_dir, results, options, update, decode_batch)
+            if pool is None:
+                run_batch(qa, todo, videos_dir, results, options, update, decode_batch)
+            else:
+                pool.run(todo, videos_dir, results, options, update, decode_batch)
             seconds = time.perf_counter() - started
     summary = summarize(records)
     answered_now = sum(1 for r in records[before:] if not r.get("error"))

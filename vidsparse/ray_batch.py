@@ -1,0 +1,258 @@
+"""`vidsparse batch --ray`: the batch's clips answered by Ray actors, on one machine or a cluster.
+
+Why Ray and not a home-made pool: it already starts processes on every node, places them on GPUs,
+ships arguments and results, and tells the driver when a process dies. What vidsparse adds is the
+contract of the single-process batch, kept whole:
+
+- the unit of work is a clip with all its questions (``batch.clip_answers`` on the worker), so a
+  clip is decoded, run through the vision tower and prefilled once, as without Ray; the driver
+  sends paths and question texts, never frames, and gets back JSON records;
+- the driver is the only writer of the results file (``results.ResultsFile``: lock, settings check,
+  one fsynced append per answer, resume by id), and the settings are the workers' own (``--dtype
+  auto`` is decided where the model runs);
+- at most ``IN_FLIGHT`` clips are queued on a worker (backpressure: the rest wait on the driver);
+- a worker that dies (killed, out of memory) is replaced and its clips go back to the queue, each
+  clip at most ``MAX_ATTEMPTS`` times before its questions get an error record; a clip's records are
+  written only once it is answered, so nothing is lost or written twice, and a killed driver is
+  resumed by running the same command again.
+
+Ray is imported only here, and only for ``--ray``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidsparse.errors import UserError
+from vidsparse.options import AskOptions
+from vidsparse.questions import Question
+from vidsparse.results import ResultsFile
+
+IN_FLIGHT = 2  # clips on a worker at once: one answered while the next decodes (and none waits on the driver)
+MAX_ATTEMPTS = 3  # a clip whose worker died this many times is recorded as an error
+LOCAL = "local"  # --ray without an address: start a Ray instance on this machine
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'vidsparse[ray]' "
+                        "(from a clone: pip install -e '.[ray]')") from None
+    return ray
+
+
+class ClipWorker:
+    """A Ray actor holding one loaded model; answers whole clips (decoded here, on its own node)."""
+
+    def __init__(self, model: str, dtype: str, device: str, index: int, threads: int):
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from vidsparse.pipeline import VideoQA
+
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.model, self.dtype, self.device = model, dtype, device
+        self.info = {"index": index, "host": socket.gethostname(), "pid": os.getpid()}
+        self.failure: str | None = None
+        self.model_lock = threading.Lock()  # clips decode concurrently; one at a time uses the model
+        try:
+            self.qa = VideoQA.from_pretrained(model, dtype=dtype, device=device)
+        except UserError as e:  # reported by settings(), as one line on the driver
+            self.failure = str(e)
+
+    def settings(self, options: AskOptions) -> dict[str, Any] | str:
+        """The results file's settings as this worker resolves them, or why it cannot answer."""
+        from vidsparse.batch import batch_settings
+
+        if self.failure is not None:
+            return self.failure
+        try:
+            self.qa.model.check_context(0, options.num_frames, options.max_new_tokens)
+            return batch_settings(self.model, self.dtype, self.device, options)
+        except UserError as e:
+            return str(e)
+
+    def answer(self, path: str, questions: list[str], options: AskOptions,
+               decode_batch: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Each question's answer fields (``batch.answer_fields``), and who answered. Up to
+        ``IN_FLIGHT`` calls run at once (a threaded actor): the next clip decodes while this one is
+        answered, as the single-process batch prefetches."""
+        from vidsparse.batch import answer_fields, clip_answers
+        from vidsparse.video import decode_video
+
+        try:
+            video = decode_video(Path(path), options.num_frames, options.backend)
+        except UserError as e:
+            video = e
+        with self.model_lock:
+            results = clip_answers(self.qa, video, questions, options, decode_batch)
+            return [answer_fields(r, Path(path)) for r in results], self.info
+
+
+@dataclass
+class ClipJob:
+    path: Path
+    questions: list[Question]
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many workers, and what each one asks Ray for."""
+
+    workers: int
+    gpus: int  # per worker: 1, or 0 for CPU workers
+    cpus: float  # per worker
+    threads: int  # torch threads per worker
+
+
+def placement(resources: dict[str, float], workers: int | None, device: str) -> Placement:
+    """One worker per GPU where the cluster has GPUs (unless --device cpu), else ``workers`` (default
+    1) CPU workers sharing the cluster's cores."""
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1.0)
+    if gpus and device != "cpu":
+        if workers is not None and workers > gpus:
+            raise UserError(f"--workers {workers} but the Ray cluster has {gpus} GPU(s): one worker per GPU")
+        return Placement(workers or gpus, 1, 1.0, 1)
+    n = workers or 1
+    share = cpus / n
+    return Placement(n, 0, float(int(share)) if share >= 1 else share, max(1, int(share)))
+
+
+class WorkerPool:
+    """The Ray actors of one batch run, and the scheduler that feeds them clips."""
+
+    def __init__(self, ray, started: bool, model: str, dtype: str, device: str, place: Placement):
+        self.ray, self.started = ray, started
+        self.args = (model, dtype, device)
+        self.place = place
+        self.remote_class = ray.remote(ClipWorker)
+        self.actors: dict[int, Any] = {}
+        self.spawned = 0
+        for _ in range(place.workers):
+            self._spawn()
+
+    @classmethod
+    def start(cls, address: str, workers: int | None, model: str, dtype: str, device: str) -> WorkerPool:
+        """Join the cluster at ``address`` (``auto``, ``ray://host:port``), or start Ray on this machine
+        (``LOCAL``), unless this process already runs Ray; then start the workers."""
+        ray = import_ray()
+        started = not ray.is_initialized()
+        if started:
+            quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+            try:
+                if address == LOCAL:
+                    ray.init(**quiet)
+                else:
+                    ray.init(address=address, **quiet)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                hint = ("; Ray >= 2.59 clusters require token authentication: set RAY_AUTH_MODE=token here, with the "
+                        "cluster's token (ray get-auth-token)") if address != LOCAL else ""
+                raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}{hint}") from None
+        from vidsparse.models.loading import ALIASES
+
+        if model not in ALIASES and Path(model).exists():
+            model = str(Path(model).resolve())  # workers need not share the driver's working directory
+        return cls(ray, started, model, dtype, device, placement(ray.cluster_resources(), workers, device))
+
+    def _spawn(self) -> None:
+        index, self.spawned = self.spawned, self.spawned + 1
+        actor = self.remote_class.options(num_cpus=self.place.cpus, num_gpus=self.place.gpus,
+                                          max_concurrency=IN_FLIGHT, scheduling_strategy="SPREAD")
+        self.actors[index] = actor.remote(*self.args, index, self.place.threads)
+
+    def _replace(self, index: int) -> None:
+        """A dead worker's place goes to a new one (which loads the model again)."""
+        if self.actors.pop(index, None) is not None:
+            self._spawn()
+
+    def settings(self, options: AskOptions) -> dict[str, Any]:
+        """The settings every worker resolves (they must agree: one results file, one dtype)."""
+        try:
+            found = self.ray.get([actor.settings.remote(options) for actor in self.actors.values()])
+        except self.ray.exceptions.RayActorError as e:
+            raise UserError(f"a Ray worker could not start: {_first_line(e)}") from None
+        for answer in found:
+            if isinstance(answer, str):
+                raise UserError(answer)
+        if any(s != found[0] for s in found):
+            differ = sorted({k for s in found for k, v in s.items() if v != found[0].get(k)})
+            raise UserError(f"the Ray workers resolve different settings ({', '.join(differ)}): give --dtype "
+                            "explicitly, or use workers of one kind")
+        return found[0]
+
+    def run(self, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
+            on_record: Callable[[dict[str, Any]], None], decode_batch: int) -> None:
+        """Answer the questions not yet in ``results``, a clip a task, writing each clip's records once
+        it is answered."""
+        from vidsparse.batch import answer_record, group_by_video
+
+        ray = self.ray
+        written = results.done_ids()
+        queue = deque(ClipJob(path, group) for path, group in
+                      group_by_video([q for q in questions if q.id not in written]).items())
+        in_flight: dict[Any, tuple[int, ClipJob]] = {}
+        load = dict.fromkeys(self.actors, 0)
+        while queue or in_flight:
+            for index, actor in self.actors.items():
+                while queue and load.setdefault(index, 0) < IN_FLIGHT:
+                    job = queue.popleft()
+                    job.attempts += 1
+                    ref = actor.answer.remote(str(job.path.resolve()), [q.question for q in job.questions],
+                                              options, decode_batch)
+                    in_flight[ref] = (index, job)
+                    load[index] += 1
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            index, job = in_flight.pop(ref)
+            load[index] -= 1
+            try:
+                fields, worker = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.OutOfMemoryError) as e:
+                self._replace(index)
+                if job.attempts < MAX_ATTEMPTS:
+                    queue.appendleft(job)
+                    continue
+                fields = [{"error": f"a worker died answering this clip, {job.attempts} attempt(s) in all "
+                                    f"({_first_line(e)})"}]
+                fields, worker = fields * len(job.questions), None
+            except ray.exceptions.RayTaskError as e:
+                fields = [{"error": f"unexpected {type(e.cause).__name__}: {e.cause}"}] * len(job.questions)
+                worker = None
+            for q, answer in zip(job.questions, fields, strict=True):
+                if q.id in written:  # cannot happen (a clip is written once); never write an id twice
+                    continue
+                record = answer_record(q, root, answer)
+                record["worker"] = None if worker is None else worker | {"attempt": job.attempts}
+                results.append(record)
+                written.add(q.id)
+                on_record(record)
+
+    def close(self) -> None:
+        for actor in self.actors.values():
+            self.ray.kill(actor)
+        self.actors.clear()
+        if self.started:
+            self.ray.shutdown()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
