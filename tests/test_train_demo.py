@@ -33,7 +33,8 @@ TINY = dataclasses.replace(
         "eval_every": 2,
         "monitor_n": 1,
     },
-    pointer_layer=1,  # the pointer loss is trained (and resumed) too
+    pointer_layer=1,  # the pointer loss and its readout are trained (and resumed) too
+    readout_weight=0.1,
 )
 
 
@@ -116,12 +117,29 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
     y = dataclasses.replace(y, qa_tasks={"color": 0.4, "shape": 0.3, "count": 0.3})
     batch, targets = train_demo.qa_batch(y, enc, np.random.default_rng(5), 8, 4, torch.device("cpu"))
     assert (targets["query_index"] >= 0).sum() >= 2 and (targets["query_index"] < 0).any()
-    pointer = PointerLoss(model, y.pointer_layer, head=1)
+    pointer = PointerLoss(model, y.pointer_layer, head=1, readout=True)
+    layer = model.model.language_model.layers[y.pointer_layer]
+    inputs = {}
+    def keep_input(module, args, kwargs) -> None:
+        inputs["x"] = args[0] if args else kwargs["hidden_states"]
+
+    layer.register_forward_pre_hook(keep_input, with_kwargs=True)
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
-        loss = pointer(**targets)
+        loss = pointer(targets["query_index"], targets["visual"], targets["target"])
+        read = pointer.read(targets["query_index"], targets["answer"])
     pointer.close()
     probs = out.attentions[y.pointer_layer][:, 1]  # (b, n, n), head 1
+    # The readout sees head 1's output: its attention row times its values (v_proj of the normed input).
+    hd = layer.self_attn.head_dim
+    values = layer.self_attn.v_proj(layer.input_layernorm(inputs["x"])).view(*inputs["x"].shape[:2], -1, hd)
+    asked = targets["query_index"] >= 0
+    rows = torch.arange(len(asked))[asked]
+    last = targets["query_index"][asked]
+    kv_head = 1 // (model.config.text_config.num_attention_heads // model.config.text_config.num_key_value_heads)
+    head_out = torch.einsum("bn,bnd->bd", probs[rows, last], values[rows, :, kv_head])
+    expected_read = torch.nn.functional.cross_entropy(pointer.readout(head_out), targets["answer"][asked])
+    torch.testing.assert_close(read, expected_read, rtol=1e-4, atol=1e-5)
     expected = []
     for b, last in enumerate(targets["query_index"].tolist()):
         if last < 0:

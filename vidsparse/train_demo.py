@@ -73,7 +73,7 @@ from vidsparse.demo_eval import (  # noqa: E402
     write_report,
 )
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
-from vidsparse.pointer_loss import PointerLoss, asked_object, object_tokens  # noqa: E402
+from vidsparse.pointer_loss import PointerLoss, asked_object, object_tokens, readout_class  # noqa: E402
 from vidsparse.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
 
 TRAIN_SEED = 1  # training draws from [TRAIN_SEED, stage]; held-out and monitoring seeds are the yardstick's
@@ -231,7 +231,8 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         clips.append(clip)
         ids.append(p + ans)
         labels.append([-100] * len(p) + ans)
-        asked.append((len(p) - 1, asked_object(clip, qtype, q)))
+        k = asked_object(clip, qtype, q)
+        asked.append((len(p) - 1, k, readout_class(clip, qtype, k)))
     length = max(map(len, ids))
     inp = torch.full((size, length), enc.tok.pad_token_id)
     lab = torch.full((size, length), -100)
@@ -248,11 +249,12 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         del batch["attention_mask"]
     visual = inp == enc.video_id
     target = torch.zeros_like(visual)
-    for b, (clip, (_, k)) in enumerate(zip(clips, asked, strict=True)):
+    for b, (clip, (_, k, _)) in enumerate(zip(clips, asked, strict=True)):
         if k is not None:
             target[b, visual[b]] = torch.from_numpy(object_tokens(clip.ids, k, y.data.PATCH))
-    query_index = torch.tensor([last if k is not None else -1 for last, k in asked])
-    pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device)}
+    query_index = torch.tensor([last if k is not None else -1 for last, k, _ in asked])
+    pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device),
+               "answer": torch.tensor([c for _, _, c in asked]).to(device)}
     return batch, pointer
 
 
@@ -280,6 +282,9 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
                        "base": args.lr * y.projector_lr_scale})
     if y.tower_in_qa:
         groups.append({"params": tower, "weight_decay": 0.01, "base": args.lr / 10, "tower": True})
+    pointer = PointerLoss(model, y.pointer_layer, readout=y.readout_weight > 0) if y.pointer_weight > 0 else None
+    if pointer is not None and pointer.readout is not None:
+        groups.append({"params": list(pointer.readout.parameters()), "weight_decay": 0.0, "base": args.lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
@@ -288,8 +293,9 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
         point_ema = state.get("point_ema")
+        if pointer is not None and pointer.readout is not None:
+            pointer.readout.load_state_dict(state["readout"])
         log(f"resumed the QA stage at step {start}")
-    pointer = PointerLoss(model, y.pointer_layer) if y.pointer_weight > 0 else None
     model.train()
     for step in range(start, args.qa_steps):
         f = cosine(step, args.qa_steps, 60)
@@ -300,7 +306,10 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         weight = y.pointer_weight * max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
-            point = pointer(**targets) if pointer is not None else None
+            point = pointer(targets["query_index"], targets["visual"], targets["target"]) if pointer is not None else None
+            if point is not None and pointer.readout is not None:
+                point = point + y.readout_weight / y.pointer_weight * pointer.read(targets["query_index"],
+                                                                                   targets["answer"])
         (loss + weight * point if point is not None and weight > 0 else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -321,6 +330,8 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             save(model, tok, out)
         if ckpt is not None:
             extra = {"history": history, "ema": ema, "point_ema": point_ema, "qa_seconds": time.time() - t0}
+            if pointer is not None and pointer.readout is not None:
+                extra["readout"] = pointer.readout.state_dict()
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == args.qa_steps, **extra)
     if pointer is not None:
         pointer.close()

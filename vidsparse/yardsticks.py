@@ -55,6 +55,7 @@ class Yardstick:
     pointer_weight: float = 0.0
     pointer_until: float = 0.6
     pointer_layer: int = 2
+    readout_weight: float = 0.0  # the pointer loss's readout term (same fade); 0: none
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
