@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from common import build_7b, parse_args
 
+from vidsparse.answer import AskResult
 from vidsparse.datasets import shapes
 from vidsparse.options import ask_options
-from vidsparse.pipeline import AskResult, VideoQA
+from vidsparse.pipeline import VideoQA
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.stats import PeakMemory, synchronize
 from vidsparse.video import DecodedVideo, decode_video

@@ -12,10 +12,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct
 from vidsparse.options import DECODE_BATCH, AskOptions
-from vidsparse.pipeline import AskResult, VideoQA
+from vidsparse.pipeline import VideoQA
 from vidsparse.questions import Question
 from vidsparse.results import ResultsFile
 from vidsparse.video import DecodedVideo, decode_video

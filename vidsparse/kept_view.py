@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidsparse.answer import AskResult
 from vidsparse.outputs import save_figure
-from vidsparse.pipeline import AskResult
 from vidsparse.preprocess import preprocess_frames
 
 KEPT_COLOUR = "#2ecc40"

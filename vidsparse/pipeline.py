@@ -12,62 +12,35 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from vidsparse.answer import AskResult, ClipFeatures, ClipWork
 from vidsparse.decoding import decode_together
 from vidsparse.engine import (
     Generation,
     Head,
-    StageRecord,
     finish_question,
     prefill_head,
     question_rows,
     set_first_logits,
 )
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import PromptEmbeds, VideoFeatures, VideoLlava, VisualMap
+from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
-from vidsparse.pruning.stage import VisualBlock
 from vidsparse.stats import (
     PeakMemory,
     StageTimer,
-    equivalent_tokens,
     prefill_flops,
     vision_flops,
 )
 from vidsparse.video import DecodedVideo, decode_video
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
-
-
-@dataclass(frozen=True)
-class ClipWork:
-    """What a clip's questions share, paid once: decoding, preprocessing, the vision tower and the
-    prompt head's prefill (seconds per stage, FLOPs), and how many questions share it."""
-
-    questions: int
-    seconds: dict[str, float]
-    prefill_flops: int  # the head's rows through the shared layers
-    vision_flops: int
-
-
-@dataclass(frozen=True)
-class ClipFeatures:
-    """A clip's vision-tower output, computed once and handed to several runs, with what it took."""
-
-    tokens: VideoFeatures
-    seconds: dict[str, float]  # preprocess, vision
-    done_at: float  # time.perf_counter() when it was computed
-
-    def seconds_before(self, start: float) -> float:
-        """The part of its time spent before `start` (a run that started after it must add it)."""
-        return sum(self.seconds.values()) if self.done_at <= start else 0.0
 
 
 @dataclass(frozen=True)
@@ -92,107 +65,6 @@ class _Prefilled:
     plan: PruningPlan
     generation: Generation | None  # None until prefilled
     timer: StageTimer  # its own stages
-
-
-@dataclass
-class AskResult:
-    """The answer and everything measured while producing it."""
-
-    answer: str
-    question: str
-    video: DecodedVideo
-    video_path: str | None
-    model: str
-    dtype: str
-    device: str
-    plan: PruningPlan
-    stage_records: list[StageRecord]
-    method_report: dict[str, object]
-    prompt_tokens: int
-    visual_before: int
-    visual_per_layer: list[int]
-    visual_map: VisualMap
-    final_block: VisualBlock
-    generated_tokens: int
-    prefill_flops: int
-    prefill_flops_unpruned: int
-    vision_flops: int
-    shared: ClipWork
-    peak_memory_bytes: int | None
-    kv_cache_bytes: int
-    kv_cache_bytes_unpruned: int
-    seconds: dict[str, float]
-    decode_tokens_per_s: float | None
-    first_logits: torch.Tensor  # (vocab,) after the prompt: what runs of the same question must agree on
-
-    def kept_tokens(self) -> list[dict[str, int | bool]]:
-        """The visual tokens that reached the last layer: frame, row, col (-1 for CLS), merged or not."""
-        visual, block = self.visual_map, self.final_block
-        return [
-            {"frame": int(visual.frame[o]), "row": int(visual.row[o]), "col": int(visual.col[o]), "merged": bool(m)}
-            for o, m in zip(block.origin.tolist(), block.merged.tolist(), strict=True)
-        ]
-
-    @property
-    def amortised_flops(self) -> int:
-        """This question's own prefill plus its share of the clip's vision tower and shared prefill."""
-        shared = self.shared
-        own = self.prefill_flops - shared.prefill_flops
-        return round(own + (shared.prefill_flops + shared.vision_flops) / shared.questions)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The stable JSON layout (documented in the README)."""
-        visual_after = self.visual_per_layer[-1]
-        shared = self.shared
-        return {
-            "answer": self.answer,
-            "question": self.question,
-            "video": {
-                "path": self.video_path,
-                "frame_indices": self.video.indices,
-                "total_frames": self.video.total_frames,
-                "fps": round(self.video.fps, 3),
-                "duration_s": round(self.video.duration, 3),
-                "backend": self.video.backend,
-            },
-            "model": {"name": self.model, "dtype": self.dtype, "device": self.device},
-            "pruning": {
-                "method": self.plan.method.name,
-                "budget": None if self.plan.method.name == "none" else self.plan.budget,
-                "stages": self.plan.stages,
-                "positions": self.plan.positions,
-                "min_per_frame": self.plan.min_per_frame,
-                "visual_per_stage": [self.visual_before] + [r.visual_out for r in self.stage_records],
-                **self.method_report,
-            },
-            "tokens": {
-                "prompt": self.prompt_tokens,
-                "text": self.prompt_tokens - self.visual_before,
-                "visual_before": self.visual_before,
-                "visual_after": visual_after,
-                "equivalent_visual": round(equivalent_tokens(self.visual_per_layer), 2),
-                "generated": self.generated_tokens,
-            },
-            "flops": {
-                "prefill": self.prefill_flops,
-                "prefill_unpruned": self.prefill_flops_unpruned,
-                "vision": self.vision_flops,
-                "prefill_own": self.prefill_flops - shared.prefill_flops,
-                "amortised": self.amortised_flops,
-            },
-            "shared": {
-                "questions": shared.questions,
-                "prefill_flops": shared.prefill_flops,
-                "time_ms": {name: round(s * 1000, 3) for name, s in shared.seconds.items()},
-            },
-            "memory": {
-                "peak_bytes": self.peak_memory_bytes,
-                "kv_cache_bytes": self.kv_cache_bytes,
-                "kv_cache_bytes_unpruned": self.kv_cache_bytes_unpruned,
-            },
-            "time_ms": {name: round(s * 1000, 3) for name, s in self.seconds.items()},
-            "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 2),
-        }
 
 
 class VideoQA:

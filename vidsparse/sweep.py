@@ -16,11 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, Budget
 from vidsparse.outputs import replace_file, save_figure
-from vidsparse.pipeline import AskResult, VideoQA
+from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS, check_method, plan_for
 from vidsparse.questions import Question
 from vidsparse.video import decode_video

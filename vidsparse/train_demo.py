@@ -306,10 +306,12 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         weight = y.pointer_weight * max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
-            point = pointer(targets["query_index"], targets["visual"], targets["target"]) if pointer is not None else None
-            if point is not None and pointer.readout is not None:
-                point = point + y.readout_weight / y.pointer_weight * pointer.read(targets["query_index"],
-                                                                                   targets["answer"])
+            point = None
+            if pointer is not None:
+                point = pointer(targets["query_index"], targets["visual"], targets["target"])
+                if pointer.readout is not None:
+                    read = pointer.read(targets["query_index"], targets["answer"])
+                    point = point + y.readout_weight / y.pointer_weight * read
         (loss + weight * point if point is not None and weight > 0 else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
