@@ -148,3 +148,29 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
         assert targets["target"][b].any() and not (targets["target"][b] & ~targets["visual"][b]).any()
         expected.append(-torch.log(row[targets["target"][b]].sum() / row[targets["visual"][b]].sum()))
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_early_answer_labels_the_asked_word_with_the_answer():
+    """With early answers, logits at the asked word's position (HF shifts labels by one) are trained on
+    the answer's first token; every other prompt position stays unlabelled."""
+    import numpy as np
+
+    from vidsparse.demo_eval import Encoder
+
+    y = dataclasses.replace(TINY, qa_tasks={"color": 0.5, "shape": 0.3, "count": 0.2}, early_answer=True)
+    tok, model = train_demo.build(y, torch.device("cpu"))
+    enc = Encoder(tok, model.config.video_seq_length)
+    batch, targets = train_demo.qa_batch(y, enc, np.random.default_rng(5), 8, 4, torch.device("cpu"))
+    words = {tok.convert_tokens_to_ids(w): w for w in ("square", "circle", "triangle", "cross", *HD.data.COLORS)}
+    checked = 0
+    for b in range(8):
+        ids, labels, last = batch["input_ids"][b], batch["labels"][b], int(targets["query_index"][b])
+        if last < 0:  # not a colour/shape question: only the answer is labelled (one contiguous run)
+            labelled = (labels != -100).nonzero().flatten().tolist()
+            assert labelled == list(range(labelled[0], labelled[-1] + 1))
+            continue
+        prompt_labels = (labels[: last + 1] != -100).nonzero().flatten().tolist()
+        (at,) = prompt_labels
+        assert int(ids[at - 1]) in words and labels[at] == labels[last + 1]  # the word's position -> the answer
+        checked += 1
+    assert checked >= 2

@@ -29,15 +29,17 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from vidsparse.datasets.shapes import COLOR_NAMES, SHAPES
 
 
+def asked_word(qtype: str, question: str) -> str | None:
+    """The word naming the object a colour/shape question asks about (None for other types)."""
+    names = {"color": SHAPES, "shape": COLOR_NAMES}.get(qtype)
+    return None if names is None else next(w for w in question.split() if w in names)
+
+
 def asked_object(clip, qtype: str, question: str) -> int | None:
     """Index of the object a colour/shape question asks about (None for other types)."""
-    if qtype == "color":
-        word, key = next(w for w in question.split() if w in SHAPES), "shape"
-    elif qtype == "shape":
-        word, key = next(w for w in question.split() if w in COLOR_NAMES), "color"
-    else:
-        return None
-    return next(k for k, o in enumerate(clip.objects) if getattr(o, key) == word)
+    word = asked_word(qtype, question)
+    key = "shape" if qtype == "color" else "color"
+    return None if word is None else next(k for k, o in enumerate(clip.objects) if getattr(o, key) == word)
 
 
 READOUT_CLASSES = len(COLOR_NAMES) + len(SHAPES)  # the asked object's colour, or its shape

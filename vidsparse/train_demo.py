@@ -73,7 +73,13 @@ from vidsparse.demo_eval import (  # noqa: E402
     write_report,
 )
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
-from vidsparse.pointer_loss import PointerLoss, asked_object, object_tokens, readout_class  # noqa: E402
+from vidsparse.pointer_loss import (  # noqa: E402
+    PointerLoss,
+    asked_object,
+    asked_word,
+    object_tokens,
+    readout_class,
+)
 from vidsparse.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
 
 TRAIN_SEED = 1  # training draws from [TRAIN_SEED, stage]; held-out and monitoring seeds are the yardstick's
@@ -231,6 +237,9 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         clips.append(clip)
         ids.append(p + ans)
         labels.append([-100] * len(p) + ans)
+        if y.early_answer and (word := asked_word(qtype, q)) is not None:
+            at = len(p) - 1 - p[::-1].index(enc.tok.convert_tokens_to_ids(word))
+            labels[-1][at + 1] = ans[0]  # labels are shifted: the word's position predicts label at + 1
         k = asked_object(clip, qtype, q)
         asked.append((len(p) - 1, k, readout_class(clip, qtype, k)))
     length = max(map(len, ids))
