@@ -33,8 +33,11 @@ TINY = dataclasses.replace(
         "eval_every": 2,
         "monitor_n": 1,
     },
-    pointer_layer=1,  # the pointer loss and its readout are trained (and resumed) too
+    pointer_layer=1,  # the auxiliary losses are trained (and resumed) too
     readout_weight=0.1,
+    copy_weight=0.1,
+    copy_layer=1,
+    early_answer=True,
 )
 
 
@@ -128,6 +131,7 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
         out = model(**batch, output_attentions=True)
         loss = pointer(targets["query_index"], targets["visual"], targets["target"])
         read = pointer.read(targets["query_index"], targets["answer"])
+        copy = pointer(targets["query_index"], torch.ones_like(targets["visual"]), targets["word"])
     pointer.close()
     probs = out.attentions[y.pointer_layer][:, 1]  # (b, n, n), head 1
     # The readout sees head 1's output: its attention row times its values (v_proj of the normed input).
@@ -140,14 +144,18 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
     head_out = torch.einsum("bn,bnd->bd", probs[rows, last], values[rows, :, kv_head])
     expected_read = torch.nn.functional.cross_entropy(pointer.readout(head_out), targets["answer"][asked])
     torch.testing.assert_close(read, expected_read, rtol=1e-4, atol=1e-5)
-    expected = []
+    expected, expected_copy = [], []
     for b, last in enumerate(targets["query_index"].tolist()):
         if last < 0:
             continue
         row = probs[b, last]
+        (word,) = targets["word"][b].nonzero().flatten().tolist()
+        assert tok.convert_ids_to_tokens(int(batch["input_ids"][b, word])) in {*HD.data.COLORS, *HD.data.SHAPES}
+        expected_copy.append(-torch.log(row[word]))
         assert targets["target"][b].any() and not (targets["target"][b] & ~targets["visual"][b]).any()
         expected.append(-torch.log(row[targets["target"][b]].sum() / row[targets["visual"][b]].sum()))
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(copy, torch.stack(expected_copy).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_early_answer_labels_the_asked_word_with_the_answer():

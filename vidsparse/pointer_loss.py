@@ -16,6 +16,11 @@ from the object's patches at every layer input (1.00) but from the head's output
 time. So an optional *readout* term trains the head to carry what it found: a throwaway linear
 classifier on the head's output at the answer position predicts the asked object's colour (colour
 questions) or shape (shape questions).
+
+The copy pointer: with early answers (``Yardstick.early_answer``) the asked word's own position
+learns the lookup in ~100 steps (colour at the asked word 1.00, at the answer position 0.40), which
+leaves copying it forward; a second PointerLoss, at a later layer, pushes one head at the answer
+position onto the asked word.
 """
 
 from __future__ import annotations
@@ -124,3 +129,45 @@ class PointerLoss:
     def close(self) -> None:
         for hook in self.hooks:
             hook.remove()
+
+
+class AuxLosses:
+    """A yardstick's auxiliary losses, weighted and summed (the caller fades the sum out)."""
+
+    def __init__(self, model, y):
+        self.y = y
+        self.pointer = PointerLoss(model, y.pointer_layer, readout=y.readout_weight > 0) if y.pointer_weight else None
+        self.copy = PointerLoss(model, y.copy_layer) if y.copy_weight else None
+
+    @property
+    def active(self) -> bool:
+        return self.pointer is not None or self.copy is not None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trained with the model, thrown away after (the readout classifier)."""
+        readout = self.pointer.readout if self.pointer is not None else None
+        return list(readout.parameters()) if readout is not None else []
+
+    def __call__(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        y, asked = self.y, targets["query_index"]
+        total = targets["visual"].new_zeros((), dtype=torch.float32)
+        if self.pointer is not None:
+            total = total + y.pointer_weight * self.pointer(asked, targets["visual"], targets["target"])
+            if self.pointer.readout is not None:
+                total = total + y.readout_weight * self.pointer.read(asked, targets["answer"])
+        if self.copy is not None:
+            everything = torch.ones_like(targets["visual"])
+            total = total + y.copy_weight * self.copy(asked, everything, targets["word"])
+        return total
+
+    def state_dict(self) -> dict:
+        return {"readout": self.pointer.readout.state_dict()} if self.parameters() else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "readout" in state:
+            self.pointer.readout.load_state_dict(state["readout"])
+
+    def close(self) -> None:
+        for loss in (self.pointer, self.copy):
+            if loss is not None:
+                loss.close()

@@ -74,7 +74,7 @@ from vidsparse.demo_eval import (  # noqa: E402
 )
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
 from vidsparse.pointer_loss import (  # noqa: E402
-    PointerLoss,
+    AuxLosses,
     asked_object,
     asked_word,
     object_tokens,
@@ -237,11 +237,12 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         clips.append(clip)
         ids.append(p + ans)
         labels.append([-100] * len(p) + ans)
-        if y.early_answer and (word := asked_word(qtype, q)) is not None:
-            at = len(p) - 1 - p[::-1].index(enc.tok.convert_tokens_to_ids(word))
+        word = asked_word(qtype, q)
+        at = len(p) - 1 - p[::-1].index(enc.tok.convert_tokens_to_ids(word)) if word is not None else -1
+        if y.early_answer and word is not None:
             labels[-1][at + 1] = ans[0]  # labels are shifted: the word's position predicts label at + 1
         k = asked_object(clip, qtype, q)
-        asked.append((len(p) - 1, k, readout_class(clip, qtype, k)))
+        asked.append((len(p) - 1, k, readout_class(clip, qtype, k), at))
     length = max(map(len, ids))
     inp = torch.full((size, length), enc.tok.pad_token_id)
     lab = torch.full((size, length), -100)
@@ -258,12 +259,14 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         del batch["attention_mask"]
     visual = inp == enc.video_id
     target = torch.zeros_like(visual)
-    for b, (clip, (_, k, _)) in enumerate(zip(clips, asked, strict=True)):
+    word = torch.zeros_like(visual)
+    for b, (clip, (_, k, _, at)) in enumerate(zip(clips, asked, strict=True)):
         if k is not None:
             target[b, visual[b]] = torch.from_numpy(object_tokens(clip.ids, k, y.data.PATCH))
-    query_index = torch.tensor([last if k is not None else -1 for last, k, _ in asked])
+            word[b, at] = True
+    query_index = torch.tensor([last if k is not None else -1 for last, k, _, _ in asked])
     pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device),
-               "answer": torch.tensor([c for _, _, c in asked]).to(device)}
+               "answer": torch.tensor([c for _, _, c, _ in asked]).to(device), "word": word.to(device)}
     return batch, pointer
 
 
@@ -291,19 +294,18 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
                        "base": args.lr * y.projector_lr_scale})
     if y.tower_in_qa:
         groups.append({"params": tower, "weight_decay": 0.01, "base": args.lr / 10, "tower": True})
-    pointer = PointerLoss(model, y.pointer_layer, readout=y.readout_weight > 0) if y.pointer_weight > 0 else None
-    if pointer is not None and pointer.readout is not None:
-        groups.append({"params": list(pointer.readout.parameters()), "weight_decay": 0.0, "base": args.lr})
+    aux = AuxLosses(model, y)
+    if aux.parameters():
+        groups.append({"params": aux.parameters(), "weight_decay": 0.0, "base": args.lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
-    history, ema, point_ema, start, t0 = [], None, None, 0, time.time()
+    history, ema, aux_ema, start, t0 = [], None, None, 0, time.time()
     if ckpt is not None and (state := ckpt.resumes("qa")):
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
-        point_ema = state.get("point_ema")
-        if pointer is not None and pointer.readout is not None:
-            pointer.readout.load_state_dict(state["readout"])
+        aux_ema = state["aux_ema"]
+        aux.load_state_dict(state["aux"])
         log(f"resumed the QA stage at step {start}")
     model.train()
     for step in range(start, args.qa_steps):
@@ -312,26 +314,21 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             g["lr"] = g["base"] * f * (0.0 if g.get("tower") and step < args.tower_freeze else 1.0)
         max_objects = y.curriculum_objects if step < 0.2 * args.qa_steps else y.data.MAX_OBJECTS
         batch, targets = qa_batch(y, enc, rng, args.batch, max_objects, device)
-        weight = y.pointer_weight * max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
+        fade = max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
-            point = None
-            if pointer is not None:
-                point = pointer(targets["query_index"], targets["visual"], targets["target"])
-                if pointer.readout is not None:
-                    read = pointer.read(targets["query_index"], targets["answer"])
-                    point = point + y.readout_weight / y.pointer_weight * read
-        (loss + weight * point if point is not None and weight > 0 else loss).backward()
+            extra_loss = aux(targets) if aux.active else None
+        (loss + fade * extra_loss if extra_loss is not None and fade > 0 else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if point is not None:
-            point_ema = point.item() if point_ema is None else 0.95 * point_ema + 0.05 * point.item()
+        if extra_loss is not None:
+            aux_ema = extra_loss.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * extra_loss.item()
         if (step + 1) % 25 == 0:
             log(
                 f"qa step {step + 1}/{args.qa_steps} loss {ema:.3f} lr {f * args.lr:.2e} "
-                + (f"pointer {point_ema:.3f} (weight {weight:.3f}) " if point_ema is not None else "")
+                + (f"aux {aux_ema:.3f} (x {fade:.3f}) " if aux_ema is not None else "")
                 + f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.qa_steps:
@@ -340,12 +337,10 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             log(f"monitor {history[-1]}")
             save(model, tok, out)
         if ckpt is not None:
-            extra = {"history": history, "ema": ema, "point_ema": point_ema, "qa_seconds": time.time() - t0}
-            if pointer is not None and pointer.readout is not None:
-                extra["readout"] = pointer.readout.state_dict()
+            extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "aux": aux.state_dict(),
+                     "qa_seconds": time.time() - t0}
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == args.qa_steps, **extra)
-    if pointer is not None:
-        pointer.close()
+    aux.close()
     return history
 
 

@@ -60,6 +60,8 @@ class Yardstick:
     # the answer's first token (a prompt position, so no other label is displaced). The lookup is then
     # one step from the word itself, and the answer position only has to copy it from a few tokens back.
     early_answer: bool = False
+    copy_weight: float = 0.0  # the copy pointer (``pointer_loss``): answer position -> asked word; 0: none
+    copy_layer: int = 4
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
