@@ -180,7 +180,11 @@ HD = Yardstick(
     padding_mask=False,
     bf16=True,
     projector_lr_scale=0.1,
+    # Recipe G (pointer_loss.py says why): the answer position looks the asked word up (copy pointer)
+    # where the word itself has looked the object up (early answers); the pointer loss at layer 2.
     pointer_weight=0.2,
+    early_answer=True,
+    copy_weight=0.2,
 )
 
 YARDSTICKS = {y.name: y for y in (DEMO, HD)}
