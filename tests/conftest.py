@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -123,3 +127,16 @@ def folder(tmp_path_factory) -> Path:
     lines.append({"video": "broken.mp4", "question": "what ?", "answer": "x", "type": "is"})
     (root / "qa.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
+
+
+def kill_9_after(command: list[str], out: Path, lines: int, timeout_s: float) -> list[str]:
+    """Start `command` (a batch run writing `out`), SIGKILL it once `out` has `lines` lines, and return
+    what was written: the driver-killed half of the resume tests."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < lines):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return out.read_text().splitlines()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import kill_9_after
 from vidsparse.cli import app
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct, normalize_answer, summarize
@@ -192,13 +191,7 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_ch
     out = tmp_path / "results.jsonl"
     command = [sys.executable, "-m", "vidsparse", *batch_args(folder, out, tiny_checkpoint)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = out.read_text().splitlines()
+    written = kill_9_after(command, out, 4, timeout_s=120)
     assert 4 <= len(written) < 14, "the run should have been killed part-way"
     with open(out, "a") as f:  # what a kill in the middle of a write would leave
         f.write('{"id": "a.mp4|what moves ?", "answer": "squ')

@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 from typer.testing import CliRunner
 
+from tests.conftest import kill_9_after
 from vidsparse import ray_batch
 from vidsparse.batch import batch_settings, run_batch
 from vidsparse.cli import app
@@ -143,13 +143,7 @@ def test_a_killed_driver_resumes(clips, reference, tmp_path):
                "--out", str(out), "--model", MODEL, "--dtype", "float32", "--device", "cpu", "--method", "sparsevlm",
                "--budget", "25%", "--max-new-tokens", "8", "--ray", "--workers", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = out.read_text().splitlines()
+    written = kill_9_after(command, out, 2, timeout_s=240)
     assert 2 <= len(written) < 27, "the run should have been killed part-way"
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 1, done.stderr  # 1: the broken clip's questions failed
