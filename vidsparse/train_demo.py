@@ -78,7 +78,6 @@ from vidsparse.pointer_loss import (  # noqa: E402
     asked_object,
     asked_word,
     object_tokens,
-    readout_class,
 )
 from vidsparse.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
 
@@ -242,7 +241,7 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         if y.early_answer and word is not None:
             labels[-1][at + 1] = ans[0]  # labels are shifted: the word's position predicts label at + 1
         k = asked_object(clip, qtype, q)
-        asked.append((len(p) - 1, k, readout_class(clip, qtype, k), at))
+        asked.append((len(p) - 1, k, at))
     length = max(map(len, ids))
     inp = torch.full((size, length), enc.tok.pad_token_id)
     lab = torch.full((size, length), -100)
@@ -260,13 +259,13 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
     visual = inp == enc.video_id
     target = torch.zeros_like(visual)
     word = torch.zeros_like(visual)
-    for b, (clip, (_, k, _, at)) in enumerate(zip(clips, asked, strict=True)):
+    for b, (clip, (_, k, at)) in enumerate(zip(clips, asked, strict=True)):
         if k is not None:
             target[b, visual[b]] = torch.from_numpy(object_tokens(clip.ids, k, y.data.PATCH))
             word[b, at] = True
-    query_index = torch.tensor([last if k is not None else -1 for last, k, _, _ in asked])
+    query_index = torch.tensor([last if k is not None else -1 for last, k, _ in asked])
     pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device),
-               "answer": torch.tensor([c for _, _, c, _ in asked]).to(device), "word": word.to(device)}
+               "word": word.to(device)}
     return batch, pointer
 
 
@@ -295,8 +294,6 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     if y.tower_in_qa:
         groups.append({"params": tower, "weight_decay": 0.01, "base": args.lr / 10, "tower": True})
     aux = AuxLosses(model, y)
-    if aux.parameters():
-        groups.append({"params": aux.parameters(), "weight_decay": 0.0, "base": args.lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
@@ -305,7 +302,6 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
         aux_ema = state["aux_ema"]
-        aux.load_state_dict(state["aux"])
         log(f"resumed the QA stage at step {start}")
     model.train()
     for step in range(start, args.qa_steps):
@@ -337,8 +333,7 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             log(f"monitor {history[-1]}")
             save(model, tok, out)
         if ckpt is not None:
-            extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "aux": aux.state_dict(),
-                     "qa_seconds": time.time() - t0}
+            extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "qa_seconds": time.time() - t0}
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == args.qa_steps, **extra)
     aux.close()
     return history

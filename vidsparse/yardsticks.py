@@ -55,7 +55,6 @@ class Yardstick:
     pointer_weight: float = 0.0
     pointer_until: float = 0.6
     pointer_layer: int = 2
-    readout_weight: float = 0.0  # the pointer loss's readout term (same fade); 0: none
     # Early answers: on colour/shape questions the asked word's position is also trained to predict
     # the answer's first token (a prompt position, so no other label is displaced). The lookup is then
     # one step from the word itself, and the answer position only has to copy it from a few tokens back.
