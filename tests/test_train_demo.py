@@ -36,6 +36,7 @@ TINY = dataclasses.replace(
     pointer_layer=1,  # the auxiliary losses are trained (and resumed) too
     copy_weight=0.1,
     copy_layer=1,
+    word_pointer_weight=0.1,
     early_answer=True,
 )
 
@@ -103,7 +104,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage):
 def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
     """The pointer loss recomputes one head's attention row from the captured layer input; HF's eager
     attention probabilities (output_attentions) give the same -log share of video attention on the
-    asked object (pointer), and of all attention on the asked word (copy pointer)."""
+    asked object (pointer, from the answer position or from the asked word), and of all attention on
+    the asked word (copy pointer)."""
     import numpy as np
 
     from vidsparse.demo_eval import Encoder
@@ -125,9 +127,11 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
         out = model(**batch, output_attentions=True)
         loss = pointer(targets["query_index"], targets["visual"], targets["target"])
         copy = pointer(targets["query_index"], torch.ones_like(targets["visual"]), targets["word"])
+        word_index = torch.where(targets["query_index"] >= 0, targets["word"].int().argmax(-1), -1)
+        from_word = pointer(word_index, targets["visual"], targets["target"])
     pointer.close()
     probs = out.attentions[y.pointer_layer][:, 1]  # (b, n, n), head 1
-    expected, expected_copy = [], []
+    expected, expected_copy, expected_from_word = [], [], []
     for b, last in enumerate(targets["query_index"].tolist()):
         if last < 0:
             continue
@@ -135,10 +139,13 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
         (word,) = targets["word"][b].nonzero().flatten().tolist()
         assert tok.convert_ids_to_tokens(int(batch["input_ids"][b, word])) in {*HD.data.COLORS, *HD.data.SHAPES}
         expected_copy.append(-torch.log(row[word]))
+        at_word = probs[b, word]
+        expected_from_word.append(-torch.log(at_word[targets["target"][b]].sum() / at_word[targets["visual"][b]].sum()))
         assert targets["target"][b].any() and not (targets["target"][b] & ~targets["visual"][b]).any()
         expected.append(-torch.log(row[targets["target"][b]].sum() / row[targets["visual"][b]].sum()))
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(copy, torch.stack(expected_copy).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_word, torch.stack(expected_from_word).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_early_answer_labels_the_asked_word_with_the_answer():

@@ -106,10 +106,11 @@ class AuxLosses:
         self.y = y
         self.pointer = PointerLoss(model, y.pointer_layer) if y.pointer_weight else None
         self.copy = PointerLoss(model, y.copy_layer) if y.copy_weight else None
+        self.from_word = PointerLoss(model, y.pointer_layer) if y.word_pointer_weight else None
 
     @property
     def active(self) -> bool:
-        return self.pointer is not None or self.copy is not None
+        return any(loss is not None for loss in (self.pointer, self.copy, self.from_word))
 
     def __call__(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         y, asked = self.y, targets["query_index"]
@@ -119,9 +120,12 @@ class AuxLosses:
         if self.copy is not None:
             everything = torch.ones_like(targets["visual"])
             total = total + y.copy_weight * self.copy(asked, everything, targets["word"])
+        if self.from_word is not None:
+            word_index = torch.where(asked >= 0, targets["word"].int().argmax(-1), -1)
+            total = total + y.word_pointer_weight * self.from_word(word_index, targets["visual"], targets["target"])
         return total
 
     def close(self) -> None:
-        for loss in (self.pointer, self.copy):
+        for loss in (self.pointer, self.copy, self.from_word):
             if loss is not None:
                 loss.close()

@@ -61,6 +61,7 @@ class Yardstick:
     early_answer: bool = False
     copy_weight: float = 0.0  # the copy pointer (``pointer_loss``): answer position -> asked word; 0: none
     copy_layer: int = 4
+    word_pointer_weight: float = 0.0  # the pointer loss from the asked word's position (same layer); 0: none
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
