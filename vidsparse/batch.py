@@ -39,6 +39,12 @@ def group_by_video(questions: list[Question]) -> dict[Path, list[Question]]:
     return groups
 
 
+def clips_to_answer(questions: list[Question], results: ResultsFile) -> dict[Path, list[Question]]:
+    """The questions not yet in `results`, grouped by video: what a run (or a resumed one) answers."""
+    done = results.done_ids()
+    return group_by_video([q for q in questions if q.id not in done])
+
+
 def prefetched(videos: list[Path], options: AskOptions) -> Iterator[tuple[Path, DecodedVideo | UserError]]:
     """Decoded videos in order, the next one decoding on a thread while the caller works."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
@@ -104,9 +110,7 @@ def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: Resul
     time (VideoQA.answer_clip). A question that
     cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
     qa.model.check_context(0, options.num_frames, options.max_new_tokens)  # fails every question: fail now
-    done = results.done_ids()
-    todo = [q for q in questions if q.id not in done]
-    groups = group_by_video(todo)
+    groups = clips_to_answer(questions, results)
     for path, video in prefetched(list(groups), options):
         group = groups[path]
         for q, result in zip(group, clip_answers(qa, video, [q.question for q in group], options,

@@ -85,13 +85,9 @@ def _check_context_early(model: str, options: AskOptions) -> None:
 
 
 def _load(model: str, dtype: str, device: str):
-    from transformers.utils import logging
+    from vidsparse.pipeline import load_quietly
 
-    from vidsparse.pipeline import VideoQA
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    return VideoQA.from_pretrained(model, dtype=dtype, device=device)
+    return load_quietly(model, dtype, device)
 
 
 def _options(method: str, budget: str, prune_after: str | None, positions: str, min_per_frame: int, seed: int,

@@ -280,3 +280,13 @@ class VideoQA:
                                  if generation.decode_steps else None),
             first_logits=generation.first_logits,
         )
+
+
+def load_quietly(name_or_path: str, dtype: str, device: str) -> VideoQA:
+    """`VideoQA.from_pretrained` without transformers' warnings and progress bars: what the command line
+    and its Ray workers load (their own output is the one line a user reads)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return VideoQA.from_pretrained(name_or_path, dtype=dtype, device=device)

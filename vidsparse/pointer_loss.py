@@ -38,9 +38,8 @@ def asked_word(qtype: str, question: str) -> str | None:
     return None if names is None else next(w for w in question.split() if w in names)
 
 
-def asked_object(clip, qtype: str, question: str) -> int | None:
-    """Index of the object a colour/shape question asks about (None for other types)."""
-    word = asked_word(qtype, question)
+def asked_object(clip, qtype: str, word: str | None) -> int | None:
+    """Index of the object that ``asked_word`` names (None for other types)."""
     key = "shape" if qtype == "color" else "color"
     return None if word is None else next(k for k, o in enumerate(clip.objects) if getattr(o, key) == word)
 
@@ -55,7 +54,7 @@ def object_tokens(ids: np.ndarray, k: int, patch: int, min_pixels: int = 4) -> n
 
 class PointerLoss:
     """Captures one decoder layer's input during the model's own forward and scores one head's
-    attention from each sample's last prompt position over the visual tokens."""
+    attention from one position of each sample (the answer position, or the asked word's)."""
 
     def __init__(self, model, layer: int, head: int = 0):
         self.layer = model.model.language_model.layers[layer]
@@ -67,12 +66,13 @@ class PointerLoss:
         self.seen["hidden"] = args[0] if args else kwargs["hidden_states"]
         self.seen["cos_sin"] = kwargs["position_embeddings"]
 
-    def __call__(self, query_index: torch.Tensor, visual: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean ``-log`` share of the head's video attention on ``target``, over the samples asked.
+    def __call__(self, query_index: torch.Tensor, within: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean ``-log`` share of the head's attention within ``within`` that falls on ``target``, over
+        the samples asked.
 
-        ``query_index`` (b,): each sample's last prompt position (-1: not a colour/shape sample);
-        ``visual`` (b, n) bool: the visual positions of the sequence; ``target`` (b, n) bool: the
-        asked object's."""
+        ``query_index`` (b,): the position each sample's row is taken at (-1: not a colour/shape
+        sample); ``within`` (b, n) bool: the positions the share is taken of (the visual tokens, or
+        all); ``target`` (b, n) bool: the asked object's patches, or the asked word."""
         asked = query_index >= 0
         if not asked.any():
             return self.seen["hidden"].new_zeros(())
@@ -81,19 +81,18 @@ class PointerLoss:
         attn = self.layer.self_attn
         x = self.layer.input_layernorm(hidden)
         rows = torch.arange(len(x), device=x.device)
-        last = query_index[asked]
-        q = attn.q_proj(x[rows, last]).view(len(x), -1, attn.head_dim)[:, self.head]  # (b, hd)
+        at = query_index[asked]
+        q = attn.q_proj(x[rows, at]).view(len(x), -1, attn.head_dim)[:, self.head]  # (b, hd)
         group = attn.config.num_attention_heads // attn.config.num_key_value_heads
         k = attn.k_proj(x).view(*x.shape[:2], -1, attn.head_dim)[:, :, self.head // group]  # (b, n, hd)
-        at_last = cos[rows, last][:, None], sin[rows, last][:, None]
-        q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], *at_last)
+        q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[rows, at][:, None], sin[rows, at][:, None])
         k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
         scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[:, 0].float() * attn.scaling  # (b, n)
-        future = torch.arange(x.shape[1], device=x.device)[None] > last[:, None]
+        future = torch.arange(x.shape[1], device=x.device)[None] > at[:, None]
         logp = scores.masked_fill(future, float("-inf")).log_softmax(-1)
-        on_video = logp.masked_fill(~visual[asked], float("-inf")).logsumexp(-1)
-        on_object = logp.masked_fill(~target[asked], float("-inf")).logsumexp(-1)
-        return (on_video - on_object).mean()
+        on_within = logp.masked_fill(~within[asked], float("-inf")).logsumexp(-1)
+        on_target = logp.masked_fill(~target[asked], float("-inf")).logsumexp(-1)
+        return (on_within - on_target).mean()
 
     def close(self) -> None:
         self.hook.remove()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidsparse.errors import UserError
+from vidsparse.errors import UserError, first_line
 from vidsparse.options import AskOptions
 from vidsparse.questions import Question
 from vidsparse.results import ResultsFile
@@ -55,19 +55,16 @@ class ClipWorker:
 
     def __init__(self, model: str, dtype: str, device: str, index: int, threads: int):
         import torch
-        from transformers.utils import logging as hf_logging
 
-        from vidsparse.pipeline import VideoQA
+        from vidsparse.pipeline import load_quietly
 
         torch.set_num_threads(threads)
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         self.model, self.dtype, self.device = model, dtype, device
         self.info = {"index": index, "host": socket.gethostname(), "pid": os.getpid()}
         self.failure: str | None = None
         self.model_lock = threading.Lock()  # clips decode concurrently; one at a time uses the model
         try:
-            self.qa = VideoQA.from_pretrained(model, dtype=dtype, device=device)
+            self.qa = load_quietly(model, dtype, device)
         except UserError as e:  # reported by settings(), as one line on the driver
             self.failure = str(e)
 
@@ -159,7 +156,8 @@ class WorkerPool:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 hint = ("; Ray >= 2.59 clusters require token authentication: set RAY_AUTH_MODE=token here, with the "
                         "cluster's token (ray get-auth-token)") if address != LOCAL else ""
-                raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}{hint}") from None
+                reason = first_line(e, with_type=False)
+                raise UserError(f"cannot connect to the Ray cluster at {address}: {reason}{hint}") from None
         from vidsparse.models.loading import ALIASES
 
         if model not in ALIASES and Path(model).exists():
@@ -182,7 +180,7 @@ class WorkerPool:
         try:
             found = self.ray.get([actor.settings.remote(options) for actor in self.actors.values()])
         except self.ray.exceptions.RayActorError as e:
-            raise UserError(f"a Ray worker could not start: {_first_line(e)}") from None
+            raise UserError(f"a Ray worker could not start: {first_line(e, with_type=False)}") from None
         for answer in found:
             if isinstance(answer, str):
                 raise UserError(answer)
@@ -196,12 +194,11 @@ class WorkerPool:
             on_record: Callable[[dict[str, Any]], None], decode_batch: int) -> None:
         """Answer the questions not yet in ``results``, a clip a task, writing each clip's records once
         it is answered."""
-        from vidsparse.batch import answer_record, group_by_video
+        from vidsparse.batch import answer_record, clips_to_answer
 
         ray = self.ray
         written = results.done_ids()
-        queue = deque(ClipJob(path, group) for path, group in
-                      group_by_video([q for q in questions if q.id not in written]).items())
+        queue = deque(ClipJob(path, group) for path, group in clips_to_answer(questions, results).items())
         in_flight: dict[Any, tuple[int, ClipJob]] = {}
         load = dict.fromkeys(self.actors, 0)
         while queue or in_flight:
@@ -225,7 +222,7 @@ class WorkerPool:
                     queue.appendleft(job)
                     continue
                 fields = [{"error": f"a worker died answering this clip, {job.attempts} attempt(s) in all "
-                                    f"({_first_line(e)})"}]
+                                    f"({first_line(e, with_type=False)})"}]
                 fields, worker = fields * len(job.questions), None
             except ray.exceptions.RayTaskError as e:
                 fields = [{"error": f"unexpected {type(e.cause).__name__}: {e.cause}"}] * len(job.questions)
@@ -251,8 +248,3 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

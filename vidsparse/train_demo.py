@@ -240,7 +240,7 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         at = len(p) - 1 - p[::-1].index(enc.tok.convert_tokens_to_ids(word)) if word is not None else -1
         if y.early_answer and word is not None:
             labels[-1][at + 1] = ans[0]  # labels are shifted: the word's position predicts label at + 1
-        k = asked_object(clip, qtype, q)
+        k = asked_object(clip, qtype, word)
         asked.append((len(p) - 1, k, at))
     length = max(map(len, ids))
     inp = torch.full((size, length), enc.tok.pad_token_id)

@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
-from vidsparse.errors import UserError
+from vidsparse.errors import UserError, first_line
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
 
 # Names for checkpoints the project ships (in the repository's models/ folder).
@@ -214,11 +214,11 @@ def _loading(source: Source, where: str, load: Callable[[], T]) -> T:
     except OSError as e:  # missing files, hub errors
         if not Path(source.location).exists():
             raise UserError(_hub_failure(source.name, e)) from e
-        raise UserError(f"cannot load {where}: {_first_line(e, with_type=False)}") from e
+        raise UserError(f"cannot load {where}: {first_line(e, with_type=False)}") from e
     except Exception as e:  # noqa: BLE001 - a broken file can make any library raise anything
         reason = ("it holds pickled code, not only tensors; vidsparse will not run it (convert the checkpoint to "
                   "safetensors where you trust it)" if "weights only load failed" in str(e).lower()
-                  else _first_line(e))
+                  else first_line(e))
         raise UserError(f"cannot load {where}: {reason}") from e
 
 
@@ -227,14 +227,7 @@ def _hub_failure(name: str, error: OSError) -> str:
         return (f"cannot load {name!r}: it is not in the local Hugging Face cache and the hub cannot be reached. "
                 f"Download it where there is network (`hf download {name}`), copy the folder here, "
                 f"and pass --model /path/to/that/folder")
-    return f"cannot load {name!r} from the hub: {_first_line(error, with_type=False)}"
-
-
-def _first_line(error: BaseException, with_type: bool = True) -> str:
-    text = str(error).strip()
-    if not text:
-        return type(error).__name__
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
+    return f"cannot load {name!r} from the hub: {first_line(error, with_type=False)}"
 
 
 def _read_json(path: Path, where: str | None = None) -> object:
