@@ -54,7 +54,8 @@ def main() -> None:
         root = workload(Path(tmp) / "clips", args.clips)
         questions = load_questions(root, root / "qa.jsonl", None)
         settings = batch_settings(MODEL, "float32", "cpu", options)
-        print(f"{len(questions)} questions on {args.clips} clips, {os.cpu_count()} CPU cores, sparsevlm 25%")
+        print(f"{len(questions)} questions on {args.clips} clips, {os.cpu_count()} CPU cores, sparsevlm 25%, "
+              "dtype float32 (the shipped demo model's)")
 
         hf_logging.disable_progress_bar()
         qa = VideoQA.from_pretrained(MODEL, dtype="float32", device="cpu")
