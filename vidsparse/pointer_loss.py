@@ -20,7 +20,14 @@ The copy pointer: with early answers (``Yardstick.early_answer``) the asked word
 learns the lookup in ~100 steps (colour at the asked word 1.00, at the answer position 0.40), which
 leaves copying it forward; a second PointerLoss, at a later layer, pushes one head at the answer
 position onto the asked word. With both, colour questions went from 0.55 to 1.00 in 375 steps;
-shape questions not yet (the colour word does not learn its own lookup as the shape word does).
+shape questions not (0.18-0.40).
+
+The word pointer: the shape word had found its object by itself (layer 0, one head, 0.97 of its
+video attention), the colour word had not (0.17 at best). The pointer loss from the asked word's own
+position at layer 0 made one head put 0.71 of its video attention on the asked object in 100 steps
+(0.82 after 175); a linear probe then read the shape from the residual after layer 0 at the word
+0.92 of the time, but the word's answer stayed at chance (0.31) on the usual task mix -- the readout
+learns only from shape questions: trained on shape questions alone it went 0.33 -> 0.63 in 50 steps.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ class AuxLosses:
         self.y = y
         self.pointer = PointerLoss(model, y.pointer_layer) if y.pointer_weight else None
         self.copy = PointerLoss(model, y.copy_layer) if y.copy_weight else None
-        self.from_word = PointerLoss(model, y.pointer_layer) if y.word_pointer_weight else None
+        self.from_word = PointerLoss(model, y.word_pointer_layer) if y.word_pointer_weight else None
 
     @property
     def active(self) -> bool:
