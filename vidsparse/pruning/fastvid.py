@@ -50,7 +50,7 @@ class FastVID(BeforeFirstLayer):
         if stage.min_per_frame:
             raise UserError("fastvid sets its own per-frame counts; --min-per-frame does not apply to it")
         num_frames = stage.frame_features.shape[0]
-        x = stage.hidden.float()
+        unit = unit_rows(stage.hidden)
         keep, source, target, anchors, weights = [], [], [], [], []
         for frames, budget in zip(*segment_budgets(stage.frame_features, stage.budget,
                                                    torch.bincount(stage.frames, minlength=num_frames).tolist()),
@@ -64,8 +64,8 @@ class FastVID(BeforeFirstLayer):
                 if not count:
                     continue
                 pool = frame_tokens(stage, f)[~torch.isin(frame_tokens(stage, f), salient[f])]
-                centres, _ = dpc_knn(x[pool], count, NEIGHBOURS)
-                members, group, weight = merge_into(x, others, pool[centres])
+                centres, _ = dpc_knn(stage.hidden[pool], count, NEIGHBOURS)
+                members, group, weight = merge_into(unit, others, pool[centres])
                 source.append(members)
                 target.append(group + len(anchors))
                 weights.append(weight)
@@ -137,14 +137,20 @@ def salient_tokens(stage: StageInput, frame: int, count: int) -> torch.Tensor:
     return tokens[torch.sort(-score, stable=True).indices[:count]]
 
 
-def merge_into(x: torch.Tensor, members: torch.Tensor, anchors: torch.Tensor
+def unit_rows(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Every token normalised to length 1, in float32, by row chunks (one float32 copy of n x d, no
+    further n x d temporaries: they cost more than the merging on a CPU)."""
+    return torch.cat([F.normalize(chunk.float(), dim=1) for chunk in x.split(rows)])
+
+
+def merge_into(unit: torch.Tensor, members: torch.Tensor, anchors: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each member joins its most cosine-similar anchor (ties: the first). Returns (source, group,
-    weight) whose weighted group means are w * anchor + (1 - w) * mean(members joined), with
-    w = max(1 / (count + 1), 0.6): the anchor itself is one more source of its own group."""
-    similarity = F.normalize(x[members], dim=1) @ F.normalize(x[anchors], dim=1).T
-    group = similarity.argmax(1)
+    """Each member joins its most cosine-similar anchor (ties: the first); ``unit``: the tokens
+    normalised. Returns (source, group, weight) whose weighted group means are w * anchor + (1 - w) *
+    mean(members joined), with w = max(1 / (count + 1), 0.6): the anchor itself is one more source of
+    its own group."""
+    group = (unit[anchors] @ unit[members].T).argmax(0)
     counts = torch.bincount(group, minlength=anchors.numel()).float()
     own = torch.maximum(1 / (counts + 1), torch.tensor(ANCHOR_WEIGHT))
-    return (torch.cat([members, anchors]), torch.cat([group, torch.arange(anchors.numel(), device=x.device)]),
+    return (torch.cat([members, anchors]), torch.cat([group, torch.arange(anchors.numel(), device=unit.device)]),
             torch.cat([(1 - own[group]) / counts[group], own]))
