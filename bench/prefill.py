@@ -53,8 +53,13 @@ def build_decoder(layers: int, device: torch.device, dtype: torch.dtype) -> Vide
     config = VideoLlavaConfig(vision_config=vision, text_config=text)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: 32 layers in float32 first would need 26 GB
+    try:
+        with torch.device(device):
+            model = VideoLlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
