@@ -172,3 +172,44 @@ def test_early_answer_labels_the_asked_word_with_the_answer():
         assert int(ids[at - 1]) in words and labels[at] == labels[last + 1]  # the word's position -> the answer
         checked += 1
     assert checked >= 2
+
+
+def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
+    """With answer_pointer_types, a temporal question's pointer target is every patch (>= 4 pixels)
+    of the object drawn in the answer's colour, read from the renderer's id masks; it has no asked
+    word, so the copy and word pointers skip it and the auxiliary loss stays finite."""
+    import numpy as np
+
+    from vidsparse.demo_eval import Encoder
+    from vidsparse.pointer_loss import AuxLosses
+
+    drawn = []
+
+    def remember(rng, qtype, max_objects, draw=TINY.qa_clip):
+        drawn.append(draw(rng, qtype, max_objects))
+        return drawn[-1]
+
+    y = dataclasses.replace(TINY, qa_tasks={"second": 0.4, "disappears": 0.3, "color": 0.3}, qa_clip=remember,
+                            answer_pointer_types=frozenset({"second", "disappears"}), copy_weight=0.5,
+                            word_pointer_weight=0.5, pointer_weight=0.5)
+    tok, model = train_demo.build(y, torch.device("cpu"))
+    enc = Encoder(tok, model.config.video_seq_length)
+    batch, targets = train_demo.qa_batch(y, enc, np.random.default_rng(3), 8, 4, torch.device("cpu"))
+    patch, grid = HD.data.PATCH, HD.data.SIZE // HD.data.PATCH
+    temporal = 0
+    for b, (clip, question, answer) in enumerate(drawn):
+        if question.startswith("what color"):
+            assert targets["word"][b].sum() == 1
+            continue
+        (k,) = [i for i, o in enumerate(clip.objects) if o.color == answer]
+        pixels = (clip.ids == k).reshape(-1, grid, patch, grid, patch).sum((2, 4))  # (frames, grid, grid)
+        expected = [[False] + (pixels[f].flatten() >= 4).tolist() for f in range(len(pixels))]  # CLS first
+        visual = targets["visual"][b]
+        assert targets["target"][b][visual].tolist() == sum(expected, [])
+        assert targets["query_index"][b] >= 0 and not targets["word"][b].any()
+        temporal += 1
+    assert 0 < temporal < 8
+    aux = AuxLosses(model, y)
+    model(**batch)
+    assert torch.isfinite(aux(targets))
+    aux.close()

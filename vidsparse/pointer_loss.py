@@ -51,6 +51,11 @@ def asked_object(clip, qtype: str, word: str | None) -> int | None:
     return None if word is None else next(k for k, o in enumerate(clip.objects) if getattr(o, key) == word)
 
 
+def answer_object(clip, answer: str) -> int:
+    """Index of the object whose colour is ``answer`` (the temporal questions answer with a colour)."""
+    return next(k for k, o in enumerate(clip.objects) if o.color == answer)
+
+
 def object_tokens(ids: np.ndarray, k: int, patch: int, min_pixels: int = 4) -> np.ndarray:
     """Bool (T * (1 + grid^2),) over the visual tokens (per frame CLS, then patches row-major): the
     patches where object ``k`` of the id video ``ids`` (T, H, W) covers at least ``min_pixels``."""
@@ -120,14 +125,15 @@ class AuxLosses:
 
     def __call__(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         y, asked = self.y, targets["query_index"]
+        has_word = targets["word"].any(-1)  # colour/shape questions (not the answer pointer's temporal ones)
         total = targets["visual"].new_zeros((), dtype=torch.float32)
         if self.pointer is not None:
             total = total + y.pointer_weight * self.pointer(asked, targets["visual"], targets["target"])
         if self.copy is not None:
             everything = torch.ones_like(targets["visual"])
-            total = total + y.copy_weight * self.copy(asked, everything, targets["word"])
+            total = total + y.copy_weight * self.copy(torch.where(has_word, asked, -1), everything, targets["word"])
         if self.from_word is not None:
-            word_index = torch.where(asked >= 0, targets["word"].int().argmax(-1), -1)
+            word_index = torch.where(has_word, targets["word"].int().argmax(-1), -1)
             total = total + y.word_pointer_weight * self.from_word(word_index, targets["visual"], targets["target"])
         return total
 

@@ -75,6 +75,7 @@ from vidsparse.demo_eval import (  # noqa: E402
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
 from vidsparse.pointer_loss import (  # noqa: E402
     AuxLosses,
+    answer_object,
     asked_object,
     asked_word,
     object_tokens,
@@ -241,6 +242,8 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         if y.early_answer and word is not None:
             labels[-1][at + 1] = ans[0]  # labels are shifted: the word's position predicts label at + 1
         k = asked_object(clip, qtype, word)
+        if qtype in y.answer_pointer_types:
+            k = answer_object(clip, a)
         asked.append((len(p) - 1, k, at))
     length = max(map(len, ids))
     inp = torch.full((size, length), enc.tok.pad_token_id)
@@ -262,6 +265,7 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
     for b, (clip, (_, k, at)) in enumerate(zip(clips, asked, strict=True)):
         if k is not None:
             target[b, visual[b]] = torch.from_numpy(object_tokens(clip.ids, k, y.data.PATCH))
+        if at >= 0:
             word[b, at] = True
     query_index = torch.tensor([last if k is not None else -1 for last, k, _ in asked])
     pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device),

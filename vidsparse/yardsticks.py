@@ -63,6 +63,9 @@ class Yardstick:
     copy_layer: int = 4
     word_pointer_weight: float = 0.0  # the pointer loss from the asked word's position; 0: none
     word_pointer_layer: int = 0  # its layer (head 0)
+    # Question types (answered with an object's colour: first, second, disappears) on which the pointer
+    # loss at ``pointer_layer`` also targets the answer object's patches from the answer position.
+    answer_pointer_types: frozenset[str] = frozenset()
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
