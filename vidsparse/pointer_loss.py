@@ -28,6 +28,8 @@ position at layer 0 made one head put 0.71 of its video attention on the asked o
 (0.82 after 175); a linear probe then read the shape from the residual after layer 0 at the word
 0.92 of the time, but the word's answer stayed at chance (0.31) on the usual task mix -- the readout
 learns only from shape questions: trained on shape questions alone it went 0.33 -> 0.63 in 50 steps.
+Recipe J (the word pointer at layer 0 from the start, shape questions the largest share) from scratch:
+colour 0.87 and shape 1.00 on the monitoring clips at QA step 500.
 """
 
 from __future__ import annotations
