@@ -84,8 +84,8 @@ class PointerLoss:
         """Mean ``-log`` share of the head's attention within ``within`` that falls on ``target``, over
         the samples asked.
 
-        ``query_index`` (b,): the position each sample's row is taken at (-1: not a colour/shape
-        sample); ``within`` (b, n) bool: the positions the share is taken of (the visual tokens, or
+        ``query_index`` (b,): the position each sample's row is taken at (-1: a sample without a
+        target); ``within`` (b, n) bool: the positions the share is taken of (the visual tokens, or
         all); ``target`` (b, n) bool: the asked object's patches, or the asked word."""
         asked = query_index >= 0
         if not asked.any():
