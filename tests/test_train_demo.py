@@ -38,6 +38,7 @@ TINY = dataclasses.replace(
     copy_layer=1,
     word_pointer_weight=0.1,
     early_answer=True,
+    temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
 )
 
 
@@ -83,15 +84,16 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
     return torch.load(state_path, weights_only=False)
 
 
-@pytest.mark.parametrize("stage", ["tower_batch", "qa_batch"])
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage):
+# qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt
+@pytest.mark.parametrize(("stage", "call"), [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4)])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
     torch.set_num_threads(1)
     whole = _run(tmp_path, "whole", False, monkeypatch)
     assert whole["stage"] == "done" and whole["training"]["resumed"] == 0
     with pytest.raises(Killed):
-        _run(tmp_path, "killed", False, monkeypatch, kill=(stage, 3))
+        _run(tmp_path, "killed", False, monkeypatch, kill=(stage, call))
     saved = torch.load(tmp_path / "killed" / train_demo.STATE_FILE, weights_only=False)
-    assert saved["stage"] == stage.split("_")[0] and saved["step"] == 2
+    assert saved["stage"] == stage.split("_")[0] and saved["step"] == call - 1
     done = _run(tmp_path, "killed", True, monkeypatch)
     assert done["training"]["resumed"] == 1
     for key, value in whole["model"].items():

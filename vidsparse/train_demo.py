@@ -24,7 +24,10 @@ is reproducible on one machine):
    from the exact uint8 frames that the data set's mp4 files store, so training matches inference.
    Where the yardstick sets ``pointer_weight`` (HD), an auxiliary loss on colour/shape batches
    points one early head at the asked object from the answer position, faded out by
-   ``pointer_until`` of the steps (``vidsparse.pointer_loss`` says why).
+   ``pointer_until`` of the steps (``vidsparse.pointer_loss`` says why). Where it sets
+   ``temporal_from`` (HD), the last part of the QA steps is a temporal phase: its own task mix, and
+   linear heads on the early residuals of the visual tokens learn their frame index and their
+   object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
@@ -44,6 +47,7 @@ The evaluation (``vidsparse.demo_eval``) writes ``EVAL.json`` and ``EVAL.md`` ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +84,7 @@ from vidsparse.pointer_loss import (  # noqa: E402
     asked_word,
     object_tokens,
 )
+from vidsparse.temporal_facts import TemporalFacts, fact_targets  # noqa: E402
 from vidsparse.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
 
 TRAIN_SEED = 1  # training draws from [TRAIN_SEED, stage]; held-out and monitoring seeds are the yardstick's
@@ -227,7 +232,8 @@ def fmt(m: dict) -> str:
 
 # ---------------------------------------------------------------- stage 2: question answering
 def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, max_objects: int, device):
-    """A batch for the model's forward, and the pointer-loss targets (``pointer_loss.PointerLoss``)."""
+    """A batch for the model's forward, and the auxiliary losses' targets (``pointer_loss``,
+    ``temporal_facts``)."""
     names, probs = list(y.qa_tasks), np.array(list(y.qa_tasks.values()))
     clips, ids, labels, asked = [], [], [], []
     for _ in range(size):
@@ -270,6 +276,8 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
     query_index = torch.tensor([last if k is not None else -1 for last, k, _ in asked])
     pointer = {"query_index": query_index.to(device), "visual": visual.to(device), "target": target.to(device),
                "word": word.to(device)}
+    if y.facts_weight:
+        pointer["facts"] = fact_targets(clips, y.data)
     return batch, pointer
 
 
@@ -298,6 +306,9 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     if y.tower_in_qa:
         groups.append({"params": tower, "weight_decay": 0.01, "base": args.lr / 10, "tower": True})
     aux = AuxLosses(model, y)
+    facts = TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS) if y.facts_weight else None
+    phase_start = round(y.temporal_from * args.qa_steps) if y.temporal_from is not None else args.qa_steps
+    temporal = dataclasses.replace(y, qa_tasks=y.temporal_tasks) if y.temporal_from is not None else y
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
@@ -306,6 +317,8 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
         aux_ema = state["aux_ema"]
+        if facts is not None and state.get("facts") is not None:
+            facts.load_state_dict(state["facts"])
         log(f"resumed the QA stage at step {start}")
     model.train()
     for step in range(start, args.qa_steps):
@@ -313,15 +326,20 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         for g in opt.param_groups:
             g["lr"] = g["base"] * f * (0.0 if g.get("tower") and step < args.tower_freeze else 1.0)
         max_objects = y.curriculum_objects if step < 0.2 * args.qa_steps else y.data.MAX_OBJECTS
-        batch, targets = qa_batch(y, enc, rng, args.batch, max_objects, device)
+        in_phase = step >= phase_start
+        batch, targets = qa_batch(temporal if in_phase else y, enc, rng, args.batch, max_objects, device)
         fade = max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
             extra_loss = aux(targets) if aux.active else None
-        (loss + fade * extra_loss if extra_loss is not None and fade > 0 else loss).backward()
+            facts_loss = facts(targets["visual"], targets["facts"]) if facts is not None and in_phase else None
+        total = loss + fade * extra_loss if extra_loss is not None and fade > 0 else loss
+        (total + y.facts_weight * facts_loss if facts_loss is not None else total).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if facts_loss is not None:
+            facts.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if extra_loss is not None:
             aux_ema = extra_loss.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * extra_loss.item()
@@ -329,6 +347,8 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             log(
                 f"qa step {step + 1}/{args.qa_steps} loss {ema:.3f} lr {f * args.lr:.2e} "
                 + (f"aux {aux_ema:.3f} (x {fade:.3f}) " if aux_ema is not None else "")
+                + ("facts " + " ".join(f"{k} {v:.2f}" for k, v in facts.accuracy.items()) + " "
+                   if facts is not None and facts.accuracy else "")
                 + f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.qa_steps:
@@ -337,9 +357,12 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
             log(f"monitor {history[-1]}")
             save(model, tok, out)
         if ckpt is not None:
-            extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "qa_seconds": time.time() - t0}
+            extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "qa_seconds": time.time() - t0,
+                     "facts": facts.state_dict() if facts is not None else None}
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == args.qa_steps, **extra)
     aux.close()
+    if facts is not None:
+        facts.close()
     return history
 
 

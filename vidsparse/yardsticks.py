@@ -66,6 +66,12 @@ class Yardstick:
     # Question types (answered with an object's colour: first, second, disappears) on which the pointer
     # loss at ``pointer_layer`` also targets the answer object's patches from the answer position.
     answer_pointer_types: frozenset[str] = frozenset()
+    # The temporal phase, from ``temporal_from`` of the QA steps on (None: no such phase): the task mix
+    # ``temporal_tasks`` and the per-token temporal-facts loss (``vidsparse.temporal_facts``; weight
+    # ``facts_weight`` times the mean over the facts, not faded).
+    temporal_from: float | None = None
+    temporal_tasks: dict[str, float] = field(default_factory=dict)
+    facts_weight: float = 0.0
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
@@ -192,6 +198,22 @@ HD = Yardstick(
     early_answer=True,
     copy_weight=0.2,
     word_pointer_weight=1.0,
+    # Recipe K: recipe J, then from QA step 1800 (where the pointer losses have faded out) the temporal
+    # phase: mostly multi-frame questions and the temporal descriptions, with the temporal-facts loss
+    # (J had learnt nothing about time by step 1750: temporal_facts.py has the measurements).
+    temporal_from=0.6,
+    temporal_tasks={
+        "color": 0.03,
+        "shape": 0.03,
+        "count": 0.06,
+        "first": 0.14,
+        "second": 0.14,
+        "disappears": 0.14,
+        "moving": 0.14,
+        "describe_times": 0.20,
+        "describe_motion": 0.12,
+    },
+    facts_weight=2.5,
 )
 
 YARDSTICKS = {y.name: y for y in (DEMO, HD)}

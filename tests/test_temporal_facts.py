@@ -1,0 +1,73 @@
+"""The temporal-facts targets equal the definitions recomputed from the renderer's id masks, token by
+token, and the loss reads the residuals of the layers it names (captured during the model's forward)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vidsparse.datasets import shapes_hd
+from vidsparse.datasets.shapes import COLOR_NAMES
+from vidsparse.temporal_facts import IGNORE, TemporalFacts, fact_targets
+from vidsparse.train_demo import build
+from vidsparse.yardsticks import HD
+
+
+def _reference(clip) -> dict[str, list]:
+    """Token by token from ``clip.ids``: CLS first in each frame, then patches row-major; a patch
+    belongs to the object drawing most of its pixels, if at least 4."""
+    frames, patch, grid = shapes_hd.FRAMES, shapes_hd.PATCH, shapes_hd.GRID
+    shown = [[bool((clip.ids[f] == k).any()) for f in range(frames)] for k in range(len(clip.objects))]
+    onset = [s.index(True) for s in shown]
+    offset = [frames - 1 - s[::-1].index(True) for s in shown]
+    colour = [COLOR_NAMES.index(o.color) for o in clip.objects]
+    ranked = sorted(range(len(clip.objects)), key=lambda k: (onset[k], colour[k]))
+    out = {"frame": [], "onset": [], "rank": [], "moving": [], "gone": []}
+    for f in range(frames):
+        for t in range(grid * grid + 1):
+            owner = None
+            if t > 0:
+                r, c = divmod(t - 1, grid)
+                cell = clip.ids[f, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                drawn = [(cell == k).sum() for k in range(len(clip.objects))]
+                owner = int(np.argmax(drawn)) if max(drawn) >= 4 else None
+            out["frame"].append(f)
+            out["onset"].append(IGNORE if owner is None else onset[owner])
+            after = owner is not None and f > onset[owner]
+            out["rank"].append(ranked.index(owner) if after else IGNORE)
+            out["moving"].append(int(clip.objects[owner].moving) if after else IGNORE)
+            out["gone"].append([float(any(colour[k] == c and f >= offset[k] + 2 for k in range(len(clip.objects))))
+                                for c in range(len(COLOR_NAMES))])
+    return out
+
+
+def test_fact_targets_follow_their_definitions():
+    clips = [shapes_hd.sample(np.random.default_rng([5, i]), q, 4)[0]
+             for i, q in enumerate(["disappears", "first", "moving", "count"])]
+    targets = fact_targets(clips, shapes_hd)
+    for b, clip in enumerate(clips):
+        expected = _reference(clip)
+        for name, values in expected.items():
+            assert targets[name][b].tolist() == values, name
+    rank = targets["rank"][targets["rank"] != IGNORE]
+    assert rank.max() >= 1 and targets["gone"].sum() > 0 and (targets["moving"] == 1).any()
+
+
+def test_the_loss_reads_the_residual_after_its_layers():
+    torch.manual_seed(0)
+    _, model = build(HD, torch.device("cpu"))
+    facts = TemporalFacts(model, shapes_hd.FRAMES, shapes_hd.MAX_OBJECTS)
+    clip = shapes_hd.sample(np.random.default_rng(3), "first", 4)[0]
+    n = shapes_hd.FRAMES * (shapes_hd.GRID**2 + 1)
+    embeds = torch.randn(1, n + 3, model.config.text_config.hidden_size)
+    visual = torch.zeros(1, n + 3, dtype=torch.bool)
+    visual[0, 1:n + 1] = True
+    with torch.no_grad():
+        out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True)
+        loss = facts(visual, fact_targets([clip], shapes_hd))
+        # hidden_states[i + 1] is the residual after layer i
+        facts.residual = {0: out.hidden_states[1], 1: out.hidden_states[2]}
+        assert torch.allclose(loss, facts(visual, fact_targets([clip], shapes_hd)))
+        facts.residual = {0: out.hidden_states[2], 1: out.hidden_states[3]}
+        assert not torch.allclose(loss, facts(visual, fact_targets([clip], shapes_hd)))
+    facts.close()
