@@ -22,7 +22,8 @@ The targets are what a causal decoder can know at that token (it sees its own an
   in frames after the onset, when every object that appeared with it has been seen whole);
 - ``moving``: whether its object moves (object tokens after the onset: two frames to compare);
 - ``gone``: per colour, whether an object of that colour was last seen two or more frames earlier
-  (every visual token: the previous frame is complete, so its absence there is visible).
+  (every visual token, after ``OBJECT_LAYER``: the previous frame is complete, so its absence there
+  is visible).
 Linear heads read them; they have their own optimiser and are thrown away with training.
 """
 
@@ -36,7 +37,7 @@ from torch import nn
 from vidsparse.datasets.shapes import COLOR_NAMES
 
 FRAME_LAYER = 0  # the residual after this decoder layer carries the frame index
-OBJECT_LAYER = 1  # ... and after this one, the object facts
+OBJECT_LAYER = 1  # ... and after this one, the object facts and the colours gone
 HEAD_LR = 1e-3
 IGNORE = -100
 
@@ -114,7 +115,7 @@ class TemporalFacts:
             seen = target != IGNORE
             self._note(name, (logits[seen].argmax(-1) == target[seen]).float().mean())
         gone = targets["gone"].reshape(-1, len(COLOR_NAMES)).to(x.device)
-        logits = self.heads["gone"](early)
+        logits = self.heads["gone"](late)
         losses.append(F.binary_cross_entropy_with_logits(logits, gone))
         self._note("gone", ((logits > 0).float() == gone).all(-1).float().mean())
         return torch.stack(losses).mean()
