@@ -58,12 +58,18 @@ def answer_object(clip, answer: str) -> int:
     return next(k for k, o in enumerate(clip.objects) if o.color == answer)
 
 
-def object_tokens(ids: np.ndarray, k: int, patch: int, min_pixels: int = 4) -> np.ndarray:
-    """Bool (T * (1 + grid^2),) over the visual tokens (per frame CLS, then patches row-major): the
-    patches where object ``k`` of the id video ``ids`` (T, H, W) covers at least ``min_pixels``."""
+def object_pixels(ids: np.ndarray, k: int, patch: int) -> np.ndarray:
+    """Int (T * (1 + grid^2),) over the visual tokens (per frame CLS, then patches row-major): how
+    many pixels of each patch object ``k`` of the id video ``ids`` (T, H, W) draws (0 on CLS)."""
     frames, grid = ids.shape[0], ids.shape[1] // patch
-    covered = (ids == k).reshape(frames, grid, patch, grid, patch).sum((2, 4)) >= min_pixels
-    return np.concatenate([np.zeros((frames, 1), bool), covered.reshape(frames, -1)], 1).reshape(-1)
+    drawn = (ids == k).reshape(frames, grid, patch, grid, patch).sum((2, 4))
+    return np.concatenate([np.zeros((frames, 1), drawn.dtype), drawn.reshape(frames, -1)], 1).reshape(-1)
+
+
+def object_tokens(ids: np.ndarray, k: int, patch: int, min_pixels: int = 4) -> np.ndarray:
+    """Bool over the visual tokens (as ``object_pixels``): the patches object ``k`` covers at least
+    ``min_pixels`` of."""
+    return object_pixels(ids, k, patch) >= min_pixels
 
 
 class PointerLoss:

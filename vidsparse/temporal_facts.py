@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidsparse.datasets.shapes import COLOR_NAMES
+from vidsparse.pointer_loss import object_pixels
 
 FRAME_LAYER = 0  # the residual after this decoder layer carries the frame index
 OBJECT_LAYER = 1  # ... and after this one, the object facts and the colours gone
@@ -70,11 +71,8 @@ def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
 def token_owners(ids: np.ndarray, n_objects: int, patch: int, min_pixels: int = 4) -> np.ndarray:
     """Per visual token (CLS first in each frame), the object drawing the most of its pixels if that
     is at least ``min_pixels``, else -1 (two objects can share a patch)."""
-    frames, grid = ids.shape[0], ids.shape[1] // patch
-    cells = ids.reshape(frames, grid, patch, grid, patch).transpose(0, 1, 3, 2, 4).reshape(frames, grid * grid, -1)
-    counts = np.stack([(cells == k).sum(-1) for k in range(n_objects)], -1)  # (frames, patches, objects)
-    owner = np.where(counts.max(-1) >= min_pixels, counts.argmax(-1), -1)
-    return np.concatenate([np.full((frames, 1), -1), owner], 1).reshape(-1)
+    counts = np.stack([object_pixels(ids, k, patch) for k in range(n_objects)], -1)  # (tokens, objects)
+    return np.where(counts.max(-1) >= min_pixels, counts.argmax(-1), -1)
 
 
 class TemporalFacts:
