@@ -8,7 +8,7 @@ import torch
 
 from vidsparse.datasets import shapes_hd
 from vidsparse.datasets.shapes import COLOR_NAMES
-from vidsparse.temporal_facts import IGNORE, TemporalFacts, fact_targets
+from vidsparse.temporal_facts import FACTS, IGNORE, TemporalFacts, fact_targets
 from vidsparse.train_demo import build
 from vidsparse.yardsticks import HD
 
@@ -22,7 +22,9 @@ def _reference(clip) -> dict[str, list]:
     offset = [frames - 1 - s[::-1].index(True) for s in shown]
     colour = [COLOR_NAMES.index(o.color) for o in clip.objects]
     ranked = sorted(range(len(clip.objects)), key=lambda k: (onset[k], colour[k]))
-    out = {"frame": [], "onset": [], "rank": [], "moving": [], "gone": []}
+    out = {"frame": [], "onset": [], "rank": [], "moving": [], "gone": [], "present": [], "vanished": []}
+    colours = range(len(COLOR_NAMES))
+    in_frame = [{colour[k] for k in range(len(clip.objects)) if shown[k][f]} for f in range(frames)]
     for f in range(frames):
         for t in range(grid * grid + 1):
             owner = None
@@ -38,6 +40,12 @@ def _reference(clip) -> dict[str, list]:
             out["moving"].append(int(clip.objects[owner].moving) if after else IGNORE)
             out["gone"].append([float(any(colour[k] == c and f >= offset[k] + 2 for k in range(len(clip.objects))))
                                 for c in range(len(COLOR_NAMES))])
+            if t < grid * grid:  # only the last token of a frame has seen all of it
+                out["present"].append([IGNORE] * len(colours))
+                out["vanished"].append([IGNORE] * len(colours))
+                continue
+            out["present"].append([float(c in in_frame[f]) for c in colours])
+            out["vanished"].append([float(f > 0 and c in in_frame[f - 1] and c not in in_frame[f]) for c in colours])
     return out
 
 
@@ -51,12 +59,13 @@ def test_fact_targets_follow_their_definitions():
             assert targets[name][b].tolist() == values, name
     rank = targets["rank"][targets["rank"] != IGNORE]
     assert rank.max() >= 1 and targets["gone"].sum() > 0 and (targets["moving"] == 1).any()
+    assert (targets["vanished"] == 1).any() and (targets["present"] == 0).any()
 
 
 def test_the_loss_reads_the_residual_after_its_layers():
     torch.manual_seed(0)
     _, model = build(HD, torch.device("cpu"))
-    facts = TemporalFacts(model, shapes_hd.FRAMES, shapes_hd.MAX_OBJECTS)
+    facts = TemporalFacts(model, shapes_hd.FRAMES, shapes_hd.MAX_OBJECTS, tuple(FACTS))
     clip = shapes_hd.sample(np.random.default_rng(3), "first", 4)[0]
     n = shapes_hd.FRAMES * (shapes_hd.GRID**2 + 1)
     embeds = torch.randn(1, n + 3, model.config.text_config.hidden_size)

@@ -29,6 +29,7 @@ TINY = dataclasses.replace(
         "tower_steps": 3,
         "tower_batch": 1,
         "qa_steps": 4,
+        "cycle_steps": 2,  # the second cycle: QA steps 5 and 6
         "batch": 2,
         "eval_every": 2,
         "monitor_n": 1,
@@ -84,8 +85,9 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
     return torch.load(state_path, weights_only=False)
 
 
-# qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt
-@pytest.mark.parametrize(("stage", "call"), [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4)])
+# qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt;
+# the 6th: inside the second cycle, after its own heads have learnt
+@pytest.mark.parametrize(("stage", "call"), [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6)])
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
     torch.set_num_threads(1)
     whole = _run(tmp_path, "whole", False, monkeypatch)
@@ -215,3 +217,35 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
     model(**batch)
     assert torch.isfinite(aux(targets))
     aux.close()
+
+
+def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then a 2-step cycle) use the
+    main mix, 3-4 the temporal mix, 5-6 the cycle's, whose learning rate is warmed up again to
+    ``cycle_lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe)."""
+    import math
+
+    mixes, rates = [], []
+    real_batch, real_step = train_demo.qa_batch, torch.optim.AdamW.step
+
+    def batch(y, *a, **k):
+        mixes.append(y.qa_tasks)
+        return real_batch(y, *a, **k)
+
+    def step(self, *a, **k):
+        if "base" in self.param_groups[0]:  # the QA optimizer (not the tower's or the facts heads')
+            rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train_demo, "qa_batch", batch)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    torch.set_num_threads(1)
+    monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
+    y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
+    train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
+    assert mixes == [TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [TINY.cycle_tasks] * 2
+    assert TINY.cycle_tasks != TINY.temporal_tasks and 0 < TINY.cycle_lr < 1
+    for i, s in enumerate((0, 1)):
+        expected = args.lr * TINY.cycle_lr * (s + 1) / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / 2)))
+        assert rates[4 + i] == pytest.approx(expected)
+    assert rates[3] == pytest.approx(args.lr * 4 / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))

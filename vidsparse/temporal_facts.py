@@ -23,7 +23,15 @@ The targets are what a causal decoder can know at that token (it sees its own an
 - ``moving``: whether its object moves (object tokens after the onset: two frames to compare);
 - ``gone``: per colour, whether an object of that colour was last seen two or more frames earlier
   (every visual token, after ``OBJECT_LAYER``: the previous frame is complete, so its absence there
-  is visible).
+  is visible);
+- ``present``: per colour, whether it is visible in the token's frame (the last token of each
+  frame, the first to have seen the whole frame; after ``FRAME_LAYER``);
+- ``vanished``: per colour, visible in the previous frame and not in this one (the last token of
+  each frame, after ``OBJECT_LAYER``: one look back at the previous frame's ``present``).
+``gone`` stayed at what answering "nothing gone" scores (0.86) for 800 steps of recipe K: every
+token had to gather every colour's last frame. ``present`` and ``vanished`` ask one token a frame
+for one comparison each, and "which color disappears first ?" becomes a single lookup: the earliest
+frame whose last token saw a colour vanish.
 Linear heads read them; they have their own optimiser and are thrown away with training.
 """
 
@@ -45,16 +53,22 @@ IGNORE = -100
 
 def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
     """Per visual token of each clip (B, FRAMES * (1 + GRID^2)); IGNORE where a fact has no target.
-    ``gone`` is (B, tokens, colours) of 0/1."""
+    The per-colour facts (``gone``, ``present``, ``vanished``) are (B, tokens, colours) of 0/1, with
+    IGNORE in every colour of a token without a target."""
     per_frame = data.GRID**2 + 1
     n = data.FRAMES * per_frame
     frame_of = np.arange(n) // per_frame
+    last = np.arange(data.FRAMES) * per_frame + per_frame - 1  # each frame's last token
     out = {k: np.full((len(clips), n), IGNORE) for k in ("onset", "rank", "moving")}
-    gone = np.zeros((len(clips), n, len(COLOR_NAMES)), np.float32)
+    colours = len(COLOR_NAMES)
+    gone = np.zeros((len(clips), n, colours), np.float32)
+    present = np.full((len(clips), n, colours), IGNORE, np.float32)
+    vanished = np.full((len(clips), n, colours), IGNORE, np.float32)
     for b, clip in enumerate(clips):
         order = sorted(range(len(clip.objects)),
                        key=lambda j: (clip.objects[j].onset, COLOR_NAMES.index(clip.objects[j].color)))
         owner = token_owners(clip.ids, len(clip.objects), data.PATCH)
+        shown = np.zeros((data.FRAMES, colours), np.float32)
         for j, obj in enumerate(clip.objects):
             tokens = owner == j
             later = tokens & (frame_of > obj.onset)
@@ -62,9 +76,14 @@ def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
             out["rank"][b, later] = order.index(j)
             out["moving"][b, later] = int(obj.moving)
             gone[b, frame_of >= obj.offset + 2, COLOR_NAMES.index(obj.color)] = 1.0
+            shown[:, COLOR_NAMES.index(obj.color)] = obj.visible
+        present[b, last] = shown
+        vanished[b, last[0]] = 0.0  # nothing has vanished in the first frame
+        vanished[b, last[1:]] = shown[:-1] * (1 - shown[1:])
     targets = {k: torch.from_numpy(v) for k, v in out.items()}
     targets["frame"] = torch.from_numpy(np.tile(frame_of, (len(clips), 1)))
-    targets["gone"] = torch.from_numpy(gone)
+    targets.update(gone=torch.from_numpy(gone), present=torch.from_numpy(present),
+                   vanished=torch.from_numpy(vanished))
     return targets
 
 
@@ -75,18 +94,31 @@ def token_owners(ids: np.ndarray, n_objects: int, patch: int, min_pixels: int = 
     return np.where(counts.max(-1) >= min_pixels, counts.argmax(-1), -1)
 
 
-class TemporalFacts:
-    """The heads, the hooks that capture the residuals they read, and the loss (mean over facts)."""
+# name -> (the layer whose output it is read from, its classes, per-colour 0/1 rather than one class)
+FACTS = {
+    "frame": (FRAME_LAYER, "frames", False),
+    "onset": (OBJECT_LAYER, "frames", False),
+    "rank": (OBJECT_LAYER, "objects", False),
+    "moving": (OBJECT_LAYER, 2, False),
+    "gone": (OBJECT_LAYER, "colours", True),
+    "present": (FRAME_LAYER, "colours", True),
+    "vanished": (OBJECT_LAYER, "colours", True),
+}
+PHASE_FACTS = ("frame", "onset", "rank", "moving", "gone")  # recipe K's temporal phase
 
-    def __init__(self, model, frames: int, max_objects: int):
+
+class TemporalFacts:
+    """The heads of the facts ``names``, the hooks that capture the residuals they read, and the loss
+    (mean over those facts)."""
+
+    def __init__(self, model, frames: int, max_objects: int, names: tuple[str, ...] = PHASE_FACTS):
         layers = model.model.language_model.layers
         hidden = model.config.text_config.hidden_size
+        sizes = {"frames": frames, "objects": max_objects, "colours": len(COLOR_NAMES)}
+        self.names = tuple(name for name in FACTS if name in names)  # one order, whatever the caller's
         generator = torch.Generator().manual_seed(0)  # the training's own RNG streams stay untouched
-        self.heads = nn.ModuleDict({
-            "frame": nn.Linear(hidden, frames), "onset": nn.Linear(hidden, frames),
-            "rank": nn.Linear(hidden, max_objects), "moving": nn.Linear(hidden, 2),
-            "gone": nn.Linear(hidden, len(COLOR_NAMES)),
-        })
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, sizes.get(FACTS[name][1], FACTS[name][1]))
+                                    for name in self.names})
         with torch.no_grad():
             for p in self.heads.parameters():
                 p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) / hidden**0.5)
@@ -103,19 +135,23 @@ class TemporalFacts:
 
     def __call__(self, visual: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss on the last forward; ``visual`` marks the video tokens of each sample (B, L)."""
-        early = self.residual[FRAME_LAYER][visual].float()
-        late = self.residual[OBJECT_LAYER][visual].float()
+        read = {i: self.residual[i][visual].float() for i in (FRAME_LAYER, OBJECT_LAYER)}
         losses = []
-        for name, x in (("frame", early), ("onset", late), ("rank", late), ("moving", late)):
-            target = targets[name].reshape(-1).to(x.device)
-            logits = self.heads[name](x)
-            losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
-            seen = target != IGNORE
-            self._note(name, (logits[seen].argmax(-1) == target[seen]).float().mean())
-        gone = targets["gone"].reshape(-1, len(COLOR_NAMES)).to(x.device)
-        logits = self.heads["gone"](late)
-        losses.append(F.binary_cross_entropy_with_logits(logits, gone))
-        self._note("gone", ((logits > 0).float() == gone).all(-1).float().mean())
+        for name in self.names:
+            layer, _, per_colour = FACTS[name]
+            x, target = read[layer], targets[name].to(read[layer].device)
+            if per_colour:
+                target = target.reshape(-1, target.shape[-1])
+                seen = target[:, 0] != IGNORE
+                logits = self.heads[name](x[seen])
+                losses.append(F.binary_cross_entropy_with_logits(logits, target[seen]))
+                self._note(name, ((logits > 0).float() == target[seen]).all(-1).float().mean())
+            else:
+                target = target.reshape(-1)
+                logits = self.heads[name](x)
+                losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
+                seen = target != IGNORE
+                self._note(name, (logits[seen].argmax(-1) == target[seen]).float().mean())
         return torch.stack(losses).mean()
 
     def _note(self, name: str, accuracy: torch.Tensor) -> None:

@@ -28,6 +28,10 @@ is reproducible on one machine):
    ``temporal_from`` (HD), the last part of the QA steps is a temporal phase: its own task mix, and
    linear heads on the early residuals of the visual tokens learn their frame index and their
    object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
+3. A second cycle (``--cycle-steps``, where the yardstick has one: HD): the learning rate warmed up
+   again and decayed over its own cosine, its own task mix, and fresh heads for its own facts
+   (the colours each frame shows and loses). The first cycle's schedule had decayed to a tenth of
+   its peak while "disappears" and "moving" were still near chance.
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
@@ -309,6 +313,10 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     facts = TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS) if y.facts_weight else None
     phase_start = round(y.temporal_from * args.qa_steps) if y.temporal_from is not None else args.qa_steps
     temporal = dataclasses.replace(y, qa_tasks=y.temporal_tasks) if y.temporal_from is not None else y
+    n_steps = args.qa_steps + args.cycle_steps
+    cycle = dataclasses.replace(y, qa_tasks=y.cycle_tasks) if args.cycle_steps else y
+    cycle_facts = (TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS, y.cycle_facts)
+                   if args.cycle_steps and y.facts_weight else None)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
@@ -317,52 +325,61 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
         aux_ema = state["aux_ema"]
-        if facts is not None and state.get("facts") is not None:
-            facts.load_state_dict(state["facts"])
+        for part, key in ((facts, "facts"), (cycle_facts, "cycle_facts")):
+            if part is not None and state.get(key) is not None:
+                part.load_state_dict(state[key])
         log(f"resumed the QA stage at step {start}")
     model.train()
-    for step in range(start, args.qa_steps):
-        f = cosine(step, args.qa_steps, 60)
+    for step in range(start, n_steps):
+        in_cycle = step >= args.qa_steps
+        if in_cycle:
+            f = y.cycle_lr * cosine(step - args.qa_steps, args.cycle_steps, 60)
+        else:
+            f = cosine(step, args.qa_steps, 60)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f * (0.0 if g.get("tower") and step < args.tower_freeze else 1.0)
         max_objects = y.curriculum_objects if step < 0.2 * args.qa_steps else y.data.MAX_OBJECTS
         in_phase = step >= phase_start
-        batch, targets = qa_batch(temporal if in_phase else y, enc, rng, args.batch, max_objects, device)
+        tasks = cycle if in_cycle else temporal if in_phase else y
+        batch, targets = qa_batch(tasks, enc, rng, args.batch, max_objects, device)
+        active = cycle_facts if in_cycle else facts if in_phase else None
         fade = max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
             extra_loss = aux(targets) if aux.active else None
-            facts_loss = facts(targets["visual"], targets["facts"]) if facts is not None and in_phase else None
+            facts_loss = active(targets["visual"], targets["facts"]) if active is not None else None
         total = loss + fade * extra_loss if extra_loss is not None and fade > 0 else loss
         (total + y.facts_weight * facts_loss if facts_loss is not None else total).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if facts_loss is not None:
-            facts.step()
+            active.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if extra_loss is not None:
             aux_ema = extra_loss.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * extra_loss.item()
         if (step + 1) % 25 == 0:
             log(
-                f"qa step {step + 1}/{args.qa_steps} loss {ema:.3f} lr {f * args.lr:.2e} "
+                f"qa step {step + 1}/{n_steps} loss {ema:.3f} lr {f * args.lr:.2e} "
                 + (f"aux {aux_ema:.3f} (x {fade:.3f}) " if aux_ema is not None else "")
-                + ("facts " + " ".join(f"{k} {v:.2f}" for k, v in facts.accuracy.items()) + " "
-                   if facts is not None and facts.accuracy else "")
+                + ("facts " + " ".join(f"{k} {v:.2f}" for k, v in active.accuracy.items()) + " "
+                   if active is not None and active.accuracy else "")
                 + f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.qa_steps:
+        if (step + 1) % args.eval_every == 0 or step + 1 == n_steps:
             acc = quick_eval(model, sets, device)
             history.append(dict(step=step + 1, minutes=round((time.time() - t0) / 60, 1), loss=round(ema, 3), **acc))
             log(f"monitor {history[-1]}")
             save(model, tok, out)
         if ckpt is not None:
             extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "qa_seconds": time.time() - t0,
-                     "facts": facts.state_dict() if facts is not None else None}
-            ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == args.qa_steps, **extra)
+                     "facts": facts.state_dict() if facts is not None else None,
+                     "cycle_facts": cycle_facts.state_dict() if cycle_facts is not None else None}
+            ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == n_steps, **extra)
     aux.close()
-    if facts is not None:
-        facts.close()
+    for part in (facts, cycle_facts):
+        if part is not None:
+            part.close()
     return history
 
 
@@ -400,6 +417,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         "threads": args.threads,
         "tower_steps": args.tower_steps,
         "qa_steps": args.qa_steps,
+        "cycle_steps": args.cycle_steps,
         "batch": args.batch,
         "tower_in_qa": y.tower_in_qa,
         "bf16": y.bf16,
@@ -407,7 +425,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         "tower_metrics": tower_metrics,
         "history": history,
     }
-    ckpt.save("done", args.qa_steps, model, None, None, force=True, training=training)
+    ckpt.save("done", args.qa_steps + args.cycle_steps, model, None, None, force=True, training=training)
     log(f"trained in {training['minutes']} min")
     return training
 
@@ -421,6 +439,7 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
         ("tower-batch", int),
         ("tower-lr", float),
         ("qa-steps", int),
+        ("cycle-steps", int),
         ("batch", int),
         ("lr", float),
         ("tower-freeze", int),

@@ -72,6 +72,12 @@ class Yardstick:
     temporal_from: float | None = None
     temporal_tasks: dict[str, float] = field(default_factory=dict)
     facts_weight: float = 0.0
+    # A second cycle after the QA steps (its length: the ``cycle_steps`` default, 0 = none): the
+    # learning rate warmed up again to ``cycle_lr`` x --lr and decayed over its own cosine, the task
+    # mix ``cycle_tasks``, and fresh heads for the facts ``cycle_facts`` (weight ``facts_weight``).
+    cycle_lr: float = 0.0
+    cycle_tasks: dict[str, float] = field(default_factory=dict)
+    cycle_facts: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
@@ -123,6 +129,7 @@ DEMO = Yardstick(
         "tower_batch": 24,
         "tower_lr": 2e-3,
         "qa_steps": 3000,
+        "cycle_steps": 0,
         "batch": 32,
         "lr": 1e-3,
         "tower_freeze": 300,
@@ -179,6 +186,7 @@ HD = Yardstick(
         "tower_batch": 16,
         "tower_lr": 4e-3,
         "qa_steps": 3000,
+        "cycle_steps": 1000,
         "batch": 24,
         "lr": 1e-3,
         "tower_freeze": 0,
@@ -214,6 +222,22 @@ HD = Yardstick(
         "describe_motion": 0.12,
     },
     facts_weight=2.5,
+    # Recipe L: recipe K, then a second cycle of 1000 steps (peak lr 0.3 x --lr) weighted towards
+    # "disappears" and "moving", which K left near chance; the facts without ``gone`` (K's gone head
+    # never beat answering "nothing gone") and with each frame's colours shown and lost.
+    cycle_lr=0.3,
+    cycle_tasks={
+        "color": 0.03,
+        "shape": 0.03,
+        "count": 0.08,
+        "first": 0.08,
+        "second": 0.10,
+        "disappears": 0.22,
+        "moving": 0.22,
+        "describe_times": 0.12,
+        "describe_motion": 0.12,
+    },
+    cycle_facts=("frame", "onset", "rank", "moving", "present", "vanished"),
 )
 
 YARDSTICKS = {y.name: y for y in (DEMO, HD)}
