@@ -29,7 +29,6 @@ TINY = dataclasses.replace(
         "tower_steps": 3,
         "tower_batch": 1,
         "qa_steps": 4,
-        "cycle_steps": 2,  # the second cycle: QA steps 5 and 6
         "batch": 2,
         "eval_every": 2,
         "monitor_n": 1,
@@ -40,6 +39,8 @@ TINY = dataclasses.replace(
     word_pointer_weight=0.1,
     early_answer=True,
     temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
+    # then two cycles of 2 steps each (QA steps 5-6 and 7-8), the second with the frame pointer
+    cycles=tuple(dataclasses.replace(c, steps=2) for c in HD.cycles),
 )
 
 
@@ -86,8 +87,10 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
 
 
 # qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt;
-# the 6th: inside the second cycle, after its own heads have learnt
-@pytest.mark.parametrize(("stage", "call"), [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6)])
+# the 6th and 8th: inside each cycle, after its own heads (and the frame pointer) have learnt
+@pytest.mark.parametrize(
+    ("stage", "call"), [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8)]
+)
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
     torch.set_num_threads(1)
     whole = _run(tmp_path, "whole", False, monkeypatch)
@@ -151,6 +154,39 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
     torch.testing.assert_close(copy, torch.stack(expected_copy).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_word, torch.stack(expected_from_word).mean(), rtol=1e-4, atol=1e-5)
 
+
+
+def test_frame_pointer_is_the_share_of_eager_attention_one_frame_back():
+    """From every visual token of frames 1.., the -log share of the head's video attention (HF's
+    eager probabilities) that falls on the same token one frame (65 tokens) earlier, averaged."""
+    import numpy as np
+
+    from vidsparse.demo_eval import Encoder
+    from vidsparse.pointer_loss import FramePointer
+
+    torch.manual_seed(0)
+    y = dataclasses.replace(TINY, arch={**TINY.arch, "text_layers": 2, "text_heads": 4})
+    tok, model = train_demo.build(y, torch.device("cpu"))
+    for module in [model, *model.modules()]:
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "eager"
+    enc = Encoder(tok, model.config.video_seq_length)
+    batch, targets = train_demo.qa_batch(y, enc, np.random.default_rng(2), 3, 4, torch.device("cpu"))
+    per_frame = HD.data.GRID**2 + 1
+    pointer = FramePointer(model, 1, head=3)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss = pointer(targets["visual"], per_frame)
+    pointer.close()
+    probs = out.attentions[1][:, 3]
+    expected = []
+    for b in range(len(probs)):
+        video = targets["visual"][b].nonzero().flatten().tolist()
+        assert len(video) == HD.data.FRAMES * per_frame
+        for i in range(per_frame, len(video)):
+            row = probs[b, video[i]]
+            expected.append(-torch.log(row[video[i - per_frame]] / row[video].sum()))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
 
 def test_early_answer_labels_the_asked_word_with_the_answer():
     """With early answers, logits at the asked word's position (HF shifts labels by one) are trained on
@@ -220,16 +256,19 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
 
 
 def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
-    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then a 2-step cycle) use the
-    main mix, 3-4 the temporal mix, 5-6 the cycle's, whose learning rate is warmed up again to
-    ``cycle_lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe)."""
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then two 2-step cycles) use the
+    main mix, 3-4 the temporal mix, 5-8 the cycles', whose learning rate is warmed up again to their
+    ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second
+    cycle adds the frame pointer."""
     import math
 
-    mixes, rates = [], []
+    mixes, rates, framed = [], [], []
     real_batch, real_step = train_demo.qa_batch, torch.optim.AdamW.step
+    real_pointer = train_demo.FramePointer.__call__
 
     def batch(y, *a, **k):
         mixes.append(y.qa_tasks)
+        framed.append(0)
         return real_batch(y, *a, **k)
 
     def step(self, *a, **k):
@@ -237,15 +276,26 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
             rates.append(self.param_groups[0]["lr"])
         return real_step(self, *a, **k)
 
+    def pointer(self, *a, **k):
+        framed[-1] += 1
+        return real_pointer(self, *a, **k)
+
     monkeypatch.setattr(train_demo, "qa_batch", batch)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(train_demo.FramePointer, "__call__", pointer)
     torch.set_num_threads(1)
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
     train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
-    assert mixes == [TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [TINY.cycle_tasks] * 2
-    assert TINY.cycle_tasks != TINY.temporal_tasks and 0 < TINY.cycle_lr < 1
-    for i, s in enumerate((0, 1)):
-        expected = args.lr * TINY.cycle_lr * (s + 1) / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / 2)))
-        assert rates[4 + i] == pytest.approx(expected)
-    assert rates[3] == pytest.approx(args.lr * 4 / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
+    first, second = TINY.cycles
+    assert mixes == [TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [first.tasks] * 2 + [second.tasks] * 2
+    assert first.tasks != TINY.temporal_tasks and 0 < first.lr < 1
+    assert framed == [0] * 6 + [len(second.frame_pointer_layers)] * 2 and second.frame_pointer_weight > 0
+
+    def cosine(s: int, steps: int) -> float:
+        return (s + 1) / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    assert rates[3] == pytest.approx(args.lr * cosine(3, 4))
+    for i, cycle in enumerate(TINY.cycles):
+        for s in (0, 1):
+            assert rates[4 + 2 * i + s] == pytest.approx(args.lr * cycle.lr * cosine(s, 2))

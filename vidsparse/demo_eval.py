@@ -261,7 +261,8 @@ def write_report(y: Yardstick, out: Path, report: dict) -> None:
             "",
             f"Training: `{t['command']}`, {t['minutes']:.1f} min on {t['device']} ({t['threads']} threads),",
             f"video tower pretraining {t['tower_steps']} steps, QA {t['qa_steps']} steps of batch {t['batch']}"
-            + (f" and a second cycle of {t['cycle_steps']}" if t.get("cycle_steps") else "") + f"{tower_note}.",
+            + (f", then cycles of {' + '.join(map(str, t['cycle_steps']))} steps" if t.get("cycle_steps") else "")
+            + f"{tower_note}.",
             f"Tower held-out per-patch metrics: {t['tower_metrics']}.",
         ]
         if t.get("bf16"):

@@ -96,26 +96,51 @@ class PointerLoss:
         asked = query_index >= 0
         if not asked.any():
             return self.seen["hidden"].new_zeros(())
-        hidden, (cos, sin) = self.seen["hidden"][asked], self.seen["cos_sin"]
-        cos, sin = cos.expand(len(asked), -1, -1)[asked], sin.expand(len(asked), -1, -1)[asked]
-        attn = self.layer.self_attn
-        x = self.layer.input_layernorm(hidden)
-        rows = torch.arange(len(x), device=x.device)
-        at = query_index[asked]
-        q = attn.q_proj(x[rows, at]).view(len(x), -1, attn.head_dim)[:, self.head]  # (b, hd)
-        group = attn.config.num_attention_heads // attn.config.num_key_value_heads
-        k = attn.k_proj(x).view(*x.shape[:2], -1, attn.head_dim)[:, :, self.head // group]  # (b, n, hd)
-        q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[rows, at][:, None], sin[rows, at][:, None])
-        k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
-        scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[:, 0].float() * attn.scaling  # (b, n)
-        future = torch.arange(x.shape[1], device=x.device)[None] > at[:, None]
-        logp = scores.masked_fill(future, float("-inf")).log_softmax(-1)
+        logp = self.log_attention(asked, query_index[asked, None])[:, 0]  # (b, n)
         on_within = logp.masked_fill(~within[asked], float("-inf")).logsumexp(-1)
         on_target = logp.masked_fill(~target[asked], float("-inf")).logsumexp(-1)
         return (on_within - on_target).mean()
 
+    def log_attention(self, samples: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The head's causal attention log-probabilities (b, r, n) from positions ``rows`` (b, r) of
+        the ``samples`` (bool over the batch), recomputed from the captured layer input."""
+        hidden, (cos, sin) = self.seen["hidden"][samples], self.seen["cos_sin"]
+        cos, sin = cos.expand(len(samples), -1, -1)[samples], sin.expand(len(samples), -1, -1)[samples]
+        attn = self.layer.self_attn
+        x = self.layer.input_layernorm(hidden)
+        at = rows[..., None].expand(-1, -1, x.shape[-1])
+        q = attn.q_proj(x.gather(1, at)).view(*rows.shape, -1, attn.head_dim)[:, :, self.head]  # (b, r, hd)
+        group = attn.config.num_attention_heads // attn.config.num_key_value_heads
+        k = attn.k_proj(x).view(*x.shape[:2], -1, attn.head_dim)[:, :, self.head // group]  # (b, n, hd)
+        at = rows[..., None].expand(-1, -1, cos.shape[-1])
+        q, _ = apply_rotary_pos_emb(q[:, None], q[:, None], cos.gather(1, at), sin.gather(1, at))
+        k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
+        scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)).float() * attn.scaling  # (b, r, n)
+        future = torch.arange(x.shape[1], device=x.device)[None, None] > rows[..., None]
+        return scores.masked_fill(future, float("-inf")).log_softmax(-1)
+
     def close(self) -> None:
         self.hook.remove()
+
+
+class FramePointer(PointerLoss):
+    """One head of one layer pushed to attend from every visual token of frames 1.. to the same
+    token one frame earlier (``-log`` of that share of its video attention, mean over those tokens).
+
+    Why: "how many objects move ?" and the colours a frame lost both need a token to compare itself
+    with the same place in the previous frame, 65 tokens back. After 1300 steps of temporal facts the
+    heads read motion 0.74 of the time (always "still": 0.58) and the colours lost no better than
+    "none": no head had learnt that look. The word pointer (above) taught the lookups the same way."""
+
+    def __call__(self, visual: torch.Tensor, per_frame: int) -> torch.Tensor:
+        """``visual`` (b, n) bool marks the video tokens (the same count in every sample);
+        ``per_frame`` tokens make one frame."""
+        where = visual.nonzero()[:, 1].view(len(visual), -1)  # (b, visual tokens)
+        rows, target = where[:, per_frame:], where[:, :-per_frame]
+        logp = self.log_attention(torch.ones(len(visual), dtype=torch.bool, device=visual.device), rows)
+        on_within = logp.masked_fill(~visual[:, None], float("-inf")).logsumexp(-1)
+        on_target = logp.gather(2, target[..., None])[..., 0]
+        return (on_within - on_target).mean()
 
 
 class AuxLosses:

@@ -28,10 +28,11 @@ is reproducible on one machine):
    ``temporal_from`` (HD), the last part of the QA steps is a temporal phase: its own task mix, and
    linear heads on the early residuals of the visual tokens learn their frame index and their
    object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
-3. A second cycle (``--cycle-steps``, where the yardstick has one: HD): the learning rate warmed up
-   again and decayed over its own cosine, its own task mix, and fresh heads for its own facts
-   (the colours each frame shows and loses). The first cycle's schedule had decayed to a tenth of
-   its peak while "disappears" and "moving" were still near chance.
+3. Further cycles (``yardsticks.Cycle``, where the yardstick has them: HD), each with the learning
+   rate warmed up again and decayed over its own cosine, its own task mix, fresh heads for its own
+   facts (the colours each frame shows and loses), and in the last a loss that teaches two early
+   heads to look at the same place one frame back. The first schedule had decayed to a twentieth
+   of its peak while "disappears" and "moving" were still near chance.
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
@@ -83,6 +84,7 @@ from vidsparse.demo_eval import (  # noqa: E402
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
 from vidsparse.pointer_loss import (  # noqa: E402
     AuxLosses,
+    FramePointer,
     answer_object,
     asked_object,
     asked_word,
@@ -313,43 +315,51 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     facts = TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS) if y.facts_weight else None
     phase_start = round(y.temporal_from * args.qa_steps) if y.temporal_from is not None else args.qa_steps
     temporal = dataclasses.replace(y, qa_tasks=y.temporal_tasks) if y.temporal_from is not None else y
-    n_steps = args.qa_steps + args.cycle_steps
-    cycle = dataclasses.replace(y, qa_tasks=y.cycle_tasks) if args.cycle_steps else y
-    cycle_facts = (TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS, y.cycle_facts)
-                   if args.cycle_steps and y.facts_weight else None)
+    starts = np.cumsum([args.qa_steps, *(c.steps for c in y.cycles)])  # where each cycle starts; the end
+    n_steps = int(starts[-1])
+    cycle_mix = [dataclasses.replace(y, qa_tasks=c.tasks) for c in y.cycles]
+    cycle_facts = [TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS, c.facts) if y.facts_weight else None
+                   for c in y.cycles]
+    last_head = model.config.text_config.num_attention_heads - 1
+    frame_pointers = [[FramePointer(model, layer, last_head) for layer in c.frame_pointer_layers] for c in y.cycles]
+    per_frame = y.data.GRID**2 + 1
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
     rng = np.random.default_rng([TRAIN_SEED, 2])
-    history, ema, aux_ema, start, t0 = [], None, None, 0, time.time()
+    history, ema, aux_ema, frame_ema, start, t0 = [], None, None, None, 0, time.time()
     if ckpt is not None and (state := ckpt.resumes("qa")):
         start = Checkpointer.restore(state, model, opt, rng)
         history, ema, t0 = state["history"], state["ema"], time.time() - state["qa_seconds"]
-        aux_ema = state["aux_ema"]
-        for part, key in ((facts, "facts"), (cycle_facts, "cycle_facts")):
-            if part is not None and state.get(key) is not None:
-                part.load_state_dict(state[key])
+        aux_ema, frame_ema = state["aux_ema"], state.get("frame_ema")
+        saved_parts = [state.get("facts"), *state.get("cycle_facts", [])]
+        for part, saved in zip([facts, *cycle_facts], saved_parts, strict=False):  # heads not yet made: fresh
+            if part is not None and saved is not None:
+                part.load_state_dict(saved)
         log(f"resumed the QA stage at step {start}")
     model.train()
     for step in range(start, n_steps):
-        in_cycle = step >= args.qa_steps
-        if in_cycle:
-            f = y.cycle_lr * cosine(step - args.qa_steps, args.cycle_steps, 60)
+        c = int(np.searchsorted(starts, step, side="right")) - 1  # the cycle this step is in; -1: none
+        if c >= 0:
+            f = y.cycles[c].lr * cosine(step - int(starts[c]), y.cycles[c].steps, 60)
         else:
             f = cosine(step, args.qa_steps, 60)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f * (0.0 if g.get("tower") and step < args.tower_freeze else 1.0)
         max_objects = y.curriculum_objects if step < 0.2 * args.qa_steps else y.data.MAX_OBJECTS
         in_phase = step >= phase_start
-        tasks = cycle if in_cycle else temporal if in_phase else y
+        tasks = cycle_mix[c] if c >= 0 else temporal if in_phase else y
         batch, targets = qa_batch(tasks, enc, rng, args.batch, max_objects, device)
-        active = cycle_facts if in_cycle else facts if in_phase else None
+        active = cycle_facts[c] if c >= 0 else facts if in_phase else None
+        pointers = frame_pointers[c] if c >= 0 else []
         fade = max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
             extra_loss = aux(targets) if aux.active else None
             facts_loss = active(targets["visual"], targets["facts"]) if active is not None else None
+            frame_loss = torch.stack([fp(targets["visual"], per_frame) for fp in pointers]).mean() if pointers else None
         total = loss + fade * extra_loss if extra_loss is not None and fade > 0 else loss
-        (total + y.facts_weight * facts_loss if facts_loss is not None else total).backward()
+        total = total + y.facts_weight * facts_loss if facts_loss is not None else total
+        (total + y.cycles[c].frame_pointer_weight * frame_loss if frame_loss is not None else total).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -358,12 +368,15 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if extra_loss is not None:
             aux_ema = extra_loss.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * extra_loss.item()
+        if frame_loss is not None:
+            frame_ema = frame_loss.item() if frame_ema is None else 0.95 * frame_ema + 0.05 * frame_loss.item()
         if (step + 1) % 25 == 0:
             log(
                 f"qa step {step + 1}/{n_steps} loss {ema:.3f} lr {f * args.lr:.2e} "
                 + (f"aux {aux_ema:.3f} (x {fade:.3f}) " if aux_ema is not None else "")
                 + ("facts " + " ".join(f"{k} {v:.2f}" for k, v in active.accuracy.items()) + " "
                    if active is not None and active.accuracy else "")
+                + (f"frame pointer {frame_ema:.2f} " if pointers else "")
                 + f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == n_steps:
@@ -374,10 +387,11 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         if ckpt is not None:
             extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "qa_seconds": time.time() - t0,
                      "facts": facts.state_dict() if facts is not None else None,
-                     "cycle_facts": cycle_facts.state_dict() if cycle_facts is not None else None}
+                     "cycle_facts": [part.state_dict() if part is not None else None for part in cycle_facts],
+                     "frame_ema": frame_ema}
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == n_steps, **extra)
     aux.close()
-    for part in (facts, cycle_facts):
+    for part in [facts, *cycle_facts, *sum(frame_pointers, [])]:
         if part is not None:
             part.close()
     return history
@@ -417,7 +431,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         "threads": args.threads,
         "tower_steps": args.tower_steps,
         "qa_steps": args.qa_steps,
-        "cycle_steps": args.cycle_steps,
+        "cycle_steps": [c.steps for c in y.cycles],
         "batch": args.batch,
         "tower_in_qa": y.tower_in_qa,
         "bf16": y.bf16,
@@ -425,7 +439,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         "tower_metrics": tower_metrics,
         "history": history,
     }
-    ckpt.save("done", args.qa_steps + args.cycle_steps, model, None, None, force=True, training=training)
+    ckpt.save("done", args.qa_steps + sum(c.steps for c in y.cycles), model, None, None, force=True, training=training)
     log(f"trained in {training['minutes']} min")
     return training
 
@@ -439,7 +453,6 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
         ("tower-batch", int),
         ("tower-lr", float),
         ("qa-steps", int),
-        ("cycle-steps", int),
         ("batch", int),
         ("lr", float),
         ("tower-freeze", int),

@@ -25,6 +25,21 @@ Draw = Callable[[np.random.Generator, str, int], tuple]  # (rng, question type, 
 
 
 @dataclass(frozen=True)
+class Cycle:
+    """A further training cycle after the QA steps: the learning rate warmed up again (60 steps) to
+    ``lr`` x --lr and decayed over its own cosine, its own task mix, fresh heads for its temporal
+    facts (weight: the yardstick's ``facts_weight``), and the previous-frame attention loss
+    (``pointer_loss.FramePointer``, on the last head of each layer listed) with its weight."""
+
+    steps: int
+    lr: float
+    tasks: dict[str, float]
+    facts: tuple[str, ...]
+    frame_pointer_layers: tuple[int, ...] = ()
+    frame_pointer_weight: float = 0.0
+
+
+@dataclass(frozen=True)
 class Yardstick:
     name: str
     title: str  # heading of EVAL.md
@@ -72,12 +87,7 @@ class Yardstick:
     temporal_from: float | None = None
     temporal_tasks: dict[str, float] = field(default_factory=dict)
     facts_weight: float = 0.0
-    # A second cycle after the QA steps (its length: the ``cycle_steps`` default, 0 = none): the
-    # learning rate warmed up again to ``cycle_lr`` x --lr and decayed over its own cosine, the task
-    # mix ``cycle_tasks``, and fresh heads for the facts ``cycle_facts`` (weight ``facts_weight``).
-    cycle_lr: float = 0.0
-    cycle_tasks: dict[str, float] = field(default_factory=dict)
-    cycle_facts: tuple[str, ...] = ()
+    cycles: tuple[Cycle, ...] = ()  # further training cycles after the QA steps, in order
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
@@ -129,7 +139,6 @@ DEMO = Yardstick(
         "tower_batch": 24,
         "tower_lr": 2e-3,
         "qa_steps": 3000,
-        "cycle_steps": 0,
         "batch": 32,
         "lr": 1e-3,
         "tower_freeze": 300,
@@ -144,6 +153,19 @@ DEMO = Yardstick(
 def _hd_qa_clip(rng: np.random.Generator, qtype: str, max_objects: int):
     return shapes_hd.sample(rng, qtype, max_objects)
 
+
+_CYCLE_TASKS = {
+    "color": 0.03,
+    "shape": 0.03,
+    "count": 0.08,
+    "first": 0.08,
+    "second": 0.10,
+    "disappears": 0.22,
+    "moving": 0.22,
+    "describe_times": 0.12,
+    "describe_motion": 0.12,
+}
+_CYCLE_FACTS = ("frame", "onset", "rank", "moving", "present", "vanished")
 
 HD = Yardstick(
     name="hd",
@@ -186,7 +208,6 @@ HD = Yardstick(
         "tower_batch": 16,
         "tower_lr": 4e-3,
         "qa_steps": 3000,
-        "cycle_steps": 1000,
         "batch": 24,
         "lr": 1e-3,
         "tower_freeze": 0,
@@ -222,22 +243,16 @@ HD = Yardstick(
         "describe_motion": 0.12,
     },
     facts_weight=2.5,
-    # Recipe L: recipe K, then a second cycle of 1000 steps (peak lr 0.3 x --lr) weighted towards
-    # "disappears" and "moving", which K left near chance; the facts without ``gone`` (K's gone head
-    # never beat answering "nothing gone") and with each frame's colours shown and lost.
-    cycle_lr=0.3,
-    cycle_tasks={
-        "color": 0.03,
-        "shape": 0.03,
-        "count": 0.08,
-        "first": 0.08,
-        "second": 0.10,
-        "disappears": 0.22,
-        "moving": 0.22,
-        "describe_times": 0.12,
-        "describe_motion": 0.12,
-    },
-    cycle_facts=("frame", "onset", "rank", "moving", "present", "vanished"),
+    # Recipe L: recipe K, then a second cycle of 1000 steps weighted towards "disappears" and "moving",
+    # which K left near chance; its facts drop K's ``gone`` (it never beat answering "nothing gone")
+    # and add each frame's colours shown and lost. Recipe M: L, then a third cycle of 1500 steps with
+    # the previous-frame attention loss at layers 0 and 1 (L's heads for motion and the colours lost
+    # stayed near their base rates: no head looked at the same place one frame back).
+    cycles=(
+        Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
+        Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
+              frame_pointer_weight=0.5),
+    ),
 )
 
 YARDSTICKS = {y.name: y for y in (DEMO, HD)}
