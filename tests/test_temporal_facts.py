@@ -22,17 +22,24 @@ def _reference(clip) -> dict[str, list]:
     offset = [frames - 1 - s[::-1].index(True) for s in shown]
     colour = [COLOR_NAMES.index(o.color) for o in clip.objects]
     ranked = sorted(range(len(clip.objects)), key=lambda k: (onset[k], colour[k]))
-    out = {"frame": [], "onset": [], "rank": [], "moving": [], "gone": [], "present": [], "vanished": []}
+    out = {name: [] for name in ("frame", "onset", "rank", "moving", "gone", "present", "vanished", "changed",
+                                 "moved", "seen")}
     colours = range(len(COLOR_NAMES))
     in_frame = [{colour[k] for k in range(len(clip.objects)) if shown[k][f]} for f in range(frames)]
+    moves = {colour[k] for k in range(len(clip.objects)) if clip.objects[k].moving}
     for f in range(frames):
         for t in range(grid * grid + 1):
-            owner = None
+            owner, changed = None, IGNORE
             if t > 0:
                 r, c = divmod(t - 1, grid)
                 cell = clip.ids[f, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
                 drawn = [(cell == k).sum() for k in range(len(clip.objects))]
                 owner = int(np.argmax(drawn)) if max(drawn) >= 4 else None
+                before = clip.ids[f - 1, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] if f > 0 else None
+                if before is not None and ((cell >= 0).any() or (before >= 0).any()):
+                    differ = int((cell != before).sum())
+                    changed = 1 if differ >= 4 else 0 if differ == 0 else IGNORE
+            out["changed"].append(changed)
             out["frame"].append(f)
             out["onset"].append(IGNORE if owner is None else onset[owner])
             after = owner is not None and f > onset[owner]
@@ -41,17 +48,23 @@ def _reference(clip) -> dict[str, list]:
             out["gone"].append([float(any(colour[k] == c and f >= offset[k] + 2 for k in range(len(clip.objects))))
                                 for c in range(len(COLOR_NAMES))])
             if t < grid * grid:  # only the last token of a frame has seen all of it
-                out["present"].append([IGNORE] * len(colours))
-                out["vanished"].append([IGNORE] * len(colours))
+                for name in ("present", "vanished", "moved", "seen"):
+                    out[name].append([IGNORE] * len(colours))
                 continue
             out["present"].append([float(c in in_frame[f]) for c in colours])
             out["vanished"].append([float(f > 0 and c in in_frame[f - 1] and c not in in_frame[f]) for c in colours])
+            out["moved"].append([float(f > 0 and c in in_frame[f - 1] and c in in_frame[f] and c in moves)
+                                 for c in colours])
+            out["seen"].append([float(any(c in in_frame[g] for g in range(f + 1))) for c in colours])
     return out
 
 
 def test_fact_targets_follow_their_definitions():
     clips = [shapes_hd.sample(np.random.default_rng([5, i]), q, 4)[0]
              for i, q in enumerate(["disappears", "first", "moving", "count"])]
+    # and a clip where a moving object enters the frame (not yet seen moving in its first frame)
+    entering = (shapes_hd.render_clip(np.random.default_rng([6, i])) for i in range(1000))
+    clips.append(next(c for c in entering if any(o.moving and o.onset > 0 for o in c.objects)))
     targets = fact_targets(clips, shapes_hd)
     for b, clip in enumerate(clips):
         expected = _reference(clip)
@@ -60,6 +73,8 @@ def test_fact_targets_follow_their_definitions():
     rank = targets["rank"][targets["rank"] != IGNORE]
     assert rank.max() >= 1 and targets["gone"].sum() > 0 and (targets["moving"] == 1).any()
     assert (targets["vanished"] == 1).any() and (targets["present"] == 0).any()
+    assert (targets["changed"] == 1).any() and (targets["changed"] == 0).any() and (targets["changed"] == IGNORE).any()
+    assert (targets["moved"] == 1).any() and (targets["seen"] == 0).any()
 
 
 def test_the_loss_reads_the_residual_after_its_layers():
@@ -75,8 +90,8 @@ def test_the_loss_reads_the_residual_after_its_layers():
         out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True)
         loss = facts(visual, fact_targets([clip], shapes_hd))
         # hidden_states[i + 1] is the residual after layer i
-        facts.residual = {0: out.hidden_states[1], 1: out.hidden_states[2]}
+        facts.residual = {i: out.hidden_states[i + 1] for i in range(3)}
         assert torch.allclose(loss, facts(visual, fact_targets([clip], shapes_hd)))
-        facts.residual = {0: out.hidden_states[2], 1: out.hidden_states[3]}
+        facts.residual = {i: out.hidden_states[i + 2] for i in range(3)}
         assert not torch.allclose(loss, facts(visual, fact_targets([clip], shapes_hd)))
     facts.close()

@@ -20,7 +20,7 @@ TINY = dataclasses.replace(
         "vision_layers": 1,
         "vision_heads": 2,
         "text_hidden": 16,
-        "text_layers": 2,
+        "text_layers": 3,  # the facts read residuals after layers 0, 1 and 2
         "text_heads": 2,
         "vision_feature_layer": -1,
     },
@@ -39,7 +39,7 @@ TINY = dataclasses.replace(
     word_pointer_weight=0.1,
     early_answer=True,
     temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
-    # then two cycles of 2 steps each (QA steps 5-6 and 7-8), the second with the frame pointer
+    # then three cycles of 2 steps each (QA steps 5-6, 7-8, 9-10), the last two with the frame pointer
     cycles=tuple(dataclasses.replace(c, steps=2) for c in HD.cycles),
 )
 
@@ -87,9 +87,10 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
 
 
 # qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt;
-# the 6th and 8th: inside each cycle, after its own heads (and the frame pointer) have learnt
+# the 6th, 8th and 10th: inside each cycle, after its own heads (and the frame pointer) have learnt
 @pytest.mark.parametrize(
-    ("stage", "call"), [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8)]
+    ("stage", "call"),
+    [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8), ("qa_batch", 10)],
 )
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
     torch.set_num_threads(1)
@@ -256,10 +257,10 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
 
 
 def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
-    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then two 2-step cycles) use the
-    main mix, 3-4 the temporal mix, 5-8 the cycles', whose learning rate is warmed up again to their
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then three 2-step cycles) use the
+    main mix, 3-4 the temporal mix, 5-10 the cycles', whose learning rate is warmed up again to their
     ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second
-    cycle adds the frame pointer."""
+    and third cycles add the frame pointer."""
     import math
 
     mixes, rates, framed = [], [], []
@@ -287,10 +288,12 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
     train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
-    first, second = TINY.cycles
-    assert mixes == [TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [first.tasks] * 2 + [second.tasks] * 2
-    assert first.tasks != TINY.temporal_tasks and 0 < first.lr < 1
-    assert framed == [0] * 6 + [len(second.frame_pointer_layers)] * 2 and second.frame_pointer_weight > 0
+    first, second, third = TINY.cycles
+    assert mixes == ([TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [first.tasks] * 2 + [second.tasks] * 2
+                     + [third.tasks] * 2)
+    assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks and 0 < first.lr < 1
+    assert framed == [0] * 6 + [len(second.frame_pointer_layers)] * 2 + [len(third.frame_pointer_layers)] * 2
+    assert second.frame_pointer_weight > 0 and third.frame_pointer_weight > 0
 
     def cosine(s: int, steps: int) -> float:
         return (s + 1) / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))

@@ -27,11 +27,23 @@ The targets are what a causal decoder can know at that token (it sees its own an
 - ``present``: per colour, whether it is visible in the token's frame (the last token of each
   frame, the first to have seen the whole frame; after ``FRAME_LAYER``);
 - ``vanished``: per colour, visible in the previous frame and not in this one (the last token of
-  each frame, after ``OBJECT_LAYER``: one look back at the previous frame's ``present``).
+  each frame, after ``OBJECT_LAYER``: one look back at the previous frame's ``present``);
+- ``changed``: whether the token's patch changed since the previous frame (4 or more of its pixels
+  drawn by another object or the background; no target for 1-3 or for patches with no object in
+  either frame), after ``OBJECT_LAYER``: one look at the same place one frame back;
+- ``moved``: per colour, visible in the previous frame and in this one, and moving (the last token
+  of each frame, after ``MOTION_LAYER``: its frame's changed tokens of a colour already there);
+- ``seen``: per colour, visible in this or an earlier frame (the last token of each frame, after
+  ``MOTION_LAYER``: a count over the clip is the number of colours on the last frame's last token).
 ``gone`` stayed at what answering "nothing gone" scores (0.86) for 800 steps of recipe K: every
 token had to gather every colour's last frame. ``present`` and ``vanished`` ask one token a frame
 for one comparison each, and "which color disappears first ?" becomes a single lookup: the earliest
 frame whose last token saw a colour vanish.
+``moving`` learnt a shortcut: recipe M's model (QA step 4500) said "moves" for 91% of the moving
+objects and for 86% of the still objects visible in all eight frames (still ones are usually put
+down or taken away, moving ones usually stay in view), so its heads and answers read how long an
+object is in view, not whether it moves. ``changed`` has no such shortcut: only the look back
+answers it.
 Linear heads read them; they have their own optimiser and are thrown away with training.
 """
 
@@ -47,28 +59,32 @@ from vidsparse.pointer_loss import object_pixels
 
 FRAME_LAYER = 0  # the residual after this decoder layer carries the frame index
 OBJECT_LAYER = 1  # ... and after this one, the object facts and the colours gone
+MOTION_LAYER = 2  # ... and after this one, each frame's colours moved and the colours seen so far
+CHANGE_PIXELS = 4  # a patch changed when at least this many of its pixels are drawn differently
 HEAD_LR = 1e-3
 IGNORE = -100
 
 
 def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
     """Per visual token of each clip (B, FRAMES * (1 + GRID^2)); IGNORE where a fact has no target.
-    The per-colour facts (``gone``, ``present``, ``vanished``) are (B, tokens, colours) of 0/1, with
-    IGNORE in every colour of a token without a target."""
+    The per-colour facts (``gone``, ``present``, ``vanished``, ``moved``, ``seen``) are (B, tokens,
+    colours) of 0/1, with IGNORE in every colour of a token without a target."""
     per_frame = data.GRID**2 + 1
     n = data.FRAMES * per_frame
     frame_of = np.arange(n) // per_frame
     last = np.arange(data.FRAMES) * per_frame + per_frame - 1  # each frame's last token
-    out = {k: np.full((len(clips), n), IGNORE) for k in ("onset", "rank", "moving")}
+    out = {k: np.full((len(clips), n), IGNORE) for k in ("onset", "rank", "moving", "changed")}
     colours = len(COLOR_NAMES)
     gone = np.zeros((len(clips), n, colours), np.float32)
-    present = np.full((len(clips), n, colours), IGNORE, np.float32)
-    vanished = np.full((len(clips), n, colours), IGNORE, np.float32)
+    per_frame_last = {k: np.full((len(clips), n, colours), IGNORE, np.float32)
+                      for k in ("present", "vanished", "moved", "seen")}
+    present, vanished = per_frame_last["present"], per_frame_last["vanished"]
     for b, clip in enumerate(clips):
         order = sorted(range(len(clip.objects)),
                        key=lambda j: (clip.objects[j].onset, COLOR_NAMES.index(clip.objects[j].color)))
         owner = token_owners(clip.ids, len(clip.objects), data.PATCH)
         shown = np.zeros((data.FRAMES, colours), np.float32)
+        moves = np.zeros(colours, np.float32)
         for j, obj in enumerate(clip.objects):
             tokens = owner == j
             later = tokens & (frame_of > obj.onset)
@@ -77,14 +93,35 @@ def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
             out["moving"][b, later] = int(obj.moving)
             gone[b, frame_of >= obj.offset + 2, COLOR_NAMES.index(obj.color)] = 1.0
             shown[:, COLOR_NAMES.index(obj.color)] = obj.visible
+            moves[COLOR_NAMES.index(obj.color)] = obj.moving
         present[b, last] = shown
         vanished[b, last[0]] = 0.0  # nothing has vanished in the first frame
         vanished[b, last[1:]] = shown[:-1] * (1 - shown[1:])
+        per_frame_last["moved"][b, last[0]] = 0.0  # nothing has been seen moving in the first frame
+        per_frame_last["moved"][b, last[1:]] = shown[:-1] * shown[1:] * moves
+        per_frame_last["seen"][b, last] = np.maximum.accumulate(shown, axis=0)
+        out["changed"][b] = patch_changes(clip.ids, data.PATCH)
     targets = {k: torch.from_numpy(v) for k, v in out.items()}
     targets["frame"] = torch.from_numpy(np.tile(frame_of, (len(clips), 1)))
-    targets.update(gone=torch.from_numpy(gone), present=torch.from_numpy(present),
-                   vanished=torch.from_numpy(vanished))
+    targets["gone"] = torch.from_numpy(gone)
+    targets.update({k: torch.from_numpy(v) for k, v in per_frame_last.items()})
     return targets
+
+
+def patch_changes(ids: np.ndarray, patch: int) -> np.ndarray:
+    """Per visual token (CLS first in each frame): 1 where at least ``CHANGE_PIXELS`` of its patch's
+    pixels are drawn by another object (or the background) than in the previous frame, 0 where none
+    are, ``IGNORE`` in between, in the first frame, on CLS and where no object is drawn in the patch
+    in either frame."""
+    frames, size, _ = ids.shape
+    grid = size // patch
+    cells = ids.reshape(frames, grid, patch, grid, patch).transpose(0, 1, 3, 2, 4).reshape(frames, grid * grid, -1)
+    differ = (cells[1:] != cells[:-1]).sum(-1)
+    drawn = (cells[1:] >= 0).any(-1) | (cells[:-1] >= 0).any(-1)
+    label = np.where(differ >= CHANGE_PIXELS, 1, np.where(differ == 0, 0, IGNORE))
+    out = np.full((frames, grid * grid + 1), IGNORE)
+    out[1:, 1:] = np.where(drawn, label, IGNORE)
+    return out.reshape(-1)
 
 
 def token_owners(ids: np.ndarray, n_objects: int, patch: int, min_pixels: int = 4) -> np.ndarray:
@@ -103,6 +140,9 @@ FACTS = {
     "gone": (OBJECT_LAYER, "colours", True),
     "present": (FRAME_LAYER, "colours", True),
     "vanished": (OBJECT_LAYER, "colours", True),
+    "changed": (OBJECT_LAYER, 2, False),
+    "moved": (MOTION_LAYER, "colours", True),
+    "seen": (MOTION_LAYER, "colours", True),
 }
 PHASE_FACTS = ("frame", "onset", "rank", "moving", "gone")  # recipe K's temporal phase
 
@@ -125,7 +165,8 @@ class TemporalFacts:
         self.heads.to(next(model.parameters()).device)
         self.opt = torch.optim.AdamW(self.heads.parameters(), lr=HEAD_LR)
         self.residual: dict[int, torch.Tensor] = {}
-        self.hooks = [layers[i].register_forward_hook(self._capture(i)) for i in (FRAME_LAYER, OBJECT_LAYER)]
+        self.layers = sorted({FACTS[name][0] for name in self.names})
+        self.hooks = [layers[i].register_forward_hook(self._capture(i)) for i in self.layers]
         self.accuracy: dict[str, float] = {}  # running means, for the log
 
     def _capture(self, index: int):
@@ -135,7 +176,7 @@ class TemporalFacts:
 
     def __call__(self, visual: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss on the last forward; ``visual`` marks the video tokens of each sample (B, L)."""
-        read = {i: self.residual[i][visual].float() for i in (FRAME_LAYER, OBJECT_LAYER)}
+        read = {i: self.residual[i][visual].float() for i in self.layers}
         losses = []
         for name in self.names:
             layer, _, per_colour = FACTS[name]

@@ -166,6 +166,19 @@ _CYCLE_TASKS = {
     "describe_motion": 0.12,
 }
 _CYCLE_FACTS = ("frame", "onset", "rank", "moving", "present", "vanished")
+# Recipe N's cycle: motion and counts over the clip, with facts that only the look back answers.
+_MOTION_TASKS = {
+    "color": 0.03,
+    "shape": 0.03,
+    "count": 0.12,
+    "first": 0.06,
+    "second": 0.10,
+    "disappears": 0.16,
+    "moving": 0.24,
+    "describe_times": 0.08,
+    "describe_motion": 0.18,
+}
+_MOTION_FACTS = ("frame", "onset", "rank", "present", "vanished", "changed", "moved", "seen")
 
 HD = Yardstick(
     name="hd",
@@ -247,10 +260,15 @@ HD = Yardstick(
     # which K left near chance; its facts drop K's ``gone`` (it never beat answering "nothing gone")
     # and add each frame's colours shown and lost. Recipe M: L, then a third cycle of 1500 steps with
     # the previous-frame attention loss at layers 0 and 1 (L's heads for motion and the colours lost
-    # stayed near their base rates: no head looked at the same place one frame back).
+    # stayed near their base rates: no head looked at the same place one frame back). Recipe N: M,
+    # then a fourth cycle of 1000 steps for motion and counts; its facts drop ``moving`` (M's model
+    # read it from how long an object stays in view) for a patch's change since the previous frame,
+    # each frame's colours moved and the colours seen so far (``temporal_facts``).
     cycles=(
         Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
         Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
+              frame_pointer_weight=0.5),
+        Cycle(steps=1000, lr=0.3, tasks=_MOTION_TASKS, facts=_MOTION_FACTS, frame_pointer_layers=(0, 1),
               frame_pointer_weight=0.5),
     ),
 )
