@@ -281,3 +281,20 @@ def test_auxiliary_answers_match_the_masks(clips):
         motion = shapes_hd.ask(clip, "describe_motion", None)[1].split()
         assert motion == [w for k in order for w in (colors[k], "moves" if _moves(_masks(clip, k)) else "still")]
         assert set(times + motion) <= set(shapes_hd.vocabulary())
+
+
+def test_recipe_n_asks_motion_questions_on_clips_where_still_objects_stay_in_view():
+    """With ``p_window=0`` no still object is put down or taken away; recipe N's draw lowers the
+    chance for the motion questions only, so that staying in view no longer tells a moving object."""
+    from vidsparse.yardsticks import HD
+
+    clips = [shapes_hd.render_clip(np.random.default_rng([12, i]), p_window=0.0) for i in range(20)]
+    assert all(o.visible.all() for c in clips for o in c.objects if not o.moving)
+    draw = HD.cycles[-1].draw
+
+    def still_in_view(qtype: str) -> float:
+        clips = [draw(np.random.default_rng([13, i]), qtype, 4)[0] for i in range(60)]
+        return float(np.mean([o.visible.all() for c in clips for o in c.objects if not o.moving]))
+
+    assert still_in_view("moving") > 0.6 and still_in_view("describe_motion") > 0.6
+    assert still_in_view("count") < 0.45

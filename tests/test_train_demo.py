@@ -260,15 +260,16 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then three 2-step cycles) use the
     main mix, 3-4 the temporal mix, 5-10 the cycles', whose learning rate is warmed up again to their
     ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second
-    and third cycles add the frame pointer."""
+    and third cycles add the frame pointer, and only the third draws its own clips."""
     import math
 
-    mixes, rates, framed = [], [], []
+    mixes, draws, rates, framed = [], [], [], []
     real_batch, real_step = train_demo.qa_batch, torch.optim.AdamW.step
     real_pointer = train_demo.FramePointer.__call__
 
     def batch(y, *a, **k):
         mixes.append(y.qa_tasks)
+        draws.append(y.qa_clip)
         framed.append(0)
         return real_batch(y, *a, **k)
 
@@ -292,6 +293,7 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     assert mixes == ([TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [first.tasks] * 2 + [second.tasks] * 2
                      + [third.tasks] * 2)
     assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks and 0 < first.lr < 1
+    assert draws == [TINY.qa_clip] * 8 + [third.draw] * 2 and third.draw is not TINY.qa_clip
     assert framed == [0] * 6 + [len(second.frame_pointer_layers)] * 2 + [len(third.frame_pointer_layers)] * 2
     assert second.frame_pointer_weight > 0 and third.frame_pointer_weight > 0
 

@@ -317,7 +317,7 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     temporal = dataclasses.replace(y, qa_tasks=y.temporal_tasks) if y.temporal_from is not None else y
     starts = np.cumsum([args.qa_steps, *(c.steps for c in y.cycles)])  # where each cycle starts; the end
     n_steps = int(starts[-1])
-    cycle_mix = [dataclasses.replace(y, qa_tasks=c.tasks) for c in y.cycles]
+    cycle_mix = [dataclasses.replace(y, qa_tasks=c.tasks, qa_clip=c.draw or y.qa_clip) for c in y.cycles]
     cycle_facts = [TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS, c.facts) if y.facts_weight else None
                    for c in y.cycles]
     last_head = model.config.text_config.num_attention_heads - 1

@@ -142,7 +142,7 @@ def _visible_pixels(mask: np.ndarray, x: int, y: int) -> int:
 
 
 def _track(
-    rng: np.random.Generator, shape: str, size: int, moving: bool
+    rng: np.random.Generator, shape: str, size: int, moving: bool, p_window: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A still or moving object's bounding-box path and its drawn pixels per frame, or None when
     the draw breaks a visibility rule (the caller draws again, keeping ``moving``, so that the
@@ -160,7 +160,7 @@ def _track(
     else:
         x = np.full(FRAMES, int(rng.integers(0, SIZE - size + 1)))
         y = np.full(FRAMES, int(rng.integers(0, SIZE - size + 1)))
-        if rng.random() < P_WINDOW:  # put down and/or taken away: a window of >= 2 frames
+        if rng.random() < p_window:  # put down and/or taken away: a window of >= 2 frames
             on = int(rng.integers(0, FRAMES - 1))
             off = int(rng.integers(on + 1, FRAMES))
             shown = (t >= on) & (t <= off)
@@ -186,7 +186,7 @@ def _apart(a: HDObject, b: HDObject) -> bool:
     return bool(np.all(np.maximum(gap_x, gap_y)[both] >= 1))
 
 
-def _place(rng: np.random.Generator, shapes_: list[str], colors: list[str]) -> tuple[HDObject, ...]:
+def _place(rng: np.random.Generator, shapes_: list[str], colors: list[str], p_window: float) -> tuple[HDObject, ...]:
     """Non-overlapping objects; restart from scratch rather than drop one (the count stays n)."""
     moving = rng.random(len(shapes_)) < P_MOVING
     while True:
@@ -194,7 +194,7 @@ def _place(rng: np.random.Generator, shapes_: list[str], colors: list[str]) -> t
         for _ in range(400):
             k = len(objects)
             size = int(rng.integers(MIN_OBJ, MAX_OBJ + 1))
-            track = _track(rng, shapes_[k], size, bool(moving[k]))
+            track = _track(rng, shapes_[k], size, bool(moving[k]), p_window)
             if track is None:
                 continue
             o = HDObject(shapes_[k], colors[k], size, *track)
@@ -216,12 +216,13 @@ def background(rng: np.random.Generator) -> np.ndarray:
     return tint + texture[..., None] * tone + rng.normal(0, 5, (SIZE, SIZE, 3))
 
 
-def render_clip(rng: np.random.Generator, n_objects: int | None = None) -> Clip:
-    """One clip of ``n_objects`` (default 2-4 at random) objects over a still background."""
+def render_clip(rng: np.random.Generator, n_objects: int | None = None, p_window: float = P_WINDOW) -> Clip:
+    """One clip of ``n_objects`` (default 2-4 at random) objects over a still background; a still
+    object is put down or taken away with probability ``p_window`` (training may change it)."""
     n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1)) if n_objects is None else n_objects
     shape_names = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
     colors = [COLOR_NAMES[i] for i in rng.permutation(len(COLOR_NAMES))[:n]]
-    objects = _place(rng, shape_names, colors)
+    objects = _place(rng, shape_names, colors, p_window)
     bg = background(rng)
     img = np.repeat(bg[None], FRAMES, 0)
     ids = np.full((FRAMES, SIZE, SIZE), -1, np.int8)
@@ -270,11 +271,13 @@ def ask(clip: Clip, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def sample(rng: np.random.Generator, qtype: str, max_objects: int = MAX_OBJECTS) -> tuple[Clip, str, str]:
+def sample(
+    rng: np.random.Generator, qtype: str, max_objects: int = MAX_OBJECTS, p_window: float = P_WINDOW
+) -> tuple[Clip, str, str]:
     """A clip that defines a ``qtype`` question, with the question and its answer (clips are drawn
     until one does; ``max_objects`` caps the objects for a training curriculum)."""
     while True:
-        clip = render_clip(rng, int(rng.integers(MIN_OBJECTS, max_objects + 1)))
+        clip = render_clip(rng, int(rng.integers(MIN_OBJECTS, max_objects + 1)), p_window)
         try:
             question, answer = ask(clip, qtype, rng)
         except ValueError:
