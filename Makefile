@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo lint bench eval-demo train-demo train-hd
+.PHONY: install test demo lint bench eval-demo eval-hd train-demo train-hd
 DEMO_SEED ?= 2026
 # Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill.
 EVAL_METHODS ?= none,random,uniform,tome,vidcom2,fastvid,dycoke,fastv,pdrop,sparsevlm,stprune
@@ -39,6 +39,14 @@ eval-demo:
 		--model shapes-demo --method none --max-new-tokens 8
 	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-demo \
 		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 --out docs/shapes-sweep
+
+# The same for the real-geometry yardstick (ShapesQA-HD, 520 visual tokens): its held-out seed, its model.
+eval-hd:
+	$(PYTHON) -m vidsparse make-shapes shapes-hd-eval --kind hd --n 500 --seed 434343
+	$(PYTHON) -m vidsparse batch shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --out shapes-hd-eval/full.jsonl \
+		--model shapes-hd --method none --max-new-tokens 8
+	$(PYTHON) -m vidsparse sweep shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --model shapes-hd \
+		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 --out docs/shapes-hd-sweep
 
 test:
 	$(PYTHON) -m pytest tests

@@ -36,7 +36,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 # Options shared by ask, batch and sweep.
-Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint folder, or shapes-demo.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint folder, shapes-demo or shapes-hd.")]
 Frames = Annotated[int, typer.Option("--frames", help="Frames sampled uniformly over each clip.")]
 Backend = Annotated[str, typer.Option("--backend", help="Video decoder: auto (decord, then PyAV), decord, pyav.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16, bfloat16 (auto: fp32 CPU, bf16 GPU).")]
