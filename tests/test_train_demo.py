@@ -39,7 +39,8 @@ TINY = dataclasses.replace(
     word_pointer_weight=0.1,
     early_answer=True,
     temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
-    # then three cycles of 2 steps each (QA steps 5-6, 7-8, 9-10), the last two with the frame pointer
+    # then four cycles of 2 steps each (QA steps 5-6, 7-8, 9-10, 11-12), the last three with the frame
+    # pointer, the last with visual-key dropout
     cycles=tuple(dataclasses.replace(c, steps=2) for c in HD.cycles),
 )
 
@@ -53,6 +54,10 @@ def test_each_yardstick_has_its_defaults():
     assert args.eval_seed == 434343 and HD.monitor_seed != HD.eval_seed
     assert HD.arch["text_layers"] >= 8
     assert set(HD.data.QUESTION_TYPES) <= set(HD.qa_tasks)
+    y, _ = train_demo.parse_args(["--yardstick", "hd", "--cycles", "3"])  # the shipped model's recipe (N)
+    assert y.cycles == HD.cycles[:3] and len(HD.cycles) == 4
+    with pytest.raises(SystemExit):
+        train_demo.parse_args(["--yardstick", "hd", "--cycles", "5"])
 
 
 class Killed(Exception):
@@ -87,10 +92,11 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
 
 
 # qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt;
-# the 6th, 8th and 10th: inside each cycle, after its own heads (and the frame pointer) have learnt
+# the 6th, 8th, 10th and 12th: inside each cycle, after its own heads (and the frame pointer) have learnt
 @pytest.mark.parametrize(
     ("stage", "call"),
-    [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8), ("qa_batch", 10)],
+    [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8), ("qa_batch", 10),
+     ("qa_batch", 12)],
 )
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
     torch.set_num_threads(1)
@@ -257,15 +263,21 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
 
 
 def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
-    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then three 2-step cycles) use the
-    main mix, 3-4 the temporal mix, 5-10 the cycles', whose learning rate is warmed up again to their
-    ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second
-    and third cycles add the frame pointer, and only the third draws its own clips."""
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then four 2-step cycles) use the
+    main mix, 3-4 the temporal mix, 5-12 the cycles', whose learning rate is warmed up again to their
+    ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second,
+    third and fourth cycles add the frame pointer, only the third and fourth draw their own clips, and
+    only the fourth drops visual keys (set before its forwards, unset after each)."""
     import math
 
-    mixes, draws, rates, framed = [], [], [], []
+    mixes, draws, rates, framed, drops = [], [], [], [], []
     real_batch, real_step = train_demo.qa_batch, torch.optim.AdamW.step
     real_pointer = train_demo.FramePointer.__call__
+    real_set = train_demo.KeyDropout.set
+
+    def set_drops(self, first, later=None):
+        drops.append(first is not None)
+        return real_set(self, first, later)
 
     def batch(y, *a, **k):
         mixes.append(y.qa_tasks)
@@ -285,17 +297,20 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     monkeypatch.setattr(train_demo, "qa_batch", batch)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     monkeypatch.setattr(train_demo.FramePointer, "__call__", pointer)
+    monkeypatch.setattr(train_demo.KeyDropout, "set", set_drops)
     torch.set_num_threads(1)
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
     train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
-    first, second, third = TINY.cycles
+    first, second, third, fourth = TINY.cycles
     assert mixes == ([TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [first.tasks] * 2 + [second.tasks] * 2
-                     + [third.tasks] * 2)
-    assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks and 0 < first.lr < 1
-    assert draws == [TINY.qa_clip] * 8 + [third.draw] * 2 and third.draw is not TINY.qa_clip
-    assert framed == [0] * 6 + [len(second.frame_pointer_layers)] * 2 + [len(third.frame_pointer_layers)] * 2
-    assert second.frame_pointer_weight > 0 and third.frame_pointer_weight > 0
+                     + [third.tasks] * 2 + [fourth.tasks] * 2)
+    assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks != fourth.tasks and 0 < first.lr < 1
+    assert draws == [TINY.qa_clip] * 8 + [third.draw] * 2 + [fourth.draw] * 2 and third.draw is not TINY.qa_clip
+    assert framed == [0] * 6 + [len(c.frame_pointer_layers) for c in (second, third, fourth) for _ in (0, 1)]
+    assert second.frame_pointer_weight > 0 and third.frame_pointer_weight > 0 and fourth.frame_pointer_weight > 0
+    assert drops == [False] * 10 + [True, False] * 2  # each of the fourth's steps: set, then unset after backward
+    assert fourth.key_dropout > 0 and not any(c.key_dropout for c in (first, second, third))
 
     def cosine(s: int, steps: int) -> float:
         return (s + 1) / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))

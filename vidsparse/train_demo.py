@@ -81,6 +81,7 @@ from vidsparse.demo_eval import (  # noqa: E402
     sanity_check_masking,
     write_report,
 )
+from vidsparse.key_dropout import KeyDropout, draw_drops  # noqa: E402
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
 from vidsparse.pointer_loss import (  # noqa: E402
     AuxLosses,
@@ -322,6 +323,7 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
                    for c in y.cycles]
     last_head = model.config.text_config.num_attention_heads - 1
     frame_pointers = [[FramePointer(model, layer, last_head) for layer in c.frame_pointer_layers] for c in y.cycles]
+    dropout = KeyDropout(model) if any(c.key_dropout for c in y.cycles) else None
     per_frame = y.data.GRID**2 + 1
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     sets = quick_eval_sets(y, enc, args.monitor_n)
@@ -351,6 +353,8 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         batch, targets = qa_batch(tasks, enc, rng, args.batch, max_objects, device)
         active = cycle_facts[c] if c >= 0 else facts if in_phase else None
         pointers = frame_pointers[c] if c >= 0 else []
+        if dropout is not None and c >= 0 and y.cycles[c].key_dropout:
+            dropout.set(*draw_drops(targets["visual"], rng, y.cycles[c].key_dropout, y.cycles[c].min_keep))
         fade = max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss
@@ -360,6 +364,8 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         total = loss + fade * extra_loss if extra_loss is not None and fade > 0 else loss
         total = total + y.facts_weight * facts_loss if facts_loss is not None else total
         (total + y.cycles[c].frame_pointer_weight * frame_loss if frame_loss is not None else total).backward()
+        if dropout is not None:
+            dropout.set(None)  # monitoring and saving see the whole model
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -391,7 +397,7 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
                      "frame_ema": frame_ema}
             ckpt.save("qa", step + 1, model, opt, rng, force=step + 1 == n_steps, **extra)
     aux.close()
-    for part in [facts, *cycle_facts, *sum(frame_pointers, [])]:
+    for part in [facts, *cycle_facts, *sum(frame_pointers, []), dropout]:
         if part is not None:
             part.close()
     return history
@@ -461,6 +467,8 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
         ("eval-n", int),
     ]:
         ap.add_argument(f"--{name}", type=kind, default=None, help="default: the yardstick's")
+    ap.add_argument("--cycles", type=int, default=None,
+                    help="train only the first N of the yardstick's further cycles (default: all)")
     ap.add_argument("--eval-seed", type=int, default=None, help="held-out seed (default: the yardstick's)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out, no training")
     ap.add_argument("--eval-data", type=Path, default=None, help="keep the held-out mp4 set here (default: a temp dir)")
@@ -471,6 +479,10 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     y = YARDSTICKS[args.yardstick]
+    if args.cycles is not None:
+        if not 0 <= args.cycles <= len(y.cycles):
+            ap.error(f"--cycles must be 0..{len(y.cycles)} for the {y.name} yardstick")
+        y = dataclasses.replace(y, cycles=y.cycles[: args.cycles])
     for key, value in {**y.defaults, "eval_seed": y.eval_seed}.items():
         if getattr(args, key) is None:
             setattr(args, key, Path(value) if key == "out" else value)

@@ -29,8 +29,10 @@ class Cycle:
     """A further training cycle after the QA steps: the learning rate warmed up again (60 steps) to
     ``lr`` x --lr and decayed over its own cosine, its own task mix, fresh heads for its temporal
     facts (weight: the yardstick's ``facts_weight``), the previous-frame attention loss
-    (``pointer_loss.FramePointer``, on the last head of each layer listed) with its weight, and its
-    own training clips (``draw``; None: the yardstick's ``qa_clip``)."""
+    (``pointer_loss.FramePointer``, on the last head of each layer listed) with its weight, its
+    own training clips (``draw``; None: the yardstick's ``qa_clip``), and random visual-key dropout
+    (``key_dropout``: the share of samples that lose a random U(``min_keep``, 1) of their visual
+    tokens, ``vidsparse.key_dropout``)."""
 
     steps: int
     lr: float
@@ -39,6 +41,8 @@ class Cycle:
     frame_pointer_layers: tuple[int, ...] = ()
     frame_pointer_weight: float = 0.0
     draw: Draw | None = None
+    key_dropout: float = 0.0
+    min_keep: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,19 @@ _MOTION_TASKS = {
     "describe_motion": 0.18,
 }
 _MOTION_FACTS = ("frame", "onset", "rank", "present", "vanished", "changed", "moved", "seen")
+# Recipe O's cycle: the order of events over the clip (second, disappears: N's weakest types) with
+# motion and counts, half the samples with random visual tokens dropped.
+_ROBUST_TASKS = {
+    "color": 0.05,
+    "shape": 0.05,
+    "count": 0.12,
+    "first": 0.08,
+    "second": 0.18,
+    "disappears": 0.18,
+    "moving": 0.16,
+    "describe_times": 0.10,
+    "describe_motion": 0.08,
+}
 MOTION_P_WINDOW = 0.2  # recipe N's chance that a still object is put down or taken away, in motion questions
 
 
@@ -277,13 +294,18 @@ HD = Yardstick(
     # then a fourth cycle of 1000 steps for motion and counts; its facts drop ``moving`` (M's model
     # read it from how long an object stays in view) for a patch's change since the previous frame,
     # each frame's colours moved and the colours seen so far (``temporal_facts``), and its motion
-    # questions are asked on clips where still objects stay in view as often as moving ones.
+    # questions are asked on clips where still objects stay in view as often as moving ones. Recipe O:
+    # N, then a fifth cycle of 1000 steps in which half the samples lose a random 0-90% of their
+    # visual tokens (before layer 0, and for half of those more after layer 1; ``key_dropout`` says
+    # why), weighted towards the order of events (second, disappears).
     cycles=(
         Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
         Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
               frame_pointer_weight=0.5),
         Cycle(steps=1000, lr=0.3, tasks=_MOTION_TASKS, facts=_MOTION_FACTS, frame_pointer_layers=(0, 1),
               frame_pointer_weight=0.5, draw=_hd_motion_clip),
+        Cycle(steps=1000, lr=0.3, tasks=_ROBUST_TASKS, facts=_MOTION_FACTS, frame_pointer_layers=(0, 1),
+              frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5, min_keep=0.1),
     ),
 )
 
