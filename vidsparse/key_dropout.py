@@ -48,33 +48,41 @@ class KeyDropout:
     without drops the layers run untouched."""
 
     def __init__(self, model):
-        self.layers = model.model.language_model.layers
         self.first: torch.Tensor | None = None
         self.later: torch.Tensor | None = None
+        self.masks: dict[bool, torch.Tensor] = {}  # this forward's two masks: before / from LATER_LAYER
         self.hooks = [layer.register_forward_pre_hook(self._mask(i), with_kwargs=True)
-                      for i, layer in enumerate(self.layers)]
+                      for i, layer in enumerate(model.model.language_model.layers)]
 
     def set(self, first: torch.Tensor | None, later: torch.Tensor | None = None) -> None:
         """Drops for the next forward (``draw_drops``' masks), or None for none."""
         none = first is None or not (first.any() or (later is not None and later.any()))
         self.first, self.later = (None, None) if none else (first, later)
+        self.masks = {}
 
     def _mask(self, index: int):
         def hook(module, args, kwargs):
             if self.first is None:
                 return None
-            dropped = self.first | self.later if self.later is not None and index >= LATER_LAYER else self.first
-            hidden = args[0] if args else kwargs["hidden_states"]
-            length = hidden.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
-            allowed = causal[None] & ~dropped[:, None, :]  # (B, query, key)
-            given = kwargs.get("attention_mask")
-            if given is not None:  # a padding mask HF already made 4-D (bool, or additive floats)
-                allowed = allowed & (given[:, 0] if given.dtype == torch.bool else given[:, 0] == 0)
-            mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
-            kwargs["attention_mask"] = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
+            late = self.later is not None and index >= LATER_LAYER
+            if late not in self.masks:
+                self.masks[late] = self._build(self.first | self.later if late else self.first,
+                                               args[0] if args else kwargs["hidden_states"],
+                                               kwargs.get("attention_mask"))
+            kwargs["attention_mask"] = self.masks[late]
             return args, kwargs
         return hook
+
+    @staticmethod
+    def _build(dropped: torch.Tensor, hidden: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+        """The additive (B, 1, L, L) mask: causal, ``dropped`` never a key, and HF's own padding mask."""
+        length = hidden.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        allowed = causal[None] & ~dropped[:, None, :]  # (B, query, key)
+        if given is not None:  # a padding mask HF already made 4-D (bool, or additive floats)
+            allowed = allowed & (given[:, 0] if given.dtype == torch.bool else given[:, 0] == 0)
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
+        return mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
 
     def close(self) -> None:
         for hook in self.hooks:
