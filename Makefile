@@ -29,7 +29,7 @@ train-demo:
 
 # The real-geometry yardstick's model (ShapesQA-HD: 8 x 65 visual tokens, 8-layer decoder). Hours on 2 CPU
 # cores; resumable: the state is saved every 10 minutes and re-running the target goes on from it.
-# HD_CYCLES=3 is the shipped model's recipe (N); all cycles (the default) add recipe O's.
+# All cycles (the default) are the shipped model's recipe (O); HD_CYCLES=3 stops after the fourth cycle (recipe N).
 HD_CYCLES ?=
 train-hd:
 	$(PYTHON) -m vidsparse.train_demo --yardstick hd --resume --save-minutes 10 $(if $(HD_CYCLES),--cycles $(HD_CYCLES))
