@@ -31,6 +31,7 @@ from vidsparse.datasets import shapes_hd
 from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
+from vidsparse.pointer_loss import object_pixels
 from vidsparse.pruning import METHODS
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
@@ -40,29 +41,21 @@ MIN_PIXELS = 4  # of a patch's 64, for the patch to count as covered by an objec
 current_clip: list[shapes_hd.Clip] = []
 
 
-def coverage(clip: shapes_hd.Clip) -> np.ndarray:
-    """Pixels of each object in each patch: (frames, patches, objects), patches row-major."""
-    frames, grid, patch = shapes_hd.FRAMES, shapes_hd.GRID, shapes_hd.PATCH
-    return np.stack([(clip.ids == k).reshape(frames, grid, patch, grid, patch).sum((2, 4)).reshape(frames, -1)
-                     for k in range(len(clip.objects))], -1)
-
-
-def ground_truth_priority(kind: str, clip: shapes_hd.Clip) -> list[tuple[int, int, int]]:
-    """(frame, row, col) of the patches `kind` keeps first, best first."""
-    pixels = coverage(clip)
-    grid = shapes_hd.GRID
+def ground_truth_priority(kind: str, clip: shapes_hd.Clip) -> list[int]:
+    """Indices of the clip's visual tokens (frame-major, CLS first in each frame) that `kind` keeps
+    first, best first."""
+    pixels = np.stack([object_pixels(clip.ids, k, shapes_hd.PATCH) for k in range(len(clip.objects))], -1)
     if kind == "objects":
-        frame, place = np.nonzero(pixels.max(-1) >= MIN_PIXELS)
-        order = np.argsort(-pixels.max(-1)[frame, place], kind="stable")
-        return [(int(frame[i]), int(place[i]) // grid, int(place[i]) % grid) for i in order]
+        covered = np.nonzero(pixels.max(-1) >= MIN_PIXELS)[0]
+        return covered[np.argsort(-pixels.max(-1)[covered], kind="stable")].tolist()
+    per_frame = len(pixels) // shapes_hd.FRAMES
     picks = []
-    for f in range(pixels.shape[0]):
-        for k in range(pixels.shape[2]):
-            if pixels[f, :, k].max() > 0:
-                place = int(pixels[f, :, k].argmax())
-                row, col = divmod(place, grid)
-                neighbours = [g for g in (f - 1, f + 1) if 0 <= g < pixels.shape[0]] if kind == "neighbours" else []
-                picks += [(f, row, col)] + [(g, row, col) for g in neighbours]
+    for f in range(shapes_hd.FRAMES):
+        for k in range(pixels.shape[1]):
+            in_frame = pixels[f * per_frame : (f + 1) * per_frame, k]
+            if in_frame.max() > 0:
+                neighbours = [g for g in (f - 1, f + 1) if 0 <= g < shapes_hd.FRAMES] if kind == "neighbours" else []
+                picks += [g * per_frame + int(in_frame.argmax()) for g in (f, *neighbours)]
     return picks
 
 
@@ -72,15 +65,13 @@ def oracle(kind: str) -> type[Method]:
         summary = f"ground truth: {kind} first, then the uniform lattice"
 
         def default_stages(self, num_layers: int) -> list[int]:
-            return [BEFORE_FIRST_LAYER]
+            return [BEFORE_FIRST_LAYER]  # its one stage sees the whole clip, in token order
 
         def select(self, stage: StageInput) -> Selection:
-            index = {key: i for i, key in enumerate(zip(stage.frames.tolist(), stage.rows.tolist(),
-                                                        stage.cols.tolist(), strict=True))}
-            first = [index[key] for key in ground_truth_priority(kind, current_clip[0])]
+            first = ground_truth_priority(kind, current_clip[0])
             fill = lattice(stage.frames, stage.rows, stage.cols, stage.budget).tolist()
-            order = list(dict.fromkeys(first + fill + list(range(stage.frames.numel()))))
-            return Selection(torch.tensor(sorted(order[: stage.budget])), in_clip_order=True)
+            keep = list(dict.fromkeys(first + fill))[: stage.budget]  # fill alone has B distinct tokens
+            return Selection(torch.tensor(sorted(keep)), in_clip_order=True)
 
     return GroundTruth
 
