@@ -32,7 +32,8 @@ def clip_features(frames_count=8, per_frame=17, dim=48, seed=0):
 
 
 # ---------------------------------------------------------------- VidCom²
-def vidcom2_reference(x, frames_count, per_frame, budget):
+def vidcom2_scores_reference(x, frames_count, per_frame):
+    """(s, u): each token's score, each frame's uniqueness."""
     rows = x.double().tolist()
     dim = len(rows[0])
     n = len(rows)
@@ -57,6 +58,11 @@ def vidcom2_reference(x, frames_count, per_frame, budget):
     f = [kernel(tokens[j], frame_centre[j // per_frame]) for j in range(n)]
     s = [a + b for a, b in zip(v, f, strict=True)]
     u = [-sum(v[t * per_frame : (t + 1) * per_frame]) / per_frame for t in range(frames_count)]
+    return s, u
+
+
+def vidcom2_reference(s, u, frames_count, per_frame, budget):
+    n = len(s)
     top = max(u)
     e = [math.exp((a - top) / 0.01) for a in u]
     p = [a / sum(e) for a in e]
@@ -73,14 +79,15 @@ def vidcom2_reference(x, frames_count, per_frame, budget):
     return sorted(kept)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_vidcom2_keeps_what_the_formulas_keep_at_every_budget(seed):
     from vidsparse.pruning.vidcom2 import VidCom2
 
     x = clip_features(seed=seed)
-    for budget in (1, 5, 8, 14, 34, 68, 100, 135):
+    scores, uniqueness = vidcom2_scores_reference(x, 8, 17)
+    for budget in range(1, 8 * 17 + 1):
         kept = VidCom2().select(stage_input(x, 8, 17, budget)).keep
-        assert kept.tolist() == vidcom2_reference(x, 8, 17, budget), budget
+        assert kept.tolist() == vidcom2_reference(scores, uniqueness, 8, 17, budget), budget
         assert torch.equal(kept, VidCom2().select(stage_input(x, 8, 17, budget)).keep)  # deterministic
 
 
@@ -111,6 +118,8 @@ def test_dycoke_merging_keeps_what_the_official_loops_keep():
         kept = DyCoke().select(stage_input(x, 8, 17, budget)).keep
         assert kept.tolist() == dycoke_ttm_reference(x, 8, 17, budget), budget
         assert kept.numel() >= min(budget, 3 * 17 + 5)  # never fewer than the second stage needs
+        assert torch.equal(kept, DyCoke().select(stage_input(x, 8, 17, budget)).keep)  # deterministic
+    assert DyCoke().default_stages(32) == [-1, 2]  # DyCoke's l = 3 reads layer l - 1
     # The second stage: the B tokens the last prompt token attends to most.
     attention = torch.rand(1, 60, generator=torch.Generator().manual_seed(0))
     flat = torch.zeros(60, dtype=torch.long)
@@ -198,23 +207,37 @@ def test_fastvid_keeps_and_merges_what_the_formulas_say():
     x = clip_features(frames_count, per_frame, seed=5)
     g = torch.Generator().manual_seed(6)
     saliency = torch.rand(frames_count * per_frame, generator=g)
-    # Frames 0-2 alike, 3-5 alike, 6-7 alike: two cuts under 0.9, plus the c - 1 = 1 least similar.
     scene = torch.randn(3, 32, generator=g)
-    frame_features = scene[torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])] + 0.05 * torch.randn(8, 32, generator=g)
-    for budget in (3, 8, 14, 34, 68, 120):
-        stage = stage_input(x, frames_count, per_frame, budget, saliency=saliency, frame_features=frame_features)
-        selection = FastVID().select(stage)
-        assert selection.size == budget and selection.in_clip_order
-        kept, merged = fastvid_reference(x, saliency, frame_features, frames_count, per_frame, budget)
-        assert selection.keep.tolist() == kept, budget
-        assert sorted(selection.merge_anchor.tolist()) == sorted(merged), budget
-        if not merged:
-            continue
-        weight = selection.merge_weight.double()
-        for group, anchor in enumerate(selection.merge_anchor.tolist()):
-            chosen = selection.merge_target == group
-            ours = (x.double()[selection.merge_source[chosen]] * weight[chosen, None]).sum(0) / weight[chosen].sum()
-            torch.testing.assert_close(ours, merged[anchor], atol=1e-6, rtol=1e-6)
+    noise = 0.05 * torch.randn(8, 32, generator=g)
+    milder = scene[0] + 0.8 * scene[1]  # cos 0.84 to scene 0 (with the noise)
+    milder_still = milder + 1.2 * scene[2]  # cos 0.85 to `milder`
+    patterns = {
+        # 0-2, 3-5, 6-7 alike: two cuts under tau, plus the c - 1 = 1 least similar pair.
+        "three scenes": scene[torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])] + noise,
+        # One scene change: the c - 1 rule adds a cut; the 6-frame segment has two anchor frames.
+        "one change": scene[torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])] + noise,
+        # No change: one cut, by the c - 1 rule alone.
+        "still": scene[0] + noise,
+        # Two milder changes (cos 0.84-0.85): the c - 1 rule cuts one, tau = 0.9 the other.
+        "milder changes": torch.stack([scene[0]] * 3 + [milder] * 3 + [milder_still] * 2) + noise,
+    }
+    for name, frame_features in patterns.items():
+        for budget in (1, 3, 8, 14, 34, 68, 120, frames_count * per_frame - 1):
+            stage = stage_input(x, frames_count, per_frame, budget, saliency=saliency, frame_features=frame_features)
+            selection = FastVID().select(stage)
+            assert selection.size == budget and selection.in_clip_order
+            kept, merged = fastvid_reference(x, saliency, frame_features, frames_count, per_frame, budget)
+            assert selection.keep.tolist() == kept, (name, budget)
+            assert sorted(selection.merge_anchor.tolist()) == sorted(merged), (name, budget)
+            again = FastVID().select(stage)  # deterministic
+            assert torch.equal(again.keep, selection.keep) and torch.equal(again.merge_source, selection.merge_source)
+            if not merged:
+                continue
+            weight = selection.merge_weight.double()
+            for group, anchor in enumerate(selection.merge_anchor.tolist()):
+                chosen = selection.merge_target == group
+                ours = (x.double()[selection.merge_source[chosen]] * weight[chosen, None]).sum(0) / weight[chosen].sum()
+                torch.testing.assert_close(ours, merged[anchor], atol=1e-6, rtol=1e-6)
 
 
 def test_saliency_equals_the_towers_eager_attention(tiny_checkpoint, clips):

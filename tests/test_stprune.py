@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from tests.test_methods import official_split
 from tests.test_peers import stage_input
 from vidsparse.pruning.baselines import lattice
 from vidsparse.pruning.stprune import STPrune, diverse_top_k, question_relevance
@@ -61,3 +62,41 @@ def test_first_stage_is_the_spatio_temporal_lattice_at_twice_the_budget():
         selection = STPrune().select(stage)
         assert selection.keep.tolist() == lattice(stage.frames, stage.rows, stage.cols, expected).tolist()
         assert selection.in_clip_order and torch.bincount(stage.frames[selection.keep]).min() >= expected // 8
+
+
+def question_stage_reference(attention, hidden, budget):
+    """Stage 2 from the README in float64 loops: relevance = 1/2 raters (rows 0..r-1, their mean) +
+    1/2 last prompt token (row r), each normalised to sum 1; K by maximal marginal relevance (weight
+    1); the pool = the best int(0.3 x deleted) + 1 deleted by relevance (at least C), K + C = B by the
+    official split. Returns (kept, pool, C)."""
+    rows = attention.double().tolist()
+    raters = [sum(column) / (len(rows) - 1) for column in zip(*rows[:-1], strict=True)]
+    last = rows[-1]
+    relevance = [0.5 * a / sum(raters) + 0.5 * b / sum(last) for a, b in zip(raters, last, strict=True)]
+    kept_count, clusters = official_split(budget, len(relevance))
+    kept = diverse_reference(torch.tensor(relevance), hidden, kept_count, 1.0)
+    deleted = [i for i in range(len(relevance)) if i not in kept]
+    pool_count = max(int(0.3 * len(deleted)) + 1, clusters) if clusters else 0
+    pool = sorted(deleted, key=lambda i: (-relevance[i], i))[:pool_count]
+    return kept, pool, clusters
+
+
+def test_question_stage_keeps_relevant_diverse_tokens_and_recycles_the_best_deleted():
+    g = torch.Generator().manual_seed(1)
+    n = 68  # stage 1's lattice of 2B for B = 34, over 4 frames
+    hidden = torch.randn(n, 16, generator=g)
+    attention = torch.rand(4, n, generator=g) ** 3  # three raters, then the last prompt token
+    for budget in (1, 5, 17, 34, 50, n - 1):
+        stage = stage_input(hidden, 4, 17, budget, layer=1, attention=attention)
+        selection = STPrune().select(stage)
+        kept, pool, clusters = question_stage_reference(attention, hidden, budget)
+        assert selection.keep.tolist() == kept, budget
+        assert sorted(selection.merge_source.tolist()) == sorted(pool), budget
+        assert selection.merge_anchor.numel() == clusters and set(selection.merge_anchor.tolist()) <= set(pool)
+        assert selection.size == budget and selection.in_clip_order
+
+
+def test_stages_before_layer_0_and_after_layer_1():
+    assert STPrune().default_stages(32) == [-1, 1]
+    assert STPrune().default_stages(8) == [-1, 1]
+    assert STPrune().default_stages(2) == [-1, 0]  # a stage after the last layer would change nothing

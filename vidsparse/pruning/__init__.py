@@ -27,8 +27,16 @@ if tuple(METHODS) != METHOD_NAMES:  # the torch-free list the CLI offers must na
 def check_method(method: str, prune_after: Sequence[int] | None) -> None:
     """The method-specific rule that needs no model: which methods take --prune-after."""
     if prune_after is not None and not METHODS[method].allows_prune_after:
-        where = "does not prune" if method == "none" else "prunes before layer 0"
-        raise UserError(f"--prune-after does not apply to {method!r}: it {where}")
+        raise UserError(f"--prune-after does not apply to {method!r}: it {where_it_prunes(method)}")
+
+
+def where_it_prunes(method: str) -> str:
+    """The fixed stages of a method that takes no --prune-after, in words (as in a 32-layer decoder)."""
+    stages = METHODS[method]().default_stages(32)
+    if not stages:
+        return "does not prune"
+    after = [f"after layer {layer}" for layer in stages if layer >= 0]
+    return "prunes " + " and ".join(["before layer 0"] * (stages[0] < 0) + after) + " by definition"
 
 
 def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequence[int] | None = None,

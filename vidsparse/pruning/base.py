@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from vidsparse.errors import UserError
 from vidsparse.options import PositionMode
@@ -152,3 +153,11 @@ def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:
     if min_per_frame * num_frames > budget:
         raise UserError(f"--min-per-frame {min_per_frame} x {num_frames} frames needs a budget of at least "
                         f"{min_per_frame * num_frames}, got {budget}")
+
+
+def unit_rows(x: torch.Tensor, columns: torch.Tensor | None = None, rows: int = 256) -> torch.Tensor:
+    """Every token (restricted to `columns`, if given) normalised to length 1, in float32, by row
+    chunks: one float32 copy of the result, no further n x d temporaries (on a CPU those cost more
+    than the scoring or merging that needs the unit vectors)."""
+    return torch.cat([F.normalize(chunk.float() if columns is None else chunk.float()[:, columns], dim=1)
+                      for chunk in x.split(rows)])

@@ -23,7 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput, top_k
+from vidsparse.pruning.attention_scored import FastV
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 
 MERGE_RATIO = 0.7  # K: the share of a pruned frame's tokens TTM drops by default
 ATTENTION_LAYER = 2  # the second stage prunes after this layer (DyCoke's l = 3 reads layer l - 1)
@@ -46,11 +47,12 @@ def ttm_keep_count(budget: int, num_frames: int, per_frame: int) -> int:
     return min(per_frame, max(1, math.ceil((max(budget, default) - whole) / pruned)))
 
 
-class DyCoke(Method):
+class DyCoke(FastV):
+    """Its second stage is FastV's at DyCoke's layer."""
+
     name = "dycoke"
     summary = ("DyCoke: temporal merging drops the tokens of every other frame that match the frame before "
                "(before layer 0), then the last prompt token's attention keeps B (after layer 2)")
-    needs_attention = True  # at the second stage
     allows_prune_after = False
 
     def default_stages(self, num_layers: int) -> list[int]:
@@ -59,7 +61,7 @@ class DyCoke(Method):
     def select(self, stage: StageInput) -> Selection:
         if stage.layer == BEFORE_FIRST_LAYER:
             return Selection(temporal_merge(stage.hidden, stage.frames, stage.budget))
-        return Selection(top_k(stage.attention.mean(0), stage.budget, stage.frames, stage.min_per_frame))
+        return super().select(stage)
 
 
 def temporal_merge(x: torch.Tensor, frames: torch.Tensor, budget: int) -> torch.Tensor:

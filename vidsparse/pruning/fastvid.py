@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, unit_rows
 from vidsparse.pruning.clustering import dpc_knn
 
 SIMILARITY_CUT = 0.9  # tau: adjacent frames less similar than this are always cut
@@ -135,12 +135,6 @@ def salient_tokens(stage: StageInput, frame: int, count: int) -> torch.Tensor:
     tokens = frame_tokens(stage, frame)
     score = torch.where(stage.rows[tokens] < 0, math.inf, stage.saliency[tokens].float())
     return tokens[torch.sort(-score, stable=True).indices[:count]]
-
-
-def unit_rows(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """Every token normalised to length 1, in float32, by row chunks (one float32 copy of n x d, no
-    further n x d temporaries: they cost more than the merging on a CPU)."""
-    return torch.cat([F.normalize(chunk.float(), dim=1) for chunk in x.split(rows)])
 
 
 def merge_into(unit: torch.Tensor, members: torch.Tensor, anchors: torch.Tensor

@@ -69,24 +69,38 @@ def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_cl
     return Selection(keep, pool, assignment, pool[centres], in_clip_order=in_clip_order)
 
 
-class SparseVLM(Method):
-    name = "sparsevlm"
-    summary = ("text raters score visual tokens; rank-adaptive deletion per stage; the best deleted "
-               "tokens are recycled into DPC-kNN cluster means; kept + recycled = B")
+class RatedByText(Method):
+    """A method whose attention rows include SparseVLM's text raters, chosen once per prompt."""
+
     needs_attention = True
 
     def __init__(self) -> None:
         self.raters = torch.zeros(0, dtype=torch.long)
         self.rater_words: list[str] = []
+
+    def prepare(self, prompt: PromptText) -> None:
+        visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
+        self.raters = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
+        self.rater_words = [prompt.suffix_words[i] for i in self.raters.tolist()]
+
+    def report(self) -> dict[str, object]:
+        return {"raters": " ".join(self.rater_words)}
+
+
+class SparseVLM(RatedByText):
+    name = "sparsevlm"
+    summary = ("text raters score visual tokens; rank-adaptive deletion per stage; the best deleted "
+               "tokens are recycled into DPC-kNN cluster means; kept + recycled = B")
+
+    def __init__(self) -> None:
+        super().__init__()
         self.ranks: list[int] = []
 
     def default_stages(self, num_layers: int) -> list[int]:
         return [1]  # the official video branch: one stage at layer index 1
 
     def prepare(self, prompt: PromptText) -> None:
-        visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
-        self.raters = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
-        self.rater_words = [prompt.suffix_words[i] for i in self.raters.tolist()]
+        super().prepare(prompt)
         self.ranks = []
 
     def query_rows(self, num_suffix: int) -> torch.Tensor:
@@ -106,4 +120,4 @@ class SparseVLM(Method):
         return keep_and_recycle(stage, stage.attention.mean(0), self.stage_size(stage))
 
     def report(self) -> dict[str, object]:
-        return {"raters": " ".join(self.rater_words), "ranks": self.ranks}
+        return {**super().report(), "ranks": self.ranks}

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, PromptText, Selection, StageInput
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
-from vidsparse.pruning.sparsevlm import choose_raters, keep_and_recycle
+from vidsparse.pruning.sparsevlm import RatedByText, keep_and_recycle
 
 SUMMARY_FACTOR = 2.0  # stage 1 keeps this many times B: layers 0-1 see them
 QUESTION_LAYER = 1  # stage 2 prunes after this decoder layer
@@ -37,24 +37,14 @@ RATER_WEIGHT = 0.5  # share of the raters' evidence in the relevance (the rest: 
 REDUNDANCY_WEIGHT = 1.0  # how much similarity to a token already picked costs
 
 
-class STPrune(Method):
+class STPrune(RatedByText):
     name = "stprune"
     summary = ("vidsparse's own: a spatio-temporal lattice of 2B tokens before layer 0 (question-independent), "
                "then question relevance minus redundancy, with recycling, to exactly B after layer 1")
-    needs_attention = True  # at the second stage
     allows_prune_after = False
-
-    def __init__(self) -> None:
-        self.raters = torch.zeros(0, dtype=torch.long)
-        self.rater_words: list[str] = []
 
     def default_stages(self, num_layers: int) -> list[int]:
         return [BEFORE_FIRST_LAYER, min(QUESTION_LAYER, num_layers - 2)]
-
-    def prepare(self, prompt: PromptText) -> None:
-        visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
-        self.raters = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
-        self.rater_words = [prompt.suffix_words[i] for i in self.raters.tolist()]
 
     def query_rows(self, num_suffix: int) -> torch.Tensor:
         """The raters, then the last prompt token."""
@@ -69,9 +59,6 @@ class STPrune(Method):
         relevance = question_relevance(stage.attention)
         return keep_and_recycle(stage, relevance, stage.budget, in_clip_order=True,
                                 choose=lambda k: diverse_top_k(relevance, stage.hidden, k, REDUNDANCY_WEIGHT))
-
-    def report(self) -> dict[str, object]:
-        return {"raters": " ".join(self.rater_words)}
 
 
 def question_relevance(attention: torch.Tensor) -> torch.Tensor:

@@ -5,16 +5,17 @@ are unlike the rest of the clip. Text-agnostic; tokens are selected, never avera
 Adapted to VideoLLaVA (../shared/PEERS.md): it runs on the projector outputs of all T x 257 tokens
 and treats each frame's CLS token as an ordinary token of the frame. To land exactly on B, the
 per-frame counts are reconciled as vLLM's upstream port does: drop the retained tokens with the
-largest score, or add the unretained ones with the smallest, across the whole clip.
+largest score, or add the unretained ones with the smallest, across the whole clip. vLLM never goes
+below one token a frame (its target is max(T, B)); here the target is B, so below T tokens some frames
+keep none.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, unit_rows
 
 CHANNEL_SHARE = 0.5  # keep the lowest-variance half of the channels
 KERNEL_SCALES = (1 / 8, 1 / 4, 1 / 2, 1, 2)  # alpha of the multi-scale Gaussian similarity
@@ -61,7 +62,7 @@ def low_variance_normalised(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
     for chunk in x.split(rows):
         variance += (chunk.float() - mean).square_().sum(0)
     low_variance = torch.sort(variance / n, stable=True).indices[: max(1, int(d * CHANNEL_SHARE))]
-    return torch.cat([F.normalize(chunk.float()[:, low_variance], dim=1) for chunk in x.split(rows)])
+    return unit_rows(x, low_variance, rows)
 
 
 def similarity(squared_distance: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,11 @@ def similarity(squared_distance: torch.Tensor) -> torch.Tensor:
 
 def frame_counts(uniqueness: torch.Tensor, budget: int, sizes: list[int]) -> list[int]:
     """Tokens per frame before reconciling: r_t = min(1, r (1 + p_t - mean p)), p = softmax of the
-    frames' uniqueness at temperature 0.01, r = B / total; k_t = max(1, round-half-even(r_t N_t))."""
+    frames' uniqueness at temperature 0.01, r = B / total; k_t = max(1, round-half-even(r_t N_t)).
+    In float64 (T numbers): in float32 a near one-hot p rounds to exactly 1.0, and r_t N_t = 7.4999998
+    became 7.50000006, one token more than the formula gives."""
     ratio = budget / sum(sizes)
+    uniqueness = uniqueness.double()
     p = torch.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
     shares = (ratio * (1 + p - p.mean())).clamp(max=1.0)
     return [max(1, round(float(share) * size)) for share, size in zip(shares, sizes, strict=True)]
