@@ -45,11 +45,23 @@ def test_one_question_for_every_video(folder):
     assert [q.id for q in questions] == ["a.mp4", "b.webm", "broken.mp4", "sub/c.mp4"]
 
 
+def test_a_null_id_is_no_id(folder, tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"video": "a.mp4", "question": "q", "id": null}\n')
+    assert [q.id for q in load_questions(folder, path, None)] == ["a.mp4|q"]
+
+
 @pytest.mark.parametrize(
     "content, message",
     [('{"video": "a.mp4"}\n', "non-empty 'question'"), ("not json\n", "line 1: not valid JSON"),
      ('{"question": "q"}\n', "needs 'video'"),
-     ('{"video": "a.mp4", "question": "q", "id": 1}\n{"video": "a.mp4", "question": "r", "id": 1}\n', "twice")],
+     ('{"video": "a.mp4", "question": "q", "id": 1}\n{"video": "a.mp4", "question": "r", "id": 1}\n', "twice"),
+     # JSON of the wrong type is refused, not answered as Python text ("['q']", "{'a': 1}", "None").
+     ('{"video": "a.mp4", "question": ["q"]}\n', "'question' \\(a string\\)"),
+     ('{"video": "a.mp4", "question": null}\n', "'question' \\(a string\\)"),
+     ('{"video": "a.mp4", "question": "q", "answer": {"a": 1}}\n', "'answer' must be a string or a number"),
+     ('{"video": "a.mp4", "question": "q", "id": true}\n', "'id' must be a string or a number, got true"),
+     ('{"video": ["a.mp4"], "question": "q"}\n', "'video' must be a string")],
 )
 def test_bad_question_files(folder, tmp_path, content, message):
     path = tmp_path / "qa.jsonl"
@@ -114,6 +126,35 @@ def test_other_settings_are_refused_naming_what_differs(tmp_path):
     assert path.read_text() == HEADER + '{"id": "1"}\n'
 
 
+def test_a_header_without_a_setting_is_not_compared_on_it(tmp_path):
+    """A run of an earlier version, whose header did not record the questions' source, still resumes."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(HEADER + '{"id": "1"}\n')
+    with ResultsFile(path, SETTINGS | {"videos": "/clips"}) as results:
+        assert results.done_ids() == {"1"}
+
+
+def test_another_question_or_folder_is_not_taken_for_answers_given(folder, tmp_path, tiny_checkpoint):
+    """With --question the ids are the videos' names: another question about the same clips, or the
+    same question about another folder with the same names, must not be skipped as answered."""
+    out = tmp_path / "r.jsonl"
+    common = ["--out", str(out), "--model", str(tiny_checkpoint), "--max-new-tokens", "1"]
+    first = runner.invoke(app, ["batch", str(folder), "--question", "what color ?", *common])
+    assert first.exit_code == 1, first.output  # broken.mp4
+    before = out.read_text()
+    other = runner.invoke(app, ["batch", str(folder), "--question", "what moves ?", *common])
+    assert other.exit_code == 2 and "question 'what color ?' there, 'what moves ?' now" in other.stderr
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "a.mp4").write_bytes(next(folder.rglob("*.mp4")).read_bytes())
+    elsewhere = runner.invoke(app, ["batch", str(copy), "--question", "what color ?", *common])
+    assert elsewhere.exit_code == 2 and f"videos {str(folder.resolve())!r} there" in elsewhere.stderr
+    both = runner.invoke(app, ["batch", str(folder), "--question", "what color ?", "--questions",
+                               str(folder / "qa.jsonl"), *common])
+    assert both.exit_code == 2 and "not both" in both.stderr
+    assert out.read_text() == before
+
+
 def test_one_writer_at_a_time(tmp_path):
     path = tmp_path / "r.jsonl"
     with ResultsFile(path, SETTINGS) as first:
@@ -163,7 +204,8 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     header, records = read_results(out)
     assert header["settings"] | {"model": None} == {
         "model": None, "dtype": "float32", "method": "sparsevlm", "budget": "25%", "prune_after": None,
-        "positions": "keep", "min_per_frame": 0, "seed": 0, "num_frames": 8, "backend": "auto", "max_new_tokens": 2}
+        "positions": "keep", "min_per_frame": 0, "seed": 0, "num_frames": 8, "backend": "auto", "max_new_tokens": 2,
+        "videos": str(folder.resolve()), "questions": str((folder / "qa.jsonl").resolve()), "question": None}
     assert header["settings"]["model"] == str(tiny_checkpoint.resolve())
     assert len(records) == 13
     errors = [r for r in records if r.get("error")]

@@ -32,6 +32,14 @@ def batch_settings(model: str, dtype: str, device: str, options: AskOptions) -> 
             **options.settings()}
 
 
+def source_settings(videos: Path, questions_file: Path | None, question: str | None) -> dict[str, Any]:
+    """Which questions about which videos (results-file settings too): without them a second folder,
+    or another --question about the same clips, would be taken for answers already given (the ids
+    of --question are the videos' names)."""
+    return {"videos": str(videos.resolve()), "questions": None if questions_file is None else str(
+        questions_file.resolve()), "question": question}
+
+
 def group_by_video(questions: list[Question]) -> dict[Path, list[Question]]:
     groups: dict[Path, list[Question]] = {}
     for q in questions:

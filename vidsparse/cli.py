@@ -263,7 +263,7 @@ def batch(
     if questions is not None and out.exists() and out.resolve() == questions.resolve():
         raise UserError(f"--out {out} is the questions file: give the results their own file")
     _check_context_early(model, options)
-    from vidsparse.batch import batch_settings, run_batch
+    from vidsparse.batch import batch_settings, run_batch, source_settings
     from vidsparse.metrics import accuracy, summarize
     from vidsparse.outputs import replace_file
     from vidsparse.results import ResultsFile
@@ -279,7 +279,7 @@ def batch(
 
             pool = stack.enter_context(WorkerPool.start(ray_address, workers, model, dtype, device))
             settings = pool.settings(options)
-        results = stack.enter_context(ResultsFile(out, settings))
+        results = stack.enter_context(ResultsFile(out, settings | source_settings(videos_dir, questions, question)))
         done = len(ids & results.done_ids())
         qa = _load(model, dtype, device) if pool is None else None
         records = [r for r in results.records if r.get("id") in ids]

@@ -33,6 +33,8 @@ def find_videos(folder: Path) -> list[Path]:
 def load_questions(folder: Path, questions_file: Path | None, question: str | None) -> list[Question]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of videos")
+    if questions_file is not None and question is not None:
+        raise UserError("give a questions file or one question for every video, not both")
     if questions_file is None:
         if not question or not question.strip():
             raise UserError("give --questions FILE, or --question TEXT to ask about every video in the folder")
@@ -49,8 +51,10 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
     questions, seen = [], set()
     for number, item in enumerate(items, 1):
         where = f"{questions_file}, item {number}"
-        if not isinstance(item, dict) or not str(item.get("question", "")).strip():
-            raise UserError(f"{where}: needs a non-empty 'question'")
+        if not isinstance(item, dict) or not isinstance(item.get("question", ""), str) or not str(
+                item.get("question", "")).strip():
+            raise UserError(f"{where}: needs a non-empty 'question' (a string)")
+        _check_types(item, where)
         if "video" in item:
             video = folder / str(item["video"])  # an absolute path stays as it is
         elif "video_id" in item:
@@ -61,7 +65,8 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
         else:
             raise UserError(f"{where}: needs 'video' (a file under {folder}) or 'video_id'")
         name = video.relative_to(folder) if video.is_relative_to(folder) else video
-        qid = str(item.get("id", item.get("question_id", f"{name}|{item['question']}")))
+        given = next((item[key] for key in ("id", "question_id") if item.get(key) is not None), None)
+        qid = str(given if given is not None else f"{name}|{item['question']}")
         if qid in seen:
             raise UserError(f"{where}: id {qid!r} appears twice")
         seen.add(qid)
@@ -71,6 +76,21 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
     if not questions:
         raise UserError(f"{questions_file} holds no questions")
     return questions
+
+
+# Fields a question may have besides 'question', and the JSON types each may take (null: absent).
+_FIELD_TYPES = {"video": (str,), "video_id": (str, int), "id": (str, int), "question_id": (str, int),
+                "answer": (str, int, float), "type": (str,)}
+
+
+def _check_types(item: dict, where: str) -> None:
+    """Refuse a field of the wrong JSON type (a list, an object, true/false) rather than answer its
+    Python text."""
+    for key, types in _FIELD_TYPES.items():
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            kinds = " or ".join(dict.fromkeys("a string" if t is str else "a number" for t in types))
+            raise UserError(f"{where}: '{key}' must be {kinds}, got {json.dumps(value)[:60]}")
 
 
 def _read_items(path: Path) -> list:

@@ -7,6 +7,8 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
 - One writer: an exclusive `flock` is held for the whole run; a second run is refused at once,
   naming the process that holds the file.
 - A resume must use the same settings as the file's header, or it is refused (saying which differ).
+  A setting the header does not hold at all (a file written before vidsparse recorded it) is not
+  compared, so that an unfinished run of an earlier version can still be resumed.
 - Each record is written whole with one write, flushed and fsynced, so a SIGKILL or a full disk can
   leave at most one partial last line (no trailing newline); opening the file again cuts exactly
   that, and nothing else. A damaged line anywhere else is an error naming it; nothing is removed.
@@ -86,8 +88,8 @@ class ResultsFile:
             self._file.truncate(len(data) - len(partial))
 
     def _check_settings(self, recorded: dict[str, Any]) -> None:
-        differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in self.settings.items()
-                  if recorded.get(key) != value]
+        differ = [f"{key} {recorded[key]!r} there, {value!r} now" for key, value in self.settings.items()
+                  if key in recorded and recorded[key] != value]
         if differ:
             raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
                             "same settings, or choose a new --out")
