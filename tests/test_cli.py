@@ -198,6 +198,21 @@ def test_make_shapes_rejects_a_bad_count(tmp_path):
     assert result.exit_code == 2 and "--n must be at least 1" in result.stderr
 
 
+def test_make_shapes_never_writes_over_another_data_set(tmp_path):
+    out = tmp_path / "x"
+    assert runner.invoke(app, ["make-shapes", str(out), "--n", "3", "--seed", "5"]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = runner.invoke(app, ["make-shapes", str(out), "--n", "3", "--seed", "5"])  # the same: nothing to do
+    assert again.exit_code == 0, again.output
+    for other in (["--n", "2", "--seed", "5"], ["--n", "3", "--seed", "6"], ["--n", "3", "--seed", "5", "--kind", "hd"]):
+        refused = runner.invoke(app, ["make-shapes", str(out), *other])
+        assert refused.exit_code == 2 and "is not empty" in refused.stderr and refused.stderr.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    negative = runner.invoke(app, ["make-shapes", str(tmp_path / "y"), "--seed", "-1"])
+    assert negative.exit_code == 2 and "--seed must be 0 or more" in negative.stderr
+    assert not (tmp_path / "y").exists()
+
+
 def test_make_shapes_hd_writes_the_real_geometry_yardstick(tmp_path):
     out = tmp_path / "hd"
     made = runner.invoke(app, ["make-shapes", str(out), "--kind", "hd", "--n", "7", "--seed", "5"])

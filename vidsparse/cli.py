@@ -476,11 +476,20 @@ def make_shapes(
         raise UserError(f"--kind must be demo or hd, got {kind!r}")
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
     check_output_dir(out_dir, "OUT_DIR")
-    with _progress() as progress:
-        task = progress.add_task("writing clips", total=n, status="")
-        qa = generators[kind](out_dir, n, seed, lambda done, total: progress.update(task, completed=done))
-    console.print(f"wrote {n} clips and {qa}")
+    with ExitStack() as stack:
+        bar: list = []  # (progress, task), shown from the first clip on: a refused folder prints no bar
+
+        def update(done: int, total: int) -> None:
+            if not bar:
+                progress = stack.enter_context(_progress())
+                bar.extend([progress, progress.add_task("writing clips", total=total, status="")])
+            bar[0].update(bar[1], completed=done)
+
+        qa = generators[kind](out_dir, n, seed, update)
+    console.print(f"{out_dir}: {n} clips and {qa.name}")
 
 
 def main() -> None:

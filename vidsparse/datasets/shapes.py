@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vidsparse.errors import UserError
+
 FRAMES = 8
 SIZE = 32  # frame height and width in pixels
 PATCH = 8  # the vision tower's patch size: a 4x4 grid of patches a frame
@@ -329,8 +331,18 @@ def write_dataset(
 ) -> Path:
     """The ``make_shapes`` writer of every ShapesQA variant: clip i has type ``question_types[i % k]``
     and is ``draw(default_rng([seed, i]), type) -> (clip with .frames, question, answer)``; id
-    ``{prefix}-{seed}-{i:05d}``."""
+    ``{prefix}-{seed}-{i:05d}``. Only into a new or empty folder: clips of another data set left
+    beside new ones (and results files pointing at them) would be silently wrong. A folder that holds
+    exactly this data set already is left as it is."""
     out_dir = Path(out_dir)
+    qa = out_dir / "qa.jsonl"
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if _holds(out_dir, [f"{prefix}-{seed}-{i:05d}" for i in range(n)]):
+            if progress is not None:
+                progress(n, n)
+            return qa
+        raise UserError(f"{out_dir} is not empty: make-shapes writes a data set into a new or empty folder "
+                        "(delete it to replace what it holds)")
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
@@ -345,6 +357,14 @@ def write_dataset(
         )
         if progress is not None:
             progress(i + 1, n)
-    qa = out_dir / "qa.jsonl"
     qa.write_text("".join(line + "\n" for line in lines))
     return qa
+
+
+def _holds(folder: Path, ids: list[str]) -> bool:
+    """Whether `folder` holds exactly the data set of these ids: its qa.jsonl and every clip."""
+    try:
+        items = [json.loads(line) for line in (folder / "qa.jsonl").read_text().splitlines() if line.strip()]
+        return [item["id"] for item in items] == ids and all((folder / item["video"]).is_file() for item in items)
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
