@@ -204,7 +204,8 @@ def test_make_shapes_never_writes_over_another_data_set(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = runner.invoke(app, ["make-shapes", str(out), "--n", "3", "--seed", "5"])  # the same: nothing to do
     assert again.exit_code == 0, again.output
-    for other in (["--n", "2", "--seed", "5"], ["--n", "3", "--seed", "6"], ["--n", "3", "--seed", "5", "--kind", "hd"]):
+    for other in (["--n", "2", "--seed", "5"], ["--n", "3", "--seed", "6"],
+                  ["--n", "3", "--seed", "5", "--kind", "hd"]):
         refused = runner.invoke(app, ["make-shapes", str(out), *other])
         assert refused.exit_code == 2 and "is not empty" in refused.stderr and refused.stderr.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

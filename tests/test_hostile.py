@@ -224,10 +224,21 @@ def test_too_many_frames_fail_before_decoding(clips, tiny_checkpoint, monkeypatc
 
     monkeypatch.setattr(video, "decode_video", no_decoding)
     # 64 frames x 17 tokens + 2 new tokens > the tiny model's 1024 positions
-    assert_one_line_error(ask(clips["h264"], QUESTION, tiny_checkpoint, "--frames", 64), "sample at most 60 --frames")
+    # Before the tokenizer is loaded the text is not counted: the advice is a bound, and says so.
+    assert_one_line_error(ask(clips["h264"], QUESTION, tiny_checkpoint, "--frames", 64),
+                          "needs more than 1090 positions (64 frames x 17 visual tokens, the prompt's text, 2 new "
+                          "tokens) but the model has 1024: sample fewer --frames (60 would leave no room")
     assert_one_line_error(invoke("batch", folder, "--question", "what ?", "--out", tmp_path / "r.jsonl", "--model",
-                                 tiny_checkpoint, "--frames", 64), "sample at most")
+                                 tiny_checkpoint, "--frames", 64), "sample fewer --frames")
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_frames_advice_counts_the_question(clips, tiny_checkpoint):
+    """Once the question is tokenized the advice is exact: the frames it names fit."""
+    result = ask(clips["h264"], QUESTION, tiny_checkpoint, "--frames", 60)
+    assert result.exit_code == 2
+    fit = int(result.stderr.split("sample at most ")[1].split()[0])
+    assert fit < 60 and ask(clips["h264"], QUESTION, tiny_checkpoint, "--frames", fit).exit_code == 0
 
 
 def test_a_huge_question_says_to_shorten_it(clips, tiny_checkpoint):

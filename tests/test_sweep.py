@@ -107,6 +107,28 @@ def test_sweep_checks_its_out_folder_before_any_run(tiny_checkpoint, clips, tmp_
     assert taken.read_text() == "mine"
 
 
+def test_sweep_refuses_options_it_would_ignore(tiny_checkpoint, clips, folder, tmp_path):
+    """Each mistake is one line, and a refused run leaves no (empty) --out folder behind."""
+    out = tmp_path / "sweep-out"
+    video = str(clips["h264"])
+    model = ["--model", str(tiny_checkpoint), "--out", str(out)]
+    cases = [
+        ([video, "what ?", "--methods", "uniform,stprune", "--prune-after", "1"], "applies to none of --methods"),
+        ([str(folder), "--questions", str(folder / "qa.jsonl"), "--answer", "red"], "--answer is the reference"),
+        ([video, "what ?", "--questions", str(folder / "qa.jsonl")], "--questions is for a folder"),
+        ([str(tmp_path / "nowhere"), "--questions", str(folder / "qa.jsonl")], "no such video or folder"),
+        ([str(folder)], "give a questions file (--questions FILE), or one question"),
+        ([video, "what ?", "--methods", ""], "need at least one value"),
+        ([video, "what ?", "--frames", "64"], "sample fewer --frames"),
+        ([video, "what ?", "--methods", "fastv", "--prune-after", "1,,2"], "layer numbers"),
+    ]
+    for options, message in cases:
+        result = runner.invoke(app, ["sweep", *options, *model])
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, (options,
+                                                                                                     result.output)
+        assert not out.exists(), options
+
+
 def test_sweep_writes_each_finished_cell_before_the_next(tiny_checkpoint, clips, tmp_path, monkeypatch):
     from vidsparse import sweep
 

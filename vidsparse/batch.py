@@ -117,7 +117,7 @@ def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: Resul
     questions share its decoding, vision tower and prompt head and are decoded `decode_batch` at a
     time (VideoQA.answer_clip). A question that
     cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
-    qa.model.check_context(0, options.num_frames, options.max_new_tokens)  # fails every question: fail now
+    qa.model.check_context(None, options.num_frames, options.max_new_tokens)  # fails every question: fail now
     groups = clips_to_answer(questions, results)
     for path, video in prefetched(list(groups), options):
         group = groups[path]

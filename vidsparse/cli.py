@@ -340,9 +340,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
 @user_errors
 def sweep(
     target: Annotated[Path, typer.Argument(help="A video file, or a folder of videos (with --questions).")],
-    question: Annotated[str | None, typer.Argument(help="The question, when TARGET is one video.")] = None,
+    question: Annotated[str | None, typer.Argument(
+        help="The question: about the video, or about every video of a folder given without --questions.")] = None,
     questions: Questions = None,
-    answer: Annotated[str | None, typer.Option("--answer", help="Reference answer for a single question.")] = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="Reference answer of the question about one video "
+                                               "(a folder's answers come from --questions).")] = None,
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets (counts or shares).")] = (
         "100%,50%,25%,10%,5%"),
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
@@ -364,7 +366,7 @@ def sweep(
     max_new_tokens: MaxNewTokens = 64,
 ) -> None:
     """Accuracy, latency and memory across pruning methods and budgets, with plots."""
-    from vidsparse.outputs import check_output_dir
+    from vidsparse.outputs import new_output_dir
     from vidsparse.questions import Question, load_questions
 
     if repeats < 1:
@@ -375,44 +377,51 @@ def sweep(
         ask_options(name)  # unknown names fail here, before anything heavy
     # Shared by every cell; options_for gives each cell its method and budget (--prune-after where it applies).
     options = ask_options("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    if not target.exists():
+        raise UserError(f"{target}: no such video or folder")
     if target.is_dir():
+        if answer is not None:
+            raise UserError("--answer is the reference of the question about one video; a folder's reference "
+                            "answers come from --questions")
         todo = load_questions(target, questions, question)
     else:
+        if questions is not None:
+            raise UserError("--questions is for a folder of videos; about one video, give the QUESTION after it")
         if question is None or not question.strip():
             raise UserError("give the QUESTION after the video (or a folder with --questions)")
         from vidsparse.video import check_video_file
 
         check_video_file(target)
         todo = [Question("0", target, question, answer)]
-    check_output_dir(out, "--out")
-    _check_context_early(model, options)
-    from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
+    with new_output_dir(out, "--out"):  # a run refused before its first row leaves no empty folder
+        _check_context_early(model, options)
+        from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
 
-    cells = sweep_cells(method_list, budget_list, options)
-    qa = _load(model, dtype, device)
-    with _progress() as progress:
-        task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
-        skipped = run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1),
-                            lambda: write_tables(sweep_rows(cells), out))
-    rows = sweep_rows(cells)
-    if not rows:
-        raise UserError("no clip could be decoded: " + "; ".join(error for _, error in skipped))
-    paths = write_tables(rows, out) | write_plots(rows, out)
-    console.print(sweep_table(rows))
-    if show_kept:
-        from vidsparse.kept_view import draw_kept
+        cells = sweep_cells(method_list, budget_list, options)
+        qa = _load(model, dtype, device)
+        with _progress() as progress:
+            task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
+            skipped = run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1),
+                                lambda: write_tables(sweep_rows(cells), out))
+        rows = sweep_rows(cells)
+        if not rows:
+            raise UserError("no clip could be decoded: " + "; ".join(error for _, error in skipped))
+        paths = write_tables(rows, out) | write_plots(rows, out)
+        console.print(sweep_table(rows))
+        if show_kept:
+            from vidsparse.kept_view import draw_kept
 
-        for cell in cells:
-            if cell.method != "none" and cell.budget_value == budget_list[-1] and cell.first_result is not None:
-                path = draw_kept(cell.first_result, qa.model.image_size, qa.model.mean, qa.model.std,
-                                 out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
-                                 f"budget {cell.budget})")
-                paths[f"kept {cell.method}"] = path
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if skipped:
-        for video, error in skipped:
-            err_console.print(f"skipped {video}: {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+            for cell in cells:
+                if cell.method != "none" and cell.budget_value == budget_list[-1] and cell.first_result is not None:
+                    path = draw_kept(cell.first_result, qa.model.image_size, qa.model.mean, qa.model.std,
+                                     out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
+                                     f"budget {cell.budget})")
+                    paths[f"kept {cell.method}"] = path
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        if skipped:
+            for video, error in skipped:
+                err_console.print(f"skipped {video}: {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> Table:

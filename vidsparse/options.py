@@ -69,7 +69,7 @@ def parse_layers(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
         return None
     if isinstance(value, str):
         try:
-            layers = tuple(int(part) for part in value.split(",") if part.strip())
+            layers = tuple(int(part) for part in value.split(",")) if value.strip() else ()
         except ValueError:
             raise UserError(f"--prune-after takes layer numbers like '1' or '2,6,15', got {value!r}") from None
     else:

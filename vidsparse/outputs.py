@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vidsparse.errors import UserError
@@ -29,6 +31,20 @@ def check_output_dir(folder: Path, flag: str) -> None:
             pass
     except OSError as e:
         raise UserError(f"cannot write to {folder} ({flag}): {e.strerror or e}") from None
+
+
+@contextmanager
+def new_output_dir(folder: Path, flag: str) -> Iterator[Path]:
+    """check_output_dir, and the folder removed again if this call made it and the work in the
+    `with` block fails before writing anything into it (no empty folder left by a refused run)."""
+    made = not folder.exists()
+    check_output_dir(folder, flag)
+    try:
+        yield folder
+    except BaseException:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def save_figure(figure, path: Path) -> None:

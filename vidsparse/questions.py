@@ -37,7 +37,8 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
         raise UserError("give a questions file or one question for every video, not both")
     if questions_file is None:
         if not question or not question.strip():
-            raise UserError("give --questions FILE, or --question TEXT to ask about every video in the folder")
+            raise UserError(f"{folder} is a folder: give a questions file (--questions FILE), or one question to ask "
+                            "about every video in it")
         videos = find_videos(folder)
         if not videos:
             raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {folder}")

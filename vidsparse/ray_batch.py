@@ -75,7 +75,7 @@ class ClipWorker:
         if self.failure is not None:
             return self.failure
         try:
-            self.qa.model.check_context(0, options.num_frames, options.max_new_tokens)
+            self.qa.model.check_context(None, options.num_frames, options.max_new_tokens)
             return batch_settings(self.model, self.dtype, self.device, options)
         except UserError as e:
             return str(e)

@@ -79,6 +79,9 @@ def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) 
     for method in methods:
         o = options_for(Cell(method, ""), options)
         check_method(o.method, o.prune_after)
+    if options.prune_after is not None and not any(METHODS[m].allows_prune_after for m in methods):
+        raise UserError(f"--prune-after applies to none of --methods {','.join(methods)}: each prunes where its "
+                        "definition says")
     cells = [Cell("none", "-")] if "none" in methods else []
     return cells + [Cell(m, str(b), b) for m in methods if m != "none" for b in budgets]
 
@@ -95,7 +98,7 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     model = qa.model
     num_visual = options.num_frames * model.tokens_per_frame
-    model.check_context(0, options.num_frames, options.max_new_tokens)
+    model.check_context(None, options.num_frames, options.max_new_tokens)
     cell_options = [options_for(c, options) for c in cells]
     for o in cell_options:  # fail before the first run, not in the middle of the sweep
         plan_for(o, len(model.decoder.layers), options.num_frames, num_visual)

@@ -71,20 +71,27 @@ def tokens_per_frame(config: VideoLlavaConfig) -> int:
     return (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
 
 
-def check_context(config: VideoLlavaConfig, num_frames: int, max_new_tokens: int, text_tokens: int = 0) -> None:
-    """The prompt (frames x tokens a frame + the text) plus the answer must fit the model's positions."""
+def check_context(config: VideoLlavaConfig, num_frames: int, max_new_tokens: int, text_tokens: int | None = None
+                  ) -> None:
+    """The prompt (frames x tokens a frame + the text) plus the answer must fit the model's positions.
+    `text_tokens` None: not counted yet (checked before the tokenizer is loaded), so the frames that
+    fit are an upper bound and said to be one."""
     limit = config.text_config.max_position_embeddings
     visual = num_frames * tokens_per_frame(config)
-    needed = visual + text_tokens + max_new_tokens
+    needed = visual + (text_tokens or 0) + max_new_tokens
     if needed <= limit:
         return
-    frames_that_fit = (limit - text_tokens - max_new_tokens) // tokens_per_frame(config)
-    if frames_that_fit >= 1:
+    frames_that_fit = (limit - (text_tokens or 0) - max_new_tokens) // tokens_per_frame(config)
+    if frames_that_fit >= 1 and text_tokens is None:
+        remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text), or lower "
+                  "--max-new-tokens")
+    elif frames_that_fit >= 1:
         remedy = f"sample at most {frames_that_fit} --frames, or lower --max-new-tokens"
     else:
-        remedy = "shorten the question" if text_tokens >= limit // 2 else "lower --max-new-tokens"
-    raise UserError(f"the prompt plus answer needs {needed} positions ({num_frames} frames x "
-                    f"{tokens_per_frame(config)} visual tokens, {text_tokens} text tokens, {max_new_tokens} new "
+        remedy = "shorten the question" if (text_tokens or 0) >= limit // 2 else "lower --max-new-tokens"
+    text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
+    raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
+                    f"({num_frames} frames x {tokens_per_frame(config)} visual tokens, {text}, {max_new_tokens} new "
                     f"tokens) but the model has {limit}: {remedy}")
 
 
@@ -190,7 +197,7 @@ class VideoLlava:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def check_context(self, text_tokens: int, num_frames: int, max_new_tokens: int) -> None:
+    def check_context(self, text_tokens: int | None, num_frames: int, max_new_tokens: int) -> None:
         check_context(self.model.config, num_frames, max_new_tokens, text_tokens)
 
     def prompt_ids(self, question: str, num_frames: int) -> torch.Tensor:
