@@ -153,6 +153,14 @@ def test_bad_pruning_options_are_one_line_errors(tiny_checkpoint, clips, options
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_python_api_takes_prune_after_as_text_a_number_or_a_list():
+    from vidsparse.options import ask_options
+
+    assert {ask_options("fastv", prune_after=value).prune_after for value in ("1", 1, [1], (1,))} == {(1,)}
+    assert ask_options("pdrop", prune_after="2,6,15").prune_after == ask_options("pdrop", prune_after=[2, 6, 15]
+                                                                                 ).prune_after == (2, 6, 15)
+
+
 def test_budget_as_a_share_of_the_clip(tiny_checkpoint, clips):
     result = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--json", "--method", "fastv",
                  "--prune-after", "1", "--budget", "10%", "--max-new-tokens", "1")

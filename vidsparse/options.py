@@ -63,10 +63,13 @@ def parse_budget(value: int | str | Budget) -> Budget:
     return Budget(count=tokens)
 
 
-def parse_layers(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """`"2,6,15"` -> (2, 6, 15): strictly increasing layer numbers >= 0; None keeps the method's default."""
+def parse_layers(value: str | int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """`"2,6,15"` (or 1, or [2, 6, 15]) -> (2, 6, 15): strictly increasing layer numbers >= 0; None keeps
+    the method's default."""
     if value is None:
         return None
+    if isinstance(value, int):
+        value = [value]
     if isinstance(value, str):
         try:
             layers = tuple(int(part) for part in value.split(",")) if value.strip() else ()
@@ -101,7 +104,8 @@ class AskOptions:
                 "prune_after": None if self.prune_after is None else list(self.prune_after)}
 
 
-def ask_options(method: str = "none", budget: int | str | Budget = 194, prune_after: str | Sequence[int] | None = None,
+def ask_options(method: str = "none", budget: int | str | Budget = 194,
+                prune_after: str | int | Sequence[int] | None = None,
                 positions: str = "keep", min_per_frame: int = 0, seed: int = 0, num_frames: int = 8,
                 backend: str = "auto", max_new_tokens: int = 64) -> AskOptions:
     """Check and type every option that can be checked without a model (method-specific rules, such
