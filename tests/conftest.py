@@ -132,11 +132,18 @@ def folder(tmp_path_factory) -> Path:
 def kill_9_after(command: list[str], out: Path, lines: int, timeout_s: float) -> list[str]:
     """Start `command` (a batch run writing `out`), SIGKILL it once `out` has `lines` lines, and return
     what was written: the driver-killed half of the resume tests."""
+    return signal_after(command, out, lines, timeout_s, signal.SIGKILL)[0]
+
+
+def signal_after(command: list[str], out: Path, lines: int, timeout_s: float, sig: int
+                 ) -> tuple[list[str], int, str]:
+    """Start `command` (a batch run writing `out`), send it `sig` once `out` has `lines` lines; return
+    (the lines written, its exit code, its stderr)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + timeout_s
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < lines):
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return out.read_text().splitlines()
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    return out.read_text().splitlines(), process.returncode, stderr

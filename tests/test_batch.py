@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import kill_9_after
+from tests.conftest import kill_9_after, signal_after
 from vidsparse.cli import app
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct, normalize_answer, summarize
@@ -226,7 +228,39 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     assert "Batch summary" in result.stdout
     # Everything answered: a re-run asks nothing and writes nothing.
     again = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
-    assert again.exit_code == 1 and len(read_results(out)[1]) == 13
+    assert again.exit_code == 1 and len(read_results(out)[1]) == 13 and "--retry-errors" in again.stderr
+
+
+def test_retry_errors_asks_the_failed_questions_again(folder, tmp_path, tiny_checkpoint):
+    """Once the broken video is fixed, --retry-errors answers its question; the new record supersedes
+    the error in the summary, and every earlier line stays."""
+    videos = tmp_path / "videos"
+    shutil.copytree(folder, videos)
+    out = tmp_path / "results.jsonl"
+    assert runner.invoke(app, batch_args(videos, out, tiny_checkpoint)).exit_code == 1
+    before = out.read_text()
+    shutil.copy(videos / "a.mp4", videos / "broken.mp4")
+    fixed = runner.invoke(app, [*batch_args(videos, out, tiny_checkpoint), "--retry-errors"])
+    assert fixed.exit_code == 0, fixed.output
+    assert out.read_text().startswith(before)
+    _, records = read_results(out)
+    assert len(records) == 14 and records[-1]["video"] == "broken.mp4" and "error" not in records[-1]
+    summary = json.loads((tmp_path / "results.summary.json").read_text())
+    assert summary["questions"] == 13 and summary["answered"] == 13 and summary["errors"] == 0
+    # Nothing failed any more: retrying asks nothing.
+    assert runner.invoke(app, [*batch_args(videos, out, tiny_checkpoint), "--retry-errors"]).exit_code == 0
+    assert len(read_results(out)[1]) == 14
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(folder, tmp_path, tiny_checkpoint):
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "vidsparse", *batch_args(folder, out, tiny_checkpoint), "--decode-batch", "1"]
+    written, code, stderr = signal_after(command, out, 3, 120, signal.SIGINT)
+    assert code == 130 and "Traceback" not in stderr, stderr
+    kept = len(read_results(out)[1])
+    assert 2 <= kept < 13, "the run should have been interrupted part-way"
+    assert f"interrupted: the {kept} record(s) of this run are kept in {out}; the same command resumes" in stderr
+    assert out.read_text().splitlines()[: len(written)] == written
 
 
 def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_checkpoint):

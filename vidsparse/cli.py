@@ -247,12 +247,16 @@ def batch(
              "(needs pip install 'vidsparse\\[ray]').")] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Ray workers (default: one per GPU; without GPUs, 1 sharing the CPU cores).")] = None,
+    retry_errors: Annotated[bool, typer.Option(
+        "--retry-errors", help="Ask again the questions recorded with an error (say, after fixing a video); the "
+        "new record supersedes the error.")] = False,
 ) -> None:
     """Answer questions over a whole folder of videos, appending to a results file as it goes.
 
     A clip's questions share its decoding, vision tower and prompt head, and are decoded together.
-    Re-running the same command resumes: answered ids are skipped. A video that cannot be decoded
-    is recorded as an error and the run goes on; the exit code is 1 if any question failed.
+    Re-running the same command resumes: recorded ids are skipped. A video that cannot be decoded
+    is recorded as an error and the run goes on; the exit code is 1 if any question failed
+    (--retry-errors asks those again).
     With --ray, whole clips go to Ray workers (each holding the model); this process alone writes
     the results file, under the same rules.
     """
@@ -279,35 +283,45 @@ def batch(
 
             pool = stack.enter_context(WorkerPool.start(ray_address, workers, model, dtype, device))
             settings = pool.settings(options)
-        results = stack.enter_context(ResultsFile(out, settings | source_settings(videos_dir, questions, question)))
+        results = stack.enter_context(ResultsFile(out, settings | source_settings(videos_dir, questions, question),
+                                                  retry_errors))
         done = len(ids & results.done_ids())
         qa = _load(model, dtype, device) if pool is None else None
-        records = [r for r in results.records if r.get("id") in ids]
+        records = {i: r for i, r in results.latest().items() if i in ids}  # a retried error: its new record
+        this_run: list[dict[str, Any]] = []
         with _progress() as progress:
             task = progress.add_task("answering", total=len(todo), completed=done, status="")
 
             def update(record: dict[str, Any]) -> None:
-                records.append(record)
-                acc = accuracy(records)
-                errors = sum(1 for r in records if r.get("error"))
+                records[str(record["id"])] = record
+                this_run.append(record)
+                acc = accuracy(list(records.values()))
+                errors = sum(1 for r in records.values() if r.get("error"))
                 status = (f"acc {acc:.1%}" if acc is not None else "") + (f"  errors {errors}" if errors else "")
                 progress.update(task, advance=1, status=status)
 
-            started, before = time.perf_counter(), len(records)
-            if pool is None:
-                run_batch(qa, todo, videos_dir, results, options, update, decode_batch)
-            else:
-                pool.run(todo, videos_dir, results, options, update, decode_batch)
+            started = time.perf_counter()
+            try:
+                if pool is None:
+                    run_batch(qa, todo, videos_dir, results, options, update, decode_batch)
+                else:
+                    pool.run(todo, videos_dir, results, options, update, decode_batch)
+            except KeyboardInterrupt:
+                progress.stop()
+                err_console.print(f"interrupted: the {len(this_run)} record(s) of this run are kept in {out}; the "
+                                  "same command resumes", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
             seconds = time.perf_counter() - started
-    summary = summarize(records)
-    answered_now = sum(1 for r in records[before:] if not r.get("error"))
+    summary = summarize(list(records.values()))
+    answered_now = sum(1 for r in this_run if not r.get("error"))
     summary["questions_per_s_this_run"] = round(answered_now / seconds, 3) if answered_now else None
     summary_path = out.with_name(out.stem + ".summary.json")
     replace_file(summary_path, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     console.print(summary_table(summary))
     console.print(f"results: {out}  summary: {summary_path}")
     if summary["errors"]:
-        err_console.print(f"{summary['errors']} question(s) failed; see the 'error' field in {out}")
+        err_console.print(f"{summary['errors']} question(s) failed; see the 'error' field in {out} (once fixed, "
+                          "the same command with --retry-errors asks them again)")
         raise typer.Exit(1)
 
 

@@ -9,6 +9,9 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
 - A resume must use the same settings as the file's header, or it is refused (saying which differ).
   A setting the header does not hold at all (a file written before vidsparse recorded it) is not
   compared, so that an unfinished run of an earlier version can still be resumed.
+- A question that failed (an `error` record) is skipped like an answered one, unless the run retries
+  errors (`retry_errors`, after a video was fixed): its new record is appended and supersedes the
+  error (`latest`); nothing is ever removed.
 - Each record is written whole with one write, flushed and fsynced, so a SIGKILL or a full disk can
   leave at most one partial last line (no trailing newline); opening the file again cuts exactly
   that, and nothing else. A damaged line anywhere else is an error naming it; nothing is removed.
@@ -29,9 +32,10 @@ MAGIC, VERSION = "results", 1
 
 
 class ResultsFile:
-    def __init__(self, path: Path, settings: dict[str, Any]):
+    def __init__(self, path: Path, settings: dict[str, Any], retry_errors: bool = False):
         self.path = path
         self.settings = settings
+        self.retry_errors = retry_errors
         self.records: list[dict[str, Any]] = []
         self._appended = 0
         self._created = False
@@ -94,8 +98,14 @@ class ResultsFile:
             raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
                             "same settings, or choose a new --out")
 
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """Each id's last record: with `retry_errors` a question whose record is an error is asked
+        again, and its new record supersedes the error (both lines stay in the file)."""
+        return {str(r["id"]): r for r in self.records}
+
     def done_ids(self) -> set[str]:
-        return {str(r["id"]) for r in self.records}
+        """The ids a run skips: every id recorded, or with `retry_errors` those answered without an error."""
+        return {i for i, r in self.latest().items() if not (self.retry_errors and r.get("error"))}
 
     def append(self, record: dict[str, Any]) -> None:
         self._write_line(record)
