@@ -113,6 +113,21 @@ def test_real_subprocess(tiny_checkpoint, clips):
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["ask", "--bogus"], "No such option: --bogus (see python -m vidsparse ask --help)"),
+    (["ask"], "Missing argument"),
+    (["ask", "clip.mp4", "what ?", "--frames", "abc"], "Invalid value for '--frames'"),
+    (["batch", "videos", "--out", "r.jsonl", "--decode-batch", "0"], "Invalid value for '--decode-batch'"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_usage_mistakes_are_one_line_too(args, message):
+    """click's own errors (an unknown option, a value of the wrong type) go through the same one line."""
+    done = subprocess.run([sys.executable, "-m", "vidsparse", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith("error: ") and message in done.stderr and done.stderr.count("\n") == 1
+
+
 def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
     result = ask(clips["h264"], "what color is the square ?", "--model", tiny_checkpoint, "--json",
                  "--method", "sparsevlm", "--budget", "20", "--max-new-tokens", "2")

@@ -516,4 +516,21 @@ def make_shapes(
 
 
 def main() -> None:
-    app()
+    """The console script: click's own handling, except that a usage mistake (an unknown option, a
+    value of the wrong type) is one line, like every other error a user can make."""
+    from typer.exceptions import TyperException  # the base of typer's (vendored click's) usage errors
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+            e.show()  # `vidsparse` alone: the help
+            sys.exit(getattr(e, "exit_code", 2))
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "vidsparse"
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())} (see {escape(command)} --help)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
