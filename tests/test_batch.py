@@ -47,10 +47,12 @@ def test_one_question_for_every_video(folder):
     assert [q.id for q in questions] == ["a.mp4", "b.webm", "broken.mp4", "sub/c.mp4"]
 
 
-def test_a_null_id_is_no_id(folder, tmp_path):
+def test_a_null_field_is_no_field(folder, tmp_path):
     path = tmp_path / "qa.jsonl"
-    path.write_text('{"video": "a.mp4", "question": "q", "id": null}\n')
-    assert [q.id for q in load_questions(folder, path, None)] == ["a.mp4|q"]
+    path.write_text('{"video": "a.mp4", "question": "q", "id": null}\n'
+                    '{"video": null, "video_id": "c", "question": "q", "type": 3}\n')
+    assert [(q.id, q.video.name, q.type) for q in load_questions(folder, path, None)] == [
+        ("a.mp4|q", "a.mp4", None), ("sub/c.mp4|q", "c.mp4", 3)]
 
 
 @pytest.mark.parametrize(
@@ -63,7 +65,9 @@ def test_a_null_id_is_no_id(folder, tmp_path):
      ('{"video": "a.mp4", "question": null}\n', "'question' \\(a string\\)"),
      ('{"video": "a.mp4", "question": "q", "answer": {"a": 1}}\n', "'answer' must be a string or a number"),
      ('{"video": "a.mp4", "question": "q", "id": true}\n', "'id' must be a string or a number, got true"),
-     ('{"video": ["a.mp4"], "question": "q"}\n', "'video' must be a string")],
+     ('{"video": ["a.mp4"], "question": "q"}\n', "'video' must be a string"),
+     ('{"video": null, "question": "q"}\n', "needs 'video'"),
+     ('{"video": "a.mp4", "question": "q", "answer": NaN}\n', "line 1: not valid JSON")],
 )
 def test_bad_question_files(folder, tmp_path, content, message):
     path = tmp_path / "qa.jsonl"
@@ -128,12 +132,15 @@ def test_other_settings_are_refused_naming_what_differs(tmp_path):
     assert path.read_text() == HEADER + '{"id": "1"}\n'
 
 
-def test_a_header_without_a_setting_is_not_compared_on_it(tmp_path):
-    """A run of an earlier version, whose header did not record the questions' source, still resumes."""
+def test_a_header_without_the_source_still_resumes_but_never_without_a_setting(tmp_path):
+    """A run of an earlier version, whose header did not record the questions' source, still resumes;
+    a header that lacks any other setting is compared on it (and refused)."""
     path = tmp_path / "r.jsonl"
     path.write_text(HEADER + '{"id": "1"}\n')
     with ResultsFile(path, SETTINGS | {"videos": "/clips"}) as results:
         assert results.done_ids() == {"1"}
+    with pytest.raises(UserError, match="seed None there, 0 now"):
+        ResultsFile(path, SETTINGS | {"seed": 0})
 
 
 def test_another_question_or_folder_is_not_taken_for_answers_given(folder, tmp_path, tiny_checkpoint):

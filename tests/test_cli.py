@@ -225,13 +225,21 @@ def test_make_shapes_never_writes_over_another_data_set(tmp_path):
     out = tmp_path / "x"
     assert runner.invoke(app, ["make-shapes", str(out), "--n", "3", "--seed", "5"]).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = runner.invoke(app, ["make-shapes", str(out), "--n", "3", "--seed", "5"])  # the same: nothing to do
+    (out / "00001.mp4").write_bytes(b"")  # damaged: the same data set written again repairs it
+    (out / "results.jsonl").write_text("mine")  # what a run over it wrote stays
+    again = runner.invoke(app, ["make-shapes", str(out), "--n", "3", "--seed", "5"])
     assert again.exit_code == 0, again.output
+    assert (out / "results.jsonl").read_text() == "mine"
+    (out / "results.jsonl").unlink()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     for other in (["--n", "2", "--seed", "5"], ["--n", "3", "--seed", "6"],
                   ["--n", "3", "--seed", "5", "--kind", "hd"]):
         refused = runner.invoke(app, ["make-shapes", str(out), *other])
         assert refused.exit_code == 2 and "is not empty" in refused.stderr and refused.stderr.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    odd = tmp_path / "m[/x] [red]z"  # rich markup in a user's path is printed as it is
+    made = runner.invoke(app, ["make-shapes", str(odd), "--n", "1"])
+    assert made.exit_code == 0 and f"{odd}: 1 clips" in made.stdout, made.output
     negative = runner.invoke(app, ["make-shapes", str(tmp_path / "y"), "--seed", "-1"])
     assert negative.exit_code == 2 and "--seed must be 0 or more" in negative.stderr
     assert not (tmp_path / "y").exists()

@@ -109,7 +109,7 @@ def test_sweep_checks_its_out_folder_before_any_run(tiny_checkpoint, clips, tmp_
 
 def test_sweep_refuses_options_it_would_ignore(tiny_checkpoint, clips, folder, tmp_path):
     """Each mistake is one line, and a refused run leaves no (empty) --out folder behind."""
-    out = tmp_path / "sweep-out"
+    out = tmp_path / "new" / "sweep-out"  # both folders made by the run, both removed when it is refused
     video = str(clips["h264"])
     model = ["--model", str(tiny_checkpoint), "--out", str(out)]
     cases = [
@@ -126,7 +126,7 @@ def test_sweep_refuses_options_it_would_ignore(tiny_checkpoint, clips, folder, t
         result = runner.invoke(app, ["sweep", *options, *model])
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, (options,
                                                                                                      result.output)
-        assert not out.exists(), options
+        assert not (tmp_path / "new").exists(), options
 
 
 def test_sweep_writes_each_finished_cell_before_the_next(tiny_checkpoint, clips, tmp_path, monkeypatch):

@@ -146,10 +146,10 @@ def ask(
     if as_json:
         sys.stdout.write(json.dumps(stats, allow_nan=False) + "\n")
         return
-    console.print(f"[bold]Answer:[/] {result.answer}", highlight=False)
+    console.print(f"[bold]Answer:[/] {escape(result.answer)}", highlight=False)
     console.print(stats_table(stats))
     if show_kept is not None:
-        console.print(f"kept tokens drawn in {show_kept}")
+        console.print(f"kept tokens drawn in {show_kept}", markup=False)
 
 
 def _si(flops: float) -> str:
@@ -308,8 +308,10 @@ def batch(
                     pool.run(todo, videos_dir, results, options, update, decode_batch)
             except KeyboardInterrupt:
                 progress.stop()
-                err_console.print(f"interrupted: the {len(this_run)} record(s) of this run are kept in {out}; the "
-                                  "same command resumes", highlight=False, soft_wrap=True)
+                kept = (f"the {len(this_run)} record(s) of this run are kept in {out}" if this_run
+                        else "nothing of this run was written")
+                err_console.print(f"interrupted: {kept}; the same command resumes", markup=False, highlight=False,
+                                  soft_wrap=True)
                 raise typer.Exit(130) from None
             seconds = time.perf_counter() - started
     summary = summarize(list(records.values()))
@@ -318,10 +320,10 @@ def batch(
     summary_path = out.with_name(out.stem + ".summary.json")
     replace_file(summary_path, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     console.print(summary_table(summary))
-    console.print(f"results: {out}  summary: {summary_path}")
+    console.print(f"results: {out}  summary: {summary_path}", markup=False)
     if summary["errors"]:
         err_console.print(f"{summary['errors']} question(s) failed; see the 'error' field in {out} (once fixed, "
-                          "the same command with --retry-errors asks them again)")
+                          "the same command with --retry-errors asks them again)", markup=False)
         raise typer.Exit(1)
 
 
@@ -431,10 +433,10 @@ def sweep(
                                      out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
                                      f"budget {cell.budget})")
                     paths[f"kept {cell.method}"] = path
-        console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()), markup=False)
         if skipped:
             for video, error in skipped:
-                err_console.print(f"skipped {video}: {error}", highlight=False, soft_wrap=True)
+                err_console.print(f"skipped {video}: {error}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
 
@@ -512,7 +514,7 @@ def make_shapes(
             bar[0].update(bar[1], completed=done)
 
         qa = generators[kind](out_dir, n, seed, update)
-    console.print(f"{out_dir}: {n} clips and {qa.name}")
+    console.print(f"{out_dir}: {n} clips and {qa.name}", markup=False)
 
 
 def main() -> None:
@@ -523,14 +525,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except TyperException as e:
-        if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
-            e.show()  # `vidsparse` alone: the help
-            sys.exit(getattr(e, "exit_code", 2))
-        ctx = getattr(e, "ctx", None)
-        command = ctx.command_path if ctx is not None else "vidsparse"
-        err_console.print(f"[bold red]error:[/] {escape(e.format_message())} (see {escape(command)} --help)",
-                          highlight=False, soft_wrap=True)
+        if type(e).__name__ != "NoArgsIsHelpError":  # `vidsparse` alone: the help is printed already
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {escape(ctx.command_path)} --help)" if ctx is not None else ""
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message().rstrip('.'))}{hint}", highlight=False,
+                              soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
-    except typer.Abort:
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

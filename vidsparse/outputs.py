@@ -37,13 +37,15 @@ def check_output_dir(folder: Path, flag: str) -> None:
 def new_output_dir(folder: Path, flag: str) -> Iterator[Path]:
     """check_output_dir, and the folder removed again if this call made it and the work in the
     `with` block fails before writing anything into it (no empty folder left by a refused run)."""
-    made = not folder.exists()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # the folders this call creates
     check_output_dir(folder, flag)
     try:
         yield folder
     except BaseException:
-        if made and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        for created in made:  # innermost first; a folder something was written into stays
+            if not created.is_dir() or any(created.iterdir()):
+                break
+            created.rmdir()
         raise
 
 

@@ -56,9 +56,9 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
                 item.get("question", "")).strip():
             raise UserError(f"{where}: needs a non-empty 'question' (a string)")
         _check_types(item, where)
-        if "video" in item:
+        if item.get("video") is not None:
             video = folder / str(item["video"])  # an absolute path stays as it is
-        elif "video_id" in item:
+        elif item.get("video_id") is not None:
             if stems is None:
                 stems = {p.stem: p for p in find_videos(folder)}
             key = str(item["video_id"])
@@ -81,7 +81,7 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
 
 # Fields a question may have besides 'question', and the JSON types each may take (null: absent).
 _FIELD_TYPES = {"video": (str,), "video_id": (str, int), "id": (str, int), "question_id": (str, int),
-                "answer": (str, int, float), "type": (str,)}
+                "answer": (str, int, float), "type": (str, int)}
 
 
 def _check_types(item: dict, where: str) -> None:
@@ -94,6 +94,11 @@ def _check_types(item: dict, where: str) -> None:
             raise UserError(f"{where}: '{key}' must be {kinds}, got {json.dumps(value)[:60]}")
 
 
+def _no_constant(name: str) -> None:
+    """NaN and Infinity are not JSON (Python's reader takes them): refused like any other bad JSON."""
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
 def _read_items(path: Path) -> list:
     data = path.read_bytes()
     try:
@@ -104,7 +109,7 @@ def _read_items(path: Path) -> list:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            items = json.loads(text)
+            items = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON: {e}") from None
         return items
@@ -112,7 +117,7 @@ def _read_items(path: Path) -> list:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                items.append(json.loads(line))
+                items.append(json.loads(line, parse_constant=_no_constant))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
     return items

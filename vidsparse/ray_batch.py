@@ -228,7 +228,7 @@ class WorkerPool:
                 fields = [{"error": f"unexpected {type(e.cause).__name__}: {e.cause}"}] * len(job.questions)
                 worker = None
             for q, answer in zip(job.questions, fields, strict=True):
-                if q.id in written:  # cannot happen (a clip is written once); never write an id twice
+                if q.id in written:  # cannot happen (a clip is written once): never answer an id twice in a run
                     continue
                 record = answer_record(q, root, answer)
                 record["worker"] = None if worker is None else worker | {"attempt": job.attempts}

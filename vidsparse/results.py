@@ -7,8 +7,8 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
 - One writer: an exclusive `flock` is held for the whole run; a second run is refused at once,
   naming the process that holds the file.
 - A resume must use the same settings as the file's header, or it is refused (saying which differ).
-  A setting the header does not hold at all (a file written before vidsparse recorded it) is not
-  compared, so that an unfinished run of an earlier version can still be resumed.
+  A header without the questions' source (`SOURCE_KEYS`: a file written before vidsparse recorded
+  it) is not compared on it, so that an unfinished run of an earlier version can still be resumed.
 - A question that failed (an `error` record) is skipped like an answered one, unless the run retries
   errors (`retry_errors`, after a video was fixed): its new record is appended and supersedes the
   error (`latest`); nothing is ever removed.
@@ -29,6 +29,8 @@ from typing import Any
 from vidsparse.errors import UserError
 
 MAGIC, VERSION = "results", 1
+# Settings a header written before vidsparse recorded them may lack: where the questions come from.
+SOURCE_KEYS = frozenset({"videos", "questions", "question"})
 
 
 class ResultsFile:
@@ -92,15 +94,15 @@ class ResultsFile:
             self._file.truncate(len(data) - len(partial))
 
     def _check_settings(self, recorded: dict[str, Any]) -> None:
-        differ = [f"{key} {recorded[key]!r} there, {value!r} now" for key, value in self.settings.items()
-                  if key in recorded and recorded[key] != value]
+        differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in self.settings.items()
+                  if (key in recorded or key not in SOURCE_KEYS) and recorded.get(key) != value]
         if differ:
             raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
                             "same settings, or choose a new --out")
 
     def latest(self) -> dict[str, dict[str, Any]]:
-        """Each id's last record: with `retry_errors` a question whose record is an error is asked
-        again, and its new record supersedes the error (both lines stay in the file)."""
+        """Each id's last record: a question retried after an error (`retry_errors`) has both lines in
+        the file, and the new one supersedes the error."""
         return {str(r["id"]): r for r in self.records}
 
     def done_ids(self) -> set[str]:
