@@ -270,6 +270,19 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(folder, tmp_path, tiny_check
     assert out.read_text().splitlines()[: len(written)] == written
 
 
+def test_ctrl_c_before_the_first_answer_says_nothing_was_written(folder, tmp_path, tiny_checkpoint, monkeypatch):
+    from vidsparse import batch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_batch", interrupted)
+    out = tmp_path / "results.jsonl"
+    result = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
+    assert result.exit_code == 130 and "interrupted: nothing of this run was written" in result.stderr
+    assert not out.exists()  # a run that got no answer leaves no file
+
+
 def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_checkpoint):
     out = tmp_path / "results.jsonl"
     command = [sys.executable, "-m", "vidsparse", *batch_args(folder, out, tiny_checkpoint)]
