@@ -52,8 +52,8 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
     questions, seen = [], set()
     for number, item in enumerate(items, 1):
         where = f"{questions_file}, item {number}"
-        if not isinstance(item, dict) or not isinstance(item.get("question", ""), str) or not str(
-                item.get("question", "")).strip():
+        question = item.get("question") if isinstance(item, dict) else None
+        if not isinstance(question, str) or not question.strip():
             raise UserError(f"{where}: needs a non-empty 'question' (a string)")
         _check_types(item, where)
         if item.get("video") is not None:
@@ -67,12 +67,12 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
             raise UserError(f"{where}: needs 'video' (a file under {folder}) or 'video_id'")
         name = video.relative_to(folder) if video.is_relative_to(folder) else video
         given = next((item[key] for key in ("id", "question_id") if item.get(key) is not None), None)
-        qid = str(given if given is not None else f"{name}|{item['question']}")
+        qid = str(given if given is not None else f"{name}|{question}")
         if qid in seen:
             raise UserError(f"{where}: id {qid!r} appears twice")
         seen.add(qid)
         answer = item.get("answer")
-        questions.append(Question(qid, video, str(item["question"]), None if answer is None else str(answer),
+        questions.append(Question(qid, video, question, None if answer is None else str(answer),
                                   item.get("type")))
     if not questions:
         raise UserError(f"{questions_file} holds no questions")

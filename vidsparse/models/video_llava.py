@@ -77,18 +77,18 @@ def check_context(config: VideoLlavaConfig, num_frames: int, max_new_tokens: int
     `text_tokens` None: not counted yet (checked before the tokenizer is loaded), so the frames that
     fit are an upper bound and said to be one."""
     limit = config.text_config.max_position_embeddings
-    visual = num_frames * tokens_per_frame(config)
-    needed = visual + (text_tokens or 0) + max_new_tokens
+    counted = text_tokens or 0
+    needed = num_frames * tokens_per_frame(config) + counted + max_new_tokens
     if needed <= limit:
         return
-    frames_that_fit = (limit - (text_tokens or 0) - max_new_tokens) // tokens_per_frame(config)
+    frames_that_fit = (limit - counted - max_new_tokens) // tokens_per_frame(config)
     if frames_that_fit >= 1 and text_tokens is None:
         remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text), or lower "
                   "--max-new-tokens")
     elif frames_that_fit >= 1:
         remedy = f"sample at most {frames_that_fit} --frames, or lower --max-new-tokens"
     else:
-        remedy = "shorten the question" if (text_tokens or 0) >= limit // 2 else "lower --max-new-tokens"
+        remedy = "shorten the question" if counted >= limit // 2 else "lower --max-new-tokens"
     text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
     raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
                     f"({num_frames} frames x {tokens_per_frame(config)} visual tokens, {text}, {max_new_tokens} new "
