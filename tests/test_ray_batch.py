@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,22 @@ def test_ray_takes_an_optional_address(clips, tmp_path, monkeypatch, flags, addr
     result = runner.invoke(app, ["batch", "--out", str(tmp_path / "r.jsonl"), *flags, str(clips),
                                  "--question", "what ?", "--model", MODEL])
     assert result.exit_code == 2 and f"would join {address} with" in result.output, result.output
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:{free}", "nothing answers at 127.0.0.1:{free} (Connection refused)"),
+    ("ray://127.0.0.1:{free}", "nothing answers at 127.0.0.1:{free} (Connection refused)"),
+    ("ray://head", "expected 'auto' or HOST:PORT or ray://HOST:PORT"),
+])
+def test_an_address_where_nothing_answers_is_one_line_at_once(clips, tmp_path, address, message):
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    out = tmp_path / "r.jsonl"
+    result = runner.invoke(app, ["batch", str(clips), "--question", "what ?", "--out", str(out),
+                                 "--model", MODEL, "--ray", address.format(free=free)])
+    assert result.exit_code == 2 and message.format(free=free) in result.output, result.output
+    assert result.output.count("\n") == 1 and not out.exists()
 
 
 def test_workers_need_ray(clips, tmp_path):

@@ -127,6 +127,20 @@ def placement(resources: dict[str, float], workers: int | None, device: str) -> 
     return Placement(n, 0, float(int(share)) if share >= 1 else share, max(1, int(share)))
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an address where nothing listens: Ray itself retries for minutes, printing a
+    warning every few seconds, before it gives up."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address}: expected 'auto' or HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"cannot connect to the Ray cluster at {address}: nothing answers at {host}:{port} "
+                        f"({reason}); is the cluster's head running there?") from None
+
+
 class WorkerPool:
     """The Ray actors of one batch run, and the scheduler that feeds them clips."""
 
@@ -145,6 +159,8 @@ class WorkerPool:
         """Join the cluster at ``address`` (``auto``, ``ray://host:port``), or start Ray on this machine
         (``LOCAL``), unless this process already runs Ray; then start the workers."""
         ray = import_ray()
+        if address not in (LOCAL, "auto"):
+            check_reachable(address)
         started = not ray.is_initialized()
         if started:
             quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
@@ -154,8 +170,9 @@ class WorkerPool:
                 else:
                     ray.init(address=address, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                hint = ("; Ray >= 2.59 clusters require token authentication: set RAY_AUTH_MODE=token here, with the "
-                        "cluster's token (ray get-auth-token)") if address != LOCAL else ""
+                unauthenticated = address != LOCAL and os.environ.get("RAY_AUTH_MODE") != "token"
+                hint = ("; if the cluster uses token authentication (Ray >= 2.59 does by default), set RAY_AUTH_MODE="
+                        "token here, with the cluster's token (ray get-auth-token)") if unauthenticated else ""
                 reason = first_line(e, with_type=False)
                 raise UserError(f"cannot connect to the Ray cluster at {address}: {reason}{hint}") from None
         from vidsparse.models.loading import ALIASES
