@@ -23,7 +23,7 @@ def _reference(clip) -> dict[str, list]:
     colour = [COLOR_NAMES.index(o.color) for o in clip.objects]
     ranked = sorted(range(len(clip.objects)), key=lambda k: (onset[k], colour[k]))
     out = {name: [] for name in ("frame", "onset", "rank", "moving", "gone", "present", "vanished", "changed",
-                                 "moved", "seen")}
+                                 "moved", "seen", "first_on", "second_on", "first_off")}
     colours = range(len(COLOR_NAMES))
     in_frame = [{colour[k] for k in range(len(clip.objects)) if shown[k][f]} for f in range(frames)]
     moves = {colour[k] for k in range(len(clip.objects)) if clip.objects[k].moving}
@@ -50,7 +50,18 @@ def _reference(clip) -> dict[str, list]:
             if t < grid * grid:  # only the last token of a frame has seen all of it
                 for name in ("present", "vanished", "moved", "seen"):
                     out[name].append([IGNORE] * len(colours))
+                for name in ("first_on", "second_on", "first_off"):
+                    out[name].append(IGNORE)
                 continue
+            appeared = [k for k in range(len(clip.objects)) if onset[k] <= f]
+            out["first_on"].append(_earliest(appeared, onset, colour))
+            if len(appeared) < 2:
+                out["second_on"].append(len(COLOR_NAMES))
+            else:
+                first = _earliest(appeared, onset, colour)
+                rest = [k for k in appeared if colour[k] != first]
+                out["second_on"].append(IGNORE if first == IGNORE else _earliest(rest, onset, colour))
+            out["first_off"].append(_earliest([k for k in range(len(clip.objects)) if offset[k] < f], offset, colour))
             out["present"].append([float(c in in_frame[f]) for c in colours])
             out["vanished"].append([float(f > 0 and c in in_frame[f - 1] and c not in in_frame[f]) for c in colours])
             out["moved"].append([float(f > 0 and c in in_frame[f - 1] and c in in_frame[f] and c in moves)
@@ -59,9 +70,24 @@ def _reference(clip) -> dict[str, list]:
     return out
 
 
+def _earliest(objects: list[int], time: list[int], colour: list[int]) -> int:
+    """The colour of the one object of ``objects`` with the earliest ``time``; "none" (the colour
+    count) for no object, IGNORE for a tie."""
+    if not objects:
+        return len(COLOR_NAMES)
+    earliest = [k for k in objects if time[k] == min(time[j] for j in objects)]
+    return colour[earliest[0]] if len(earliest) == 1 else IGNORE
+
+
 def test_fact_targets_follow_their_definitions():
     clips = [shapes_hd.sample(np.random.default_rng([5, i]), q, 4)[0]
-             for i, q in enumerate(["disappears", "first", "moving", "count"])]
+             for i, q in enumerate(["disappears", "first", "moving", "count", "second"])]
+    # and clips with ties: two objects appearing first together, two disappearing first together
+    drawn = [shapes_hd.render_clip(np.random.default_rng([7, i])) for i in range(400)]
+    clips += [next(c for c in drawn if sorted(o.onset for o in c.objects)[:2] == [0, 0]),
+              next(c for c in drawn if len({o.offset for o in c.objects}) < len(c.objects)
+                   and min(o.offset for o in c.objects) < shapes_hd.FRAMES - 1
+                   and [o.offset for o in c.objects].count(min(o.offset for o in c.objects)) == 2)]
     # and a clip where a moving object enters the frame (not yet seen moving in its first frame)
     entering = (shapes_hd.render_clip(np.random.default_rng([6, i])) for i in range(1000))
     clips.append(next(c for c in entering if any(o.moving and o.onset > 0 for o in c.objects)))
@@ -75,6 +101,8 @@ def test_fact_targets_follow_their_definitions():
     assert (targets["vanished"] == 1).any() and (targets["present"] == 0).any()
     assert (targets["changed"] == 1).any() and (targets["changed"] == 0).any() and (targets["changed"] == IGNORE).any()
     assert (targets["moved"] == 1).any() and (targets["seen"] == 0).any()
+    for name in ("first_on", "second_on", "first_off"):  # a colour, "none" and a tie each occur
+        assert set(targets[name].unique().tolist()) > {IGNORE, len(COLOR_NAMES)}, name
 
 
 def test_the_loss_reads_the_residual_after_its_layers():
@@ -90,8 +118,8 @@ def test_the_loss_reads_the_residual_after_its_layers():
         out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True)
         loss = facts(visual, fact_targets([clip], shapes_hd))
         # hidden_states[i + 1] is the residual after layer i
-        facts.residual = {i: out.hidden_states[i + 1] for i in range(3)}
+        facts.residual = {i: out.hidden_states[i + 1] for i in range(4)}
         assert torch.allclose(loss, facts(visual, fact_targets([clip], shapes_hd)))
-        facts.residual = {i: out.hidden_states[i + 2] for i in range(3)}
+        facts.residual = {i: out.hidden_states[i + 2] for i in range(4)}
         assert not torch.allclose(loss, facts(visual, fact_targets([clip], shapes_hd)))
     facts.close()

@@ -4,6 +4,7 @@ state ends with exactly the weights of a run that was never interrupted."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ TINY = dataclasses.replace(
         "vision_layers": 1,
         "vision_heads": 2,
         "text_hidden": 16,
-        "text_layers": 3,  # the facts read residuals after layers 0, 1 and 2
+        "text_layers": 4,  # the facts read residuals after layers 0, 1, 2 and 3
         "text_heads": 2,
         "vision_feature_layer": -1,
     },
@@ -39,8 +40,8 @@ TINY = dataclasses.replace(
     word_pointer_weight=0.1,
     early_answer=True,
     temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
-    # then four cycles of 2 steps each (QA steps 5-6, 7-8, 9-10, 11-12), the last three with the frame
-    # pointer, the last with visual-key dropout
+    # then five cycles of 2 steps each (QA steps 5-6, 7-8, 9-10, 11-12, 13-14), the last four with the
+    # frame pointer, the last two with visual-key dropout
     cycles=tuple(dataclasses.replace(c, steps=2) for c in HD.cycles),
 )
 
@@ -54,10 +55,10 @@ def test_each_yardstick_has_its_defaults():
     assert args.eval_seed == 434343 and HD.monitor_seed != HD.eval_seed
     assert HD.arch["text_layers"] >= 8
     assert set(HD.data.QUESTION_TYPES) <= set(HD.qa_tasks)
-    y, _ = train_demo.parse_args(["--yardstick", "hd", "--cycles", "3"])  # the shipped model's recipe (N)
-    assert y.cycles == HD.cycles[:3] and len(HD.cycles) == 4
+    y, _ = train_demo.parse_args(["--yardstick", "hd", "--cycles", "4"])  # recipe O
+    assert y.cycles == HD.cycles[:4] and len(HD.cycles) == 5
     with pytest.raises(SystemExit):
-        train_demo.parse_args(["--yardstick", "hd", "--cycles", "5"])
+        train_demo.parse_args(["--yardstick", "hd", "--cycles", "6"])
 
 
 class Killed(Exception):
@@ -92,11 +93,11 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
 
 
 # qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt;
-# the 6th, 8th, 10th and 12th: inside each cycle, after its own heads (and the frame pointer) have learnt
+# the 6th, 8th, 10th, 12th and 14th: inside each cycle, after its own heads (and the frame pointer) have learnt
 @pytest.mark.parametrize(
     ("stage", "call"),
     [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8), ("qa_batch", 10),
-     ("qa_batch", 12)],
+     ("qa_batch", 12), ("qa_batch", 14)],
 )
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
     torch.set_num_threads(1)
@@ -263,11 +264,11 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
 
 
 def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
-    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then four 2-step cycles) use the
-    main mix, 3-4 the temporal mix, 5-12 the cycles', whose learning rate is warmed up again to their
-    ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second,
-    third and fourth cycles add the frame pointer, only the third and fourth draw their own clips, and
-    only the fourth drops visual keys (set before its forwards, unset after each)."""
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then five 2-step cycles) use the
+    main mix, 3-4 the temporal mix, 5-14 the cycles', whose learning rate is warmed up again to their
+    ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second to
+    fifth cycles add the frame pointer, only the third to fifth draw their own clips, and only the
+    fourth and fifth drop visual keys (set before their forwards, unset after each)."""
     import math
 
     mixes, draws, rates, framed, drops = [], [], [], [], []
@@ -302,15 +303,18 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
     train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
-    first, second, third, fourth = TINY.cycles
+    first, second, third, fourth, fifth = TINY.cycles
     assert mixes == ([TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [first.tasks] * 2 + [second.tasks] * 2
-                     + [third.tasks] * 2 + [fourth.tasks] * 2)
-    assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks != fourth.tasks and 0 < first.lr < 1
-    assert draws == [TINY.qa_clip] * 8 + [third.draw] * 2 + [fourth.draw] * 2 and third.draw is not TINY.qa_clip
-    assert framed == [0] * 6 + [len(c.frame_pointer_layers) for c in (second, third, fourth) for _ in (0, 1)]
-    assert second.frame_pointer_weight > 0 and third.frame_pointer_weight > 0 and fourth.frame_pointer_weight > 0
-    assert drops == [False] * 10 + [True, False] * 2  # each of the fourth's steps: set, then unset after backward
-    assert fourth.key_dropout > 0 and not any(c.key_dropout for c in (first, second, third))
+                     + [third.tasks] * 2 + [fourth.tasks] * 2 + [fifth.tasks] * 2)
+    assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks != fourth.tasks != fifth.tasks
+    assert 0 < first.lr < 1 and 0 < fifth.lr < 1
+    assert draws == [TINY.qa_clip] * 8 + [c.draw for c in (third, fourth, fifth) for _ in (0, 1)]
+    assert third.draw is not TINY.qa_clip
+    later = (second, third, fourth, fifth)
+    assert framed == [0] * 6 + [len(c.frame_pointer_layers) for c in later for _ in (0, 1)]
+    assert all(c.frame_pointer_weight > 0 for c in later)
+    assert drops == [False] * 10 + [True, False] * 4  # each of their steps: set, then unset after backward
+    assert fourth.key_dropout > 0 and fifth.key_dropout > 0 and not any(c.key_dropout for c in (first, second, third))
 
     def cosine(s: int, steps: int) -> float:
         return (s + 1) / 60 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -319,3 +323,55 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     for i, cycle in enumerate(TINY.cycles):
         for s in (0, 1):
             assert rates[4 + 2 * i + s] == pytest.approx(args.lr * cycle.lr * cosine(s, 2))
+
+
+def test_a_trained_checkpoint_continues_with_the_later_cycles_only(tmp_path, monkeypatch):
+    """``--init DIR --from-cycle K`` (how the shipped HD model got its last cycle): the weights start as
+    DIR's, there is no tower stage, only ``--qa-steps`` QA-stage steps and then cycles K.. train, and
+    the training record (EVAL.json) goes on from DIR's: its history first, later steps after it."""
+    torch.set_num_threads(1)
+    monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
+    first = tmp_path / "first"
+    argv = ["--yardstick", "tiny", "--cycles", "4", "--out", str(first)]
+    y, args = train_demo.parse_args(argv)
+    earlier = train_demo.train(y, args, argv, torch.device("cpu"), train_demo.Checkpointer(first / "s.pt", 99, None))
+    (first / "EVAL.json").write_text(json.dumps({"training": earlier}))
+
+    mixes, towers, loaded = [], [], []
+    real_batch, real_load = train_demo.qa_batch, train_demo.load_trained
+
+    def batch(y, *a, **k):
+        mixes.append(y.qa_tasks)
+        return real_batch(y, *a, **k)
+
+    monkeypatch.setattr(train_demo, "qa_batch", batch)
+    monkeypatch.setattr(train_demo, "train_tower", lambda *a, **k: towers.append(1))
+
+    def load(*a, **k):
+        tok, model = real_load(*a, **k)
+        loaded.append({n: p.detach().clone() for n, p in model.state_dict().items()})
+        return tok, model
+
+    monkeypatch.setattr(train_demo, "load_trained", load)
+    argv = ["--yardstick", "tiny", "--init", str(first), "--from-cycle", "4", "--qa-steps", "1", "--out",
+            str(tmp_path / "later")]
+    y, args = train_demo.parse_args(argv)
+    later = train_demo.train(y, args, argv, torch.device("cpu"), train_demo.Checkpointer(tmp_path / "s.pt", 99, None))
+
+    trained = torch.load(first / "s.pt", weights_only=False)["model"]  # the first run's final weights
+    assert trained.keys() == loaded[0].keys() and all(torch.equal(trained[n], loaded[0][n]) for n in trained)
+    assert towers == [] and mixes[1:] == [TINY.cycles[4].tasks] * 2
+    assert mixes[0] == TINY.temporal_tasks  # one QA-stage step (TINY's temporal phase starts at once)
+    assert later["cycle_steps"] == [2, 2, 2, 2, 3] and later["tower_metrics"] == earlier["tower_metrics"]
+    n = len(earlier["history"])
+    assert later["history"][:n] == earlier["history"] and len(later["history"]) > n
+    steps = [h["step"] for h in later["history"]]
+    assert steps[n] > 4 + 8 and steps == sorted(steps)
+    assert later["command"].startswith(earlier["command"] + ", then ") and "--from-cycle 4" in later["command"]
+
+
+@pytest.mark.parametrize("extra", [["--from-cycle", "4"], ["--init", "x"], ["--init", "x", "--from-cycle", "5"],
+                                   ["--init", "no-such-folder", "--from-cycle", "4"]])
+def test_init_and_from_cycle_go_together_within_the_cycles(extra):
+    with pytest.raises(SystemExit):
+        train_demo.parse_args(["--yardstick", "hd", *extra])

@@ -60,6 +60,7 @@ from vidsparse.pointer_loss import object_pixels
 FRAME_LAYER = 0  # the residual after this decoder layer carries the frame index
 OBJECT_LAYER = 1  # ... and after this one, the object facts and the colours gone
 MOTION_LAYER = 2  # ... and after this one, each frame's colours moved and the colours seen so far
+ORDER_LAYER = 3  # ... and after this one, the order of events so far
 CHANGE_PIXELS = 4  # a patch changed when at least this many of its pixels are drawn differently
 HEAD_LR = 1e-3
 IGNORE = -100
@@ -73,7 +74,7 @@ def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
     n = data.FRAMES * per_frame
     frame_of = np.arange(n) // per_frame
     last = np.arange(data.FRAMES) * per_frame + per_frame - 1  # each frame's last token
-    out = {k: np.full((len(clips), n), IGNORE) for k in ("onset", "rank", "moving", "changed")}
+    out = {k: np.full((len(clips), n), IGNORE) for k in ("onset", "rank", "moving", "changed", *ORDER_FACTS)}
     colours = len(COLOR_NAMES)
     gone = np.zeros((len(clips), n, colours), np.float32)
     per_frame_last = {k: np.full((len(clips), n, colours), IGNORE, np.float32)
@@ -101,11 +102,36 @@ def fact_targets(clips: list, data) -> dict[str, torch.Tensor]:
         per_frame_last["moved"][b, last[1:]] = shown[:-1] * shown[1:] * moves
         per_frame_last["seen"][b, last] = np.maximum.accumulate(shown, axis=0)
         out["changed"][b] = patch_changes(clip.ids, data.PATCH)
+        for name, value in order_so_far(clip.objects, data.FRAMES).items():
+            out[name][b, last] = value
     targets = {k: torch.from_numpy(v) for k, v in out.items()}
     targets["frame"] = torch.from_numpy(np.tile(frame_of, (len(clips), 1)))
     targets["gone"] = torch.from_numpy(gone)
     targets.update({k: torch.from_numpy(v) for k, v in per_frame_last.items()})
     return targets
+
+
+ORDER_FACTS = ("first_on", "second_on", "first_off")
+
+
+def order_so_far(objects, frames: int) -> dict[str, np.ndarray]:
+    """Per frame, the colour index of the object that appeared first (``first_on``) and second
+    (``second_on``) and that disappeared first (``first_off``) among the events up to that frame;
+    ``len(COLOR_NAMES)`` while there is none yet, IGNORE while it is a tie (as the questions, which
+    are asked only when it is unique). Once set a value never changes: later events come later."""
+    none = len(COLOR_NAMES)
+    colour = [COLOR_NAMES.index(o.color) for o in objects]
+    out = {name: np.full(frames, IGNORE) for name in ORDER_FACTS}
+    for t in range(frames):
+        onsets = [(o.onset, c) for o, c in zip(objects, colour, strict=True) if o.onset <= t]
+        offsets = [(o.offset, c) for o, c in zip(objects, colour, strict=True) if o.offset < t]
+        for name, events, rank in (("first_on", onsets, 0), ("second_on", onsets, 1), ("first_off", offsets, 0)):
+            times = sorted(time for time, _ in events)
+            if len(times) <= rank:
+                out[name][t] = none
+            elif times.count(times[rank]) == 1:
+                out[name][t] = next(c for time, c in events if time == times[rank])
+    return out
 
 
 def patch_changes(ids: np.ndarray, patch: int) -> np.ndarray:
@@ -143,6 +169,7 @@ FACTS = {
     "changed": (OBJECT_LAYER, 2, False),
     "moved": (MOTION_LAYER, "colours", True),
     "seen": (MOTION_LAYER, "colours", True),
+    **dict.fromkeys(ORDER_FACTS, (ORDER_LAYER, "colours or none", False)),
 }
 PHASE_FACTS = ("frame", "onset", "rank", "moving", "gone")  # recipe K's temporal phase
 
@@ -154,7 +181,8 @@ class TemporalFacts:
     def __init__(self, model, frames: int, max_objects: int, names: tuple[str, ...] = PHASE_FACTS):
         layers = model.model.language_model.layers
         hidden = model.config.text_config.hidden_size
-        sizes = {"frames": frames, "objects": max_objects, "colours": len(COLOR_NAMES)}
+        sizes = {"frames": frames, "objects": max_objects, "colours": len(COLOR_NAMES),
+                 "colours or none": len(COLOR_NAMES) + 1}
         self.names = tuple(name for name in FACTS if name in names)  # one order, whatever the caller's
         generator = torch.Generator().manual_seed(0)  # the training's own RNG streams stay untouched
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, sizes.get(FACTS[name][1], FACTS[name][1]))

@@ -30,9 +30,14 @@ is reproducible on one machine):
    object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
 3. Further cycles (``yardsticks.Cycle``, where the yardstick has them: HD), each with the learning
    rate warmed up again and decayed over its own cosine, its own task mix, fresh heads for its own
-   facts (the colours each frame shows and loses), and in the last a loss that teaches two early
-   heads to look at the same place one frame back. The first schedule had decayed to a twentieth
-   of its peak while "disappears" and "moving" were still near chance.
+   facts (the colours each frame shows and loses; in the last, the order of events so far), from the
+   second on a loss that teaches two early heads to look at the same place one frame back, in the
+   last two random visual-key dropout. The first schedule had decayed to a twentieth of its peak
+   while "disappears" and "moving" were still near chance.
+
+``--init DIR --from-cycle K`` continues a checkpoint this module trained with cycles K.. only (after
+``--qa-steps`` QA-stage steps; no tower stage); its EVAL.json's training record goes on from DIR's.
+The shipped HD model's last cycle was trained that way, on recipe O's weights.
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
@@ -409,6 +414,30 @@ def save(model, tok, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def load_trained(y: Yardstick, path: Path, device: torch.device):
+    """A trained checkpoint to train further (``--init``)."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    tok = word_tokenizer(y.data.vocabulary())
+    return tok, VideoLlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).to(device)
+
+
+def continued(earlier: dict, later: dict) -> dict:
+    """EVAL.json's ``training`` of a run that continued ``earlier``'s checkpoint: both commands, the
+    minutes added, the new cycles after the old ones, and the monitoring history on one step axis."""
+    done = earlier["qa_steps"] + sum(earlier["cycle_steps"])
+    return {
+        **earlier,
+        "command": f"{earlier['command']}, then {later['command']}",
+        "minutes": round(earlier["minutes"] + later["minutes"], 1),
+        "cycle_steps": [*earlier["cycle_steps"], later["qa_steps"] + sum(later["cycle_steps"])],
+        "resumed": earlier["resumed"] + later["resumed"],
+        "history": [*earlier["history"], *({**h, "step": done + h["step"],
+                                            "minutes": round(earlier["minutes"] + h["minutes"], 1)}
+                                           for h in later["history"])],
+    }
+
+
 # ---------------------------------------------------------------- the whole run
 def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> dict:
     """Both stages (or what is left of them after a resume); returns EVAL.json's ``training``."""
@@ -418,9 +447,12 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         return state["training"]
     ckpt.common["resumed"] = state["resumed"] + 1 if state is not None else 0
     torch.manual_seed(0)
-    tok, model = build(y, device)
+    tok, model = build(y, device) if args.init is None else load_trained(y, args.init, device)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(tok)}")
-    if state is not None and state["stage"] == "qa":
+    earlier = json.loads((args.init / "EVAL.json").read_text())["training"] if args.init is not None else None
+    if earlier is not None:
+        tower_metrics = earlier["tower_metrics"]
+    elif state is not None and state["stage"] == "qa":
         tower_metrics = state["tower_metrics"]
     else:
         tower_metrics = train_tower(y, model, args.tower_steps, args.tower_batch, args.tower_lr, device, ckpt)
@@ -445,6 +477,8 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         "tower_metrics": tower_metrics,
         "history": history,
     }
+    if earlier is not None:
+        training = continued(earlier, training)
     ckpt.save("done", args.qa_steps + sum(c.steps for c in y.cycles), model, None, None, force=True, training=training)
     log(f"trained in {training['minutes']} min")
     return training
@@ -469,6 +503,10 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
         ap.add_argument(f"--{name}", type=kind, default=None, help="default: the yardstick's")
     ap.add_argument("--cycles", type=int, default=None,
                     help="train only the first N of the yardstick's further cycles (default: all)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue this trained checkpoint (no tower stage) instead of a new model; with --from-cycle")
+    ap.add_argument("--from-cycle", type=int, default=None,
+                    help="with --init: train only the yardstick's cycles from this one (0 = the first further cycle)")
     ap.add_argument("--eval-seed", type=int, default=None, help="held-out seed (default: the yardstick's)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out, no training")
     ap.add_argument("--eval-data", type=Path, default=None, help="keep the held-out mp4 set here (default: a temp dir)")
@@ -483,6 +521,14 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
         if not 0 <= args.cycles <= len(y.cycles):
             ap.error(f"--cycles must be 0..{len(y.cycles)} for the {y.name} yardstick")
         y = dataclasses.replace(y, cycles=y.cycles[: args.cycles])
+    if (args.init is None) != (args.from_cycle is None):
+        ap.error("--init and --from-cycle go together")
+    if args.from_cycle is not None:
+        if not 0 <= args.from_cycle < len(y.cycles):
+            ap.error(f"--from-cycle must be 0..{len(y.cycles) - 1} for the {y.name} yardstick")
+        if not (args.init / "EVAL.json").exists():
+            ap.error(f"--init {args.init}: no EVAL.json there (a checkpoint this module trained)")
+        y = dataclasses.replace(y, cycles=y.cycles[args.from_cycle:])
     for key, value in {**y.defaults, "eval_seed": y.eval_seed}.items():
         if getattr(args, key) is None:
             setattr(args, key, Path(value) if key == "out" else value)

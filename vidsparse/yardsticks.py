@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from vidsparse.datasets import shapes, shapes_hd
+from vidsparse.temporal_facts import ORDER_FACTS
 
 Draw = Callable[[np.random.Generator, str, int], tuple]  # (rng, question type, max objects) -> (clip, q, a)
 
@@ -198,6 +199,19 @@ _ROBUST_TASKS = {
     "describe_times": 0.10,
     "describe_motion": 0.08,
 }
+# Recipe P's cycle: the order of events (second, disappears) again, with facts that hold each frame's
+# answer so far (``temporal_facts.ORDER_FACTS``).
+_ORDER_TASKS = {
+    "color": 0.04,
+    "shape": 0.04,
+    "count": 0.08,
+    "first": 0.08,
+    "second": 0.28,
+    "disappears": 0.22,
+    "moving": 0.10,
+    "describe_times": 0.12,
+    "describe_motion": 0.04,
+}
 MOTION_P_WINDOW = 0.2  # recipe N's chance that a still object is put down or taken away, in motion questions
 
 
@@ -297,7 +311,10 @@ HD = Yardstick(
     # questions are asked on clips where still objects stay in view as often as moving ones. Recipe O:
     # N, then a fifth cycle of 1000 steps in which half the samples lose a random 0-90% of their
     # visual tokens (before layer 0, and for half of those more after layer 1; ``key_dropout`` says
-    # why), weighted towards the order of events (second, disappears).
+    # why), weighted towards the order of events (second, disappears). Recipe P: O, then a sixth cycle
+    # of 700 steps for the order of events whose facts ask each frame's last token, after layer 3, for
+    # the colour that appeared first and second and that disappeared first so far (O's model got
+    # `second` wrong mostly when the next object appeared one frame later).
     cycles=(
         Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
         Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
@@ -306,6 +323,9 @@ HD = Yardstick(
               frame_pointer_weight=0.5, draw=_hd_motion_clip),
         Cycle(steps=1000, lr=0.3, tasks=_ROBUST_TASKS, facts=_MOTION_FACTS, frame_pointer_layers=(0, 1),
               frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5, min_keep=0.1),
+        Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
+              frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5,
+              min_keep=0.1),
     ),
 )
 
