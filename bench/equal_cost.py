@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+SNAP = 0.05  # percent of the prefill: the sweep table's rounding
 
 def curves(paths: list[Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per method (not `none`): its measured costs (percent of `none`'s prefill) and accuracies,
@@ -31,7 +32,7 @@ def curves(paths: list[Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def at(curve: tuple[np.ndarray, np.ndarray], cost: float) -> float | None:
     costs, accuracy = curve
-    if cost < costs[0] or cost > costs[-1]:
+    if cost < costs[0] - SNAP or cost > costs[-1] + SNAP:  # a grid point a rounding away counts as measured
         return None
     return float(np.interp(cost, costs, accuracy))
 
