@@ -140,7 +140,13 @@ def signal_after(command: list[str], out: Path, lines: int, timeout_s: float, si
     """Start `command` (a batch run writing `out`), send it `sig` once `out` has `lines` lines; return
     (the lines written, its exit code, its stderr)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background job starts with SIGINT ignored and a child inherits that (Python then never
+    # raises KeyboardInterrupt): start the run with SIGINT handled, as a terminal's Ctrl-C finds it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + timeout_s
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < lines):
         time.sleep(0.05)
