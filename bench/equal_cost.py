@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 
 SNAP = 0.05  # percent of the prefill: the sweep table's rounding
+
 
 def curves(paths: list[Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per method (not `none`): its measured costs (percent of `none`'s prefill) and accuracies,
@@ -59,13 +61,8 @@ def main() -> None:
         margin = mine - others[best]
         ahead.append((cost, margin >= -1e-9))
         print(f"{cost:7.1f} {mine:9.3f} {best:>14} {others[best]:.3f} {margin:+7.3f}")
-    ranges, start = [], None
-    for i, (cost, ok) in enumerate(ahead):
-        if ok and start is None:
-            start = cost
-        if start is not None and (not ok or i == len(ahead) - 1):
-            ranges.append((start, cost if ok else ahead[i - 1][0]))
-            start = None
+    runs = [list(run) for ok, run in groupby(ahead, key=lambda point: point[1]) if ok]
+    ranges = [(run[0][0], run[-1][0]) for run in runs]
     print(f"{args.method} >= every other method at: "
           + (", ".join(f"{a:.1f}-{b:.1f}%" for a, b in ranges) if ranges else "no cost of the grid"))
 

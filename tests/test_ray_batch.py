@@ -190,7 +190,8 @@ def test_ray_takes_an_optional_address(clips, tmp_path, monkeypatch, flags, addr
     ("ray://127.0.0.1:{free}", "nothing answers at 127.0.0.1:{free} (Connection refused)"),
     ("ray://head", "expected 'auto' or HOST:PORT or ray://HOST:PORT"),
 ])
-def test_an_address_where_nothing_answers_is_one_line_at_once(clips, tmp_path, address, message):
+def test_an_address_where_nothing_answers_is_one_line_at_once(clips, tmp_path, monkeypatch, address, message):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a new process (the module's cluster runs here)
     with socket.socket() as s:  # a port nothing listens on once this socket is closed
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]

@@ -159,10 +159,10 @@ class WorkerPool:
         """Join the cluster at ``address`` (``auto``, ``ray://host:port``), or start Ray on this machine
         (``LOCAL``), unless this process already runs Ray; then start the workers."""
         ray = import_ray()
-        if address not in (LOCAL, "auto"):
-            check_reachable(address)
         started = not ray.is_initialized()
         if started:
+            if address not in (LOCAL, "auto"):
+                check_reachable(address)
             quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
             try:
                 if address == LOCAL:
