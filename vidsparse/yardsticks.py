@@ -224,6 +224,29 @@ def _hd_motion_clip(rng: np.random.Generator, qtype: str, max_objects: int):
     p_window = MOTION_P_WINDOW if qtype in ("moving", "describe_motion") else shapes_hd.P_WINDOW
     return shapes_hd.sample(rng, qtype, max_objects, p_window)
 
+
+ORDER_TYPES = ("first", "second", "disappears")
+CLOSE_CALL_SHARE = 0.5  # recipe Q's share of order questions asked on a close call
+
+
+def close_call(clip, qtype: str, answer: str) -> bool:
+    """Whether another object's onset (offset for ``disappears``) is one frame from the answer's."""
+    time = (lambda o: o.offset) if qtype == "disappears" else (lambda o: o.onset)
+    t = time(next(o for o in clip.objects if o.color == answer))
+    return any(abs(time(o) - t) == 1 for o in clip.objects if o.color != answer)
+
+
+def _hd_close_call_clip(rng: np.random.Generator, qtype: str, max_objects: int):
+    """Recipe Q's training clips: recipe N's, but half the order questions are asked on close calls.
+    Recipe P's model answered `second` right 0.47 of the time where the next object appears one
+    frame after the answer (11% of the questions) and 0.91 elsewhere (300 tuning clips): its
+    errors are one-frame timing errors, which the natural mix shows too rarely to learn."""
+    want_close = qtype in ORDER_TYPES and rng.random() < CLOSE_CALL_SHARE
+    while True:
+        clip, question, answer = _hd_motion_clip(rng, qtype, max_objects)
+        if not want_close or close_call(clip, qtype, answer):
+            return clip, question, answer
+
 HD = Yardstick(
     name="hd",
     title="ShapesQA-HD demo model",
@@ -314,7 +337,8 @@ HD = Yardstick(
     # why), weighted towards the order of events (second, disappears). Recipe P: O, then a sixth cycle
     # of 700 steps for the order of events whose facts ask each frame's last token, after layer 3, for
     # the colour that appeared first and second and that disappeared first so far (O's model got
-    # `second` wrong mostly when the next object appeared one frame later).
+    # `second` wrong mostly when the next object appeared one frame later). Recipe Q: P, then P's cycle
+    # again with half its order questions asked on close calls (P still got those wrong).
     cycles=(
         Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
         Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
@@ -325,6 +349,9 @@ HD = Yardstick(
               frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5, min_keep=0.1),
         Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
               frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5,
+              min_keep=0.1),
+        Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
+              frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_close_call_clip, key_dropout=0.5,
               min_keep=0.1),
     ),
 )
