@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from shapes_accuracy import Run, per_type_accuracy, print_table
 from transformers.utils import logging
 
 from vidsparse.datasets import shapes_hd
-from vidsparse.metrics import is_correct
-from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
 from vidsparse.pointer_loss import object_pixels
 from vidsparse.pruning import METHODS
@@ -89,25 +87,14 @@ def main() -> None:
     logging.set_verbosity_error()
     METHODS.update(ORACLES)
     qa = VideoQA.from_pretrained("shapes-hd", dtype="float32", device="cpu")
-    runs = [("none", "100%")] + [(m, b) for b in args.budgets.split(",") for m in ("uniform", "stprune", *ORACLES)]
-    correct: dict[tuple[str, str], dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for i in range(args.n):
-        qtype = shapes_hd.QUESTION_TYPES[i % len(shapes_hd.QUESTION_TYPES)]
-        clip, question, answer = shapes_hd.sample(np.random.default_rng([args.seed, i]), qtype)
+    runs = [Run("none", "none", "100%")] + [Run(m, m, b) for b in args.budgets.split(",")
+                                             for m in ("uniform", "stprune", *ORACLES)]
+
+    def remember(clip: shapes_hd.Clip) -> None:
         current_clip[:] = [clip]
-        for method, budget in runs:
-            result = qa.answer(clip.frames, question, AskOptions(method, parse_budget(budget), max_new_tokens=8))
-            correct[method, budget][qtype].append(is_correct(result.answer, answer))
-        if (i + 1) % 50 == 0:
-            print(f"{i + 1}/{args.n} questions", flush=True)
-    rows = [{"method": m, "budget": b, "overall": float(np.mean(sum(by.values(), []))),
-             **{t: float(np.mean(v)) for t, v in by.items()}} for (m, b), by in correct.items()]
-    types = list(shapes_hd.QUESTION_TYPES)
-    print("| method | budget | overall | " + " | ".join(types) + " |")
-    print("|---|---|---|" + "---|" * len(types))
-    for row in rows:
-        print(f"| {row['method']} | {row['budget']} | {row['overall']:.3f} | "
-              + " | ".join(f"{row[t]:.2f}" for t in types) + " |")
+
+    rows = per_type_accuracy(qa, shapes_hd, args.n, args.seed, runs, on_clip=remember)
+    print_table(rows, shapes_hd.QUESTION_TYPES)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"n": args.n, "seed": args.seed, "rows": rows}, indent=1) + "\n")
 

@@ -1,0 +1,62 @@
+"""Per-type accuracy of pruning runs on in-memory ShapesQA clips: what the object oracle and the
+stprune ablation share. Clips are rendered, not read from mp4 files, so a run reads within a few
+questions of `vidsparse sweep` on the same seed's folder (no codec loss)."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from types import ModuleType
+from unittest import mock
+
+import numpy as np
+
+from vidsparse.metrics import is_correct
+from vidsparse.options import AskOptions, parse_budget
+from vidsparse.pipeline import VideoQA
+from vidsparse.pruning import METHODS
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    method: str
+    budget: str
+    settings: dict = field(default_factory=dict)  # constants of the method's module, set for this run only
+
+
+def per_type_accuracy(qa: VideoQA, data: ModuleType, n: int, seed: int, runs: list[Run],
+                      on_clip: Callable[[object], None] = lambda clip: None) -> list[dict]:
+    """Question i asks type i mod len(types) about ``data.sample(default_rng([seed, i]))``; each run
+    answers every question. Rows: label, method, budget, overall, prefill FLOPs share, one per type."""
+    correct: dict[int, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    flops: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for i in range(n):
+        qtype = data.QUESTION_TYPES[i % len(data.QUESTION_TYPES)]
+        clip, question, answer = data.sample(np.random.default_rng([seed, i]), qtype)
+        on_clip(clip)
+        for k, run in enumerate(runs):
+            module = sys.modules[METHODS[run.method].__module__]
+            with mock.patch.multiple(module, **run.settings) if run.settings else nullcontext():
+                result = qa.answer(clip.frames, question,
+                                   AskOptions(run.method, parse_budget(run.budget), max_new_tokens=8))
+            correct[k][qtype].append(is_correct(result.answer, answer))
+            flops[k][0] += result.prefill_flops
+            flops[k][1] += result.prefill_flops_unpruned
+        if (i + 1) % 50 == 0:
+            print(f"{i + 1}/{n} questions", flush=True)
+    return [{"label": run.label, "method": run.method, "budget": run.budget,
+             "overall": float(np.mean(sum(correct[k].values(), []))),
+             "prefill_flops_share": flops[k][0] / flops[k][1],
+             **{t: float(np.mean(v)) for t, v in correct[k].items()}} for k, run in enumerate(runs)]
+
+
+def print_table(rows: list[dict], types: tuple[str, ...]) -> None:
+    print("| run | budget | prefill FLOPs | overall | " + " | ".join(types) + " |")
+    print("|---|---|---|---|" + "---|" * len(types))
+    for row in rows:
+        print(f"| {row['label']} | {row['budget']} | {row['prefill_flops_share']:.1%} | {row['overall']:.3f} | "
+              + " | ".join(f"{row[t]:.2f}" for t in types) + " |")

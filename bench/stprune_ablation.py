@@ -1,0 +1,68 @@
+"""What each part of stprune buys: the shipped method beside variants that remove or change one part,
+on a yardstick's tuning clips (rendered in memory from a seed no evaluation uses), at one budget.
+
+    python bench/stprune_ablation.py --yardstick hd --n 300 --seed 515151 --budget 10%
+    python bench/stprune_ablation.py --yardstick demo --n 300 --seed 777 --budget 10%
+
+Variants are set through the module's constants (`vidsparse/pruning/stprune.py`), one run at a time:
+stage 1 alone (the lattice to B: `uniform`), stage 2 by plain top-k relevance (no redundancy term),
+raters only / last prompt token only, stage 2 after layer 2, a larger first stage (M = 3B), and
+every token through the first layers (stage 2 alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from shapes_accuracy import Run, per_type_accuracy, print_table
+from transformers.utils import logging
+
+from vidsparse.pipeline import VideoQA
+from vidsparse.yardsticks import YARDSTICKS
+
+MODELS = {"demo": "shapes-demo", "hd": "shapes-hd"}
+TUNING_SEEDS = {"demo": 777, "hd": 515151}  # the seeds every earlier ablation was measured on
+EVERY_TOKEN = 1e9  # a first stage of min(n, this x B) tokens keeps them all
+
+
+def variants(budget: str) -> list[Run]:
+    return [
+        Run("stprune as shipped", "stprune", budget),
+        Run("stage 1 only: the lattice to B (= uniform)", "uniform", budget),
+        Run("stage 2 by plain top-k relevance", "stprune", budget, {"REDUNDANCY_WEIGHT": 0.0}),
+        Run("raters only", "stprune", budget, {"RATER_WEIGHT": 1.0}),
+        Run("last prompt token only", "stprune", budget, {"RATER_WEIGHT": 0.0}),
+        Run("stage 2 after layer 2", "stprune", budget, {"QUESTION_LAYER": 2}),
+        Run("M = 3B", "stprune", budget, {"SUMMARY_FACTOR": 3.0}),
+        Run("M = n: every token through the first layers (stage 2 alone)", "stprune", budget,
+            {"SUMMARY_FACTOR": EVERY_TOKEN}),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--yardstick", choices=sorted(MODELS), default="hd")
+    parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=None, help="default: the yardstick's tuning seed (777, 515151)")
+    parser.add_argument("--budget", default="10%")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/stprune_ablation_<yardstick>.json")
+    args = parser.parse_args()
+    logging.set_verbosity_error()
+    yardstick = YARDSTICKS[args.yardstick]
+    seed = TUNING_SEEDS[args.yardstick] if args.seed is None else args.seed
+    if seed == yardstick.eval_seed:
+        parser.error(f"seed {seed} is the held-out set's: an ablation is tuning, use another seed")
+    qa = VideoQA.from_pretrained(MODELS[args.yardstick], dtype="float32", device="cpu")
+    rows = per_type_accuracy(qa, yardstick.data, args.n, seed, [Run("none", "none", "100%"), *variants(args.budget)])
+    print_table(rows, yardstick.data.QUESTION_TYPES)
+    out = args.out or Path(f"bench/results/stprune_ablation_{args.yardstick}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"yardstick": args.yardstick, "n": args.n, "seed": seed, "budget": args.budget,
+                               "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
