@@ -12,7 +12,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import kill_9_after, signal_after
+from tests.conftest import kill_9_after, save_tiny_checkpoint, signal_after
 from vidsparse.cli import app
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct, normalize_answer, summarize
@@ -133,11 +133,11 @@ def test_other_settings_are_refused_naming_what_differs(tmp_path):
 
 
 def test_a_header_without_the_source_still_resumes_but_never_without_a_setting(tmp_path):
-    """A run of an earlier version, whose header did not record the questions' source, still resumes;
-    a header that lacks any other setting is compared on it (and refused)."""
+    """A run of an earlier version, whose header did not record the questions' source or the weights'
+    fingerprint, still resumes; a header that lacks any other setting is compared on it (and refused)."""
     path = tmp_path / "r.jsonl"
     path.write_text(HEADER + '{"id": "1"}\n')
-    with ResultsFile(path, SETTINGS | {"videos": "/clips"}) as results:
+    with ResultsFile(path, SETTINGS | {"videos": "/clips", "weights": "0123456789abcdef"}) as results:
         assert results.done_ids() == {"1"}
     with pytest.raises(UserError, match="seed None there, 0 now"):
         ResultsFile(path, SETTINGS | {"seed": 0})
@@ -211,11 +211,12 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     result = runner.invoke(app, batch_args(folder, out, tiny_checkpoint))
     assert result.exit_code == 1  # one question failed
     header, records = read_results(out)
-    assert header["settings"] | {"model": None} == {
-        "model": None, "dtype": "float32", "method": "sparsevlm", "budget": "25%", "prune_after": None,
+    assert header["settings"] | {"model": None, "weights": None} == {
+        "model": None, "weights": None, "dtype": "float32", "method": "sparsevlm", "budget": "25%", "prune_after": None,
         "positions": "keep", "min_per_frame": 0, "seed": 0, "num_frames": 8, "backend": "auto", "max_new_tokens": 2,
         "videos": str(folder.resolve()), "questions": str((folder / "qa.jsonl").resolve()), "question": None}
     assert header["settings"]["model"] == str(tiny_checkpoint.resolve())
+    assert len(header["settings"]["weights"]) == 16  # hex digits of the weights' fingerprint
     assert len(records) == 13
     errors = [r for r in records if r.get("error")]
     assert [r["video"] for r in errors] == ["broken.mp4"] and "not a video" in errors[0]["error"]
@@ -297,3 +298,36 @@ def test_resume_after_kill_9_loses_and_repeats_nothing(folder, tmp_path, tiny_ch
     ids = [r["id"] for r in lines[1:]]
     assert len(ids) == len(set(ids)) == 13
     assert [json.loads(line) for line in written] == lines[: len(written)]  # old results untouched
+
+
+def test_new_weights_under_the_same_name_are_not_taken_for_answers_given(folder, tmp_path):
+    """A checkpoint retrained in place (or a release shipping new weights under an alias) keeps its
+    name; the results file records a fingerprint of the weights, so resuming on other weights is
+    refused and the answers already written stay as they are."""
+    model = save_tiny_checkpoint(tmp_path / "model", seed=0)
+    out = tmp_path / "r.jsonl"
+    args = ["batch", str(folder), "--question", "what color ?", "--out", str(out), "--model", str(model),
+            "--max-new-tokens", "1"]
+    assert runner.invoke(app, args).exit_code == 1  # broken.mp4
+    before = out.read_text()
+    assert runner.invoke(app, args).exit_code == 1 and out.read_text() == before  # same weights: all done
+    save_tiny_checkpoint(model, seed=1)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "weights '" in again.stderr and "there" in again.stderr
+    assert out.read_text() == before
+
+
+def test_the_weights_fingerprint_tells_weights_apart_whole_or_sampled(tmp_path, monkeypatch):
+    from vidsparse.models import loading
+
+    first = loading.find_checkpoint(str(save_tiny_checkpoint(tmp_path / "a", seed=0)))
+    same = loading.find_checkpoint(str(save_tiny_checkpoint(tmp_path / "b", seed=0)))
+    other = loading.find_checkpoint(str(save_tiny_checkpoint(tmp_path / "c", seed=1)))
+    whole = [loading.weights_fingerprint(s) for s in (first, same, other)]
+    monkeypatch.setattr(loading, "WHOLE_FILE_LIMIT", 0)  # every file sampled, as a 14 GB one is
+    monkeypatch.setattr(loading, "SAMPLE_BYTES", 256)
+    sampled = [loading.weights_fingerprint(s) for s in (first, same, other)]
+    for a, b, c in (whole, sampled):
+        assert a == b != c
+    assert whole[0] != sampled[0]
+    assert loading.weights_fingerprint(loading.Source("org/name", "org/name", True)) is None

@@ -23,13 +23,15 @@ from vidsparse.video import DecodedVideo, decode_video
 
 
 def batch_settings(model: str, dtype: str, device: str, options: AskOptions) -> dict[str, Any]:
-    """What decides the answers of a batch (and so what a results file must not mix): the checkpoint,
-    the dtype it runs in (resolved: `auto` differs between CPU and GPU) and every answer option."""
-    from vidsparse.models.loading import find_checkpoint, resolve_device, resolve_dtype
+    """What decides the answers of a batch (and so what a results file must not mix): the checkpoint
+    and its weights, the dtype it runs in (resolved: `auto` differs between CPU and GPU) and every
+    answer option."""
+    from vidsparse.models.loading import find_checkpoint, resolve_device, resolve_dtype, weights_fingerprint
 
+    source = find_checkpoint(model)
     resolved = resolve_dtype(dtype, resolve_device(device))
-    return {"model": find_checkpoint(model).identity, "dtype": str(resolved).removeprefix("torch."),
-            **options.settings()}
+    return {"model": source.identity, "weights": weights_fingerprint(source),
+            "dtype": str(resolved).removeprefix("torch."), **options.settings()}
 
 
 def source_settings(videos: Path, questions_file: Path | None, question: str | None) -> dict[str, Any]:

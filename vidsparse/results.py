@@ -7,8 +7,9 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
 - One writer: an exclusive `flock` is held for the whole run; a second run is refused at once,
   naming the process that holds the file.
 - A resume must use the same settings as the file's header, or it is refused (saying which differ).
-  A header without the questions' source (`SOURCE_KEYS`: a file written before vidsparse recorded
-  it) is not compared on it, so that an unfinished run of an earlier version can still be resumed.
+  A header without the questions' source or the weights' fingerprint (`LATER_KEYS`: a file written
+  before vidsparse recorded them) is not compared on them, so that an unfinished run of an earlier
+  version can still be resumed.
 - A question that failed (an `error` record) is skipped like an answered one, unless the run retries
   errors (`retry_errors`, after a video was fixed): its new record is appended and supersedes the
   error (`latest`); nothing is ever removed.
@@ -29,8 +30,9 @@ from typing import Any
 from vidsparse.errors import UserError
 
 MAGIC, VERSION = "results", 1
-# Settings a header written before vidsparse recorded them may lack: where the questions come from.
-SOURCE_KEYS = frozenset({"videos", "questions", "question"})
+# Settings a header written before vidsparse recorded them may lack: where the questions come from,
+# and the fingerprint of the weights.
+LATER_KEYS = frozenset({"videos", "questions", "question", "weights"})
 
 
 class ResultsFile:
@@ -95,7 +97,7 @@ class ResultsFile:
 
     def _check_settings(self, recorded: dict[str, Any]) -> None:
         differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in self.settings.items()
-                  if (key in recorded or key not in SOURCE_KEYS) and recorded.get(key) != value]
+                  if (key in recorded or key not in LATER_KEYS) and recorded.get(key) != value]
         if differ:
             raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
                             "same settings, or choose a new --out")

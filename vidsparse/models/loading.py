@@ -9,6 +9,7 @@ hub client would otherwise retry for ~25 s before failing).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import socket
@@ -63,6 +64,34 @@ class Source:
         folder = Path(self.location)
         found = next((f for f in WEIGHT_FILES if (folder / f).is_file()), None) if folder.is_dir() else None
         return self.file(found) if found else f"the weights of {self.name}"
+
+
+WHOLE_FILE_LIMIT = 1 << 30  # weight files up to this size are hashed whole
+SAMPLES, SAMPLE_BYTES = 64, 1 << 20  # larger ones: this many evenly spaced pieces of this size
+
+
+def weights_fingerprint(source: Source) -> str | None:
+    """A digest of a local checkpoint's weight files (None for a hub id, which names its weights): a
+    folder's name or an alias cannot tell two sets of weights apart (a model retrained in place, a
+    release that ships new weights under the same alias), and a results file must not mix their
+    answers. Files up to 1 GiB are hashed whole; a larger one by its size and 64 evenly spaced MiB
+    (training changes every tensor), so that a 14 GB checkpoint costs 64 MiB of reading, not 14 GB."""
+    folder = Path(source.location)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name} {size}\n".encode())
+        with open(path, "rb") as file:
+            if size <= WHOLE_FILE_LIMIT:
+                while piece := file.read(SAMPLE_BYTES):
+                    digest.update(piece)
+                continue
+            for k in range(SAMPLES):
+                file.seek(max(0, size - SAMPLE_BYTES) * k // (SAMPLES - 1))
+                digest.update(file.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def find_checkpoint(name_or_path: str) -> Source:
