@@ -219,3 +219,26 @@ def test_placement_one_worker_per_gpu_or_a_share_of_the_cores():
     assert placement({"CPU": 2}, None, "auto").workers == 1
     small = placement({"CPU": 2}, 4, "auto")  # more workers than cores: they share them
     assert (small.cpus, small.threads) == (0.5, 1)
+
+
+@pytest.mark.parametrize(("differs", "hint"), [({"weights": "0123456789abcdef"}, "same checkpoint"),
+                                               ({"dtype": "bfloat16"}, "give --dtype explicitly")])
+def test_workers_that_resolve_different_settings_are_refused_naming_them(differs, hint):
+    """One results file holds one model's answers: workers on machines with other weights under the same
+    model name (or another default dtype) are refused before anything is answered."""
+    from types import SimpleNamespace
+
+    from vidsparse.ray_batch import WorkerPool
+
+    base = {"model": "m", "weights": "fedcba9876543210", "dtype": "float32"}
+
+    def actor(settings):
+        return SimpleNamespace(settings=SimpleNamespace(remote=lambda options: settings))
+
+    pool = WorkerPool.__new__(WorkerPool)
+    pool.ray = SimpleNamespace(get=list, exceptions=SimpleNamespace(RayActorError=RuntimeError))
+    pool.actors = {0: actor(base), 1: actor(base | differs)}
+    with pytest.raises(UserError, match=rf"different settings \({next(iter(differs))}\): .*{hint}"):
+        pool.settings(None)
+    pool.actors = {0: actor(base), 1: actor(dict(base))}
+    assert pool.settings(None) == base

@@ -203,8 +203,9 @@ class WorkerPool:
                 raise UserError(answer)
         if any(s != found[0] for s in found):
             differ = sorted({k for s in found for k, v in s.items() if v != found[0].get(k)})
-            raise UserError(f"the Ray workers resolve different settings ({', '.join(differ)}): give --dtype "
-                            "explicitly, or use workers of one kind")
+            hint = ("the machines hold different weights under that model name: give every worker the same "
+                    "checkpoint" if "weights" in differ else "give --dtype explicitly, or use workers of one kind")
+            raise UserError(f"the Ray workers resolve different settings ({', '.join(differ)}): {hint}")
         return found[0]
 
     def run(self, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
