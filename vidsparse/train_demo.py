@@ -30,14 +30,15 @@ is reproducible on one machine):
    object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
 3. Further cycles (``yardsticks.Cycle``, where the yardstick has them: HD), each with the learning
    rate warmed up again and decayed over its own cosine, its own task mix, fresh heads for its own
-   facts (the colours each frame shows and loses; in the last, the order of events so far), from the
-   second on a loss that teaches two early heads to look at the same place one frame back, in the
-   last two random visual-key dropout. The first schedule had decayed to a twentieth of its peak
-   while "disappears" and "moving" were still near chance.
+   facts (the colours each frame shows and loses; in the last two, the order of events so far), from
+   the second on a loss that teaches two early heads to look at the same place one frame back, in the
+   last three random visual-key dropout, and in the last order questions asked on close calls. The
+   first schedule had decayed to a twentieth of its peak while "disappears" and "moving" were still
+   near chance.
 
 ``--init DIR --from-cycle K`` continues a checkpoint this module trained with cycles K.. only (after
 ``--qa-steps`` QA-stage steps; no tower stage); its EVAL.json's training record goes on from DIR's.
-The shipped HD model's last cycle was trained that way, on recipe O's weights.
+The shipped HD model's last two cycles were trained that way, each on the previous release's weights.
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same

@@ -14,7 +14,7 @@ training task mix, the seeds and the default step counts -- so that one trainer
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 import numpy as np
@@ -225,15 +225,13 @@ def _hd_motion_clip(rng: np.random.Generator, qtype: str, max_objects: int):
     return shapes_hd.sample(rng, qtype, max_objects, p_window)
 
 
-ORDER_TYPES = ("first", "second", "disappears")
 CLOSE_CALL_SHARE = 0.5  # recipe Q's share of order questions asked on a close call
 
 
 def close_call(clip, qtype: str, answer: str) -> bool:
     """Whether another object's onset (offset for ``disappears``) is one frame from the answer's."""
-    time = (lambda o: o.offset) if qtype == "disappears" else (lambda o: o.onset)
-    t = time(next(o for o in clip.objects if o.color == answer))
-    return any(abs(time(o) - t) == 1 for o in clip.objects if o.color != answer)
+    t = shapes_hd.event_time(next(o for o in clip.objects if o.color == answer), qtype)
+    return any(abs(shapes_hd.event_time(o, qtype) - t) == 1 for o in clip.objects if o.color != answer)
 
 
 def _hd_close_call_clip(rng: np.random.Generator, qtype: str, max_objects: int):
@@ -241,11 +239,16 @@ def _hd_close_call_clip(rng: np.random.Generator, qtype: str, max_objects: int):
     Recipe P's model answered `second` right 0.47 of the time where the next object appears one
     frame after the answer (11% of the questions) and 0.91 elsewhere (300 tuning clips): its
     errors are one-frame timing errors, which the natural mix shows too rarely to learn."""
-    want_close = qtype in ORDER_TYPES and rng.random() < CLOSE_CALL_SHARE
+    want_close = qtype in shapes_hd.TEMPORAL_TYPES and rng.random() < CLOSE_CALL_SHARE
     while True:
         clip, question, answer = _hd_motion_clip(rng, qtype, max_objects)
         if not want_close or close_call(clip, qtype, answer):
             return clip, question, answer
+
+# Recipe P's cycle; recipe Q's is the same with close calls.
+_ORDER_CYCLE = Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
+                     frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5,
+                     min_keep=0.1)
 
 HD = Yardstick(
     name="hd",
@@ -347,12 +350,8 @@ HD = Yardstick(
               frame_pointer_weight=0.5, draw=_hd_motion_clip),
         Cycle(steps=1000, lr=0.3, tasks=_ROBUST_TASKS, facts=_MOTION_FACTS, frame_pointer_layers=(0, 1),
               frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5, min_keep=0.1),
-        Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
-              frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5,
-              min_keep=0.1),
-        Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
-              frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_close_call_clip, key_dropout=0.5,
-              min_keep=0.1),
+        _ORDER_CYCLE,
+        replace(_ORDER_CYCLE, draw=_hd_close_call_clip),
     ),
 )
 

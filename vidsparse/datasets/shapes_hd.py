@@ -239,6 +239,11 @@ def render_clip(rng: np.random.Generator, n_objects: int | None = None, p_window
     return Clip(np.clip(np.round(img), 0, 255).astype(np.uint8), objects, ids, bg)
 
 
+def event_time(obj: HDObject, qtype: str) -> int:
+    """The frame an order question ranks objects by: the offset for ``disappears``, else the onset."""
+    return obj.offset if qtype == "disappears" else obj.onset
+
+
 def ask(clip: Clip, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
     """(question, answer) of type ``qtype`` about ``clip``; ValueError when the clip does not
     define a unique answer (see the module docstring)."""
@@ -256,8 +261,8 @@ def ask(clip: Clip, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
         return QUESTION_TEMPLATES["count"], COUNT_WORDS[len(objs)]
     if qtype == "moving":
         return QUESTION_TEMPLATES["moving"], MOVING_WORDS[sum(o.moving for o in objs)]
-    if qtype in ("first", "second", "disappears"):
-        times = [o.offset for o in objs] if qtype == "disappears" else [o.onset for o in objs]
+    if qtype in TEMPORAL_TYPES:
+        times = [event_time(o, qtype) for o in objs]
         rank = 1 if qtype == "second" else 0
         ranked = sorted(times) + [FRAMES]
         if len(set(ranked[: rank + 2])) < rank + 2 or (qtype == "disappears" and ranked[0] == FRAMES - 1):
