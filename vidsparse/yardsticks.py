@@ -343,8 +343,8 @@ HD = Yardstick(
     # the colour that appeared first and second and that disappeared first so far (O's model got
     # `second` wrong mostly when the next object appeared one frame later). Recipe Q: P, then P's cycle
     # again with half its order questions asked on close calls (P still got those wrong). Recipe R: Q,
-# then that cycle once more with 80% of its order questions on close calls (Q got `second` right
-# 0.59 of the time on close calls where the next object appears one frame later).
+    # then that cycle once more with 80% of its order questions on close calls (Q got `second` right
+    # 0.59 of the time on close calls where the next object appears one frame later).
     cycles=(
         Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
         Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
