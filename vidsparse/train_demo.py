@@ -202,8 +202,7 @@ def cosine(step: int, total: int, warmup: int) -> float:
 
 
 def train_tower(
-    y: Yardstick, model, steps: int, batch: int, lr: float, device, ckpt: Checkpointer | None = None,
-    seed: int = TRAIN_SEED,
+    y: Yardstick, model, steps: int, batch: int, lr: float, device, seed: int, ckpt: Checkpointer | None = None
 ) -> dict:
     tower = model.model.video_tower
     heads = PatchHeads(tower.config.hidden_size).to(device)
@@ -458,8 +457,8 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
     elif state is not None and state["stage"] == "qa":
         tower_metrics = state["tower_metrics"]
     else:
-        tower_metrics = train_tower(y, model, args.tower_steps, args.tower_batch, args.tower_lr, device, ckpt,
-                                    args.train_seed)
+        tower_metrics = train_tower(y, model, args.tower_steps, args.tower_batch, args.tower_lr, device,
+                                    args.train_seed, ckpt)
     ckpt.common["tower_metrics"] = tower_metrics
     history = train_qa(y, model, tok, args.out, args, device, ckpt)
     # The image tower is never trained (videos only); give it the video tower's weights so
