@@ -164,6 +164,25 @@ def test_another_question_or_folder_is_not_taken_for_answers_given(folder, tmp_p
     assert out.read_text() == before
 
 
+@pytest.mark.parametrize("edit", [{"video": "b.webm"}, {"question": "what moves ?"}, {"answer": "circle"}])
+def test_an_id_that_now_means_another_question_is_refused(folder, tmp_path, tiny_checkpoint, edit):
+    """Editing the questions file between runs must not let a recorded id pass its old answer off as
+    the answer to the new question under that id."""
+    questions, out = tmp_path / "qa.jsonl", tmp_path / "r.jsonl"
+    line = {"id": "q1", "video": "a.mp4", "question": "what color ?", "answer": "square"}
+    questions.write_text(json.dumps(line) + "\n")
+    command = ["batch", str(folder), "--questions", str(questions), "--out", str(out), "--model",
+               str(tiny_checkpoint), "--max-new-tokens", "1"]
+    assert runner.invoke(app, command).exit_code == 0
+    before = out.read_text()
+    questions.write_text(json.dumps(line | edit) + "\n")
+    again = runner.invoke(app, command)
+    assert again.exit_code == 2 and "id 'q1' was recorded with" in again.stderr, again.output
+    assert out.read_text() == before
+    questions.write_text(json.dumps(line) + "\n")  # restored: resumes, nothing left to answer
+    assert runner.invoke(app, command).exit_code == 0 and out.read_text() == before
+
+
 def test_one_writer_at_a_time(tmp_path):
     path = tmp_path / "r.jsonl"
     with ResultsFile(path, SETTINGS) as first:

@@ -148,11 +148,25 @@ def test_unwritable_outputs_fail_before_the_model_loads(clips, tmp_path, tiny_ch
                                  "/proc/vidsparse-sweep"), "cannot write")
 
 
+def test_show_kept_never_overwrites_what_is_not_a_png(clips, tmp_path, tiny_checkpoint, folder):
+    video = tmp_path / "clip.mp4"
+    shutil.copy(clips["h264"], video)
+    before = video.read_bytes()
+    assert_one_line_error(ask(video, QUESTION, tiny_checkpoint, "--show-kept", video), "is not a PNG")
+    assert video.read_bytes() == before
+    questions = folder / "qa.jsonl"
+    text = questions.read_text()
+    assert_one_line_error(ask(video, QUESTION, tiny_checkpoint, "--show-kept", questions), "is not a PNG")
+    assert questions.read_text() == text
+
+
 def test_show_kept_writes_exactly_the_path_given(clips, tmp_path, tiny_checkpoint):
     picture = tmp_path / "kept"  # no extension: nothing may be added to it
     result = ask(clips["h264"], QUESTION, tiny_checkpoint, "--method", "fastv", "--show-kept", picture)
     assert result.exit_code == 0, result.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not picture.with_suffix(".png").exists()
+    again = ask(clips["h264"], QUESTION, tiny_checkpoint, "--method", "uniform", "--show-kept", picture)
+    assert again.exit_code == 0, again.output  # an earlier picture may be replaced
 
 
 def test_a_second_batch_on_the_same_results_waits_for_nobody(folder, tmp_path, tiny_checkpoint):

@@ -55,6 +55,23 @@ def clips_to_answer(questions: list[Question], results: ResultsFile) -> dict[Pat
     return group_by_video([q for q in questions if q.id not in done])
 
 
+def check_same_questions(questions: list[Question], root: Path, results: ResultsFile) -> None:
+    """A recorded id must still mean the same question: an edited questions file that reuses an id
+    would otherwise be skipped as answered, and its old answer reported as the new one's."""
+    recorded = results.latest()
+    for q in questions:
+        record = recorded.get(q.id)
+        if record is None:
+            continue
+        now = question_record(q, root)
+        differ = [key for key in ("video", "question", "reference") if key in record and record[key] != now[key]]
+        if differ:
+            key = differ[0]
+            raise UserError(f"{results.path}: id {q.id!r} was recorded with {key} {record[key]!r}, the questions "
+                            f"now give {now[key]!r}; the questions changed since that run: restore them, or choose "
+                            "a new --out")
+
+
 def prefetched(videos: list[Path], options: AskOptions) -> Iterator[tuple[Path, DecodedVideo | UserError]]:
     """Decoded videos in order, the next one decoding on a thread while the caller works."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:

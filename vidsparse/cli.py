@@ -267,7 +267,7 @@ def batch(
     if questions is not None and out.exists() and out.resolve() == questions.resolve():
         raise UserError(f"--out {out} is the questions file: give the results their own file")
     _check_context_early(model, options)
-    from vidsparse.batch import batch_settings, run_batch, source_settings
+    from vidsparse.batch import batch_settings, check_same_questions, run_batch, source_settings
     from vidsparse.metrics import accuracy, summarize
     from vidsparse.outputs import replace_file
     from vidsparse.results import ResultsFile
@@ -285,6 +285,7 @@ def batch(
             settings = pool.settings(options)
         results = stack.enter_context(ResultsFile(out, settings | source_settings(videos_dir, questions, question),
                                                   retry_errors))
+        check_same_questions(todo, videos_dir, results)
         done = len(ids & results.done_ids())
         qa = _load(model, dtype, device) if pool is None else None
         records = {i: r for i, r in results.latest().items() if i in ids}  # a retried error: its new record

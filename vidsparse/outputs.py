@@ -11,14 +11,27 @@ from pathlib import Path
 
 from vidsparse.errors import UserError
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 
 def check_output_file(path: Path, flag: str) -> None:
-    """An output file (e.g. --show-kept's PNG) must be writable: checked before a model is loaded."""
+    """A PNG output file (e.g. --show-kept's) must be writable, and may replace only an earlier PNG:
+    a slip of the path must never overwrite the video or a questions file. Checked before a model is
+    loaded."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name such as {path / 'kept.png'}")
     check_output_dir(path.parent, flag)
-    if path.exists() and not os.access(path, os.W_OK):
+    if not path.exists():
+        return
+    if not os.access(path, os.W_OK):
         raise UserError(f"cannot write {path} ({flag}): the file is read-only")
+    try:
+        with path.open("rb") as f:
+            is_png = f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({flag}): {e.strerror or e}") from None
+    if not is_png:
+        raise UserError(f"{flag} {path} exists and is not a PNG picture; it is left alone (give another name)")
 
 
 def check_output_dir(folder: Path, flag: str) -> None:
