@@ -82,6 +82,12 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 300
     assert "x prefill" in result.stdout
+    again = runner.invoke(app, ["sweep", str(clips["h264"]), "what color is the square ?", "--model",
+                                str(tiny_checkpoint), "--methods", "uniform", "--budgets", "5%", "--repeats", "1",
+                                "--max-new-tokens", "1", "--out", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    # Nothing to grade and nothing drawn this time: the first sweep's pictures must not pass for this one's.
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["latency.png"]
 
 
 def test_sweep_a_folder_reports_accuracy_and_skips_a_broken_clip(tiny_checkpoint, folder, tmp_path):

@@ -412,7 +412,7 @@ def sweep(
         todo = [Question("0", target, question, answer)]
     with new_output_dir(out, "--out"):  # a run refused before its first row leaves no empty folder
         _check_context_early(model, options)
-        from vidsparse.sweep import run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
+        from vidsparse.sweep import remove_stale_pictures, run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
 
         cells = sweep_cells(method_list, budget_list, options)
         qa = _load(model, dtype, device)
@@ -434,6 +434,7 @@ def sweep(
                                      out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
                                      f"budget {cell.budget})")
                     paths[f"kept {cell.method}"] = path
+        remove_stale_pictures(out, list(paths.values()))
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), markup=False)
         if skipped:
             for video, error in skipped:

@@ -217,6 +217,18 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+PICTURES = ("latency.png", "accuracy.png", "accuracy_vs_flops.png", "kept-*.png")  # what a sweep may draw
+
+
+def remove_stale_pictures(out_dir: Path, written: list[Path]) -> None:
+    """A sweep's pictures that this run did not draw again (an earlier sweep into the same folder, of
+    other methods or with something to grade) would pass for this run's: they are removed."""
+    for pattern in PICTURES:
+        for path in out_dir.glob(pattern):
+            if path not in written:
+                path.unlink(missing_ok=True)
+
+
 X_AXES = {"visual_tokens": "visual tokens after pruning (budget)",
           "prefill_flops_share": "LLM prefill FLOPs, share of none's"}
 
