@@ -52,6 +52,20 @@ def test_special_tokens_in_a_question(clips, tiny_checkpoint):
     assert_one_line_error(ask(clips["h264"], "where </s> now", tiny_checkpoint), "'</s>'")
 
 
+def test_one_question_for_every_video_is_refused_once_when_it_cannot_be_asked(clips, tmp_path, tiny_checkpoint):
+    """--question is asked of every video: a bad one is the user's mistake, not one error per clip."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(clips["h264"], folder / "good.mp4")
+    out = tmp_path / "r.jsonl"
+    batch = ("batch", folder, "--out", out, "--model", tiny_checkpoint, "--max-new-tokens", 1, "--question")
+    assert_one_line_error(invoke(*batch, "what <video> ?"), "special token")
+    assert_one_line_error(invoke(*batch, "   "), "--question is empty")
+    assert not out.exists()  # nothing answered, nothing left behind
+    assert_one_line_error(invoke("sweep", clips["h264"], "   ", "--model", tiny_checkpoint, "--out", tmp_path / "s"),
+                          "the question is empty")
+
+
 def test_batch_records_a_bad_question_or_special_file_and_answers_the_rest(clips, tmp_path, tiny_checkpoint):
     folder = tmp_path / "videos"
     folder.mkdir()

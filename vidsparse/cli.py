@@ -288,6 +288,10 @@ def batch(
         check_same_questions(todo, videos_dir, results)
         done = len(ids & results.done_ids())
         qa = _load(model, dtype, device) if pool is None else None
+        if question is not None and qa is not None:  # one question for every video: refused once, not per video
+            refused = qa.checked_prompt(question, options.num_frames, options)
+            if isinstance(refused, UserError):
+                raise refused
         records = {i: r for i, r in results.latest().items() if i in ids}  # a retried error: its new record
         this_run: list[dict[str, Any]] = []
         with _progress() as progress:
@@ -404,8 +408,10 @@ def sweep(
     else:
         if questions is not None:
             raise UserError("--questions is for a folder of videos; about one video, give the QUESTION after it")
-        if question is None or not question.strip():
+        if question is None:
             raise UserError("give the QUESTION after the video (or a folder with --questions)")
+        if not question.strip():
+            raise UserError("the question is empty")
         from vidsparse.video import check_video_file
 
         check_video_file(target)

@@ -129,7 +129,7 @@ class VideoQA:
             video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))
         num_frames = len(video.frames) if isinstance(video, DecodedVideo) else options.num_frames
         with timer.stage("preprocess"):
-            prompts = [self._prompt_ids(q, num_frames, options) for q in questions]
+            prompts = [self.checked_prompt(q, num_frames, options) for q in questions]
         if all(isinstance(p, UserError) for p in prompts):
             yield from prompts
             return
@@ -185,7 +185,8 @@ class VideoQA:
             yield done.pop(out)
             out += 1
 
-    def _prompt_ids(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
+    def checked_prompt(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
+        """The prompt's token ids, or why this question cannot be asked (empty, special tokens, too long)."""
         model = self.model
         try:
             if not question.strip():
