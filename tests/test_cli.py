@@ -8,6 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from vidsparse import cli
 from vidsparse.cli import app
 from vidsparse.models import loading
 
@@ -256,3 +257,31 @@ def test_make_shapes_hd_writes_the_real_geometry_yardstick(tmp_path):
     assert decode_video(out / items[0]["video"], 8).frames.shape == (8, 64, 64, 3)
     bad = runner.invoke(app, ["make-shapes", str(out), "--kind", "4k"])
     assert bad.exit_code == 2 and "--kind must be demo or hd" in bad.stderr
+
+
+def test_a_stdout_that_cannot_be_written_is_one_line():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "vidsparse", "methods"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120, check=False)
+    assert done.returncode == 2 and done.stderr.strip() == "error: No space left on device", done.stderr
+
+
+def test_ctrl_c_that_an_import_turned_into_another_error_exits_130(monkeypatch):
+    """transformers' lazy modules re-raise a KeyboardInterrupt during an import as ModuleNotFoundError."""
+    def interrupted_import(**kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ModuleNotFoundError("Could not import module 'VideoLlavaForConditionalGeneration'") from e
+
+    monkeypatch.setattr(cli, "app", interrupted_import)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 130
+
+    def broken_import(**kwargs):
+        raise ModuleNotFoundError("a real bug")
+
+    monkeypatch.setattr(cli, "app", broken_import)
+    with pytest.raises(ModuleNotFoundError):  # not an interrupt: not hidden
+        cli.main()

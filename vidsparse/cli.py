@@ -539,4 +539,22 @@ def main() -> None:
             err_console.print(f"[bold red]error:[/] {escape(e.format_message().rstrip('.'))}{hint}", highlight=False,
                               soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
+    except OSError as e:  # what no command caught: stdout itself cannot be written (a full disk, /dev/full)
+        err_console.print(f"[bold red]error:[/] {escape(str(e.strerror or e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as e:
+        if interrupted(e):  # Ctrl-C inside an import that re-raised it as another error (transformers' lazy modules)
+            sys.exit(130)
+        raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def interrupted(error: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is anywhere in the chain of causes that led to `error`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
