@@ -47,6 +47,18 @@ def test_one_question_for_every_video(folder):
     assert [q.id for q in questions] == ["a.mp4", "b.webm", "broken.mp4", "sub/c.mp4"]
 
 
+def test_hidden_files_and_folders_are_not_clips(folder, tmp_path):
+    root = tmp_path / "videos"
+    shutil.copytree(folder, root)
+    (root / "._a.mp4").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork beside a.mp4
+    (root / ".cache").mkdir()
+    shutil.copy(root / "a.mp4", root / ".cache" / "copy.mp4")
+    found = {q.id for q in load_questions(root, None, "what color ?")}
+    assert found == {"a.mp4", "b.webm", "broken.mp4", "sub/c.mp4"}
+    with pytest.raises(UserError, match="no such folder"):
+        load_questions(tmp_path / "missing", None, "what color ?")
+
+
 def test_a_null_field_is_no_field(folder, tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"video": "a.mp4", "question": "q", "id": null}\n'

@@ -26,11 +26,15 @@ class Question:
 
 
 def find_videos(folder: Path) -> list[Path]:
-    """Every file under `folder` (recursively) with a video extension, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    """Every file under `folder` (recursively) with a video extension, sorted; hidden files and folders
+    left out (macOS's `._clip.mp4` resource forks, `.cache/`): they are not the user's clips."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def load_questions(folder: Path, questions_file: Path | None, question: str | None) -> list[Question]:
+    if not folder.exists():
+        raise UserError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of videos")
     if questions_file is not None and question is not None:
