@@ -90,6 +90,32 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["latency.png"]
 
 
+def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monkeypatch):
+    from vidsparse import sweep
+
+    real = sweep.run_sweep
+
+    def interrupted_after_two_cells(qa, todo, cells, options, repeats, on_step, on_cell_done):
+        finished = []
+
+        def cell_done():
+            on_cell_done()
+            finished.append(1)
+            if len(finished) == 2:
+                raise KeyboardInterrupt
+
+        return real(qa, todo, cells, options, repeats, on_step, cell_done)
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted_after_two_cells)
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["sweep", str(clips["h264"]), "what color is the square ?", "--model",
+                                 str(tiny_checkpoint), "--methods", "none,uniform,fastv", "--budgets", "10%",
+                                 "--repeats", "1", "--max-new-tokens", "1", "--out", str(out)])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert f"interrupted: the 2 row(s) measured so far are in {out / 'sweep.csv'}" in result.stderr
+    assert [r["method"] for r in json.loads((out / "sweep.json").read_text())] == ["none", "uniform"]
+
+
 def test_sweep_a_folder_reports_accuracy_and_skips_a_broken_clip(tiny_checkpoint, folder, tmp_path):
     result = runner.invoke(app, ["sweep", str(folder), "--questions", str(folder / "qa.jsonl"), "--model",
                                  str(tiny_checkpoint), "--methods", "none,uniform", "--budgets", "5%",

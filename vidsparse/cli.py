@@ -424,8 +424,17 @@ def sweep(
         qa = _load(model, dtype, device)
         with _progress() as progress:
             task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
-            skipped = run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1),
-                                lambda: write_tables(sweep_rows(cells), out))
+            try:
+                skipped = run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1),
+                                    lambda: write_tables(sweep_rows(cells), out))
+            except KeyboardInterrupt:
+                progress.stop()
+                rows = len(sweep_rows(cells))
+                kept = (f"the {rows} row(s) measured so far are in {out / 'sweep.csv'}, sweep.json and sweep.md"
+                        if rows else "nothing was written")
+                err_console.print(f"interrupted: {kept} (a sweep does not resume: run it again for the rest)",
+                                  markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
         rows = sweep_rows(cells)
         if not rows:
             raise UserError("no clip could be decoded: " + "; ".join(error for _, error in skipped))
