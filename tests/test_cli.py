@@ -152,6 +152,7 @@ def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
         (["--budget", "-5"], "--budget must be at least 1"),
         (["--budget", "0%"], "percentage must be in"),
         (["--budget", "lots"], "token count or a percentage"),
+        (["--budget", "1_000"], "token count or a percentage"),
         (["--method", "fastv", "--prune-after", "3"], "between 0 and 2"),
         (["--method", "pdrop", "--prune-after", "2,1"], "strictly increasing"),
         (["--method", "pdrop", "--prune-after", "1,x"], "layer numbers"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -88,6 +89,13 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
     assert again.exit_code == 0, again.output
     # Nothing to grade and nothing drawn this time: the first sweep's pictures must not pass for this one's.
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["latency.png"]
+
+
+@pytest.mark.parametrize("budgets, message", [("100%,,10%", "has an empty item"), ("10%,25%,10%", "names 10% twice"),
+                                             ("10%,0", "--budgets must be at least 1")])
+def test_bad_budget_lists_are_one_line_errors(clips, budgets, message):
+    result = runner.invoke(app, ["sweep", str(clips["h264"]), "what ?", "--budgets", budgets])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
 
 
 def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from vidsparse.errors import UserError
-from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budget
+from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budgets
 
 # Only light modules at the top: help and option mistakes are answered before torch and
 # transformers (seconds of imports) are loaded; each command imports what it needs.
@@ -392,7 +392,7 @@ def sweep(
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    budget_list = [parse_budget(b) for b in budgets.split(",") if b.strip()]
+    budget_list = parse_budgets(budgets)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for name in method_list:
         ask_options(name)  # unknown names fail here, before anything heavy

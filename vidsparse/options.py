@@ -7,6 +7,7 @@ once, before the seconds it takes to import torch and transformers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -41,8 +42,9 @@ class Budget:
         return str(self.count) if self.count is not None else f"{self.share * 100:g}%"
 
 
-def parse_budget(value: int | str | Budget) -> Budget:
-    """`194` -> 194 tokens; `"10%"` -> a tenth of the clip's visual tokens."""
+def parse_budget(value: int | str | Budget, flag: str = "--budget") -> Budget:
+    """`194` -> 194 tokens; `"10%"` -> a tenth of the clip's visual tokens. A count is plain digits
+    (not `1_000`, which Python's int() would take)."""
     if isinstance(value, Budget):
         return value
     text = str(value).strip()
@@ -50,17 +52,29 @@ def parse_budget(value: int | str | Budget) -> Budget:
         try:
             percent = float(text[:-1])
         except ValueError:
-            raise UserError(f"--budget takes a token count or a percentage like 10%, got {text!r}") from None
+            raise UserError(f"{flag} takes a token count or a percentage like 10%, got {text!r}") from None
         if not 0 < percent <= 100:
-            raise UserError(f"--budget percentage must be in (0, 100], got {text}")
+            raise UserError(f"{flag} percentage must be in (0, 100], got {text}")
         return Budget(share=percent / 100)
-    try:
-        tokens = int(text)
-    except ValueError:
-        raise UserError(f"--budget takes a token count or a percentage like 10%, got {text!r}") from None
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise UserError(f"{flag} takes a token count or a percentage like 10%, got {text!r}")
+    tokens = int(text)
     if tokens < 1:
-        raise UserError(f"--budget must be at least 1 visual token, got {tokens}")
+        raise UserError(f"{flag} must be at least 1 visual token, got {tokens}")
     return Budget(count=tokens)
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    """`sweep --budgets 100%,25%,10%`: each item a budget; an empty or repeated item is a mistake
+    (a repeated one would measure the same cell twice)."""
+    items = [item.strip() for item in text.split(",")]
+    if text.strip() and "" in items:
+        raise UserError(f"--budgets {text!r} has an empty item")
+    budgets = [parse_budget(item, "--budgets") for item in items if item]
+    repeated = sorted({str(b) for b in budgets if budgets.count(b) > 1})
+    if repeated:
+        raise UserError(f"--budgets names {repeated[0]} twice")
+    return budgets
 
 
 def parse_layers(value: str | int | Sequence[int] | None) -> tuple[int, ...] | None:
