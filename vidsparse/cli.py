@@ -462,7 +462,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
     single = all(r["answer"] is not None for r in rows)
     table = Table(title="Sweep (timings: medians of interleaved runs; x = speedup vs none)", title_justify="left")
     headers = ["method", "budget", "tokens", "answer" if single else "", "acc" if graded else "=none",
-               "equiv", "TFLOPs", "FLOPs %", "prefill ms", "total ms", "peak MB", "x prefill", "x total"]
+               "equiv", "prefill FLOPs", "FLOPs %", "prefill ms", "total ms", "peak MB", "x prefill", "x total"]
     for h in (h for h in headers if h):
         table.add_column(h, justify="left" if h in ("method", "budget", "answer") else "right",
                          no_wrap=h != "answer", max_width=24 if h == "answer" else None)
@@ -472,7 +472,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
         if single:
             cells.append(str(r["answer"]))
         cells += ["-" if quality is None else f"{quality:.1%}", f"{r['equivalent_tokens']:g}",
-                  f"{r['prefill_tflops']:.4f}", f"{r['prefill_flops_share']:.1%}", f"{r['prefill_ms']:,.1f}",
+                  _si(r["prefill_tflops"] * 1e12), f"{r['prefill_flops_share']:.1%}", f"{r['prefill_ms']:,.1f}",
                   f"{r['total_ms']:,.1f}",
                   "-" if r["peak_mb"] is None else f"{r['peak_mb']:,.0f}",
                   "-" if r["prefill_speedup"] is None else f"{r['prefill_speedup']:.2f}",
