@@ -162,6 +162,17 @@ def test_unwritable_outputs_fail_before_the_model_loads(clips, tmp_path, tiny_ch
                                  "/proc/vidsparse-sweep"), "cannot write")
 
 
+def test_results_onto_the_commands_own_stdout_are_refused(folder, tmp_path, tiny_checkpoint):
+    """`--out /dev/stdout > file`: the summary table would be written over the results."""
+    log = tmp_path / "log.txt"
+    with log.open("w") as stdout:
+        done = subprocess.run([sys.executable, "-m", "vidsparse", "batch", str(folder), "--question", "what ?",
+                               "--model", str(tiny_checkpoint), "--out", "/dev/stdout"], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    assert done.returncode == 2 and "is this command's own standard output" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and log.read_text() == ""
+
+
 def test_show_kept_never_overwrites_what_is_not_a_png(clips, tmp_path, tiny_checkpoint, folder):
     video = tmp_path / "clip.mp4"
     shutil.copy(clips["h264"], video)

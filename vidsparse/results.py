@@ -152,6 +152,14 @@ def _check_regular_or_absent(path: Path) -> None:
         return
     except OSError as e:
         raise UserError(f"cannot use {path} as the results file: {e.strerror}") from None
+    for fd, name in ((1, "standard output"), (2, "standard error")):
+        try:
+            own = os.path.samestat(os.fstat(fd), path.stat())
+        except OSError:  # that stream is closed, or not a file
+            own = False
+        if own:
+            raise UserError(f"--out {path} is this command's own {name}: the summary would be written over the "
+                            "results; give the results their own file")
     if stat.S_ISDIR(mode):
         raise UserError(f"--out {path} is a directory; give a file name such as {path / 'results.jsonl'}")
     if not stat.S_ISREG(mode):
