@@ -251,6 +251,7 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     assert len(records) == 13
     errors = [r for r in records if r.get("error")]
     assert [r["video"] for r in errors] == ["broken.mp4"] and "not a video" in errors[0]["error"]
+    assert errors[0]["answer"] is None and errors[0]["correct"] is None  # every record has the keys to read
     answered = [r for r in records if not r.get("error")]
     assert all(r["pruning"]["visual_per_stage"] == [136, 34] and isinstance(r["correct"], bool) for r in answered)
     # A clip's questions share its vision tower and prompt head: each record says with how many.

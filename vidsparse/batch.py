@@ -107,10 +107,13 @@ def answer_fields(result: AskResult | Exception, path: Path) -> dict[str, Any]:
 
 
 def answer_record(q: Question, root: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """One line of the results file: the question, then its answer fields, then whether it is correct."""
+    """One line of the results file: the question, then its answer fields, then whether it is correct
+    (an error record has `answer` and `correct` too, both null, so that every record has the same keys
+    to read)."""
+    if "error" in fields:
+        return question_record(q, root) | {"answer": None, "correct": None} | fields
     record = question_record(q, root) | fields
-    if "error" not in fields:
-        record["correct"] = None if q.answer is None else is_correct(fields["answer"], q.answer)
+    record["correct"] = None if q.answer is None else is_correct(fields["answer"], q.answer)
     return record
 
 
