@@ -117,7 +117,7 @@ BROKEN = {
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "cannot load"),
     "pickled code": (_pickle_with_code, "pickled code"),
     "no tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
-                     "tokenizer.json"),
+                     "has no tokenizer (tokenizer.json"),
     "garbage tokenizer": (lambda f: (f / "tokenizer.json").write_text("{not json"), "tokenizer.json"),
     "tokenizer of another model": (lambda f: _edit_json("config.json")(f, lambda c: c.update(video_token_index=4)),
                                    "do not belong together"),
@@ -130,7 +130,7 @@ BROKEN = {
                      "patch_size is 0"),
     "config that is a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "not a VideoLLaVA checkpoint"),
     "config with a wrong type": (lambda f: _edit_json("config.json")(f, lambda c: c["text_config"].update(
-        num_hidden_layers="four")), "config.json"),
+        num_hidden_layers="four")), "expected int, got str"),
 }
 
 
@@ -160,6 +160,24 @@ def test_unwritable_outputs_fail_before_the_model_loads(clips, tmp_path, tiny_ch
                           "cannot write")
     assert_one_line_error(invoke("sweep", clips["h264"], QUESTION, "--model", tiny_checkpoint, "--out",
                                  "/proc/vidsparse-sweep"), "cannot write")
+
+
+def test_a_table_that_cannot_be_written_leaves_the_previous_one_and_no_stub(tmp_path, monkeypatch):
+    import errno
+
+    from vidsparse.errors import UserError
+    from vidsparse.outputs import replace_file
+
+    table = tmp_path / "sweep.csv"
+    replace_file(table, "a,b\n1,2\n")
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        replace_file(table, "a,b\n3,4\n")
+    assert table.read_text() == "a,b\n1,2\n" and sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv"]
 
 
 def test_results_onto_the_commands_own_stdout_are_refused(folder, tmp_path, tiny_checkpoint):

@@ -12,4 +12,8 @@ def first_line(error: BaseException, with_type: bool = True) -> str:
     text = str(error).strip()
     if not text:
         return type(error).__name__
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0]
+    if line.endswith(":") and len(lines) > 1:  # "Validation error for field 'x':" says why on the next line
+        line = f"{line} {lines[1]}"
+    return f"{type(error).__name__}: {line}" if with_type else line

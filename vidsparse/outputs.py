@@ -82,4 +82,5 @@ def replace_file(path: Path, text: str) -> None:
         partial.write_text(text)
         os.replace(partial, path)
     except OSError as e:
+        partial.unlink(missing_ok=True)  # a full disk must not leave a stub beside the previous version
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None

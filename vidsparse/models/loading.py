@@ -146,8 +146,15 @@ def load_config(source: Source) -> VideoLlavaConfig:
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a fast, SentencePiece or BPE tokenizer
+
+
 def load_tokenizer(source: Source, config: VideoLlavaConfig) -> PreTrainedTokenizerBase:
     where = source.file("tokenizer.json")
+    folder = Path(source.location)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the tokenizer files of "
+                        "the model's release beside its weights")
     tokenizer = _loading(source, where, lambda: AutoTokenizer.from_pretrained(
         source.location, local_files_only=source.local_only))
     placeholder = tokenizer("<video>", add_special_tokens=False).input_ids
