@@ -147,15 +147,16 @@ class ResultsFile:
 
 def _check_regular_or_absent(path: Path) -> None:
     try:
-        mode = path.stat().st_mode
+        found = path.stat()
     except FileNotFoundError:
         return
     except OSError as e:
         raise UserError(f"cannot use {path} as the results file: {e.strerror}") from None
+    mode = found.st_mode
     for fd, name in ((1, "standard output"), (2, "standard error")):
         try:
-            own = os.path.samestat(os.fstat(fd), path.stat())
-        except OSError:  # that stream is closed, or not a file
+            own = os.path.samestat(os.fstat(fd), found)
+        except OSError:  # that stream is closed
             own = False
         if own:
             raise UserError(f"--out {path} is this command's own {name}: the summary would be written over the "
