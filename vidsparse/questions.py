@@ -40,11 +40,11 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
     if questions_file is not None and question is not None:
         raise UserError("give a questions file or one question for every video, not both")
     if questions_file is None:
-        if question is not None and not question.strip():
-            raise UserError("--question is empty")
         if question is None:
             raise UserError(f"{folder} is a folder: give a questions file (--questions FILE), or one question to ask "
                             "about every video in it")
+        if not question.strip():
+            raise UserError("--question is empty")
         videos = find_videos(folder)
         if not videos:
             raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {folder}")
