@@ -271,6 +271,22 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     assert again.exit_code == 1 and len(read_results(out)[1]) == 13 and "--retry-errors" in again.stderr
 
 
+def test_without_pruning_a_resume_is_not_refused_over_pruning_options(folder, tmp_path, tiny_checkpoint):
+    """`--method none` keeps every token, so its answers cannot depend on --budget, --positions or
+    --min-per-frame: a resume that repeats other values goes on (a method comparison script passes
+    the same --budget to every method) instead of refusing the file."""
+    out = tmp_path / "r.jsonl"
+    common = ["batch", str(folder), "--questions", str(folder / "qa.jsonl"), "--out", str(out), "--model",
+              str(tiny_checkpoint), "--method", "none", "--max-new-tokens", "1"]
+    first = runner.invoke(app, [*common, "--budget", "10"])
+    assert first.exit_code == 1, first.output  # broken.mp4
+    header, records = read_results(out)
+    assert header["settings"]["budget"] == "100%" and len(records) == 13
+    again = runner.invoke(app, [*common, "--budget", "25%", "--positions", "compact", "--min-per-frame", "2"])
+    assert again.exit_code == 1 and "--retry-errors" in again.stderr, again.output
+    assert read_results(out) == (header, records)
+
+
 def test_retry_errors_asks_the_failed_questions_again(folder, tmp_path, tiny_checkpoint):
     """Once the broken video is fixed, --retry-errors answers its question; the new record supersedes
     the error in the summary, and every earlier line stays."""

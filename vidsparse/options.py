@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from vidsparse.errors import UserError
@@ -113,9 +113,14 @@ class AskOptions:
     max_new_tokens: int = 64
 
     def settings(self) -> dict[str, Any]:
-        """JSON-ready values, the budget as the user would write it."""
-        return {**asdict(self), "budget": str(self.budget),
-                "prune_after": None if self.prune_after is None else list(self.prune_after)}
+        """JSON-ready values of what decides the answers, the budget as the user would write it. Without
+        pruning, the pruning options decide nothing: they are recorded as used (every token, in place), so
+        that a results file of `--method none` resumes whatever --budget the command line repeats."""
+        used = self
+        if self.method == "none":
+            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0)
+        return {**asdict(used), "budget": str(used.budget),
+                "prune_after": None if used.prune_after is None else list(used.prune_after)}
 
 
 def ask_options(method: str = "none", budget: int | str | Budget = 194,
