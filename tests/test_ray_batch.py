@@ -137,6 +137,16 @@ def test_a_clip_whose_workers_keep_dying_becomes_error_records(cluster, clips, r
     same_answers([r for r in records if r not in died] + [reference[r["id"]] for r in died], reference)
 
 
+def test_a_question_for_every_clip_that_cannot_be_asked_is_refused_once(cluster, clips, tmp_path):
+    """As in the single-process batch: a bad --question is the user's mistake, refused before any
+    clip is sent, not one error record per clip that --retry-errors could never fix."""
+    out = tmp_path / "r.jsonl"
+    result = runner.invoke(app, ["batch", str(clips), "--question", "what <video> ?", "--out", str(out),
+                                 "--model", MODEL, "--ray", "--workers", "1"])
+    assert result.exit_code == 2 and "special token" in result.output, result.output
+    assert result.output.count("\n") == 1 and not out.exists()
+
+
 def test_a_killed_driver_resumes(clips, reference, tmp_path):
     """kill -9 of the driver mid-run, then the same command: every question once, the same answers."""
     out = tmp_path / "r.jsonl"
@@ -233,7 +243,7 @@ def test_workers_that_resolve_different_settings_are_refused_naming_them(differs
     base = {"model": "m", "weights": "fedcba9876543210", "dtype": "float32"}
 
     def actor(settings):
-        return SimpleNamespace(settings=SimpleNamespace(remote=lambda options: settings))
+        return SimpleNamespace(settings=SimpleNamespace(remote=lambda options, question: settings))
 
     pool = WorkerPool.__new__(WorkerPool)
     pool.ray = SimpleNamespace(get=list, exceptions=SimpleNamespace(RayActorError=RuntimeError))

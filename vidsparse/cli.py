@@ -282,7 +282,7 @@ def batch(
             from vidsparse.ray_batch import WorkerPool
 
             pool = stack.enter_context(WorkerPool.start(ray_address, workers, model, dtype, device))
-            settings = pool.settings(options)
+            settings = pool.settings(options, question)
         results = stack.enter_context(ResultsFile(out, settings | source_settings(videos_dir, questions, question),
                                                   retry_errors))
         check_same_questions(todo, videos_dir, results)

@@ -68,14 +68,18 @@ class ClipWorker:
         except UserError as e:  # reported by settings(), as one line on the driver
             self.failure = str(e)
 
-    def settings(self, options: AskOptions) -> dict[str, Any] | str:
-        """The results file's settings as this worker resolves them, or why it cannot answer."""
+    def settings(self, options: AskOptions, question: str | None = None) -> dict[str, Any] | str:
+        """The results file's settings as this worker resolves them, or why it cannot answer (`question`:
+        the --question asked of every clip, checked here once, as the driver holds no tokenizer)."""
         from vidsparse.batch import batch_settings
 
         if self.failure is not None:
             return self.failure
         try:
             self.qa.model.check_context(None, options.num_frames, options.max_new_tokens)
+            refused = None if question is None else self.qa.checked_prompt(question, options.num_frames, options)
+            if isinstance(refused, UserError):
+                return str(refused)
             return batch_settings(self.model, self.dtype, self.device, options)
         except UserError as e:
             return str(e)
@@ -192,10 +196,11 @@ class WorkerPool:
         if self.actors.pop(index, None) is not None:
             self._spawn()
 
-    def settings(self, options: AskOptions) -> dict[str, Any]:
-        """The settings every worker resolves (they must agree: one results file, one dtype)."""
+    def settings(self, options: AskOptions, question: str | None = None) -> dict[str, Any]:
+        """The settings every worker resolves (they must agree: one results file, one dtype); a
+        --question (`question`) that cannot be asked is refused here, before any clip is sent."""
         try:
-            found = self.ray.get([actor.settings.remote(options) for actor in self.actors.values()])
+            found = self.ray.get([actor.settings.remote(options, question) for actor in self.actors.values()])
         except self.ray.exceptions.RayActorError as e:
             raise UserError(f"a Ray worker could not start: {first_line(e, with_type=False)}") from None
         for answer in found:
