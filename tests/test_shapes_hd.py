@@ -290,7 +290,7 @@ def test_recipe_n_asks_motion_questions_on_clips_where_still_objects_stay_in_vie
 
     clips = [shapes_hd.render_clip(np.random.default_rng([12, i]), p_window=0.0) for i in range(20)]
     assert all(o.visible.all() for c in clips for o in c.objects if not o.moving)
-    draw = HD.cycles[-1].draw
+    draw = HD.cycles[2].draw  # recipe N's
 
     def still_in_view(qtype: str) -> float:
         clips = [draw(np.random.default_rng([13, i]), qtype, 4)[0] for i in range(60)]
@@ -300,7 +300,7 @@ def test_recipe_n_asks_motion_questions_on_clips_where_still_objects_stay_in_vie
     assert still_in_view("count") < 0.45
 
 
-@pytest.mark.parametrize("cycle, share", [(-2, 0.5), (-1, 0.8)])  # recipe Q's, recipe R's
+@pytest.mark.parametrize("cycle, share", [(5, 0.5), (6, 0.8)])  # recipe Q's, recipe R's
 def test_recipes_q_and_r_ask_their_share_of_the_order_questions_on_close_calls(cycle, share):
     """A close call, from the masks: another object's first (for ``disappears``, last) frame is one
     frame from the answer's. Recipe Q's draw asks at least half the order questions on one, recipe
@@ -326,4 +326,31 @@ def test_recipes_q_and_r_ask_their_share_of_the_order_questions_on_close_calls(c
     for qtype in ("count", "moving"):
         clip, q, a = draw(np.random.default_rng([15, 0]), qtype, 4)
         same, q2, a2 = _hd_motion_clip(np.random.default_rng([15, 0]), qtype, 4)
+        assert np.array_equal(clip.frames, same.frames) and (q, a) == (q2, a2)
+
+
+def test_recipe_t_asks_motion_questions_with_as_many_clips_for_every_number_of_movers():
+    """Recipe T's draw: with ``share=1`` every number of moving objects, counted from the masks, is
+    about as common as any other for the clip's number of objects (the data set's draw makes all of
+    them moving rare), the answer is that count, and the other types' clips are recipe R's."""
+    from vidsparse.yardsticks import HD, _hd_balanced_movers_clip, _hd_close_call_clip
+
+    drawn = [_hd_balanced_movers_clip(np.random.default_rng([16, i]), "moving", 4, share=1.0) for i in range(300)]
+    counts = {n: np.zeros(n + 1) for n in range(shapes_hd.MIN_OBJECTS, shapes_hd.MAX_OBJECTS + 1)}
+    for clip, _, answer in drawn:
+        n = len(clip.objects)
+        movers = sum(_moves(_masks(clip, k)) for k in range(n))
+        assert answer == shapes_hd.MOVING_WORDS[movers]
+        counts[n][movers] += 1
+    for n, seen in counts.items():
+        assert seen.sum() > 50 and np.abs(seen / seen.sum() - 1 / (n + 1)).max() < 0.12, (n, seen)
+    natural = [shapes_hd.sample(np.random.default_rng([16, i]), "moving")[0] for i in range(300)]
+    def all_move(clips) -> float:
+        return float(np.mean([all(o.moving for o in c.objects) for c in clips]))
+
+    assert all_move([d[0] for d in drawn]) > all_move(natural) + 0.08
+    assert HD.cycles[7].draw is _hd_balanced_movers_clip
+    for qtype in ("second", "count"):
+        clip, q, a = HD.cycles[7].draw(np.random.default_rng([17, 0]), qtype, 4)
+        same, q2, a2 = _hd_close_call_clip(np.random.default_rng([17, 0]), qtype, 4, share=0.8)
         assert np.array_equal(clip.frames, same.frames) and (q, a) == (q2, a2)

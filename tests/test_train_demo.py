@@ -41,8 +41,8 @@ TINY = dataclasses.replace(
     word_pointer_weight=0.1,
     early_answer=True,
     temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
-    # then seven cycles of 2 steps each (QA steps 5-6, 7-8, ..., 17-18), the last six with the frame
-    # pointer, the last four with visual-key dropout
+    # then eight cycles of 2 steps each (QA steps 5-6, 7-8, ..., 19-20), the last seven with the frame
+    # pointer, the last five with visual-key dropout
     cycles=tuple(dataclasses.replace(c, steps=2) for c in HD.cycles),
 )
 
@@ -57,9 +57,9 @@ def test_each_yardstick_has_its_defaults():
     assert HD.arch["text_layers"] >= 8
     assert set(HD.data.QUESTION_TYPES) <= set(HD.qa_tasks)
     y, _ = train_demo.parse_args(["--yardstick", "hd", "--cycles", "4"])  # recipe O
-    assert y.cycles == HD.cycles[:4] and len(HD.cycles) == 7
+    assert y.cycles == HD.cycles[:4] and len(HD.cycles) == 8
     with pytest.raises(SystemExit):
-        train_demo.parse_args(["--yardstick", "hd", "--cycles", "8"])
+        train_demo.parse_args(["--yardstick", "hd", "--cycles", "9"])
 
 
 class Killed(Exception):
@@ -265,11 +265,11 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
 
 
 def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
-    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then seven 2-step cycles) use the
-    main mix, 3-4 the temporal mix, 5-18 the cycles', whose learning rate is warmed up again to their
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then eight 2-step cycles) use the
+    main mix, 3-4 the temporal mix, 5-20 the cycles', whose learning rate is warmed up again to their
     ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second to
-    seventh cycles add the frame pointer, only the third to seventh draw their own clips, and only the
-    fourth to seventh drop visual keys (set before their forwards, unset after each)."""
+    eighth cycles add the frame pointer, only the third to eighth draw their own clips, and only the
+    fourth to eighth drop visual keys (set before their forwards, unset after each)."""
     import math
 
     mixes, draws, rates, framed, drops = [], [], [], [], []
@@ -304,18 +304,19 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
     train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
-    first, second, third, fourth, fifth, sixth, seventh = TINY.cycles
+    first, second, third, fourth, fifth, sixth, seventh, eighth = TINY.cycles
     assert mixes == [TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [c.tasks for c in TINY.cycles for _ in (0, 1)]
     assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks != fourth.tasks != fifth.tasks
-    assert 0 < first.lr < 1 and 0 < seventh.lr < 1
-    drawing = (third, fourth, fifth, sixth, seventh)
+    assert 0 < first.lr < 1 and 0 < eighth.lr < 1
+    drawing = (third, fourth, fifth, sixth, seventh, eighth)
     assert draws == [TINY.qa_clip] * 8 + [c.draw for c in drawing for _ in (0, 1)]
     assert third.draw is not TINY.qa_clip and sixth.draw is not third.draw and seventh.draw is not sixth.draw
+    assert eighth.draw is not seventh.draw and eighth.tasks != seventh.tasks
     later = (second, *drawing)
     assert framed == [0] * 6 + [len(c.frame_pointer_layers) for c in later for _ in (0, 1)]
     assert all(c.frame_pointer_weight > 0 for c in later)
-    assert drops == [False] * 10 + [True, False] * 8  # each of their steps: set, then unset after backward
-    assert all(c.key_dropout > 0 for c in (fourth, fifth, sixth, seventh))
+    assert drops == [False] * 10 + [True, False] * 10  # each of their steps: set, then unset after backward
+    assert all(c.key_dropout > 0 for c in (fourth, fifth, sixth, seventh, eighth))
     assert not any(c.key_dropout for c in (first, second, third))
 
     def cosine(s: int, steps: int) -> float:
@@ -335,7 +336,7 @@ def test_a_trained_checkpoint_continues_with_the_later_cycles_only(tmp_path, mon
     torch.set_num_threads(1)
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     first = tmp_path / "first"
-    argv = ["--yardstick", "tiny", "--cycles", "6", "--out", str(first)]
+    argv = ["--yardstick", "tiny", "--cycles", "7", "--out", str(first)]
     y, args = train_demo.parse_args(argv)
     earlier = train_demo.train(y, args, argv, torch.device("cpu"), train_demo.Checkpointer(first / "s.pt", 99, None))
     (first / "EVAL.json").write_text(json.dumps({"training": earlier}))
@@ -357,25 +358,25 @@ def test_a_trained_checkpoint_continues_with_the_later_cycles_only(tmp_path, mon
         return tok, model
 
     monkeypatch.setattr(train_demo, "load_trained", load)
-    argv = ["--yardstick", "tiny", "--init", str(first), "--from-cycle", "6", "--qa-steps", "1", "--train-seed",
+    argv = ["--yardstick", "tiny", "--init", str(first), "--from-cycle", "7", "--qa-steps", "1", "--train-seed",
             "8", "--out", str(tmp_path / "later")]
     y, args = train_demo.parse_args(argv)
     later = train_demo.train(y, args, argv, torch.device("cpu"), train_demo.Checkpointer(tmp_path / "s.pt", 99, None))
 
     trained = torch.load(first / "s.pt", weights_only=False)["model"]  # the first run's final weights
     assert trained.keys() == loaded[0].keys() and all(torch.equal(trained[n], loaded[0][n]) for n in trained)
-    assert towers == [] and mixes[1:] == [TINY.cycles[6].tasks] * 2
+    assert towers == [] and mixes[1:] == [TINY.cycles[7].tasks] * 2
     assert mixes[0] == TINY.temporal_tasks  # one QA-stage step (TINY's temporal phase starts at once)
     assert draws[0] == np.random.default_rng([8, 2]).bit_generator.state
-    assert later["cycle_steps"] == [2, 2, 2, 2, 2, 2, 3] and later["tower_metrics"] == earlier["tower_metrics"]
+    assert later["cycle_steps"] == [2, 2, 2, 2, 2, 2, 2, 3] and later["tower_metrics"] == earlier["tower_metrics"]
     n = len(earlier["history"])
     assert later["history"][:n] == earlier["history"] and len(later["history"]) > n
     steps = [h["step"] for h in later["history"]]
-    assert steps[n] > 4 + 10 and steps == sorted(steps)
-    assert later["command"].startswith(earlier["command"] + ", then ") and "--from-cycle 6" in later["command"]
+    assert steps[n] > 4 + 12 and steps == sorted(steps)
+    assert later["command"].startswith(earlier["command"] + ", then ") and "--from-cycle 7" in later["command"]
 
 
-@pytest.mark.parametrize("extra", [["--from-cycle", "4"], ["--init", "x"], ["--init", "x", "--from-cycle", "7"],
+@pytest.mark.parametrize("extra", [["--from-cycle", "4"], ["--init", "x"], ["--init", "x", "--from-cycle", "8"],
                                    ["--init", "no-such-folder", "--from-cycle", "4"]])
 def test_init_and_from_cycle_go_together_within_the_cycles(extra):
     with pytest.raises(SystemExit):

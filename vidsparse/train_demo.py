@@ -30,16 +30,17 @@ is reproducible on one machine):
    object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
 3. Further cycles (``yardsticks.Cycle``, where the yardstick has them: HD), each with the learning
    rate warmed up again and decayed over its own cosine, its own task mix, fresh heads for its own
-   facts (the colours each frame shows and loses; in the last three, the order of events so far), from
+   facts (the colours each frame shows and loses; in the last four, the order of events so far), from
    the second on a loss that teaches two early heads to look at the same place one frame back, in the
-   last four random visual-key dropout, and in the last two order questions asked on close calls. The
+   last five random visual-key dropout, in the last three order questions asked on close calls, and in
+   the last half its motion questions on clips where every number of moving objects is equally common. The
    first schedule had decayed to a twentieth of its peak while "disappears" and "moving" were still
    near chance.
 
 ``--init DIR --from-cycle K`` continues a checkpoint this module trained with cycles K.. only (after
 ``--qa-steps`` QA-stage steps; no tower stage); its EVAL.json's training record goes on from DIR's.
-The shipped HD model's last three cycles were trained that way, each on the previous release's weights
-(the last with ``--train-seed 8``, so that its clips are not those its previous cycle had drawn).
+The shipped HD model's last four cycles were trained that way, each on the previous release's weights
+(the last two with ``--train-seed 8`` and ``12``, so that their clips are not those an earlier cycle drew).
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
