@@ -33,7 +33,7 @@ is reproducible on one machine):
    facts (the colours each frame shows and loses; in the last four, the order of events so far), from
    the second on a loss that teaches two early heads to look at the same place one frame back, in the
    last five random visual-key dropout, in the last three order questions asked on close calls, and in
-   the last half its motion questions on clips where every number of moving objects is equally common. The
+   the last, half its motion questions on clips where every number of moving objects is equally common. The
    first schedule had decayed to a twentieth of its peak while "disappears" and "moving" were still
    near chance.
 

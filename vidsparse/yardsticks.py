@@ -247,6 +247,7 @@ def _hd_close_call_clip(rng: np.random.Generator, qtype: str, max_objects: int, 
         if not want_close or close_call(clip, qtype, answer):
             return clip, question, answer
 
+
 BALANCED_MOVERS_SHARE = 0.5  # recipe T's share of motion questions asked with a uniform number of movers
 
 
