@@ -345,6 +345,7 @@ def test_recipe_t_asks_motion_questions_with_as_many_clips_for_every_number_of_m
     for n, seen in counts.items():
         assert seen.sum() > 50 and np.abs(seen / seen.sum() - 1 / (n + 1)).max() < 0.12, (n, seen)
     natural = [shapes_hd.sample(np.random.default_rng([16, i]), "moving")[0] for i in range(300)]
+
     def all_move(clips) -> float:
         return float(np.mean([all(o.moving for o in c.objects) for c in clips]))
 

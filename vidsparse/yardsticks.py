@@ -215,6 +215,7 @@ _ORDER_TASKS = {
     "describe_motion": 0.04,
 }
 MOTION_P_WINDOW = 0.2  # recipe N's chance that a still object is put down or taken away, in motion questions
+MOTION_QUESTIONS = frozenset({"moving", "describe_motion"})  # the questions answered from motion
 
 
 def _hd_motion_clip(rng: np.random.Generator, qtype: str, max_objects: int):
@@ -223,11 +224,12 @@ def _hd_motion_clip(rng: np.random.Generator, qtype: str, max_objects: int):
     that. For the motion questions 79% of the still objects stay in view here: in view all clip long
     says nothing, only the motion itself tells them apart. Other types as in the data set (first,
     second and disappears need objects that come and go)."""
-    p_window = MOTION_P_WINDOW if qtype in ("moving", "describe_motion") else shapes_hd.P_WINDOW
+    p_window = MOTION_P_WINDOW if qtype in MOTION_QUESTIONS else shapes_hd.P_WINDOW
     return shapes_hd.sample(rng, qtype, max_objects, p_window)
 
 
-CLOSE_CALL_SHARE = 0.5  # recipe Q's share of order questions asked on a close call; recipe R's is 0.8
+CLOSE_CALL_SHARE = 0.5  # recipe Q's share of order questions asked on a close call
+R_CLOSE_CALL_SHARE = 0.8  # recipe R's (and recipe T's)
 
 
 def close_call(clip, qtype: str, answer: str) -> bool:
@@ -259,13 +261,13 @@ def _hd_balanced_movers_clip(rng: np.random.Generator, qtype: str, max_objects: 
     1/2, so all four of four move in 1 clip of 16: recipe R answered `moving` right 0.69 of the
     time with three movers and 0.12 with four, against 0.91 with one or two (300 tuning clips),
     nearly always one too few."""
-    if qtype in ("moving", "describe_motion") and rng.random() < share:
+    if qtype in MOTION_QUESTIONS and rng.random() < share:
         while True:
             clip, question, answer = _hd_motion_clip(rng, qtype, max_objects)
             n, m = len(clip.objects), sum(o.moving for o in clip.objects)
             if rng.random() < 1 / math.comb(n, m):
                 return clip, question, answer
-    return _hd_close_call_clip(rng, qtype, max_objects, share=0.8)
+    return _hd_close_call_clip(rng, qtype, max_objects, share=R_CLOSE_CALL_SHARE)
 
 
 # Recipe T's cycle: R's mix with more motion questions (half on balanced clips), fewer descriptions.
@@ -392,7 +394,7 @@ HD = Yardstick(
               frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5, min_keep=0.1),
         _ORDER_CYCLE,
         replace(_ORDER_CYCLE, draw=_hd_close_call_clip),
-        replace(_ORDER_CYCLE, draw=partial(_hd_close_call_clip, share=0.8)),
+        replace(_ORDER_CYCLE, draw=partial(_hd_close_call_clip, share=R_CLOSE_CALL_SHARE)),
         replace(_ORDER_CYCLE, steps=600, tasks=_BALANCED_TASKS, draw=_hd_balanced_movers_clip),
     ),
 )
