@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 from transformers.utils import logging
 
+from vidsparse.fast_dtype import fastest_dtype
 from vidsparse.models.tiny import word_tokenizer
 from vidsparse.models.video_llava import VideoLlava
 from vidsparse.pipeline import VideoQA
@@ -38,30 +38,6 @@ def parse_args(doc: str, repeats: int, cpu_layers: int = 4, new_tokens: int = 8,
         args.dtype, why = fastest_dtype(device)
         print(f"dtype: {args.dtype} (auto: {why})")
     return args, device, getattr(torch, args.dtype), args.layers or (32 if device.type == "cuda" else cpu_layers)
-
-
-def fastest_dtype(device: torch.device) -> tuple[str, str]:
-    """The dtype to benchmark in, and why. A CPU without native bfloat16 (AVX2 only) runs a bf16 matmul
-    over 100x slower than fp32, so on a CPU both are timed on a small matmul and the faster wins."""
-    if device.type == "cuda":
-        name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return name, f"{torch.cuda.get_device_name(device)} {'supports' if name == 'bfloat16' else 'lacks'} bf16"
-    rates = {name: matmul_rate(getattr(torch, name)) for name in ("bfloat16", "float32")}
-    best = max(rates, key=rates.get)
-    return best, ", ".join(f"{name} matmul {rate:.3f} TFLOP/s" for name, rate in rates.items()) + " on this CPU"
-
-
-def matmul_rate(dtype: torch.dtype, size: int = 512) -> float:
-    """Best of 3 timings of a size^3 matmul, in TFLOP/s (2 per multiply-add); small enough to take
-    about a second even where the dtype has no native support."""
-    a = torch.randn(size, size, dtype=dtype)
-    a @ a
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
 
 
 def llama_7b(layers: int, **tokens: int) -> LlamaConfig:

@@ -381,3 +381,10 @@ def test_a_trained_checkpoint_continues_with_the_later_cycles_only(tmp_path, mon
 def test_init_and_from_cycle_go_together_within_the_cycles(extra):
     with pytest.raises(SystemExit):
         train_demo.parse_args(["--yardstick", "hd", *extra])
+
+
+@pytest.mark.parametrize("fastest", ["bfloat16", "float32"])
+def test_bf16_autocast_only_where_bf16_is_the_faster_dtype(monkeypatch, fastest):
+    monkeypatch.setattr(train_demo, "fastest_dtype", lambda device: (fastest, "timed"))
+    assert train_demo.autocast_here(HD, torch.device("cpu")).bf16 == (fastest == "bfloat16")
+    assert HD.bf16 and train_demo.autocast_here(YARDSTICKS["demo"], torch.device("cpu")) is YARDSTICKS["demo"]

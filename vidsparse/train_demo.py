@@ -89,6 +89,7 @@ from vidsparse.demo_eval import (  # noqa: E402
     sanity_check_masking,
     write_report,
 )
+from vidsparse.fast_dtype import fastest_dtype  # noqa: E402
 from vidsparse.key_dropout import KeyDropout, draw_drops  # noqa: E402
 from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
 from vidsparse.pointer_loss import (  # noqa: E402
@@ -541,6 +542,17 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
     return y, args
 
 
+def autocast_here(y: Yardstick, device: torch.device) -> Yardstick:
+    """The yardstick with its bf16 autocast only where bfloat16 is the faster dtype on ``device``: on a
+    CPU without native bf16 the recipe's autocast would run >100x slower, so it trains in float32
+    there (the same recipe, not bit for bit the weights of a bf16 run)."""
+    if not y.bf16:
+        return y
+    dtype, why = fastest_dtype(device)
+    log(f"bf16 autocast {'on' if dtype == 'bfloat16' else 'off'} ({why})")
+    return y if dtype == "bfloat16" else dataclasses.replace(y, bf16=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     y, args = parse_args(argv)
@@ -551,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads((args.out / "EVAL.json").read_text())
     state_path = args.out / STATE_FILE
     if not args.eval_only:
+        y = autocast_here(y, device)
         state = torch.load(state_path, weights_only=False) if args.resume and state_path.exists() else None
         ckpt = Checkpointer(state_path, args.save_minutes * 60, state)
         report["training"] = train(y, args, argv, device, ckpt)
