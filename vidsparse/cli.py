@@ -289,9 +289,7 @@ def batch(
         done = len(ids & results.done_ids())
         qa = _load(model, dtype, device) if pool is None else None
         if question is not None and qa is not None:  # one question for every video: refused once, not per video
-            refused = qa.checked_prompt(question, options.num_frames, options)
-            if isinstance(refused, UserError):
-                raise refused
+            qa.check_question(question, options)
         records = {i: r for i, r in results.latest().items() if i in ids}  # a retried error: its new record
         this_run: list[dict[str, Any]] = []
         with _progress() as progress:

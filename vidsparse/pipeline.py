@@ -185,6 +185,12 @@ class VideoQA:
             yield done.pop(out)
             out += 1
 
+    def check_question(self, question: str, options: AskOptions) -> None:
+        """Raise the UserError that refuses ``question`` (asked of every clip: refused once, up front)."""
+        refused = self.checked_prompt(question, options.num_frames, options)
+        if isinstance(refused, UserError):
+            raise refused
+
     def checked_prompt(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
         """The prompt's token ids, or why this question cannot be asked (empty, special tokens, too long)."""
         model = self.model

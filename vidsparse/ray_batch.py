@@ -77,9 +77,8 @@ class ClipWorker:
             return self.failure
         try:
             self.qa.model.check_context(None, options.num_frames, options.max_new_tokens)
-            refused = None if question is None else self.qa.checked_prompt(question, options.num_frames, options)
-            if isinstance(refused, UserError):
-                return str(refused)
+            if question is not None:
+                self.qa.check_question(question, options)
             return batch_settings(self.model, self.dtype, self.device, options)
         except UserError as e:
             return str(e)
