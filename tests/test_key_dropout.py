@@ -73,3 +73,18 @@ def test_drops_are_random_shares_of_the_visual_tokens():
     assert kept.min() >= 0.25 - 1e-6 and kept.max() <= 1.0
     assert 0.3 < later.any(1)[hit].float().mean() < 0.7
     assert not ((first | later) & ~visual).any()
+
+
+def test_later_keep_drops_every_hit_sample_to_its_range():
+    visual = torch.zeros(300, 130, dtype=torch.bool)
+    visual[:, 5:125] = True
+    first, later = draw_drops(visual, np.random.default_rng(2), share=0.6, min_keep=0.2, later_keep=(0.05, 0.3))
+    hit = first.any(1) | later.any(1)
+    assert 0.5 < hit.float().mean() < 0.7
+    early = (visual & ~first).sum(1)[hit].float() / 120
+    late = (visual & ~first & ~later).sum(1)[hit].float() / 120
+    assert early.min() >= 0.2 - 1e-6 and (late <= early).all()
+    assert late.min() >= 0.05 - 1 / 120 and late.max() <= 0.3 + 1 / 120
+    assert (late < early).float().mean() > 0.95  # nearly every hit sample loses more from layer 2 on
+    assert late.std() > 0.05  # a spread of shares, not one
+    assert not (first & later).any() and not ((first | later) & ~visual).any()

@@ -41,8 +41,8 @@ TINY = dataclasses.replace(
     word_pointer_weight=0.1,
     early_answer=True,
     temporal_from=0.5,  # the temporal phase (its task mix and facts loss) from QA step 2 of 4
-    # then eight cycles of 2 steps each (QA steps 5-6, 7-8, ..., 19-20), the last seven with the frame
-    # pointer, the last five with visual-key dropout
+    # then nine cycles of 2 steps each (QA steps 5-6, 7-8, ..., 21-22), the last eight with the frame
+    # pointer, the last six with visual-key dropout
     cycles=tuple(dataclasses.replace(c, steps=2) for c in HD.cycles),
 )
 
@@ -57,9 +57,9 @@ def test_each_yardstick_has_its_defaults():
     assert HD.arch["text_layers"] >= 8
     assert set(HD.data.QUESTION_TYPES) <= set(HD.qa_tasks)
     y, _ = train_demo.parse_args(["--yardstick", "hd", "--cycles", "4"])  # recipe O
-    assert y.cycles == HD.cycles[:4] and len(HD.cycles) == 8
+    assert y.cycles == HD.cycles[:4] and len(HD.cycles) == 9
     with pytest.raises(SystemExit):
-        train_demo.parse_args(["--yardstick", "hd", "--cycles", "9"])
+        train_demo.parse_args(["--yardstick", "hd", "--cycles", "10"])
 
 
 class Killed(Exception):
@@ -265,17 +265,23 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
 
 
 def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, monkeypatch):
-    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then eight 2-step cycles) use the
-    main mix, 3-4 the temporal mix, 5-20 the cycles', whose learning rate is warmed up again to their
+    """QA steps 1-2 (TINY: 4 QA steps, temporal phase from step 2, then nine 2-step cycles) use the
+    main mix, 3-4 the temporal mix, 5-22 the cycles', whose learning rate is warmed up again to their
     ``lr`` x --lr (cosine with 60 warm-up steps, written out here from the recipe); only the second to
-    eighth cycles add the frame pointer, only the third to eighth draw their own clips, and only the
-    fourth to eighth drop visual keys (set before their forwards, unset after each)."""
+    ninth cycles add the frame pointer, only the third to ninth draw their own clips, only the fourth
+    to ninth drop visual keys (set before their forwards, unset after each), and only the ninth keeps
+    a low share of the clip from layer 2 on."""
     import math
 
     mixes, draws, rates, framed, drops = [], [], [], [], []
     real_batch, real_step = train_demo.qa_batch, torch.optim.AdamW.step
     real_pointer = train_demo.FramePointer.__call__
-    real_set = train_demo.KeyDropout.set
+    real_set, real_draw = train_demo.KeyDropout.set, train_demo.draw_drops
+    later_keeps = []
+
+    def draw_drops(visual, rng, share, min_keep, later_keep=None):
+        later_keeps.append(later_keep)
+        return real_draw(visual, rng, share, min_keep, later_keep)
 
     def set_drops(self, first, later=None):
         drops.append(first is not None)
@@ -300,23 +306,26 @@ def test_each_part_of_the_qa_stage_trains_on_its_own_mix_and_schedule(tmp_path, 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     monkeypatch.setattr(train_demo.FramePointer, "__call__", pointer)
     monkeypatch.setattr(train_demo.KeyDropout, "set", set_drops)
+    monkeypatch.setattr(train_demo, "draw_drops", draw_drops)
     torch.set_num_threads(1)
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     y, args = train_demo.parse_args(["--yardstick", "tiny", "--out", str(tmp_path / "m"), "--save-minutes", "99"])
     train_demo.train(y, args, [], torch.device("cpu"), train_demo.Checkpointer(tmp_path / "m" / "s.pt", 99, None))
-    first, second, third, fourth, fifth, sixth, seventh, eighth = TINY.cycles
+    first, second, third, fourth, fifth, sixth, seventh, eighth, ninth = TINY.cycles
     assert mixes == [TINY.qa_tasks] * 2 + [TINY.temporal_tasks] * 2 + [c.tasks for c in TINY.cycles for _ in (0, 1)]
     assert first.tasks != TINY.temporal_tasks and third.tasks != first.tasks != fourth.tasks != fifth.tasks
     assert 0 < first.lr < 1 and 0 < eighth.lr < 1
-    drawing = (third, fourth, fifth, sixth, seventh, eighth)
+    drawing = (third, fourth, fifth, sixth, seventh, eighth, ninth)
     assert draws == [TINY.qa_clip] * 8 + [c.draw for c in drawing for _ in (0, 1)]
     assert third.draw is not TINY.qa_clip and sixth.draw is not third.draw and seventh.draw is not sixth.draw
     assert eighth.draw is not seventh.draw and eighth.tasks != seventh.tasks
+    assert ninth.draw is eighth.draw and ninth.tasks != eighth.tasks
     later = (second, *drawing)
     assert framed == [0] * 6 + [len(c.frame_pointer_layers) for c in later for _ in (0, 1)]
     assert all(c.frame_pointer_weight > 0 for c in later)
-    assert drops == [False] * 10 + [True, False] * 10  # each of their steps: set, then unset after backward
-    assert all(c.key_dropout > 0 for c in (fourth, fifth, sixth, seventh, eighth))
+    assert drops == [False] * 10 + [True, False] * 12  # each of their steps: set, then unset after backward
+    assert all(c.key_dropout > 0 for c in (fourth, fifth, sixth, seventh, eighth, ninth))
+    assert later_keeps == [None] * 10 + [ninth.later_keep] * 2 and ninth.later_keep[1] <= 0.3
     assert not any(c.key_dropout for c in (first, second, third))
 
     def cosine(s: int, steps: int) -> float:
@@ -336,7 +345,7 @@ def test_a_trained_checkpoint_continues_with_the_later_cycles_only(tmp_path, mon
     torch.set_num_threads(1)
     monkeypatch.setitem(train_demo.YARDSTICKS, "tiny", TINY)
     first = tmp_path / "first"
-    argv = ["--yardstick", "tiny", "--cycles", "7", "--out", str(first)]
+    argv = ["--yardstick", "tiny", "--cycles", "8", "--out", str(first)]
     y, args = train_demo.parse_args(argv)
     earlier = train_demo.train(y, args, argv, torch.device("cpu"), train_demo.Checkpointer(first / "s.pt", 99, None))
     (first / "EVAL.json").write_text(json.dumps({"training": earlier}))
@@ -358,25 +367,25 @@ def test_a_trained_checkpoint_continues_with_the_later_cycles_only(tmp_path, mon
         return tok, model
 
     monkeypatch.setattr(train_demo, "load_trained", load)
-    argv = ["--yardstick", "tiny", "--init", str(first), "--from-cycle", "7", "--qa-steps", "1", "--train-seed",
+    argv = ["--yardstick", "tiny", "--init", str(first), "--from-cycle", "8", "--qa-steps", "1", "--train-seed",
             "8", "--out", str(tmp_path / "later")]
     y, args = train_demo.parse_args(argv)
     later = train_demo.train(y, args, argv, torch.device("cpu"), train_demo.Checkpointer(tmp_path / "s.pt", 99, None))
 
     trained = torch.load(first / "s.pt", weights_only=False)["model"]  # the first run's final weights
     assert trained.keys() == loaded[0].keys() and all(torch.equal(trained[n], loaded[0][n]) for n in trained)
-    assert towers == [] and mixes[1:] == [TINY.cycles[7].tasks] * 2
+    assert towers == [] and mixes[1:] == [TINY.cycles[8].tasks] * 2
     assert mixes[0] == TINY.temporal_tasks  # one QA-stage step (TINY's temporal phase starts at once)
     assert draws[0] == np.random.default_rng([8, 2]).bit_generator.state
-    assert later["cycle_steps"] == [2, 2, 2, 2, 2, 2, 2, 3] and later["tower_metrics"] == earlier["tower_metrics"]
+    assert later["cycle_steps"] == [2, 2, 2, 2, 2, 2, 2, 2, 3] and later["tower_metrics"] == earlier["tower_metrics"]
     n = len(earlier["history"])
     assert later["history"][:n] == earlier["history"] and len(later["history"]) > n
     steps = [h["step"] for h in later["history"]]
-    assert steps[n] > 4 + 12 and steps == sorted(steps)
-    assert later["command"].startswith(earlier["command"] + ", then ") and "--from-cycle 7" in later["command"]
+    assert steps[n] > 4 + 14 and steps == sorted(steps)
+    assert later["command"].startswith(earlier["command"] + ", then ") and "--from-cycle 8" in later["command"]
 
 
-@pytest.mark.parametrize("extra", [["--from-cycle", "4"], ["--init", "x"], ["--init", "x", "--from-cycle", "8"],
+@pytest.mark.parametrize("extra", [["--from-cycle", "4"], ["--init", "x"], ["--init", "x", "--from-cycle", "9"],
                                    ["--init", "no-such-folder", "--from-cycle", "4"]])
 def test_init_and_from_cycle_go_together_within_the_cycles(extra):
     with pytest.raises(SystemExit):

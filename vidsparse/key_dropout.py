@@ -22,12 +22,15 @@ import torch
 LATER_LAYER = 2  # the second drop acts from this layer on (the in-LLM methods prune after layer 1)
 
 
-def draw_drops(visual: torch.Tensor, rng: np.random.Generator, share: float, min_keep: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_drops(visual: torch.Tensor, rng: np.random.Generator, share: float, min_keep: float,
+               later_keep: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool (B, L) masks of the visual tokens dropped from layer 0 on and from ``LATER_LAYER`` on. A
     sample is hit with probability ``share``: a random ``keep`` ~ U(min_keep, 1) of its visual tokens
     survive layer 0 (exactly round(keep n) of them, uniformly chosen); half of the hit samples then
-    lose more before ``LATER_LAYER``, down to a random share of at least ``min_keep`` of the clip."""
+    lose more before ``LATER_LAYER``, down to a random share of at least ``min_keep`` of the clip.
+    With ``later_keep`` = (lo, hi) every hit sample loses more there instead, down to a random
+    U(lo, hi) share of the clip (at most what survived layer 0): a pruned prefill's regime, where an
+    early layer sees many tokens and the rest of the depth a tenth of them."""
     first, later = torch.zeros_like(visual), torch.zeros_like(visual)
     for b in range(visual.shape[0]):
         if rng.random() >= share:
@@ -37,7 +40,10 @@ def draw_drops(visual: torch.Tensor, rng: np.random.Generator, share: float, min
         kept = max(1, round(rng.uniform(min_keep, 1.0) * n))
         order = torch.from_numpy(rng.permutation(n)).to(positions.device)
         first[b, positions[order[kept:]]] = True
-        if rng.random() < 0.5:
+        if later_keep is not None:
+            kept_later = min(kept, max(1, round(rng.uniform(*later_keep) * n)))
+            later[b, positions[order[kept_later:kept]]] = True
+        elif rng.random() < 0.5:
             kept_later = max(1, round(rng.uniform(min_keep * n, kept)))
             later[b, positions[order[kept_later:kept]]] = True
     return first, later

@@ -30,17 +30,19 @@ is reproducible on one machine):
    object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
 3. Further cycles (``yardsticks.Cycle``, where the yardstick has them: HD), each with the learning
    rate warmed up again and decayed over its own cosine, its own task mix, fresh heads for its own
-   facts (the colours each frame shows and loses; in the last four, the order of events so far), from
+   facts (the colours each frame shows and loses; in the last five, the order of events so far), from
    the second on a loss that teaches two early heads to look at the same place one frame back, in the
-   last five random visual-key dropout, in the last three order questions asked on close calls, and in
-   the last, half its motion questions on clips where every number of moving objects is equally common. The
+   last six random visual-key dropout, in the last four order questions asked on close calls, and in
+   the last two, half their motion questions on clips where every number of moving objects is equally
+   common; the last keeps only 5-30% of the clip from layer 2 on in its dropped samples. The
    first schedule had decayed to a twentieth of its peak while "disappears" and "moving" were still
    near chance.
 
 ``--init DIR --from-cycle K`` continues a checkpoint this module trained with cycles K.. only (after
 ``--qa-steps`` QA-stage steps; no tower stage); its EVAL.json's training record goes on from DIR's.
-The shipped HD model's last four cycles were trained that way, each on the previous release's weights
-(the last two with ``--train-seed 8`` and ``12``, so that their clips are not those an earlier cycle drew).
+The shipped HD model's last five cycles were trained that way, each on the previous release's weights
+(the last three with ``--train-seed 8``, ``12`` and ``13``, so that their clips are not those an earlier
+cycle drew).
 
 Every ``--save-minutes`` the whole training state (model, optimizer, step, RNG states, monitoring
 history) is written to ``<out>/train_state.pt``; ``--resume`` continues from it, with the same
@@ -363,7 +365,8 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         active = cycle_facts[c] if c >= 0 else facts if in_phase else None
         pointers = frame_pointers[c] if c >= 0 else []
         if dropout is not None and c >= 0 and y.cycles[c].key_dropout:
-            dropout.set(*draw_drops(targets["visual"], rng, y.cycles[c].key_dropout, y.cycles[c].min_keep))
+            dropout.set(*draw_drops(targets["visual"], rng, y.cycles[c].key_dropout, y.cycles[c].min_keep,
+                                    y.cycles[c].later_keep))
         fade = max(0.0, 1 - step / (y.pointer_until * args.qa_steps))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss = model(**batch).loss

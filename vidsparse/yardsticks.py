@@ -35,7 +35,8 @@ class Cycle:
     (``pointer_loss.FramePointer``, on the last head of each layer listed) with its weight, its
     own training clips (``draw``; None: the yardstick's ``qa_clip``), and random visual-key dropout
     (``key_dropout``: the share of samples that lose a random U(``min_keep``, 1) of their visual
-    tokens, ``vidsparse.key_dropout``)."""
+    tokens, ``vidsparse.key_dropout``; ``later_keep``: (lo, hi) share of the clip every hit sample keeps
+    from layer 2 on, None: half of them keep a random share of at least ``min_keep``)."""
 
     steps: int
     lr: float
@@ -46,6 +47,7 @@ class Cycle:
     draw: Draw | None = None
     key_dropout: float = 0.0
     min_keep: float = 0.1
+    later_keep: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,21 @@ _BALANCED_TASKS = {
     "describe_motion": 0.04,
 }
 
+# Recipe U's cycle: T's with counts and motion weighted up (stprune at 10% kept 0.71 of T's `count`
+# and 0.53 of its `moving` answers on the tuning clips, the two types furthest from full).
+_PRUNED_TASKS = {
+    "color": 0.04,
+    "shape": 0.04,
+    "count": 0.18,
+    "first": 0.06,
+    "second": 0.16,
+    "disappears": 0.16,
+    "moving": 0.22,
+    "describe_times": 0.08,
+    "describe_motion": 0.06,
+}
+PRUNED_LATER_KEEP = (0.05, 0.3)  # recipe U: the share of the clip kept from layer 2 on, in every hit sample
+
 # Recipe P's cycle; recipe Q's is the same with close calls, recipe R's with more of them.
 _ORDER_CYCLE = Cycle(steps=700, lr=0.2, tasks=_ORDER_TASKS, facts=(*_MOTION_FACTS, *ORDER_FACTS),
                      frame_pointer_layers=(0, 1), frame_pointer_weight=0.5, draw=_hd_motion_clip, key_dropout=0.5,
@@ -384,6 +401,9 @@ HD = Yardstick(
     # 0.59 of the time on close calls where the next object appears one frame later). Recipe T: R, then
     # that cycle for 600 steps with more motion questions, half of them on clips drawn so that every
     # number of moving objects is equally common (R answered `moving` 0.12 of the time with four movers).
+    # Recipe U: T, then that cycle for 600 steps with counts and motion weighted up and drops shaped as a
+    # pruned prefill: 60% of the samples keep a random 20-100% of their visual tokens through layers
+    # 0-1 and a random 5-30% of the clip from layer 2 on (random tokens, no method's choice).
     cycles=(
         Cycle(steps=1000, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS),
         Cycle(steps=1500, lr=0.3, tasks=_CYCLE_TASKS, facts=_CYCLE_FACTS, frame_pointer_layers=(0, 1),
@@ -396,6 +416,8 @@ HD = Yardstick(
         replace(_ORDER_CYCLE, draw=_hd_close_call_clip),
         replace(_ORDER_CYCLE, draw=partial(_hd_close_call_clip, share=R_CLOSE_CALL_SHARE)),
         replace(_ORDER_CYCLE, steps=600, tasks=_BALANCED_TASKS, draw=_hd_balanced_movers_clip),
+        replace(_ORDER_CYCLE, steps=600, tasks=_PRUNED_TASKS, draw=_hd_balanced_movers_clip, key_dropout=0.6,
+                min_keep=0.2, later_keep=PRUNED_LATER_KEEP),
     ),
 )
 
