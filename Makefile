@@ -30,8 +30,8 @@ train-demo:
 
 # The real-geometry yardstick's model (ShapesQA-HD: 8 x 65 visual tokens, 8-layer decoder). Hours on 2 CPU
 # cores; resumable: the state is saved every 10 minutes and re-running the target goes on from it.
-# All cycles (the default) are the shipped model's recipe (T); HD_CYCLES=7 stops after the eighth cycle (recipe R),
-# HD_CYCLES=6 after the seventh (recipe Q), HD_CYCLES=5 after the sixth (recipe P),
+# All cycles (the default) are the shipped model's recipe (U); HD_CYCLES=8 stops after the ninth cycle (recipe T),
+# HD_CYCLES=7 after the eighth (recipe R), HD_CYCLES=6 after the seventh (recipe Q), HD_CYCLES=5 after the sixth (recipe P),
 # HD_CYCLES=4 after the fifth (recipe O), HD_CYCLES=3 after the fourth (recipe N).
 HD_CYCLES ?=
 train-hd:

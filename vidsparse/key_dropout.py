@@ -42,10 +42,11 @@ def draw_drops(visual: torch.Tensor, rng: np.random.Generator, share: float, min
         first[b, positions[order[kept:]]] = True
         if later_keep is not None:
             kept_later = min(kept, max(1, round(rng.uniform(*later_keep) * n)))
-            later[b, positions[order[kept_later:kept]]] = True
         elif rng.random() < 0.5:
             kept_later = max(1, round(rng.uniform(min_keep * n, kept)))
-            later[b, positions[order[kept_later:kept]]] = True
+        else:
+            continue
+        later[b, positions[order[kept_later:kept]]] = True
     return first, later
 
 
