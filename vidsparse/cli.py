@@ -311,7 +311,7 @@ def batch(
                     pool.run(todo, videos_dir, results, options, update, decode_batch)
             except KeyboardInterrupt:
                 progress.stop()
-                kept = (f"the {len(this_run)} record(s) of this run are kept in {out}" if this_run
+                kept = (f"the {results.appended} record(s) of this run are kept in {out}" if results.appended
                         else "nothing of this run was written")
                 err_console.print(f"interrupted: {kept}; the same command resumes", markup=False, highlight=False,
                                   soft_wrap=True)

@@ -20,10 +20,13 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import signal
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +114,18 @@ class ResultsFile:
         """The ids a run skips: every id recorded, or with `retry_errors` those answered without an error."""
         return {i for i, r in self.latest().items() if not (self.retry_errors and r.get("error"))}
 
+    @property
+    def appended(self) -> int:
+        """Records this run wrote (what an interrupted run tells the user it kept)."""
+        return self._appended
+
     def append(self, record: dict[str, Any]) -> None:
-        self._write_line(record)
-        self.records.append(record)
-        self._appended += 1
+        # A Ctrl-C between the write and the count would under-report what was kept, or let `close`
+        # remove a file that holds a record: it waits until both are done.
+        with _sigint_deferred():
+            self._write_line(record)
+            self.records.append(record)
+            self._appended += 1
 
     def _write_line(self, value: dict[str, Any]) -> None:
         line = (json.dumps(value, allow_nan=False) + "\n").encode()
@@ -143,6 +154,23 @@ class ResultsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a SIGINT that arrives inside the block and raise it (KeyboardInterrupt) once the block is done.
+    Signal handlers can only be set from the main thread; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # to the handler the run had, whatever it is
 
 
 def _check_regular_or_absent(path: Path) -> None:
