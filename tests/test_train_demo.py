@@ -93,23 +93,29 @@ def _run(tmp_path: Path, name: str, resume: bool, monkeypatch, kill: tuple[str, 
     return torch.load(state_path, weights_only=False)
 
 
-# qa_batch's 4th call: killed inside the temporal phase (from QA step 2 of 4), after its heads have learnt;
-# the 6th, 8th, 10th, 12th and 14th: inside each cycle, after its own heads (and the frame pointer) have learnt
-@pytest.mark.parametrize(
-    ("stage", "call"),
-    [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8), ("qa_batch", 10),
-     ("qa_batch", 12), ("qa_batch", 14)],
-)
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, call):
+# Where the run is killed, in order: the tower stage's 3rd batch; qa_batch's 3rd, and its 4th (inside the
+# temporal phase, from QA step 2 of 4, after its heads have learnt); its 6th, 8th, 10th, 12th and 14th: inside
+# each cycle, after its own heads (and the frame pointer) have learnt.
+KILLS = [("tower_batch", 3), ("qa_batch", 3), ("qa_batch", 4), ("qa_batch", 6), ("qa_batch", 8), ("qa_batch", 10),
+         ("qa_batch", 12), ("qa_batch", 14)]
+
+
+def test_a_run_killed_in_every_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """One run killed at each point of KILLS in turn and resumed after each ends with the weights,
+    history and tower metrics of a run that was never killed."""
     torch.set_num_threads(1)
     whole = _run(tmp_path, "whole", False, monkeypatch)
     assert whole["stage"] == "done" and whole["training"]["resumed"] == 0
-    with pytest.raises(Killed):
-        _run(tmp_path, "killed", False, monkeypatch, kill=(stage, call))
-    saved = torch.load(tmp_path / "killed" / train_demo.STATE_FILE, weights_only=False)
-    assert saved["stage"] == stage.split("_")[0] and saved["step"] == call - 1
+    saved = None
+    for stage, call in KILLS:
+        # A resumed run's first batch of the saved stage is that stage's step saved["step"] + 1.
+        done_before = saved["step"] if saved is not None and saved["stage"] == stage.split("_")[0] else 0
+        with pytest.raises(Killed):
+            _run(tmp_path, "killed", saved is not None, monkeypatch, kill=(stage, call - done_before))
+        saved = torch.load(tmp_path / "killed" / train_demo.STATE_FILE, weights_only=False)
+        assert (saved["stage"], saved["step"]) == (stage.split("_")[0], call - 1)
     done = _run(tmp_path, "killed", True, monkeypatch)
-    assert done["training"]["resumed"] == 1
+    assert done["training"]["resumed"] == len(KILLS)
     for key, value in whole["model"].items():
         assert torch.equal(value, done["model"][key]), key
     strip = [{k: v for k, v in h.items() if k != "minutes"} for h in whole["training"]["history"]]
