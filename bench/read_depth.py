@@ -14,17 +14,14 @@ bench/results/read_depth_<yardstick>.json and a plot of each type's share of ful
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from shapes_accuracy import Run, per_type_accuracy, print_table
-from stprune_ablation import EVERY_TOKEN, MODELS, TUNING_SEEDS
+from shapes_accuracy import Run, per_type_accuracy, print_table, tuning_arguments, tuning_setup
+from stprune_ablation import EVERY_TOKEN
 from transformers.utils import logging
 
 from vidsparse.outputs import save_figure
-from vidsparse.pipeline import VideoQA
-from vidsparse.yardsticks import YARDSTICKS
 
 
 def depth_runs(budget: str, layers: int) -> list[Run]:
@@ -56,19 +53,10 @@ def plot(rows: list[dict], types: tuple[str, ...], budget: str, path: Path) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--yardstick", choices=sorted(MODELS), default="hd")
-    parser.add_argument("--n", type=int, default=700)
-    parser.add_argument("--seed", type=int, default=None, help="default: the yardstick's tuning seed (777, 515151)")
-    parser.add_argument("--budget", default="10%")
-    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/read_depth_<yardstick>.json")
+    parser = tuning_arguments(__doc__, 700)
     args = parser.parse_args()
     logging.set_verbosity_error()
-    yardstick = YARDSTICKS[args.yardstick]
-    seed = TUNING_SEEDS[args.yardstick] if args.seed is None else args.seed
-    if seed == yardstick.eval_seed:
-        parser.error(f"seed {seed} is the held-out set's: use another seed")
-    qa = VideoQA.from_pretrained(MODELS[args.yardstick], dtype="float32", device="cpu")
+    yardstick, seed, qa = tuning_setup(parser, args)
     runs = [Run("none", "none", "100%"), *depth_runs(args.budget, len(qa.model.decoder.layers))]
     rows = per_type_accuracy(qa, yardstick.data, args.n, seed, runs)
     for row, run in zip(rows, runs, strict=True):

@@ -4,11 +4,13 @@ questions of `vidsparse sweep` on the same seed's folder (no codec loss)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
@@ -18,6 +20,10 @@ from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS
+from vidsparse.yardsticks import YARDSTICKS, Yardstick
+
+MODELS = {"demo": "shapes-demo", "hd": "shapes-hd"}
+TUNING_SEEDS = {"demo": 777, "hd": 515151}  # the seeds every earlier ablation was measured on
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,26 @@ def per_type_accuracy(qa: VideoQA, data: ModuleType, n: int, seed: int, runs: li
              "overall": float(np.mean(sum(correct[k].values(), []))),
              "prefill_flops_share": flops[k][0] / flops[k][1],
              **{t: float(np.mean(v)) for t, v in correct[k].items()}} for k, run in enumerate(runs)]
+
+
+def tuning_arguments(doc: str, n: int) -> argparse.ArgumentParser:
+    """The options of a run on a yardstick's tuning clips: --yardstick, --n, --seed, --budget, --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--yardstick", choices=sorted(MODELS), default="hd")
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--seed", type=int, default=None, help="default: the yardstick's tuning seed (777, 515151)")
+    parser.add_argument("--budget", default="10%")
+    parser.add_argument("--out", type=Path, default=None, help="default: under bench/results, named for the yardstick")
+    return parser
+
+
+def tuning_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Yardstick, int, VideoQA]:
+    """The yardstick, its tuning seed (never the held-out set's) and its shipped model in float32."""
+    yardstick = YARDSTICKS[args.yardstick]
+    seed = TUNING_SEEDS[args.yardstick] if args.seed is None else args.seed
+    if seed == yardstick.eval_seed:
+        parser.error(f"seed {seed} is the held-out set's: tuning runs use another seed")
+    return yardstick, seed, VideoQA.from_pretrained(MODELS[args.yardstick], dtype="float32", device="cpu")
 
 
 def print_table(rows: list[dict], types: tuple[str, ...]) -> None:

@@ -12,18 +12,12 @@ every token through the first layers (stage 2 alone).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from shapes_accuracy import Run, per_type_accuracy, print_table
+from shapes_accuracy import Run, per_type_accuracy, print_table, tuning_arguments, tuning_setup
 from transformers.utils import logging
 
-from vidsparse.pipeline import VideoQA
-from vidsparse.yardsticks import YARDSTICKS
-
-MODELS = {"demo": "shapes-demo", "hd": "shapes-hd"}
-TUNING_SEEDS = {"demo": 777, "hd": 515151}  # the seeds every earlier ablation was measured on
 EVERY_TOKEN = 1e9  # a first stage of min(n, this x B) tokens keeps them all
 
 
@@ -42,20 +36,10 @@ def variants(budget: str) -> list[Run]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--yardstick", choices=sorted(MODELS), default="hd")
-    parser.add_argument("--n", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=None, help="default: the yardstick's tuning seed (777, 515151)")
-    parser.add_argument("--budget", default="10%")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default: bench/results/stprune_ablation_<yardstick>.json")
+    parser = tuning_arguments(__doc__, 300)
     args = parser.parse_args()
     logging.set_verbosity_error()
-    yardstick = YARDSTICKS[args.yardstick]
-    seed = TUNING_SEEDS[args.yardstick] if args.seed is None else args.seed
-    if seed == yardstick.eval_seed:
-        parser.error(f"seed {seed} is the held-out set's: an ablation is tuning, use another seed")
-    qa = VideoQA.from_pretrained(MODELS[args.yardstick], dtype="float32", device="cpu")
+    yardstick, seed, qa = tuning_setup(parser, args)
     rows = per_type_accuracy(qa, yardstick.data, args.n, seed, [Run("none", "none", "100%"), *variants(args.budget)])
     print_table(rows, yardstick.data.QUESTION_TYPES)
     out = args.out or Path(f"bench/results/stprune_ablation_{args.yardstick}.json")
