@@ -110,7 +110,6 @@ def test_a_new_results_file_starts_with_its_settings(tmp_path):
         assert results.done_ids() == {"1"}
 
 
-
 def test_ctrl_c_while_a_record_is_written_keeps_and_counts_it(tmp_path, monkeypatch):
     """A Ctrl-C that lands while the first record is being written: the record is kept whole and
     counted (an uncounted first record would be removed with the file it was written to), and the
@@ -127,6 +126,7 @@ def test_ctrl_c_while_a_record_is_written_keeps_and_counts_it(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt), ResultsFile(path, SETTINGS) as results:
         results.append({"id": "1"})
     assert results.appended == 1 and path.read_text() == HEADER + '{"id": "1"}\n'
+
 
 @pytest.mark.parametrize("content", [
     '{"video": "a.mp4", "question": "what ?"}\n',  # a questions file

@@ -16,6 +16,7 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
 - Each record is written whole with one write, flushed and fsynced, so a SIGKILL or a full disk can
   leave at most one partial last line (no trailing newline); opening the file again cuts exactly
   that, and nothing else. A damaged line anywhere else is an error naming it; nothing is removed.
+- A Ctrl-C while a record is written takes effect once it is written and counted.
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ class ResultsFile:
 @contextlib.contextmanager
 def _sigint_deferred():
     """Hold a SIGINT that arrives inside the block and raise it (KeyboardInterrupt) once the block is done.
-    Signal handlers can only be set from the main thread; elsewhere the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
+    Signal handlers can only be set from the main thread, and one installed outside Python cannot be
+    put back: there the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     caught: list[int] = []
