@@ -14,10 +14,9 @@ bench/results/read_depth_<yardstick>.json and a plot of each type's share of ful
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from shapes_accuracy import Run, per_type_accuracy, print_table, tuning_arguments, tuning_setup
+from shapes_accuracy import Run, per_type_accuracy, print_table, save_rows, tuning_arguments, tuning_setup
 from stprune_ablation import EVERY_TOKEN
 from transformers.utils import logging
 
@@ -62,10 +61,7 @@ def main() -> None:
     for row, run in zip(rows, runs, strict=True):
         row["settings"] = run.settings
     print_table(rows, yardstick.data.QUESTION_TYPES)
-    out = args.out or Path(f"bench/results/read_depth_{args.yardstick}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"yardstick": args.yardstick, "n": args.n, "seed": seed, "budget": args.budget,
-                               "rows": rows}, indent=1) + "\n")
+    out = save_rows(args, seed, rows, "read_depth")
     plot(rows, yardstick.data.QUESTION_TYPES, args.budget, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -5,6 +5,7 @@ questions of `vidsparse sweep` on the same seed's folder (no codec loss)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -78,6 +79,15 @@ def tuning_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
     if seed == yardstick.eval_seed:
         parser.error(f"seed {seed} is the held-out set's: tuning runs use another seed")
     return yardstick, seed, VideoQA.from_pretrained(MODELS[args.yardstick], dtype="float32", device="cpu")
+
+
+def save_rows(args: argparse.Namespace, seed: int, rows: list[dict], name: str) -> Path:
+    """Write a tuning run's rows with its settings to --out (default bench/results/<name>_<yardstick>.json)."""
+    out = args.out or Path(f"bench/results/{name}_{args.yardstick}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"yardstick": args.yardstick, "n": args.n, "seed": seed, "budget": args.budget,
+                               "rows": rows}, indent=1) + "\n")
+    return out
 
 
 def print_table(rows: list[dict], types: tuple[str, ...]) -> None:

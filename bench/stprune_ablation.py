@@ -12,10 +12,7 @@ every token through the first layers (stage 2 alone).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from shapes_accuracy import Run, per_type_accuracy, print_table, tuning_arguments, tuning_setup
+from shapes_accuracy import Run, per_type_accuracy, print_table, save_rows, tuning_arguments, tuning_setup
 from transformers.utils import logging
 
 EVERY_TOKEN = 1e9  # a first stage of min(n, this x B) tokens keeps them all
@@ -42,10 +39,7 @@ def main() -> None:
     yardstick, seed, qa = tuning_setup(parser, args)
     rows = per_type_accuracy(qa, yardstick.data, args.n, seed, [Run("none", "none", "100%"), *variants(args.budget)])
     print_table(rows, yardstick.data.QUESTION_TYPES)
-    out = args.out or Path(f"bench/results/stprune_ablation_{args.yardstick}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"yardstick": args.yardstick, "n": args.n, "seed": seed, "budget": args.budget,
-                               "rows": rows}, indent=1) + "\n")
+    save_rows(args, seed, rows, "stprune_ablation")
 
 
 if __name__ == "__main__":
