@@ -59,7 +59,7 @@ class Cell:
             "accuracy": round(mean(self.correct), 4) if self.correct else None,
             "agreement_with_none": round(mean(self.agrees), 4) if self.agrees else None,
             "equivalent_tokens": round(mean(self.equivalent), 1),
-            "prefill_tflops": round(mean(self.flops) / 1e12, 6),
+            "prefill_tflops": round(mean(self.flops) / 1e12, 9),  # kFLOP resolution: small models run at MFLOPs
             "prefill_flops_share": round(sum(self.flops) / sum(self.flops_unpruned), 4),
             "prefill_ms": round(prefill, 2),
             "total_ms": round(total, 2),
