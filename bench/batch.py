@@ -54,8 +54,8 @@ def more_options(parser) -> None:
     parser.add_argument("--questions", type=int, default=25, help="questions a clip")
     parser.add_argument("--frames", type=int, default=None, help="default: 4 on CPU, 8 on GPU (7b); 8 (demo)")
     parser.add_argument("--sample", type=int, default=3, help="questions timed on the per-question rows")
-    parser.add_argument("--methods", default=METHODS, help=f"comma-separated (default {METHODS})")
-    parser.add_argument("--budget", default=BUDGET, help=f"every method's but none's (default {BUDGET})")
+    parser.add_argument("--methods", default=METHODS, help="comma-separated (default %(default)s)")
+    parser.add_argument("--budget", default=BUDGET, help="every method's but none's (default %(default)s)")
 
 
 def workload(kind: str, clips: int, per_clip: int, folder: Path) -> tuple[list[Path], list[list[str]]]:
