@@ -69,7 +69,7 @@ def test_a_null_field_is_no_field(folder, tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [('{"video": "a.mp4"}\n', "non-empty 'question'"), ("not json\n", "line 1: not valid JSON"),
+    [('{"video": "a.mp4"}\n', "needs a 'question' \\(a string\\)"), ("not json\n", "line 1: not valid JSON"),
      ('{"question": "q"}\n', "needs 'video'"),
      ('{"video": "a.mp4", "question": "q", "id": 1}\n{"video": "a.mp4", "question": "r", "id": 1}\n', "twice"),
      # JSON of the wrong type is refused, not answered as Python text ("['q']", "{'a': 1}", "None").

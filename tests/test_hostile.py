@@ -73,6 +73,7 @@ def test_batch_records_a_bad_question_or_special_file_and_answers_the_rest(clips
     os.mkfifo(folder / "pipe.mp4")
     items = [{"video": "good.mp4", "question": QUESTION, "id": "ok"},
              {"video": "good.mp4", "question": "what <video> ?", "id": "special"},
+             {"video": "good.mp4", "question": " ", "id": "empty"},
              {"video": "pipe.mp4", "question": QUESTION, "id": "fifo"},
              {"video": str(folder / "good.mp4"), "question": "what is happening ?", "id": "absolute"}]
     (folder / "qa.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
@@ -81,8 +82,9 @@ def test_batch_records_a_bad_question_or_special_file_and_answers_the_rest(clips
                     "--max-new-tokens", 1)
     assert result.exit_code == 1 and "Traceback" not in result.output
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines()[1:])}
-    assert set(records) == {"ok", "special", "fifo", "absolute"}
+    assert set(records) == {"ok", "special", "empty", "fifo", "absolute"}
     assert "special token" in records["special"]["error"] and "not a regular file" in records["fifo"]["error"]
+    assert records["empty"]["error"] == "the question is empty"
     assert "error" not in records["ok"] and "error" not in records["absolute"]
 
 

@@ -124,6 +124,22 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
     assert [r["method"] for r in json.loads((out / "sweep.json").read_text())] == ["none", "uniform"]
 
 
+def test_sweep_a_folder_names_and_skips_a_question_that_cannot_be_asked(tiny_checkpoint, folder, tmp_path):
+    """As `batch` records such a question and goes on, a sweep skips it by name; the others are swept."""
+    lines = [{"video": "a.mp4", "question": "what color is the square ?", "answer": "red"},
+             {"video": "a.mp4", "question": "what is <video> here ?", "id": "tagged"},
+             {"video": "b.webm", "question": "  ", "id": "blank"}]
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = runner.invoke(app, ["sweep", str(folder), "--questions", str(questions), "--model", str(tiny_checkpoint),
+                                 "--methods", "none", "--budgets", "5%", "--repeats", "1", "--max-new-tokens", "1",
+                                 "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "skipped question 'tagged': " in result.stderr and "<video>" in result.stderr
+    assert "skipped question 'blank': the question is empty" in result.stderr
+    assert [r["questions"] for r in json.loads((tmp_path / "s" / "sweep.json").read_text())] == [1]
+
+
 def test_sweep_a_folder_reports_accuracy_and_skips_a_broken_clip(tiny_checkpoint, folder, tmp_path):
     result = runner.invoke(app, ["sweep", str(folder), "--questions", str(folder / "qa.jsonl"), "--model",
                                  str(tiny_checkpoint), "--methods", "none,uniform", "--budgets", "5%",

@@ -435,7 +435,7 @@ def sweep(
                 raise typer.Exit(130) from None
         rows = sweep_rows(cells)
         if not rows:
-            raise UserError("no clip could be decoded: " + "; ".join(error for _, error in skipped))
+            raise UserError("nothing could be answered: " + "; ".join(f"{what}: {error}" for what, error in skipped))
         paths = write_tables(rows, out) | write_plots(rows, out)
         console.print(sweep_table(rows))
         if show_kept:
@@ -450,8 +450,8 @@ def sweep(
         remove_stale_pictures(out, list(paths.values()))
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), markup=False)
         if skipped:
-            for video, error in skipped:
-                err_console.print(f"skipped {video}: {error}", markup=False, highlight=False, soft_wrap=True)
+            for what, error in skipped:
+                err_console.print(f"skipped {what}: {error}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
 

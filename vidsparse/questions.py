@@ -59,8 +59,8 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
     for number, item in enumerate(items, 1):
         where = f"{questions_file}, item {number}"
         question = item.get("question") if isinstance(item, dict) else None
-        if not isinstance(question, str) or not question.strip():
-            raise UserError(f"{where}: needs a non-empty 'question' (a string)")
+        if not isinstance(question, str):  # an empty one is that question's error, asked like any other
+            raise UserError(f"{where}: needs a 'question' (a string)")
         _check_types(item, where)
         if item.get("video") is not None:
             video = folder / str(item["video"])  # an absolute path stays as it is
