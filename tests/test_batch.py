@@ -326,6 +326,24 @@ def test_retry_errors_asks_the_failed_questions_again(folder, tmp_path, tiny_che
     assert len(read_results(out)[1]) == 14
 
 
+def test_retry_errors_takes_a_corrected_video_for_a_question_with_its_own_id(folder, tmp_path, tiny_checkpoint):
+    """Fixing a typo in the questions file is fixing the cause: the retried id may name another video."""
+    questions = tmp_path / "qa.jsonl"
+    args = ["batch", str(folder), "--questions", str(questions), "--out", str(tmp_path / "r.jsonl"), "--model",
+            str(tiny_checkpoint), "--method", "none", "--max-new-tokens", "1"]
+    questions.write_text(json.dumps({"video": "typo.mp4", "question": "what is it ?", "id": "q1"}) + "\n")
+    assert runner.invoke(app, args).exit_code == 1
+    questions.write_text(json.dumps({"video": "a.mp4", "question": "what is it ?", "id": "q1"}) + "\n")
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "recorded with an error: --retry-errors asks it again" in refused.stderr
+    assert runner.invoke(app, [*args, "--retry-errors"]).exit_code == 0
+    errored, answered = read_results(tmp_path / "r.jsonl")[1]
+    assert (errored["video"], answered["video"]) == ("typo.mp4", "a.mp4") and "error" not in answered
+    # An answered id still may not change its video.
+    questions.write_text(json.dumps({"video": "b.webm", "question": "what is it ?", "id": "q1"}) + "\n")
+    assert "restore them" in runner.invoke(app, [*args, "--retry-errors"]).stderr
+
+
 def test_ctrl_c_says_what_is_kept_and_how_to_resume(folder, tmp_path, tiny_checkpoint):
     out = tmp_path / "results.jsonl"
     command = [sys.executable, "-m", "vidsparse", *batch_args(folder, out, tiny_checkpoint), "--decode-batch", "1"]

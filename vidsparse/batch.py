@@ -57,19 +57,22 @@ def clips_to_answer(questions: list[Question], results: ResultsFile) -> dict[Pat
 
 def check_same_questions(questions: list[Question], root: Path, results: ResultsFile) -> None:
     """A recorded id must still mean the same question: an edited questions file that reuses an id
-    would otherwise be skipped as answered, and its old answer reported as the new one's."""
+    would otherwise be skipped as answered, and its old answer reported as the new one's. An error
+    record retried (`retry_errors`) may have changed: correcting the question is how its cause is
+    fixed, and the new record supersedes the error."""
     recorded = results.latest()
     for q in questions:
         record = recorded.get(q.id)
-        if record is None:
+        if record is None or (results.retry_errors and record.get("error")):
             continue
         now = question_record(q, root)
         differ = [key for key in ("video", "question", "reference") if key in record and record[key] != now[key]]
         if differ:
             key = differ[0]
+            fix = ("it was recorded with an error: --retry-errors asks it again as it is now" if record.get("error")
+                   else "restore them, or choose a new --out")
             raise UserError(f"{results.path}: id {q.id!r} was recorded with {key} {record[key]!r}, the questions "
-                            f"now give {now[key]!r}; the questions changed since that run: restore them, or choose "
-                            "a new --out")
+                            f"now give {now[key]!r}; the questions changed since that run: {fix}")
 
 
 def prefetched(videos: list[Path], options: AskOptions) -> Iterator[tuple[Path, DecodedVideo | UserError]]:
