@@ -120,6 +120,8 @@ def test_real_subprocess(tiny_checkpoint, clips):
     (["ask", "clip.mp4", "what ?", "--frames", "abc"], "Invalid value for '--frames'"),
     (["batch", "videos", "--out", "r.jsonl", "--decode-batch", "0"], "Invalid value for '--decode-batch'"),
     (["bogus"], "No such command 'bogus'"),
+    (["batch", "videos", "--out", "r.jsonl", "--ray", "localhost"], "--ray localhost: a cluster's address is auto, "
+                                                                    "HOST:PORT or ray://HOST:PORT"),
 ])
 def test_usage_mistakes_are_one_line_too(args, message):
     """click's own errors (an unknown option, a value of the wrong type) go through the same one line."""

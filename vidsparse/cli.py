@@ -11,13 +11,13 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from typer.core import TyperCommand
+from typer.exceptions import TyperException  # the base of typer's (vendored click's) usage errors
 
 from vidsparse.errors import UserError
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budgets
@@ -201,15 +201,24 @@ class OptionalRayAddress(TyperCommand):
     """Lets `--ray` stand alone (start Ray here) or take an address, which click cannot express:
     an alone `--ray` gets the value `local`. A following word is its address only if it looks like one."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         args = list(args)
+        after_ray = None  # the word after an alone --ray: left over, it was meant as an address
         for i, arg in enumerate(args):
             if arg == "--":
                 break
             if arg == "--ray" and not (i + 1 < len(args) and _is_ray_address(args[i + 1])):
+                after_ray = args[i + 1] if i + 1 < len(args) else None
                 args.insert(i + 1, "local")
                 break
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except TyperException as e:
+            message = e.format_message()
+            if after_ray is not None and "extra argument" in message and f"({after_ray})" in message:
+                ctx.fail(f"--ray {after_ray}: a cluster's address is auto, HOST:PORT or ray://HOST:PORT (--ray alone "
+                         "starts Ray on this machine)")
+            raise
 
 
 def _is_ray_address(word: str) -> bool:
@@ -535,8 +544,6 @@ def make_shapes(
 def main() -> None:
     """The console script: click's own handling, except that a usage mistake (an unknown option, a
     value of the wrong type) is one line, like every other error a user can make."""
-    from typer.exceptions import TyperException  # the base of typer's (vendored click's) usage errors
-
     try:
         code = app(standalone_mode=False)
     except TyperException as e:
