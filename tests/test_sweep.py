@@ -34,8 +34,8 @@ class RecordingQA(VideoQA):
 def test_cells_are_interleaved_after_one_warm_up(tiny_checkpoint, clips):
     qa = RecordingQA(VideoQA.from_pretrained(str(tiny_checkpoint)))
     options = AskOptions(max_new_tokens=1)
-    budgets = [parse_budget(b) for b in ("50%", "10%", "10.0%")]  # a repeated budget gives no second cell
-    cells = sweep_cells(["none", "fastv", "tome", "fastv"], budgets, options)
+    budgets = [parse_budget(b) for b in ("50%", "10%")]
+    cells = sweep_cells(["none", "fastv", "tome"], budgets, options)
     assert [(c.method, c.budget) for c in cells] == [("none", "-"), ("fastv", "50%"), ("fastv", "10%"),
                                                       ("tome", "50%"), ("tome", "10%")]
     run_sweep(qa, [Question("q", clips["h264"], "what ?")], cells, options, repeats=2)
@@ -95,6 +95,14 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
                                              ("10%,0", "--budgets must be at least 1")])
 def test_bad_budget_lists_are_one_line_errors(clips, budgets, message):
     result = runner.invoke(app, ["sweep", str(clips["h264"]), "what ?", "--budgets", budgets])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize("methods, message", [("none,,fastv", "has an empty item"),
+                                             ("none,fastv,none", "names none twice"),
+                                             ("fastv,bogus", "unknown method 'bogus'")])
+def test_bad_method_lists_are_one_line_errors(clips, methods, message):
+    result = runner.invoke(app, ["sweep", str(clips["h264"]), "what ?", "--methods", methods])
     assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
 
 

@@ -20,7 +20,15 @@ from typer.core import TyperCommand
 from typer.exceptions import TyperException  # the base of typer's (vendored click's) usage errors
 
 from vidsparse.errors import UserError
-from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, METHOD_NAMES, AskOptions, ask_options, parse_budgets
+from vidsparse.options import (
+    DECODE_BATCH,
+    DEFAULT_MODEL,
+    METHOD_NAMES,
+    AskOptions,
+    ask_options,
+    parse_budgets,
+    parse_methods,
+)
 
 # Only light modules at the top: help and option mistakes are answered before torch and
 # transformers (seconds of imports) are loaded; each command imports what it needs.
@@ -400,9 +408,7 @@ def sweep(
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     budget_list = parse_budgets(budgets)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    for name in method_list:
-        ask_options(name)  # unknown names fail here, before anything heavy
+    method_list = parse_methods(methods)
     # Shared by every cell; options_for gives each cell its method and budget (--prune-after where it applies).
     options = ask_options("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
     if not target.exists():

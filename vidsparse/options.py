@@ -77,6 +77,21 @@ def parse_budgets(text: str) -> list[Budget]:
     return budgets
 
 
+def parse_methods(text: str) -> list[str]:
+    """`sweep --methods none,fastv,stprune`: each item a known method; an empty or repeated item is a
+    mistake, as in --budgets."""
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    if "" in items:
+        raise UserError(f"--methods {text!r} has an empty item")
+    for name in items:
+        if name not in METHOD_NAMES:
+            raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHOD_NAMES)}")
+    repeated = [name for name in items if items.count(name) > 1]
+    if repeated:
+        raise UserError(f"--methods names {repeated[0]} twice")
+    return items
+
+
 def parse_layers(value: str | int | Sequence[int] | None) -> tuple[int, ...] | None:
     """`"2,6,15"` (or 1, or [2, 6, 15]) -> (2, 6, 15): strictly increasing layer numbers >= 0; None keeps
     the method's default."""

@@ -71,11 +71,9 @@ class Cell:
 
 
 def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) -> list[Cell]:
-    """One cell for `none`, one per other method x budget (repeats dropped); options checked up front."""
+    """One cell for `none`, one per other method x budget; options checked up front."""
     if not methods or not budgets:
         raise UserError("--methods and --budgets need at least one value each")
-    methods = list(dict.fromkeys(methods))
-    budgets = list(dict.fromkeys(budgets))
     for method in methods:
         o = options_for(Cell(method, ""), options)
         check_method(o.method, o.prune_after)
