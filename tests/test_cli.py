@@ -96,6 +96,7 @@ def test_help_shows_examples():
     assert "Example:" in runner.invoke(app, ["--help"]).stdout
     for command in ("ask", "batch", "sweep"):
         assert "Example:" in runner.invoke(app, [command, "--help"]).stdout
+        assert runner.invoke(app, [command, "-h"]).stdout == runner.invoke(app, [command, "--help"]).stdout
 
 
 def test_real_subprocess(tiny_checkpoint, clips):

@@ -37,6 +37,7 @@ app = typer.Typer(
     help="VideoLLaVA video question answering with visual-token pruning.\n\n"
     'Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194',
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     pretty_exceptions_enable=False,
 )
