@@ -121,6 +121,9 @@ def test_real_subprocess(tiny_checkpoint, clips):
     (["ask", "clip.mp4", "what ?", "--frames", "abc"], "Invalid value for '--frames'"),
     (["batch", "videos", "--out", "r.jsonl", "--decode-batch", "0"], "Invalid value for '--decode-batch'"),
     (["bogus"], "No such command 'bogus'"),
+    # Path('') is the working directory: an unset variable (--out "$OUT") must not write the results there.
+    (["sweep", "clip.mp4", "what ?", "--out", ""], "Invalid value for '--out': it is empty"),
+    (["batch", "videos", "--out", ""], "Invalid value for '--out': it is empty"),
     (["batch", "videos", "--out", "r.jsonl", "--ray", "localhost"], "--ray localhost: a cluster's address is auto, "
                                                                     "HOST:PORT or ray://HOST:PORT"),
 ])

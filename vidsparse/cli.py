@@ -60,7 +60,16 @@ PruneAfter = Annotated[
 Positions = Annotated[str, typer.Option("--positions", help="RoPE positions after pruning: keep (original), compact.")]
 MinPerFrame = Annotated[int, typer.Option("--min-per-frame", help="Keep at least this many tokens of every frame.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random method.")]
-Questions = Annotated[Path | None, typer.Option("--questions", help="qa.jsonl, or an MSVD/MSRVTT-QA json file.")]
+def _path(text: str) -> Path:
+    """A path option's value; an empty one is refused, where Path('') would quietly be the working
+    directory (`--out "$OUT"` with OUT unset)."""
+    if not text.strip():
+        raise typer.BadParameter("it is empty")
+    return Path(text)
+
+
+Questions = Annotated[Path | None, typer.Option("--questions", parser=_path,
+                                                help="qa.jsonl, or an MSVD/MSRVTT-QA json file.")]
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,7 +122,7 @@ def _options(method: str, budget: str, prune_after: str | None, positions: str, 
 @app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194 --json')
 @user_errors
 def ask(
-    video: Annotated[Path, typer.Argument(help="Video file (mp4, webm, mkv, ...).")],
+    video: Annotated[Path, typer.Argument(parser=_path, help="Video file (mp4, webm, mkv, ...).")],
     question: Annotated[str, typer.Argument(help="The question about the video.")],
     model: Model = DEFAULT_MODEL,
     method: Method = "none",
@@ -127,7 +136,8 @@ def ask(
     dtype: Dtype = "auto",
     device: Device = "auto",
     max_new_tokens: MaxNewTokens = 64,
-    show_kept: Annotated[Path | None, typer.Option("--show-kept", help="Write a PNG of the tokens kept.")] = None,
+    show_kept: Annotated[Path | None, typer.Option("--show-kept", parser=_path,
+                                                   help="Write a PNG of the tokens kept.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Answer a question about a video and report latency, memory and FLOPs."""
@@ -240,8 +250,8 @@ def _is_ray_address(word: str) -> bool:
              "this node belongs to).")
 @user_errors
 def batch(
-    videos_dir: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", help="Results file (JSON lines); re-running resumes it.")],
+    videos_dir: Annotated[Path, typer.Argument(parser=_path, help="Folder of videos (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", parser=_path, help="Results file (JSON lines); re-running resumes it.")],
     questions: Questions = None,
     question: Annotated[str | None, typer.Option("--question", help="Ask this about every video.")] = None,
     model: Model = DEFAULT_MODEL,
@@ -376,7 +386,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
              "--methods none,fastv,sparsevlm,stprune")
 @user_errors
 def sweep(
-    target: Annotated[Path, typer.Argument(help="A video file, or a folder of videos (with --questions).")],
+    target: Annotated[Path, typer.Argument(parser=_path,
+                                           help="A video file, or a folder of videos (with --questions).")],
     question: Annotated[str | None, typer.Argument(
         help="The question: about the video, or about every video of a folder given without --questions.")] = None,
     questions: Questions = None,
@@ -387,8 +398,8 @@ def sweep(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
         "none,fastv,sparsevlm,stprune"),
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per cell (median reported).")] = 3,
-    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.csv, sweep.json and the plots.")] = Path(
-        "sweep"),
+    out: Annotated[Path, typer.Option("--out", parser=_path,
+                                      help="Folder for sweep.csv, sweep.json and the plots.")] = Path("sweep"),
     show_kept: Annotated[bool, typer.Option("--show-kept", help="Also draw the kept tokens (a PNG per method).")] = (
         False),
     model: Model = DEFAULT_MODEL,
@@ -515,7 +526,7 @@ def methods() -> None:
              "           vidsparse make-shapes shapes-hd-eval --kind hd --n 500 --seed 1000")
 @user_errors
 def make_shapes(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the clips and qa.jsonl to.")],
+    out_dir: Annotated[Path, typer.Argument(parser=_path, help="Folder to write the clips and qa.jsonl to.")],
     n: Annotated[int, typer.Option("--n", help="Number of clips (one question each).")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same data.")] = 0,
     kind: Annotated[str, typer.Option("--kind", help="demo: ShapesQA, 32x32 frames, 8 x 17 tokens, 5 question "
