@@ -79,7 +79,11 @@ def test_a_null_field_is_no_field(folder, tmp_path):
      ('{"video": "a.mp4", "question": "q", "id": true}\n', "'id' must be a string or a number, got true"),
      ('{"video": ["a.mp4"], "question": "q"}\n', "'video' must be a string"),
      ('{"video": null, "question": "q"}\n', "needs 'video'"),
-     ('{"video": "a.mp4", "question": "q", "answer": NaN}\n', "line 1: not valid JSON")],
+     ('{"video": "a.mp4", "question": "q", "answer": NaN}\n', "line 1: not valid JSON"),
+     # Where: a JSON-lines file's line (blank lines counted), a JSON list's item.
+     ('{"video": "a.mp4", "question": "q"}\n\n{"video": "a.mp4"}\n', "line 3: needs a 'question'"),
+     ('{"video": "a.mp4", "question": "q"}\n[1, 2]\n', "line 2: not a JSON object"),
+     ('[{"video": "a.mp4", "question": "q"}, "a.mp4"]', "item 2: not a JSON object")],
 )
 def test_bad_question_files(folder, tmp_path, content, message):
     path = tmp_path / "qa.jsonl"

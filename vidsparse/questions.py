@@ -53,12 +53,13 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
         raise UserError(f"questions file not found: {questions_file}")
     if not questions_file.is_file():
         raise UserError(f"--questions {questions_file} is not a regular file")
-    items = _read_items(questions_file)
     stems: dict[str, Path] | None = None
     questions, seen = [], set()
-    for number, item in enumerate(items, 1):
-        where = f"{questions_file}, item {number}"
-        question = item.get("question") if isinstance(item, dict) else None
+    for place, item in _read_items(questions_file):
+        where = f"{questions_file}, {place}"
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: not a JSON object ({{\"video\": ..., \"question\": ...}})")
+        question = item.get("question")
         if not isinstance(question, str):  # an empty one is that question's error, asked like any other
             raise UserError(f"{where}: needs a 'question' (a string)")
         _check_types(item, where)
@@ -105,7 +106,9 @@ def _no_constant(name: str) -> None:
     raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
-def _read_items(path: Path) -> list:
+def _read_items(path: Path) -> list[tuple[str, object]]:
+    """Each item with where it is, as the user would look for it: a JSON-lines file's line number
+    (blank lines counted), a JSON list's item number."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
@@ -118,12 +121,12 @@ def _read_items(path: Path) -> list:
             items = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON: {e}") from None
-        return items
+        return [(f"item {number}", item) for number, item in enumerate(items, 1)]
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                items.append(json.loads(line, parse_constant=_no_constant))
+                items.append((f"line {number}", json.loads(line, parse_constant=_no_constant)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
     return items
