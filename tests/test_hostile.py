@@ -147,8 +147,11 @@ def test_a_broken_checkpoint_is_one_line_naming_the_file(case, tiny_checkpoint, 
     assert "should-never-run" not in result.output
 
 
-def test_an_empty_model_name(clips):
+def test_an_empty_model_name_a_file_or_a_folder_without_config(clips, tiny_checkpoint, tmp_path):
     assert_one_line_error(ask(clips["h264"], QUESTION, ""), "--model is empty")
+    assert_one_line_error(ask(clips["h264"], QUESTION, tiny_checkpoint / "config.json"),
+                          "is a file: --model takes the checkpoint's folder")
+    assert_one_line_error(ask(clips["h264"], QUESTION, tmp_path), "is not a model folder (no config.json in it)")
 
 
 # ---------------------------------------------------------------- outputs that cannot be written

@@ -108,7 +108,10 @@ def find_checkpoint(name_or_path: str) -> Source:
     path = Path(location).expanduser()
     if path.exists():
         config_file = path / "config.json"
-        if not path.is_dir() or not config_file.is_file():
+        if not path.is_dir():
+            raise UserError(f"{name_or_path} is a file: --model takes the checkpoint's folder (the one holding "
+                            "config.json)")
+        if not config_file.is_file():
             raise UserError(f"{name_or_path} is not a model folder (no config.json in it)")
         config = _read_json(config_file)
         model_type = config.get("model_type") if isinstance(config, dict) else None
