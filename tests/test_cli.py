@@ -27,6 +27,15 @@ def test_ask_prints_answer_and_stats_table(tiny_checkpoint, clips):
         assert row in result.stdout
 
 
+def test_ask_says_when_the_budget_prunes_nothing(tiny_checkpoint, clips):
+    """The default budget (194, a tenth of the 7B model's 2056 tokens) is above a small model's 136."""
+    pruned = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--method", "fastv", "--max-new-tokens", "1",
+                 "--budget", "135")
+    unpruned = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--method", "fastv", "--max-new-tokens", "1")
+    assert "136 -> 135" in pruned.stdout and "nothing was pruned" not in pruned.stdout
+    assert "136 (equivalent 136): the budget is not below the clip's tokens, nothing was pruned" in unpruned.stdout
+
+
 def test_ask_json_fields(tiny_checkpoint, clips):
     result = ask(clips["vp9"], "what is happening ?", "--model", tiny_checkpoint, "--json", "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output

@@ -197,8 +197,10 @@ def stats_table(stats: dict[str, Any]) -> Table:
         if pruning["method"] != "none" else ""))
     if "raters" in pruning:
         table.add_row("raters", pruning["raters"])
+    unpruned = pruning["method"] != "none" and tokens["visual_after"] >= tokens["visual_before"]
     table.add_row("visual tokens", " -> ".join(map(str, pruning["visual_per_stage"]))
-                  + f" (equivalent {tokens['equivalent_visual']:g})")
+                  + f" (equivalent {tokens['equivalent_visual']:g})"
+                  + (": the budget is not below the clip's tokens, nothing was pruned" if unpruned else ""))
     table.add_row("text tokens", str(tokens["text"]))
     table.add_row("prefill FLOPs", f"{_si(flops['prefill'])} (unpruned {_si(flops['prefill_unpruned'])})")
     table.add_row("vision FLOPs", _si(flops["vision"]))
