@@ -60,9 +60,11 @@ PruneAfter = Annotated[
 Positions = Annotated[str, typer.Option("--positions", help="RoPE positions after pruning: keep (original), compact.")]
 MinPerFrame = Annotated[int, typer.Option("--min-per-frame", help="Keep at least this many tokens of every frame.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random method.")]
-def _path(text: str) -> Path:
-    """A path option's value; an empty one is refused, where Path('') would quietly be the working
-    directory (`--out "$OUT"` with OUT unset)."""
+def _path(text: str | Path) -> Path:
+    """A path option's value (or its default, a Path already); an empty one is refused, where Path('')
+    would quietly be the working directory (`--out "$OUT"` with OUT unset)."""
+    if isinstance(text, Path):
+        return text
     if not text.strip():
         raise typer.BadParameter("it is empty")
     return Path(text)
