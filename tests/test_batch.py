@@ -67,6 +67,15 @@ def test_a_null_field_is_no_field(folder, tmp_path):
         ("a.mp4|q", "a.mp4", None), ("sub/c.mp4|q", "c.mp4", 3)]
 
 
+def test_a_question_may_hold_a_line_separator(folder, tmp_path):
+    """JSON strings may hold U+2028 unescaped (json.dumps(ensure_ascii=False) writes it); a JSON-lines
+    file is split at newlines only."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"video": "a.mp4", "question": "what\u2028now ?"}, ensure_ascii=False) + "\r\n",
+                    encoding="utf-8")
+    assert [q.question for q in load_questions(folder, path, None)] == ["what\u2028now ?"]
+
+
 @pytest.mark.parametrize(
     "content, message",
     [('{"video": "a.mp4"}\n', "needs a 'question' \\(a string\\)"), ("not json\n", "line 1: not valid JSON"),

@@ -28,7 +28,7 @@ def test_ask_prints_answer_and_stats_table(tiny_checkpoint, clips):
 
 
 def test_ask_says_when_the_budget_prunes_nothing(tiny_checkpoint, clips):
-    """The default budget (194, a tenth of the 7B model's 2056 tokens) is above a small model's 136."""
+    """The default budget (194, meant for the 7B model's 2056 tokens) is above a small model's 136."""
     pruned = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--method", "fastv", "--max-new-tokens", "1",
                  "--budget", "135")
     unpruned = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--method", "fastv", "--max-new-tokens", "1")
@@ -135,6 +135,7 @@ def test_real_subprocess(tiny_checkpoint, clips):
     (["batch", "videos", "--out", ""], "Invalid value for '--out': it is empty"),
     (["batch", "videos", "--out", "r.jsonl", "--ray", "localhost"], "--ray localhost: a cluster's address is auto, "
                                                                     "HOST:PORT or ray://HOST:PORT"),
+    (["batch", "--ray", "localhost", "videos", "--out", "r.jsonl"], "--ray localhost: a cluster's address is"),
 ])
 def test_usage_mistakes_are_one_line_too(args, message):
     """click's own errors (an unknown option, a value of the wrong type) go through the same one line."""

@@ -60,8 +60,13 @@ def test_one_question_for_every_video_is_refused_once_when_it_cannot_be_asked(cl
     out = tmp_path / "r.jsonl"
     batch = ("batch", folder, "--out", out, "--model", tiny_checkpoint, "--max-new-tokens", 1, "--question")
     assert_one_line_error(invoke(*batch, "what <video> ?"), "special token")
-    assert_one_line_error(invoke(*batch, "   "), "--question is empty")
+    assert_one_line_error(invoke(*batch, "   "), "the question asked of every video is empty")
     assert not out.exists()  # nothing answered, nothing left behind
+    shutil.copy(clips["h264"], folder / "other.mp4")
+    sweep = ("sweep", folder, "--model", tiny_checkpoint, "--methods", "none", "--out", tmp_path / "s")
+    refused = invoke(*sweep, "what <video> ?")
+    assert_one_line_error(refused, "special token")
+    assert refused.stderr.count("special token") == 1
     assert_one_line_error(invoke("sweep", clips["h264"], "   ", "--model", tiny_checkpoint, "--out", tmp_path / "s"),
                           "the question is empty")
 

@@ -70,7 +70,7 @@ def _path(text: str | Path) -> Path:
     return Path(text)
 
 
-Questions = Annotated[Path | None, typer.Option("--questions", parser=_path,
+Questions = Annotated[Path | None, typer.Option("--questions", parser=_path, metavar="<path>",
                                                 help="qa.jsonl, or an MSVD/MSRVTT-QA json file.")]
 
 
@@ -138,7 +138,7 @@ def ask(
     dtype: Dtype = "auto",
     device: Device = "auto",
     max_new_tokens: MaxNewTokens = 64,
-    show_kept: Annotated[Path | None, typer.Option("--show-kept", parser=_path,
+    show_kept: Annotated[Path | None, typer.Option("--show-kept", parser=_path, metavar="<path>",
                                                    help="Write a PNG of the tokens kept.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
@@ -237,8 +237,8 @@ class OptionalRayAddress(TyperCommand):
         try:
             return super().parse_args(ctx, args)
         except TyperException as e:
-            message = e.format_message()
-            if after_ray is not None and "extra argument" in message and f"({after_ray})" in message:
+            message = e.format_message()  # the word was no path given as the folder, but not an address either
+            if after_ray is not None and "extra argument" in message and not Path(after_ray).exists():
                 ctx.fail(f"--ray {after_ray}: a cluster's address is auto, HOST:PORT or ray://HOST:PORT (--ray alone "
                          "starts Ray on this machine)")
             raise
@@ -255,7 +255,8 @@ def _is_ray_address(word: str) -> bool:
 @user_errors
 def batch(
     videos_dir: Annotated[Path, typer.Argument(parser=_path, help="Folder of videos (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", parser=_path, help="Results file (JSON lines); re-running resumes it.")],
+    out: Annotated[Path, typer.Option("--out", parser=_path, metavar="<path>",
+                                      help="Results file (JSON lines); re-running resumes it.")],
     questions: Questions = None,
     question: Annotated[str | None, typer.Option("--question", help="Ask this about every video.")] = None,
     model: Model = DEFAULT_MODEL,
@@ -358,7 +359,7 @@ def batch(
     console.print(f"results: {out}  summary: {summary_path}", markup=False)
     if summary["errors"]:
         err_console.print(f"{summary['errors']} question(s) failed; see the 'error' field in {out} (once fixed, "
-                          "the same command with --retry-errors asks them again)", markup=False)
+                          "the same command with --retry-errors asks them again)", markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -402,7 +403,7 @@ def sweep(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
         "none,fastv,sparsevlm,stprune"),
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per cell (median reported).")] = 3,
-    out: Annotated[Path, typer.Option("--out", parser=_path,
+    out: Annotated[Path, typer.Option("--out", parser=_path, metavar="<path>",
                                       help="Folder for sweep.csv, sweep.json and the plots.")] = Path("sweep"),
     show_kept: Annotated[bool, typer.Option("--show-kept", help="Also draw the kept tokens (a PNG per method).")] = (
         False),
@@ -451,6 +452,8 @@ def sweep(
 
         cells = sweep_cells(method_list, budget_list, options)
         qa = _load(model, dtype, device)
+        if target.is_dir() and questions is None:  # asked of every video: refused once, not once per video
+            qa.check_question(question, options)
         with _progress() as progress:
             task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
             try:
@@ -466,7 +469,7 @@ def sweep(
                 raise typer.Exit(130) from None
         rows = sweep_rows(cells)
         if not rows:
-            raise UserError("nothing could be answered: " + "; ".join(f"{what}: {error}" for what, error in skipped))
+            raise UserError("nothing could be answered: " + "; ".join(skipped))
         paths = write_tables(rows, out) | write_plots(rows, out)
         console.print(sweep_table(rows))
         if show_kept:
@@ -481,8 +484,8 @@ def sweep(
         remove_stale_pictures(out, list(paths.values()))
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), markup=False)
         if skipped:
-            for what, error in skipped:
-                err_console.print(f"skipped {what}: {error}", markup=False, highlight=False, soft_wrap=True)
+            for why in skipped:
+                err_console.print(f"skipped: {why}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
 

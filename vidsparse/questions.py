@@ -44,7 +44,7 @@ def load_questions(folder: Path, questions_file: Path | None, question: str | No
             raise UserError(f"{folder} is a folder: give a questions file (--questions FILE), or one question to ask "
                             "about every video in it")
         if not question.strip():
-            raise UserError("--question is empty")
+            raise UserError("the question asked of every video is empty")
         videos = find_videos(folder)
         if not videos:
             raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {folder}")
@@ -123,7 +123,7 @@ def _read_items(path: Path) -> list[tuple[str, object]]:
             raise UserError(f"{path} is not valid JSON: {e}") from None
         return [(f"item {number}", item) for number, item in enumerate(items, 1)]
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if line.strip():
             try:
                 items.append((f"line {number}", json.loads(line, parse_constant=_no_constant)))

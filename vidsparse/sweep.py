@@ -86,13 +86,13 @@ def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) 
 
 def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options: AskOptions, repeats: int,
               on_step: Callable[[], None] = lambda: None,
-              on_cell_done: Callable[[], None] = lambda: None) -> list[tuple[str, str]]:
+              on_cell_done: Callable[[], None] = lambda: None) -> list[str]:
     """Fill every cell with every question's answer and median timings; `on_cell_done` is called each
     time a cell has finished one more question (so a crash keeps what was done). Questions are taken
     clip by clip: each clip is decoded and run through the vision tower once for every cell (whose
     times still include that work, as an `ask` would pay it). A clip that cannot be decoded, and a
     question that cannot be asked (empty, special tokens, too long), is skipped, as `batch` records it
-    and goes on; returns what was skipped and why, as (what, error)."""
+    and goes on; returns why each was skipped (a clip's decoding error names its file)."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     model = qa.model
@@ -102,10 +102,10 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     for o in cell_options:  # fail before the first run, not in the middle of the sweep
         plan_for(o, len(model.decoder.layers), options.num_frames, num_visual)
     saliency = any(METHODS[c.method].needs_saliency for c in cells)
-    skipped: list[tuple[str, str]] = []
+    skipped: list[str] = []
 
-    def skip(what: str, error: UserError, count: int) -> None:
-        skipped.append((what, str(error)))
+    def skip(why: str, count: int) -> None:
+        skipped.append(why)
         for _ in range(count * len(cells) * repeats):
             on_step()
 
@@ -116,14 +116,14 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
         if isinstance(refused, UserError) and len(questions) == 1:
             raise refused
         if isinstance(refused, UserError):
-            skip(f"question {q.id!r}", refused, 1)
+            skip(f"question {q.id!r}: {refused}", 1)
         else:
             by_video.setdefault(q.video, []).append(q)
     for path, asked in by_video.items():  # one clip in memory at a time, decoded and through the tower once
         try:
             video = decode_video(path, options.num_frames, options.backend)
         except UserError as e:
-            skip(str(path), e, len(asked))
+            skip(str(e), len(asked))
             continue
         if not warmed:  # first-call costs (allocations, kernels) go to no cell
             qa.answer(video, asked[0].question, cell_options[0])
