@@ -8,9 +8,9 @@ once, before the seconds it takes to import torch and transformers.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from vidsparse.errors import UserError
 
@@ -65,31 +65,35 @@ def parse_budget(value: int | str | Budget, flag: str = "--budget") -> Budget:
 
 
 def parse_budgets(text: str) -> list[Budget]:
-    """`sweep --budgets 100%,25%,10%`: each item a budget; an empty or repeated item is a mistake
-    (a repeated one would measure the same cell twice)."""
-    items = [item.strip() for item in text.split(",")]
-    if text.strip() and "" in items:
-        raise UserError(f"--budgets {text!r} has an empty item")
-    budgets = [parse_budget(item, "--budgets") for item in items if item]
-    repeated = sorted({str(b) for b in budgets if budgets.count(b) > 1})
-    if repeated:
-        raise UserError(f"--budgets names {repeated[0]} twice")
-    return budgets
+    """`sweep --budgets 100%,25%,10%`: each item a budget."""
+    return _parse_list(text, "--budgets", lambda item: parse_budget(item, "--budgets"))
 
 
 def parse_methods(text: str) -> list[str]:
-    """`sweep --methods none,fastv,stprune`: each item a known method; an empty or repeated item is a
-    mistake, as in --budgets."""
+    """`sweep --methods none,fastv,stprune`: each item a known method."""
+    return _parse_list(text, "--methods", parse_method)
+
+
+T = TypeVar("T")
+
+
+def _parse_list(text: str, flag: str, parse_one: Callable[[str], T]) -> list[T]:
+    """A comma-separated sweep axis, each item parsed; an empty or repeated item is a mistake (a
+    repeated one would measure the same cell twice)."""
     items = [item.strip() for item in text.split(",")] if text.strip() else []
     if "" in items:
-        raise UserError(f"--methods {text!r} has an empty item")
-    for name in items:
-        if name not in METHOD_NAMES:
-            raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHOD_NAMES)}")
-    repeated = [name for name in items if items.count(name) > 1]
+        raise UserError(f"{flag} {text!r} has an empty item")
+    values = [parse_one(item) for item in items]
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
     if repeated:
-        raise UserError(f"--methods names {repeated[0]} twice")
-    return items
+        raise UserError(f"{flag} names {repeated[0]} twice")
+    return values
+
+
+def parse_method(name: str) -> str:
+    if name not in METHOD_NAMES:
+        raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHOD_NAMES)}")
+    return name
 
 
 def parse_layers(value: str | int | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -144,8 +148,7 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194,
                 backend: str = "auto", max_new_tokens: int = 64) -> AskOptions:
     """Check and type every option that can be checked without a model (method-specific rules, such
     as which methods take --prune-after, are `vidsparse.pruning.check_method`'s)."""
-    if method not in METHOD_NAMES:
-        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
+    parse_method(method)
     if positions not in POSITION_MODES:
         raise UserError(f"--positions must be keep or compact, got {positions!r}")
     if backend not in BACKENDS:
