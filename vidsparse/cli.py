@@ -237,7 +237,7 @@ class OptionalRayAddress(TyperCommand):
         try:
             return super().parse_args(ctx, args)
         except TyperException as e:
-            message = e.format_message()  # the word was no path given as the folder, but not an address either
+            message = e.format_message()  # the word left over is no folder: it was meant as an address
             if after_ray is not None and "extra argument" in message and not Path(after_ray).exists():
                 ctx.fail(f"--ray {after_ray}: a cluster's address is auto, HOST:PORT or ray://HOST:PORT (--ray alone "
                          "starts Ray on this machine)")
@@ -452,7 +452,7 @@ def sweep(
 
         cells = sweep_cells(method_list, budget_list, options)
         qa = _load(model, dtype, device)
-        if target.is_dir() and questions is None:  # asked of every video: refused once, not once per video
+        if questions is None:  # the user's one question (of one video, or every video): refused, not skipped
             qa.check_question(question, options)
         with _progress() as progress:
             task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")

@@ -113,8 +113,6 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     by_video: dict[Path, list[Question]] = {}
     for q in questions:
         refused = qa.checked_prompt(q.question, options.num_frames, options)
-        if isinstance(refused, UserError) and len(questions) == 1:
-            raise refused
         if isinstance(refused, UserError):
             skip(f"question {q.id!r}: {refused}", 1)
         else:
