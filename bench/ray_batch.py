@@ -24,8 +24,9 @@ import ray
 import torch
 from transformers.utils import logging as hf_logging
 
-from vidsparse.batch import batch_settings, run_batch
+from vidsparse.batch import batch_settings, clip_jobs, run_batch
 from vidsparse.datasets.shapes import make_shapes
+from vidsparse.metrics import Tally
 from vidsparse.options import DECODE_BATCH, ask_options
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import load_questions
@@ -60,11 +61,11 @@ def main() -> None:
         hf_logging.disable_progress_bar()
         qa = VideoQA.from_pretrained(MODEL, dtype="float32", device="cpu")
         torch.set_num_threads(os.cpu_count())
-        with ResultsFile(Path(tmp) / "single.jsonl", settings) as results:
+        with ResultsFile.open(Path(tmp) / "single.jsonl", settings) as results:
             started = time.perf_counter()
-            run_batch(qa, questions, root, results, options, decode_batch=DECODE_BATCH)
+            run_batch(qa, clip_jobs(questions), root, results, options, Tally(), decode_batch=DECODE_BATCH)
             single_s = time.perf_counter() - started
-            reference = {r["id"]: r.get("answer") for r in results.records}
+            reference = {r["id"]: r.get("answer") for r in results.latest_records()}
         rows = [("one process", 0.0, single_s, True)]
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
@@ -73,11 +74,11 @@ def main() -> None:
             with WorkerPool.start(LOCAL, n, MODEL, "float32", "cpu") as pool:
                 assert pool.settings(options) == settings
                 startup = time.perf_counter() - started
-                with ResultsFile(Path(tmp) / f"ray{n}.jsonl", settings) as results:
+                with ResultsFile.open(Path(tmp) / f"ray{n}.jsonl", settings) as results:
                     started = time.perf_counter()
-                    pool.run(questions, root, results, options, lambda record: None, DECODE_BATCH)
+                    pool.run(clip_jobs(questions), root, results, options, Tally(), lambda: None, DECODE_BATCH)
                     seconds = time.perf_counter() - started
-                    same = {r["id"]: r.get("answer") for r in results.records} == reference
+                    same = {r["id"]: r.get("answer") for r in results.latest_records()} == reference
             rows.append((f"ray, {n} worker(s)", startup, seconds, same))
         ray.shutdown()
 

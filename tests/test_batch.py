@@ -108,19 +108,19 @@ HEADER = json.dumps({"vidsparse": "results", "version": 1, "settings": SETTINGS}
 def test_results_file_cuts_a_partial_last_line_and_nothing_else(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(HEADER + '{"id": "1"}\n{"id": "2"}\n{"id": "3", "answ')
-    with ResultsFile(path, SETTINGS) as results:
-        assert results.done_ids() == {"1", "2"}
+    with ResultsFile.open(path, SETTINGS) as results:
+        assert set(results.index) == {"1", "2"}
         results.append({"id": "3"})
     assert path.read_text() == HEADER + '{"id": "1"}\n{"id": "2"}\n{"id": "3"}\n'
 
 
 def test_a_new_results_file_starts_with_its_settings(tmp_path):
     path = tmp_path / "new" / "r.jsonl"
-    with ResultsFile(path, SETTINGS) as results:
+    with ResultsFile.open(path, SETTINGS) as results:
         results.append({"id": "1"})
     assert path.read_text().splitlines()[0] == HEADER.strip()
-    with ResultsFile(path, SETTINGS) as results:
-        assert results.done_ids() == {"1"}
+    with ResultsFile.open(path, SETTINGS) as results:
+        assert set(results.index) == {"1"}
 
 
 def test_ctrl_c_while_a_record_is_written_keeps_and_counts_it(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_ctrl_c_while_a_record_is_written_keeps_and_counts_it(tmp_path, monkeypa
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(ResultsFile, "_write_line", interrupted_write)
-    with pytest.raises(KeyboardInterrupt), ResultsFile(path, SETTINGS) as results:
+    with pytest.raises(KeyboardInterrupt), ResultsFile.open(path, SETTINGS) as results:
         results.append({"id": "1"})
     assert results.appended == 1 and path.read_text() == HEADER + '{"id": "1"}\n'
 
@@ -152,7 +152,7 @@ def test_a_file_that_is_not_a_results_file_is_refused_untouched(tmp_path, conten
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = path.read_bytes()
     with pytest.raises(UserError, match="not a vidsparse results file"):
-        ResultsFile(path, SETTINGS)
+        ResultsFile.open(path, SETTINGS)
     assert path.read_bytes() == before
 
 
@@ -162,7 +162,7 @@ def test_a_damaged_line_in_the_middle_is_an_error_naming_it(tmp_path, bad):
     path.write_text(HEADER + '{"id": "1"}\n' + bad + '\n{"id": "2"}\n')
     before = path.read_bytes()
     with pytest.raises(UserError, match="line 3: not a results record"):
-        ResultsFile(path, SETTINGS)
+        ResultsFile.open(path, SETTINGS)
     assert path.read_bytes() == before
 
 
@@ -170,7 +170,7 @@ def test_other_settings_are_refused_naming_what_differs(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(HEADER + '{"id": "1"}\n')
     with pytest.raises(UserError, match=r"budget '10%' there, '25%' now.*new --out") as error:
-        ResultsFile(path, SETTINGS | {"budget": "25%"})
+        ResultsFile.open(path, SETTINGS | {"budget": "25%"})
     assert "method" not in str(error.value)
     assert path.read_text() == HEADER + '{"id": "1"}\n'
 
@@ -180,10 +180,10 @@ def test_a_header_without_the_source_still_resumes_but_never_without_a_setting(t
     fingerprint, still resumes; a header that lacks any other setting is compared on it (and refused)."""
     path = tmp_path / "r.jsonl"
     path.write_text(HEADER + '{"id": "1"}\n')
-    with ResultsFile(path, SETTINGS | {"videos": "/clips", "weights": "0123456789abcdef"}) as results:
-        assert results.done_ids() == {"1"}
+    with ResultsFile.open(path, SETTINGS | {"videos": "/clips", "weights": "0123456789abcdef"}) as results:
+        assert set(results.index) == {"1"}
     with pytest.raises(UserError, match="seed None there, 0 now"):
-        ResultsFile(path, SETTINGS | {"seed": 0})
+        ResultsFile.open(path, SETTINGS | {"seed": 0})
 
 
 def test_another_question_or_folder_is_not_taken_for_answers_given(folder, tmp_path, tiny_checkpoint):
@@ -228,24 +228,24 @@ def test_an_id_that_now_means_another_question_is_refused(folder, tmp_path, tiny
 
 def test_one_writer_at_a_time(tmp_path):
     path = tmp_path / "r.jsonl"
-    with ResultsFile(path, SETTINGS) as first:
+    with ResultsFile.open(path, SETTINGS) as first:
         first.append({"id": "1"})
         with pytest.raises(UserError, match=f"another vidsparse batch \\(process {os.getpid()}\\)"):
-            ResultsFile(path, SETTINGS)
-    with ResultsFile(path, SETTINGS) as again:  # released when the first run ends
-        assert again.done_ids() == {"1"}
+            ResultsFile.open(path, SETTINGS)
+    with ResultsFile.open(path, SETTINGS) as again:  # released when the first run ends
+        assert set(again.index) == {"1"}
 
 
 def test_a_results_file_that_got_no_answer_is_removed(tmp_path):
     path = tmp_path / "r.jsonl"
-    with ResultsFile(path, SETTINGS):
+    with ResultsFile.open(path, SETTINGS):
         pass
     assert not path.exists()
 
 
 def test_a_full_disk_keeps_every_complete_answer(tmp_path, monkeypatch):
     path = tmp_path / "r.jsonl"
-    with ResultsFile(path, SETTINGS) as results:
+    with ResultsFile.open(path, SETTINGS) as results:
         results.append({"id": "1"})
 
         def disk_full(fd):
@@ -276,7 +276,7 @@ def test_batch_records_the_bad_file_and_goes_on(folder, tmp_path, tiny_checkpoin
     assert header["settings"] | {"model": None, "weights": None} == {
         "model": None, "weights": None, "dtype": "float32", "method": "sparsevlm", "budget": "25%", "prune_after": None,
         "positions": "keep", "min_per_frame": 0, "seed": 0, "num_frames": 8, "backend": "auto", "max_new_tokens": 2,
-        "videos": str(folder.resolve()), "questions": str((folder / "qa.jsonl").resolve()), "question": None}
+        "videos": str(folder.resolve()), "question": None}
     assert header["settings"]["model"] == str(tiny_checkpoint.resolve())
     assert len(header["settings"]["weights"]) == 16  # hex digits of the weights' fingerprint
     assert len(records) == 13

@@ -224,7 +224,7 @@ def test_show_kept_writes_exactly_the_path_given(clips, tmp_path, tiny_checkpoin
 
 def test_a_second_batch_on_the_same_results_waits_for_nobody(folder, tmp_path, tiny_checkpoint):
     out = tmp_path / "r.jsonl"
-    with ResultsFile(out, {"held": "by this test"}):
+    with ResultsFile.open(out, {"held": "by this test"}):
         result = invoke("batch", folder, "--questions", folder / "qa.jsonl", "--out", out, "--model",
                         tiny_checkpoint)
     assert_one_line_error(result, f"being written by another vidsparse batch (process {os.getpid()})")

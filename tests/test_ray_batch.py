@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 
 from tests.conftest import kill_9_after
 from vidsparse import ray_batch
-from vidsparse.batch import batch_settings, run_batch
+from vidsparse.batch import batch_settings, clip_jobs, run_batch
 from vidsparse.cli import app
 from vidsparse.datasets.shapes import make_shapes
 from vidsparse.errors import UserError
+from vidsparse.metrics import Tally
 from vidsparse.options import ask_options
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import load_questions
@@ -61,19 +62,22 @@ def reference(clips, tmp_path_factory) -> dict[str, dict]:
     """The single-process batch's records, by id."""
     out = tmp_path_factory.mktemp("single") / "r.jsonl"
     qa = VideoQA.from_pretrained(MODEL, dtype="float32", device="cpu")
-    with ResultsFile(out, batch_settings(MODEL, "float32", "cpu", OPTIONS)) as results:
-        run_batch(qa, load_questions(clips, clips / "qa.jsonl", None), clips, results, OPTIONS)
-    return {r["id"]: r for r in results.records}
+    with ResultsFile.open(out, batch_settings(MODEL, "float32", "cpu", OPTIONS)) as results:
+        run_batch(qa, clip_jobs(load_questions(clips, clips / "qa.jsonl", None)), clips, results, OPTIONS, Tally())
+    return {r["id"]: r for r in results.latest_records()}
 
 
 def ray_run(clips: Path, out: Path, on_record=lambda record: None) -> list[dict]:
+    """The records of a `batch --ray` run of the clips; `on_record` sees each one once it is written."""
     questions = load_questions(clips, clips / "qa.jsonl", None)
     with WorkerPool.start(LOCAL, 2, MODEL, "float32", "cpu") as pool:
         settings = pool.settings(OPTIONS)
         assert settings == batch_settings(MODEL, "float32", "cpu", OPTIONS)
-        with ResultsFile(out, settings) as results:
-            pool.run(questions, clips, results, OPTIONS, on_record, decode_batch=16)
-            return results.records
+        with ResultsFile.open(out, settings) as results:
+            append = results.append
+            results.append = lambda record: (append(record), on_record(record))
+            pool.run(clip_jobs(questions), clips, results, OPTIONS, Tally(), lambda: None, decode_batch=16)
+            return list(results.latest_records())
 
 
 def same_answers(records: list[dict], reference: dict[str, dict], same_sharing: bool = True) -> None:

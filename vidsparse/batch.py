@@ -1,24 +1,26 @@
 """`vidsparse batch`: answer every question of a folder, resumably, one video decoded once.
 
-The model is loaded once; questions are grouped by video; the next video is decoded on a
-background thread while the current one is answered. Each answer (or error) is appended to the
+The model is loaded once; the questions are read one at a time and grouped by video (within a
+window of the file); the next video is decoded on a background thread while the current one is
+answered. Each answer (or error) is appended to the
 results file as soon as it exists, so a killed run loses at most the question in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
-from vidsparse.metrics import is_correct
+from vidsparse.metrics import Tally, is_correct
 from vidsparse.options import DECODE_BATCH, AskOptions
 from vidsparse.pipeline import VideoQA
-from vidsparse.questions import Question
-from vidsparse.results import ResultsFile
+from vidsparse.questions import Question, relative_name
+from vidsparse.results import ResultsFile, question_key
 from vidsparse.video import DecodedVideo, decode_video
 
 
@@ -34,67 +36,105 @@ def batch_settings(model: str, dtype: str, device: str, options: AskOptions) -> 
             "dtype": str(resolved).removeprefix("torch."), **options.settings()}
 
 
-def source_settings(videos: Path, questions_file: Path | None, question: str | None) -> dict[str, Any]:
-    """Which questions about which videos (results-file settings too): without them a second folder,
-    or another --question about the same clips, would be taken for answers already given (the ids
-    of --question are the videos' names)."""
-    return {"videos": str(videos.resolve()), "questions": None if questions_file is None else str(
-        questions_file.resolve()), "question": question}
+def source_settings(videos: Path, question: str | None) -> dict[str, Any]:
+    """Which videos, and the one question asked of each (results-file settings too): without them a
+    second folder, or another --question about the same clips, would be taken for answers already
+    given (the ids of --question are the videos' names). A questions file is not named: each recorded
+    id is compared with the question it now names (`unanswered`), so the file may move, or gain
+    questions, and still resume."""
+    return {"videos": str(videos.resolve()), "question": question}
 
 
-def group_by_video(questions: list[Question]) -> dict[Path, list[Question]]:
-    groups: dict[Path, list[Question]] = {}
+# Questions read ahead to gather a clip's questions into one job (a clip's questions share its decoding,
+# vision tower and prompt head): a file ordered by anything but the video still pays for most clips once,
+# and memory stays that of WINDOW questions however long the file is.
+WINDOW = 4096
+
+
+@dataclass
+class ClipJob:
+    """A clip and the questions about it answered together."""
+
+    path: Path
+    questions: list[Question]
+    attempts: int = 0  # `batch --ray`: how many workers were given it
+
+
+def unanswered(questions: Iterable[Question], root: Path, results: ResultsFile, tally: Tally,
+               on_progress: Callable[[], None]) -> Iterator[Question]:
+    """The questions not yet in `results`; each recorded one is counted in `tally` and must still mean
+    the same question: an edited questions file that reuses an id would otherwise be skipped as
+    answered, and its old answer reported as the new one's. An error record retried (`retry_errors`)
+    may have changed: correcting the question is how its cause is fixed, and the new record
+    supersedes the error."""
     for q in questions:
-        groups.setdefault(q.video, []).append(q)
-    return groups
-
-
-def clips_to_answer(questions: list[Question], results: ResultsFile) -> dict[Path, list[Question]]:
-    """The questions not yet in `results`, grouped by video: what a run (or a resumed one) answers."""
-    done = results.done_ids()
-    return group_by_video([q for q in questions if q.id not in done])
-
-
-def check_same_questions(questions: list[Question], root: Path, results: ResultsFile) -> None:
-    """A recorded id must still mean the same question: an edited questions file that reuses an id
-    would otherwise be skipped as answered, and its old answer reported as the new one's. An error
-    record retried (`retry_errors`) may have changed: correcting the question is how its cause is
-    fixed, and the new record supersedes the error."""
-    recorded = results.latest()
-    for q in questions:
-        record = recorded.get(q.id)
-        if record is None or (results.retry_errors and record.get("error")):
+        entry = results.index.get(q.id)
+        if entry is None or (results.retry_errors and entry.failed):
+            yield q
             continue
         now = question_record(q, root)
-        differ = [key for key in ("video", "question", "reference") if key in record and record[key] != now[key]]
-        if differ:
-            key = differ[0]
-            fix = ("it was recorded with an error: --retry-errors asks it again as it is now" if record.get("error")
-                   else "restore them, or choose a new --out")
-            raise UserError(f"{results.path}: id {q.id!r} was recorded with {key} {record[key]!r}, the questions "
-                            f"now give {now[key]!r}; the questions changed since that run: {fix}")
+        if entry.question != question_key(now):
+            _refuse_changed(q.id, results.record(entry), now, results)
+        tally.count(entry.correct, entry.failed)
+        on_progress()
 
 
-def prefetched(videos: list[Path], options: AskOptions) -> Iterator[tuple[Path, DecodedVideo | UserError]]:
-    """Decoded videos in order, the next one decoding on a thread while the caller works."""
+def _refuse_changed(qid: str, record: dict[str, Any], now: dict[str, Any], results: ResultsFile) -> None:
+    differ = [key for key in ("video", "question", "reference") if key in record and record[key] != now[key]]
+    if differ:
+        key = differ[0]
+        fix = ("it was recorded with an error: --retry-errors asks it again as it is now" if record.get("error")
+               else "restore them, or choose a new --out")
+        raise UserError(f"{results.path}: id {qid!r} was recorded with {key} {record[key]!r}, the questions "
+                        f"now give {now[key]!r}; the questions changed since that run: {fix}")
+
+
+def clip_jobs(questions: Iterable[Question], window: int = WINDOW) -> Iterator[ClipJob]:
+    """The questions grouped by video, clips in the order they first appear; a clip's questions are
+    gathered from the next `window` questions read."""
+    pending: dict[Path, list[Question]] = {}
+    held = 0
+    for q in questions:
+        pending.setdefault(q.video, []).append(q)
+        held += 1
+        if held >= window:
+            path = next(iter(pending))
+            group = pending.pop(path)
+            held -= len(group)
+            yield ClipJob(path, group)
+    for path, group in pending.items():
+        yield ClipJob(path, group)
+
+
+def prefetched(jobs: Iterator[ClipJob], options: AskOptions) -> Iterator[tuple[ClipJob, DecodedVideo | UserError]]:
+    """Each job with its decoded video, the next one decoding on a thread while the caller works. A
+    mistake found reading the next job (a bad line of the questions file) is raised once the current
+    job is answered."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
 
-        def submit(path: Path) -> Future:
-            return pool.submit(decode_video, path, options.num_frames, options.backend)
+        def submit(job: ClipJob | None) -> tuple[ClipJob, Future] | None:
+            return None if job is None else (job, pool.submit(decode_video, job.path, options.num_frames,
+                                                              options.backend))
 
-        pending = submit(videos[0]) if videos else None
-        for i, path in enumerate(videos):
-            current = pending
-            pending = submit(videos[i + 1]) if i + 1 < len(videos) else None
+        current = submit(next(jobs, None))
+        while current is not None:
+            job, decoding = current
             try:
-                yield path, current.result()
+                following, mistake = submit(next(jobs, None)), None
             except UserError as e:
-                yield path, e
+                following, mistake = None, e
+            try:
+                yield job, decoding.result()
+            except UserError as e:
+                yield job, e
+            if mistake is not None:
+                raise mistake
+            current = following
 
 
 def question_record(q: Question, root: Path) -> dict[str, Any]:
-    video = q.video.relative_to(root) if q.video.is_relative_to(root) else q.video
-    return {"id": q.id, "video": str(video), "question": q.question, "type": q.type, "reference": q.answer}
+    return {"id": q.id, "video": relative_name(q.video, root), "question": q.question, "type": q.type,
+            "reference": q.answer}
 
 
 def answer_fields(result: AskResult | Exception, path: Path) -> dict[str, Any]:
@@ -135,19 +175,24 @@ def clip_answers(qa: VideoQA, video: DecodedVideo | UserError, questions: list[s
         yield from [e] * (len(questions) - count)
 
 
-def run_batch(qa: VideoQA, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
-              on_record: Callable[[dict[str, Any]], None] = lambda record: None,
-              decode_batch: int = DECODE_BATCH) -> None:
-    """Answer the questions not yet in `results`, appending one record per question. A clip's
-    questions share its decoding, vision tower and prompt head and are decoded `decode_batch` at a
-    time (VideoQA.answer_clip). A question that
-    cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
+def write_answers(job: ClipJob, answers: Iterable[dict[str, Any]], root: Path, results: ResultsFile, tally: Tally,
+                  on_progress: Callable[[], None], extra: dict[str, Any] | None = None) -> None:
+    """Append a record for each of a clip's questions (with `extra` fields), counted as it is written."""
+    for q, fields in zip(job.questions, answers, strict=True):
+        record = answer_record(q, root, fields) | (extra or {})
+        results.append(record)
+        tally.count(record["correct"], "error" in record, new=True)
+        on_progress()
+
+
+def run_batch(qa: VideoQA, jobs: Iterator[ClipJob], root: Path, results: ResultsFile, options: AskOptions,
+              tally: Tally, on_progress: Callable[[], None] = lambda: None, decode_batch: int = DECODE_BATCH) -> None:
+    """Answer each job's questions, appending one record per question. A clip's questions share its
+    decoding, vision tower and prompt head and are decoded `decode_batch` at a time
+    (VideoQA.answer_clip). A question that cannot be answered (its video, its text) becomes a record
+    with an `error` and the run goes on."""
     qa.model.check_context(None, options.num_frames, options.max_new_tokens)  # fails every question: fail now
-    groups = clips_to_answer(questions, results)
-    for path, video in prefetched(list(groups), options):
-        group = groups[path]
-        for q, result in zip(group, clip_answers(qa, video, [q.question for q in group], options,
-                                                          decode_batch), strict=True):
-            record = answer_record(q, root, answer_fields(result, path))
-            results.append(record)
-            on_record(record)
+    for job, video in prefetched(jobs, options):
+        answers = clip_answers(qa, video, [q.question for q in job.questions], options, decode_batch)
+        write_answers(job, (answer_fields(result, job.path) for result in answers), root, results, tally,
+                      on_progress)

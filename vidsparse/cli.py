@@ -29,6 +29,7 @@ from vidsparse.options import (
     parse_budgets,
     parse_methods,
 )
+from vidsparse.results import ResultsFile
 
 # Only light modules at the top: help and option mistakes are answered before torch and
 # transformers (seconds of imports) are loaded; each command imports what it needs.
@@ -74,6 +75,11 @@ Questions = Annotated[Path | None, typer.Option("--questions", parser=_path, met
                                                 help="qa.jsonl, or an MSVD/MSRVTT-QA json file.")]
 
 
+AllowOutside = Annotated[bool, typer.Option(
+    "--allow-outside-folder", help="Read videos that the questions file names outside the folder (../, absolute "
+    "paths); without it they are refused.")]
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn mistakes a user can make into one line on stderr and exit code 2, never a traceback."""
 
@@ -115,10 +121,15 @@ def _options(method: str, budget: str, prune_after: str | None, positions: str, 
     """The flags of one answer, typed and checked (the method-specific rule too, which needs torch)."""
     options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend,
                           max_new_tokens)
+    _check_method(options)
+    return options
+
+
+def _check_method(options: AskOptions) -> None:
+    """The method-specific rules (which methods take --prune-after): they import the methods, and torch."""
     from vidsparse.pruning import check_method
 
     check_method(options.method, options.prune_after)
-    return options
 
 
 @app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194 --json')
@@ -144,10 +155,10 @@ def ask(
 ) -> None:
     """Answer a question about a video and report latency, memory and FLOPs."""
     from vidsparse.outputs import check_output_file
+    from vidsparse.questions import check_question_text
     from vidsparse.video import check_video_file
 
-    if not question.strip():
-        raise UserError("the question is empty")
+    check_question_text(question)
     check_video_file(video)  # before any heavy import: a mistyped path is answered at once
     if show_kept is not None:
         check_output_file(show_kept, "--show-kept")
@@ -220,6 +231,32 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err_console)
 
 
+class LazyBar:
+    """A progress bar shown from its first update on: work refused before it starts (a bad questions
+    file, a folder that cannot be written) prints its one line of error and no bar."""
+
+    def __init__(self, description: str, total: int | None = None):
+        self.description, self.total = description, total
+        self.progress: Progress | None = None
+
+    def update(self, completed: int, total: int | None = None, status: str = "") -> None:
+        if self.progress is None:
+            self.progress = _progress()
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total or self.total, status=status)
+        self.progress.update(self.task, completed=completed, status=status)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __enter__(self) -> LazyBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class OptionalRayAddress(TyperCommand):
     """Lets `--ray` stand alone (start Ray here) or take an address, which click cannot express:
     an alone `--ray` gets the value `local`. A following word is its address only if it looks like one."""
@@ -283,6 +320,7 @@ def batch(
     retry_errors: Annotated[bool, typer.Option(
         "--retry-errors", help="Ask again the questions recorded with an error (say, after fixing a video); the "
         "new record supersedes the error.")] = False,
+    allow_outside_folder: AllowOutside = False,
 ) -> None:
     """Answer questions over a whole folder of videos, appending to a results file as it goes.
 
@@ -293,22 +331,23 @@ def batch(
     With --ray, whole clips go to Ray workers (each holding the model); this process alone writes
     the results file, under the same rules.
     """
-    from vidsparse.questions import load_questions
+    from vidsparse.questions import QuestionSource
 
-    options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
-    todo = load_questions(videos_dir, questions, question)
+    options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    source = QuestionSource(videos_dir, questions, question, allow_outside_folder)
     if questions is not None and out.exists() and out.resolve() == questions.resolve():
         raise UserError(f"--out {out} is the questions file: give the results their own file")
-    _check_context_early(model, options)
-    from vidsparse.batch import batch_settings, check_same_questions, run_batch, source_settings
-    from vidsparse.metrics import accuracy, summarize
-    from vidsparse.outputs import replace_file
-    from vidsparse.results import ResultsFile
-
     if workers is not None and ray_address is None:
         raise UserError("--workers needs --ray")
-    ids = {q.id for q in todo}
     with ExitStack() as stack:
+        # The lock first: a second run on this file is refused before torch, Ray or the weights are loaded.
+        results = stack.enter_context(ResultsFile(out, retry_errors))
+        _check_method(options)
+        _check_context_early(model, options)
+        from vidsparse.batch import batch_settings, clip_jobs, run_batch, source_settings, unanswered
+        from vidsparse.metrics import Tally, summarize
+        from vidsparse.outputs import replace_file
+
         if ray_address is None:
             pool, settings = None, batch_settings(model, dtype, device, options)
         else:
@@ -316,43 +355,36 @@ def batch(
 
             pool = stack.enter_context(WorkerPool.start(ray_address, workers, model, dtype, device))
             settings = pool.settings(options, question)
-        results = stack.enter_context(ResultsFile(out, settings | source_settings(videos_dir, questions, question),
-                                                  retry_errors))
-        check_same_questions(todo, videos_dir, results)
-        done = len(ids & results.done_ids())
+        results.load(settings | source_settings(videos_dir, question))
         qa = _load(model, dtype, device) if pool is None else None
         if question is not None and qa is not None:  # one question for every video: refused once, not per video
             qa.check_question(question, options)
-        records = {i: r for i, r in results.latest().items() if i in ids}  # a retried error: its new record
-        this_run: list[dict[str, Any]] = []
-        with _progress() as progress:
-            task = progress.add_task("answering", total=len(todo), completed=done, status="")
+        tally = Tally()
+        with LazyBar("answering", source.count()) as bar:
 
-            def update(record: dict[str, Any]) -> None:
-                records[str(record["id"])] = record
-                this_run.append(record)
-                acc = accuracy(list(records.values()))
-                errors = sum(1 for r in records.values() if r.get("error"))
-                status = (f"acc {acc:.1%}" if acc is not None else "") + (f"  errors {errors}" if errors else "")
-                progress.update(task, advance=1, status=status)
+            def update() -> None:
+                bar.update(tally.questions, status=tally.status())
 
+            jobs = clip_jobs(unanswered(source, videos_dir, results, tally, update))
             started = time.perf_counter()
             try:
                 if pool is None:
-                    run_batch(qa, todo, videos_dir, results, options, update, decode_batch)
+                    run_batch(qa, jobs, videos_dir, results, options, tally, update, decode_batch)
                 else:
-                    pool.run(todo, videos_dir, results, options, update, decode_batch)
+                    pool.run(jobs, videos_dir, results, options, tally, update, decode_batch)
             except KeyboardInterrupt:
-                progress.stop()
-                kept = (f"the {results.appended} record(s) of this run are kept in {out}" if results.appended
-                        else "nothing of this run was written")
-                err_console.print(f"interrupted: {kept}; the same command resumes", markup=False, highlight=False,
-                                  soft_wrap=True)
+                bar.stop()
+                err_console.print(f"interrupted: {_kept(results)}; the same command resumes", markup=False,
+                                  highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
+            except UserError as e:  # found on the way (a line of the questions file): what was answered stays
+                if not results.appended:
+                    raise
+                bar.stop()
+                raise UserError(f"{e} ({_kept(results)}; once it is fixed, the same command resumes)") from None
             seconds = time.perf_counter() - started
-    summary = summarize(list(records.values()))
-    answered_now = sum(1 for r in this_run if not r.get("error"))
-    summary["questions_per_s_this_run"] = round(answered_now / seconds, 3) if answered_now else None
+        summary = summarize(results.latest_records(source.ids))
+    summary["questions_per_s_this_run"] = round(tally.new_answers / seconds, 3) if tally.new_answers else None
     summary_path = out.with_name(out.stem + ".summary.json")
     replace_file(summary_path, json.dumps(summary, indent=1, allow_nan=False) + "\n")
     console.print(summary_table(summary))
@@ -361,6 +393,12 @@ def batch(
         err_console.print(f"{summary['errors']} question(s) failed; see the 'error' field in {out} (once fixed, "
                           "the same command with --retry-errors asks them again)", markup=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _kept(results: ResultsFile) -> str:
+    """What an interrupted run kept, for the line that says so."""
+    return (f"the {results.appended} record(s) of this run are kept in {results.path}" if results.appended
+            else "nothing of this run was written")
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -417,10 +455,11 @@ def sweep(
     dtype: Dtype = "auto",
     device: Device = "auto",
     max_new_tokens: MaxNewTokens = 64,
+    allow_outside_folder: AllowOutside = False,
 ) -> None:
     """Accuracy, latency and memory across pruning methods and budgets, with plots."""
     from vidsparse.outputs import new_output_dir
-    from vidsparse.questions import Question, load_questions
+    from vidsparse.questions import Question, check_question_text, load_questions
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
@@ -434,14 +473,13 @@ def sweep(
         if answer is not None:
             raise UserError("--answer is the reference of the question about one video; a folder's reference "
                             "answers come from --questions")
-        todo = load_questions(target, questions, question)
+        todo = load_questions(target, questions, question, allow_outside_folder)
     else:
         if questions is not None:
             raise UserError("--questions is for a folder of videos; about one video, give the QUESTION after it")
         if question is None:
             raise UserError("give the QUESTION after the video (or a folder with --questions)")
-        if not question.strip():
-            raise UserError("the question is empty")
+        check_question_text(question)
         from vidsparse.video import check_video_file
 
         check_video_file(target)
@@ -553,16 +591,8 @@ def make_shapes(
     if seed < 0:
         raise UserError(f"--seed must be 0 or more, got {seed}")
     check_output_dir(out_dir, "OUT_DIR")
-    with ExitStack() as stack:
-        bar: list = []  # (progress, task), shown from the first clip on: a refused folder prints no bar
-
-        def update(done: int, total: int) -> None:
-            if not bar:
-                progress = stack.enter_context(_progress())
-                bar.extend([progress, progress.add_task("writing clips", total=total, status="")])
-            bar[0].update(bar[1], completed=done)
-
-        qa = generators[kind](out_dir, n, seed, update)
+    with LazyBar("writing clips") as bar:
+        qa = generators[kind](out_dir, n, seed, bar.update)
     console.print(f"{out_dir}: {n} clips and {qa.name}", markup=False)
 
 

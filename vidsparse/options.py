@@ -133,11 +133,12 @@ class AskOptions:
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready values of what decides the answers, the budget as the user would write it. Without
-        pruning, the pruning options decide nothing: they are recorded as used (every token, in place), so
-        that a results file of `--method none` resumes whatever --budget the command line repeats."""
+        pruning, the pruning options (the random method's seed too) decide nothing: they are recorded as
+        used (every token, in place, seed 0), so that a results file of `--method none` resumes whatever
+        --budget or --seed the command line repeats."""
         used = self
         if self.method == "none":
-            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0)
+            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0, seed=0)
         return {**asdict(used), "budget": str(used.budget),
                 "prune_after": None if used.prune_after is None else list(used.prune_after)}
 

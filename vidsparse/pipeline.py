@@ -32,6 +32,7 @@ from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_optio
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
+from vidsparse.questions import check_question_text
 from vidsparse.stats import (
     PeakMemory,
     StageTimer,
@@ -195,8 +196,7 @@ class VideoQA:
         """The prompt's token ids, or why this question cannot be asked (empty, special tokens, too long)."""
         model = self.model
         try:
-            if not question.strip():
-                raise UserError("the question is empty")
+            check_question_text(question)
             input_ids = model.prompt_ids(question, num_frames)
             model.check_context(input_ids.shape[1] - num_frames * model.tokens_per_frame, num_frames,
                                 options.max_new_tokens)

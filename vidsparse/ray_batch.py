@@ -26,15 +26,18 @@ import os
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vidsparse.errors import UserError, first_line
 from vidsparse.options import AskOptions
-from vidsparse.questions import Question
 from vidsparse.results import ResultsFile
+
+if TYPE_CHECKING:  # batch imports the model's modules: a driver loads them only where it answers
+    from vidsparse.batch import ClipJob
+    from vidsparse.metrics import Tally
 
 IN_FLIGHT = 2  # clips on a worker at once: one answered while the next decodes (and none waits on the driver)
 MAX_ATTEMPTS = 3  # a clip whose worker died this many times is recorded as an error
@@ -98,13 +101,6 @@ class ClipWorker:
         with self.model_lock:
             results = clip_answers(self.qa, video, questions, options, decode_batch)
             return [answer_fields(r, Path(path)) for r in results], self.info
-
-
-@dataclass
-class ClipJob:
-    path: Path
-    questions: list[Question]
-    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,26 +208,30 @@ class WorkerPool:
             raise UserError(f"the Ray workers resolve different settings ({', '.join(differ)}): {hint}")
         return found[0]
 
-    def run(self, questions: list[Question], root: Path, results: ResultsFile, options: AskOptions,
-            on_record: Callable[[dict[str, Any]], None], decode_batch: int) -> None:
-        """Answer the questions not yet in ``results``, a clip a task, writing each clip's records once
-        it is answered."""
-        from vidsparse.batch import answer_record, clips_to_answer
+    def run(self, jobs: Iterator[ClipJob], root: Path, results: ResultsFile, options: AskOptions, tally: Tally,
+            on_progress: Callable[[], None], decode_batch: int) -> None:
+        """Answer each job's questions, a clip a task, writing each clip's records once it is answered.
+        Jobs are taken from `jobs` only when a worker has room: a long questions file is never held."""
+        from vidsparse.batch import write_answers
 
         ray = self.ray
-        written = results.done_ids()
-        queue = deque(ClipJob(path, group) for path, group in clips_to_answer(questions, results).items())
+        retried: deque[ClipJob] = deque()  # clips whose worker died: sent again before new ones
+
+        def take() -> ClipJob | None:
+            return retried.popleft() if retried else next(jobs, None)  # None again and again once `jobs` ends
+
         in_flight: dict[Any, tuple[int, ClipJob]] = {}
         load = dict.fromkeys(self.actors, 0)
-        while queue or in_flight:
+        while True:
             for index, actor in self.actors.items():
-                while queue and load.setdefault(index, 0) < IN_FLIGHT:
-                    job = queue.popleft()
+                while load.setdefault(index, 0) < IN_FLIGHT and (job := take()) is not None:
                     job.attempts += 1
-                    ref = actor.answer.remote(str(job.path.resolve()), [q.question for q in job.questions],
+                    ref = actor.answer.remote(str(job.path.absolute()), [q.question for q in job.questions],
                                               options, decode_batch)
                     in_flight[ref] = (index, job)
                     load[index] += 1
+            if not in_flight:  # every worker had room and nothing was left to send
+                return
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             index, job = in_flight.pop(ref)
             load[index] -= 1
@@ -241,7 +241,7 @@ class WorkerPool:
                     ray.exceptions.OutOfMemoryError) as e:
                 self._replace(index)
                 if job.attempts < MAX_ATTEMPTS:
-                    queue.appendleft(job)
+                    retried.append(job)
                     continue
                 fields = [{"error": f"a worker died answering this clip, {job.attempts} attempt(s) in all "
                                     f"({first_line(e, with_type=False)})"}]
@@ -249,14 +249,8 @@ class WorkerPool:
             except ray.exceptions.RayTaskError as e:
                 fields = [{"error": f"unexpected {type(e.cause).__name__}: {e.cause}"}] * len(job.questions)
                 worker = None
-            for q, answer in zip(job.questions, fields, strict=True):
-                if q.id in written:  # cannot happen (a clip is written once): never answer an id twice in a run
-                    continue
-                record = answer_record(q, root, answer)
-                record["worker"] = None if worker is None else worker | {"attempt": job.attempts}
-                results.append(record)
-                written.add(q.id)
-                on_record(record)
+            write_answers(job, fields, root, results, tally, on_progress,
+                          {"worker": None if worker is None else worker | {"attempt": job.attempts}})
 
     def close(self) -> None:
         for actor in self.actors.values():

@@ -12,7 +12,7 @@ Layout: JSON lines. The first line is a header, `{"vidsparse": "results", "versi
   version can still be resumed.
 - A question that failed (an `error` record) is skipped like an answered one, unless the run retries
   errors (`retry_errors`, after a video was fixed): its new record is appended and supersedes the
-  error (`latest`); nothing is ever removed.
+  error (`latest_records`); nothing is ever removed.
 - Each record is written whole with one write, flushed and fsynced, so a SIGKILL or a full disk can
   leave at most one partial last line (no trailing newline); opening the file again cuts exactly
   that, and nothing else. A damaged line anywhere else is an error naming it; nothing is removed.
@@ -28,31 +28,57 @@ import os
 import signal
 import stat
 import threading
+from collections.abc import Container, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vidsparse.errors import UserError
 
 MAGIC, VERSION = "results", 1
 # Settings a header written before vidsparse recorded them may lack: where the questions come from,
 # and the fingerprint of the weights.
-LATER_KEYS = frozenset({"videos", "questions", "question", "weights"})
+LATER_KEYS = frozenset({"videos", "question", "weights"})
+
+
+class Recorded(NamedTuple):
+    """What a run needs to know of an id's latest record, without holding the record: a resumed
+    300k-record file is an index of a few dozen MB, not its 350 MB of records."""
+
+    offset: int  # where its line starts (the record itself is read back from there when needed)
+    question: int  # question_key of the record: whether the questions file still means the same
+    failed: bool
+    correct: bool | None
+
+
+def question_key(record: dict[str, Any]) -> int:
+    """Which question a record answers (its video, text and reference), as one number to compare."""
+    return hash(tuple(None if (value := record.get(key)) is None else str(value)
+                      for key in ("video", "question", "reference")))
 
 
 class ResultsFile:
-    def __init__(self, path: Path, settings: dict[str, Any], retry_errors: bool = False):
+    """Opened in two steps, so that a second run on the same file is refused before it loads anything:
+    the constructor takes the lock, `load` (once the settings are known) checks or writes the header
+    and indexes the records."""
+
+    def __init__(self, path: Path, retry_errors: bool = False):
         self.path = path
-        self.settings = settings
         self.retry_errors = retry_errors
-        self.records: list[dict[str, Any]] = []
+        self.index: dict[str, Recorded] = {}  # each id's latest record
         self._appended = 0
         self._created = False
         self._file = self._open_locked()
+
+    @classmethod
+    def open(cls, path: Path, settings: dict[str, Any], retry_errors: bool = False) -> ResultsFile:
+        """Locked and loaded in one step, for callers that know the settings already."""
+        results = cls(path, retry_errors)
         try:
-            self._load(self._file.read())
+            results.load(settings)
         except BaseException:
-            self._file.close()
+            results.close()
             raise
+        return results
 
     def _open_locked(self):
         """Open (creating if absent) and lock; retried if the path was replaced while we waited."""
@@ -79,41 +105,68 @@ class ResultsFile:
         except OSError as e:
             raise UserError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
 
-    def _load(self, data: bytes) -> None:
-        if not data:
-            self._write_line({"vidsparse": MAGIC, "version": VERSION, "settings": self.settings})
-            return
-        lines = data.split(b"\n")
-        complete, partial = lines[:-1], lines[-1]  # a last piece without a newline is a cut-off write
-        header = _parse(complete[0]) if complete else None
-        if not (isinstance(header, dict) and header.get("vidsparse") == MAGIC):
-            raise UserError(f"{self.path} is not a vidsparse results file (it does not start with a results "
-                            "header), so it is left untouched: choose another --out")
-        for number, line in enumerate(complete[1:], 2):
-            record = _parse(line)
-            if not isinstance(record, dict) or "id" not in record:
-                raise UserError(f"{self.path}, line {number}: not a results record (damaged?); nothing was changed. "
-                                "Repair or delete that line, or choose another --out")
-            self.records.append(record)
-        self._check_settings(header.get("settings", {}))
-        if partial:
-            self._file.truncate(len(data) - len(partial))
+    def load(self, settings: dict[str, Any]) -> None:
+        """Write a new file's header, or check an existing one's settings and index its records, a line
+        at a time (memory does not grow with the file); a partial last line is cut, and only that."""
+        with open(self.path, "rb") as reader:
+            header_line = reader.readline()
+            if not header_line:
+                self._write_line({"vidsparse": MAGIC, "version": VERSION, "settings": settings})
+                return
+            header = _parse(header_line) if header_line.endswith(b"\n") else None
+            if not (isinstance(header, dict) and header.get("vidsparse") == MAGIC):
+                raise UserError(f"{self.path} is not a vidsparse results file (it does not start with a results "
+                                "header), so it is left untouched: choose another --out")
+            self._check_settings(header.get("settings", {}), settings)
+            offset, partial_at = len(header_line), None
+            for number, line in enumerate(reader, 2):
+                if not line.endswith(b"\n"):  # a cut-off last write
+                    partial_at = offset
+                    break
+                record = _parse(line)
+                if not isinstance(record, dict) or "id" not in record:
+                    raise UserError(f"{self.path}, line {number}: not a results record (damaged?); nothing was "
+                                    "changed. Repair or delete that line, or choose another --out")
+                self._remember(record, offset)
+                offset += len(line)
+        if partial_at is not None:
+            self._file.truncate(partial_at)
 
-    def _check_settings(self, recorded: dict[str, Any]) -> None:
-        differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in self.settings.items()
+    def _remember(self, record: dict[str, Any], offset: int) -> None:
+        self.index[str(record["id"])] = Recorded(offset, question_key(record), bool(record.get("error")),
+                                                 record.get("correct"))
+
+    def _check_settings(self, recorded: dict[str, Any], settings: dict[str, Any]) -> None:
+        differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in settings.items()
                   if (key in recorded or key not in LATER_KEYS) and recorded.get(key) != value]
         if differ:
             raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
                             "same settings, or choose a new --out")
 
-    def latest(self) -> dict[str, dict[str, Any]]:
-        """Each id's last record: a question retried after an error (`retry_errors`) has both lines in
-        the file, and the new one supersedes the error."""
-        return {str(r["id"]): r for r in self.records}
+    def is_done(self, qid: str) -> bool:
+        """Whether a run skips this id: it is recorded (with `retry_errors`: answered without an error)."""
+        entry = self.index.get(qid)
+        return entry is not None and not (self.retry_errors and entry.failed)
 
-    def done_ids(self) -> set[str]:
-        """The ids a run skips: every id recorded, or with `retry_errors` those answered without an error."""
-        return {i for i, r in self.latest().items() if not (self.retry_errors and r.get("error"))}
+    def record(self, entry: Recorded) -> dict[str, Any]:
+        """The record an index entry stands for, read back from the file."""
+        with open(self.path, "rb") as reader:
+            reader.seek(entry.offset)
+            return json.loads(reader.readline())
+
+    def latest_records(self, ids: Container[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Each id's latest record (of those in `ids`), read a line at a time: a question retried after an
+        error (`retry_errors`) has both lines in the file, and the new one supersedes the error."""
+        with open(self.path, "rb") as reader:
+            offset = len(reader.readline())
+            for line in reader:
+                record = _parse(line)
+                if isinstance(record, dict) and "id" in record:
+                    qid = str(record["id"])
+                    entry = self.index.get(qid)
+                    if entry is not None and entry.offset == offset and (ids is None or qid in ids):
+                        yield record
+                offset += len(line)
 
     @property
     def appended(self) -> int:
@@ -124,11 +177,12 @@ class ResultsFile:
         # A Ctrl-C between the write and the count would under-report what was kept, or let `close`
         # remove a file that holds a record: it waits until both are done.
         with _sigint_deferred():
-            self._write_line(record)
-            self.records.append(record)
+            offset = self._write_line(record)
+            self._remember(record, offset)
             self._appended += 1
 
-    def _write_line(self, value: dict[str, Any]) -> None:
+    def _write_line(self, value: dict[str, Any]) -> int:
+        """Append one line whole; returns where it starts."""
         line = (json.dumps(value, allow_nan=False) + "\n").encode()
         size = self._file.seek(0, os.SEEK_END)
         try:
@@ -143,6 +197,7 @@ class ResultsFile:
                 pass
             raise UserError(f"cannot write to {self.path}: {e.strerror or e}. The answers written so far are kept; "
                             "re-run the same command to resume") from None
+        return size
 
     def close(self) -> None:
         """Release the lock; a file this run created and never wrote a record to is removed again."""

@@ -152,6 +152,8 @@ def check_video_file(path: Path) -> None:
         raise UserError(f"video not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError:  # a NUL byte, which no file name can hold (a questions file may still give one)
+        raise UserError(f"video not found: {str(path)!r} holds a NUL byte, which no file name can") from None
     if stat.S_ISDIR(mode):
         raise UserError(f"{path} is a directory, not a video file")
     if not stat.S_ISREG(mode):
