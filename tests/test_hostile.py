@@ -47,6 +47,13 @@ def test_a_fifo_as_the_video_is_refused_at_once(tmp_path, tiny_checkpoint):
                           "not a regular file")
 
 
+def test_a_strip_of_absurd_geometry_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    from tests.test_video import solid_clip
+
+    strip = solid_clip(tmp_path / "strip.mkv", 16000, 16)  # 16 kB that once made `ask` take 20.9 GB
+    assert_one_line_error(ask(strip, QUESTION, tiny_checkpoint), "16000x16 pixels, an aspect ratio beyond 100:1")
+
+
 def test_special_tokens_in_a_question(clips, tiny_checkpoint):
     assert_one_line_error(ask(clips["h264"], "what <video> is this ?", tiny_checkpoint), "special token")
     assert_one_line_error(ask(clips["h264"], "where </s> now", tiny_checkpoint), "'</s>'")

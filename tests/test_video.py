@@ -165,3 +165,30 @@ def test_frame_rates_are_json_safe(clips, monkeypatch):
     monkeypatch.setattr(decord.VideoReader, "get_avg_fps", lambda self: float("nan"))
     video = decode_video(clips["h264"], 8, backend="decord")
     assert video.fps == 0.0 and video.duration == 0.0
+
+
+def solid_clip(path, width, height, frames=2):
+    """A few frames of one colour, losslessly (FFV1 takes any even size; H.264 levels stop near 16900 px)."""
+    return write_video(path, np.full((frames, height, width, 3), 200, np.uint8), "ffv1")
+
+
+@pytest.mark.parametrize("width, height, message", [(16000, 16, "aspect ratio beyond 100:1"),
+                                                    (16, 2000, "aspect ratio beyond 100:1"),
+                                                    (16400, 200, "a side beyond 16384 px")])
+def test_absurd_geometry_is_refused_from_the_header_before_decoding(tmp_path, monkeypatch, width, height, message):
+    from vidsparse import video
+
+    path = solid_clip(tmp_path / f"strip{width}x{height}.mkv", width, height)
+    decoded = []
+    monkeypatch.setattr(video, "_DECODERS", {name: lambda *a, name=name: decoded.append(name)
+                                             for name in video._DECODERS})
+    with pytest.raises(UserError, match=f"is {width}x{height} pixels.*{message}") as info:
+        decode_video(path, 8)
+    assert "\n" not in str(info.value) and decoded == []
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_a_clip_just_inside_the_geometry_bounds_is_decoded(tmp_path, backend):
+    path = solid_clip(tmp_path / "wide.mkv", 2000, 20)
+    video = decode_video(path, 4, backend=backend)
+    assert video.frames.shape == (4, 20, 2000, 3) and np.abs(video.frames.astype(int) - 200).max() <= 2
