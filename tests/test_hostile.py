@@ -220,6 +220,18 @@ def test_show_kept_never_overwrites_what_is_not_a_png(clips, tmp_path, tiny_chec
     assert questions.read_text() == text
 
 
+def test_show_kept_naming_a_fifo_is_refused_without_opening_it(clips, tmp_path, tiny_checkpoint):
+    """Opening a FIFO to look for a PNG signature waits for a writer forever: run as a process, so
+    that a hang fails the test instead of stalling the suite."""
+    fifo = tmp_path / "kept.png"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "vidsparse", "ask", str(clips["h264"]), QUESTION, "--model",
+                           str(tiny_checkpoint), "--show-kept", str(fifo)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and "is not a regular file (a pipe, socket or device)" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
 def test_show_kept_writes_exactly_the_path_given(clips, tmp_path, tiny_checkpoint):
     picture = tmp_path / "kept"  # no extension: nothing may be added to it
     result = ask(clips["h264"], QUESTION, tiny_checkpoint, "--method", "fastv", "--show-kept", picture)
