@@ -448,8 +448,17 @@ def sweep(
         todo = [Question("0", target, question, answer)]
     with new_output_dir(out, "--out"):  # a run refused before its first row leaves no empty folder
         _check_context_early(model, options)
-        from vidsparse.sweep import remove_stale_pictures, run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
+        from vidsparse.sweep import (
+            check_out_folder,
+            remove_stale_pictures,
+            run_sweep,
+            sweep_cells,
+            sweep_rows,
+            write_plots,
+            write_tables,
+        )
 
+        check_out_folder(out)
         cells = sweep_cells(method_list, budget_list, options)
         qa = _load(model, dtype, device)
         if questions is None:  # the user's one question (of one video, or every video): refused, not skipped

@@ -176,9 +176,32 @@ def sweep_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     return [c.row(reference) for c in cells if c.answers]
 
 
+MARKER = ".vidsparse-sweep"  # in an --out folder: a sweep wrote it, and another may replace what that one wrote
+
+
+def check_out_folder(out_dir: Path) -> None:
+    """A sweep writes into a new or empty folder, or one that holds a sweep's marker; any other folder
+    is the user's, whose files (a picture that happens to be called latency.png) it must neither replace
+    nor remove. Checked before the model is loaded."""
+    if (out_dir / MARKER).is_file() or not any(out_dir.iterdir()):
+        return
+    raise UserError(f"--out {out_dir} is not empty and holds no {MARKER} (the mark of a sweep's folder): give a "
+                    "new or empty folder, so that no file of yours is replaced")
+
+
+def claim_folder(out_dir: Path) -> None:
+    """Mark the folder as a sweep's, as it receives its first file (a sweep refused before that leaves
+    no folder, and one stopped after it leaves a folder a sweep may write into again)."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        replace_file(marker, "This folder holds the output of `vidsparse sweep`: a later sweep into it replaces "
+                     "its sweep.*, latency.png, accuracy*.png and kept-<method>.png, and no other file.\n")
+
+
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """sweep.csv, sweep.json and sweep.md, each replaced whole (a crash leaves the previous complete
-    version)."""
+    version), in a folder marked as a sweep's."""
+    claim_folder(out_dir)
     paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json", "markdown": out_dir / "sweep.md"}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
@@ -224,16 +247,16 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-PICTURES = ("latency.png", "accuracy.png", "accuracy_vs_flops.png", "kept-*.png")  # what a sweep may draw
+PICTURES = ("latency.png", "accuracy.png", "accuracy_vs_flops.png", *(f"kept-{m}.png" for m in METHODS))  # a sweep's
 
 
 def remove_stale_pictures(out_dir: Path, written: list[Path]) -> None:
-    """A sweep's pictures that this run did not draw again (an earlier sweep into the same folder, of
-    other methods or with something to grade) would pass for this run's: they are removed."""
-    for pattern in PICTURES:
-        for path in out_dir.glob(pattern):
-            if path not in written:
-                path.unlink(missing_ok=True)
+    """The pictures an earlier sweep into this (marked) folder drew and this run did not draw again (of
+    other methods, or with something to grade) would pass for this run's: they are removed; no other
+    file is."""
+    for name in PICTURES:
+        if out_dir / name not in written:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 X_AXES = {"visual_tokens": "visual tokens after pruning (budget)",
