@@ -141,7 +141,7 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
 
     real = sweep.run_sweep
 
-    def interrupted_after_two_cells(qa, todo, cells, options, repeats, on_step, on_cell_done):
+    def interrupted_after_two_cells(qa, todo, cells, options, repeats, on_step, on_cell_done, decoded):
         finished = []
 
         def cell_done():
@@ -150,7 +150,7 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
             if len(finished) == 2:
                 raise KeyboardInterrupt
 
-        return real(qa, todo, cells, options, repeats, on_step, cell_done)
+        return real(qa, todo, cells, options, repeats, on_step, cell_done, decoded)
 
     monkeypatch.setattr(sweep, "run_sweep", interrupted_after_two_cells)
     out = tmp_path / "s"
@@ -160,6 +160,35 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert f"interrupted: the 2 row(s) measured so far are in {out / 'sweep.csv'}" in result.stderr
     assert [r["method"] for r in json.loads((out / "sweep.json").read_text())] == ["none", "uniform"]
+
+
+def test_sweep_of_one_video_decodes_it_once_and_a_bad_one_fails_before_the_model_loads(tiny_checkpoint, clips,
+                                                                                    tmp_path, monkeypatch):
+    """An undecodable video used to load the model and run the progress through every cell before
+    saying so; now it is one line at once, as in `ask`. A good one is decoded once for every cell."""
+    from vidsparse import cli, sweep, video
+
+    decodes = []
+    real_decode, real_load = video.decode_video, cli._load
+
+    def counting_decode(path, *args):
+        decodes.append(path)
+        return real_decode(path, *args)
+
+    monkeypatch.setattr(video, "decode_video", counting_decode)
+    monkeypatch.setattr(sweep, "decode_video", counting_decode)
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("loaded the model for an undecodable video"))
+    out = tmp_path / "s"
+    args = ["what ?", "--model", str(tiny_checkpoint), "--methods", "none,fastv,uniform", "--budgets", "50%,10%",
+            "--repeats", "2", "--max-new-tokens", "1", "--out", str(out)]
+    result = runner.invoke(app, ["sweep", str(clips["bad_not_video"]), *args])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith(f"error: cannot decode {clips['bad_not_video']}: not a video")
+    assert decodes == [clips["bad_not_video"]] and not out.exists()
+    monkeypatch.setattr(cli, "_load", real_load)
+    decodes.clear()
+    assert runner.invoke(app, ["sweep", str(clips["h264"]), *args]).exit_code == 0
+    assert decodes == [clips["h264"]]
 
 
 def test_sweep_a_folder_names_and_skips_a_question_that_cannot_be_asked(tiny_checkpoint, folder, tmp_path):

@@ -11,9 +11,10 @@ import csv
 import io
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from vidsparse.answer import AskResult
@@ -24,7 +25,7 @@ from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS, check_method, plan_for
 from vidsparse.questions import Question
-from vidsparse.video import decode_video
+from vidsparse.video import DecodedVideo, decode_video
 
 
 @dataclass
@@ -86,13 +87,15 @@ def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) 
 
 def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options: AskOptions, repeats: int,
               on_step: Callable[[], None] = lambda: None,
-              on_cell_done: Callable[[], None] = lambda: None) -> list[str]:
+              on_cell_done: Callable[[], None] = lambda: None,
+              decoded: Mapping[Path, DecodedVideo] = MappingProxyType({})) -> list[str]:
     """Fill every cell with every question's answer and median timings; `on_cell_done` is called each
     time a cell has finished one more question (so a crash keeps what was done). Questions are taken
-    clip by clip: each clip is decoded and run through the vision tower once for every cell (whose
-    times still include that work, as an `ask` would pay it). A clip that cannot be decoded, and a
-    question that cannot be asked (empty, special tokens, too long), is skipped, as `batch` records it
-    and goes on; returns why each was skipped (a clip's decoding error names its file)."""
+    clip by clip: each clip is decoded (unless it is in `decoded` already) and run through the vision
+    tower once for every cell (whose times still include that work, as an `ask` would pay it). A clip
+    that cannot be decoded, and a question that cannot be asked (empty, special tokens, too long), is
+    skipped, as `batch` records it and goes on; returns why each was skipped (a clip's decoding error
+    names its file)."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     model = qa.model
@@ -119,7 +122,7 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
             by_video.setdefault(q.video, []).append(q)
     for path, asked in by_video.items():  # one clip in memory at a time, decoded and through the tower once
         try:
-            video = decode_video(path, options.num_frames, options.backend)
+            video = decoded.get(path) or decode_video(path, options.num_frames, options.backend)
         except UserError as e:
             skip(str(e), len(asked))
             continue
