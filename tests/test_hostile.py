@@ -143,6 +143,12 @@ BROKEN = {
     "patch size 0": (lambda f: _edit_json("config.json")(f, lambda c: c["vision_config"].update(patch_size=0)),
                      "patch_size is 0"),
     "config that is a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "not a VideoLLaVA checkpoint"),
+    "config without vision_config": (lambda f: _edit_json("config.json")(f, lambda c: c.pop("vision_config")),
+                                     "config.json has no vision_config: not a VideoLLaVA checkpoint's config"),
+    "config without text_config": (lambda f: _edit_json("config.json")(f, lambda c: c.pop("text_config")),
+                                   "config.json has no text_config: not a VideoLLaVA checkpoint's config"),
+    "config that is a FIFO": (lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json")),
+                              "config.json is not a regular file (a pipe, socket or device)"),
     "config with a wrong type": (lambda f: _edit_json("config.json")(f, lambda c: c["text_config"].update(
         num_hidden_layers="four")), "expected int, got str"),
 }
@@ -157,6 +163,19 @@ def test_a_broken_checkpoint_is_one_line_naming_the_file(case, tiny_checkpoint, 
     result = ask(clips["h264"], QUESTION, folder)
     assert_one_line_error(result, message)
     assert "should-never-run" not in result.output
+
+
+def test_a_checkpoint_file_that_is_a_fifo_is_refused_before_anything_is_read(tiny_checkpoint, tmp_path):
+    """Called directly: through `ask`, a missing check would leave the tokenizer's reader blocked forever."""
+    from vidsparse.errors import UserError
+    from vidsparse.models.loading import find_checkpoint
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")
+    with pytest.raises(UserError, match="tokenizer.json is not a regular file"):
+        find_checkpoint(str(folder))
 
 
 def test_an_empty_model_name_a_file_or_a_folder_without_config(clips, tiny_checkpoint, tmp_path):
