@@ -54,6 +54,14 @@ def test_a_strip_of_absurd_geometry_is_refused_in_one_line(tmp_path, tiny_checkp
     assert_one_line_error(ask(strip, QUESTION, tiny_checkpoint), "16000x16 pixels, an aspect ratio beyond 100:1")
 
 
+def test_an_image_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    picture = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), "red").save(picture)
+    assert_one_line_error(ask(picture, QUESTION, tiny_checkpoint), "photo.jpg is an image (jpeg), not a video")
+
+
 def test_special_tokens_in_a_question(clips, tiny_checkpoint):
     assert_one_line_error(ask(clips["h264"], "what <video> is this ?", tiny_checkpoint), "special token")
     assert_one_line_error(ask(clips["h264"], "where </s> now", tiny_checkpoint), "'</s>'")

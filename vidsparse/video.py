@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ class Header:
 
     width: int  # 0 where the header does not say
     height: int
+    image: str | None = None  # the picture's codec (png, mjpeg, ...) when the file is a still image
 
 
 class DecodeError(Exception):
@@ -185,14 +187,33 @@ def read_header(path: Path) -> Header | None:
         with _native_stderr_silenced(), av.open(str(path), metadata_errors="replace") as container:
             if not container.streams.video:
                 return None
-            codec = container.streams.video[0].codec_context
-            return Header(codec.width, codec.height)
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            return Header(codec.width, codec.height, _still_image_format(container, stream))
     except Exception:  # noqa: BLE001 - a damaged file can make FFmpeg raise anything; decoding reports it
         return None
 
 
+def _still_image_format(container, stream) -> str | None:
+    """The picture's format (png, jpeg, ...) if FFmpeg reads the file as a picture: with an image
+    demuxer (png_pipe, jpeg_pipe, ..., image2 for e.g. TGA, ico), whatever the file's name, or as a GIF
+    or APNG of a single frame (an animated one is a clip); None for a video."""
+    demuxer = container.format.name
+    if demuxer == "image2":  # FFmpeg's reader of picture files it knows by their extension
+        return stream.codec_context.name
+    if demuxer.endswith("_pipe") or demuxer == "ico":
+        return demuxer.removesuffix("_pipe")
+    if demuxer in ("gif", "apng") and len(list(islice((p for p in container.demux(stream) if p.size), 2))) < 2:
+        return demuxer
+    return None
+
+
 def check_header(path: Path, header: Header) -> None:
-    """Refuse, before any frame is decoded, a geometry no video has."""
+    """Refuse, before any frame is decoded, an image (it would pass for a clip of one still frame
+    repeated) and a geometry no video has."""
+    if header.image is not None:
+        raise UserError(f"{path} is an image ({header.image}), not a video: vidsparse answers questions about "
+                        "clips (mp4, webm, mkv, ...)")
     width, height = header.width, header.height
     if min(width, height) < 1:  # the header does not say: the decoded frames are taken as they come
         return
@@ -205,8 +226,8 @@ def check_header(path: Path, header: Header) -> None:
 
 
 def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto") -> DecodedVideo:
-    """Decode `num_frames` uniformly sampled RGB frames; bad input raises UserError (an absurd geometry
-    read from the header, before any frame is decoded)."""
+    """Decode `num_frames` uniformly sampled RGB frames; bad input raises UserError (an image or an
+    absurd geometry read from the header, before any frame is decoded)."""
     path = Path(path)
     check_video_file(path)
     if num_frames < 1:
