@@ -47,6 +47,21 @@ def test_a_fifo_as_the_video_is_refused_at_once(tmp_path, tiny_checkpoint):
                           "not a regular file")
 
 
+def test_a_strip_of_absurd_geometry_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    from tests.test_video import solid_clip
+
+    strip = solid_clip(tmp_path / "strip.mkv", 16000, 16)  # 16 kB that once made `ask` take 20.9 GB
+    assert_one_line_error(ask(strip, QUESTION, tiny_checkpoint), "16000x16 pixels, an aspect ratio beyond 100:1")
+
+
+def test_an_image_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    picture = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), "red").save(picture)
+    assert_one_line_error(ask(picture, QUESTION, tiny_checkpoint), "photo.jpg is an image (jpeg), not a video")
+
+
 def test_special_tokens_in_a_question(clips, tiny_checkpoint):
     assert_one_line_error(ask(clips["h264"], "what <video> is this ?", tiny_checkpoint), "special token")
     assert_one_line_error(ask(clips["h264"], "where </s> now", tiny_checkpoint), "'</s>'")
@@ -136,6 +151,12 @@ BROKEN = {
     "patch size 0": (lambda f: _edit_json("config.json")(f, lambda c: c["vision_config"].update(patch_size=0)),
                      "patch_size is 0"),
     "config that is a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "not a VideoLLaVA checkpoint"),
+    "config without vision_config": (lambda f: _edit_json("config.json")(f, lambda c: c.pop("vision_config")),
+                                     "config.json has no vision_config: not a VideoLLaVA checkpoint's config"),
+    "config without text_config": (lambda f: _edit_json("config.json")(f, lambda c: c.pop("text_config")),
+                                   "config.json has no text_config: not a VideoLLaVA checkpoint's config"),
+    "config that is a FIFO": (lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json")),
+                              "config.json is not a regular file (a pipe, socket or device)"),
     "config with a wrong type": (lambda f: _edit_json("config.json")(f, lambda c: c["text_config"].update(
         num_hidden_layers="four")), "expected int, got str"),
 }
@@ -150,6 +171,19 @@ def test_a_broken_checkpoint_is_one_line_naming_the_file(case, tiny_checkpoint, 
     result = ask(clips["h264"], QUESTION, folder)
     assert_one_line_error(result, message)
     assert "should-never-run" not in result.output
+
+
+def test_a_checkpoint_file_that_is_a_fifo_is_refused_before_anything_is_read(tiny_checkpoint, tmp_path):
+    """Called directly: through `ask`, a missing check would leave the tokenizer's reader blocked forever."""
+    from vidsparse.errors import UserError
+    from vidsparse.models.loading import find_checkpoint
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")
+    with pytest.raises(UserError, match="tokenizer.json is not a regular file"):
+        find_checkpoint(str(folder))
 
 
 def test_an_empty_model_name_a_file_or_a_folder_without_config(clips, tiny_checkpoint, tmp_path):
@@ -211,6 +245,18 @@ def test_show_kept_never_overwrites_what_is_not_a_png(clips, tmp_path, tiny_chec
     text = questions.read_text()
     assert_one_line_error(ask(video, QUESTION, tiny_checkpoint, "--show-kept", questions), "is not a PNG")
     assert questions.read_text() == text
+
+
+def test_show_kept_naming_a_fifo_is_refused_without_opening_it(clips, tmp_path, tiny_checkpoint):
+    """Opening a FIFO to look for a PNG signature waits for a writer forever: run as a process, so
+    that a hang fails the test instead of stalling the suite."""
+    fifo = tmp_path / "kept.png"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "vidsparse", "ask", str(clips["h264"]), QUESTION, "--model",
+                           str(tiny_checkpoint), "--show-kept", str(fifo)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and "is not a regular file (a pipe, socket or device)" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 def test_show_kept_writes_exactly_the_path_given(clips, tmp_path, tiny_checkpoint):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import VideoLlavaImageProcessor
 
-from vidsparse.preprocess import preprocess_frames
+from vidsparse.preprocess import _cropped_weights, preprocess_frames
 
 
 def smooth_frames(shape, seed=0):
@@ -39,7 +39,7 @@ PREPROCESS_SCRIPT = """
 import re
 from pathlib import Path
 import numpy as np
-from vidsparse.preprocess import preprocess_frames
+from vidsparse.preprocess import _cropped_weights, preprocess_frames
 def kb(field):
     return int(re.search(field + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
 frames = np.full((4, 1440, 2560, 3), 100, np.uint8)
@@ -59,3 +59,60 @@ def test_preprocessing_large_frames_needs_no_full_resolution_floats():
     peak_kb, shape = done.stdout.split(maxsplit=1)
     assert shape.strip() == "(4, 3, 224, 224)"
     assert int(peak_kb) < 150 * 1024, f"{int(peak_kb) / 1024:.0f} MB above the frames"
+
+
+def whole_resampling_matrix(in_size, out_size):
+    """The naive reference: every (out, in) weight of PIL's antialiased bicubic along one axis
+    (a = -0.5, support 2 taps scaled when shrinking, each row normalised over its window)."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)
+    centers = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
+    src = torch.arange(in_size, dtype=torch.float64)
+    x = ((src[None, :] - centers[:, None] + 0.5) / support).abs()
+    cubic = torch.where(x < 1, (1.5 * x - 2.5) * x * x + 1, torch.where(x < 2, ((x - 5) * x + 8) * x * -0.5 + 2, 0))
+    first = (centers - 2 * support + 0.5).floor().clamp(min=0)
+    last = (centers + 2 * support + 0.5).floor().clamp(max=in_size)
+    window = (src[None, :] >= first[:, None]) & (src[None, :] < last[:, None])
+    weights = cubic * window
+    return (weights / weights.sum(1, keepdim=True)).float()
+
+
+@pytest.mark.parametrize("in_size, out_size, size", [(240, 224, 224), (320, 298, 224), (1920, 398, 224),
+                                                     (48, 32, 32), (64, 42, 32), (100, 224, 224), (16, 240, 224)])
+def test_cropped_weights_are_the_crop_of_the_whole_matrix(in_size, out_size, size):
+    """Only the crop's rows are computed, over the input span they touch: the same numbers as the
+    whole matrix's rows, and nothing of the input outside that span is weighted."""
+    first = (out_size - size) // 2
+    weights, (start, end) = _cropped_weights(in_size, out_size, first, size)
+    whole = whole_resampling_matrix(in_size, out_size)[first : first + size]
+    assert torch.equal(weights, whole[:, start:end])
+    assert not whole[:, :start].any() and not whole[:, end:].any()
+
+
+STRIP_SCRIPT = """
+import re, resource
+from pathlib import Path
+import numpy as np
+from vidsparse.preprocess import _cropped_weights, preprocess_frames
+def kb(field):
+    return int(re.search(field + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
+preprocess_frames(np.zeros((1, 240, 320, 3), np.uint8), 224)  # warm up torch's allocator and kernels
+guard = (kb("VmSize") + 2 * 2**20) * 1024  # 2 GiB more at most: the old code would take 29 GB and thrash
+resource.setrlimit(resource.RLIMIT_AS, (guard, guard))
+before = kb("VmRSS")
+shapes = [tuple(preprocess_frames(np.full((2, h, w, 3), 200, np.uint8), 224).shape) for h, w in ((16, 16000),
+                                                                                              (16000, 16))]
+print(kb("VmHWM") - before, shapes)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc (Linux)")
+def test_an_extreme_aspect_ratio_needs_no_whole_resampling_matrix():
+    """A 16000 x 16 strip is scaled to 224 x 224000 before the centre crop; the resampling matrix of
+    that axis alone used to be 224000 x 16000 (29 GB). Two such frames now take a few MB."""
+    done = subprocess.run([sys.executable, "-c", STRIP_SCRIPT], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-500:]
+    peak_kb, shapes = done.stdout.split(maxsplit=1)
+    assert shapes.strip() == "[(2, 3, 224, 224), (2, 3, 224, 224)]"
+    assert int(peak_kb) < 32 * 1024, f"{int(peak_kb) / 1024:.0f} MB"

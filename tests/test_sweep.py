@@ -83,12 +83,42 @@ def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, 
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 300
     assert "x prefill" in result.stdout
+    (tmp_path / "notes.txt").write_text("mine")  # the user's files in a sweep's folder
+    (tmp_path / "kept-mine.png").write_bytes((tmp_path / "kept-fastv.png").read_bytes())
     again = runner.invoke(app, ["sweep", str(clips["h264"]), "what color is the square ?", "--model",
                                 str(tiny_checkpoint), "--methods", "uniform", "--budgets", "5%", "--repeats", "1",
                                 "--max-new-tokens", "1", "--out", str(tmp_path)])
     assert again.exit_code == 0, again.output
-    # Nothing to grade and nothing drawn this time: the first sweep's pictures must not pass for this one's.
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["latency.png"]
+    # Nothing to grade and nothing drawn this time: the first sweep's pictures must not pass for this one's;
+    # what the user put beside them stays.
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["kept-mine.png", "latency.png"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_sweep_never_writes_into_a_folder_of_the_users(tiny_checkpoint, clips, tmp_path, monkeypatch):
+    """A folder that is not empty and was not a sweep's is refused before the model loads, untouched;
+    an empty one is taken, and marked as a sweep's."""
+    from vidsparse import cli
+
+    theirs = tmp_path / "figures"
+    theirs.mkdir()
+    for name in ("accuracy.png", "kept-final.png", "notes.txt"):
+        (theirs / name).write_bytes(name.encode())
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    real_load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("loaded the model for a refused folder"))
+    sweep = ["sweep", str(clips["h264"]), "what ?", "--model", str(tiny_checkpoint), "--methods", "none,uniform",
+             "--budgets", "5%", "--repeats", "1", "--max-new-tokens", "1", "--out"]
+    result = runner.invoke(app, [*sweep, str(theirs)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"--out {theirs} is not empty and holds no .vidsparse-sweep" in result.stderr
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    monkeypatch.setattr(cli, "_load", real_load)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert runner.invoke(app, [*sweep, str(empty)]).exit_code == 0
+    assert sorted(p.name for p in empty.iterdir()) == [".vidsparse-sweep", "accuracy.png", "accuracy_vs_flops.png",
+                                                       "latency.png", "sweep.csv", "sweep.json", "sweep.md"]
 
 
 @pytest.mark.parametrize("budgets, message", [("100%,,10%", "has an empty item"), ("10%,25%,10%", "names 10% twice"),
@@ -111,7 +141,7 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
 
     real = sweep.run_sweep
 
-    def interrupted_after_two_cells(qa, todo, cells, options, repeats, on_step, on_cell_done):
+    def interrupted_after_two_cells(qa, todo, cells, options, repeats, on_step, on_cell_done, decoded):
         finished = []
 
         def cell_done():
@@ -120,7 +150,7 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
             if len(finished) == 2:
                 raise KeyboardInterrupt
 
-        return real(qa, todo, cells, options, repeats, on_step, cell_done)
+        return real(qa, todo, cells, options, repeats, on_step, cell_done, decoded)
 
     monkeypatch.setattr(sweep, "run_sweep", interrupted_after_two_cells)
     out = tmp_path / "s"
@@ -130,6 +160,35 @@ def test_ctrl_c_says_which_rows_are_kept(tiny_checkpoint, clips, tmp_path, monke
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert f"interrupted: the 2 row(s) measured so far are in {out / 'sweep.csv'}" in result.stderr
     assert [r["method"] for r in json.loads((out / "sweep.json").read_text())] == ["none", "uniform"]
+
+
+def test_sweep_of_one_video_decodes_it_once_and_a_bad_one_fails_before_the_model_loads(tiny_checkpoint, clips,
+                                                                                    tmp_path, monkeypatch):
+    """An undecodable video used to load the model and run the progress through every cell before
+    saying so; now it is one line at once, as in `ask`. A good one is decoded once for every cell."""
+    from vidsparse import cli, sweep, video
+
+    decodes = []
+    real_decode, real_load = video.decode_video, cli._load
+
+    def counting_decode(path, *args):
+        decodes.append(path)
+        return real_decode(path, *args)
+
+    monkeypatch.setattr(video, "decode_video", counting_decode)
+    monkeypatch.setattr(sweep, "decode_video", counting_decode)
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("loaded the model for an undecodable video"))
+    out = tmp_path / "s"
+    args = ["what ?", "--model", str(tiny_checkpoint), "--methods", "none,fastv,uniform", "--budgets", "50%,10%",
+            "--repeats", "2", "--max-new-tokens", "1", "--out", str(out)]
+    result = runner.invoke(app, ["sweep", str(clips["bad_not_video"]), *args])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith(f"error: cannot decode {clips['bad_not_video']}: not a video")
+    assert decodes == [clips["bad_not_video"]] and not out.exists()
+    monkeypatch.setattr(cli, "_load", real_load)
+    decodes.clear()
+    assert runner.invoke(app, ["sweep", str(clips["h264"]), *args]).exit_code == 0
+    assert decodes == [clips["h264"]]
 
 
 def test_sweep_a_folder_names_and_skips_a_question_that_cannot_be_asked(tiny_checkpoint, folder, tmp_path):

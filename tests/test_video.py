@@ -165,3 +165,66 @@ def test_frame_rates_are_json_safe(clips, monkeypatch):
     monkeypatch.setattr(decord.VideoReader, "get_avg_fps", lambda self: float("nan"))
     video = decode_video(clips["h264"], 8, backend="decord")
     assert video.fps == 0.0 and video.duration == 0.0
+
+
+def solid_clip(path, width, height, frames=2):
+    """A few frames of one colour, losslessly (FFV1 takes any even size; H.264 levels stop near 16900 px)."""
+    return write_video(path, np.full((frames, height, width, 3), 200, np.uint8), "ffv1")
+
+
+@pytest.fixture
+def decoders_called(monkeypatch):
+    """The backends replaced by ones that only record their name: what a refusal from the header must
+    leave empty."""
+    from vidsparse import video
+
+    called = []
+    monkeypatch.setattr(video, "_DECODERS", {name: lambda *a, name=name: called.append(name)
+                                             for name in video._DECODERS})
+    return called
+
+
+@pytest.mark.parametrize("width, height, message", [(16000, 16, "aspect ratio beyond 100:1"),
+                                                    (16, 2000, "aspect ratio beyond 100:1"),
+                                                    (16400, 200, "a side beyond 16384 px")])
+def test_absurd_geometry_is_refused_from_the_header_before_decoding(tmp_path, decoders_called, width, height,
+                                                                    message):
+    path = solid_clip(tmp_path / f"strip{width}x{height}.mkv", width, height)
+    with pytest.raises(UserError, match=f"is {width}x{height} pixels.*{message}") as info:
+        decode_video(path, 8)
+    assert "\n" not in str(info.value) and decoders_called == []
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_a_clip_just_inside_the_geometry_bounds_is_decoded(tmp_path, backend):
+    path = solid_clip(tmp_path / "wide.mkv", 2000, 20)
+    video = decode_video(path, 4, backend=backend)
+    assert video.frames.shape == (4, 20, 2000, 3) and np.abs(video.frames.astype(int) - 200).max() <= 2
+
+
+@pytest.mark.parametrize("name, pil_format, shown", [("still.png", "PNG", "png"), ("still.jpg", "JPEG", "jpeg"),
+                                                     ("still.gif", "GIF", "gif"), ("still.tga", "TGA", "targa"),
+                                                     ("holiday.mp4", "PNG", "png")])
+def test_an_image_is_refused_before_decoding(tmp_path, decoders_called, name, pil_format, shown):
+    """Told by what FFmpeg reads in it, not by its name (holiday.mp4 is a PNG): one picture would pass
+    for a clip of a still frame repeated --frames times."""
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(moving_square_frames(1)[0]).save(path, format=pil_format)
+    with pytest.raises(UserError, match=f"is an image \\({shown}\\), not a video"):
+        decode_video(path, 8)
+    assert decoders_called == []
+
+
+def test_an_animated_gif_and_a_one_frame_video_are_clips(tmp_path):
+    from PIL import Image
+
+    frames = moving_square_frames(3)
+    gif = tmp_path / "moving.gif"
+    Image.fromarray(frames[0]).save(gif, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]],
+                                    duration=80)
+    animated = decode_video(gif, 3)
+    assert animated.total_frames == 3 and np.abs(animated.frames.astype(int) - frames).mean() < 12
+    single = decode_video(write_video(tmp_path / "one.mp4", frames[:1], crf="18"), 2)
+    assert single.total_frames == 1 and single.frames.shape == (2, 48, 64, 3)

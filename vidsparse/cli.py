@@ -486,9 +486,22 @@ def sweep(
         todo = [Question("0", target, question, answer)]
     with new_output_dir(out, "--out"):  # a run refused before its first row leaves no empty folder
         _check_context_early(model, options)
-        from vidsparse.sweep import remove_stale_pictures, run_sweep, sweep_cells, sweep_rows, write_plots, write_tables
+        from vidsparse.sweep import (
+            check_out_folder,
+            remove_stale_pictures,
+            run_sweep,
+            sweep_cells,
+            sweep_rows,
+            write_plots,
+            write_tables,
+        )
 
+        check_out_folder(out)
         cells = sweep_cells(method_list, budget_list, options)
+        from vidsparse.video import decode_video
+
+        # One video is decoded before the model loads (as `ask` does): a bad file fails at once, in one line.
+        decoded = {} if target.is_dir() else {target: decode_video(target, options.num_frames, options.backend)}
         qa = _load(model, dtype, device)
         if questions is None:  # the user's one question (of one video, or every video): refused, not skipped
             qa.check_question(question, options)
@@ -496,7 +509,7 @@ def sweep(
             task = progress.add_task("sweeping", total=len(todo) * len(cells) * repeats, status="")
             try:
                 skipped = run_sweep(qa, todo, cells, options, repeats, lambda: progress.update(task, advance=1),
-                                    lambda: write_tables(sweep_rows(cells), out))
+                                    lambda: write_tables(sweep_rows(cells), out), decoded)
             except KeyboardInterrupt:
                 progress.stop()
                 rows = len(sweep_rows(cells))

@@ -4,6 +4,7 @@ checked before a model is loaded, and a failure to write is one line, never a tr
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,14 +16,19 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def check_output_file(path: Path, flag: str) -> None:
-    """A PNG output file (e.g. --show-kept's) must be writable, and may replace only an earlier PNG:
-    a slip of the path must never overwrite the video or a questions file. Checked before a model is
-    loaded."""
+    """A PNG output file (e.g. --show-kept's) must be writable, and may replace only an earlier PNG
+    (a regular file, looked into only then): a slip of the path must never overwrite the video or a
+    questions file. Checked before a model is loaded."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name such as {path / 'kept.png'}")
     check_output_dir(path.parent, flag)
-    if not path.exists():
+    try:
+        mode = path.stat().st_mode  # a stat, not an open: opening a FIFO waits for a writer forever
+    except FileNotFoundError:
         return
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{flag} {path} is not a regular file (a pipe, socket or device); give a file name for "
+                        "the PNG")
     if not os.access(path, os.W_OK):
         raise UserError(f"cannot write {path} ({flag}): the file is read-only")
     try:

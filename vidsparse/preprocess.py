@@ -55,27 +55,25 @@ def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def _resample_matrix(in_size: int, out_size: int) -> torch.Tensor:
-    """(out, in) weights of PIL's antialiased bicubic resampling along one axis."""
+def _cropped_weights(in_size: int, out_size: int, first: int, count: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The rows `first..first+count` of the (out, in) weights of PIL's antialiased bicubic resampling
+    along one axis, restricted to the input span they touch; returns (weights, (start, end) of that
+    span). Only those rows and that span are computed: the whole matrix of a 16000 x 16 strip brought
+    to 224 px high is 224000 x 16000 (29 GB as float64) for a crop that needs 224 x 20 of it."""
     scale = in_size / out_size
     support_scale = max(scale, 1.0)
-    centers = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
-    first = (centers - 2 * support_scale + 0.5).floor().clamp(min=0)
-    last = (centers + 2 * support_scale + 0.5).floor().clamp(max=in_size)
-    src = torch.arange(in_size, dtype=torch.float64)
+    centers = (torch.arange(first, first + count, dtype=torch.float64) + 0.5) * scale
+    lowest = (centers - 2 * support_scale + 0.5).floor().clamp(min=0)
+    highest = (centers + 2 * support_scale + 0.5).floor().clamp(max=in_size)
+    src = torch.arange(int(lowest[0]), int(highest[-1]), dtype=torch.float64)  # centres grow with the row
     weights = _cubic((src[None, :] - centers[:, None] + 0.5) / support_scale)
-    inside = (src[None, :] >= first[:, None]) & (src[None, :] < last[:, None])
+    inside = (src[None, :] >= lowest[:, None]) & (src[None, :] < highest[:, None])
     weights = weights * inside
-    return (weights / weights.sum(1, keepdim=True)).float()
-
-
-def _cropped_weights(in_size: int, out_size: int, first: int, count: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The rows `first..first+count` of the (out, in) resampling matrix, restricted to the input span
-    they touch; returns (weights, (start, end) of that span)."""
-    weights = _resample_matrix(in_size, out_size)[first : first + count]
+    weights = (weights / weights.sum(1, keepdim=True)).float()
     touched = weights.abs().sum(0).nonzero().squeeze(1)
     start, end = int(touched[0]), int(touched[-1]) + 1
-    return weights[:, start:end], (start, end)
+    offset = int(lowest[0])
+    return weights[:, start:end], (offset + start, offset + end)
 
 
 def _resize_like_pil(frame: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, band: int = 256) -> torch.Tensor:

@@ -11,9 +11,10 @@ import csv
 import io
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from vidsparse.answer import AskResult
@@ -24,7 +25,7 @@ from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS, check_method, plan_for
 from vidsparse.questions import Question
-from vidsparse.video import decode_video
+from vidsparse.video import DecodedVideo, decode_video
 
 
 @dataclass
@@ -86,13 +87,15 @@ def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) 
 
 def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options: AskOptions, repeats: int,
               on_step: Callable[[], None] = lambda: None,
-              on_cell_done: Callable[[], None] = lambda: None) -> list[str]:
+              on_cell_done: Callable[[], None] = lambda: None,
+              decoded: Mapping[Path, DecodedVideo] = MappingProxyType({})) -> list[str]:
     """Fill every cell with every question's answer and median timings; `on_cell_done` is called each
     time a cell has finished one more question (so a crash keeps what was done). Questions are taken
-    clip by clip: each clip is decoded and run through the vision tower once for every cell (whose
-    times still include that work, as an `ask` would pay it). A clip that cannot be decoded, and a
-    question that cannot be asked (empty, special tokens, too long), is skipped, as `batch` records it
-    and goes on; returns why each was skipped (a clip's decoding error names its file)."""
+    clip by clip: each clip is decoded (unless it is in `decoded` already) and run through the vision
+    tower once for every cell (whose times still include that work, as an `ask` would pay it). A clip
+    that cannot be decoded, and a question that cannot be asked (empty, special tokens, too long), is
+    skipped, as `batch` records it and goes on; returns why each was skipped (a clip's decoding error
+    names its file)."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     model = qa.model
@@ -119,7 +122,7 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
             by_video.setdefault(q.video, []).append(q)
     for path, asked in by_video.items():  # one clip in memory at a time, decoded and through the tower once
         try:
-            video = decode_video(path, options.num_frames, options.backend)
+            video = decoded.get(path) or decode_video(path, options.num_frames, options.backend)
         except UserError as e:
             skip(str(e), len(asked))
             continue
@@ -176,9 +179,32 @@ def sweep_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     return [c.row(reference) for c in cells if c.answers]
 
 
+MARKER = ".vidsparse-sweep"  # in an --out folder: a sweep wrote it, and another may replace what that one wrote
+
+
+def check_out_folder(out_dir: Path) -> None:
+    """A sweep writes into a new or empty folder, or one that holds a sweep's marker; any other folder
+    is the user's, whose files (a picture that happens to be called latency.png) it must neither replace
+    nor remove. Checked before the model is loaded."""
+    if (out_dir / MARKER).is_file() or not any(out_dir.iterdir()):
+        return
+    raise UserError(f"--out {out_dir} is not empty and holds no {MARKER} (the mark of a sweep's folder): give a "
+                    "new or empty folder, so that no file of yours is replaced")
+
+
+def claim_folder(out_dir: Path) -> None:
+    """Mark the folder as a sweep's, as it receives its first file (a sweep refused before that leaves
+    no folder, and one stopped after it leaves a folder a sweep may write into again)."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        replace_file(marker, "This folder holds the output of `vidsparse sweep`: a later sweep into it replaces "
+                     "its sweep.*, latency.png, accuracy*.png and kept-<method>.png, and no other file.\n")
+
+
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """sweep.csv, sweep.json and sweep.md, each replaced whole (a crash leaves the previous complete
-    version)."""
+    version), in a folder marked as a sweep's."""
+    claim_folder(out_dir)
     paths = {"csv": out_dir / "sweep.csv", "json": out_dir / "sweep.json", "markdown": out_dir / "sweep.md"}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
@@ -224,16 +250,16 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-PICTURES = ("latency.png", "accuracy.png", "accuracy_vs_flops.png", "kept-*.png")  # what a sweep may draw
+PICTURES = ("latency.png", "accuracy.png", "accuracy_vs_flops.png", *(f"kept-{m}.png" for m in METHODS))  # a sweep's
 
 
 def remove_stale_pictures(out_dir: Path, written: list[Path]) -> None:
-    """A sweep's pictures that this run did not draw again (an earlier sweep into the same folder, of
-    other methods or with something to grade) would pass for this run's: they are removed."""
-    for pattern in PICTURES:
-        for path in out_dir.glob(pattern):
-            if path not in written:
-                path.unlink(missing_ok=True)
+    """The pictures an earlier sweep into this (marked) folder drew and this run did not draw again (of
+    other methods, or with something to grade) would pass for this run's: they are removed; no other
+    file is."""
+    for name in PICTURES:
+        if out_dir / name not in written:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 X_AXES = {"visual_tokens": "visual tokens after pruning (budget)",

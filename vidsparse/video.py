@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,23 @@ class DecodedVideo:
     backend: str
     total_frames: int
     seconds: float = 0.0  # wall time spent decoding
+
+
+# Real video is at most about 4:1 (panoramic 32:9 is 3.6:1, a 360-degree equirectangular clip 2:1); at
+# 100:1 the square centre crop the model sees is already 1% of the picture, so past it no answer could
+# be about the clip.
+MAX_ASPECT_RATIO = 100
+# 16K video is 15360 px wide, and H.264 and HEVC allow no side beyond about 16900 px.
+MAX_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the container says of its first video stream, read without decoding a frame."""
+
+    width: int  # 0 where the header does not say
+    height: int
+    image: str | None = None  # the picture's codec (png, mjpeg, ...) when the file is a still image
 
 
 class DecodeError(Exception):
@@ -162,14 +180,65 @@ def check_video_file(path: Path) -> None:
         raise UserError(f"cannot read {path}: permission denied")
 
 
+def read_header(path: Path) -> Header | None:
+    """The first video stream's header as PyAV reads it (a few hundred microseconds: no frame is
+    decoded); None when there is none to read, and the decoders are left to say why."""
+    import av
+
+    try:
+        with _native_stderr_silenced(), av.open(str(path), metadata_errors="replace") as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            return Header(codec.width, codec.height, _still_image_format(container, stream))
+    except Exception:  # noqa: BLE001 - a damaged file can make FFmpeg raise anything; decoding reports it
+        return None
+
+
+def _still_image_format(container, stream) -> str | None:
+    """The picture's format (png, jpeg, ...) if FFmpeg reads the file as a picture: with an image
+    demuxer (png_pipe, jpeg_pipe, ..., image2 for e.g. TGA, ico), whatever the file's name, or as a GIF
+    or APNG of a single frame (an animated one is a clip); None for a video."""
+    demuxer = container.format.name
+    if demuxer == "image2":  # FFmpeg's reader of picture files it knows by their extension
+        return stream.codec_context.name
+    if demuxer.endswith("_pipe") or demuxer == "ico":
+        return demuxer.removesuffix("_pipe")
+    if demuxer in ("gif", "apng") and len(list(islice((p for p in container.demux(stream) if p.size), 2))) < 2:
+        return demuxer
+    return None
+
+
+def check_header(path: Path, header: Header) -> None:
+    """Refuse, before any frame is decoded, an image (it would pass for a clip of one still frame
+    repeated) and a geometry no video has."""
+    if header.image is not None:
+        raise UserError(f"{path} is an image ({header.image}), not a video: vidsparse answers questions about "
+                        "clips (mp4, webm, mkv, ...)")
+    width, height = header.width, header.height
+    if min(width, height) < 1:  # the header does not say: the decoded frames are taken as they come
+        return
+    if max(width, height) > MAX_SIDE:
+        raise UserError(f"{path} is {width}x{height} pixels: a side beyond {MAX_SIDE} px is more than video "
+                        "codecs make (16K video is 15360 wide)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UserError(f"{path} is {width}x{height} pixels, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: the "
+                        "model's square centre crop would see under 1% of it (video is at most about 4:1)")
+
+
 def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto") -> DecodedVideo:
-    """Decode `num_frames` uniformly sampled RGB frames; bad input raises UserError."""
+    """Decode `num_frames` uniformly sampled RGB frames; bad input raises UserError (an image or an
+    absurd geometry read from the header, before any frame is decoded)."""
     path = Path(path)
     check_video_file(path)
     if num_frames < 1:
         raise UserError(f"--frames must be at least 1, got {num_frames}")
     if backend not in ("auto", *_DECODERS):
         raise UserError(f"unknown backend {backend!r}: choose auto, decord or pyav")
+    header = read_header(path)
+    if header is not None:
+        check_header(path, header)
     order = ["decord", "pyav"] if backend == "auto" else [backend]
     failures = []
     start = time.perf_counter()

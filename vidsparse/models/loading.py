@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import socket
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ def find_checkpoint(name_or_path: str) -> Source:
         if not path.is_dir():
             raise UserError(f"{name_or_path} is a file: --model takes the checkpoint's folder (the one holding "
                             "config.json)")
+        _check_regular_files(path)
         if not config_file.is_file():
             raise UserError(f"{name_or_path} is not a model folder (no config.json in it)")
         config = _read_json(config_file)
@@ -121,6 +123,19 @@ def find_checkpoint(name_or_path: str) -> Source:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise UserError(f"model not found: {name_or_path} is neither a local folder nor a hub id like 'org/name'")
     return Source(name_or_path, name_or_path, local_only=not hub_reachable())
+
+
+def _check_regular_files(folder: Path) -> None:
+    """A checkpoint's files are read whole: one that is a FIFO would block the reader forever (and a
+    device never end), so each is looked at with stat, before anything is opened."""
+    for entry in sorted(folder.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except FileNotFoundError:  # a dangling link: a file the loader would not find either
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UserError(f"{entry} is not a regular file (a pipe, socket or device): a checkpoint's files are "
+                            "read whole")
 
 
 def peek_config(name_or_path: str) -> VideoLlavaConfig | None:
@@ -134,8 +149,13 @@ def peek_config(name_or_path: str) -> VideoLlavaConfig | None:
 
 
 def load_config(source: Source) -> VideoLlavaConfig:
-    config = _loading(source, source.file("config.json"), lambda: VideoLlavaConfig.from_pretrained(
+    where = source.file("config.json")
+    raw, _ = _loading(source, where, lambda: VideoLlavaConfig.get_config_dict(
         source.location, local_files_only=source.local_only))
+    for part in ("vision_config", "text_config"):  # else transformers fills in CLIP's or Llama's defaults unsaid
+        if not isinstance(raw.get(part), dict):
+            raise UserError(f"{where} has no {part}: not a VideoLLaVA checkpoint's config")
+    config = _loading(source, where, lambda: VideoLlavaConfig.from_dict(raw))
     vision, text = config.vision_config, config.text_config
     problems = [f"{key} is {value!r}, must be a positive integer" for key, value in (
         ("vision_config.image_size", vision.image_size), ("vision_config.patch_size", vision.patch_size),
