@@ -106,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=1_000_000, help="questions in the file")
     parser.add_argument("--recorded", type=int, default=300_000, help="records already in the resumed file")
-    parser.add_argument("--answers", type=int, default=500, help="answers timed in each run")
+    parser.add_argument("--answers", type=int, default=3000, help="answers timed in each run")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take")
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; shapes-demo model, "
