@@ -26,7 +26,7 @@ demo:
 
 # Reproduce the shipped checkpoint (about 30 minutes on 2 CPU cores) and its EVAL.md.
 train-demo:
-	$(PYTHON) -m vidsparse.train_demo --out models/shapes-videollava
+	$(PYTHON) -m lab.train_demo --out vidsparse/shipped/shapes-videollava
 
 # The real-geometry yardstick's model (ShapesQA-HD: 8 x 65 visual tokens, 8-layer decoder). Hours on 2 CPU
 # cores; resumable: the state is saved every 10 minutes and re-running the target goes on from it.
@@ -35,7 +35,7 @@ train-demo:
 # HD_CYCLES=4 after the fifth (recipe O), HD_CYCLES=3 after the fourth (recipe N).
 HD_CYCLES ?=
 train-hd:
-	$(PYTHON) -m vidsparse.train_demo --yardstick hd --resume --save-minutes 10 $(if $(HD_CYCLES),--cycles $(HD_CYCLES))
+	$(PYTHON) -m lab.train_demo --yardstick hd --resume --save-minutes 10 $(if $(HD_CYCLES),--cycles $(HD_CYCLES))
 
 # Held-out accuracy of the shipped model per question type, then every method at every budget.
 eval-demo:
@@ -57,7 +57,7 @@ test:
 	$(PYTHON) -m pytest tests
 
 lint:
-	$(PYTHON) -m ruff check vidsparse tests
+	$(PYTHON) -m ruff check vidsparse lab bench tests
 
 bench:
 	$(PYTHON) bench/prefill.py

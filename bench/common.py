@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,10 +11,14 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 from transformers.utils import logging
 
-from vidsparse.fast_dtype import fastest_dtype
-from vidsparse.models.tiny import word_tokenizer
-from vidsparse.models.video_llava import VideoLlava
-from vidsparse.pipeline import VideoQA
+# The benchmarks run from a clone (`python bench/prefill.py`), beside the lab they borrow a tiny tokenizer
+# and the dtype probe from; the lab is not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lab.fast_dtype import fastest_dtype  # noqa: E402
+from lab.tiny import word_tokenizer  # noqa: E402
+from vidsparse.models.video_llava import VideoLlava  # noqa: E402
+from vidsparse.pipeline import VideoQA  # noqa: E402
 
 
 def parse_args(doc: str, repeats: int, cpu_layers: int = 4, new_tokens: int = 8,

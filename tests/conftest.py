@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
-from vidsparse.models.tiny import video_llava_config, word_tokenizer
+from lab.tiny import video_llava_config, word_tokenizer
 
 WORDS = "what is happening in the video a red green blue circle square moves left right up down color".split()
 

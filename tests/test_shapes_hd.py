@@ -286,7 +286,7 @@ def test_auxiliary_answers_match_the_masks(clips):
 def test_recipe_n_asks_motion_questions_on_clips_where_still_objects_stay_in_view():
     """With ``p_window=0`` no still object is put down or taken away; recipe N's draw lowers the
     chance for the motion questions only, so that staying in view no longer tells a moving object."""
-    from vidsparse.yardsticks import HD
+    from lab.yardsticks import HD
 
     clips = [shapes_hd.render_clip(np.random.default_rng([12, i]), p_window=0.0) for i in range(20)]
     assert all(o.visible.all() for c in clips for o in c.objects if not o.moving)
@@ -306,7 +306,7 @@ def test_recipes_q_and_r_ask_their_share_of_the_order_questions_on_close_calls(c
     frame from the answer's. Recipe Q's draw asks at least half the order questions on one, recipe
     R's at least 80% (less a sampling margin), more than the data set does, and both draw the other
     types' clips as recipe N's draw does."""
-    from vidsparse.yardsticks import HD, _hd_motion_clip, close_call
+    from lab.yardsticks import HD, _hd_motion_clip, close_call
 
     def reference(clip, qtype: str, answer: str) -> bool:
         n = len(clip.objects)
@@ -333,7 +333,7 @@ def test_recipe_t_asks_motion_questions_with_as_many_clips_for_every_number_of_m
     """Recipe T's draw: with ``share=1`` every number of moving objects, counted from the masks, is
     about as common as any other for the clip's number of objects (the data set's draw makes all of
     them moving rare), the answer is that count, and the other types' clips are recipe R's."""
-    from vidsparse.yardsticks import HD, _hd_balanced_movers_clip, _hd_close_call_clip
+    from lab.yardsticks import HD, _hd_balanced_movers_clip, _hd_close_call_clip
 
     drawn = [_hd_balanced_movers_clip(np.random.default_rng([16, i]), "moving", 4, share=1.0) for i in range(300)]
     counts = {n: np.zeros(n + 1) for n in range(shapes_hd.MIN_OBJECTS, shapes_hd.MAX_OBJECTS + 1)}

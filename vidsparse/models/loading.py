@@ -33,8 +33,8 @@ from transformers.utils import cached_file
 from vidsparse.errors import UserError, first_line
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
 
-# Names for checkpoints the project ships (in the repository's models/ folder).
-_SHIPPED = Path(__file__).resolve().parents[2] / "models"
+# Names for the checkpoints the project ships, inside the package (vidsparse/shipped/).
+_SHIPPED = Path(__file__).resolve().parents[1] / "shipped"  # package data: there in a wheel's install too
 ALIASES = {"shapes-demo": _SHIPPED / "shapes-videollava", "shapes-hd": _SHIPPED / "shapes-hd-videollava"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab.yardsticks import Yardstick
 from vidsparse.models.video_llava import prompt_ids
 from vidsparse.preprocess import preprocess_frames
-from vidsparse.yardsticks import Yardstick
 
 DROP_AFTER_LAYER = 1
 

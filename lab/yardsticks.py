@@ -2,12 +2,12 @@
 
 A yardstick bundles what differs between them -- the data generator, the architecture, the
 training task mix, the seeds and the default step counts -- so that one trainer
-(``vidsparse.train_demo``) and one evaluation (``vidsparse.eval_demo``) serve both:
+(``lab.train_demo``) and one evaluation (``vidsparse.eval_demo``) serve both:
 
 - ``demo``: ShapesQA, 32x32 frames, 8 x (16 + 1) = 136 visual tokens, a 4-layer decoder
-  (``models/shapes-videollava``). Its entries reproduce the shipped checkpoint exactly.
+  (``vidsparse/shipped/shapes-videollava``). Its entries reproduce the shipped checkpoint exactly.
 - ``hd``: ShapesQA-HD, 64x64 frames, 8 x (64 + 1) = 520 visual tokens, still camera with still and
-  moving objects that enter and leave, an 8-layer decoder (``models/shapes-hd-videollava``), so that
+  moving objects that enter and leave, an 8-layer decoder (``vidsparse/shipped/shapes-hd-videollava``), so that
   pruning after an early layer leaves most of the depth to save.
 """
 
@@ -21,8 +21,8 @@ from types import ModuleType
 
 import numpy as np
 
+from lab.temporal_facts import ORDER_FACTS
 from vidsparse.datasets import shapes, shapes_hd
-from vidsparse.temporal_facts import ORDER_FACTS
 
 Draw = Callable[[np.random.Generator, str, int], tuple]  # (rng, question type, max objects) -> (clip, q, a)
 
@@ -35,7 +35,7 @@ class Cycle:
     (``pointer_loss.FramePointer``, on the last head of each layer listed) with its weight, its
     own training clips (``draw``; None: the yardstick's ``qa_clip``), and random visual-key dropout
     (``key_dropout``: the share of samples that lose a random U(``min_keep``, 1) of their visual
-    tokens, ``vidsparse.key_dropout``; ``later_keep``: (lo, hi) share of the clip every hit sample keeps
+    tokens, ``lab.key_dropout``; ``later_keep``: (lo, hi) share of the clip every hit sample keeps
     from layer 2 on, None: half of them keep a random share of at least ``min_keep``)."""
 
     steps: int
@@ -76,7 +76,7 @@ class Yardstick:
     # ~14x in 750 HD steps and mapped same-colour objects of different shapes together (a linear
     # shape probe fell from 0.999 to 0.75 on its output), so colour/shape questions stayed at chance.
     projector_lr_scale: float = 1.0
-    # The auxiliary pointer loss (``vidsparse.pointer_loss``) on colour/shape batches: its weight at
+    # The auxiliary pointer loss (``lab.pointer_loss``) on colour/shape batches: its weight at
     # the start, faded linearly to 0 at ``pointer_until`` of the QA steps; the layer and head it trains.
     pointer_weight: float = 0.0
     pointer_until: float = 0.6
@@ -93,7 +93,7 @@ class Yardstick:
     # loss at ``pointer_layer`` also targets the answer object's patches from the answer position.
     answer_pointer_types: frozenset[str] = frozenset()
     # The temporal phase, from ``temporal_from`` of the QA steps on (None: no such phase): the task mix
-    # ``temporal_tasks`` and the per-token temporal-facts loss (``vidsparse.temporal_facts``; weight
+    # ``temporal_tasks`` and the per-token temporal-facts loss (``lab.temporal_facts``; weight
     # ``facts_weight`` times the mean over the facts, not faded).
     temporal_from: float | None = None
     temporal_tasks: dict[str, float] = field(default_factory=dict)
@@ -145,7 +145,7 @@ DEMO = Yardstick(
     qa_clip=_demo_qa_clip,
     monitor_clip=shapes.sample,
     defaults={
-        "out": "models/shapes-videollava",
+        "out": "vidsparse/shipped/shapes-videollava",
         "tower_steps": 1500,
         "tower_batch": 24,
         "tower_lr": 2e-3,
@@ -341,7 +341,7 @@ HD = Yardstick(
     qa_clip=_hd_qa_clip,
     monitor_clip=shapes_hd.sample,
     defaults={
-        "out": "models/shapes-hd-videollava",
+        "out": "vidsparse/shipped/shapes-hd-videollava",
         "tower_steps": 2000,
         "tower_batch": 16,
         "tower_lr": 4e-3,

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lab.pointer_loss import object_pixels
 from vidsparse.datasets.shapes import COLOR_NAMES
-from vidsparse.pointer_loss import object_pixels
 
 FRAME_LAYER = 0  # the residual after this decoder layer carries the frame index
 OBJECT_LAYER = 1  # ... and after this one, the object facts and the colours gone

@@ -1,8 +1,8 @@
 """What each part of stprune buys: the shipped method beside variants that remove or change one part,
 on a yardstick's tuning clips (rendered in memory from a seed no evaluation uses), at one budget.
 
-    python bench/stprune_ablation.py --yardstick hd --n 300 --seed 515151 --budget 10%
-    python bench/stprune_ablation.py --yardstick demo --n 300 --seed 777 --budget 10%
+    python -m lab.stprune_ablation --yardstick hd --n 300 --seed 515151 --budget 10%
+    python -m lab.stprune_ablation --yardstick demo --n 300 --seed 777 --budget 10%
 
 Variants are set through the module's constants (`vidsparse/pruning/stprune.py`), one run at a time:
 stage 1 alone (the lattice to B: `uniform`), stage 2 by plain top-k relevance (no redundancy term),
@@ -12,8 +12,9 @@ every token through the first layers (stage 2 alone).
 
 from __future__ import annotations
 
-from shapes_accuracy import Run, per_type_accuracy, print_table, save_rows, tuning_arguments, tuning_setup
 from transformers.utils import logging
+
+from lab.shapes_accuracy import Run, per_type_accuracy, print_table, save_rows, tuning_arguments, tuning_setup
 
 EVERY_TOKEN = 1e9  # a first stage of min(n, this x B) tokens keeps them all
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vidsparse import train_demo
-from vidsparse.yardsticks import HD, YARDSTICKS
+from lab import train_demo
+from lab.yardsticks import HD, YARDSTICKS
 
 TINY = dataclasses.replace(
     HD,
@@ -49,10 +49,10 @@ TINY = dataclasses.replace(
 
 def test_each_yardstick_has_its_defaults():
     y, args = train_demo.parse_args([])
-    assert y is YARDSTICKS["demo"] and args.out == Path("models/shapes-videollava")
+    assert y is YARDSTICKS["demo"] and args.out == Path("vidsparse/shipped/shapes-videollava")
     assert (args.qa_steps, args.batch, args.eval_seed) == (3000, 32, 424242)
     y, args = train_demo.parse_args(["--yardstick", "hd", "--qa-steps", "7"])
-    assert y is HD and args.out == Path("models/shapes-hd-videollava") and args.qa_steps == 7
+    assert y is HD and args.out == Path("vidsparse/shipped/shapes-hd-videollava") and args.qa_steps == 7
     assert args.eval_seed == 434343 and HD.monitor_seed != HD.eval_seed
     assert HD.arch["text_layers"] >= 8
     assert set(HD.data.QUESTION_TYPES) <= set(HD.qa_tasks)
@@ -130,8 +130,8 @@ def test_pointer_loss_is_the_share_of_eager_attention_on_the_asked_object():
     the asked word (copy pointer)."""
     import numpy as np
 
-    from vidsparse.demo_eval import Encoder
-    from vidsparse.pointer_loss import PointerLoss
+    from lab.demo_eval import Encoder
+    from lab.pointer_loss import PointerLoss
 
     torch.manual_seed(0)
     y = dataclasses.replace(TINY, arch={**TINY.arch, "text_layers": 3, "text_heads": 4}, pointer_layer=2)
@@ -176,8 +176,8 @@ def test_frame_pointer_is_the_share_of_eager_attention_one_frame_back():
     eager probabilities) that falls on the same token one frame (65 tokens) earlier, averaged."""
     import numpy as np
 
-    from vidsparse.demo_eval import Encoder
-    from vidsparse.pointer_loss import FramePointer
+    from lab.demo_eval import Encoder
+    from lab.pointer_loss import FramePointer
 
     torch.manual_seed(0)
     y = dataclasses.replace(TINY, arch={**TINY.arch, "text_layers": 2, "text_heads": 4})
@@ -208,7 +208,7 @@ def test_early_answer_labels_the_asked_word_with_the_answer():
     the answer's first token; every other prompt position stays unlabelled."""
     import numpy as np
 
-    from vidsparse.demo_eval import Encoder
+    from lab.demo_eval import Encoder
 
     y = dataclasses.replace(TINY, qa_tasks={"color": 0.5, "shape": 0.3, "count": 0.2}, early_answer=True)
     tok, model = train_demo.build(y, torch.device("cpu"))
@@ -235,8 +235,8 @@ def test_answer_pointer_targets_the_object_that_answers_a_temporal_question():
     word, so the copy and word pointers skip it and the auxiliary loss stays finite."""
     import numpy as np
 
-    from vidsparse.demo_eval import Encoder
-    from vidsparse.pointer_loss import AuxLosses
+    from lab.demo_eval import Encoder
+    from lab.pointer_loss import AuxLosses
 
     drawn = []
 

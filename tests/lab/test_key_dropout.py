@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train_demo import TINY
-from vidsparse import train_demo
-from vidsparse.demo_eval import Encoder
-from vidsparse.key_dropout import LATER_LAYER, KeyDropout, draw_drops
+from lab import train_demo
+from lab.demo_eval import Encoder
+from lab.key_dropout import LATER_LAYER, KeyDropout, draw_drops
+from tests.lab.test_train_demo import TINY
 
 
 def _removed(model, embeds: torch.Tensor, first: torch.Tensor, later: torch.Tensor

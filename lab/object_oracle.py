@@ -13,7 +13,7 @@ landing exactly on B and filling what is left with the `uniform` lattice:
 It prints accuracy per question type beside `none`, `uniform` and `stprune` on the same questions
 (rendered from the held-out seed, never used for tuning):
 
-    python bench/object_oracle.py --n 500 --seed 434343 --budgets 10%,30%
+    python -m lab.object_oracle --n 500 --seed 434343 --budgets 10%,30%
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shapes_accuracy import Run, per_type_accuracy, print_table
 from transformers.utils import logging
 
+from lab.pointer_loss import object_pixels
+from lab.shapes_accuracy import Run, per_type_accuracy, print_table
 from vidsparse.datasets import shapes_hd
 from vidsparse.pipeline import VideoQA
-from vidsparse.pointer_loss import object_pixels
 from vidsparse.pruning import METHODS
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", type=int, default=434343)
     parser.add_argument("--budgets", default="10%,30%")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/object_oracle.json"))
+    parser.add_argument("--out", type=Path, default=Path("lab/results/object_oracle.json"))
     args = parser.parse_args()
     logging.set_verbosity_error()
     METHODS.update(ORACLES)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lab.temporal_facts import FACTS, IGNORE, TemporalFacts, fact_targets
+from lab.train_demo import build
+from lab.yardsticks import HD
 from vidsparse.datasets import shapes_hd
 from vidsparse.datasets.shapes import COLOR_NAMES
-from vidsparse.temporal_facts import FACTS, IGNORE, TemporalFacts, fact_targets
-from vidsparse.train_demo import build
-from vidsparse.yardsticks import HD
 
 
 def _reference(clip) -> dict[str, list]:

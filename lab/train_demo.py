@@ -1,12 +1,12 @@
 """Train a ShapesQA demo model: a small but genuine VideoLlavaForConditionalGeneration.
 
-    python -m vidsparse.train_demo --out models/shapes-videollava                    # ShapesQA (136 tokens)
-    python -m vidsparse.train_demo --yardstick hd --out models/shapes-hd-videollava  # ShapesQA-HD (520 tokens)
-    python -m vidsparse.train_demo --yardstick hd --resume   # continue a killed run where it stopped
-    python -m vidsparse.train_demo --out models/shapes-videollava --eval-only
+    python -m lab.train_demo --out vidsparse/shipped/shapes-videollava                    # ShapesQA (136 tokens)
+    python -m lab.train_demo --yardstick hd --out vidsparse/shipped/shapes-hd-videollava  # ShapesQA-HD (520 tokens)
+    python -m lab.train_demo --yardstick hd --resume   # continue a killed run where it stopped
+    python -m lab.train_demo --out vidsparse/shipped/shapes-videollava --eval-only
 
 ``--yardstick`` picks the data set, architecture, task mix, seeds and default step counts
-(``vidsparse.yardsticks``); everything else is shared. Recipe (fixed seeds and step counts, so a run
+(``lab.yardsticks``); everything else is shared. Recipe (fixed seeds and step counts, so a run
 is reproducible on one machine):
 
 1. Dense pretraining of the video tower (``--tower-steps``): temporary heads on every patch token
@@ -24,10 +24,10 @@ is reproducible on one machine):
    from the exact uint8 frames that the data set's mp4 files store, so training matches inference.
    Where the yardstick sets ``pointer_weight`` (HD), an auxiliary loss on colour/shape batches
    points one early head at the asked object from the answer position, faded out by
-   ``pointer_until`` of the steps (``vidsparse.pointer_loss`` says why). Where it sets
+   ``pointer_until`` of the steps (``lab.pointer_loss`` says why). Where it sets
    ``temporal_from`` (HD), the last part of the QA steps is a temporal phase: its own task mix, and
    linear heads on the early residuals of the visual tokens learn their frame index and their
-   object's onset, order of appearance and motion (``vidsparse.temporal_facts`` says why).
+   object's onset, order of appearance and motion (``lab.temporal_facts`` says why).
 3. Further cycles (``yardsticks.Cycle``, where the yardstick has them: HD), each with the learning
    rate warmed up again and decayed over its own cosine, its own task mix, fresh heads for its own
    facts (the colours each frame shows and loses; in the last five, the order of events so far), from
@@ -56,7 +56,7 @@ layer 1 (1.00 and 1.00; first 0.88, count 0.47): poor pruning probes. Adding "se
 temporal question) gave the shipped model, whose color, count, first and second answers all need
 visual tokens after layer 1 (see its EVAL.md).
 
-The evaluation (``vidsparse.demo_eval``) writes ``EVAL.json`` and ``EVAL.md`` next to the checkpoint.
+The evaluation (``lab.demo_eval``) writes ``EVAL.json`` and ``EVAL.md`` next to the checkpoint.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vidsparse.datasets import shapes  # noqa: E402
-from vidsparse.demo_eval import (  # noqa: E402
+from lab.demo_eval import (  # noqa: E402
     Encoder,
     evaluate,
     log,
@@ -91,10 +90,9 @@ from vidsparse.demo_eval import (  # noqa: E402
     sanity_check_masking,
     write_report,
 )
-from vidsparse.fast_dtype import fastest_dtype  # noqa: E402
-from vidsparse.key_dropout import KeyDropout, draw_drops  # noqa: E402
-from vidsparse.models.tiny import video_llava_config, word_tokenizer  # noqa: E402
-from vidsparse.pointer_loss import (  # noqa: E402
+from lab.fast_dtype import fastest_dtype  # noqa: E402
+from lab.key_dropout import KeyDropout, draw_drops  # noqa: E402
+from lab.pointer_loss import (  # noqa: E402
     AuxLosses,
     FramePointer,
     answer_object,
@@ -102,8 +100,10 @@ from vidsparse.pointer_loss import (  # noqa: E402
     asked_word,
     object_tokens,
 )
-from vidsparse.temporal_facts import TemporalFacts, fact_targets  # noqa: E402
-from vidsparse.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
+from lab.temporal_facts import TemporalFacts, fact_targets  # noqa: E402
+from lab.tiny import video_llava_config, word_tokenizer  # noqa: E402
+from lab.yardsticks import YARDSTICKS, Yardstick  # noqa: E402
+from vidsparse.datasets import shapes  # noqa: E402
 
 TRAIN_SEED = 1  # training draws from [--train-seed, stage]; held-out and monitoring seeds are the yardstick's
 N_PATCH_CLASSES = {"color": len(shapes.COLORS) + 1, "shape": len(shapes.SHAPES) + 1}
@@ -471,7 +471,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
     model.model.image_tower.load_state_dict(model.model.video_tower.state_dict())
     save(model, tok, args.out)
     training = {
-        "command": " ".join(["python -m vidsparse.train_demo", *(a for a in argv if a != "--resume")]),
+        "command": " ".join(["python -m lab.train_demo", *(a for a in argv if a != "--resume")]),
         "minutes": round((time.time() - ckpt.t0) / 60, 1),
         "device": str(device),
         "threads": args.threads,

@@ -17,11 +17,11 @@ from unittest import mock
 
 import numpy as np
 
+from lab.yardsticks import YARDSTICKS, Yardstick
 from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS
-from vidsparse.yardsticks import YARDSTICKS, Yardstick
 
 MODELS = {"demo": "shapes-demo", "hd": "shapes-hd"}
 TUNING_SEEDS = {"demo": 777, "hd": 515151}  # the seeds every earlier ablation was measured on
@@ -68,7 +68,7 @@ def tuning_arguments(doc: str, n: int) -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=n)
     parser.add_argument("--seed", type=int, default=None, help="default: the yardstick's tuning seed (777, 515151)")
     parser.add_argument("--budget", default="10%")
-    parser.add_argument("--out", type=Path, default=None, help="default: under bench/results, named for the yardstick")
+    parser.add_argument("--out", type=Path, default=None, help="default: under lab/results, named for the yardstick")
     return parser
 
 
@@ -82,8 +82,8 @@ def tuning_setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
 
 
 def save_rows(args: argparse.Namespace, seed: int, rows: list[dict], name: str) -> Path:
-    """Write a tuning run's rows with its settings to --out (default bench/results/<name>_<yardstick>.json)."""
-    out = args.out or Path(f"bench/results/{name}_{args.yardstick}.json")
+    """Write a tuning run's rows with its settings to --out (default lab/results/<name>_<yardstick>.json)."""
+    out = args.out or Path(f"lab/results/{name}_{args.yardstick}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"yardstick": args.yardstick, "n": args.n, "seed": seed, "budget": args.budget,
                                "rows": rows}, indent=1) + "\n")

@@ -6,20 +6,20 @@ is read from the whole clip late, and no choice of B tokens made early keeps it.
 
 On a yardstick's tuning clips (rendered in memory; never the held-out seed):
 
-    python bench/read_depth.py --yardstick hd --n 700 --budget 10%
+    python -m lab.read_depth --yardstick hd --n 700 --budget 10%
 
 Prints the table (accuracy per type, and as a share of `none`'s), writes
-bench/results/read_depth_<yardstick>.json and a plot of each type's share of full accuracy against L.
+lab/results/read_depth_<yardstick>.json and a plot of each type's share of full accuracy against L.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from shapes_accuracy import Run, per_type_accuracy, print_table, save_rows, tuning_arguments, tuning_setup
-from stprune_ablation import EVERY_TOKEN
 from transformers.utils import logging
 
+from lab.shapes_accuracy import Run, per_type_accuracy, print_table, save_rows, tuning_arguments, tuning_setup
+from lab.stprune_ablation import EVERY_TOKEN
 from vidsparse.outputs import save_figure
 
 
