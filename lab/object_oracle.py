@@ -59,7 +59,6 @@ def ground_truth_priority(kind: str, clip: shapes_hd.Clip) -> list[int]:
 
 def oracle(kind: str) -> type[Method]:
     class GroundTruth(Method):
-        name = f"oracle-{kind}"
         summary = f"ground truth: {kind} first, then the uniform lattice"
 
         def default_stages(self, num_layers: int) -> list[int]:
@@ -74,7 +73,7 @@ def oracle(kind: str) -> type[Method]:
     return GroundTruth
 
 
-ORACLES = {cls.name: cls for cls in (oracle("objects"), oracle("one-each"), oracle("neighbours"))}
+ORACLES = {f"oracle-{kind}": oracle(kind) for kind in ("objects", "one-each", "neighbours")}
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import torch
 
 from vidsparse.pruning.base import Selection, StageInput, top_k
 from vidsparse.pruning.clustering import dpc_knn
-from vidsparse.pruning.sparsevlm import SparseVLM, choose_raters, num_clusters, recycling_split
+from vidsparse.pruning.sparsevlm import Raters, SparseVLM, choose_raters, num_clusters, recycling_split
 from vidsparse.pruning.stage import VisualBlock, apply_selection
 from vidsparse.pruning.tome import bipartite_merge, groups_to_selection
 
@@ -21,22 +21,22 @@ def test_raters_fall_back_to_all_text_when_none_stands_out():
     assert choose_raters(torch.ones(3, 2), torch.ones(4, 2)).tolist() == [0, 1, 2, 3]
 
 
-def stage(attention, budget, is_last, frames=None):
+def stage(attention, budget, is_last, frames=None, facts=None):
     n = attention.shape[1]
     return StageInput(index=0, num_stages=1 if is_last else 2, layer=1, num_visual=n, budget=budget,
                       hidden=torch.zeros(n, 4), frames=torch.zeros(n, dtype=torch.long) if frames is None else frames,
                       rows=torch.zeros(n, dtype=torch.long), cols=torch.arange(n),
-                      attention=attention, min_per_frame=0, generator=torch.Generator())
+                      attention=attention, min_per_frame=0, generator=torch.Generator(), facts=facts)
 
 
 def test_rank_rule_for_intermediate_stages():
     rows = torch.rand(2, 10, generator=torch.Generator().manual_seed(0))
     attention = torch.cat([rows, rows[:1] + rows[1:]])  # 3 raters, rank 2
-    method = SparseVLM()
+    method, facts = SparseVLM(), Raters(torch.arange(3), ["a", "b", "c"])
     # Lv = 10, rank 2: delete floor(0.5 * (10 - 2)) = 4 -> keep 6, never below the budget.
-    assert method.stage_size(stage(attention, 2, is_last=False)) == 6
-    assert method.stage_size(stage(attention, 8, is_last=False)) == 8
-    assert method.ranks == [2, 2]
+    assert method.stage_size(stage(attention, 2, is_last=False, facts=facts)) == 6
+    assert method.stage_size(stage(attention, 8, is_last=False, facts=facts)) == 8
+    assert facts.ranks == [2, 2] and method.report(facts) == {"raters": "a b c", "ranks": [2, 2]}
     assert method.stage_size(stage(attention, 3, is_last=True)) == 3
 
 

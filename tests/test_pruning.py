@@ -192,6 +192,24 @@ def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, po
         layer for layer in plan().stages if layer >= 0))
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_one_method_object_serves_every_question(setup, method):
+    """A method keeps what it learns of a question (SparseVLM's raters and ranks) in the value the
+    engine hands back, not on itself: one plan answers questions in turn as a fresh plan answers each
+    (kept tokens, logits, report), and the method object holds nothing afterwards."""
+    model, _, prompt = setup
+    shared = make_plan(method, 20, 4, seed=3)
+    prompts = [replace(prompt, **_question_parts(model, prompt, q)) for q in [QUESTION, *OTHER_QUESTIONS]]
+    for other in [*prompts, prompts[0]]:
+        with_shared = run(model, other, shared, max_new_tokens=1)
+        fresh_plan = make_plan(method, 20, 4, seed=3)
+        fresh = run(model, other, fresh_plan, max_new_tokens=1)
+        assert torch.equal(with_shared.block.origin, fresh.block.origin)
+        torch.testing.assert_close(with_shared.first_logits, fresh.first_logits, atol=0, rtol=0)
+        assert shared.method.report(with_shared.facts) == fresh_plan.method.report(fresh.facts)
+    assert vars(shared.method) == {}
+
+
 def _question_parts(model, prompt, question):
     """The input ids, embeddings and suffix words of `question` about the same clip as `prompt`."""
     ids = model.prompt_ids(question, 8)

@@ -104,8 +104,8 @@ class AskResult:
             },
             "model": {"name": self.model, "dtype": self.dtype, "device": self.device},
             "pruning": {
-                "method": self.plan.method.name,
-                "budget": None if self.plan.method.name == "none" else self.plan.budget,
+                "method": self.plan.name,
+                "budget": None if self.plan.name == "none" else self.plan.budget,
                 "stages": self.plan.stages,
                 "positions": self.plan.positions,
                 "min_per_frame": self.plan.min_per_frame,

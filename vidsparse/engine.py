@@ -87,6 +87,7 @@ class Generation:
     token_kv_bytes: int = 0  # keys + values of one token at one layer
     decode_steps: int = 0  # generated tokens fed back through the layers
     decode_seconds: float = 0.0  # this question's share of the decoding time
+    facts: object | None = None  # what the method learned about this question (Method.prepare)
 
     def kv_lengths(self) -> list[int]:
         """Keys each layer attends to after decoding: the shared head's, this question's prompt rows
@@ -110,7 +111,8 @@ def _stages(plan: PruningPlan | None, num_visual: int) -> list[int]:
 
 
 def _choose(plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbeds, block: VisualBlock,
-            visual_hidden: torch.Tensor, attention: torch.Tensor | None, generator: torch.Generator) -> Selection:
+            visual_hidden: torch.Tensor, attention: torch.Tensor | None, generator: torch.Generator,
+            facts: object | None = None) -> Selection:
     device = visual_hidden.device
     visual = prompt.visual
     origin = block.origin
@@ -120,7 +122,7 @@ def _choose(plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbe
         frames=visual.frame.to(device)[origin], rows=visual.row.to(device)[origin], cols=visual.col.to(device)[origin],
         attention=attention, min_per_frame=plan.min_per_frame, generator=generator,
         saliency=None if prompt.saliency is None else prompt.saliency.to(device)[origin],
-        frame_features=prompt.frame_features,
+        frame_features=prompt.frame_features, facts=facts,
     ))
 
 
@@ -216,20 +218,21 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
         generator = torch.Generator().set_state(head.generator.get_state())
         if replay is None:
             with timer.stage("pruning"):
-                method.prepare(PromptText(prompt.embeds[0], head.block.start, len(prompt.visual), prompt.suffix_words))
+                generation.facts = method.prepare(PromptText(prompt.embeds[0], head.block.start, len(prompt.visual),
+                                                             prompt.suffix_words))
         block = head.block
         with timer.stage("pruning"):  # the first question-guided stage, after the last shared layer
             if replay is not None:
                 selection = replay[index]
             else:
                 layer = head.layers - 1
-                rows = method.query_rows(count).to(device)
+                rows = method.query_rows(count, generation.facts).to(device)
                 rope = decoder.rotary_emb(question, (head.question_start(layer, keep) + rows)[None])
                 n_head = head.hidden.shape[1]
                 attention = attention_rows(decoder.layers[layer], layer_input[:, rows], rope, n_head + rows,
                                            [head.kv[layer].keys, cache.layers[layer].keys])
                 selection = _choose(plan, index, stages, prompt, block, head.hidden[0, block.start : block.end],
-                                    attention[:, block.start : block.end], generator)
+                                    attention[:, block.start : block.end], generator, generation.facts)
             hidden, positions, block = apply_selection(head.hidden, head.positions, block, selection, plan.positions)
             hidden = torch.cat([hidden, question], 1)
             positions = (torch.arange(hidden.shape[1], device=device)[None] if not keep
@@ -271,12 +274,13 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
             if replay is not None:
                 selection = replay[index]
             else:
-                rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end).to(hidden.device)
+                rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end, generation.facts).to(
+                    hidden.device)
                 cos, sin = decoder.rotary_emb(hidden, positions)
                 attention = attention_rows(decoder.layers[stages[index]], layer_input[:, rows],
                                            (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])
                 selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end],
-                                    attention[:, block.start : block.end], generator)
+                                    attention[:, block.start : block.end], generator, generation.facts)
             hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
         generation.stages.append(StageRecord(stages[index], block.size, selection))
     generation.block = block

@@ -15,10 +15,15 @@ from typing import Any, Literal, TypeVar
 from vidsparse.errors import UserError
 
 DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
-# The names of `vidsparse.pruning.METHODS`, in its order (that package checks the two agree when
-# it is imported); listed here so that help and option checks need no torch.
-METHOD_NAMES = ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm", "vidcom2", "fastvid", "dycoke",
-                "stprune")
+# Every pruning method: its name, and where its class lives under vidsparse.pruning (`vidsparse.pruning.METHODS`
+# imports them). The one list of methods; here, torch-free, so that help and option checks need no torch.
+METHOD_CLASSES = {
+    "none": "baselines.NoPruning", "random": "baselines.RandomPruning", "uniform": "baselines.UniformPruning",
+    "fastv": "attention_scored.FastV", "pdrop": "attention_scored.PyramidDrop", "tome": "tome.ToMe",
+    "sparsevlm": "sparsevlm.SparseVLM", "vidcom2": "vidcom2.VidCom2", "fastvid": "fastvid.FastVID",
+    "dycoke": "dycoke.DyCoke", "stprune": "stprune.STPrune",
+}
+METHOD_NAMES = tuple(METHOD_CLASSES)
 POSITION_MODES = ("keep", "compact")
 BACKENDS = ("auto", "decord", "pyav")
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts

@@ -222,8 +222,7 @@ class VideoQA:
                 words = [model.tokenizer.decode([i]).strip() for i in ids[0, length:].tolist()]
                 prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
                                  suffix_words=words)
-            plan = replace(clip.plan, method=type(clip.plan.method)())  # its own method state (raters, ranks)
-            started.append(_Prefilled(question, prompt, plan, None, timer))
+            started.append(_Prefilled(question, prompt, clip.plan, None, timer))
         batch = StageTimer(model.device)
         try:
             with batch.stage("prefill"):
@@ -268,7 +267,7 @@ class VideoQA:
             device=str(model.device),
             plan=done.plan,
             stage_records=generation.stages,
-            method_report=done.plan.method.report(),
+            method_report=done.plan.method.report(generation.facts),
             prompt_tokens=int(input_ids.shape[1]),
             visual_before=len(done.prompt.visual),
             visual_per_layer=generation.visual_per_layer,

@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 from vidsparse.errors import UserError
-from vidsparse.options import METHOD_NAMES, AskOptions, PositionMode
-from vidsparse.pruning.attention_scored import FastV, PyramidDrop
+from vidsparse.options import METHOD_CLASSES, AskOptions, PositionMode
 from vidsparse.pruning.base import Method, PruningPlan, check_floor
-from vidsparse.pruning.baselines import NoPruning, RandomPruning, UniformPruning
-from vidsparse.pruning.dycoke import DyCoke
-from vidsparse.pruning.fastvid import FastVID
-from vidsparse.pruning.sparsevlm import SparseVLM
-from vidsparse.pruning.stprune import STPrune
-from vidsparse.pruning.tome import ToMe
-from vidsparse.pruning.vidcom2 import VidCom2
-
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoPruning, RandomPruning, UniformPruning, FastV, PyramidDrop, ToMe, SparseVLM, VidCom2,
-                              FastVID, DyCoke, STPrune)
-}
-if tuple(METHODS) != METHOD_NAMES:  # the torch-free list the CLI offers must name exactly these
-    raise ImportError(f"vidsparse.options.METHOD_NAMES {METHOD_NAMES} != the registered methods {tuple(METHODS)}")
 
 
-def check_method(method: str, prune_after: Sequence[int] | None) -> None:
-    """The method-specific rule that needs no model: which methods take --prune-after."""
+def _method_class(where: str) -> type[Method]:
+    module, name = where.rsplit(".", 1)
+    return getattr(importlib.import_module(f"vidsparse.pruning.{module}"), name)
+
+
+METHODS: dict[str, type[Method]] = {name: _method_class(where) for name, where in METHOD_CLASSES.items()}
+
+
+def check_method(method: str, prune_after: Sequence[int] | None, num_layers: int | None = None) -> None:
+    """The method-specific rule: which methods take --prune-after. Checked at the edge, before a model
+    is loaded (`num_layers` unknown), and again with the decoder's depth."""
     if prune_after is not None and not METHODS[method].allows_prune_after:
-        raise UserError(f"--prune-after does not apply to {method!r}: it {where_it_prunes(method)}")
+        raise UserError(f"--prune-after does not apply to {method!r}: it {where_it_prunes(method, num_layers)}")
 
 
-def where_it_prunes(method: str) -> str:
-    """The fixed stages of a method that takes no --prune-after, in words (as in a 32-layer decoder)."""
-    stages = METHODS[method]().default_stages(32)
+def where_it_prunes(method: str, num_layers: int | None = None) -> str:
+    """The fixed stages of a method that takes no --prune-after, in words: for this decoder's depth, or,
+    before a model is loaded, for Video-LLaVA-7B's 32 layers (said so)."""
+    stages = METHODS[method]().default_stages(num_layers or 32)
     if not stages:
         return "does not prune"
     after = [f"after layer {layer}" for layer in stages if layer >= 0]
-    return "prunes " + " and ".join(["before layer 0"] * (stages[0] < 0) + after) + " by definition"
+    depth = "" if num_layers else " (in a 32-layer decoder)"
+    return "prunes " + " and ".join(["before layer 0"] * (stages[0] < 0) + after) + " by definition" + depth
 
 
 def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequence[int] | None = None,
@@ -44,7 +41,7 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequenc
               clip: tuple[int, int] | None = None) -> PruningPlan:
     """The plan of one run (a fresh method instance), from already-typed options and the decoder's
     depth. `clip` = (frames, visual tokens), when known, also checks that the per-frame floor fits."""
-    check_method(method, prune_after)
+    check_method(method, prune_after, num_layers)
     chosen = METHODS[method]()
     given = prune_after is not None
     stages = list(prune_after) if given else chosen.default_stages(num_layers)
@@ -56,7 +53,7 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequenc
             "pass --prune-after")
     if clip is not None and method != "none" and budget < clip[1]:
         check_floor(budget, clip[0], min_per_frame)
-    return PruningPlan(chosen, stages, budget, positions, min_per_frame, seed)
+    return PruningPlan(method, chosen, stages, budget, positions, min_per_frame, seed)
 
 
 def plan_for(options: AskOptions, num_layers: int, num_frames: int, num_visual: int) -> PruningPlan:

@@ -6,7 +6,6 @@ from vidsparse.pruning.base import Method, Selection, StageInput, top_k
 
 
 class FastV(Method):
-    name = "fastv"
     summary = "one stage after layer K-1 (K=2): keep the B tokens the last prompt token attends to most"
     needs_attention = True
 
@@ -22,7 +21,6 @@ class FastV(Method):
 
 
 class PyramidDrop(FastV):
-    name = "pdrop"
     summary = "stages at 1/4, 1/2, 3/4 depth keeping n*r, n*r^2, ..., B (r = (B/n)^(1/stages)), last-token attention"
 
     def default_stages(self, num_layers: int) -> list[int]:

@@ -71,6 +71,7 @@ class StageInput:
     generator: torch.Generator
     saliency: torch.Tensor | None = None  # (n_v,) the vision tower's CLS attention to each token, if asked for
     frame_features: torch.Tensor | None = None  # (frames, d_vision) each frame's CLS embedding, if asked for
+    facts: object | None = None  # what `prepare` learned about this question (None at a question-independent stage)
 
     @property
     def is_last(self) -> bool:
@@ -78,10 +79,11 @@ class StageInput:
 
 
 class Method:
-    """Base of every pruning method: its name, where it prunes by default, which text rows it
-    needs attention from, and `select`."""
+    """Base of every pruning method: where it prunes by default, which text rows it needs attention
+    from, and `select`. A method object holds only its settings, so one serves every question: what it
+    learns about a question (`prepare`) is a value the engine hands back to it (`StageInput.facts`,
+    `query_rows`, `report`). Its name is its key in `vidsparse.options.METHOD_CLASSES`."""
 
-    name: ClassVar[str]
     summary: ClassVar[str]
     needs_attention: ClassVar[bool] = False
     needs_saliency: ClassVar[bool] = False  # StageInput.saliency / frame_features from the vision tower
@@ -96,25 +98,30 @@ class Method:
         attention is the only question-dependent input a stage gets, and none exists before layer 0."""
         return self.needs_attention and layer > BEFORE_FIRST_LAYER
 
-    def prepare(self, prompt: PromptText) -> None:
-        """Called once per question, before its first question-reading stage (e.g. to choose raters)."""
+    def prepare(self, prompt: PromptText) -> object | None:
+        """What the method learns about one question before its first question-reading stage (e.g. its
+        raters); the engine passes it back as `facts`."""
+        return None
 
-    def query_rows(self, num_suffix: int) -> torch.Tensor:
+    def query_rows(self, num_suffix: int, facts: object | None) -> torch.Tensor:
         """Text rows after the visual block (0 = first suffix token) whose attention `select` needs."""
         return torch.tensor([num_suffix - 1])
 
     def select(self, stage: StageInput) -> Selection:
         raise NotImplementedError
 
-    def report(self) -> dict[str, object]:
-        """Extra facts for the stats (e.g. the raters chosen)."""
+    def report(self, facts: object | None) -> dict[str, object]:
+        """Extra facts for the stats (e.g. the raters chosen); `facts` is None when no stage read the
+        question."""
         return {}
 
 
 @dataclass(frozen=True)
 class PruningPlan:
-    """A method, the layers it prunes after (ascending; -1 = before layer 0) and the budget."""
+    """A method (its name and its object), the layers it prunes after (ascending; -1 = before layer 0)
+    and the budget."""
 
+    name: str
     method: Method
     stages: list[int]
     budget: int

@@ -10,7 +10,6 @@ from vidsparse.pruning.base import BeforeFirstLayer, Method, Selection, StageInp
 
 
 class NoPruning(Method):
-    name = "none"
     summary = "vanilla VideoLLaVA: every visual token through every layer"
     allows_prune_after = False
 
@@ -19,7 +18,6 @@ class NoPruning(Method):
 
 
 class RandomPruning(BeforeFirstLayer):
-    name = "random"
     summary = "B visual tokens drawn uniformly at random (seeded), before layer 0"
 
     def select(self, stage: StageInput) -> Selection:
@@ -28,7 +26,6 @@ class RandomPruning(BeforeFirstLayer):
 
 
 class UniformPruning(BeforeFirstLayer):
-    name = "uniform"
     summary = ("an equal share of B per frame (remainder to the earliest), a 2-D grid of patches inside each "
                "frame, shifted from frame to frame so that the frames together cover the image")
 

@@ -50,7 +50,6 @@ def ttm_keep_count(budget: int, num_frames: int, per_frame: int) -> int:
 class DyCoke(FastV):
     """Its second stage is FastV's at DyCoke's layer."""
 
-    name = "dycoke"
     summary = ("DyCoke: temporal merging drops the tokens of every other frame that match the frame before "
                "(before layer 0), then the last prompt token's attention keeps B (after layer 2)")
     allows_prune_after = False

@@ -41,7 +41,6 @@ NEIGHBOURS = 4  # k of the density estimate
 
 
 class FastVID(BeforeFirstLayer):
-    name = "fastvid"
     summary = ("FastVID: segments of similar frames; per frame the most salient tokens, the rest of a segment "
                "merged into density-peak anchors (before layer 0)")
     needs_saliency = True

@@ -8,6 +8,7 @@ recycled); attention rows are computed for the raters only, never the full n x n
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,42 +70,39 @@ def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_cl
     return Selection(keep, pool, assignment, pool[centres], in_clip_order=in_clip_order)
 
 
+@dataclass
+class Raters:
+    """What SparseVLM learns about one question: the text tokens that rate the visual ones (suffix
+    rows, and the words they are), and the rank of each intermediate stage's attention."""
+
+    rows: torch.Tensor
+    words: list[str]
+    ranks: list[int] = field(default_factory=list)
+
+
 class RatedByText(Method):
     """A method whose attention rows include SparseVLM's text raters, chosen once per prompt."""
 
     needs_attention = True
 
-    def __init__(self) -> None:
-        self.raters = torch.zeros(0, dtype=torch.long)
-        self.rater_words: list[str] = []
-
-    def prepare(self, prompt: PromptText) -> None:
+    def prepare(self, prompt: PromptText) -> Raters:
         visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
-        self.raters = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
-        self.rater_words = [prompt.suffix_words[i] for i in self.raters.tolist()]
+        rows = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
+        return Raters(rows, [prompt.suffix_words[i] for i in rows.tolist()])
 
-    def report(self) -> dict[str, object]:
-        return {"raters": " ".join(self.rater_words)}
+    def report(self, facts: Raters | None) -> dict[str, object]:
+        return {"raters": " ".join(facts.words) if facts else ""}
 
 
 class SparseVLM(RatedByText):
-    name = "sparsevlm"
     summary = ("text raters score visual tokens; rank-adaptive deletion per stage; the best deleted "
                "tokens are recycled into DPC-kNN cluster means; kept + recycled = B")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ranks: list[int] = []
 
     def default_stages(self, num_layers: int) -> list[int]:
         return [1]  # the official video branch: one stage at layer index 1
 
-    def prepare(self, prompt: PromptText) -> None:
-        super().prepare(prompt)
-        self.ranks = []
-
-    def query_rows(self, num_suffix: int) -> torch.Tensor:
-        return self.raters
+    def query_rows(self, num_suffix: int, facts: Raters) -> torch.Tensor:
+        return facts.rows
 
     def stage_size(self, stage: StageInput) -> int:
         """Intermediate stages delete floor(lambda * (Lv - rank P)) but never go below B."""
@@ -112,12 +110,12 @@ class SparseVLM(RatedByText):
             return stage.budget
         num_visual = stage.frames.numel()
         rank = int(torch.linalg.matrix_rank(stage.attention.float()))
-        self.ranks.append(rank)
+        stage.facts.ranks.append(rank)
         deleted = int(DELETION_RATE * (num_visual - rank))
         return max(stage.budget, num_visual - deleted)
 
     def select(self, stage: StageInput) -> Selection:
         return keep_and_recycle(stage, stage.attention.mean(0), self.stage_size(stage))
 
-    def report(self) -> dict[str, object]:
-        return {**super().report(), "ranks": self.ranks}
+    def report(self, facts: Raters | None) -> dict[str, object]:
+        return {**super().report(facts), "ranks": facts.ranks if facts else []}

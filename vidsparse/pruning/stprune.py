@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vidsparse.errors import UserError
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
-from vidsparse.pruning.sparsevlm import RatedByText, keep_and_recycle
+from vidsparse.pruning.sparsevlm import RatedByText, Raters, keep_and_recycle
 
 SUMMARY_FACTOR = 2.0  # stage 1 keeps this many times B: layers 0-1 see them
 QUESTION_LAYER = 1  # stage 2 prunes after this decoder layer
@@ -38,7 +38,6 @@ REDUNDANCY_WEIGHT = 1.0  # how much similarity to a token already picked costs
 
 
 class STPrune(RatedByText):
-    name = "stprune"
     summary = ("vidsparse's own: a spatio-temporal lattice of 2B tokens before layer 0 (question-independent), "
                "then question relevance minus redundancy, with recycling, to exactly B after layer 1")
     allows_prune_after = False
@@ -46,9 +45,9 @@ class STPrune(RatedByText):
     def default_stages(self, num_layers: int) -> list[int]:
         return [BEFORE_FIRST_LAYER, min(QUESTION_LAYER, num_layers - 2)]
 
-    def query_rows(self, num_suffix: int) -> torch.Tensor:
+    def query_rows(self, num_suffix: int, facts: Raters) -> torch.Tensor:
         """The raters, then the last prompt token."""
-        return torch.cat([self.raters, torch.tensor([num_suffix - 1], device=self.raters.device)])
+        return torch.cat([facts.rows, torch.tensor([num_suffix - 1], device=facts.rows.device)])
 
     def select(self, stage: StageInput) -> Selection:
         if stage.min_per_frame:

@@ -10,7 +10,6 @@ from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
 
 
 class ToMe(BeforeFirstLayer):
-    name = "tome"
     summary = "bipartite soft matching of the visual embeddings, merging by cosine similarity until B remain"
 
     def select(self, stage: StageInput) -> Selection:

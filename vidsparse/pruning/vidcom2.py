@@ -23,7 +23,6 @@ TEMPERATURE = 0.01  # frame-allocation softmax
 
 
 class VidCom2(BeforeFirstLayer):
-    name = "vidcom2"
     summary = ("VidCom2: frames unlike the video get more of B; in each frame, keep the tokens least similar to "
                "their frame and to the video (before layer 0)")
 
