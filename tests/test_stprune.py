@@ -1,4 +1,4 @@
-"""stprune's parts against slow references written from its definition (README "stprune")."""
+"""stprune's parts against slow references written from its definition (docs/methods.md "stprune")."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ class AskResult:
         return round(own + (shared.prefill_flops + shared.vision_flops) / shared.questions)
 
     def to_dict(self) -> dict[str, Any]:
-        """The stable JSON layout (documented in the README)."""
+        """The stable JSON layout (documented in docs/cli.md, "--json fields")."""
         visual_after = self.visual_per_layer[-1]
         shared = self.shared
         return {

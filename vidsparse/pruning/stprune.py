@@ -1,7 +1,7 @@
 """stprune, vidsparse's own method: a question-independent spatio-temporal cover of the clip before
 layer 0, then a question-guided, redundancy-aware choice after layer 1 that lands exactly on B.
 
-Why this shape (measured on ShapesQA tuning clips, never on the held-out sets; README "stprune"):
+Why this shape (measured on ShapesQA tuning clips, never on the held-out sets; docs/methods.md "stprune"):
 - Coverage beats saliency before the LLM. A 2-D lattice per frame, shifted from frame to frame, keeps
   every moment and, across frames, every part of the image; selecting the tokens most distinct from
   the clip's background (or the most feature-diverse ones) loses far more (count questions fall to
