@@ -68,10 +68,10 @@ def unanswered(questions: Iterable[Question], root: Path, results: ResultsFile, 
     may have changed: correcting the question is how its cause is fixed, and the new record
     supersedes the error."""
     for q in questions:
-        entry = results.index.get(q.id)
-        if entry is None or (results.retry_errors and entry.failed):
+        if not results.is_done(q.id):
             yield q
             continue
+        entry = results.index[q.id]
         now = question_record(q, root)
         if entry.question != question_key(now):
             _refuse_changed(q.id, results.record(entry), now, results)

@@ -331,7 +331,7 @@ def batch(
     With --ray, whole clips go to Ray workers (each holding the model); this process alone writes
     the results file, under the same rules.
     """
-    from vidsparse.questions import QuestionSource
+    from vidsparse.questions import QuestionsFileError, QuestionSource
 
     options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
     source = QuestionSource(videos_dir, questions, question, allow_outside_folder)
@@ -377,7 +377,7 @@ def batch(
                 err_console.print(f"interrupted: {_kept(results)}; the same command resumes", markup=False,
                                   highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
-            except UserError as e:  # found on the way (a line of the questions file): what was answered stays
+            except QuestionsFileError as e:  # found on the way (a line of the file): what was answered stays
                 if not results.appended:
                     raise
                 bar.stop()

@@ -138,14 +138,17 @@ class AskOptions:
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready values of what decides the answers, the budget as the user would write it. Without
-        pruning, the pruning options (the random method's seed too) decide nothing: they are recorded as
-        used (every token, in place, seed 0), so that a results file of `--method none` resumes whatever
-        --budget or --seed the command line repeats."""
+        pruning, the pruning options decide nothing: they are recorded as used (every token, in place),
+        and the seed, which only `random` reads, not at all, so that a results file of `--method none`
+        resumes whatever --budget or --seed the command line repeats (an earlier version's too)."""
         used = self
         if self.method == "none":
-            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0, seed=0)
-        return {**asdict(used), "budget": str(used.budget),
-                "prune_after": None if used.prune_after is None else list(used.prune_after)}
+            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0)
+        settings = {**asdict(used), "budget": str(used.budget),
+                    "prune_after": None if used.prune_after is None else list(used.prune_after)}
+        if self.method == "none":  # left out, not recorded as 0: a header that holds one is not compared on it
+            del settings["seed"]
+        return settings
 
 
 def ask_options(method: str = "none", budget: int | str | Budget = 194,

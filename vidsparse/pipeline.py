@@ -1,7 +1,7 @@
 """The whole question-answering run, as a Python API: video -> frames -> pixels -> embeddings ->
 prefill + greedy decode -> answer with its statistics (SPEC section 6).
 
-    qa = VideoQA.from_pretrained("vidsparse/shipped/shapes-videollava")
+    qa = VideoQA.from_pretrained("shapes-demo")
     result = qa.ask("clip.mp4", "what color is the circle ?")
     print(result.answer, result.to_dict()["time_ms"]["prefill"])
 """

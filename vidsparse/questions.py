@@ -36,6 +36,10 @@ def find_videos(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+class QuestionsFileError(UserError):
+    """A mistake in the questions file, found when its line is read (a run may have answered before it)."""
+
+
 class QuestionSource:
     """The questions of a batch or sweep, read one at a time as they are asked.
 
@@ -78,7 +82,7 @@ class QuestionSource:
         if self.questions_file is None:
             videos = find_videos(self.folder)
             if not videos:
-                raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {self.folder}")
+                raise QuestionsFileError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {self.folder}")
             for video in videos:
                 name = str(video.relative_to(self.folder))
                 self.ids.add(name)
@@ -88,18 +92,18 @@ class QuestionSource:
             where = f"{self.questions_file}, {place}"
             q = self._question(item, where)
             if q.id in self.ids:
-                raise UserError(f"{where}: id {q.id!r} appears twice")
+                raise QuestionsFileError(f"{where}: id {q.id!r} appears twice")
             self.ids.add(q.id)
             yield q
         if not self.ids:
-            raise UserError(f"{self.questions_file} holds no questions")
+            raise QuestionsFileError(f"{self.questions_file} holds no questions")
 
     def _question(self, item: object, where: str) -> Question:
         if not isinstance(item, dict):
-            raise UserError(f"{where}: not a JSON object ({{\"video\": ..., \"question\": ...}})")
+            raise QuestionsFileError(f"{where}: not a JSON object ({{\"video\": ..., \"question\": ...}})")
         question = item.get("question")
         if not isinstance(question, str):  # an empty one is that question's error, asked like any other
-            raise UserError(f"{where}: needs a 'question' (a string)")
+            raise QuestionsFileError(f"{where}: needs a 'question' (a string)")
         _check_types(item, where)
         if item.get("video") is not None:
             video = self._inside(str(item["video"]), where)
@@ -108,7 +112,7 @@ class QuestionSource:
             stems = self._stems()
             video = stems.get(key) or stems.get(f"video{key}") or self._inside(key, where)
         else:
-            raise UserError(f"{where}: needs 'video' (a file under {self.folder}) or 'video_id'")
+            raise QuestionsFileError(f"{where}: needs 'video' (a file under {self.folder}) or 'video_id'")
         name = relative_name(video, self.folder)
         given = next((item[key] for key in ("id", "question_id") if item.get(key) is not None), None)
         answer = item.get("answer")
@@ -128,8 +132,8 @@ class QuestionSource:
         on where links lead: a folder of links to clips is a folder of clips."""
         video, inside = _video_under(self.folder, name)
         if not (inside or self.allow_outside):
-            raise UserError(f"{where}: video {name!r} is outside {self.folder} (--allow-outside-folder reads videos "
-                            "wherever the questions file says)")
+            raise QuestionsFileError(f"{where}: video {name!r} is outside {self.folder} (--allow-outside-folder "
+                                     "reads videos wherever the questions file says)")
         return video
 
 
@@ -137,9 +141,12 @@ class QuestionSource:
 # most of the time of reading a question), for the last few thousand names, so memory stays bounded.
 @functools.lru_cache(maxsize=4096)
 def _video_under(folder: Path, name: str) -> tuple[Path, bool]:
-    """The video `name` stands for (an absolute name stays as it is), and whether it is under `folder`."""
+    """The video `name` stands for (an absolute name stays as it is), and whether it is under `folder`:
+    no `..` in it (after a link to a folder, `..` leads out of the link's target, wherever that is) and,
+    if absolute, inside the folder."""
     video = folder / name
-    return video, Path(os.path.normpath(video)).is_relative_to(os.path.normpath(folder))
+    inside = ".." not in Path(name).parts and Path(os.path.abspath(video)).is_relative_to(os.path.abspath(folder))
+    return video, inside
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,9 +170,16 @@ def check_question_text(question: str, what: str = "the question") -> None:
     try:
         question.encode("utf-8")
     except UnicodeEncodeError as e:
-        raw = question[e.start : e.end].encode("utf-8", "surrogateescape")
-        raise UserError(f"{what} is not UTF-8 text (it holds {raw!r} at character {e.start + 1}): give it as "
+        bad = question[e.start : e.end]
+        try:  # the bytes a command line held (\udc80-\udcff are how Python keeps them)
+            shown = repr(bad.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:  # any other lone surrogate (a `\ud800` escape in a JSON file)
+            shown = ascii(bad)
+        raise UserError(f"{what} is not UTF-8 text (it holds {shown} at character {e.start + 1}): give it as "
                         "UTF-8") from None
+
+
+MAX_LINE = 2**20  # bytes of one line of a questions file: a question is a sentence, not a file's worth
 
 
 # Fields a question may have besides 'question', and the JSON types each may take (null: absent).
@@ -180,7 +194,7 @@ def _check_types(item: dict, where: str) -> None:
         value = item.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
             kinds = " or ".join(dict.fromkeys("a string" if t is str else "a number" for t in types))
-            raise UserError(f"{where}: '{key}' must be {kinds}, got {json.dumps(value)[:60]}")
+            raise QuestionsFileError(f"{where}: '{key}' must be {kinds}, got {json.dumps(value)[:60]}")
 
 
 def _no_constant(name: str) -> None:
@@ -196,11 +210,14 @@ def _read_items(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
         if _first_character(file) == b"[":
             yield from _list_items(path, file.read())
             return
-        for number, raw in enumerate(file, 1):  # split at b"\n" only: JSON strings may hold U+2028
+        # Split at b"\n" only (JSON strings may hold U+2028), and never more than MAX_LINE at once.
+        for number, raw in enumerate(iter(lambda: file.readline(MAX_LINE + 1), b""), 1):
+            if len(raw) > MAX_LINE:
+                raise QuestionsFileError(f"{path}, line {number}: longer than {MAX_LINE // 2**20} MiB, so no question")
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise UserError(f"{path}, line {number}: not UTF-8 text (save the file as UTF-8)") from None
+                raise QuestionsFileError(f"{path}, line {number}: not UTF-8 text (save the file as UTF-8)") from None
             if not line.strip():
                 continue
             if not parse:
@@ -208,8 +225,9 @@ def _read_items(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
                 continue
             try:
                 yield f"line {number}", json.loads(line, parse_constant=_no_constant)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a number of 5000 digits, lists nested 200k deep
+                why = getattr(e, "msg", None) or e
+                raise QuestionsFileError(f"{path}, line {number}: not valid JSON ({why})") from None
 
 
 def _first_character(file: BinaryIO) -> bytes:
@@ -226,10 +244,10 @@ def _list_items(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text (save the file as UTF-8)") from None
+        raise QuestionsFileError(f"{path}, line {line}: not UTF-8 text (save the file as UTF-8)") from None
     try:
         items = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # a number of 5000 digits, lists nested 200k deep
+        raise QuestionsFileError(f"{path} is not valid JSON: {e}") from None
     for number, item in enumerate(items, 1):
         yield f"item {number}", item

@@ -216,9 +216,18 @@ class WorkerPool:
 
         ray = self.ray
         retried: deque[ClipJob] = deque()  # clips whose worker died: sent again before new ones
+        mistake: list[UserError] = []  # one found reading `jobs` (a bad line): raised once the clips sent are in
 
         def take() -> ClipJob | None:
-            return retried.popleft() if retried else next(jobs, None)  # None again and again once `jobs` ends
+            if retried:
+                return retried.popleft()
+            if mistake:
+                return None
+            try:
+                return next(jobs, None)  # None again and again once `jobs` ends
+            except UserError as e:
+                mistake.append(e)
+                return None
 
         in_flight: dict[Any, tuple[int, ClipJob]] = {}
         load = dict.fromkeys(self.actors, 0)
@@ -231,6 +240,8 @@ class WorkerPool:
                     in_flight[ref] = (index, job)
                     load[index] += 1
             if not in_flight:  # every worker had room and nothing was left to send
+                if mistake:
+                    raise mistake[0]
                 return
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             index, job = in_flight.pop(ref)

@@ -30,7 +30,7 @@ import stat
 import threading
 from collections.abc import Container, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from vidsparse.errors import UserError
 
@@ -80,9 +80,11 @@ class ResultsFile:
             raise
         return results
 
-    def _open_locked(self):
+    def _open_locked(self) -> BinaryIO:
         """Open (creating if absent) and lock; retried if the path was replaced while we waited."""
         _check_regular_or_absent(self.path)
+        # The folders this run creates: removed again with a file that never got a record.
+        self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while True:
@@ -203,6 +205,10 @@ class ResultsFile:
         """Release the lock; a file this run created and never wrote a record to is removed again."""
         if self._created and not self._appended:
             self.path.unlink(missing_ok=True)  # still locked: nobody can be appending to it
+            for folder in self._made:  # innermost first; one that something else was written into stays
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
         self._file.close()
 
     def __enter__(self) -> ResultsFile:
@@ -252,7 +258,7 @@ def _check_regular_or_absent(path: Path) -> None:
         raise UserError(f"--out {path} is not a regular file")
 
 
-def _same_file(file, path: Path) -> bool:
+def _same_file(file: BinaryIO, path: Path) -> bool:
     try:
         return os.path.samestat(os.fstat(file.fileno()), path.stat())
     except FileNotFoundError:
@@ -275,5 +281,5 @@ def _lock_holder(path: Path) -> int | None:
 def _parse(line: bytes) -> object:
     try:
         return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, a 5000-digit number, lists nested too deep
         return None

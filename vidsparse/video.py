@@ -41,6 +41,9 @@ class DecodedVideo:
 MAX_ASPECT_RATIO = 100
 # 16K video is 15360 px wide, and H.264 and HEVC allow no side beyond about 16900 px.
 MAX_SIDE = 16384
+# 8K UHD (7680 x 4320), the largest picture broadcast and cameras make: the sampled frames are kept whole
+# (100 MB each at this size), so a few-KB file of a larger picture could otherwise ask for gigabytes.
+MAX_PIXELS = 7680 * 4320
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,8 @@ def check_video_file(path: Path) -> None:
         raise UserError(f"video not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeEncodeError:  # a lone surrogate (a `\ud800` escape in a questions file): not a name at all
+        raise UserError(f"video not found: {ascii(str(path))} is not valid text for a file name") from None
     except ValueError:  # a NUL byte, which no file name can hold (a questions file may still give one)
         raise UserError(f"video not found: {str(path)!r} holds a NUL byte, which no file name can") from None
     if stat.S_ISDIR(mode):
@@ -222,6 +227,9 @@ def check_header(path: Path, header: Header) -> None:
     if max(width, height) > MAX_SIDE:
         raise UserError(f"{path} is {width}x{height} pixels: a side beyond {MAX_SIDE} px is more than video "
                         "codecs make (16K video is 15360 wide)")
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{path} is {width}x{height} pixels, more than 8K video's {MAX_PIXELS / 1e6:.1f} megapixels: "
+                        "its frames would take gigabytes of memory; scale it down first")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise UserError(f"{path} is {width}x{height} pixels, an aspect ratio beyond {MAX_ASPECT_RATIO}:1: the "
                         "model's square centre crop would see under 1% of it (video is at most about 4:1)")
