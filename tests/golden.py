@@ -1,0 +1,44 @@
+"""Records of answers, kept tokens and FLOPs from an earlier version, for `test_golden.py`: the code
+may be moved and reshaped (product and lab, an engine that returns values), never its behaviour.
+
+    python -m tests.golden tests/data/golden.json     # what the version checked out answers
+
+Uses only the Python API both versions have (`VideoQA`, `ask_options`), on clips kept in tests/data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data" / "golden"
+MODELS = {"shapes-demo": "demo", "shapes-hd": "hd"}
+BUDGETS = ("10%", "25%")
+
+
+def records() -> list[dict]:
+    """Every method at each budget, on each shipped model's clips and questions."""
+    from vidsparse.options import METHOD_NAMES, ask_options
+    from vidsparse.pipeline import VideoQA
+    from vidsparse.video import decode_video
+
+    rows = []
+    for model, folder in MODELS.items():
+        qa = VideoQA.from_pretrained(model, dtype="float32", device="cpu")
+        for line in (DATA / folder / "qa.jsonl").read_text().splitlines():
+            item = json.loads(line)
+            video = decode_video(DATA / folder / item["video"], 8)
+            for method in METHOD_NAMES:
+                for budget in BUDGETS if method != "none" else ("100%",):
+                    result = qa.answer(video, item["question"], ask_options(method, budget, max_new_tokens=8))
+                    stats = result.to_dict()
+                    rows.append({"model": model, "video": item["video"], "question": item["question"],
+                                 "method": method, "budget": budget, "answer": stats["answer"],
+                                 "visual_per_stage": stats["pruning"]["visual_per_stage"],
+                                 "tokens": stats["tokens"], "prefill_flops": stats["flops"]["prefill"]})
+    return rows
+
+
+if __name__ == "__main__":
+    Path(sys.argv[1]).write_text(json.dumps(records(), indent=0) + "\n")
