@@ -21,7 +21,7 @@ import torch
 from common import llama_7b, parse_args
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
-from vidsparse.engine import generate
+from vidsparse.decoding import generate
 from vidsparse.models.video_llava import PromptEmbeds, visual_map
 from vidsparse.pruning import make_plan
 from vidsparse.stats import PeakMemory, StageTimer, prefill_flops, synchronize
@@ -88,16 +88,16 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
     baseline = memory.current_bytes()
     plan = make_plan(method, budget, len(decoder.layers))
     generation = generate(decoder, model.lm_head, prompt, new_tokens, set(), timer, plan)
+    prefilled, decoded = generation.prefilled, generation.decoded
     return {
         "prefill_s": timer.seconds["prefill"],
         "pruning_s": timer.seconds.get("pruning", 0.0),
-        "decode_ms_per_token": (1000 * generation.decode_seconds / generation.decode_steps
-                                if generation.decode_steps else None),
+        "decode_ms_per_token": 1000 * decoded.seconds / decoded.steps if decoded.steps else None,
         "peak_bytes": memory.peak_bytes(),
         "working_bytes": memory.peak_bytes() - baseline,
-        "kv_bytes": generation.kv_bytes(),
-        "flops": prefill_flops(generation.tokens_per_layer, 4096, 11008),
-        "equivalent": statistics.fmean(generation.visual_per_layer),
+        "kv_bytes": prefilled.kv_bytes(decoded.steps),
+        "flops": prefill_flops(prefilled.tokens_per_layer, 4096, 11008),
+        "equivalent": statistics.fmean(prefilled.visual_per_layer),
     }
 
 

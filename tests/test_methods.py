@@ -6,8 +6,8 @@ import torch
 from vidsparse.pruning.base import Selection, StageInput, top_k
 from vidsparse.pruning.clustering import dpc_knn
 from vidsparse.pruning.sparsevlm import Raters, SparseVLM, choose_raters, num_clusters, recycling_split
-from vidsparse.pruning.stage import VisualBlock, apply_selection
 from vidsparse.pruning.tome import bipartite_merge, groups_to_selection
+from vidsparse.stage import VisualBlock, apply_selection
 
 
 def test_raters_are_text_rows_above_mean_relevance():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
-from vidsparse.engine import generate
+from vidsparse.decoding import generate
 from vidsparse.errors import UserError
 from vidsparse.models import loading
 from vidsparse.models.video_llava import VideoLlava, prompt_ids
@@ -84,9 +84,10 @@ def test_greedy_decode_equals_transformers_generate(loaded, pixels, question):
     prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels))
     ours = generate(loaded.decoder, loaded.lm_head, prompt, 12, loaded.eos_token_ids, StageTimer(loaded.device))
     assert len(expected) >= 4, "the random tiny model should say something before EOS"
-    assert ours.token_ids == expected
+    assert ours.decoded.token_ids == expected
     # Prompt + every generated token but the last is cached in each layer.
-    assert ours.kv_lengths() == [inputs["input_ids"].shape[1] + len(expected) - 1] * len(loaded.decoder.layers)
+    expected_length = inputs["input_ids"].shape[1] + len(expected) - 1
+    assert ours.prefilled.kv_lengths(ours.decoded.steps) == [expected_length] * len(loaded.decoder.layers)
 
 
 def test_image_tower_is_dropped(loaded):

@@ -9,13 +9,14 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from tests.reference import masked_logits
-from vidsparse.decoding import DecodeState
-from vidsparse.engine import generate, prefill, prefill_head
+from vidsparse.decoding import DecodeState, generate
+from vidsparse.engine import prefill, prefill_head
 from vidsparse.layers import run_layers
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import METHODS, make_plan
-from vidsparse.pruning.stage import attention_rows
+from vidsparse.pruning.base import Method
+from vidsparse.stage import attention_rows
 from vidsparse.stats import StageTimer
 from vidsparse.video import decode_video
 
@@ -38,12 +39,24 @@ def run(model, prompt, plan, max_new_tokens=6, eos=frozenset()):
     return generate(model.decoder, model.lm_head, prompt, max_new_tokens, set(eos), StageTimer(model.device), plan)
 
 
+class Replay(Method):
+    """Chooses what an earlier run chose, stage by stage, reading nothing: the no-cache recomputation
+    below applies a run's own selections again without asking its method."""
+
+    def __init__(self, selections):
+        self.selections = selections
+
+    def select(self, stage):
+        return self.selections[stage.index]
+
+
 def replay_logits(model, prompt, plan, selections, extra_tokens):
     """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens."""
     with torch.inference_mode():
         extra = model.decoder.embed_tokens(torch.tensor([extra_tokens], dtype=torch.long))
         longer = PromptEmbeds(prompt.input_ids, torch.cat([prompt.embeds, extra], 1), prompt.visual, [])
-        hidden, _ = prefill(model.decoder, longer, plan, StageTimer(model.device), replay=selections)
+        _, _, hidden = prefill(model.decoder, longer, replace(plan, name="replay", method=Replay(selections)),
+                               StageTimer(model.device))
         return model.lm_head(model.decoder.norm(hidden[:, -1]))[0].float()
 
 
@@ -57,10 +70,10 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
     plan = make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
     decoder = model.decoder
     with torch.inference_mode():
-        hidden, generation = prefill(decoder, prompt, plan, StageTimer(model.device))
+        prefilled, cache, hidden = prefill(decoder, prompt, plan, StageTimer(model.device))
         cached = model.lm_head(decoder.norm(hidden[:, -1]))[0].float()
-    selections = [record.selection for record in generation.stages]
-    stages = [(record.layer, record.selection) for record in generation.stages]
+    selections = [record.selection for record in prefilled.stages]
+    stages = [(record.layer, record.selection) for record in prefilled.stages]
     start, count = int(prompt.visual.positions[0]), len(prompt.visual)
     tokens: list[int] = []
     state = None
@@ -72,10 +85,10 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
         torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
         tokens.append(int(cached.argmax()))
         with torch.inference_mode():  # one cached decode step, as generate() takes it
-            state = state or DecodeState(decoder, [generation], 6)
+            state = state or DecodeState(decoder, prefilled.head, [cache], [prefilled.next_positions], 6)
             cached = model.lm_head(decoder.norm(state.step(torch.tensor([tokens[-1]]))[:, -1]))[0].float()
     assert run(model, prompt, make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
-               ).token_ids == tokens
+               ).decoded.token_ids == tokens
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -87,7 +100,7 @@ def test_no_pruning_when_budget_covers_every_token(setup, method, extra_budget):
     with torch.no_grad():
         expected = eager(inputs_embeds=prompt.embeds).logits[0, -1]
     torch.testing.assert_close(generation.first_logits, expected, atol=1e-4, rtol=1e-4)
-    assert generation.visual_per_layer == [len(prompt.visual)] * 4
+    assert generation.prefilled.visual_per_layer == [len(prompt.visual)] * 4
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
@@ -97,13 +110,13 @@ def test_exact_budget_and_text_never_removed(setup, method):
     n_text = prompt.embeds.shape[1] - n
     for budget in (1, 7, 64, 194, n - 1, n, n + 5):
         generation = run(model, prompt, make_plan(method, budget, 4), max_new_tokens=1)
-        last_stage = max((record.layer for record in generation.stages), default=-1)  # B >= n: no stage runs
-        after = generation.visual_per_layer[last_stage + 1 :]
-        assert after and all(v == min(budget, n) for v in after), (budget, generation.visual_per_layer)
-        assert [t - v for t, v in zip(generation.tokens_per_layer, generation.visual_per_layer, strict=True)] == [
-            n_text
-        ] * 4
-        assert generation.kv_lengths()[-1] == n_text + min(budget, n)
+        prefilled = generation.prefilled
+        last_stage = max((record.layer for record in prefilled.stages), default=-1)  # B >= n: no stage runs
+        after = prefilled.visual_per_layer[last_stage + 1 :]
+        assert after and all(v == min(budget, n) for v in after), (budget, prefilled.visual_per_layer)
+        texts = [t - v for t, v in zip(prefilled.tokens_per_layer, prefilled.visual_per_layer, strict=True)]
+        assert texts == [n_text] * 4
+        assert prefilled.kv_lengths(generation.decoded.steps)[-1] == n_text + min(budget, n)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
@@ -136,21 +149,22 @@ def test_min_per_frame_keeps_every_moment(setup, method):
     model, _, prompt = setup
     plan = make_plan(method, 16, 4, min_per_frame=2)
     generation = run(model, prompt, plan, max_new_tokens=1)
-    frames = prompt.visual.frame[generation.block.origin[~generation.block.merged]]
+    frames = prompt.visual.frame[generation.prefilled.block.origin[~generation.prefilled.block.merged]]
     assert torch.bincount(frames, minlength=8).min() >= 2
 
 
 def test_uniform_spreads_the_budget_over_frames(setup):
     model, _, prompt = setup
     generation = run(model, prompt, make_plan("uniform", 20, 4), max_new_tokens=1)
-    frames = prompt.visual.frame[generation.block.origin]
+    frames = prompt.visual.frame[generation.prefilled.block.origin]
     assert torch.bincount(frames, minlength=8).tolist() == [3, 3, 3, 3, 2, 2, 2, 2]
-    assert not prompt.visual.is_cls[generation.block.origin].any()
+    assert not prompt.visual.is_cls[generation.prefilled.block.origin].any()
 
 
 def test_random_is_seeded(setup):
     model, _, prompt = setup
-    kept = [run(model, prompt, make_plan("random", 20, 4, seed=s), max_new_tokens=1).block.origin for s in (1, 1, 2)]
+    kept = [run(model, prompt, make_plan("random", 20, 4, seed=s), max_new_tokens=1).prefilled.block.origin
+            for s in (1, 1, 2)]
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
 
 
@@ -178,14 +192,14 @@ def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, po
             other = replace(prompt, **_question_parts(model, prompt, question))
             shared = generate(decoder, model.lm_head, other, 1, set(), StageTimer(model.device), plan(), head=head)
             solo = generate(decoder, model.lm_head, other, 1, set(), StageTimer(model.device), plan())
-            stages = [(record.layer, record.selection) for record in shared.stages]
+            stages = [(record.layer, record.selection) for record in shared.prefilled.stages]
             with torch.no_grad():
                 masked = masked_logits(eager, other.embeds, start, count, stages, positions, [])
             torch.testing.assert_close(shared.first_logits, masked, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(shared.first_logits, solo.first_logits, atol=1e-4, rtol=1e-4)
-            assert torch.equal(shared.block.origin, solo.block.origin)
+            assert torch.equal(shared.prefilled.block.origin, solo.prefilled.block.origin)
             question_rows = other.embeds.shape[1] - head.length
-            assert shared.own_lengths[: head.layers] == [question_rows] * head.layers
+            assert shared.prefilled.own_lengths[: head.layers] == [question_rows] * head.layers
     assert [(kv.keys.data_ptr(), kv.values.data_ptr()) for kv in head.kv] == pointers
     assert all(torch.equal(kv.keys, before) for kv, before in zip(head.kv, snapshot, strict=True))
     assert head.layers == (4 if not METHODS[method].needs_attention else 1 + next(
@@ -204,9 +218,10 @@ def test_one_method_object_serves_every_question(setup, method):
         with_shared = run(model, other, shared, max_new_tokens=1)
         fresh_plan = make_plan(method, 20, 4, seed=3)
         fresh = run(model, other, fresh_plan, max_new_tokens=1)
-        assert torch.equal(with_shared.block.origin, fresh.block.origin)
+        assert torch.equal(with_shared.prefilled.block.origin, fresh.prefilled.block.origin)
         torch.testing.assert_close(with_shared.first_logits, fresh.first_logits, atol=0, rtol=0)
-        assert shared.method.report(with_shared.facts) == fresh_plan.method.report(fresh.facts)
+        facts = with_shared.prefilled.facts, fresh.prefilled.facts
+        assert shared.method.report(facts[0]) == fresh_plan.method.report(facts[1])
     assert vars(shared.method) == {}
 
 

@@ -12,7 +12,7 @@ import torch
 from vidsparse.engine import StageRecord
 from vidsparse.models.video_llava import VideoFeatures, VisualMap
 from vidsparse.pruning.base import PruningPlan
-from vidsparse.pruning.stage import VisualBlock
+from vidsparse.stage import VisualBlock
 from vidsparse.stats import equivalent_tokens
 from vidsparse.video import DecodedVideo
 

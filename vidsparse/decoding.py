@@ -1,18 +1,38 @@
 """Greedy decoding of one or several prefilled questions about a clip, together: one forward per
-step for all unfinished ones (`engine.generate` is the one-question case)."""
+step for all unfinished ones; `generate` is the one-question case, prefill and all."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
+from vidsparse.engine import Head, Prefilled, prefill_question
 from vidsparse.layers import PaddedKV, layer_step_together
-from vidsparse.stats import synchronize
+from vidsparse.models.video_llava import PromptEmbeds
+from vidsparse.pruning.base import PruningPlan
+from vidsparse.stats import StageTimer, synchronize
 
-if TYPE_CHECKING:
-    from vidsparse.engine import Generation
+
+@dataclass(frozen=True)
+class Decoded:
+    """One question's decoding: its tokens (EOS excluded), how many were fed back through the layers,
+    and its share of the decoding time."""
+
+    token_ids: list[int]
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One question answered by `generate`: its prefill, the logits after its prompt, its decoding."""
+
+    prefilled: Prefilled
+    first_logits: torch.Tensor  # (vocab,)
+    decoded: Decoded
 
 
 class DecodeState:
@@ -20,15 +40,15 @@ class DecodeState:
     all of them, each at its own positions, attending to the shared head and its own keys/values
     (copied once into padded buffers that decoded tokens are written into in place)."""
 
-    def __init__(self, decoder, generations: list[Generation], max_new_tokens: int):
+    def __init__(self, decoder, head: Head, caches: list[DynamicCache], next_positions: list[list[int]],
+                 max_new_tokens: int):
+        """`caches` (each question's own keys/values from prefill) are taken over: the list is emptied,
+        so that their memory goes to the buffers instead of being held twice."""
         self.decoder = decoder
-        self.generations = generations
-        self.head = generations[0].head
-        self.own = [PaddedKV.gather([g.cache.layers[i] for g in generations], max_new_tokens)
-                    for i in range(len(decoder.layers))]
-        self.positions = torch.tensor([g.next_positions for g in generations], device=self.own[0].keys.device)
-        for g in generations:
-            g.cache = None  # taken over by the buffers
+        self.head = head
+        self.own = [PaddedKV.gather([c.layers[i] for c in caches], max_new_tokens) for i in range(len(decoder.layers))]
+        caches.clear()
+        self.positions = torch.tensor(next_positions, device=self.own[0].keys.device)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token to each question ((b,) ids); their next hidden states (b, 1, d)."""
@@ -40,45 +60,59 @@ class DecodeState:
             hidden = layer_step_together(layer, hidden, rope, self.head.kv[i] if i < self.head.layers else None,
                                          self.own[i])
         self.positions += 1
-        for g in self.generations:
-            g.decode_steps += 1
         return hidden
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Go on with these questions only (the others have finished)."""
-        self.generations = [self.generations[i] for i in rows.tolist()]
+        """Go on with these rows only (the other questions have finished)."""
         self.positions = self.positions[rows]
         self.own = [PaddedKV(kv.keys[rows], kv.values[rows], kv.lengths[rows]) for kv in self.own]
 
 
 @torch.inference_mode()
-def decode_together(decoder, lm_head: torch.nn.Linear, generations: list[Generation], max_new_tokens: int,
-                    eos_token_ids: set[int], device: torch.device) -> None:
-    """Greedy decoding of prefilled questions (their `first_logits` set) until each meets EOS or
-    `max_new_tokens`; each one's tokens land in its `token_ids`, and its share of each step's time
-    (split among the questions in the step) in its `decode_seconds`."""
+def decode_together(decoder, lm_head: torch.nn.Linear, prefilled: list[Prefilled], caches: list[DynamicCache],
+                    logits: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int],
+                    device: torch.device) -> list[Decoded]:
+    """Greedy decoding of prefilled questions about one clip from their first `logits` (b, vocab) until
+    each meets EOS or `max_new_tokens`; each one's share of a step's time is the step's time split
+    among the questions in it. `caches` are taken over (see DecodeState)."""
+    count = len(prefilled)
+    tokens_of: list[list[int]] = [[] for _ in range(count)]
+    steps, seconds = [0] * count, [0.0] * count
     state = None
-    logits = torch.stack([g.first_logits for g in generations])
-    active = list(generations)
+    active = list(range(count))  # the questions still decoding, one a row
     for step in range(max_new_tokens):
         tokens = logits.argmax(-1)
         going = []
-        for row, (g, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+        for row, (question, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
             if token not in eos_token_ids:
-                g.token_ids.append(token)
+                tokens_of[question].append(token)
                 if step + 1 < max_new_tokens:
                     going.append(row)
         if not going:
-            return
+            break
         synchronize(device)
         start = time.perf_counter()
         if state is None:
-            state = DecodeState(decoder, active, max_new_tokens)
+            state = DecodeState(decoder, prefilled[0].head, caches, [p.next_positions for p in prefilled],
+                                max_new_tokens)
         if len(going) < len(active):
             rows = torch.tensor(going, device=logits.device)
             state.keep(rows)
-            tokens, active = tokens[rows], state.generations
+            tokens, active = tokens[rows], [active[row] for row in going]
         logits = lm_head(decoder.norm(state.step(tokens)))[:, -1].float()
         synchronize(device)
-        for g in active:
-            g.decode_seconds += (time.perf_counter() - start) / len(active)
+        for question in active:
+            steps[question] += 1
+            seconds[question] += (time.perf_counter() - start) / len(active)
+    return [Decoded(tokens_of[i], steps[i], seconds[i]) for i in range(count)]
+
+
+def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_tokens: int,
+             eos_token_ids: set[int], timer: StageTimer, plan: PruningPlan | None = None,
+             head: Head | None = None) -> Generation:
+    """Greedy decoding of one question: prefill the prompt (pruning as planned; from `head` if given),
+    then one token at a time."""
+    prefilled, cache, logits = prefill_question(decoder, lm_head, prompt, plan, timer, head)
+    (decoded,) = decode_together(decoder, lm_head, [prefilled], [cache], logits[None], max_new_tokens, eos_token_ids,
+                                 prompt.embeds.device)
+    return Generation(prefilled, logits, decoded)

@@ -12,20 +12,22 @@ p, lets the method choose from layer p's attention, removes/merges visual rows o
 and the following layers see (and cache) only what is left. Layers keep caches of different
 lengths. Several questions about a clip go through the layers they share with its head in one
 batch (`question_rows`); decoding them together is `vidsparse.decoding`.
+
+Every step returns what it computed (gpt-fast's `prefill` / `decode_one_token` style): a `Head`, a
+question's `Prefilled` facts with its own key/value cache and last hidden rows, the first logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from vidsparse.decoding import decode_together
 from vidsparse.layers import HeadKV, run_after_head, run_layers
 from vidsparse.models.video_llava import PromptEmbeds
 from vidsparse.pruning.base import PromptText, PruningPlan, Selection, StageInput
-from vidsparse.pruning.stage import VisualBlock, apply_selection, attention_rows
+from vidsparse.stage import VisualBlock, apply_selection, attention_rows
 from vidsparse.stats import StageTimer
 
 
@@ -68,36 +70,36 @@ class Head:
 QuestionRows = tuple[torch.Tensor, torch.Tensor, DynamicCache]
 
 
-@dataclass
-class Generation:
-    token_ids: list[int]  # generated tokens, EOS excluded
+@dataclass(frozen=True)
+class Prefilled:
+    """What one question's prefill computed, besides its own key/value cache and last hidden rows."""
+
     head: Head  # shared with the clip's other questions
-    # This question's own keys/values at every layer (after the head's, where shared) from prefill;
-    # None once decoding has copied them into its buffers.
-    cache: DynamicCache | None
+    stages: list[StageRecord]  # every stage of the plan that ran, the head's first
+    block: VisualBlock  # the visual tokens left after the last stage
     tokens_per_layer: list[int]  # prompt tokens entering each decoder layer in prefill
     visual_per_layer: list[int]  # visual tokens entering each decoder layer in prefill
-    first_logits: torch.Tensor  # (vocab,) logits after the prompt
-    stages: list[StageRecord] = field(default_factory=list)
-    block: VisualBlock | None = None  # the visual tokens left after the last stage
     # RoPE position of the next token, per layer: the positions a full recomputation would give it
     # (keep: after the original prompt; compact: after the layer's own, shortened, sequence).
-    next_positions: list[int] = field(default_factory=list)
-    own_lengths: list[int] = field(default_factory=list)  # this question's own cached rows per layer after prefill
-    token_kv_bytes: int = 0  # keys + values of one token at one layer
-    decode_steps: int = 0  # generated tokens fed back through the layers
-    decode_seconds: float = 0.0  # this question's share of the decoding time
-    facts: object | None = None  # what the method learned about this question (Method.prepare)
+    next_positions: list[int]
+    own_lengths: list[int]  # this question's own cached rows per layer after prefill
+    token_kv_bytes: int  # keys + values of one token at one layer
+    facts: object | None  # what the method learned about this question (Method.prepare)
 
-    def kv_lengths(self) -> list[int]:
-        """Keys each layer attends to after decoding: the shared head's, this question's prompt rows
-        and its fed-back tokens."""
-        return [(self.head.kv[i].keys.shape[-2] if i < self.head.layers else 0) + own + self.decode_steps
+    def kv_lengths(self, decode_steps: int) -> list[int]:
+        """Keys each layer attends to after `decode_steps` fed-back tokens: the shared head's, this
+        question's prompt rows and its fed-back tokens."""
+        return [(self.head.kv[i].keys.shape[-2] if i < self.head.layers else 0) + own + decode_steps
                 for i, own in enumerate(self.own_lengths)]
 
-    def kv_bytes(self) -> int:
-        """Bytes of keys/values this question reads (the shared head's included)."""
-        return self.token_kv_bytes * sum(self.kv_lengths())
+    def kv_bytes(self, decode_steps: int) -> int:
+        """Bytes of keys/values this question reads after `decode_steps` fed-back tokens (the head's included)."""
+        return self.token_kv_bytes * sum(self.kv_lengths(decode_steps))
+
+
+# What a question's prefill returns: its facts, its own keys/values (decoding takes them over) and the
+# last layer's hidden states of its rows after the head.
+QuestionPrefill = tuple[Prefilled, DynamicCache, torch.Tensor]
 
 
 def _check_attention(decoder) -> None:
@@ -126,8 +128,7 @@ def _choose(plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbe
     ))
 
 
-def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer,
-                 replay: list[Selection] | None = None) -> Head:
+def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer) -> Head:
     """The prompt's head (up to the end of its visual block) through the layers before the plan's
     first question-guided stage, or through every layer if it has none, with the question-independent
     stages applied. Only `prompt`'s head rows, visual map and tower outputs are read."""
@@ -157,8 +158,8 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
     for index in range(first_guided):
         hidden = layers(hidden, stages[index] + 1)
         with timer.stage("pruning"):
-            selection = replay[index] if replay is not None else _choose(
-                plan, index, stages, prompt, block, hidden[0, block.start : block.end], None, generator)
+            selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end], None,
+                                generator)
             hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
         records.append(StageRecord(stages[index], block.size, selection))
     hidden = layers(hidden, shared)
@@ -167,15 +168,13 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
 
 
 def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer,
-            replay: list[Selection] | None = None, head: Head | None = None) -> tuple[torch.Tensor, Generation]:
+            head: Head | None = None) -> QuestionPrefill:
     """Run the prompt through every layer, pruning at the plan's stages, continuing from `head` (built
-    from this prompt if not given: a head serves every prompt with the same head rows). `replay`
-    re-applies the selections of an earlier run instead of asking the method (the no-cache reference
-    uses it). Returns the last layer's hidden states of the rows after the head and the Generation."""
+    from this prompt if not given: a head serves every prompt with the same head rows)."""
     if head is None:
-        head = prefill_head(decoder, prompt, plan, timer, replay)
+        head = prefill_head(decoder, prompt, plan, timer)
     (rows,) = question_rows(decoder, head, [prompt], plan)
-    return _finish(decoder, prompt, plan, timer, replay, head, *rows)
+    return _finish(decoder, prompt, plan, timer, head, *rows)
 
 
 @torch.inference_mode()
@@ -197,18 +196,18 @@ def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: Prunin
     return rows
 
 
-def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer,
-            replay: list[Selection] | None, head: Head, question: torch.Tensor, layer_input: torch.Tensor,
-            cache: DynamicCache) -> tuple[torch.Tensor, Generation]:
+def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer, head: Head,
+            question: torch.Tensor, layer_input: torch.Tensor, cache: DynamicCache) -> QuestionPrefill:
     """A question's prefill after its rows went through the shared layers: its question-guided
     stages and the layers after them, on its own sequence."""
     device = prompt.embeds.device
     num_layers = len(decoder.layers)
     count = question.shape[1]
     keep = plan is None or plan.positions == "keep"
-    generation = Generation([], head, cache, [], [], torch.empty(0), list(head.stages), head.block)
-    generation.tokens_per_layer = [n + count for n in head.tokens_per_layer]
-    generation.visual_per_layer = list(head.visual_per_layer)
+    records = list(head.stages)
+    tokens_per_layer = [n + count for n in head.tokens_per_layer]
+    visual_per_layer = list(head.visual_per_layer)
+    block, facts = head.block, None
     stages = _stages(plan, len(prompt.visual))
     index = len(head.stages)
     if index == len(stages):
@@ -216,35 +215,31 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     else:
         method = plan.method
         generator = torch.Generator().set_state(head.generator.get_state())
-        if replay is None:
-            with timer.stage("pruning"):
-                generation.facts = method.prepare(PromptText(prompt.embeds[0], head.block.start, len(prompt.visual),
-                                                             prompt.suffix_words))
-        block = head.block
         with timer.stage("pruning"):  # the first question-guided stage, after the last shared layer
-            if replay is not None:
-                selection = replay[index]
-            else:
-                layer = head.layers - 1
-                rows = method.query_rows(count, generation.facts).to(device)
-                rope = decoder.rotary_emb(question, (head.question_start(layer, keep) + rows)[None])
-                n_head = head.hidden.shape[1]
-                attention = attention_rows(decoder.layers[layer], layer_input[:, rows], rope, n_head + rows,
-                                           [head.kv[layer].keys, cache.layers[layer].keys])
-                selection = _choose(plan, index, stages, prompt, block, head.hidden[0, block.start : block.end],
-                                    attention[:, block.start : block.end], generator, generation.facts)
+            facts = method.prepare(PromptText(prompt.embeds[0], head.block.start, len(prompt.visual),
+                                              prompt.suffix_words))
+            layer = head.layers - 1
+            rows = method.query_rows(count, facts).to(device)
+            rope = decoder.rotary_emb(question, (head.question_start(layer, keep) + rows)[None])
+            n_head = head.hidden.shape[1]
+            attention = attention_rows(decoder.layers[layer], layer_input[:, rows], rope, n_head + rows,
+                                       [head.kv[layer].keys, cache.layers[layer].keys])
+            selection = _choose(plan, index, stages, prompt, block, head.hidden[0, block.start : block.end],
+                                attention[:, block.start : block.end], generator, facts)
             hidden, positions, block = apply_selection(head.hidden, head.positions, block, selection, plan.positions)
             hidden = torch.cat([hidden, question], 1)
             positions = (torch.arange(hidden.shape[1], device=device)[None] if not keep
                          else torch.cat([positions, head.length + torch.arange(count, device=device)[None]], 1))
-        generation.stages.append(StageRecord(stages[index], block.size, selection))
-        hidden = _guided_stages(decoder, prompt, plan, timer, replay, generation, hidden, positions, block,
-                                index + 1, generator)
-    generation.next_positions = ([head.length + count] * num_layers if keep else list(generation.tokens_per_layer))
-    generation.own_lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        records.append(StageRecord(stages[index], block.size, selection))
+        hidden, block = _guided_stages(decoder, prompt, plan, timer, cache, records, tokens_per_layer,
+                                       visual_per_layer, facts, hidden, positions, block, index + 1, generator)
     keys = cache.layers[0].keys
-    generation.token_kv_bytes = 2 * keys.shape[1] * keys.shape[-1] * keys.element_size()
-    return hidden[:, -count:], generation
+    prefilled = Prefilled(
+        head, records, block, tokens_per_layer, visual_per_layer,
+        next_positions=[head.length + count] * num_layers if keep else list(tokens_per_layer),
+        own_lengths=[layer.keys.shape[-2] for layer in cache.layers],
+        token_kv_bytes=2 * keys.shape[1] * keys.shape[-1] * keys.element_size(), facts=facts)
+    return prefilled, cache, hidden[:, -count:]
 
 
 def _counted_layers(decoder, hidden: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, layers: range,
@@ -255,71 +250,53 @@ def _counted_layers(decoder, hidden: torch.Tensor, positions: torch.Tensor, cach
     return run_layers(decoder, hidden, positions, decoder.rotary_emb(hidden, positions), cache, layers)
 
 
-def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: StageTimer,
-                   replay: list[Selection] | None, generation: Generation, hidden: torch.Tensor,
-                   positions: torch.Tensor, block: VisualBlock, first: int, generator: torch.Generator) -> torch.Tensor:
+def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: StageTimer, cache: DynamicCache,
+                   records: list[StageRecord], tokens_per_layer: list[int], visual_per_layer: list[int],
+                   facts: object | None, hidden: torch.Tensor, positions: torch.Tensor, block: VisualBlock,
+                   first: int, generator: torch.Generator) -> tuple[torch.Tensor, VisualBlock]:
     """After the first question-guided stage: this question's own sequence through the remaining
-    layers, with the plan's remaining stages (nothing shared any more)."""
+    layers, with the plan's remaining stages (nothing shared any more), recorded in `records` and the
+    per-layer counts as it goes; returns the last layer's output and the visual block left."""
     stages = _stages(plan, len(prompt.visual))
-    cache = generation.cache
 
     def layers(hidden: torch.Tensor, upto: int) -> torch.Tensor:
-        return _counted_layers(decoder, hidden, positions, cache, range(len(generation.tokens_per_layer), upto),
-                               block.size, generation.tokens_per_layer, generation.visual_per_layer)
+        return _counted_layers(decoder, hidden, positions, cache, range(len(tokens_per_layer), upto), block.size,
+                               tokens_per_layer, visual_per_layer)
 
     for index in range(first, len(stages)):
         layer_input = layers(hidden, stages[index])
         hidden = layers(layer_input, stages[index] + 1)
         with timer.stage("pruning"):
-            if replay is not None:
-                selection = replay[index]
-            else:
-                rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end, generation.facts).to(
-                    hidden.device)
-                cos, sin = decoder.rotary_emb(hidden, positions)
-                attention = attention_rows(decoder.layers[stages[index]], layer_input[:, rows],
-                                           (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])
-                selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end],
-                                    attention[:, block.start : block.end], generator, generation.facts)
+            rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end, facts).to(hidden.device)
+            cos, sin = decoder.rotary_emb(hidden, positions)
+            attention = attention_rows(decoder.layers[stages[index]], layer_input[:, rows],
+                                       (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])
+            selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end],
+                                attention[:, block.start : block.end], generator, facts)
             hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
-        generation.stages.append(StageRecord(stages[index], block.size, selection))
-    generation.block = block
-    return layers(hidden, len(decoder.layers))
-
-
-@torch.inference_mode()
-def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_tokens: int,
-             eos_token_ids: set[int], timer: StageTimer, plan: PruningPlan | None = None,
-             head: Head | None = None) -> Generation:
-    """Greedy decoding: prefill the prompt (pruning as planned; from `head` if given), then one token
-    at a time."""
-    generation = prefill_question(decoder, lm_head, prompt, plan, timer, head)
-    decode_together(decoder, lm_head, [generation], max_new_tokens, eos_token_ids, prompt.embeds.device)
-    return generation
+        records.append(StageRecord(stages[index], block.size, selection))
+    return layers(hidden, len(decoder.layers)), block
 
 
 def prefill_question(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, plan: PruningPlan | None,
-                     timer: StageTimer, head: Head | None = None) -> Generation:
-    """`prefill` and the logits of the first answer token (timed as "prefill")."""
+                     timer: StageTimer, head: Head | None = None) -> tuple[Prefilled, DynamicCache, torch.Tensor]:
+    """`prefill` and the logits of the first answer token (vocab,), timed as "prefill"."""
     with timer.stage("prefill"), torch.inference_mode():
-        hidden, generation = prefill(decoder, prompt, plan, timer, head=head)
-        set_first_logits(decoder, lm_head, [generation], [hidden[0, -1:]])
-    return generation
+        prefilled, cache, hidden = prefill(decoder, prompt, plan, timer, head=head)
+        (logits,) = first_logits(decoder, lm_head, [hidden[0, -1:]])
+    return prefilled, cache, logits
 
 
 def finish_question(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer, head: Head,
-                    rows: QuestionRows) -> tuple[Generation, torch.Tensor]:
-    """The rest of one question's prefill after `question_rows`: its Generation and its last row's
-    final hidden state (1, d), for `first_logits`."""
+                    rows: QuestionRows) -> QuestionPrefill:
+    """The rest of one question's prefill after `question_rows`; its hidden rows are the last one's
+    final state (1, d), for `first_logits`."""
     with timer.stage("prefill"), torch.inference_mode():
-        hidden, generation = _finish(decoder, prompt, plan, timer, None, head, *rows)
-    return generation, hidden[0, -1:]
+        prefilled, cache, hidden = _finish(decoder, prompt, plan, timer, head, *rows)
+    return prefilled, cache, hidden[0, -1:]
 
 
 @torch.inference_mode()
-def set_first_logits(decoder, lm_head: torch.nn.Linear, generations: list[Generation],
-                     last: list[torch.Tensor]) -> None:
-    """Each question's logits after its prompt, from its last row, in one product with the LM head."""
-    logits = lm_head(decoder.norm(torch.cat(last))).float()
-    for generation, row in zip(generations, logits, strict=True):
-        generation.first_logits = row
+def first_logits(decoder, lm_head: torch.nn.Linear, last: list[torch.Tensor]) -> torch.Tensor:
+    """Each question's logits after its prompt (b, vocab), from its last row, in one product with the LM head."""
+    return lm_head(decoder.norm(torch.cat(last))).float()

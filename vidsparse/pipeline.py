@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from vidsparse.answer import AskResult, ClipFeatures, ClipWork
-from vidsparse.decoding import decode_together
+from vidsparse.decoding import Decoded, decode_together
 from vidsparse.engine import (
-    Generation,
     Head,
+    Prefilled,
     finish_question,
+    first_logits,
     prefill_head,
     question_rows,
-    set_first_logits,
 )
 from vidsparse.errors import UserError
 from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
@@ -57,15 +58,16 @@ class _Clip:
     memory: PeakMemory
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class _Prefilled:
-    """A question between its prefill and decoding."""
+    """A question between its prefill and decoding (its own keys/values travel apart: decoding takes
+    them over)."""
 
     question: str
     prompt: PromptEmbeds
-    plan: PruningPlan
-    generation: Generation | None  # None until prefilled
     timer: StageTimer  # its own stages
+    prefilled: Prefilled
+    logits: torch.Tensor  # (vocab,) after the prompt
 
 
 class VideoQA:
@@ -169,16 +171,18 @@ class VideoQA:
         step, out = max(1, decode_batch), 0
         for first in range(0, len(order), step):
             group = order[first : first + step]
-            ready = self._prefill_group([(questions[i], prompts[i]) for i in group], clip)
+            ready, caches = self._prefill_group([(questions[i], prompts[i]) for i in group], clip)
             started = [r for r in ready if isinstance(r, _Prefilled)]
             try:
-                if started:
-                    decode_together(model.decoder, model.lm_head, [r.generation for r in started],
-                                    options.max_new_tokens, model.eos_token_ids, model.device)
+                decoded = iter(decode_together(
+                    model.decoder, model.lm_head, [r.prefilled for r in started], caches,
+                    torch.stack([r.logits for r in started]), options.max_new_tokens, model.eos_token_ids,
+                    model.device) if started else [])
             except Exception as e:  # noqa: BLE001 - the group's decoding failed: each of its questions says so
                 ready = [e if isinstance(r, _Prefilled) else r for r in ready]
-            done |= {i: self._result(r, clip) if isinstance(r, _Prefilled) else r for i, r in zip(group, ready,
-                                                                                                   strict=True)}
+            del caches
+            done |= {i: self._result(r, next(decoded), clip) if isinstance(r, _Prefilled) else r
+                     for i, r in zip(group, ready, strict=True)}
             while out in done:
                 yield done.pop(out)
                 out += 1
@@ -208,12 +212,14 @@ class VideoQA:
         text = self.model.model.config.text_config
         return text.hidden_size, text.intermediate_size
 
-    def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: _Clip) -> list[_Prefilled | Exception]:
+    def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: _Clip
+                       ) -> tuple[list[_Prefilled | Exception], list[DynamicCache]]:
         """The prefill of a group of questions after the clip's shared work: their rows through the
         layers shared with the head in one batch (its time split evenly among them), then each one's
-        own stages and layers."""
+        own stages and layers. Returns each question's prefill or error, and the own keys/values of
+        those prefilled, in order."""
         model = self.model
-        started = []
+        asked = []
         for question, ids in group:
             timer = StageTimer(model.device)
             with timer.stage("preprocess"):
@@ -222,69 +228,72 @@ class VideoQA:
                 words = [model.tokenizer.decode([i]).strip() for i in ids[0, length:].tolist()]
                 prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
                                  suffix_words=words)
-            started.append(_Prefilled(question, prompt, clip.plan, None, timer))
+            asked.append((question, prompt, timer))
         batch = StageTimer(model.device)
         try:
             with batch.stage("prefill"):
-                rows = question_rows(model.decoder, clip.head, [r.prompt for r in started], clip.plan)
+                rows = question_rows(model.decoder, clip.head, [prompt for _, prompt, _ in asked], clip.plan)
         except Exception as e:  # noqa: BLE001 - the group's shared rows failed: each of its questions says so
-            return [e] * len(started)
-        ready: list[_Prefilled | Exception] = list(started)
-        last = {}
-        for slot, (r, row) in enumerate(zip(started, rows, strict=True)):
+            return [e] * len(asked), []
+        finished: list[tuple[Prefilled, DynamicCache, torch.Tensor] | Exception] = []
+        for (_, prompt, timer), row in zip(asked, rows, strict=True):
             try:
-                r.generation, last[slot] = finish_question(model.decoder, r.prompt, r.plan, r.timer, clip.head, row)
+                finished.append(finish_question(model.decoder, prompt, clip.plan, timer, clip.head, row))
             except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
-                ready[slot] = e
-        if last:
+                finished.append(e)
+        done = [f for f in finished if not isinstance(f, Exception)]
+        logits = iter([])
+        if done:
             with batch.stage("prefill"):
-                set_first_logits(model.decoder, model.lm_head, [ready[i].generation for i in last], list(last.values()))
-        share = batch.seconds["prefill"] / len(started)  # the batched parts, split evenly
-        for r in started:
-            r.timer.calls.setdefault("prefill", []).append(share)
-        return ready
+                logits = iter(first_logits(model.decoder, model.lm_head, [last for _, _, last in done]))
+        share = batch.seconds["prefill"] / len(asked)  # the batched parts, split evenly
+        for _, _, timer in asked:
+            timer.calls.setdefault("prefill", []).append(share)
+        ready: list[_Prefilled | Exception] = [
+            f if isinstance(f, Exception) else _Prefilled(question, prompt, timer, f[0], next(logits))
+            for (question, prompt, timer), f in zip(asked, finished, strict=True)]
+        return ready, [cache for _, cache, _ in done]
 
-    def _result(self, done: _Prefilled, clip: _Clip) -> AskResult:
+    def _result(self, done: _Prefilled, decoded: Decoded, clip: _Clip) -> AskResult:
         """The answer and statistics of a decoded question."""
         model = self.model
-        shared, generation, input_ids = clip.work, done.generation, done.prompt.input_ids
-        own_seconds = done.timer.seconds | {"generate": generation.decode_seconds}
+        shared, prefilled, input_ids = clip.work, done.prefilled, done.prompt.input_ids
+        own_seconds = done.timer.seconds | {"generate": decoded.seconds}
         own_seconds["total"] = sum(own_seconds.get(name, 0.0) for name in ("preprocess", "prefill", "generate"))
         # Amortised: this question's own time plus its share of the clip's.
         seconds = {name: own_seconds.get(name, 0.0) + shared.seconds.get(name, 0.0) / shared.questions
                    for name in ("decode_video", *STAGES, "total")}
         d, m = self._widths()
-        layers = len(generation.tokens_per_layer)
+        layers = len(prefilled.tokens_per_layer)
         # Unpruned, every layer would cache the whole prompt plus each fed-back token.
-        unpruned_kv = generation.token_kv_bytes * (input_ids.shape[1] + generation.decode_steps) * layers
+        unpruned_kv = prefilled.token_kv_bytes * (input_ids.shape[1] + decoded.steps) * layers
         return AskResult(
-            answer=model.decode_text(generation.token_ids),
+            answer=model.decode_text(decoded.token_ids),
             question=done.question,
             video=clip.video,
             video_path=clip.video_path,
             model=model.name,
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
-            plan=done.plan,
-            stage_records=generation.stages,
-            method_report=done.plan.method.report(generation.facts),
+            plan=clip.plan,
+            stage_records=prefilled.stages,
+            method_report=clip.plan.method.report(prefilled.facts),
             prompt_tokens=int(input_ids.shape[1]),
             visual_before=len(done.prompt.visual),
-            visual_per_layer=generation.visual_per_layer,
+            visual_per_layer=prefilled.visual_per_layer,
             visual_map=done.prompt.visual,
-            final_block=generation.block,
-            generated_tokens=len(generation.token_ids),
-            prefill_flops=prefill_flops(generation.tokens_per_layer, d, m),
+            final_block=prefilled.block,
+            generated_tokens=len(decoded.token_ids),
+            prefill_flops=prefill_flops(prefilled.tokens_per_layer, d, m),
             prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * layers, d, m),
             vision_flops=shared.vision_flops,
             shared=shared,
             peak_memory_bytes=clip.memory.peak_bytes(),
-            kv_cache_bytes=generation.kv_bytes(),
+            kv_cache_bytes=prefilled.kv_bytes(decoded.steps),
             kv_cache_bytes_unpruned=unpruned_kv,
             seconds=seconds,
-            decode_tokens_per_s=(generation.decode_steps / generation.decode_seconds
-                                 if generation.decode_steps else None),
-            first_logits=generation.first_logits,
+            decode_tokens_per_s=decoded.steps / decoded.seconds if decoded.steps else None,
+            first_logits=done.logits,
         )
 
 

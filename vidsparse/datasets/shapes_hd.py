@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidsparse.datasets import shapes
+import vidsparse.datasets.shapes as shapes
 from vidsparse.datasets.shapes import COLOR_NAMES, COLORS, SHAPES, describe, shape_masks, write_video
 
 FRAMES = 8

@@ -2,7 +2,7 @@
 
 A method only *chooses*: at each stage it gets the current visual tokens (hidden states, frames,
 and, if it asked for them, attention probabilities from some text rows) and returns a Selection.
-The engine and `pruning/stage.py` do the mechanics, identically for every method.
+The engine and `vidsparse/stage.py` do the mechanics, identically for every method.
 """
 
 from __future__ import annotations
