@@ -2,7 +2,7 @@
 
 `VideoLlavaProcessor` needs torchvision, which has no CPU wheel here; this reproduces
 `VideoLlavaImageProcessor` (shortest edge -> bicubic resize with antialias, centre crop, /255,
-CLIP mean/std) within ~1e-3 mean absolute difference (tests/test_preprocess.py).
+CLIP mean/std) within ~1e-3 mean absolute difference (tests/unit/test_preprocess.py).
 """
 
 from __future__ import annotations

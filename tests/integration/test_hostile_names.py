@@ -13,8 +13,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tests.test_batch import read_results
-from tests.test_hostile import assert_one_line_error
+from tests.integration.test_hostile import assert_one_line_error
+from tests.unit.test_batch import read_results
 from vidsparse.cli import app
 from vidsparse.errors import UserError
 

@@ -15,7 +15,7 @@ import tracemalloc
 import pytest
 from typer.testing import CliRunner
 
-from tests.test_batch import HEADER, SETTINGS, read_results
+from tests.unit.test_batch import HEADER, SETTINGS, read_results
 from vidsparse import batch
 from vidsparse.cli import app
 from vidsparse.errors import UserError

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from tests.test_methods import official_split
-from tests.test_peers import stage_input
+from tests.references.test_peers import stage_input
+from tests.unit.test_methods import official_split
 from vidsparse.pruning.baselines import lattice
 from vidsparse.pruning.stprune import STPrune, diverse_top_k, question_relevance
 

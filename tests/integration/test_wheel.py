@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAB_MODULES = {path.stem for path in (ROOT / "lab").glob("*.py")} - {"__init__"}
 
 

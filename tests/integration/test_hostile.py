@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.test_fuzz import no_constants
+from tests.integration.test_fuzz import no_constants
 from vidsparse.cli import app
 from vidsparse.results import ResultsFile
 
@@ -48,7 +48,7 @@ def test_a_fifo_as_the_video_is_refused_at_once(tmp_path, tiny_checkpoint):
 
 
 def test_a_strip_of_absurd_geometry_is_refused_in_one_line(tmp_path, tiny_checkpoint):
-    from tests.test_video import solid_clip
+    from tests.unit.test_video import solid_clip
 
     strip = solid_clip(tmp_path / "strip.mkv", 16000, 16)  # 16 kB that once made `ask` take 20.9 GB
     assert_one_line_error(ask(strip, QUESTION, tiny_checkpoint), "16000x16 pixels, an aspect ratio beyond 100:1")

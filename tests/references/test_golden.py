@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.golden import records
 
-SAVED = Path(__file__).resolve().parent / "data" / "golden.json"
+SAVED = Path(__file__).resolve().parents[1] / "data" / "golden.json"
 
 
 def test_answers_tokens_and_flops_are_those_of_the_earlier_version():
