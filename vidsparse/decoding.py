@@ -113,6 +113,8 @@ def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_to
     """Greedy decoding of one question: prefill the prompt (pruning as planned; from `head` if given),
     then one token at a time."""
     prefilled, cache, logits = prefill_question(decoder, lm_head, prompt, plan, timer, head)
-    (decoded,) = decode_together(decoder, lm_head, [prefilled], [cache], logits[None], max_new_tokens, eos_token_ids,
+    caches = [cache]
+    del cache  # decoding takes the cache over: no second reference may keep it alive
+    (decoded,) = decode_together(decoder, lm_head, [prefilled], caches, logits[None], max_new_tokens, eos_token_ids,
                                  prompt.embeds.device)
     return Generation(prefilled, logits, decoded)

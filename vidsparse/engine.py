@@ -56,9 +56,6 @@ class Head:
     def layers(self) -> int:
         return len(self.kv)
 
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.kv for t in (kv.keys, kv.values))
-
     def question_start(self, layer: int, keep: bool) -> int:
         """RoPE position of a question's first row at shared `layer` (keep: after the original head;
         compact: after the head's rows at that layer)."""

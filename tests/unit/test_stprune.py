@@ -65,7 +65,7 @@ def test_first_stage_is_the_spatio_temporal_lattice_at_twice_the_budget():
 
 
 def question_stage_reference(attention, hidden, budget):
-    """Stage 2 from the README in float64 loops: relevance = 1/2 raters (rows 0..r-1, their mean) +
+    """Stage 2 from docs/methods.md in float64 loops: relevance = 1/2 raters (rows 0..r-1, their mean) +
     1/2 last prompt token (row r), each normalised to sum 1; K by maximal marginal relevance (weight
     1); the pool = the best int(0.3 x deleted) + 1 deleted by relevance (at least C), K + C = B by the
     official split. Returns (kept, pool, C)."""

@@ -39,8 +39,9 @@ def where_it_prunes(method: str, num_layers: int | None = None) -> str:
 def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequence[int] | None = None,
               positions: PositionMode = "keep", min_per_frame: int = 0, seed: int = 0,
               clip: tuple[int, int] | None = None) -> PruningPlan:
-    """The plan of one run (a fresh method instance), from already-typed options and the decoder's
-    depth. `clip` = (frames, visual tokens), when known, also checks that the per-frame floor fits."""
+    """The plan of one run, from already-typed options and the decoder's depth; its one method object
+    holds settings only, so the plan serves every question of a clip. `clip` = (frames, visual
+    tokens), when known, also checks that the per-frame floor fits."""
     check_method(method, prune_after, num_layers)
     chosen = METHODS[method]()
     given = prune_after is not None
