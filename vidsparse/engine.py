@@ -215,19 +215,17 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
         with timer.stage("pruning"):  # the first question-guided stage, after the last shared layer
             facts = method.prepare(PromptText(prompt.embeds[0], head.block.start, len(prompt.visual),
                                               prompt.suffix_words))
-            layer = head.layers - 1
+            layer = head.layers - 1  # the question's rows query the head's keys and their own
             rows = method.query_rows(count, facts).to(device)
             rope = decoder.rotary_emb(question, (head.question_start(layer, keep) + rows)[None])
-            n_head = head.hidden.shape[1]
-            attention = attention_rows(decoder.layers[layer], layer_input[:, rows], rope, n_head + rows,
-                                       [head.kv[layer].keys, cache.layers[layer].keys])
-            selection = _choose(plan, index, stages, prompt, block, head.hidden[0, block.start : block.end],
-                                attention[:, block.start : block.end], generator, facts)
-            hidden, positions, block = apply_selection(head.hidden, head.positions, block, selection, plan.positions)
+            hidden, positions, block, record = _question_stage(
+                decoder, plan, index, stages, prompt, generator, facts, head.hidden, head.positions, block,
+                layer_input[:, rows], rope, head.hidden.shape[1] + rows,
+                [head.kv[layer].keys, cache.layers[layer].keys])
             hidden = torch.cat([hidden, question], 1)
             positions = (torch.arange(hidden.shape[1], device=device)[None] if not keep
                          else torch.cat([positions, head.length + torch.arange(count, device=device)[None]], 1))
-        records.append(StageRecord(stages[index], block.size, selection))
+        records.append(record)
         hidden, block = _guided_stages(decoder, prompt, plan, timer, cache, records, tokens_per_layer,
                                        visual_per_layer, facts, hidden, positions, block, index + 1, generator)
     keys = cache.layers[0].keys
@@ -237,6 +235,21 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
         own_lengths=[layer.keys.shape[-2] for layer in cache.layers],
         token_kv_bytes=2 * keys.shape[1] * keys.shape[-1] * keys.element_size(), facts=facts)
     return prefilled, cache, hidden[:, -count:]
+
+
+def _question_stage(decoder, plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbeds,
+                    generator: torch.Generator, facts: object | None, hidden: torch.Tensor, positions: torch.Tensor,
+                    block: VisualBlock, queries: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    key_positions: torch.Tensor, keys: list[torch.Tensor],
+                    ) -> tuple[torch.Tensor, torch.Tensor, VisualBlock, StageRecord]:
+    """One question-guided stage, after layer `stages[index]`: the attention of the method's `queries`
+    (the layer's input at its query rows) over `keys`, the method's choice from the visual block's
+    part of it, and that choice applied to the layer's output `hidden`."""
+    attention = attention_rows(decoder.layers[stages[index]], queries, rope, key_positions, keys)
+    selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end],
+                        attention[:, block.start : block.end], generator, facts)
+    hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
+    return hidden, positions, block, StageRecord(stages[index], block.size, selection)
 
 
 def _counted_layers(decoder, hidden: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, layers: range,
@@ -266,12 +279,10 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
         with timer.stage("pruning"):
             rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end, facts).to(hidden.device)
             cos, sin = decoder.rotary_emb(hidden, positions)
-            attention = attention_rows(decoder.layers[stages[index]], layer_input[:, rows],
-                                       (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])
-            selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end],
-                                attention[:, block.start : block.end], generator, facts)
-            hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
-        records.append(StageRecord(stages[index], block.size, selection))
+            hidden, positions, block, record = _question_stage(
+                decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block,
+                layer_input[:, rows], (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])
+        records.append(record)
     return layers(hidden, len(decoder.layers)), block
 
 
