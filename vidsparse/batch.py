@@ -8,6 +8,7 @@ results file as soon as it exists, so a killed run loses at most the question in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,9 +68,11 @@ def unanswered(questions: Iterable[Question], root: Path, results: ResultsFile, 
     answered, and its old answer reported as the new one's. An error record retried (`retry_errors`)
     may have changed: correcting the question is how its cause is fixed, and the new record
     supersedes the error."""
+    mark = time.perf_counter()  # reading the next question counts to the skipping if it is skipped
     for q in questions:
         if not results.is_done(q.id):
             yield q
+            mark = time.perf_counter()
             continue
         entry = results.index[q.id]
         now = question_record(q, root)
@@ -77,6 +80,9 @@ def unanswered(questions: Iterable[Question], root: Path, results: ResultsFile, 
             _refuse_changed(q.id, results.record(entry), now, results)
         tally.count(entry.correct, entry.failed)
         on_progress()
+        checked = time.perf_counter()
+        tally.skipping_seconds += checked - mark
+        mark = checked
 
 
 def _refuse_changed(qid: str, record: dict[str, Any], now: dict[str, Any], results: ResultsFile) -> None:

@@ -382,7 +382,7 @@ def batch(
                     raise
                 bar.stop()
                 raise UserError(f"{e} ({_kept(results)}; once it is fixed, the same command resumes)") from None
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started - tally.skipping_seconds  # answering, not resuming
         summary = summarize(results.latest_records(source.ids))
     summary["questions_per_s_this_run"] = round(tally.new_answers / seconds, 3) if tally.new_answers else None
     summary_path = out.with_name(out.stem + ".summary.json")

@@ -34,6 +34,7 @@ class Tally:
     graded: int = 0
     correct: int = 0
     new_answers: int = 0  # answered (not failed) by this run, not found in the results file
+    skipping_seconds: float = 0.0  # spent reading and checking the questions a resumed run skips
 
     def count(self, correct: bool | None, failed: bool, new: bool = False) -> None:
         self.questions += 1

@@ -147,3 +147,22 @@ def test_a_second_run_is_refused_before_torch_or_the_questions_are_loaded(folder
                               env={**os.environ, "COLUMNS": "200"}, check=False)
     assert "another vidsparse batch" in done.stderr, done.stderr
     assert done.stdout.split() == ["exit", "2", "False", "False"]
+
+
+def test_a_resumed_runs_rate_leaves_out_the_questions_it_skips(folder, tmp_path):
+    """questions_per_s_this_run divides by the time spent answering: reading and checking the questions
+    recorded before is counted apart (seconds for a 300k-record resume)."""
+    from vidsparse.batch import unanswered
+    from vidsparse.metrics import Tally
+
+    source = QuestionSource(folder, folder / "qa.jsonl", None)
+    path = tmp_path / "r.jsonl"
+    with ResultsFile.open(path, SETTINGS) as results:
+        fresh = Tally()
+        assert len(list(unanswered(source, folder, results, fresh, lambda: None))) == 13
+        assert fresh.skipping_seconds == 0.0
+        for q in list(source)[:10]:
+            results.append(batch.question_record(q, folder) | {"answer": "x", "correct": False})
+        resumed = Tally()
+        assert len(list(unanswered(source, folder, results, resumed, lambda: None))) == 3
+    assert resumed.questions == 10 and resumed.skipping_seconds > 0
