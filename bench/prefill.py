@@ -22,7 +22,8 @@ from common import llama_7b, parse_args
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.decoding import generate
-from vidsparse.models.video_llava import PromptEmbeds, visual_map
+from vidsparse.models.video_llava import visual_map
+from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning import make_plan
 from vidsparse.stats import PeakMemory, StageTimer, prefill_flops, synchronize
 

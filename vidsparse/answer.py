@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from vidsparse.engine import StageRecord
-from vidsparse.models.video_llava import VideoFeatures, VisualMap
+from vidsparse.models.visual import VideoFeatures, VisualMap
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.stage import VisualBlock
 from vidsparse.stats import equivalent_tokens

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from vidsparse.engine import Head, Prefilled, prefill_question
 from vidsparse.layers import PaddedKV, layer_step_together
-from vidsparse.models.video_llava import PromptEmbeds
+from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.stats import StageTimer, synchronize
 

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from vidsparse.layers import HeadKV, run_after_head, run_layers
-from vidsparse.models.video_llava import PromptEmbeds
+from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PromptText, PruningPlan, Selection, StageInput
 from vidsparse.stage import VisualBlock, apply_selection, attention_rows
 from vidsparse.stats import StageTimer

@@ -28,7 +28,8 @@ from vidsparse.engine import (
     question_rows,
 )
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
+from vidsparse.models.video_llava import VideoLlava
+from vidsparse.models.visual import PromptEmbeds
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for

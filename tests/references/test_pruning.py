@@ -12,7 +12,8 @@ from tests.reference import masked_logits
 from vidsparse.decoding import DecodeState, generate
 from vidsparse.engine import prefill, prefill_head
 from vidsparse.layers import run_layers
-from vidsparse.models.video_llava import PromptEmbeds, VideoLlava
+from vidsparse.models.video_llava import VideoLlava
+from vidsparse.models.visual import PromptEmbeds
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import METHODS, make_plan
 from vidsparse.pruning.base import Method

@@ -7,8 +7,6 @@ are visual and which frame / row / column each one comes from (pruning keeps tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import PreTrainedTokenizerBase, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
@@ -22,6 +20,7 @@ from vidsparse.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.options import DEFAULT_MODEL
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
 
@@ -95,20 +94,6 @@ def check_context(config: VideoLlavaConfig, num_frames: int, max_new_tokens: int
                     f"tokens) but the model has {limit}: {remedy}")
 
 
-@dataclass(frozen=True)
-class VisualMap:
-    """Where the visual tokens sit in the prompt and where each came from in the clip."""
-
-    positions: torch.Tensor  # (n_visual,) sequence positions, ascending
-    frame: torch.Tensor  # (n_visual,) sampled-frame number
-    row: torch.Tensor  # (n_visual,) patch row, -1 for the CLS token
-    col: torch.Tensor  # (n_visual,) patch column, -1 for the CLS token
-    is_cls: torch.Tensor  # (n_visual,) bool
-
-    def __len__(self) -> int:
-        return int(self.positions.numel())
-
-
 def visual_map(positions: torch.Tensor, num_frames: int, grid: int) -> VisualMap:
     """Frame-major layout of the video tower's output: per frame, CLS then grid x grid patches."""
     per_frame = grid * grid + 1
@@ -123,27 +108,6 @@ def visual_map(positions: torch.Tensor, num_frames: int, grid: int) -> VisualMap
         col=torch.where(is_cls, -1, patch % grid),
         is_cls=is_cls,
     )
-
-
-@dataclass(frozen=True)
-class PromptEmbeds:
-    input_ids: torch.Tensor  # (1, n)
-    embeds: torch.Tensor  # (1, n, d)
-    visual: VisualMap
-    suffix_words: list[str]  # the tokens after the visual block (question and template), as text
-    saliency: torch.Tensor | None = None  # (n_visual,) VideoFeatures.cls_attention, flattened
-    frame_features: torch.Tensor | None = None  # (frames, d_vision) VideoFeatures.frame_embedding
-
-
-@dataclass(frozen=True)
-class VideoFeatures:
-    """The video tower's output for a clip, and what some pruning methods read from inside the tower."""
-
-    tokens: torch.Tensor  # (T, tokens_per_frame, d) projected visual tokens
-    # At the layer whose output feeds the projector: the CLS query's attention over the frame's
-    # tokens (head-averaged, CLS column included), and the CLS state after the tower's final norm.
-    cls_attention: torch.Tensor | None = None  # (T, tokens_per_frame)
-    frame_embedding: torch.Tensor | None = None  # (T, d_vision)
 
 
 class VideoLlava:
