@@ -69,22 +69,22 @@ class QuestionSource:
         self.folder, self.questions_file, self.question = folder, questions_file, question
         self.allow_outside = allow_outside
         self.ids: set[str] = set()  # every id read so far: a repeated one is refused
+        self._found: list[Path] | None = None
         self._by_stem: dict[str, Path] | None = None
+        if questions_file is None and not self._videos():
+            raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {folder}")
 
     def count(self) -> int:
         """How many questions there are (for a progress bar), without building them."""
         if self.questions_file is None:
-            return len(find_videos(self.folder))
+            return len(self._videos())
         return sum(1 for _ in _read_items(self.questions_file, parse=False))
 
     def __iter__(self) -> Iterator[Question]:
         self.ids.clear()
         if self.questions_file is None:
-            videos = find_videos(self.folder)
-            if not videos:
-                raise QuestionsFileError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {self.folder}")
-            for video in videos:
-                name = str(video.relative_to(self.folder))
+            for video in self._videos():
+                name = relative_name(video, self.folder)
                 self.ids.add(name)
                 yield Question(name, video, self.question)
             return
@@ -119,10 +119,16 @@ class QuestionSource:
         return Question(str(given if given is not None else f"{name}|{question}"), video, question,
                         None if answer is None else str(answer), item.get("type"))
 
+    def _videos(self) -> list[Path]:
+        """The folder's videos, found once (when first needed): the folder is walked once per run."""
+        if self._found is None:
+            self._found = find_videos(self.folder)
+        return self._found
+
     def _stems(self) -> dict[str, Path]:
-        """The folder's videos by file stem, which MSVD-QA's `video_id` names (found once, when first needed)."""
+        """The folder's videos by file stem, which MSVD-QA's `video_id` names."""
         if self._by_stem is None:
-            self._by_stem = {p.stem: p for p in find_videos(self.folder)}
+            self._by_stem = {p.stem: p for p in self._videos()}
         return self._by_stem
 
     def _inside(self, name: str, where: str) -> Path:

@@ -16,7 +16,7 @@ from tests.conftest import kill_9_after, save_tiny_checkpoint, signal_after
 from vidsparse.cli import app
 from vidsparse.errors import UserError
 from vidsparse.metrics import is_correct, normalize_answer, summarize
-from vidsparse.questions import load_questions
+from vidsparse.questions import QuestionSource, load_questions
 from vidsparse.results import ResultsFile
 
 runner = CliRunner()
@@ -57,6 +57,9 @@ def test_hidden_files_and_folders_are_not_clips(folder, tmp_path):
     assert found == {"a.mp4", "b.webm", "broken.mp4", "sub/c.mp4"}
     with pytest.raises(UserError, match="no such folder"):
         load_questions(tmp_path / "missing", None, "what color ?")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no video files"):  # said when the source is built, before any lock
+        QuestionSource(tmp_path / "empty", None, "what color ?")
 
 
 def test_a_null_field_is_no_field(folder, tmp_path):
