@@ -1,6 +1,7 @@
-"""Frames -> pixel tensors, in plain torch.
+"""Frames -> pixel tensors, in plain torch: PIL's antialiased bicubic resampling, crop-aware, that
+every family's preprocessing is built from.
 
-`VideoLlavaProcessor` needs torchvision, which has no CPU wheel here; this reproduces
+HF's video processors need torchvision, which has no CPU wheel here; `preprocess_frames` reproduces
 `VideoLlavaImageProcessor` (shortest edge -> bicubic resize with antialias, centre crop, /255,
 CLIP mean/std) within ~1e-3 mean absolute difference (tests/unit/test_preprocess.py).
 """
@@ -22,29 +23,50 @@ def preprocess_frames(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> torch.Tensor:
-    """uint8 (T, H, W, 3) frames -> float32 (T, 3, size, size) normalised pixels.
-
-    Resize-then-crop is computed as one crop-aware resampling, frame by frame and a band of rows at
-    a time, so a 4K clip never exists as full-resolution floats (it would take ~100 MB a frame)."""
-    x = torch.as_tensor(frames)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    height, width = x.shape[1:3]
+    """uint8 (T, H, W, 3) frames -> float32 (T, 3, size, size) normalised pixels: shortest edge to
+    `size`, centre crop (CLIP's preprocessing)."""
+    height, width = _frames(frames).shape[1:3]
     # Same rounding as transformers' get_resize_output_image_size (int of the scaled long edge).
     scale = size / min(height, width)
     new_h, new_w = (size, int(width * scale)) if height <= width else (int(height * scale), size)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    out = torch.empty(x.shape[0], 3, size, size)
+    return normalize(resize_frames(frames, (new_h, new_w), (top, left, size, size)), mean, std)
+
+
+def resize_frames(frames: np.ndarray | torch.Tensor, size: tuple[int, int],
+                  crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames -> float32 (T, 3, h, w) values 0..255: PIL's antialiased bicubic
+    resize to `size` (height, width), then, if given, the crop (top, left, height, width) of it.
+
+    Resize-then-crop is computed as one crop-aware resampling, frame by frame and a band of rows at
+    a time, so a 4K clip never exists as full-resolution floats (it would take ~100 MB a frame)."""
+    x = _frames(frames)
+    height, width = x.shape[1:3]
+    new_h, new_w = size
+    top, left, out_h, out_w = crop or (0, 0, new_h, new_w)
+    out = torch.empty(x.shape[0], 3, out_h, out_w)
     if (new_h, new_w) == (height, width):
-        out.copy_(x[:, top : top + size, left : left + size].permute(0, 3, 1, 2))
+        out.copy_(x[:, top : top + out_h, left : left + out_w].permute(0, 3, 1, 2))
     else:
-        rows, (r0, r1) = _cropped_weights(height, new_h, top, size)
-        cols, (c0, c1) = _cropped_weights(width, new_w, left, size)
+        rows, (r0, r1) = _cropped_weights(height, new_h, top, out_h)
+        cols, (c0, c1) = _cropped_weights(width, new_w, left, out_w)
         for t, frame in enumerate(x):
             out[t] = _resize_like_pil(frame[r0:r1, c0:c1], rows, cols)
+    return out
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """0..255 values (T, 3, h, w) -> (x / 255 - mean) / std per channel."""
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
-    return (out / 255.0 - mean_t) / std_t
+    return (pixels / 255.0 - mean_t) / std_t
+
+
+def _frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    return x
 
 
 def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:

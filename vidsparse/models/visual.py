@@ -14,11 +14,15 @@ import torch
 class VisualMap:
     """Where the visual tokens sit in the prompt and where each came from in the clip."""
 
-    positions: torch.Tensor  # (n_visual,) sequence positions, ascending
-    frame: torch.Tensor  # (n_visual,) sampled-frame number
-    row: torch.Tensor  # (n_visual,) patch row, -1 for the CLS token
-    col: torch.Tensor  # (n_visual,) patch column, -1 for the CLS token
-    is_cls: torch.Tensor  # (n_visual,) bool
+    positions: torch.Tensor  # (n_visual,) sequence indices in the prompt, ascending and consecutive
+    # (n_visual,) the time span a token covers: a sampled frame, or for a family whose tokens cover
+    # several frames (Qwen2.5-VL: 2), the number of that group of frames; methods that pair or compare
+    # frames work on these spans.
+    frame: torch.Tensor
+    row: torch.Tensor  # (n_visual,) patch row in the token grid, -1 for a summary (CLS) token
+    col: torch.Tensor  # (n_visual,) patch column, -1 for a summary (CLS) token
+    is_cls: torch.Tensor  # (n_visual,) bool: a summary token of its frame, not a patch
+    frames_per_span: int = 1  # sampled frames one span covers
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -26,9 +30,16 @@ class VisualMap:
 
 @dataclass(frozen=True)
 class PromptEmbeds:
+    """A prompt ready for the decoder. Its *head* is every row up to the end of the video's rows
+    (separators such as LLaVA-OneVision's newline included; they are never pruned and are not in
+    `visual`); the rows after the head are text, at positions that continue from the head's largest
+    position + 1 in every RoPE dimension (what HF computes for all three families)."""
+
     input_ids: torch.Tensor  # (1, n)
     embeds: torch.Tensor  # (1, n, d)
-    visual: VisualMap
+    visual: VisualMap  # the prunable visual tokens, a consecutive block of rows inside the head
+    rope_positions: torch.Tensor  # (position_dims, 1, n) long: every row's RoPE position, unpruned
+    head_length: int  # rows of the head
     suffix_words: list[str]  # the tokens after the visual block (question and template), as text
     saliency: torch.Tensor | None = None  # (n_visual,) VideoFeatures.cls_attention, flattened
     frame_features: torch.Tensor | None = None  # (frames, d_vision) VideoFeatures.frame_embedding

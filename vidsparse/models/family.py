@@ -1,0 +1,183 @@
+"""The contract a model family fulfils: the only code that knows a family's classes, prompt template,
+preprocessing, vision tower and the layout and positions of its visual tokens.
+
+The engine, the pruning methods, the statistics and batch/sweep/Ray work on what a family returns
+(`VideoFeatures`, `PromptEmbeds` with its `VisualMap` and RoPE positions) and on its text decoder,
+whose layers all families share the shape of (input_layernorm, q/k/v/o projections, post-attention
+norm, MLP; `rotary_emb(hidden, position_ids)`). A family is one module with a `VideoModel`
+subclass, registered by one line in `vidsparse.models.families`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from vidsparse.errors import UserError
+from vidsparse.models.visual import PromptEmbeds, VideoFeatures
+
+
+@dataclass(frozen=True)
+class ClipShape:
+    """What a family needs to know of a clip to lay out its tokens: sampled frames and their size."""
+
+    frames: int
+    height: int
+    width: int
+
+
+class VideoModel:
+    """A loaded checkpoint of one family: its HF model, tokenizer and the steps from frames to a
+    prompt's embeddings. Subclasses set the class attributes and implement the methods that raise
+    NotImplementedError; the rest is shared."""
+
+    model_type: ClassVar[str]  # config.json's model_type
+    position_dims: ClassVar[int] = 1  # 1: 1-D RoPE positions; 3: M-RoPE (time, height, width)
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.mean, self.std = tuple(mean), tuple(std)
+        eos = self.text_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids: set[int] = (set(eos) | {tokenizer.eos_token_id}) - {None}
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "auto", device: str = "auto") -> VideoModel:
+        """Load a checkpoint of this family from a hub id, an alias or a local folder."""
+        from vidsparse.models.loading import load_family
+
+        return load_family(cls, name_or_path, dtype, device)
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig) -> list[str]:
+        """What is wrong with a loaded config for this family (empty if nothing): one line each."""
+        return []
+
+    @classmethod
+    def placeholder(cls, config: PretrainedConfig) -> tuple[str, int]:
+        """The prompt's video placeholder as text and its token id (the tokenizer must agree)."""
+        raise NotImplementedError
+
+    @classmethod
+    def unused_weights(cls) -> tuple[str, ...]:
+        """Parts of the HF model a video question never runs (dropped after loading; a checkpoint may
+        lack them): substrings of their parameter names."""
+        return ()
+
+    def drop_unused(self) -> None:
+        """Release the parts named by `unused_weights` (e.g. VideoLLaVA's image tower)."""
+
+    # -- what the engine runs --------------------------------------------------------------------
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.model.config.text_config
+
+    @property
+    def decoder(self):
+        """The text decoder (embed_tokens, layers, norm, rotary_emb)."""
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # -- the family's own steps ------------------------------------------------------------------
+
+    @classmethod
+    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        """Visual tokens (prunable ones: no separators) a clip of this shape becomes."""
+        raise NotImplementedError
+
+    @classmethod
+    def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        """Prompt rows of the video that are not prunable visual tokens (separators, newlines)."""
+        return 0
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) in pixels the preprocessing brings a frame of this size to."""
+        raise NotImplementedError
+
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (T, H, W, 3) frames -> what `video_features` takes (the family's pixel format)."""
+        raise NotImplementedError
+
+    def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
+        """(1, n) token ids of the family's chat prompt with the video's placeholders expanded."""
+        raise NotImplementedError
+
+    def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
+        """The tower and projector; with `saliency`, also what vidcom2/fastvid/dycoke read inside it."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures) -> PromptEmbeds:
+        """The prompt's input embeddings with the visual features in place, the map of its visual
+        tokens and every row's RoPE positions, as the HF model would compute them unpruned."""
+        raise NotImplementedError
+
+    @classmethod
+    def vision_flops(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        """FLOPs of the vision tower and projector on a clip (multiply-add = 1)."""
+        raise NotImplementedError
+
+    # -- shared helpers --------------------------------------------------------------------------
+
+    @classmethod
+    def check_context(cls, config: PretrainedConfig, clip: ClipShape, max_new_tokens: int,
+                      text_tokens: int | None = None) -> None:
+        """The prompt (the clip's video rows + the text) plus the answer must fit the model's positions.
+        `text_tokens` None: not counted yet (checked before the tokenizer is loaded), so the frames that
+        fit are an upper bound and said to be one."""
+        limit = config.text_config.max_position_embeddings
+        counted = text_tokens or 0
+        video_rows = cls.visual_tokens(config, clip) + cls.prompt_overhead(config, clip)
+        needed = video_rows + counted + max_new_tokens
+        if needed <= limit:
+            return
+        per_frame = video_rows / clip.frames
+        frames_that_fit = int((limit - counted - max_new_tokens) // per_frame)
+        if frames_that_fit >= 1 and text_tokens is None:
+            remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text), or "
+                      "lower --max-new-tokens")
+        elif frames_that_fit >= 1:
+            remedy = f"sample at most {frames_that_fit} --frames, or lower --max-new-tokens"
+        else:
+            remedy = "shorten the question" if counted >= limit // 2 else "lower --max-new-tokens"
+        text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
+        raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
+                        f"({clip.frames} frames -> {video_rows} visual tokens, {text}, {max_new_tokens} new "
+                        f"tokens) but the model has {limit}: {remedy}")
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """The tokenizer's special and added tokens (<video>, <s>, ...) written out in `text`: the
+        tokenizer would read them as those tokens, not as the user's words."""
+        tokenizer = self.tokenizer
+        tokens = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+        return sorted(t for t in tokens if t and t in text)
+
+    def refuse_special_tokens(self, question: str) -> None:
+        special = self.special_tokens_in(question)
+        if special:
+            raise UserError(f"the question contains {special[0]!r}, a special token of this model's tokenizer; "
+                            "leave it out or spell it differently")
