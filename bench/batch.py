@@ -38,8 +38,7 @@ from common import build_7b, parse_args
 from vidsparse.answer import AskResult
 from vidsparse.datasets import shapes
 from vidsparse.options import ask_options
-from vidsparse.pipeline import VideoQA
-from vidsparse.preprocess import preprocess_frames
+from vidsparse.pipeline import VideoQA, clip_shape_of
 from vidsparse.stats import PeakMemory, synchronize
 from vidsparse.video import DecodedVideo, decode_video
 
@@ -96,8 +95,8 @@ def timed(device, run, *args):
 def hf_generate(qa: VideoQA, video: DecodedVideo, question: str, new_tokens: int) -> str:
     """Transformers' own path: the processor's inputs, `generate()`, greedy."""
     model = qa.model
-    pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std).to(model.device, model.dtype)
-    ids = model.prompt_ids(question, len(video.frames))
+    pixels = model.preprocess(video.frames).to(model.device, model.dtype)
+    ids = model.prompt_ids(question, clip_shape_of(video))
     with torch.inference_mode():
         out = model.model.generate(input_ids=ids, pixel_values_videos=pixels[None], max_new_tokens=new_tokens,
                                    do_sample=False, eos_token_id=sorted(model.eos_token_ids), pad_token_id=0)

@@ -25,7 +25,7 @@ from vidsparse.decoding import generate
 from vidsparse.models.video_llava import visual_map
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning import make_plan
-from vidsparse.stats import PeakMemory, StageTimer, prefill_flops, synchronize
+from vidsparse.stats import DecoderShape, PeakMemory, StageTimer, prefill_flops, synchronize
 
 CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64), ("vidcom2", 194),
            ("fastvid", 194), ("dycoke", 194), ("stprune", 194)]
@@ -77,8 +77,9 @@ def synthetic_prompt(model, device, dtype) -> PromptEmbeds:
     # What the video tower would give FastVID: CLS attention over each frame, a CLS embedding per frame.
     saliency = torch.rand(FRAMES, TOKENS_PER_FRAME, generator=generator).softmax(-1).flatten().to(device)
     frame_features = torch.randn(FRAMES, 1024, generator=generator).to(device)
-    return PromptEmbeds(ids, embeds, visual_map(torch.arange(PREFIX, PREFIX + n_visual), FRAMES, 16), words,
-                        saliency, frame_features)
+    rope = torch.arange(ids.shape[1], device=device)[None, None]
+    return PromptEmbeds(ids, embeds, visual_map(torch.arange(PREFIX, PREFIX + n_visual), FRAMES, 16), rope,
+                        PREFIX + n_visual, PREFIX + n_visual, words, saliency, frame_features)
 
 
 def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
@@ -97,7 +98,7 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
         "peak_bytes": memory.peak_bytes(),
         "working_bytes": memory.peak_bytes() - baseline,
         "kv_bytes": prefilled.kv_bytes(decoded.steps),
-        "flops": prefill_flops(prefilled.tokens_per_layer, 4096, 11008),
+        "flops": prefill_flops(prefilled.tokens_per_layer, DecoderShape.of(decoder)),
         "equivalent": statistics.fmean(prefilled.visual_per_layer),
     }
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lab.yardsticks import Yardstick
-from vidsparse.models.video_llava import prompt_ids
+from vidsparse.models.video_llava import prompt_text
 from vidsparse.preprocess import preprocess_frames
 
 DROP_AFTER_LAYER = 1
@@ -41,7 +41,10 @@ class Encoder:
 
     def prompt(self, question: str) -> list[int]:
         if question not in self._prompts:
-            self._prompts[question] = prompt_ids(self.tok, question, self.n_visual, self.video_id)
+            ids = self.tok(prompt_text(question, self.n_visual)).input_ids
+            if ids.count(self.video_id) != self.n_visual:
+                raise ValueError(f"the tokenizer split the video placeholder: {question!r}")
+            self._prompts[question] = ids
         return self._prompts[question]
 
     def answer(self, answer: str) -> list[int]:

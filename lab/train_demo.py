@@ -20,7 +20,7 @@ is reproducible on one machine):
    "red circle blue square") and "describe the shapes ?" (shape-ordered "square blue circle red";
    each order teaches one direction of the colour <-> shape binding), loss on the answer tokens
    only, with a curriculum (at most 3 objects during the first 20% of the steps). Prompts are built
-   by ``vidsparse.models.video_llava.prompt_ids``, pixels by ``vidsparse.preprocess.preprocess_frames``
+   by ``vidsparse.models.video_llava.prompt_text``, pixels by ``vidsparse.preprocess.preprocess_frames``
    from the exact uint8 frames that the data set's mp4 files store, so training matches inference.
    Where the yardstick sets ``pointer_weight`` (HD), an auxiliary loss on colour/shape batches
    points one early head at the asked object from the answer position, faded out by

@@ -103,11 +103,11 @@ def _check_context_early(model: str, options: AskOptions) -> None:
     """When the checkpoint's config is on disk already, check that the frames fit its context before
     any clip is decoded or the weights are loaded (the run checks again with the real prompt)."""
     from vidsparse.models.loading import peek_config
-    from vidsparse.models.video_llava import check_context
 
-    config = peek_config(model)
-    if config is not None:
-        check_context(config, options.num_frames, options.max_new_tokens)
+    found = peek_config(model)
+    if found is not None:
+        family, config = found
+        family.check_frames(config, options.num_frames, options.max_new_tokens)
 
 
 def _load(model: str, dtype: str, device: str):
@@ -174,7 +174,7 @@ def ask(
     if show_kept is not None:
         from vidsparse.kept_view import draw_kept
 
-        draw_kept(result, qa.model.image_size, qa.model.mean, qa.model.std, show_kept)
+        draw_kept(result, qa.model, show_kept)
     if as_json:
         sys.stdout.write(json.dumps(stats, allow_nan=False) + "\n")
         return
@@ -528,7 +528,7 @@ def sweep(
 
             for cell in cells:
                 if cell.method != "none" and cell.budget_value == budget_list[-1] and cell.first_result is not None:
-                    path = draw_kept(cell.first_result, qa.model.image_size, qa.model.mean, qa.model.std,
+                    path = draw_kept(cell.first_result, qa.model,
                                      out / f"kept-{cell.method}.png", f"{cell.first_result.question} ({cell.method}, "
                                      f"budget {cell.budget})")
                     paths[f"kept {cell.method}"] = path

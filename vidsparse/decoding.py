@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from vidsparse.engine import Head, Prefilled, prefill_question
-from vidsparse.layers import PaddedKV, layer_step_together
+from vidsparse.layers import PaddedKV, layer_step_together, rotary
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.stats import StageTimer, synchronize
@@ -56,7 +56,7 @@ class DecodeState:
         rope = None
         for i, layer in enumerate(self.decoder.layers):
             if i == 0 or not torch.equal(self.positions[:, i], self.positions[:, i - 1]):
-                rope = self.decoder.rotary_emb(hidden, self.positions[:, i : i + 1])
+                rope = rotary(self.decoder, hidden, self.positions[None, :, i : i + 1])
             hidden = layer_step_together(layer, hidden, rope, self.head.kv[i] if i < self.head.layers else None,
                                          self.own[i])
         self.positions += 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from vidsparse.layers import HeadKV, run_after_head, run_layers
+from vidsparse.layers import HeadKV, rotary, run_after_head, run_layers
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PromptText, PruningPlan, Selection, StageInput
 from vidsparse.stage import VisualBlock, apply_selection, attention_rows
@@ -44,12 +44,14 @@ class Head:
 
     kv: list[HeadKV]  # the head's keys/values at each shared layer (layers 0 .. len(kv) - 1)
     hidden: torch.Tensor  # (1, n, d) the head's output of the last shared layer (embeddings if none)
-    positions: torch.Tensor  # (1, n) RoPE positions of those rows
+    positions: torch.Tensor  # (P, 1, n) RoPE positions of those rows
     block: VisualBlock  # the visual tokens left after the question-independent stages
     stages: list[StageRecord]  # those stages
     tokens_per_layer: list[int]  # head rows entering each shared layer
     visual_per_layer: list[int]
     length: int  # head rows in the prompt, before any pruning
+    text_start: int  # RoPE position of the first row after the head (PromptEmbeds.text_start)
+    max_position: int  # the head's largest RoPE position
     generator: torch.Generator | None  # the plan's generator after the shared stages
 
     @property
@@ -59,7 +61,7 @@ class Head:
     def question_start(self, layer: int, keep: bool) -> int:
         """RoPE position of a question's first row at shared `layer` (keep: after the original head;
         compact: after the head's rows at that layer)."""
-        return self.length if keep else self.tokens_per_layer[layer]
+        return self.text_start if keep else self.tokens_per_layer[layer]
 
 
 # A question's rows after the shared layers: (last shared layer's output, that layer's input, a cache
@@ -77,7 +79,8 @@ class Prefilled:
     tokens_per_layer: list[int]  # prompt tokens entering each decoder layer in prefill
     visual_per_layer: list[int]  # visual tokens entering each decoder layer in prefill
     # RoPE position of the next token, per layer: the positions a full recomputation would give it
-    # (keep: after the original prompt; compact: after the layer's own, shortened, sequence).
+    # (keep: after the original prompt's largest position; compact: after the layer's own, shortened,
+    # sequence).
     next_positions: list[int]
     own_lengths: list[int]  # this question's own cached rows per layer after prefill
     token_kv_bytes: int  # keys + values of one token at one layer
@@ -134,14 +137,14 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
     device = prompt.embeds.device
     if not len(visual):
         raise ValueError("the engine needs a prompt with a visual block")
-    length = int(visual.positions[-1]) + 1
+    length = prompt.head_length
     hidden = prompt.embeds[:, :length]
     block = VisualBlock(int(visual.positions[0]), torch.arange(len(visual), device=device),
                         torch.zeros(len(visual), dtype=torch.bool, device=device))
     stages = _stages(plan, len(visual))
     first_guided = next((i for i, layer in enumerate(stages) if plan.method.reads_question(layer)), len(stages))
     shared = stages[first_guided] + 1 if first_guided < len(stages) else len(decoder.layers)
-    positions = torch.arange(length, device=device)[None]
+    positions = prompt.rope_positions[..., :length].to(device)
     cache = DynamicCache(config=decoder.config)
     generator = torch.Generator().manual_seed(plan.seed) if plan else None
     tokens_per_layer: list[int] = []
@@ -161,7 +164,8 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
         records.append(StageRecord(stages[index], block.size, selection))
     hidden = layers(hidden, shared)
     kv = [HeadKV(cache.layers[i].keys, cache.layers[i].values) for i in range(shared)]
-    return Head(kv, hidden, positions, block, records, tokens_per_layer, visual_per_layer, length, generator)
+    return Head(kv, hidden, positions, block, records, tokens_per_layer, visual_per_layer, length, prompt.text_start,
+                int(prompt.rope_positions[..., :length].max()), generator)
 
 
 def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer,
@@ -217,21 +221,23 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
                                               prompt.suffix_words))
             layer = head.layers - 1  # the question's rows query the head's keys and their own
             rows = method.query_rows(count, facts).to(device)
-            rope = decoder.rotary_emb(question, (head.question_start(layer, keep) + rows)[None])
+            rope = rotary(decoder, question, (head.question_start(layer, keep) + rows)[None, None])
             hidden, positions, block, record = _question_stage(
                 decoder, plan, index, stages, prompt, generator, facts, head.hidden, head.positions, block,
                 layer_input[:, rows], rope, head.hidden.shape[1] + rows,
                 [head.kv[layer].keys, cache.layers[layer].keys])
             hidden = torch.cat([hidden, question], 1)
-            positions = (torch.arange(hidden.shape[1], device=device)[None] if not keep
-                         else torch.cat([positions, head.length + torch.arange(count, device=device)[None]], 1))
+            text = head.text_start + torch.arange(count, device=device)
+            positions = (torch.arange(hidden.shape[1], device=device)[None, None] if not keep
+                         else torch.cat([positions, text.expand(positions.shape[0], 1, count)], -1))
         records.append(record)
         hidden, block = _guided_stages(decoder, prompt, plan, timer, cache, records, tokens_per_layer,
                                        visual_per_layer, facts, hidden, positions, block, index + 1, generator)
     keys = cache.layers[0].keys
     prefilled = Prefilled(
         head, records, block, tokens_per_layer, visual_per_layer,
-        next_positions=[head.length + count] * num_layers if keep else list(tokens_per_layer),
+        next_positions=([max(head.max_position + 1, head.text_start + count)] * num_layers if keep
+                        else list(tokens_per_layer)),
         own_lengths=[layer.keys.shape[-2] for layer in cache.layers],
         token_kv_bytes=2 * keys.shape[1] * keys.shape[-1] * keys.element_size(), facts=facts)
     return prefilled, cache, hidden[:, -count:]
@@ -257,7 +263,7 @@ def _counted_layers(decoder, hidden: torch.Tensor, positions: torch.Tensor, cach
     """run_layers, recording how many tokens (and visual tokens) enter each layer."""
     tokens_per_layer.extend([hidden.shape[1]] * len(layers))
     visual_per_layer.extend([visual] * len(layers))
-    return run_layers(decoder, hidden, positions, decoder.rotary_emb(hidden, positions), cache, layers)
+    return run_layers(decoder, hidden, positions, rotary(decoder, hidden, positions), cache, layers)
 
 
 def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: StageTimer, cache: DynamicCache,
@@ -278,7 +284,7 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
         hidden = layers(layer_input, stages[index] + 1)
         with timer.stage("pruning"):
             rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end, facts).to(hidden.device)
-            cos, sin = decoder.rotary_emb(hidden, positions)
+            cos, sin = rotary(decoder, hidden, positions)
             hidden, positions, block, record = _question_stage(
                 decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block,
                 layer_input[:, rows], (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])

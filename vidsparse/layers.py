@@ -28,14 +28,22 @@ class HeadKV:
     values: torch.Tensor
 
 
-def run_layers(decoder, hidden: torch.Tensor, position_ids: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+def rotary(decoder, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin (b, n, head_dim) of rows at `positions` (P, b, n): P = 1 for 1-D RoPE; for M-RoPE
+    (time, height, width) the decoder's rotary embedding combines the P sections itself. Text rows may
+    be given with P = 1 in any family (their position is the same in every section)."""
+    return decoder.rotary_emb(hidden, positions[0] if positions.shape[0] == 1 else positions)
+
+
+def run_layers(decoder, hidden: torch.Tensor, positions: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                cache: DynamicCache, layers: range) -> torch.Tensor:
-    """Run decoder layers `layers` on `hidden` (1, n, d), appending their keys/values to `cache`."""
+    """Run decoder layers `layers` on `hidden` (1, n, d) at RoPE `positions` (P, 1, n), appending their
+    keys/values to `cache`."""
     for i in layers:
         hidden = decoder.layers[i](
             hidden,
             attention_mask=None,
-            position_ids=position_ids,
+            position_ids=positions[0],
             position_embeddings=cos_sin,
             cache=cache,
             use_cache=True,
@@ -100,7 +108,7 @@ def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: li
     for i, shared in enumerate(head):
         layer = decoder.layers[i]
         layer_input = hidden
-        query, key, value = _project(layer, hidden, decoder.rotary_emb(hidden, (starts[i] + local)[None]))
+        query, key, value = _project(layer, hidden, rotary(decoder, hidden, (starts[i] + local)[None, None]))
         kv.append((key, value))
         hidden = _attend_and_finish(layer, hidden, query, shared, key, value, future)
     return hidden, layer_input, kv

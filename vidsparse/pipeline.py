@@ -28,19 +28,14 @@ from vidsparse.engine import (
     question_rows,
 )
 from vidsparse.errors import UserError
-from vidsparse.models.video_llava import VideoLlava
+from vidsparse.models.family import ClipShape, VideoModel
+from vidsparse.models.loading import load_model
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
-from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.questions import check_question_text
-from vidsparse.stats import (
-    PeakMemory,
-    StageTimer,
-    prefill_flops,
-    vision_flops,
-)
+from vidsparse.stats import DecoderShape, PeakMemory, StageTimer, prefill_flops
 from vidsparse.video import DecodedVideo, decode_video
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
@@ -74,12 +69,14 @@ class _Prefilled:
 class VideoQA:
     """A loaded model that answers questions about videos."""
 
-    def __init__(self, model: VideoLlava):
+    def __init__(self, model: VideoModel):
         self.model = model
+        self.decoder_shape = DecoderShape.of(model.decoder)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> VideoQA:
-        return cls(VideoLlava.from_pretrained(name_or_path, dtype=dtype, device=device))
+        """Load a checkpoint of any family vidsparse runs (vidsparse.models.families)."""
+        return cls(load_model(name_or_path, dtype=dtype, device=device))
 
     def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
             budget: int | str = 194, prune_after: str | Sequence[int] | None = None, positions: str = "keep",
@@ -108,7 +105,7 @@ class VideoQA:
         model = self.model
         timer = StageTimer(model.device)
         with timer.stage("preprocess"):
-            pixels = preprocess_frames(video.frames, model.image_size, model.mean, model.std)
+            pixels = model.preprocess(video.frames)
         with timer.stage("vision"):
             tokens = model.video_features(pixels, saliency=saliency)
         return ClipFeatures(tokens, timer.seconds, time.perf_counter())
@@ -131,24 +128,37 @@ class VideoQA:
         start = time.perf_counter()
         if isinstance(video, np.ndarray):
             video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))
-        num_frames = len(video.frames) if isinstance(video, DecodedVideo) else options.num_frames
+        # Until a file is decoded, its frames' size is not known: the prompts are checked for the clip
+        # with the fewest visual tokens, and made again if the decoded clip has more.
+        clip_shape = (clip_shape_of(video) if isinstance(video, DecodedVideo)
+                      else model.smallest_clip(model.model.config, options.num_frames))
+        self._check_positions(options)
         with timer.stage("preprocess"):
-            prompts = [self.checked_prompt(q, num_frames, options) for q in questions]
+            prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
         if all(isinstance(p, UserError) for p in prompts):
             yield from prompts
             return
-        num_visual = num_frames * model.tokens_per_frame
-        plan = plan_for(options, len(model.decoder.layers), num_frames, num_visual)
+        plan = self._plan(options, clip_shape)
         video_path = None
         if not isinstance(video, DecodedVideo):
             video_path = str(video)
             video = decode_video(video, options.num_frames, options.backend)
+            provisional, clip_shape = clip_shape, clip_shape_of(video)
+            if self._visual_tokens(clip_shape) != self._visual_tokens(provisional):
+                with timer.stage("preprocess"):
+                    prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
+                if all(isinstance(p, UserError) for p in prompts):
+                    yield from prompts
+                    return
+                plan = self._plan(options, clip_shape)
         if features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None):
             features = self.clip_features(video, plan.method.needs_saliency)
         head_ids = next(p for p in prompts if not isinstance(p, UserError))
         with timer.stage("vision"):
-            head_prompt = model.embed(head_ids[:, : int((head_ids[0] == model.video_token_id).nonzero()[-1]) + 1],
-                                      features.tokens)
+            whole = model.embed(head_ids, features.tokens, clip_shape)
+            length = whole.head_length
+            head_prompt = replace(whole, input_ids=head_ids[:, :length], embeds=whole.embeds[:, :length],
+                                  rope_positions=whole.rope_positions[..., :length], suffix_words=[])
         with timer.stage("prefill"):
             head = prefill_head(model.decoder, head_prompt, plan, timer)
         seconds = timer.seconds
@@ -160,8 +170,8 @@ class VideoQA:
             seconds={"decode_video": video.seconds, **seconds,
                      "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
                      + features.seconds_before(start)},
-            prefill_flops=prefill_flops(head.tokens_per_layer, *self._widths()),
-            vision_flops=vision_flops(model.model.config, len(video.frames)),
+            prefill_flops=prefill_flops(head.tokens_per_layer, self.decoder_shape),
+            vision_flops=model.vision_flops(model.model.config, clip_shape),
         )
         clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
         del head_prompt, head, features  # the clip's state lives in `clip` only, until the last question
@@ -193,25 +203,45 @@ class VideoQA:
 
     def check_question(self, question: str, options: AskOptions) -> None:
         """Raise the UserError that refuses ``question`` (asked of every clip: refused once, up front)."""
-        refused = self.checked_prompt(question, options.num_frames, options)
+        refused = self.checked_prompt(question, self.model.smallest_clip(self.model.model.config, options.num_frames),
+                                      options)
         if isinstance(refused, UserError):
             raise refused
 
-    def checked_prompt(self, question: str, num_frames: int, options: AskOptions) -> torch.Tensor | UserError:
+    def check_frames(self, options: AskOptions) -> None:
+        """Raise the UserError that refuses every clip at these options: too many frames for the context."""
+        self.model.check_frames(self.model.model.config, options.num_frames, options.max_new_tokens)
+
+    def checked_prompt(self, question: str, clip: ClipShape, options: AskOptions) -> torch.Tensor | UserError:
         """The prompt's token ids, or why this question cannot be asked (empty, special tokens, too long)."""
         model = self.model
+        config = model.model.config
         try:
             check_question_text(question)
-            input_ids = model.prompt_ids(question, num_frames)
-            model.check_context(input_ids.shape[1] - num_frames * model.tokens_per_frame, num_frames,
-                                options.max_new_tokens)
+            input_ids = model.prompt_ids(question, clip)
+            video_rows = model.visual_tokens(config, clip) + model.prompt_overhead(config, clip)
+            model.check_context(config, clip, options.max_new_tokens, input_ids.shape[1] - video_rows)
             return input_ids
         except UserError as e:
             return e
 
-    def _widths(self) -> tuple[int, int]:
-        text = self.model.model.config.text_config
-        return text.hidden_size, text.intermediate_size
+    def check_plan(self, options: AskOptions) -> None:
+        """Raise the UserError that refuses these options' pruning plan on any clip (the per-frame floor
+        is checked for the clip with the fewest visual tokens; every clip is checked again)."""
+        self._check_positions(options)
+        self._plan(options, self.model.smallest_clip(self.model.model.config, options.num_frames))
+
+    def _visual_tokens(self, clip: ClipShape) -> int:
+        return self.model.visual_tokens(self.model.model.config, clip)
+
+    def _plan(self, options: AskOptions, clip: ClipShape) -> PruningPlan:
+        return plan_for(options, len(self.model.decoder.layers), self.model.spans(clip), self._visual_tokens(clip))
+
+    def _check_positions(self, options: AskOptions) -> None:
+        """`compact` renumbers positions 0..n'-1, which only means something for 1-D RoPE."""
+        if options.positions == "compact" and self.model.position_dims > 1:
+            raise UserError(f"--positions compact renumbers 1-D positions, but {self.model.model_type} gives each "
+                            "visual token a 3-D (time, height, width) position: use --positions keep")
 
     def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: _Clip
                        ) -> tuple[list[_Prefilled | Exception], list[DynamicCache]]:
@@ -225,9 +255,12 @@ class VideoQA:
             timer = StageTimer(model.device)
             with timer.stage("preprocess"):
                 length = clip.head.length
-                own = model.decoder.embed_tokens(ids[:, length:])
+                own = model.decoder.embed_tokens(ids[:, length:])  # after the head, a prompt is text
                 words = [model.tokenizer.decode([i]).strip() for i in ids[0, length:].tolist()]
+                head_rope = clip.head_prompt.rope_positions
+                text = clip.head.text_start + torch.arange(own.shape[1], device=head_rope.device)
                 prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
+                                 rope_positions=torch.cat([head_rope, text.expand(head_rope.shape[0], 1, -1)], -1),
                                  suffix_words=words)
             asked.append((question, prompt, timer))
         batch = StageTimer(model.device)
@@ -264,7 +297,6 @@ class VideoQA:
         # Amortised: this question's own time plus its share of the clip's.
         seconds = {name: own_seconds.get(name, 0.0) + shared.seconds.get(name, 0.0) / shared.questions
                    for name in ("decode_video", *STAGES, "total")}
-        d, m = self._widths()
         layers = len(prefilled.tokens_per_layer)
         # Unpruned, every layer would cache the whole prompt plus each fed-back token.
         unpruned_kv = prefilled.token_kv_bytes * (input_ids.shape[1] + decoded.steps) * layers
@@ -285,8 +317,8 @@ class VideoQA:
             visual_map=done.prompt.visual,
             final_block=prefilled.block,
             generated_tokens=len(decoded.token_ids),
-            prefill_flops=prefill_flops(prefilled.tokens_per_layer, d, m),
-            prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * layers, d, m),
+            prefill_flops=prefill_flops(prefilled.tokens_per_layer, self.decoder_shape),
+            prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * layers, self.decoder_shape),
             vision_flops=shared.vision_flops,
             shared=shared,
             peak_memory_bytes=clip.memory.peak_bytes(),
@@ -296,6 +328,13 @@ class VideoQA:
             decode_tokens_per_s=decoded.steps / decoded.seconds if decoded.steps else None,
             first_logits=done.logits,
         )
+
+
+def clip_shape_of(video: DecodedVideo) -> ClipShape:
+    """The clip's frames, their size, and how many were sampled a second (None if the file does not say)."""
+    frames = video.frames
+    fps = len(video.indices) / video.total_frames * video.fps if video.fps > 0 and video.total_frames else None
+    return ClipShape(len(frames), int(frames.shape[1]), int(frames.shape[2]), fps)
 
 
 def load_quietly(name_or_path: str, dtype: str, device: str) -> VideoQA:

@@ -25,12 +25,18 @@ def preprocess_frames(
 ) -> torch.Tensor:
     """uint8 (T, H, W, 3) frames -> float32 (T, 3, size, size) normalised pixels: shortest edge to
     `size`, centre crop (CLIP's preprocessing)."""
+    return normalize(resize_and_crop(frames, size), mean, std)
+
+
+def resize_and_crop(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames -> float32 (T, 3, size, size) values 0..255: shortest edge to `size`,
+    centre crop."""
     height, width = _frames(frames).shape[1:3]
     # Same rounding as transformers' get_resize_output_image_size (int of the scaled long edge).
     scale = size / min(height, width)
     new_h, new_w = (size, int(width * scale)) if height <= width else (int(height * scale), size)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return normalize(resize_frames(frames, (new_h, new_w), (top, left, size, size)), mean, std)
+    return resize_frames(frames, (new_h, new_w), (top, left, size, size))
 
 
 def resize_frames(frames: np.ndarray | torch.Tensor, size: tuple[int, int],

@@ -79,7 +79,7 @@ class ClipWorker:
         if self.failure is not None:
             return self.failure
         try:
-            self.qa.model.check_context(None, options.num_frames, options.max_new_tokens)
+            self.qa.check_frames(options)
             if question is not None:
                 self.qa.check_question(question, options)
             return batch_settings(self.model, self.dtype, self.device, options)

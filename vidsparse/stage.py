@@ -56,11 +56,11 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
                     mode: PositionMode) -> tuple[torch.Tensor, torch.Tensor, VisualBlock]:
     """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then the
     merged ones (or, with `in_clip_order`, all of them in clip order, a merged row at its anchor's
-    place). Positions follow (`keep`: original RoPE positions, a merged token its anchor's;
-    `compact`: renumbered 0..n'-1)."""
+    place). Positions (P, 1, n) follow (`keep`: original RoPE positions, a merged token its anchor's;
+    `compact`: renumbered 0..n'-1, 1-D only)."""
     device = hidden.device
     visual = hidden[:, block.start : block.end]
-    visual_positions = positions[:, block.start : block.end]
+    visual_positions = positions[..., block.start : block.end]
     keep = selection.keep.to(device)
     parts = [visual[:, keep]]
     places = [keep]  # index in the current block of each output row (a merged row: its anchor's)
@@ -81,8 +81,8 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
     order = torch.sort(place, stable=True).indices if selection.in_clip_order else slice(None)
     new_visual = torch.cat(parts, dim=1)[:, order]
     hidden = torch.cat([hidden[:, : block.start], new_visual, hidden[:, block.end :]], dim=1)
-    positions = torch.cat([positions[:, : block.start], visual_positions[:, place[order]], positions[:, block.end :]],
-                          dim=1)
+    positions = torch.cat([positions[..., : block.start], visual_positions[..., place[order]],
+                           positions[..., block.end :]], dim=-1)
     if mode == "compact":
-        positions = torch.arange(hidden.shape[1], device=device)[None]
+        positions = torch.arange(hidden.shape[1], device=device)[None, None]
     return hidden, positions, VisualBlock(block.start, block.origin[place[order]], torch.cat(merged)[order])

@@ -6,10 +6,10 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import VideoLlavaConfig
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,25 +80,36 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-def layer_flops(n: int, d: int, m: int) -> int:
-    """One decoder layer on n tokens, paper convention (multiply-add = 1):
-    4nd^2 (q, k, v, o projections) + 2n^2d (scores and weighted sum) + 3ndm (gated MLP)."""
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+@dataclass(frozen=True)
+class DecoderShape:
+    """The widths of a decoder layer that its FLOPs depend on, read from the layer's own modules (so
+    GQA and q/k/v biases count as each family has them)."""
+
+    width: int  # d, the hidden size
+    query_width: int  # query heads x head_dim
+    kv_width: int  # key/value heads x head_dim
+    mlp_width: int  # m, the gated MLP's inner size
+    biased_width: int  # outputs of the q/k/v projections that add a bias (0 for Llama)
+
+    @classmethod
+    def of(cls, decoder) -> DecoderShape:
+        attn, mlp = decoder.layers[0].self_attn, decoder.layers[0].mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        return cls(attn.q_proj.in_features, attn.q_proj.out_features, attn.k_proj.out_features,
+                   mlp.gate_proj.out_features, sum(p.out_features for p in projections if p.bias is not None))
+
+    def layer_flops(self, n: int) -> int:
+        """One decoder layer on n tokens, paper convention (multiply-add = 1): the q, k, v, o
+        projections (4nd^2 without GQA), their biases, 2n^2 x query width (scores and weighted sum),
+        3ndm (gated MLP)."""
+        d = self.width
+        projections = n * d * (2 * self.query_width + 2 * self.kv_width) + n * self.biased_width
+        return projections + 2 * n * n * self.query_width + 3 * n * d * self.mlp_width
 
 
-def prefill_flops(tokens_per_layer: Sequence[int], d: int, m: int) -> int:
+def prefill_flops(tokens_per_layer: Sequence[int], shape: DecoderShape) -> int:
     """LLM prefill FLOPs, summed over layers with the number of tokens *entering* each layer."""
-    return sum(layer_flops(n, d, m) for n in tokens_per_layer)
-
-
-def vision_flops(config: VideoLlavaConfig, num_frames: int) -> int:
-    """Vision tower (every layer runs) + projector, same convention; CLIP's MLP has two matrices."""
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2 + 1
-    d, m = vision.hidden_size, vision.intermediate_size
-    per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
-    projector = n * (d * config.text_config.hidden_size + config.text_config.hidden_size ** 2)
-    return num_frames * (vision.num_hidden_layers * per_layer + projector)
+    return sum(shape.layer_flops(n) for n in tokens_per_layer)
 
 
 def equivalent_tokens(visual_per_layer: Sequence[int]) -> float:

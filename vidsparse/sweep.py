@@ -23,7 +23,7 @@ from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, Budget
 from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import VideoQA
-from vidsparse.pruning import METHODS, check_method, plan_for
+from vidsparse.pruning import METHODS, check_method
 from vidsparse.questions import Question
 from vidsparse.video import DecodedVideo, decode_video
 
@@ -98,12 +98,10 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     names its file)."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    model = qa.model
-    num_visual = options.num_frames * model.tokens_per_frame
-    model.check_context(None, options.num_frames, options.max_new_tokens)
+    qa.check_frames(options)
     cell_options = [options_for(c, options) for c in cells]
     for o in cell_options:  # fail before the first run, not in the middle of the sweep
-        plan_for(o, len(model.decoder.layers), options.num_frames, num_visual)
+        qa.check_plan(o)
     saliency = any(METHODS[c.method].needs_saliency for c in cells)
     skipped: list[str] = []
 
@@ -115,7 +113,8 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     warmed = False
     by_video: dict[Path, list[Question]] = {}
     for q in questions:
-        refused = qa.checked_prompt(q.question, options.num_frames, options)
+        refused = qa.checked_prompt(q.question, qa.model.smallest_clip(qa.model.model.config, options.num_frames),
+                                    options)
         if isinstance(refused, UserError):
             skip(f"question {q.id!r}: {refused}", 1)
         else:

@@ -48,13 +48,15 @@ def test_ask_json_fields(tiny_checkpoint, clips):
     assert 1 <= stats["tokens"]["generated"] <= 3
     assert set(stats["time_ms"]) == {"decode_video", "preprocess", "vision", "prefill", "pruning", "generate", "total"}
     assert stats["time_ms"]["total"] >= stats["time_ms"]["prefill"] > 0
-    # FLOPs from the config (d=64, m=256, 4 layers), paper convention, tokens entering each layer.
+    # FLOPs from the config (d=64, GQA: keys/values 32 wide, m=256, 4 layers), paper convention, tokens
+    # entering each layer.
     n = stats["tokens"]["prompt"]
-    assert stats["flops"]["prefill"] == 4 * (4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 256)
+    assert stats["flops"]["prefill"] == 4 * (2 * n * 64**2 + 2 * n * 64 * 32 + 2 * n * n * 64 + 3 * n * 64 * 256)
     # One question: the head (text + video, up to the last visual token) shares every layer with nobody.
     head = 136 + 3  # <s> "USER:" then the visual block
     assert stats["shared"]["questions"] == 1
-    assert stats["shared"]["prefill_flops"] == 4 * (4 * head * 64**2 + 2 * head * head * 64 + 3 * head * 64 * 256)
+    assert stats["shared"]["prefill_flops"] == 4 * (2 * head * 64**2 + 2 * head * 64 * 32 + 2 * head * head * 64
+                                                    + 3 * head * 64 * 256)
     assert stats["flops"]["prefill_own"] == stats["flops"]["prefill"] - stats["shared"]["prefill_flops"]
     assert stats["flops"]["amortised"] == stats["flops"]["prefill"] + stats["flops"]["vision"]
     # KV cache: 4 layers x (keys + values) x 2 kv heads x 16 dims x 4 bytes x cached tokens.

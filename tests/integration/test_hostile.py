@@ -150,11 +150,13 @@ BROKEN = {
         "image_mean must be three finite numbers"),
     "patch size 0": (lambda f: _edit_json("config.json")(f, lambda c: c["vision_config"].update(patch_size=0)),
                      "patch_size is 0"),
-    "config that is a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "not a VideoLLaVA checkpoint"),
+    "config that is a list": (lambda f: (f / "config.json").write_text("[1, 2]"),
+                              "not a checkpoint of a model family vidsparse runs (model_type is None"),
     "config without vision_config": (lambda f: _edit_json("config.json")(f, lambda c: c.pop("vision_config")),
-                                     "config.json has no vision_config: not a VideoLLaVA checkpoint's config"),
+                                     "config.json has no vision_config: not a complete video_llava checkpoint's "
+                                     "config"),
     "config without text_config": (lambda f: _edit_json("config.json")(f, lambda c: c.pop("text_config")),
-                                   "config.json has no text_config: not a VideoLLaVA checkpoint's config"),
+                                   "config.json has no text_config: not a complete video_llava checkpoint's config"),
     "config that is a FIFO": (lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json")),
                               "config.json is not a regular file (a pipe, socket or device)"),
     "config with a wrong type": (lambda f: _edit_json("config.json")(f, lambda c: c["text_config"].update(
@@ -339,7 +341,7 @@ def test_too_many_frames_fail_before_decoding(clips, tiny_checkpoint, monkeypatc
     # 64 frames x 17 tokens + 2 new tokens > the tiny model's 1024 positions
     # Before the tokenizer is loaded the text is not counted: the advice is a bound, and says so.
     assert_one_line_error(ask(clips["h264"], QUESTION, tiny_checkpoint, "--frames", 64),
-                          "needs more than 1090 positions (64 frames x 17 visual tokens, the prompt's text, 2 new "
+                          "needs more than 1090 positions (64 frames -> 1088 visual tokens, the prompt's text, 2 new "
                           "tokens) but the model has 1024: sample fewer --frames (60 would leave no room")
     assert_one_line_error(invoke("batch", folder, "--question", "what ?", "--out", tmp_path / "r.jsonl", "--model",
                                  tiny_checkpoint, "--frames", 64), "sample fewer --frames")

@@ -9,10 +9,13 @@ from transformers import VideoLlavaForConditionalGeneration
 from vidsparse.decoding import generate
 from vidsparse.errors import UserError
 from vidsparse.models import loading
-from vidsparse.models.video_llava import VideoLlava, prompt_ids
+from vidsparse.models.family import ClipShape
+from vidsparse.models.video_llava import VideoLlava
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.stats import StageTimer
 from vidsparse.video import decode_video
+
+CLIP = ClipShape(8, 48, 64)  # the test clips' shape
 
 
 @pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_checkpoint_mha"])
@@ -26,9 +29,9 @@ def pixels(loaded, clips):
 
 
 def test_prompt_expands_video_placeholder(loaded):
-    ids = loaded.prompt_ids("what is happening ?", num_frames=8)[0].tolist()
+    ids = loaded.prompt_ids("what is happening ?", CLIP)[0].tolist()
     tok = loaded.tokenizer
-    assert loaded.tokens_per_frame == 17  # 4 x 4 patches + CLS, read from the config
+    assert loaded.visual_tokens(loaded.model.config, ClipShape(1, 48, 64)) == 17  # 4 x 4 patches + CLS
     assert ids[0] == tok.bos_token_id
     assert ids.count(loaded.video_token_id) == 8 * 17
     first = ids.index(loaded.video_token_id)
@@ -38,13 +41,15 @@ def test_prompt_expands_video_placeholder(loaded):
 
 
 def test_prompt_ids_reject_a_tokenizer_that_splits_the_placeholder(loaded):
+    confused = VideoLlava(loaded.model, loaded.tokenizer, "confused")
+    confused.video_token_id = loaded.tokenizer.bos_token_id
     with pytest.raises(ValueError, match="video tokens"):
-        prompt_ids(loaded.tokenizer, "what ?", 3, video_token_id=loaded.tokenizer.bos_token_id)
+        confused.prompt_ids("what ?", CLIP)
 
 
 def test_visual_map_is_frame_major_with_cls_first(loaded, pixels):
-    ids = loaded.prompt_ids("what ?", 8)
-    prompt = loaded.embed(ids, loaded.video_features(pixels))
+    ids = loaded.prompt_ids("what ?", CLIP)
+    prompt = loaded.embed(ids, loaded.video_features(pixels), CLIP)
     vis = prompt.visual
     assert len(vis) == 136 and vis.positions.tolist() == list(range(3, 139))
     assert vis.frame.tolist() == [f for f in range(8) for _ in range(17)]
@@ -54,7 +59,7 @@ def test_visual_map_is_frame_major_with_cls_first(loaded, pixels):
 
 
 def hf_inputs(loaded, pixels, question="what is happening ?"):
-    return {"input_ids": loaded.prompt_ids(question, 8), "pixel_values_videos": pixels[None]}
+    return {"input_ids": loaded.prompt_ids(question, CLIP), "pixel_values_videos": pixels[None]}
 
 
 def reference_model(loaded):
@@ -68,7 +73,7 @@ def test_prefill_logits_equal_transformers_forward(loaded, pixels):
     inputs = hf_inputs(loaded, pixels)
     with torch.no_grad():
         expected = reference_model(loaded)(**inputs).logits[0, -1]
-    prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels))
+    prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels), CLIP)
     ours = generate(loaded.decoder, loaded.lm_head, prompt, 1, loaded.eos_token_ids, StageTimer(loaded.device))
     torch.testing.assert_close(ours.first_logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -81,7 +86,7 @@ def test_greedy_decode_equals_transformers_generate(loaded, pixels, question):
     expected = expected[0, inputs["input_ids"].shape[1] :].tolist()
     if expected[-1] in loaded.eos_token_ids:
         expected = expected[:-1]
-    prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels))
+    prompt = loaded.embed(inputs["input_ids"], loaded.video_features(pixels), CLIP)
     ours = generate(loaded.decoder, loaded.lm_head, prompt, 12, loaded.eos_token_ids, StageTimer(loaded.device))
     assert len(expected) >= 4, "the random tiny model should say something before EOS"
     assert ours.decoded.token_ids == expected
@@ -101,7 +106,7 @@ def test_folder_without_config_is_rejected(tmp_path):
 
 def test_folder_of_another_model_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(UserError, match="not a VideoLLaVA checkpoint"):
+    with pytest.raises(UserError, match="not a checkpoint of a model family vidsparse runs"):
         VideoLlava.from_pretrained(str(tmp_path))
 
 

@@ -12,8 +12,8 @@ from tests.reference import masked_logits
 from vidsparse.decoding import DecodeState, generate
 from vidsparse.engine import prefill, prefill_head
 from vidsparse.layers import run_layers
+from vidsparse.models.family import ClipShape
 from vidsparse.models.video_llava import VideoLlava
-from vidsparse.models.visual import PromptEmbeds
 from vidsparse.preprocess import preprocess_frames
 from vidsparse.pruning import METHODS, make_plan
 from vidsparse.pruning.base import Method
@@ -32,7 +32,8 @@ def setup(request, clips):
     eager = VideoLlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     pixels = preprocess_frames(decode_video(clips["h264"], 8).frames, model.image_size)
     with torch.inference_mode():
-        prompt = model.embed(model.prompt_ids(QUESTION, 8), model.video_features(pixels, saliency=True))
+        clip = ClipShape(8, 48, 64)
+        prompt = model.embed(model.prompt_ids(QUESTION, clip), model.video_features(pixels, saliency=True), clip)
     return model, eager, prompt
 
 
@@ -55,7 +56,9 @@ def replay_logits(model, prompt, plan, selections, extra_tokens):
     """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens."""
     with torch.inference_mode():
         extra = model.decoder.embed_tokens(torch.tensor([extra_tokens], dtype=torch.long))
-        longer = PromptEmbeds(prompt.input_ids, torch.cat([prompt.embeds, extra], 1), prompt.visual, [])
+        n = prompt.embeds.shape[1] + len(extra_tokens)
+        longer = replace(prompt, embeds=torch.cat([prompt.embeds, extra], 1), suffix_words=[],
+                         rope_positions=torch.arange(n)[None, None])
         _, _, hidden = prefill(model.decoder, longer, replace(plan, name="replay", method=Replay(selections)),
                                StageTimer(model.device))
         return model.lm_head(model.decoder.norm(hidden[:, -1]))[0].float()
@@ -228,8 +231,8 @@ def test_one_method_object_serves_every_question(setup, method):
 
 def _question_parts(model, prompt, question):
     """The input ids, embeddings and suffix words of `question` about the same clip as `prompt`."""
-    ids = model.prompt_ids(question, 8)
-    end = int(prompt.visual.positions[-1]) + 1
+    ids = model.prompt_ids(question, ClipShape(8, 48, 64))
+    end = prompt.head_length
     assert torch.equal(ids[:, :end], prompt.input_ids[:, :end])
     embeds = torch.cat([prompt.embeds[:, :end], model.decoder.embed_tokens(ids[:, end:])], 1)
     return {"input_ids": ids, "embeds": embeds,

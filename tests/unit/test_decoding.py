@@ -11,6 +11,7 @@ import torch
 
 from vidsparse import decoding, pipeline
 from vidsparse.decoding import generate
+from vidsparse.models.family import ClipShape
 from vidsparse.models.video_llava import VideoLlava
 from vidsparse.options import ask_options
 from vidsparse.pipeline import VideoQA
@@ -49,7 +50,8 @@ def test_generate_lets_go_of_the_prefill_cache(tiny_checkpoint, clips, monkeypat
     model = VideoLlava.from_pretrained(str(tiny_checkpoint))
     pixels = preprocess_frames(decode_video(clips["h264"], 8).frames, model.image_size)
     with torch.inference_mode():
-        prompt = model.embed(model.prompt_ids("what color is the square ?", 8), model.video_features(pixels))
+        clip = ClipShape(8, 48, 64)
+        prompt = model.embed(model.prompt_ids("what color is the square ?", clip), model.video_features(pixels), clip)
     alive = caches_alive_at_each_step(monkeypatch, decoding, "prefill_question")
     generate(model.decoder, model.lm_head, prompt, 4, set(), StageTimer(model.device), make_plan(method, 20, 4))
     assert alive and alive == [0] * len(alive)

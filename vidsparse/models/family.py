@@ -29,6 +29,7 @@ class ClipShape:
     frames: int
     height: int
     width: int
+    fps: float | None = None  # sampled frames a second of video (M-RoPE ties time positions to seconds)
 
 
 class VideoModel:
@@ -37,6 +38,8 @@ class VideoModel:
     NotImplementedError; the rest is shared."""
 
     model_type: ClassVar[str]  # config.json's model_type
+    config_class: ClassVar[type[PretrainedConfig]]
+    model_class: ClassVar[type[PreTrainedModel]]
     position_dims: ClassVar[int] = 1  # 1: 1-D RoPE positions; 3: M-RoPE (time, height, width)
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
@@ -57,6 +60,11 @@ class VideoModel:
         from vidsparse.models.loading import load_family
 
         return load_family(cls, name_or_path, dtype, device)
+
+    @classmethod
+    def default_pixel_stats(cls) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of the family's processor, for a checkpoint without preprocessor_config.json."""
+        raise NotImplementedError
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> list[str]:
@@ -108,12 +116,19 @@ class VideoModel:
         raise NotImplementedError
 
     @classmethod
+    def spans(cls, clip: ClipShape) -> int:
+        """Time spans a clip's visual tokens fall into (`VisualMap.frame`): one a frame unless a token
+        covers several frames."""
+        return clip.frames
+
+    @classmethod
     def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
         """Prompt rows of the video that are not prunable visual tokens (separators, newlines)."""
         return 0
 
-    def frame_size(self, height: int, width: int) -> tuple[int, int]:
-        """The (height, width) in pixels the preprocessing brings a frame of this size to."""
+    def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (T, H, W, 3) frames -> float (T, 3, h, w) values 0..255: the frames as the tower sees
+        them (resized, cropped; not normalised), for pictures of what pruning kept."""
         raise NotImplementedError
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -128,7 +143,7 @@ class VideoModel:
         """The tower and projector; with `saliency`, also what vidcom2/fastvid/dycoke read inside it."""
         raise NotImplementedError
 
-    def embed(self, input_ids: torch.Tensor, video: VideoFeatures) -> PromptEmbeds:
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
         """The prompt's input embeddings with the visual features in place, the map of its visual
         tokens and every row's RoPE positions, as the HF model would compute them unpruned."""
         raise NotImplementedError
@@ -138,7 +153,18 @@ class VideoModel:
         """FLOPs of the vision tower and projector on a clip (multiply-add = 1)."""
         raise NotImplementedError
 
+    @classmethod
+    def smallest_clip(cls, config: PretrainedConfig, frames: int) -> ClipShape:
+        """The clip of `frames` frames with the fewest visual tokens (frames of any size, where the
+        count does not depend on it): what is checked before a clip's size is known."""
+        return ClipShape(frames, 1, 1)
+
     # -- shared helpers --------------------------------------------------------------------------
+
+    @classmethod
+    def check_frames(cls, config: PretrainedConfig, frames: int, max_new_tokens: int) -> None:
+        """check_context before the clip's size and the prompt's text are known (at least this many rows)."""
+        cls.check_context(config, cls.smallest_clip(config, frames), max_new_tokens)
 
     @classmethod
     def check_context(cls, config: PretrainedConfig, clip: ClipShape, max_new_tokens: int,

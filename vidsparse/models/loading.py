@@ -1,4 +1,4 @@
-"""Find and load a VideoLLaVA checkpoint, turning every way a checkpoint can be broken into one
+"""Find and load a checkpoint of any registered family, turning every way a checkpoint can be broken into one
 line that names the file and what is wrong with it.
 
 A checkpoint is a hub id, a local folder (what `save_pretrained` writes), or an alias of a folder
@@ -22,16 +22,12 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    VideoLlavaConfig,
-    VideoLlavaForConditionalGeneration,
-)
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from vidsparse.errors import UserError, first_line
-from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
+from vidsparse.models.families import family_for
+from vidsparse.models.family import VideoModel
 
 # Names for the checkpoints the project ships, inside the package (vidsparse/shipped/).
 _SHIPPED = Path(__file__).resolve().parents[1] / "shipped"  # package data: there in a wheel's install too
@@ -96,7 +92,8 @@ def weights_fingerprint(source: Source) -> str | None:
 
 
 def find_checkpoint(name_or_path: str) -> Source:
-    """Resolve an alias, check that a local folder holds a VideoLLaVA config; anything else is a hub id."""
+    """Resolve an alias, check that a local folder holds the config of a family vidsparse runs;
+    anything else is a hub id."""
     if not name_or_path.strip():
         raise UserError("--model is empty: give a hub id like LanguageBind/Video-LLaVA-7B-hf, a checkpoint folder, "
                         "or shapes-demo")
@@ -116,9 +113,7 @@ def find_checkpoint(name_or_path: str) -> Source:
         if not config_file.is_file():
             raise UserError(f"{name_or_path} is not a model folder (no config.json in it)")
         config = _read_json(config_file)
-        model_type = config.get("model_type") if isinstance(config, dict) else None
-        if model_type != "video_llava":
-            raise UserError(f"{name_or_path} is not a VideoLLaVA checkpoint (model_type is {model_type!r})")
+        family_for(config.get("model_type") if isinstance(config, dict) else None, name_or_path)
         return Source(name_or_path, str(path), local_only=True)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise UserError(f"model not found: {name_or_path} is neither a local folder nor a hub id like 'org/name'")
@@ -138,41 +133,45 @@ def _check_regular_files(folder: Path) -> None:
                             "read whole")
 
 
-def peek_config(name_or_path: str) -> VideoLlavaConfig | None:
-    """The checkpoint's config if it is on disk already (a folder or the hub cache), without loading
-    weights: lets the CLI check a clip's length against the context before decoding it."""
+def peek_config(name_or_path: str) -> tuple[type[VideoModel], PretrainedConfig] | None:
+    """The checkpoint's family and config if it is on disk already (a folder or the hub cache), without
+    loading weights: lets the CLI check a clip's length against the context before decoding it."""
     source = find_checkpoint(name_or_path)
     try:
-        return load_config(Source(source.name, source.location, local_only=True))
+        local = Source(source.name, source.location, local_only=True)
+        family = find_family(local)
+        return family, load_config(local, family)
     except UserError:
         return None
 
 
-def load_config(source: Source) -> VideoLlavaConfig:
+def find_family(source: Source) -> type[VideoModel]:
+    """The family of a checkpoint, from its config.json's model_type."""
     where = source.file("config.json")
-    raw, _ = _loading(source, where, lambda: VideoLlavaConfig.get_config_dict(
+    path = _loading(source, where, lambda: cached_file(source.location, "config.json",
+                                                         local_files_only=source.local_only))
+    raw = _read_json(Path(path), where)
+    return family_for(raw.get("model_type") if isinstance(raw, dict) else None, where)
+
+
+def load_config(source: Source, family: type[VideoModel]) -> PretrainedConfig:
+    where = source.file("config.json")
+    raw, _ = _loading(source, where, lambda: family.config_class.get_config_dict(
         source.location, local_files_only=source.local_only))
-    for part in ("vision_config", "text_config"):  # else transformers fills in CLIP's or Llama's defaults unsaid
+    for part in ("vision_config", "text_config"):  # else transformers fills in a 7B model's defaults unsaid
         if not isinstance(raw.get(part), dict):
-            raise UserError(f"{where} has no {part}: not a VideoLLaVA checkpoint's config")
-    config = _loading(source, where, lambda: VideoLlavaConfig.from_dict(raw))
-    vision, text = config.vision_config, config.text_config
-    problems = [f"{key} is {value!r}, must be a positive integer" for key, value in (
-        ("vision_config.image_size", vision.image_size), ("vision_config.patch_size", vision.patch_size),
-        ("text_config.num_hidden_layers", text.num_hidden_layers),
-        ("text_config.max_position_embeddings", text.max_position_embeddings),
-    ) if not isinstance(value, int) or value < 1]
-    if not problems and vision.patch_size > vision.image_size:
-        problems.append(f"vision_config.patch_size {vision.patch_size} exceeds image_size {vision.image_size}")
+            raise UserError(f"{where} has no {part}: not a complete {family.model_type} checkpoint's config")
+    config = _loading(source, where, lambda: family.config_class.from_dict(raw))
+    problems = family.check_config(config)
     if problems:
-        raise UserError(f"{source.file('config.json')}: {problems[0]}")
+        raise UserError(f"{where}: {problems[0]}")
     return config
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a fast, SentencePiece or BPE tokenizer
 
 
-def load_tokenizer(source: Source, config: VideoLlavaConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: Source, config: PretrainedConfig, family: type[VideoModel]) -> PreTrainedTokenizerBase:
     where = source.file("tokenizer.json")
     folder = Path(source.location)
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
@@ -180,23 +179,25 @@ def load_tokenizer(source: Source, config: VideoLlavaConfig) -> PreTrainedTokeni
                         "the model's release beside its weights")
     tokenizer = _loading(source, where, lambda: AutoTokenizer.from_pretrained(
         source.location, local_files_only=source.local_only))
-    placeholder = tokenizer("<video>", add_special_tokens=False).input_ids
-    if placeholder != [config.video_token_id]:
-        raise UserError(f"{where}: the tokenizer turns '<video>' into {placeholder}, but config.json's "
-                        f"video_token_id is {config.video_token_id}: tokenizer and config do not belong together")
+    text, token_id = family.placeholder(config)
+    placeholder = tokenizer(text, add_special_tokens=False).input_ids
+    if placeholder != [token_id]:
+        raise UserError(f"{where}: the tokenizer turns {text!r} into {placeholder}, but config.json's "
+                        f"video token id is {token_id}: tokenizer and config do not belong together")
     if len(tokenizer) > config.text_config.vocab_size:
         raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                         f"{config.text_config.vocab_size}: tokenizer and config do not belong together")
     return tokenizer
 
 
-def load_weights(source: Source, config: VideoLlavaConfig, dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
+def load_weights(source: Source, config: PretrainedConfig, dtype: torch.dtype,
+                 family: type[VideoModel]) -> PreTrainedModel:
     where = source.weights_file()
 
     def load():
         with warnings.catch_warnings():  # torch's pickle-protocol chatter; a refusal is reported below
             warnings.simplefilter("ignore")
-            return VideoLlavaForConditionalGeneration.from_pretrained(
+            return family.model_class.from_pretrained(
                 source.location, config=config, dtype=dtype, attn_implementation="sdpa",
                 local_files_only=source.local_only, output_loading_info=True, ignore_mismatched_sizes=True)
 
@@ -206,23 +207,25 @@ def load_weights(source: Source, config: VideoLlavaConfig, dtype: torch.dtype) -
         key, in_file, by_config = mismatched[0]
         raise UserError(f"{where} does not match config.json: {len(mismatched)} tensors differ in shape, e.g. "
                         f"{key} is {tuple(in_file)} in the file but {tuple(by_config)} by the config")
-    missing = sorted(k for k in info["missing_keys"] if ".image_tower." not in k)  # the image tower is never run
+    unused = family.unused_weights()  # parts a video question never runs
+    missing = sorted(k for k in info["missing_keys"] if not any(part in k for part in unused))
     if missing:
         raise UserError(f"{where} lacks {len(missing)} of the model's tensors, e.g. {missing[0]}")
     return model
 
 
-def load_pixel_stats(source: Source) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation from the checkpoint's preprocessor_config.json if it has one, else CLIP's."""
+def load_pixel_stats(source: Source, family: type[VideoModel]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation from the checkpoint's preprocessor_config.json if it has one, else the family's."""
     where = source.file("preprocessor_config.json")
     path = _loading(source, where, lambda: cached_file(
         source.location, "preprocessor_config.json", local_files_only=source.local_only,
         _raise_exceptions_for_missing_entries=False))
+    defaults = family.default_pixel_stats()
     if path is None:
-        return CLIP_MEAN, CLIP_STD
+        return defaults
     config = _read_json(Path(path), where)
     stats = []
-    for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+    for key, default in zip(("image_mean", "image_std"), defaults, strict=True):
         value = config.get(key, default) if isinstance(config, dict) else None
         if (not isinstance(value, list | tuple) or len(value) != 3
                 or not all(isinstance(v, int | float) and math.isfinite(v) for v in value)
@@ -231,6 +234,29 @@ def load_pixel_stats(source: Source) -> tuple[tuple[float, ...], tuple[float, ..
                             + f", got {value!r}")
         stats.append(tuple(float(v) for v in value))
     return stats[0], stats[1]
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto") -> VideoModel:
+    """Load a checkpoint of whichever family its config names, from a hub id, an alias or a folder."""
+    return load_family(None, name_or_path, dtype, device)
+
+
+def load_family(family: type[VideoModel] | None, name_or_path: str, dtype: str, device: str) -> VideoModel:
+    """Load a checkpoint as `family` (None: the one its config names), by the same `from_pretrained`
+    path for every checkpoint, each part on its own so that a failure names its file."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source = find_checkpoint(name_or_path)
+    found = find_family(source)
+    if family is not None and found is not family:
+        raise UserError(f"{name_or_path} is a {found.model_type} checkpoint, not {family.model_type}")
+    config = load_config(source, found)
+    tokenizer = load_tokenizer(source, config, found)
+    mean, std = load_pixel_stats(source, found)
+    loaded = found(load_weights(source, config, torch_dtype, found), tokenizer, name_or_path, mean, std)
+    loaded.drop_unused()
+    loaded.model.to(torch_device).eval()
+    return loaded
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,56 +1,26 @@
-"""VideoLLaVA adapter: load any checkpoint, build the prompt, embed a clip.
-
-Everything model-specific the engine needs lives here: the decoder (a LlamaModel), the LM head,
-and `embed`, which returns the prompt's input embeddings together with a map of which positions
-are visual and which frame / row / column each one comes from (pruning keeps that map).
+"""The VideoLLaVA family: CLIP ViT video tower (a CLS token per frame kept for video), two-layer
+projector, Llama decoder with 1-D RoPE, prompt `USER: <video>\n{question} ASSISTANT:`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+from transformers import PretrainedConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.errors import UserError
-from vidsparse.models.loading import (
-    find_checkpoint,
-    load_config,
-    load_pixel_stats,
-    load_tokenizer,
-    load_weights,
-    resolve_device,
-    resolve_dtype,
-)
+from vidsparse.models.family import ClipShape, VideoModel
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
-from vidsparse.options import DEFAULT_MODEL
-from vidsparse.preprocess import CLIP_MEAN, CLIP_STD
+from vidsparse.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames, resize_and_crop
 
 PROMPT_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_visual: int, video_token_id: int) -> list[int]:
-    """Token ids of the VideoLLaVA prompt, `<video>` expanded to `n_visual` placeholder tokens.
-
-    The placeholder is repeated in the text before tokenizing, exactly as VideoLlavaProcessor does,
-    so the ids around it are the ones the checkpoint was trained with.
-    """
-    special = _special_tokens_in(tokenizer, question)
-    if special:
-        raise UserError(f"the question contains {special[0]!r}, a special token of this model's tokenizer; "
-                        "leave it out or spell it differently")
+def prompt_text(question: str, n_visual: int) -> str:
+    """The VideoLLaVA prompt, `<video>` repeated `n_visual` times in the text before tokenizing,
+    exactly as VideoLlavaProcessor does, so the ids around it are the ones the checkpoint was trained with."""
     prefix, suffix = PROMPT_TEMPLATE.split("<video>")
-    text = prefix + "<video>" * n_visual + suffix.format(question=question)
-    ids = tokenizer(text).input_ids
-    found = sum(1 for i in ids if i == video_token_id)
-    if found != n_visual:
-        raise ValueError(f"tokenizer produced {found} video tokens, expected {n_visual}")
-    return ids
-
-
-def _special_tokens_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
-    """The tokenizer's special and added tokens (<video>, <s>, ...) written out in `text`: the
-    tokenizer would read them as those tokens, not as the user's words."""
-    tokens = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
-    return sorted(t for t in tokens if t and t in text)
+    return prefix + "<video>" * n_visual + suffix.format(question=question)
 
 
 def cls_attention(layer, layer_input: torch.Tensor) -> torch.Tensor:
@@ -70,30 +40,6 @@ def tokens_per_frame(config: VideoLlavaConfig) -> int:
     return (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
 
 
-def check_context(config: VideoLlavaConfig, num_frames: int, max_new_tokens: int, text_tokens: int | None = None
-                  ) -> None:
-    """The prompt (frames x tokens a frame + the text) plus the answer must fit the model's positions.
-    `text_tokens` None: not counted yet (checked before the tokenizer is loaded), so the frames that
-    fit are an upper bound and said to be one."""
-    limit = config.text_config.max_position_embeddings
-    counted = text_tokens or 0
-    needed = num_frames * tokens_per_frame(config) + counted + max_new_tokens
-    if needed <= limit:
-        return
-    frames_that_fit = (limit - counted - max_new_tokens) // tokens_per_frame(config)
-    if frames_that_fit >= 1 and text_tokens is None:
-        remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text), or lower "
-                  "--max-new-tokens")
-    elif frames_that_fit >= 1:
-        remedy = f"sample at most {frames_that_fit} --frames, or lower --max-new-tokens"
-    else:
-        remedy = "shorten the question" if counted >= limit // 2 else "lower --max-new-tokens"
-    text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
-    raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
-                    f"({num_frames} frames x {tokens_per_frame(config)} visual tokens, {text}, {max_new_tokens} new "
-                    f"tokens) but the model has {limit}: {remedy}")
-
-
 def visual_map(positions: torch.Tensor, num_frames: int, grid: int) -> VisualMap:
     """Frame-major layout of the video tower's output: per frame, CLS then grid x grid patches."""
     per_frame = grid * grid + 1
@@ -110,63 +56,77 @@ def visual_map(positions: torch.Tensor, num_frames: int, grid: int) -> VisualMap
     )
 
 
-class VideoLlava:
+class VideoLlava(VideoModel):
     """A loaded VideoLLaVA checkpoint (video tower, projector, Llama decoder, LM head) + tokenizer."""
 
-    def __init__(self, model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, name: str,
+    model_type = "video_llava"
+    config_class = VideoLlavaConfig
+    model_class = VideoLlavaForConditionalGeneration
+
+    def __init__(self, model: VideoLlavaForConditionalGeneration, tokenizer, name: str,
                  mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.mean, self.std = mean, std
+        super().__init__(model, tokenizer, name, mean, std)
         config = model.config
         self.image_size: int = config.vision_config.image_size
         self.grid: int = self.image_size // config.vision_config.patch_size
-        self.tokens_per_frame: int = tokens_per_frame(config)
         self.video_token_id: int = config.video_token_id
-        eos = config.text_config.eos_token_id
-        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id} - {None}
 
     @classmethod
-    def from_pretrained(
-        cls, name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto"
-    ) -> VideoLlava:
-        """Load from a hub id or a local folder, by the same `from_pretrained` path for every checkpoint."""
-        torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
-        source = find_checkpoint(name_or_path)
-        config = load_config(source)
-        tokenizer = load_tokenizer(source, config)
-        mean, std = load_pixel_stats(source)
-        model = load_weights(source, config, torch_dtype)
+    def default_pixel_stats(cls) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return CLIP_MEAN, CLIP_STD
+
+    @classmethod
+    def check_config(cls, config: VideoLlavaConfig) -> list[str]:
+        vision, text = config.vision_config, config.text_config
+        problems = [f"{key} is {value!r}, must be a positive integer" for key, value in (
+            ("vision_config.image_size", vision.image_size), ("vision_config.patch_size", vision.patch_size),
+            ("text_config.num_hidden_layers", text.num_hidden_layers),
+            ("text_config.max_position_embeddings", text.max_position_embeddings),
+        ) if not isinstance(value, int) or value < 1]
+        if not problems and vision.patch_size > vision.image_size:
+            problems.append(f"vision_config.patch_size {vision.patch_size} exceeds image_size {vision.image_size}")
+        return problems
+
+    @classmethod
+    def placeholder(cls, config: VideoLlavaConfig) -> tuple[str, int]:
+        return "<video>", config.video_token_id
+
+    @classmethod
+    def unused_weights(cls) -> tuple[str, ...]:
+        return (".image_tower.",)
+
+    def drop_unused(self) -> None:
         # Video-only use: the image tower is never run (0.3B parameters on the 7B model).
-        model.model.image_tower = None
-        model.to(torch_device).eval()
-        return cls(model, tokenizer, name_or_path, mean, std)
+        self.model.model.image_tower = None
 
-    @property
-    def decoder(self):
-        """The Llama decoder (embed_tokens, layers, norm, rotary_emb)."""
-        return self.model.model.language_model
+    @classmethod
+    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        return clip.frames * tokens_per_frame(config)
 
-    @property
-    def lm_head(self) -> torch.nn.Linear:
-        return self.model.lm_head
+    def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return resize_and_crop(frames, self.image_size)
 
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return preprocess_frames(frames, self.image_size, self.mean, self.std)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-    def check_context(self, text_tokens: int | None, num_frames: int, max_new_tokens: int) -> None:
-        check_context(self.model.config, num_frames, max_new_tokens, text_tokens)
-
-    def prompt_ids(self, question: str, num_frames: int) -> torch.Tensor:
-        ids = prompt_ids(self.tokenizer, question, num_frames * self.tokens_per_frame, self.video_token_id)
+    def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
+        self.refuse_special_tokens(question)
+        n_visual = self.visual_tokens(self.model.config, clip)
+        ids = self.tokenizer(prompt_text(question, n_visual)).input_ids
+        found = sum(1 for i in ids if i == self.video_token_id)
+        if found != n_visual:
+            raise ValueError(f"tokenizer produced {found} video tokens, expected {n_visual}")
         return torch.tensor([ids], device=self.device)
+
+    @classmethod
+    def vision_flops(cls, config: VideoLlavaConfig, clip: ClipShape) -> int:
+        """Vision tower (every layer runs) + projector, multiply-add = 1; CLIP's MLP has two matrices."""
+        vision = config.vision_config
+        n = tokens_per_frame(config)
+        d, m = vision.hidden_size, vision.intermediate_size
+        per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+        projector = n * (d * config.text_config.hidden_size + config.text_config.hidden_size ** 2)
+        return clip.frames * (vision.num_hidden_layers * per_layer + projector)
 
     @torch.inference_mode()
     def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
@@ -201,7 +161,7 @@ class VideoLlava:
         return VideoFeatures(tokens, cls_attention(layer, seen["input"]), tower.post_layernorm(seen["output"][:, 0]))
 
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, video: VideoFeatures) -> PromptEmbeds:
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
         """Text embeddings with the visual features scattered, frame-major, into the placeholders."""
         features = video.tokens
         embeds = self.decoder.embed_tokens(input_ids)
@@ -212,11 +172,10 @@ class VideoLlava:
             raise ValueError(f"{flat.shape[0]} visual features for {positions.numel()} placeholders")
         embeds[0, positions] = flat
         num_frames = features.shape[0]
-        suffix = input_ids[0, int(positions[-1]) + 1 :].tolist()
-        words = [self.tokenizer.decode([i]).strip() for i in suffix]
+        head_length = int(positions[-1]) + 1
+        words = [self.tokenizer.decode([i]).strip() for i in input_ids[0, head_length:].tolist()]
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
-        return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), words, saliency,
+        rope = torch.arange(input_ids.shape[1], device=input_ids.device)[None, None]
+        return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), rope, head_length,
+                            head_length, words, saliency,
                             None if video.frame_embedding is None else video.frame_embedding.float())
-
-    def decode_text(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -32,14 +32,18 @@ class VisualMap:
 class PromptEmbeds:
     """A prompt ready for the decoder. Its *head* is every row up to the end of the video's rows
     (separators such as LLaVA-OneVision's newline included; they are never pruned and are not in
-    `visual`); the rows after the head are text, at positions that continue from the head's largest
-    position + 1 in every RoPE dimension (what HF computes for all three families)."""
+    `visual`); the rows after the head are text, at consecutive positions from `text_start`, the same
+    in every RoPE dimension. Decoding continues after the prompt's largest position."""
 
     input_ids: torch.Tensor  # (1, n)
     embeds: torch.Tensor  # (1, n, d)
     visual: VisualMap  # the prunable visual tokens, a consecutive block of rows inside the head
     rope_positions: torch.Tensor  # (position_dims, 1, n) long: every row's RoPE position, unpruned
     head_length: int  # rows of the head
+    # RoPE position of the first row after the head, as the family's HF code places it: the head's
+    # largest position + 1 for 1-D RoPE; Qwen2.5-VL (transformers 5.25): the video's first position
+    # + its longer side in merged tokens, which sparse sampling can leave below the video's time positions.
+    text_start: int
     suffix_words: list[str]  # the tokens after the visual block (question and template), as text
     saliency: torch.Tensor | None = None  # (n_visual,) VideoFeatures.cls_attention, flattened
     frame_features: torch.Tensor | None = None  # (frames, d_vision) VideoFeatures.frame_embedding
