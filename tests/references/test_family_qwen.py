@@ -326,3 +326,46 @@ def test_pixel_bounds():
     assert Qwen25VL.pixel_bounds({"min_pixels": 100, "max_pixels": 200}) == (100, 200)
     with pytest.raises(UserError):
         Qwen25VL.pixel_bounds({"min_pixels": 300, "max_pixels": 200})
+
+
+def test_decoder_facts_the_engine_relies_on(family):
+    """The text decoder is model.model.language_model; its rotary_emb takes (3, batch, n) positions and
+    returns cos/sin (batch, n, head_dim) with the t/h/w sections already combined (mrope_section), 1-D
+    positions (batch, n) meaning the same position in all three; the layers apply the standard
+    rotate-half RoPE on them; HF continues decoding at the prompt's largest position + 1."""
+    decoder = family.decoder
+    assert decoder is family.model.model.language_model and family.lm_head is family.model.lm_head
+    frames = moving_square_frames(5, 40, 90)
+    _, pixels, ids, prompt = prompt_for(family, frames, 0.25)
+    hidden = prompt.embeds
+    cos, sin = decoder.rotary_emb(hidden, prompt.rope_positions)
+    head_dim = family.text_config.hidden_size // family.text_config.num_attention_heads
+    assert cos.shape == sin.shape == (1, ids.shape[1], head_dim)
+    # Combined by hand: frequency i of the first half takes its angle from dimension t, h or w by section.
+    inv_freq = decoder.rotary_emb.inv_freq
+    section = family.text_config.rope_parameters["mrope_section"]
+    which = torch.cat([torch.full((n,), k) for k, n in enumerate(section)])
+    chosen = prompt.rope_positions[which, 0].T.float()  # (n, head_dim / 2)
+    torch.testing.assert_close(cos[0], torch.cat([(chosen * inv_freq).cos()] * 2, -1))
+    flat = torch.arange(ids.shape[1])[None]
+    one_d, three_d = decoder.rotary_emb(hidden, flat), decoder.rotary_emb(hidden, flat.expand(3, 1, -1))
+    torch.testing.assert_close(one_d, three_d)
+    # Running the layers by hand on (embeds, those cos/sin) gives HF's logits: nothing else enters.
+    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        x = hidden
+        for layer in decoder.layers:
+            assert layer.self_attn.sliding_window is None
+            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin))
+        ours = family.lm_head(decoder.norm(x))
+        hf = family.model(**hf_inputs(family, ids, pixels, 0.25))
+        torch.testing.assert_close(ours, hf.logits, rtol=0, atol=1e-4)
+        # One decoding step through HF's cache: its position is the prompt's max + 1 in all three.
+        step_ids = hf.logits[:, -1:].argmax(-1)
+        seen = {}
+        hook = decoder.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+        try:
+            family.model(input_ids=step_ids, cache=hf.cache, use_cache=True)
+        finally:
+            hook.remove()
+    assert seen["position_ids"].flatten().tolist() == [int(prompt.rope_positions.max()) + 1] * 3

@@ -362,13 +362,14 @@ def received_attention(block, hidden: torch.Tensor, rotary: tuple[torch.Tensor, 
     averaged over heads and over the queries of its span (consecutive runs of `span_length` rows),
     recomputed from the block's input; softmax in fp32, one (span, span) matrix at a time."""
     attn = block.attn
-    x = block.norm1(hidden)
-    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
-    out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], span_length):
+    cos, sin = rotary
+    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], span_length):
         span = slice(start, start + span_length)
+        x = block.norm1(hidden[span])
+        q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos[span], sin[span])
         for head in range(attn.num_heads):
-            scores = (q[span, head].float() @ k[span, head].float().T) * attn.scaling
+            scores = (q[:, head].float() @ k[:, head].float().T) * attn.scaling
             out[span] += scores.softmax(-1).mean(0)
     return out / attn.num_heads
