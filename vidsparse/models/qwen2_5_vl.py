@@ -303,8 +303,8 @@ class Qwen25VL(VideoModel):
         temporal patches of rows x cols tokens, sampled at `fps`."""
         vision = self.model.config.vision_config
         ids = input_ids[0].cpu()
-        is_video = ids == self.model.config.video_token_id
-        n = ids.numel()
+        is_video = (ids == self.model.config.video_token_id).tolist()  # a list: walked row by row below
+        n = len(is_video)
         out = torch.empty(3, n, dtype=torch.long)
         # Second per temporal patch as HF receives it: a float32 tensor from the processor (1 if not given).
         second = 1 if fps is None else torch.tensor(vision.temporal_patch_size / fps, dtype=torch.float32)
