@@ -1,0 +1,242 @@
+"""LLaVA-OneVision / LLaVA-Video (`LlavaOnevisionForConditionalGeneration`, model_type `llava_onevision`;
+`llava-hf/llava-onevision-qwen2-*-ov-hf` and `llava-hf/LLaVA-Video-7B-Qwen2-hf` are this class).
+
+The video path of transformers 5.25 (`LlavaOnevisionModel.get_video_features`): each frame, resized
+to image_size x image_size, goes through the SigLIP tower (no CLS); the states of
+`vision_feature_layer` (strategy "full": every patch) go through the 2-layer projector, then
+`apply_pooling` resizes each frame's g x g grid bilinearly to ceil(g/2) x ceil(g/2); the frames are
+concatenated frame-major and ONE `image_newline` vector follows the whole video. The processor expands
+`<video>` to frames * ceil(g/2)^2 + 1 placeholders, scattered in that order. The decoder is Qwen2
+(1-D RoPE, positions 0..n-1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from vidsparse.errors import UserError
+from vidsparse.models.family import ClipShape, VideoModel
+from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
+from vidsparse.preprocess import normalize, resize_frames
+
+# HF's chat template of the llava-hf OneVision checkpoints (chat_template.json; the processor tests'
+# template) rendered for one user turn holding one video and one question, with the generation prompt.
+PROMPT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|><|im_start|>assistant\n"
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class LlavaOnevision(VideoModel):
+    """A loaded LLaVA-OneVision / LLaVA-Video checkpoint.
+
+    Layout: the `VisualMap` holds the frames' pooled patch tokens only, frame-major (frame = sampled
+    frame index, row/col in the pooled ceil(g/2) x ceil(g/2) grid, no CLS). The `image_newline` row
+    after the last frame is a separator: never pruned, not in the map, the last row of the prompt's
+    head.
+
+    Saliency (read by FastVID, VidCom2, DyCoke). SigLIP has no CLS; FastVID's official LLaVA-OV code
+    reads the attention of SigLIP's attention-pooling head, but the OneVision conversion builds the
+    tower with `vision_use_head=False` (and drops SigLIP's last layer, whose output fed the head), so
+    an HF checkpoint carries no head to read. The adaptation:
+    - `cls_attention` (T, ceil(g/2)^2): per patch, the attention it *receives* at the feature layer
+      (the layer whose output the projector takes): softmax(q k^T / sqrt(d)) from that layer's
+      input after layer_norm1, averaged over heads and over all g^2 queries of its frame (a frame
+      at a time: one g^2 x g^2 map per head, never across frames). Each frame's g x g map is then
+      resized with the same bilinear `apply_pooling` as the tokens, so a pooled token's saliency is
+      the same mix of its source patches' saliencies as the token is of their features. Without a
+      summary query, "how much every patch attends to it" is the closest stand-in for the CLS/probe
+      query's attention; only the order within a frame matters to the methods.
+    - `frame_embedding` (T, d_vision): the mean over the frame's patches of the feature layer's
+      states after the tower's `post_layernorm` (the input SigLIP's head would have pooled).
+    """
+
+    model_type = "llava_onevision"
+    position_dims = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Qwen2 checkpoints may stop on more than text_config's eos (<|im_end|>): HF generate reads
+        # generation_config.json, which can also list <|endoftext|>.
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def default_pixel_stats(cls) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std when a checkpoint has no preprocessor_config.json: SigLIP's 0.5 / 0.5, which the
+        OneVision processors of every llava-hf checkpoint ship (transformers' class default is CLIP's,
+        but the conversion takes the processor from google/siglip-so400m-patch14-384)."""
+        return SIGLIP_MEAN, SIGLIP_STD
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig) -> list[str]:
+        problems = []
+        vision, text = config.vision_config, config.text_config
+        if getattr(vision, "model_type", None) != "siglip_vision_model":
+            problems.append(f"vision_config.model_type is {getattr(vision, 'model_type', None)!r}: this family runs "
+                            "a SigLIP tower (siglip_vision_model)")
+        if config.vision_feature_select_strategy != "full":
+            problems.append(f"vision_feature_select_strategy is {config.vision_feature_select_strategy!r}: SigLIP "
+                            "has no CLS to drop, the video path needs 'full' (every patch)")
+        layers = getattr(text, "layer_types", None) or []
+        if "sliding_attention" in layers:
+            problems.append("text_config uses sliding-window attention (use_sliding_window): the engine's decoder "
+                            "attends to the whole prompt")
+        return problems
+
+    @classmethod
+    def placeholder(cls, config: PretrainedConfig) -> tuple[str, int]:
+        return "<video>", config.video_token_id
+
+    # -- the family's own steps ------------------------------------------------------------------
+
+    @staticmethod
+    def _grid(config: PretrainedConfig) -> tuple[int, int]:
+        """(patch grid side g, pooled grid side ceil(g/2)) of a frame, as `apply_pooling` computes them."""
+        vision = config.vision_config
+        grid = vision.image_size // vision.patch_size
+        return grid, math.ceil(grid / 2)
+
+    @classmethod
+    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        return clip.frames * cls._grid(config)[1] ** 2
+
+    @classmethod
+    def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        return 1  # the image_newline after the whole video
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        size = self.model.config.vision_config.image_size
+        return size, size
+
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Each frame resized to image_size x image_size (PIL's antialiased bicubic, no crop, no aspect
+        kept: LlavaOnevisionVideoProcessor's size {height, width}), /255, normalised."""
+        size = self.frame_size(0, 0)
+        return normalize(resize_frames(frames, size), self.mean, self.std)
+
+    def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
+        """The chat prompt with `<video>` repeated once per video row (pooled tokens + newline), written
+        out in the text before tokenizing as LlavaOnevisionProcessor does."""
+        self.refuse_special_tokens(question)
+        config = self.model.config
+        rows = self.visual_tokens(config, clip) + self.prompt_overhead(config, clip)
+        text, video_id = self.placeholder(config)
+        prefix, suffix = PROMPT_TEMPLATE.split("<video>")
+        ids = self.tokenizer(prefix + text * rows + suffix.format(question=question)).input_ids
+        found = sum(1 for i in ids if i == video_id)
+        if found != rows:
+            raise ValueError(f"tokenizer produced {found} video tokens, expected {rows}")
+        return torch.tensor([ids], device=self.device)
+
+    @torch.inference_mode()
+    def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
+        """(T, 3, S, S) pixels -> (T, ceil(g/2)^2, d) pooled projected tokens (HF's get_video_features
+        without the newline, which `embed` adds); with `saliency`, the attention each patch receives at
+        the feature layer and each frame's mean post-norm state (class docstring), read by hooks on
+        that layer."""
+        pixels = pixels.to(self.device, self.dtype)
+        frames = pixels.shape[0]
+        hf = self.model.model
+        if not saliency:
+            tokens = hf.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+            return VideoFeatures(tokens[0, :-1].reshape(frames, -1, tokens.shape[-1]))
+        tower = hf.vision_tower
+        feature_layer = self.model.config.vision_feature_layer
+        if isinstance(feature_layer, int):
+            feature_layer %= len(tower.encoder.layers) + 1
+        if not isinstance(feature_layer, int) or feature_layer < 1:
+            raise UserError(f"this checkpoint feeds the projector from vision_feature_layer {feature_layer}: there "
+                            "is no single tower layer to read the saliency from")
+        layer = tower.encoder.layers[feature_layer - 1]  # hidden_states[k] is the output of layer k - 1
+        seen = {}
+
+        def keep_input(module, args, kwargs) -> None:
+            seen["input"] = args[0] if args else kwargs["hidden_states"]
+
+        def keep_output(module, args, output) -> None:
+            seen["output"] = output[0] if isinstance(output, tuple) else output
+
+        hooks = [layer.register_forward_pre_hook(keep_input, with_kwargs=True),
+                 layer.register_forward_hook(keep_output)]
+        try:
+            tokens = hf.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+        finally:
+            for hook in hooks:
+                hook.remove()
+        received = self.pool(attention_received(layer, seen["input"]).unsqueeze(-1)).squeeze(-1)
+        embedding = tower.post_layernorm(seen["output"]).mean(1)
+        return VideoFeatures(tokens[0, :-1].reshape(frames, -1, tokens.shape[-1]), received, embedding)
+
+    def pool(self, per_patch: torch.Tensor) -> torch.Tensor:
+        """(T, g*g, c) per-patch values -> (T, ceil(g/2)^2, c): HF's `apply_pooling` (bilinear), in fp32."""
+        grid, pooled = self._grid(self.model.config)
+        frames, _, channels = per_patch.shape
+        maps = per_patch.float().view(frames, grid, grid, channels).permute(0, 3, 1, 2)
+        maps = F.interpolate(maps, size=[pooled, pooled], mode="bilinear")
+        return maps.permute(0, 2, 3, 1).reshape(frames, pooled * pooled, channels)
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures) -> PromptEmbeds:
+        """Text embeddings with the frames' tokens, frame-major, then `image_newline` in the placeholders."""
+        config = self.model.config
+        features = video.tokens
+        frames, per_frame = features.shape[:2]
+        _, pooled = self._grid(config)
+        if per_frame != pooled * pooled:
+            raise ValueError(f"{per_frame} tokens a frame, this checkpoint's pooling gives {pooled * pooled}")
+        embeds = self.decoder.embed_tokens(input_ids)
+        _, video_id = self.placeholder(config)
+        positions = (input_ids[0] == video_id).nonzero().squeeze(1)
+        rows = frames * per_frame + 1
+        if positions.numel() != rows:
+            raise ValueError(f"{rows} video rows ({frames} frames x {per_frame} + newline) for "
+                             f"{positions.numel()} placeholders")
+        if int(positions[-1] - positions[0]) != rows - 1:
+            raise ValueError("the video placeholders are not one consecutive block")
+        newline = self.model.model.image_newline[None]
+        flat = torch.cat([features.reshape(-1, features.shape[-1]), newline.to(features.dtype)])
+        embeds[0, positions] = flat.to(embeds.dtype)
+        head_length = int(positions[-1]) + 1
+        words = [self.tokenizer.decode([i]).strip() for i in input_ids[0, head_length:].tolist()]
+        index = torch.arange(frames * per_frame)
+        in_frame = index % per_frame
+        visual = VisualMap(positions=positions[:-1].cpu(), frame=index // per_frame, row=in_frame // pooled,
+                           col=in_frame % pooled, is_cls=torch.zeros(index.numel(), dtype=torch.bool))
+        rope = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
+        saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
+        frame_features = None if video.frame_embedding is None else video.frame_embedding.float()
+        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, words, saliency, frame_features)
+
+    @classmethod
+    def vision_flops(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+        """SigLIP on g*g patches a frame (every layer: q/k/v/o, scores and mix, the 2-matrix MLP) and the
+        projector on every patch (it runs before the pooling); multiply-add = 1, pooling negligible."""
+        vision, text = config.vision_config, config.text_config
+        n = cls._grid(config)[0] ** 2
+        d, m, hidden = vision.hidden_size, vision.intermediate_size, text.hidden_size
+        per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+        features_in = d * (1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer))
+        projector = n * (features_in * hidden + hidden * hidden)
+        return clip.frames * (vision.num_hidden_layers * per_layer + projector)
+
+
+def attention_received(layer, layer_input: torch.Tensor) -> torch.Tensor:
+    """(T, N) attention each of a frame's N tokens receives in a SigLIP encoder `layer`: softmax over
+    keys (fp32) of every query, averaged over heads and queries, recomputed from the layer's input a
+    frame at a time (one (H, N, N) map alive)."""
+    attn = layer.self_attn
+    frames, n, _ = layer_input.shape
+    out = torch.empty(frames, n, dtype=torch.float32, device=layer_input.device)
+    for t in range(frames):
+        x = layer.layer_norm1(layer_input[t : t + 1])
+        query = attn.q_proj(x).view(n, -1, attn.head_dim).transpose(0, 1)  # (H, N, hd)
+        keys = attn.k_proj(x).view(n, -1, attn.head_dim).transpose(0, 1)
+        scores = (query @ keys.transpose(-1, -2)).float() * attn.scale
+        out[t] = scores.softmax(-1).mean((0, 1))
+    return out
