@@ -9,11 +9,14 @@ Qwen's special tokens, so a checkpoint saved with `save_pretrained` loads the wa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 
 from lab.tiny import word_tokenizer
+from lab.tiny_onevision import WORDS
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
@@ -81,3 +84,16 @@ def qwen2_5_vl_config(
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+
+
+def save_tiny_qwen(path: Path, *, words: Iterable[str] = WORDS, seed: int = 0, **config) -> Path:
+    """A randomly initialised tiny Qwen2.5-VL + word tokenizer, saved the way users' checkpoints are;
+    the LM head is scaled up so that greedy choices are decisive (tests/conftest.py does the same)."""
+    tokenizer = qwen_tokenizer(words)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, **config))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny VideoLLaVA checkpoints saved to disk, and test clips written with PyAV."""
+"""Shared fixtures: tiny checkpoints of each family saved to disk, and test clips written with PyAV."""
 
 from __future__ import annotations
 
@@ -46,6 +46,22 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint_mha(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mha"), kv_heads=None, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision(tmp_path_factory) -> Path:
+    """LLaVA-OneVision: SigLIP 35 px / patch 7 pooled to 3 x 3 a frame + one newline, 4-layer Qwen2 (GQA)."""
+    from lab.tiny_onevision import save_tiny_onevision
+
+    return save_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"), text_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """Qwen2.5-VL: dynamic resolution, 2 frames a token, M-RoPE, 4-layer decoder (GQA)."""
+    from lab.tiny_qwen import save_tiny_qwen
+
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"), words=WORDS, text_layers=4)
 
 
 def moving_square_frames(n: int = 24, height: int = 48, width: int = 64) -> np.ndarray:

@@ -21,9 +21,12 @@ def _mask(alive: torch.Tensor) -> torch.Tensor:
 
 
 def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, num_visual: int, stages,
-                  positions: str, extra_tokens: list[int]) -> torch.Tensor:
+                  positions: str, extra_tokens: list[int], rope_positions: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Logits after `extra_tokens` (greedy-generated so far) follow the prompt, with the recorded
-    stage selections (layer, Selection) applied by masking. `eager_model` uses eager attention."""
+    stage selections (layer, Selection) applied by masking. `eager_model` uses eager attention.
+    `rope_positions` (P, n_prompt): the prompt's positions as the family's HF code gives them (None:
+    0..n-1); generated tokens continue after the largest, as HF's rope_deltas make them."""
     lm = eager_model.model.language_model
     prompt = prompt_embeds[0]
     n_prompt = prompt.shape[0]
@@ -34,9 +37,11 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
     total = rows.shape[0]
     slot_start = visual_end
     suffix_start = visual_end + sum(slots)
-    # Original RoPE position of each row (a slot gets its anchor's when it comes alive).
-    original = torch.cat([torch.arange(visual_end), torch.zeros(sum(slots), dtype=torch.long),
-                          torch.arange(visual_end, n_prompt + len(extra_tokens))])
+    # Original RoPE position of each row, (P, rows) (a slot gets its anchor's when it comes alive).
+    given = torch.arange(n_prompt)[None] if rope_positions is None else rope_positions.cpu()
+    after = int(given.max()) + 1 + torch.arange(len(extra_tokens))
+    original = torch.cat([given[:, :visual_end], given.new_zeros(given.shape[0], sum(slots)), given[:, visual_end:],
+                          after.expand(given.shape[0], -1)], 1)
     alive = torch.ones(total, dtype=torch.bool)
     alive[slot_start:suffix_start] = False
     current = torch.arange(visual_start, visual_end)  # rows of the current visual tokens, in order
@@ -45,10 +50,9 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
     layer_ids = [-1] if -1 in schedule else []
     for i in [*layer_ids, *range(len(lm.layers))]:
         if i >= 0:
-            row_positions = original if positions == "keep" else torch.cumsum(alive.long(), 0) - 1
-            position_ids = row_positions[None]
-            cos_sin = lm.rotary_emb(hidden, position_ids)
-            hidden = lm.layers[i](hidden, attention_mask=_mask(alive), position_ids=position_ids,
+            row_positions = original if positions == "keep" else (torch.cumsum(alive.long(), 0) - 1)[None]
+            cos_sin = lm.rotary_emb(hidden, row_positions[:, None] if row_positions.shape[0] > 1 else row_positions)
+            hidden = lm.layers[i](hidden, attention_mask=_mask(alive), position_ids=row_positions[:1],
                                   position_embeddings=cos_sin)
         if i in schedule:
             selection = schedule[i]
@@ -66,7 +70,7 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
                 values.append((members * weights[chosen, None]).sum(0) / weights[chosen].sum())
             for slot, group in zip(new_slots.tolist(), range(count), strict=True):
                 hidden[0, slot] = values[group]
-                original[slot] = original[current[selection.merge_anchor[group]]]
+                original[:, slot] = original[:, current[selection.merge_anchor[group]]]
             alive[current] = False
             alive[current[selection.keep]] = True
             alive[new_slots] = True

@@ -217,8 +217,8 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
         method = plan.method
         generator = torch.Generator().set_state(head.generator.get_state())
         with timer.stage("pruning"):  # the first question-guided stage, after the last shared layer
-            facts = method.prepare(PromptText(prompt.embeds[0], head.block.start, len(prompt.visual),
-                                              prompt.suffix_words))
+            facts = method.prepare(PromptText(prompt.embeds[0], int(prompt.visual.positions[0]), len(prompt.visual),
+                                              head.length, prompt.suffix_words))
             layer = head.layers - 1  # the question's rows query the head's keys and their own
             rows = method.query_rows(count, facts).to(device)
             rope = rotary(decoder, question, (head.question_start(layer, keep) + rows)[None, None])
@@ -274,6 +274,7 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
     layers, with the plan's remaining stages (nothing shared any more), recorded in `records` and the
     per-layer counts as it goes; returns the last layer's output and the visual block left."""
     stages = _stages(plan, len(prompt.visual))
+    separators = prompt.head_length - int(prompt.visual.positions[-1]) - 1  # head rows after the visual block
 
     def layers(hidden: torch.Tensor, upto: int) -> torch.Tensor:
         return _counted_layers(decoder, hidden, positions, cache, range(len(tokens_per_layer), upto), block.size,
@@ -283,7 +284,8 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
         layer_input = layers(hidden, stages[index])
         hidden = layers(layer_input, stages[index] + 1)
         with timer.stage("pruning"):
-            rows = block.end + plan.method.query_rows(hidden.shape[1] - block.end, facts).to(hidden.device)
+            text = block.end + separators  # the question's first row
+            rows = text + plan.method.query_rows(hidden.shape[1] - text, facts).to(hidden.device)
             cos, sin = rotary(decoder, hidden, positions)
             hidden, positions, block, record = _question_stage(
                 decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block,

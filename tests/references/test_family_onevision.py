@@ -74,7 +74,7 @@ def clip(family):
     shape = ClipShape(FRAMES, *frames.shape[1:3])
     ids = family.prompt_ids(QUESTION, shape)
     return types.SimpleNamespace(frames=frames, pixels=pixels, shape=shape, ids=ids,
-                                 prompt=family.embed(ids, family.video_features(pixels, saliency=True)))
+                                 prompt=family.embed(ids, family.video_features(pixels, saliency=True), shape))
 
 
 def hf_video_rows(family: LlavaOnevision, frames: int) -> int:
@@ -118,7 +118,8 @@ def test_pixels_match_hf_image_processor(family, checkpoint, height, width):
     assert tuple(processor.image_mean) == family.mean and tuple(processor.image_std) == family.std
     frames = frames_like_a_clip(2, height, width, seed=height)
     ours = family.preprocess(frames)
-    assert ours.shape == (2, 3, *family.frame_size(height, width))
+    size = family.model.config.vision_config.image_size
+    assert ours.shape == (2, 3, size, size)
     for frame, mine in zip(frames, ours, strict=True):
         # the first of the anyres patches is the whole frame resized to size x size
         reference = torch.as_tensor(np.asarray(processor(images=frame, return_tensors="np").pixel_values[0][0]))
@@ -248,7 +249,7 @@ class _Dropping:
 def test_embed_refuses_a_wrong_placeholder_count(family, clip):
     video = family.video_features(clip.pixels[:2])
     with pytest.raises(ValueError, match="placeholders"):
-        family.embed(clip.ids, video)
+        family.embed(clip.ids, video, clip.shape)
 
 
 # -- 4. HF forward on the embeddings -----------------------------------------------------------------
@@ -304,8 +305,9 @@ def test_saliency_is_attention_received_pooled_like_the_tokens(eager_pair):
         torch.testing.assert_close(video.frame_embedding, out.last_hidden_state.mean(1), rtol=0, atol=1e-5)
     assert not torch.allclose(video.cls_attention, video.cls_attention.mean(1, keepdim=True))  # not flat
 
-    ids = family.prompt_ids(QUESTION, ClipShape(FRAMES, 48, 64))
-    prompt = family.embed(ids, video)
+    shape = ClipShape(FRAMES, 48, 64)
+    ids = family.prompt_ids(QUESTION, shape)
+    prompt = family.embed(ids, video, shape)
     assert prompt.saliency.shape == (len(prompt.visual),)
     for k in (0, 13, 26):  # the saliency of mapped token k is its own cell's
         frame, row, col = (int(x[k]) for x in (prompt.visual.frame, prompt.visual.row, prompt.visual.col))
@@ -327,3 +329,37 @@ def test_vision_flops_counts_the_tower_and_projector(family, clip):
     patches = (vision.image_size // vision.patch_size) ** 2
     patch_embedding = FRAMES * patches * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
     assert counter.get_total_flops() // 2 - patch_embedding == LlavaOnevision.vision_flops(config, clip.shape)
+
+
+# -- 6. the engine on this family ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, prune_after", [("none", None), ("uniform", None), ("fastv", (0,))])
+def test_engine_greedy_decode_equals_hf_generate(family, clip, method, prune_after):
+    """vidsparse's own prefill and cached decoding (not HF's forward): `none` gives HF generate's tokens and
+    first logits; a pruned run keeps the newline separator and the text, and every kept token its row's
+    original position."""
+    from vidsparse.decoding import generate
+    from vidsparse.pruning import make_plan
+    from vidsparse.stats import StageTimer
+
+    with torch.no_grad():
+        out = family.model.generate(input_ids=clip.ids, pixel_values_videos=clip.pixels[None], max_new_tokens=8,
+                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = out.sequences[0, clip.ids.shape[1] :].tolist()
+    expected = expected[: next((i for i, t in enumerate(expected) if t in family.eos_token_ids), len(expected))]
+    plan = make_plan(method, 20, len(family.decoder.layers), prune_after=prune_after)
+    ours = generate(family.decoder, family.lm_head, clip.prompt, 8, family.eos_token_ids, StageTimer(family.device),
+                    plan)
+    if method == "none":
+        assert ours.decoded.token_ids == expected and len(expected) >= 4
+        torch.testing.assert_close(ours.first_logits, out.logits[0][0].float(), atol=1e-4, rtol=1e-4)
+        return
+    head = ours.prefilled.head
+    visual = clip.prompt.visual
+    assert ours.prefilled.visual_per_layer[-1] == 20
+    kept = visual.positions[ours.prefilled.block.origin]
+    if head.stages:  # pruned before the shared layers: the head's rows are the kept ones, at their own positions
+        block = head.positions[0, 0, head.block.start : head.block.end]
+        assert block.tolist() == kept.tolist()
+        assert head.positions[0, 0, head.block.end].item() == clip.prompt.head_length - 1  # the newline stays

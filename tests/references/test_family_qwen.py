@@ -17,7 +17,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from lab.tiny_qwen import qwen2_5_vl_config, qwen_tokenizer
+from lab.tiny_qwen import save_tiny_qwen
 from tests.conftest import WORDS, moving_square_frames
 from vidsparse.errors import UserError
 from vidsparse.models.family import ClipShape
@@ -58,15 +58,7 @@ IDS = [name for name, _, _ in CLIPS]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen")
-    tokenizer = qwen_tokenizer(WORDS)
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer))
-    with torch.no_grad():  # decisive logits, as tests/conftest.py's save_tiny_checkpoint
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"), words=WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +86,10 @@ def hf_inputs(family: Qwen25VL, ids: torch.Tensor, pixels: torch.Tensor, fps: fl
 
 
 def prompt_for(family: Qwen25VL, frames: np.ndarray, fps: float | None, saliency: bool = False):
-    clip = ClipShape(*frames.shape[:3])
+    clip = ClipShape(*frames.shape[:3], fps)
     pixels = family.preprocess(frames)
     ids = family.prompt_ids(QUESTION, clip)
-    prompt = family.embed(ids, family.video_features(pixels, saliency=saliency), fps=fps)
+    prompt = family.embed(ids, family.video_features(pixels, saliency=saliency), clip)
     return clip, pixels, ids, prompt
 
 
@@ -163,7 +155,7 @@ def test_prompt_matches_chat_template(family):
     expected = family.tokenizer(text.replace("<|video_pad|>", "<|video_pad|>" * n_visual),
                                 add_special_tokens=False).input_ids
     assert family.prompt_ids(QUESTION, clip)[0].tolist() == expected
-    assert family.tokens(clip) == n_visual
+    assert family.visual_tokens(family.model.config, clip) == n_visual
     with pytest.raises(UserError, match="special token"):
         family.prompt_ids("what is <|vision_end|> here ?", clip)
 
@@ -320,14 +312,6 @@ def test_check_config(family):
     assert family.tokenizer.convert_tokens_to_ids("<|im_end|>") in family.eos_token_ids
 
 
-def test_pixel_bounds():
-    assert Qwen25VL.pixel_bounds(None) == (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
-    assert Qwen25VL.pixel_bounds({"size": {"shortest_edge": 3136, "longest_edge": 50176}}) == (3136, 50176)
-    assert Qwen25VL.pixel_bounds({"min_pixels": 100, "max_pixels": 200}) == (100, 200)
-    with pytest.raises(UserError):
-        Qwen25VL.pixel_bounds({"min_pixels": 300, "max_pixels": 200})
-
-
 def test_decoder_facts_the_engine_relies_on(family):
     """The text decoder is model.model.language_model; its rotary_emb takes (3, batch, n) positions and
     returns cos/sin (batch, n, head_dim) with the t/h/w sections already combined (mrope_section), 1-D
@@ -369,3 +353,48 @@ def test_decoder_facts_the_engine_relies_on(family):
         finally:
             hook.remove()
     assert seen["position_ids"].flatten().tolist() == [int(prompt.rope_positions.max()) + 1] * 3
+
+
+# -- the engine on this family ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fps", [None, 0.25])
+def test_engine_greedy_decode_equals_hf_generate(family, fps):
+    """vidsparse's own prefill and cached decoding with 3-D positions give HF generate's tokens and first
+    logits, at HF's default timing and at a sparse one where the video's time positions outrun the
+    text's start (decoding continues after the prompt's largest position, HF's rope_deltas)."""
+    from vidsparse.decoding import generate
+    from vidsparse.stats import StageTimer
+
+    frames = moving_square_frames(5, 40, 90)
+    clip, pixels, ids, prompt = prompt_for(family, frames, fps)
+    assert (prompt.rope_positions.max() + 1 > prompt.text_start + ids.shape[1] - prompt.head_length) == (fps == 0.25)
+    with torch.no_grad():
+        out = family.model.generate(**hf_inputs(family, ids, pixels, fps), max_new_tokens=8, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)
+    expected = out.sequences[0, ids.shape[1] :].tolist()
+    expected = expected[: next((i for i, t in enumerate(expected) if t in family.eos_token_ids), len(expected))]
+    ours = generate(family.decoder, family.lm_head, prompt, 8, family.eos_token_ids, StageTimer(family.device))
+    assert ours.decoded.token_ids == expected and len(expected) >= 4
+    torch.testing.assert_close(ours.first_logits, out.logits[0][0].float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["uniform", "vidcom2", "tome"])
+def test_kept_tokens_keep_their_3d_positions(family, method):
+    """Pruned before the first layer, the head holds the kept tokens at the 3-D positions HF gives them in
+    the full prompt (`rope_positions`, equal to get_rope_index above), and the text after the video
+    starts where it does unpruned."""
+    from vidsparse.engine import prefill_head
+    from vidsparse.pruning import make_plan
+    from vidsparse.stats import StageTimer
+
+    _, _, _, prompt = prompt_for(family, moving_square_frames(5, 40, 90), 0.25, saliency=True)
+    head = prefill_head(family.decoder, prompt, make_plan(method, 30, len(family.decoder.layers)),
+                        StageTimer(family.device))
+    block = head.block
+    assert block.size == 30 and head.stages
+    rows = prompt.visual.positions[block.origin]
+    expected = prompt.rope_positions[:, 0, rows]
+    merged = block.merged
+    assert torch.equal(head.positions[:, 0, block.start : block.end][:, ~merged], expected[:, ~merged])
+    assert head.text_start == int(prompt.rope_positions[0, 0, prompt.head_length])

@@ -6,15 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import VideoLlavaForConditionalGeneration
 
 from tests.reference import masked_logits
 from vidsparse.decoding import DecodeState, generate
 from vidsparse.engine import prefill, prefill_head
-from vidsparse.layers import run_layers
-from vidsparse.models.family import ClipShape
-from vidsparse.models.video_llava import VideoLlava
-from vidsparse.preprocess import preprocess_frames
+from vidsparse.layers import rotary, run_layers
+from vidsparse.models.loading import load_model
+from vidsparse.pipeline import clip_shape_of
 from vidsparse.pruning import METHODS, make_plan
 from vidsparse.pruning.base import Method
 from vidsparse.stage import attention_rows
@@ -24,17 +22,53 @@ from vidsparse.video import decode_video
 QUESTION = "what color is the square ?"
 
 
-@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_checkpoint_mha"])
+# Every family: VideoLLaVA (GQA and not), LLaVA-OneVision (a separator after the video), Qwen2.5-VL
+# (3-D M-RoPE, a token per two frames).
+CHECKPOINTS = ["tiny_checkpoint", "tiny_checkpoint_mha", "tiny_onevision", "tiny_qwen"]
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
 def setup(request, clips):
-    """(sdpa model, eager reference model, prompt) for one tiny checkpoint (GQA or not)."""
+    """(sdpa model, eager reference model, prompt) for one tiny checkpoint."""
     path = str(request.getfixturevalue(request.param))
-    model = VideoLlava.from_pretrained(path)
-    eager = VideoLlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
-    pixels = preprocess_frames(decode_video(clips["h264"], 8).frames, model.image_size)
+    model = load_model(path)
+    eager = model.model_class.from_pretrained(path, attn_implementation="eager").eval()
     with torch.inference_mode():
-        clip = ClipShape(8, 48, 64)
-        prompt = model.embed(model.prompt_ids(QUESTION, clip), model.video_features(pixels, saliency=True), clip)
+        prompt = ask_about(model, clips)(QUESTION)
     return model, eager, prompt
+
+
+def ask_about(model, clips):
+    """The prompt of any question about the test clip, built as the family builds it (its HF positions)."""
+    video = decode_video(clips["h264"], 8)
+    clip = clip_shape_of(video)
+    features = model.video_features(model.preprocess(video.frames), saliency=True)
+    return lambda question: model.embed(model.prompt_ids(question, clip), features, clip)
+
+
+@pytest.fixture(scope="module")
+def reask(setup, clips):
+    model, _, prompt = setup
+    with torch.inference_mode():
+        asker = ask_about(model, clips)
+
+    def other(question: str):
+        with torch.inference_mode():
+            asked = asker(question)
+        assert torch.equal(asked.embeds[:, : prompt.head_length], prompt.embeds[:, : prompt.head_length])
+        return asked
+
+    return other
+
+
+def positions_of(prompt) -> torch.Tensor:
+    """The prompt's RoPE positions as an HF forward takes them: (1, n), or (3, 1, n) for M-RoPE."""
+    return prompt.rope_positions[0] if prompt.rope_positions.shape[0] == 1 else prompt.rope_positions
+
+
+def skip_compact(model, positions):
+    if positions == "compact" and model.position_dims > 1:
+        pytest.skip("compact renumbers 1-D positions; an M-RoPE family refuses it (test_families)")
 
 
 def run(model, prompt, plan, max_new_tokens=6, eos=frozenset()):
@@ -56,9 +90,10 @@ def replay_logits(model, prompt, plan, selections, extra_tokens):
     """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens."""
     with torch.inference_mode():
         extra = model.decoder.embed_tokens(torch.tensor([extra_tokens], dtype=torch.long))
-        n = prompt.embeds.shape[1] + len(extra_tokens)
+        rope = prompt.rope_positions
+        after = int(rope.max()) + 1 + torch.arange(len(extra_tokens))
         longer = replace(prompt, embeds=torch.cat([prompt.embeds, extra], 1), suffix_words=[],
-                         rope_positions=torch.arange(n)[None, None])
+                         rope_positions=torch.cat([rope, after.expand(rope.shape[0], 1, -1)], -1))
         _, _, hidden = prefill(model.decoder, longer, replace(plan, name="replay", method=Replay(selections)),
                                StageTimer(model.device))
         return model.lm_head(model.decoder.norm(hidden[:, -1]))[0].float()
@@ -71,6 +106,7 @@ CASES = [(m, None) for m in METHODS if m != "none"] + [("sparsevlm", (0, 1, 2)),
 @pytest.mark.parametrize("method, prune_after", CASES)
 def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, prune_after, positions):
     model, eager, prompt = setup
+    skip_compact(model, positions)
     plan = make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
     decoder = model.decoder
     with torch.inference_mode():
@@ -84,7 +120,8 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
     for _ in range(6):
         recomputed = replay_logits(model, prompt, plan, selections, tokens)
         with torch.no_grad():
-            masked = masked_logits(eager, prompt.embeds, start, count, stages, positions, tokens)
+            masked = masked_logits(eager, prompt.embeds, start, count, stages, positions, tokens,
+                                   prompt.rope_positions[:, 0])
         torch.testing.assert_close(recomputed, masked, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
         tokens.append(int(cached.argmax()))
@@ -102,7 +139,7 @@ def test_no_pruning_when_budget_covers_every_token(setup, method, extra_budget):
     plan = make_plan(method, len(prompt.visual) + extra_budget, 4)
     generation = run(model, prompt, plan, max_new_tokens=1)
     with torch.no_grad():
-        expected = eager(inputs_embeds=prompt.embeds).logits[0, -1]
+        expected = eager(inputs_embeds=prompt.embeds, position_ids=positions_of(prompt)).logits[0, -1]
     torch.testing.assert_close(generation.first_logits, expected, atol=1e-4, rtol=1e-4)
     assert generation.prefilled.visual_per_layer == [len(prompt.visual)] * 4
 
@@ -133,8 +170,8 @@ def test_attention_rows_equal_eager_output_attentions(setup, layer):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=decoder.config)
-        positions = torch.arange(n)[None]
-        cos_sin = decoder.rotary_emb(prompt.embeds, positions)
+        positions = prompt.rope_positions
+        cos_sin = rotary(decoder, prompt.embeds, positions)
         layer_input = run_layers(decoder, prompt.embeds, positions, cos_sin, cache, range(layer))
         run_layers(decoder, layer_input, positions, cos_sin, cache, range(layer, layer + 1))
         keys = cache.layers[layer].keys
@@ -143,7 +180,8 @@ def test_attention_rows_equal_eager_output_attentions(setup, layer):
         ours = attention_rows(decoder.layers[layer], layer_input[:, rows], (cos[:, rows], sin[:, rows]), rows,
                               [keys[:, :, :30], keys[:, :, 30:]])
     with torch.no_grad():
-        expected = eager(inputs_embeds=prompt.embeds, output_attentions=True).attentions[layer][0].mean(0)[rows]
+        expected = eager(inputs_embeds=prompt.embeds, position_ids=positions_of(prompt),
+                         output_attentions=True).attentions[layer][0].mean(0)[rows]
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     assert torch.all(ours[:, n - 3 :][1:2] == 0)  # row n-4 sees no future key
 
@@ -154,14 +192,15 @@ def test_min_per_frame_keeps_every_moment(setup, method):
     plan = make_plan(method, 16, 4, min_per_frame=2)
     generation = run(model, prompt, plan, max_new_tokens=1)
     frames = prompt.visual.frame[generation.prefilled.block.origin[~generation.prefilled.block.merged]]
-    assert torch.bincount(frames, minlength=8).min() >= 2
+    assert torch.bincount(frames, minlength=int(prompt.visual.frame.max()) + 1).min() >= 2
 
 
 def test_uniform_spreads_the_budget_over_frames(setup):
     model, _, prompt = setup
     generation = run(model, prompt, make_plan("uniform", 20, 4), max_new_tokens=1)
     frames = prompt.visual.frame[generation.prefilled.block.origin]
-    assert torch.bincount(frames, minlength=8).tolist() == [3, 3, 3, 3, 2, 2, 2, 2]
+    spans = int(prompt.visual.frame.max()) + 1  # 8 frames; Qwen2.5-VL's tokens cover 2 frames: 4 spans
+    assert torch.bincount(frames, minlength=spans).tolist() == [20 // spans + (i < 20 % spans) for i in range(spans)]
     assert not prompt.visual.is_cls[generation.prefilled.block.origin].any()
 
 
@@ -177,11 +216,12 @@ OTHER_QUESTIONS = ["how many objects are there ?", "which shape moves first ? an
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
 @pytest.mark.parametrize("method, prune_after", [(m, None) for m in METHODS] + [("fastv", (0, 2))])
-def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, positions):
+def test_one_head_serves_every_question_of_a_clip(setup, reask, method, prune_after, positions):
     """The head built from one question's prompt, reused by others: each equals the masked eager
     reference with its own selections and its own solo run (logits, kept tokens); the head's keys
     and values are read in place, never copied or changed."""
     model, eager, prompt = setup
+    skip_compact(model, positions)
     decoder = model.decoder
 
     def plan():
@@ -193,12 +233,13 @@ def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, po
         snapshot = [kv.keys.clone() for kv in head.kv]
         start, count = int(prompt.visual.positions[0]), len(prompt.visual)
         for question in OTHER_QUESTIONS:
-            other = replace(prompt, **_question_parts(model, prompt, question))
+            other = reask(question)
             shared = generate(decoder, model.lm_head, other, 1, set(), StageTimer(model.device), plan(), head=head)
             solo = generate(decoder, model.lm_head, other, 1, set(), StageTimer(model.device), plan())
             stages = [(record.layer, record.selection) for record in shared.prefilled.stages]
             with torch.no_grad():
-                masked = masked_logits(eager, other.embeds, start, count, stages, positions, [])
+                masked = masked_logits(eager, other.embeds, start, count, stages, positions, [],
+                                       other.rope_positions[:, 0])
             torch.testing.assert_close(shared.first_logits, masked, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(shared.first_logits, solo.first_logits, atol=1e-4, rtol=1e-4)
             assert torch.equal(shared.prefilled.block.origin, solo.prefilled.block.origin)
@@ -211,13 +252,13 @@ def test_one_head_serves_every_question_of_a_clip(setup, method, prune_after, po
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_one_method_object_serves_every_question(setup, method):
+def test_one_method_object_serves_every_question(setup, reask, method):
     """A method keeps what it learns of a question (SparseVLM's raters and ranks) in the value the
     engine hands back, not on itself: one plan answers questions in turn as a fresh plan answers each
     (kept tokens, logits, report), and the method object holds nothing afterwards."""
     model, _, prompt = setup
     shared = make_plan(method, 20, 4, seed=3)
-    prompts = [replace(prompt, **_question_parts(model, prompt, q)) for q in [QUESTION, *OTHER_QUESTIONS]]
+    prompts = [reask(q) for q in [QUESTION, *OTHER_QUESTIONS]]
     for other in [*prompts, prompts[0]]:
         with_shared = run(model, other, shared, max_new_tokens=1)
         fresh_plan = make_plan(method, 20, 4, seed=3)
@@ -227,13 +268,3 @@ def test_one_method_object_serves_every_question(setup, method):
         facts = with_shared.prefilled.facts, fresh.prefilled.facts
         assert shared.method.report(facts[0]) == fresh_plan.method.report(facts[1])
     assert vars(shared.method) == {}
-
-
-def _question_parts(model, prompt, question):
-    """The input ids, embeddings and suffix words of `question` about the same clip as `prompt`."""
-    ids = model.prompt_ids(question, ClipShape(8, 48, 64))
-    end = prompt.head_length
-    assert torch.equal(ids[:, :end], prompt.input_ids[:, :end])
-    embeds = torch.cat([prompt.embeds[:, :end], model.decoder.embed_tokens(ids[:, end:])], 1)
-    return {"input_ids": ids, "embeds": embeds,
-            "suffix_words": [model.tokenizer.decode([i]).strip() for i in ids[0, end:].tolist()]}

@@ -10,6 +10,8 @@ from vidsparse.models.family import VideoModel
 
 FAMILIES: dict[str, str] = {  # model_type -> "module.Class" under vidsparse.models
     "video_llava": "video_llava.VideoLlava",
+    "llava_onevision": "llava_onevision.LlavaOnevision",
+    "qwen2_5_vl": "qwen2_5_vl.Qwen25VL",
 }
 
 

@@ -32,6 +32,10 @@ class ClipShape:
     fps: float | None = None  # sampled frames a second of video (M-RoPE ties time positions to seconds)
 
 
+def _ids(value: int | list[int] | None) -> set[int | None]:
+    return set(value) if isinstance(value, list) else {value}
+
+
 class VideoModel:
     """A loaded checkpoint of one family: its HF model, tokenizer and the steps from frames to a
     prompt's embeddings. Subclasses set the class attributes and implement the methods that raise
@@ -48,9 +52,11 @@ class VideoModel:
         self.tokenizer = tokenizer
         self.name = name
         self.mean, self.std = tuple(mean), tuple(std)
-        eos = self.text_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids: set[int] = (set(eos) | {tokenizer.eos_token_id}) - {None}
+        # The answer ends at any of the decoder's, the tokenizer's or generation_config.json's end tokens
+        # (Qwen2 checkpoints list <|endoftext|> beside <|im_end|> there, and HF generate stops on both).
+        generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_ids: set[int] = ({tokenizer.eos_token_id} | _ids(self.text_config.eos_token_id)
+                                        | _ids(generation)) - {None}
 
     # -- loading ---------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PretrainedConfig
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PretrainedConfig
 
 from vidsparse.errors import UserError
 from vidsparse.models.family import ClipShape, VideoModel
@@ -55,14 +55,9 @@ class LlavaOnevision(VideoModel):
     """
 
     model_type = "llava_onevision"
+    config_class = LlavaOnevisionConfig
+    model_class = LlavaOnevisionForConditionalGeneration
     position_dims = 1
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Qwen2 checkpoints may stop on more than text_config's eos (<|im_end|>): HF generate reads
-        # generation_config.json, which can also list <|endoftext|>.
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -110,15 +105,15 @@ class LlavaOnevision(VideoModel):
     def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
         return 1  # the image_newline after the whole video
 
-    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+    def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Each frame resized to image_size x image_size (PIL's antialiased bicubic, no crop, no aspect
+        kept: LlavaOnevisionVideoProcessor's size {height, width})."""
         size = self.model.config.vision_config.image_size
-        return size, size
+        return resize_frames(frames, (size, size))
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Each frame resized to image_size x image_size (PIL's antialiased bicubic, no crop, no aspect
-        kept: LlavaOnevisionVideoProcessor's size {height, width}), /255, normalised."""
-        size = self.frame_size(0, 0)
-        return normalize(resize_frames(frames, size), self.mean, self.std)
+        """`seen_frames`, /255, normalised."""
+        return normalize(self.seen_frames(frames), self.mean, self.std)
 
     def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
         """The chat prompt with `<video>` repeated once per video row (pooled tokens + newline), written
@@ -182,7 +177,7 @@ class LlavaOnevision(VideoModel):
         return maps.permute(0, 2, 3, 1).reshape(frames, pooled * pooled, channels)
 
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, video: VideoFeatures) -> PromptEmbeds:
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
         """Text embeddings with the frames' tokens, frame-major, then `image_newline` in the placeholders."""
         config = self.model.config
         features = video.tokens
@@ -211,7 +206,8 @@ class LlavaOnevision(VideoModel):
         rope = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
         frame_features = None if video.frame_embedding is None else video.frame_embedding.float()
-        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, words, saliency, frame_features)
+        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, head_length, words, saliency,
+                            frame_features)
 
     @classmethod
     def vision_flops(cls, config: PretrainedConfig, clip: ClipShape) -> int:

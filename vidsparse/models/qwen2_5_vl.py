@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
@@ -67,31 +72,20 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-@dataclass(frozen=True)
-class QwenVideoFeatures(VideoFeatures):
-    """VideoFeatures plus the token grid of a span, (rows, cols): `tokens` (spans, rows * cols, d)
-    does not say how a span's tokens are laid out, and `embed` needs it for the map and positions.
-    (Proposed for the contract: a `grid: tuple[int, int] | None` field on VideoFeatures itself.)"""
-
-    grid: tuple[int, int] | None = None
-
-
 class Qwen25VL(VideoModel):
     """A loaded Qwen2.5-VL checkpoint.
 
-    Pixel bounds: a frame is brought to `smart_resize(h, w, 28, min_pixels, max_pixels)`. The class
-    methods (`visual_tokens`, `vision_flops`, `check_context`), which see only the config, use the
+    Pixel bounds: a frame is brought to `smart_resize(h, w, 28, min_pixels, max_pixels)` with the
     video processor's defaults VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS (128 and 768 tokens' worth of
-    28x28 pixels a frame, qwen-vl-utils' video bounds too). An instance uses the bounds it is built
-    with (`pixel_bounds(config, processor)` reads them from a checkpoint's video processor config),
-    the same defaults otherwise. Deliberately, `preprocessor_config.json`'s min/max_pixels (the image
-    processor's: 3136 and 12845056 in Qwen/Qwen2.5-VL-7B-Instruct) are not video bounds here, although
-    HF 5.25's video processor falls back to that file when a checkpoint has no video processor config
-    (then HF would give a 720p frame 1196 tokens a span where the video defaults give 720).
+    28x28 pixels a frame, qwen-vl-utils' video bounds too). Deliberately, `preprocessor_config.json`'s
+    min/max_pixels (the image processor's: 3136 and 12845056 in Qwen/Qwen2.5-VL-7B-Instruct) are not
+    video bounds here, although HF 5.25's video processor falls back to that file when a checkpoint has
+    no video processor config (then HF would give a 720p frame 1196 tokens a span where the video
+    defaults give 720). A checkpoint's own video bounds are not read yet.
 
     Time: a token's temporal position is int(span * tokens_per_second * 2 / fps), fps being the
-    sampled frames per second of video (`embed(..., fps=)`); fps None is HF's default of one second
-    a span (fps 2, qwen-vl-utils' default sampling rate).
+    sampled frames per second of video (`ClipShape.fps`); fps None is HF's default of one second a
+    span (fps 2, qwen-vl-utils' default sampling rate).
 
     Saliency (no CLS here, and most ViT blocks attend within windows of 8x8 patches): the per-token
     importance (`VideoFeatures.cls_attention`, (spans, tokens)) is the attention each patch receives
@@ -104,17 +98,21 @@ class Qwen25VL(VideoModel):
     """
 
     model_type = "qwen2_5_vl"
+    config_class = Qwen2_5_VLConfig
+    model_class = Qwen2_5_VLForConditionalGeneration
     position_dims = 3
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, *,
-                 min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS):
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
         super().__init__(model, tokenizer, name, mean, std)
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         vocab = tokenizer.get_vocab()
         self.eos_token_ids |= {vocab[t] for t in END_TOKENS if t in vocab}
 
     # -- config ----------------------------------------------------------------------------------
+
+    @classmethod
+    def default_pixel_stats(cls) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return CLIP_MEAN, CLIP_STD
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> list[str]:
@@ -124,6 +122,9 @@ class Qwen25VL(VideoModel):
             value = getattr(vision, key, None)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"vision_config.{key} is {value!r}, must be a positive integer")
+        if vision.temporal_patch_size != 2:
+            problems.append(f"vision_config.temporal_patch_size is {vision.temporal_patch_size!r}: Qwen2.5-VL's "
+                            "tokens cover 2 frames")
         if not problems and vision.window_size // vision.spatial_merge_size // vision.patch_size < 1:
             problems.append(f"vision_config.window_size {vision.window_size} is smaller than a merged token "
                             f"({vision.spatial_merge_size * vision.patch_size} pixels)")
@@ -142,29 +143,14 @@ class Qwen25VL(VideoModel):
     def placeholder(cls, config: PretrainedConfig) -> tuple[str, int]:
         return VIDEO_PAD, config.video_token_id
 
-    @classmethod
-    def pixel_bounds(cls, processor: dict | None) -> tuple[int, int]:
-        """(min_pixels, max_pixels) a frame from a *video* processor config (video_preprocessor_config.json,
-        or processor_config.json's "video_processor"): `size` {shortest_edge, longest_edge} or the older
-        min_pixels / max_pixels keys; the video defaults for what it lacks."""
-        processor = processor or {}
-        size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
-        low = processor.get("min_pixels", size.get("shortest_edge", VIDEO_MIN_PIXELS))
-        high = processor.get("max_pixels", size.get("longest_edge", VIDEO_MAX_PIXELS))
-        if not all(isinstance(v, int) and v > 0 for v in (low, high)) or low > high:
-            raise UserError(f"the video processor config's pixel bounds must be positive integers, min <= max: got "
-                            f"min_pixels {low!r}, max_pixels {high!r}")
-        return low, high
-
     # -- layout ----------------------------------------------------------------------------------
 
     @classmethod
-    def _grid(cls, config: PretrainedConfig, clip: ClipShape, min_pixels: int = VIDEO_MIN_PIXELS,
-              max_pixels: int = VIDEO_MAX_PIXELS) -> tuple[int, int, int]:
+    def _grid(cls, config: PretrainedConfig, clip: ClipShape) -> tuple[int, int, int]:
         """(grid_t, grid_h, grid_w) in patches, HF's video_grid_thw."""
         vision = config.vision_config
         height, width = smart_resize(clip.height, clip.width, vision.patch_size * vision.spatial_merge_size,
-                                     min_pixels, max_pixels)
+                                     VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
         return -(-clip.frames // vision.temporal_patch_size), height // vision.patch_size, width // vision.patch_size
 
     @classmethod
@@ -172,10 +158,15 @@ class Qwen25VL(VideoModel):
         t, h, w = cls._grid(config, clip)
         return t * h * w // config.vision_config.spatial_merge_size ** 2
 
-    def tokens(self, clip: ClipShape) -> int:
-        """Visual tokens of a clip with this instance's pixel bounds."""
-        t, h, w = self._grid(self.model.config, clip, self.min_pixels, self.max_pixels)
-        return t * h * w // self.model.config.vision_config.spatial_merge_size ** 2
+    @classmethod
+    def spans(cls, clip: ClipShape) -> int:
+        return -(-clip.frames // 2)  # temporal patch 2 (check_config holds every checkpoint to it)
+
+    @classmethod
+    def smallest_clip(cls, config: PretrainedConfig, frames: int) -> ClipShape:
+        """Frames of min_pixels in the fewest tokens: one merged token high, as wide as min_pixels needs."""
+        factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+        return ClipShape(frames, factor, factor * -(-VIDEO_MIN_PIXELS // factor ** 2))
 
     @classmethod
     def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
@@ -184,8 +175,12 @@ class Qwen25VL(VideoModel):
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
         vision = self.model.config.vision_config
-        return smart_resize(height, width, vision.patch_size * vision.spatial_merge_size, self.min_pixels,
-                            self.max_pixels)
+        return smart_resize(height, width, vision.patch_size * vision.spatial_merge_size, VIDEO_MIN_PIXELS,
+                            VIDEO_MAX_PIXELS)
+
+    def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(frames)
+        return resize_frames(x, self.frame_size(*x.shape[1:3]))
 
     # -- pixels and tokens -----------------------------------------------------------------------
 
@@ -195,9 +190,8 @@ class Qwen25VL(VideoModel):
         (merge-window order), with the grid readable from the shape."""
         vision = self.model.config.vision_config
         p, m, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
-        x = torch.as_tensor(frames)
-        height, width = self.frame_size(*x.shape[1:3])
-        pixels = normalize(resize_frames(x, (height, width)), self.mean, self.std)
+        pixels = normalize(self.seen_frames(frames), self.mean, self.std)
+        height, width = pixels.shape[-2:]
         if pad := -pixels.shape[0] % tp:  # the video processor repeats the last frame
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
         t, c = pixels.shape[0] // tp, pixels.shape[1]
@@ -211,7 +205,7 @@ class Qwen25VL(VideoModel):
         return torch.tensor([[t, rows * m, cols * m]], device=self.device)
 
     @torch.inference_mode()
-    def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> QwenVideoFeatures:
+    def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
         """`preprocess`'s pixels -> (spans, rows * cols, d) merged tokens in raster order; with `saliency`,
         the attention each token receives at the last full-attention block and each span's mean
         normalised state (see the class docstring)."""
@@ -221,7 +215,7 @@ class Qwen25VL(VideoModel):
         visual = self.model.model.visual
         if not saliency:
             tokens = self.model.model.get_video_features(flat, grid).pooler_output[0]
-            return QwenVideoFeatures(tokens.view(spans, rows * cols, -1), grid=(rows, cols))
+            return VideoFeatures(tokens.view(spans, rows * cols, -1))
         full = [i for i in range(len(visual.blocks)) if i in visual.fullatt_block_indexes]
         if not full:
             raise UserError("this checkpoint's vision tower has no full-attention block to read saliency from")
@@ -249,14 +243,14 @@ class Qwen25VL(VideoModel):
                                                   visual.patch_size)
         per_unit = received.view(-1, visual.spatial_merge_unit).sum(1)[torch.argsort(window_index).to(received.device)]
         normed = visual.merger.ln_q(seen["merger"]).float()
-        return QwenVideoFeatures(tokens.view(spans, rows * cols, -1), per_unit.view(spans, -1),
-                                 normed.view(spans, -1, normed.shape[-1]).mean(1), grid=(rows, cols))
+        return VideoFeatures(tokens.view(spans, rows * cols, -1), per_unit.view(spans, -1),
+                             normed.view(spans, -1, normed.shape[-1]).mean(1))
 
     # -- the prompt ------------------------------------------------------------------------------
 
     def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
         self.refuse_special_tokens(question)
-        n_visual = self.tokens(clip)
+        n_visual = self.visual_tokens(self.model.config, clip)
         prefix, suffix = PROMPT_TEMPLATE.split(VIDEO_PAD)
         text = prefix + VIDEO_PAD * n_visual + suffix.format(question=question)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids  # the template has its own specials
@@ -267,14 +261,13 @@ class Qwen25VL(VideoModel):
         return torch.tensor([ids], device=self.device)
 
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, video: VideoFeatures, fps: float | None = None) -> PromptEmbeds:
+    def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
         """Text embeddings with the tokens scattered into the <|video_pad|> rows (HF's masked_scatter),
-        the map of those rows, and HF get_rope_index's positions for the whole prompt. `fps`: frames
-        sampled per second of video (None: one second a span, HF's default)."""
-        grid = getattr(video, "grid", None)
-        if grid is None:
-            raise ValueError("Qwen2.5-VL's embed needs the token grid of QwenVideoFeatures (from video_features)")
-        rows, cols = grid
+        the map of those rows, and HF get_rope_index's positions for the whole prompt (time from the
+        clip's sampled fps; None: one second a span, HF's default)."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        _, grid_h, grid_w = self._grid(self.model.config, clip)
+        rows, cols = grid = (grid_h // merge, grid_w // merge)
         spans = video.tokens.shape[0]
         embeds = self.decoder.embed_tokens(input_ids)
         positions = (input_ids[0] == self.model.config.video_token_id).nonzero().squeeze(1)
@@ -294,8 +287,10 @@ class Qwen25VL(VideoModel):
         suffix = input_ids[0, head_length:].tolist()
         words = [self.tokenizer.decode([i]).strip() for i in suffix]
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
-        return PromptEmbeds(input_ids, embeds, visual, self.rope_positions(input_ids, spans, grid, fps), head_length,
-                            words, saliency, None if video.frame_embedding is None else video.frame_embedding.float())
+        rope = self.rope_positions(input_ids, spans, grid, clip.fps)
+        text_start = int(rope[0, 0, head_length]) if head_length < rope.shape[-1] else int(rope.max()) + 1
+        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, text_start, words, saliency,
+                            None if video.frame_embedding is None else video.frame_embedding.float())
 
     def rope_positions(self, input_ids: torch.Tensor, spans: int, grid: tuple[int, int],
                        fps: float | None = None) -> torch.Tensor:

@@ -46,10 +46,11 @@ class PromptText:
     embeds: torch.Tensor  # (n, d) input embeddings of the whole prompt
     visual_start: int  # index of the first visual token
     num_visual: int
-    suffix_words: list[str]  # the text tokens after the visual block, as words
+    suffix_start: int  # index of the first text token after the video (separators come before it)
+    suffix_words: list[str]  # the text tokens from suffix_start on, as words
 
     @property
-    def suffix_start(self) -> int:
+    def visual_end(self) -> int:
         return self.visual_start + self.num_visual
 
 
@@ -104,7 +105,7 @@ class Method:
         return None
 
     def query_rows(self, num_suffix: int, facts: object | None) -> torch.Tensor:
-        """Text rows after the visual block (0 = first suffix token) whose attention `select` needs."""
+        """Text rows after the video (0 = first suffix token) whose attention `select` needs."""
         return torch.tensor([num_suffix - 1])
 
     def select(self, stage: StageInput) -> Selection:

@@ -86,7 +86,7 @@ class RatedByText(Method):
     needs_attention = True
 
     def prepare(self, prompt: PromptText) -> Raters:
-        visual = prompt.embeds[prompt.visual_start : prompt.suffix_start]
+        visual = prompt.embeds[prompt.visual_start : prompt.visual_end]
         rows = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
         return Raters(rows, [prompt.suffix_words[i] for i in rows.tolist()])
 

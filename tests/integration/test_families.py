@@ -1,0 +1,56 @@
+"""Every family through the pipeline and the command line: found by its config's model_type, every
+method answering at the exact budget, and what a family cannot do refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.test_cli import ask
+from vidsparse.errors import UserError
+from vidsparse.pipeline import VideoQA
+from vidsparse.pruning import METHODS
+
+FAMILIES = ["tiny_checkpoint", "tiny_onevision", "tiny_qwen"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def qa(request) -> VideoQA:
+    return VideoQA.from_pretrained(str(request.getfixturevalue(request.param)))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_answers_at_the_exact_budget(qa, clips, method):
+    stats = qa.ask(clips["h264"], "what color is the square ?", method=method, budget="25%", max_new_tokens=3).to_dict()
+    tokens = stats["tokens"]
+    assert tokens["visual_after"] == (tokens["visual_before"] if method == "none" else tokens["visual_before"] // 4)
+    assert stats["flops"]["prefill"] <= stats["flops"]["prefill_unpruned"]
+
+
+def test_each_family_is_found_by_its_model_type(qa):
+    assert type(qa.model).model_type == qa.model.model.config.model_type
+
+
+def test_compact_positions_are_refused_where_positions_are_3d(tiny_qwen, clips):
+    qa = VideoQA.from_pretrained(str(tiny_qwen))
+    with pytest.raises(UserError, match="3-D .* use --positions keep"):
+        qa.ask(clips["h264"], "what color is the square ?", method="fastv", budget=20, positions="compact")
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_onevision", "tiny_qwen"])
+def test_ask_runs_a_new_family_from_the_command_line(request, checkpoint, clips):
+    result = ask(clips["h264"], "what color is the square ?", "--model", request.getfixturevalue(checkpoint),
+                 "--method", "sparsevlm", "--budget", "25%", "--json", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["tokens"]["visual_after"] == stats["tokens"]["visual_before"] // 4
+
+
+def test_a_checkpoint_of_another_family_is_one_line(tmp_path, clips):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    result = ask(clips["h264"], "what ?", "--model", folder)
+    assert result.exit_code == 2
+    assert "model_type is 'llava'; supported: video_llava, llava_onevision, qwen2_5_vl" in result.stderr
