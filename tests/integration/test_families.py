@@ -54,3 +54,17 @@ def test_a_checkpoint_of_another_family_is_one_line(tmp_path, clips):
     result = ask(clips["h264"], "what ?", "--model", folder)
     assert result.exit_code == 2
     assert "model_type is 'llava'; supported: video_llava, llava_onevision, qwen2_5_vl" in result.stderr
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_onevision", "tiny_qwen"])
+def test_show_kept_draws_each_familys_frames_and_grid(request, checkpoint, clips, tmp_path):
+    """The picture is drawn from the family's own view of the frames (OneVision: squashed square,
+    Qwen2.5-VL: its dynamic size) and token grid (a Qwen token on both frames of its span)."""
+    from PIL import Image
+
+    picture = tmp_path / "kept.png"
+    result = ask(clips["h264"], "what color is the square ?", "--model", request.getfixturevalue(checkpoint),
+                 "--method", "uniform", "--budget", "16", "--max-new-tokens", "2", "--show-kept", picture)
+    assert result.exit_code == 0, result.output
+    with Image.open(picture) as image:
+        assert image.width > 300 and image.height > 200
