@@ -22,7 +22,7 @@ from vidsparse.options import DECODE_BATCH, AskOptions
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import Question, relative_name
 from vidsparse.results import ResultsFile, question_key
-from vidsparse.video import DecodedVideo, decode_video
+from vidsparse.video import DecodedVideo, decode_clip
 
 
 def batch_settings(model: str, dtype: str, device: str, options: AskOptions) -> dict[str, Any]:
@@ -119,8 +119,7 @@ def prefetched(jobs: Iterator[ClipJob], options: AskOptions) -> Iterator[tuple[C
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
 
         def submit(job: ClipJob | None) -> tuple[ClipJob, Future] | None:
-            return None if job is None else (job, pool.submit(decode_video, job.path, options.num_frames,
-                                                              options.backend))
+            return None if job is None else (job, pool.submit(decode_clip, job.path, options))
 
         current = submit(next(jobs, None))
         while current is not None:

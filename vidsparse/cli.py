@@ -47,7 +47,10 @@ err_console = Console(stderr=True)
 
 # Options shared by ask, batch and sweep.
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint folder, shapes-demo or shapes-hd.")]
-Frames = Annotated[int, typer.Option("--frames", help="Frames sampled uniformly over each clip.")]
+Frames = Annotated[int | None, typer.Option("--frames", help="Frames sampled uniformly over each clip [default: 8].")]
+Fps = Annotated[float | None, typer.Option(
+    "--fps", help="Sample this many frames a second of video instead of --frames (as Qwen2.5-VL's processors do).")]
+MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="The most frames --fps samples [default: 32].")]
 Backend = Annotated[str, typer.Option("--backend", help="Video decoder: auto (decord, then PyAV), decord, pyav.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, float16, bfloat16 (auto: fp32 CPU, bf16 GPU).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")]
@@ -107,7 +110,7 @@ def _check_context_early(model: str, options: AskOptions) -> None:
     found = peek_config(model)
     if found is not None:
         family, config = found
-        family.check_frames(config, options.num_frames, options.max_new_tokens)
+        family.check_frames(config, options.fewest_frames, options.max_new_tokens)
 
 
 def _load(model: str, dtype: str, device: str):
@@ -117,10 +120,11 @@ def _load(model: str, dtype: str, device: str):
 
 
 def _options(method: str, budget: str, prune_after: str | None, positions: str, min_per_frame: int, seed: int,
-             frames: int, backend: str, max_new_tokens: int) -> AskOptions:
+             frames: int | None, backend: str, max_new_tokens: int, fps: float | None,
+             max_frames: int | None) -> AskOptions:
     """The flags of one answer, typed and checked (the method-specific rule too, which needs torch)."""
     options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend,
-                          max_new_tokens)
+                          max_new_tokens, fps, max_frames)
     _check_method(options)
     return options
 
@@ -144,7 +148,9 @@ def ask(
     positions: Positions = "keep",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
-    frames: Frames = 8,
+    frames: Frames = None,
+    fps: Fps = None,
+    max_frames: MaxFrames = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -162,11 +168,12 @@ def ask(
     check_video_file(video)  # before any heavy import: a mistyped path is answered at once
     if show_kept is not None:
         check_output_file(show_kept, "--show-kept")
-    options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
-    from vidsparse.video import decode_video
+    options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
+                       fps, max_frames)
+    from vidsparse.video import decode_clip
 
     _check_context_early(model, options)
-    decoded = decode_video(video, options.num_frames, options.backend)  # before loading: a bad file fails fast
+    decoded = decode_clip(video, options)  # before loading: a bad file fails fast
     qa = _load(model, dtype, device)
     result = qa.answer(decoded, question, options)
     result.video_path = str(video)
@@ -303,7 +310,9 @@ def batch(
     positions: Positions = "keep",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
-    frames: Frames = 8,
+    frames: Frames = None,
+    fps: Fps = None,
+    max_frames: MaxFrames = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -333,7 +342,8 @@ def batch(
     """
     from vidsparse.questions import QuestionsFileError, QuestionSource
 
-    options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
+                          fps, max_frames)
     source = QuestionSource(videos_dir, questions, question, allow_outside_folder)
     if questions is not None and out.exists() and out.resolve() == questions.resolve():
         raise UserError(f"--out {out} is the questions file: give the results their own file")
@@ -450,7 +460,9 @@ def sweep(
     positions: Positions = "keep",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
-    frames: Frames = 8,
+    frames: Frames = None,
+    fps: Fps = None,
+    max_frames: MaxFrames = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -466,7 +478,8 @@ def sweep(
     budget_list = parse_budgets(budgets)
     method_list = parse_methods(methods)
     # Shared by every cell; options_for gives each cell its method and budget (--prune-after where it applies).
-    options = ask_options("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens)
+    options = ask_options("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
+                          fps, max_frames)
     if not target.exists():
         raise UserError(f"{target}: no such video or folder")
     if target.is_dir():
@@ -498,10 +511,10 @@ def sweep(
 
         check_out_folder(out)
         cells = sweep_cells(method_list, budget_list, options)
-        from vidsparse.video import decode_video
+        from vidsparse.video import decode_clip
 
         # One video is decoded before the model loads (as `ask` does): a bad file fails at once, in one line.
-        decoded = {} if target.is_dir() else {target: decode_video(target, options.num_frames, options.backend)}
+        decoded = {} if target.is_dir() else {target: decode_clip(target, options)}
         qa = _load(model, dtype, device)
         if questions is None:  # the user's one question (of one video, or every video): refused, not skipped
             qa.check_question(question, options)

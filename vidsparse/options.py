@@ -7,6 +7,7 @@ once, before the seconds it takes to import torch and transformers.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +27,7 @@ METHOD_CLASSES = {
 METHOD_NAMES = tuple(METHOD_CLASSES)
 POSITION_MODES = ("keep", "compact")
 BACKENDS = ("auto", "decord", "pyav")
+DEFAULT_MAX_FRAMES = 32  # the most frames --fps samples unless --max-frames says (the video papers' 32)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
 
 PositionMode = Literal["keep", "compact"]  # RoPE positions after pruning: original, or renumbered
@@ -132,9 +134,24 @@ class AskOptions:
     positions: PositionMode = "keep"
     min_per_frame: int = 0
     seed: int = 0
-    num_frames: int = 8
+    num_frames: int = 8  # frames spread evenly over each clip, unless `fps` is given
     backend: Backend = "auto"
     max_new_tokens: int = 64
+    fps: float | None = None  # frames sampled a second of video instead (as Qwen2.5-VL's processors do) ...
+    max_frames: int | None = None  # ... at most this many
+
+    @property
+    def fewest_frames(self) -> int:
+        """The fewest frames a clip can give (checked before its length is known)."""
+        return self.num_frames if self.fps is None else 1
+
+    def frames_for(self, total_frames: int, video_fps: float) -> int:
+        """How many frames to sample from a clip of `total_frames` frames at `video_fps` (0: not known)."""
+        if self.fps is None:
+            return self.num_frames
+        if video_fps <= 0:
+            raise UserError("the video does not say its frame rate, so --fps cannot sample it: use --frames")
+        return max(1, min(self.max_frames or DEFAULT_MAX_FRAMES, round(total_frames / video_fps * self.fps)))
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready values of what decides the answers, the budget as the user would write it. Without
@@ -148,16 +165,30 @@ class AskOptions:
                     "prune_after": None if used.prune_after is None else list(used.prune_after)}
         if self.method == "none":  # left out, not recorded as 0: a header that holds one is not compared on it
             del settings["seed"]
+        # Sampling by time is recorded as such, and sampling by count as earlier versions recorded it.
+        for key in ("fps", "max_frames") if self.fps is None else ("num_frames",):
+            del settings[key]
         return settings
 
 
 def ask_options(method: str = "none", budget: int | str | Budget = 194,
                 prune_after: str | int | Sequence[int] | None = None,
-                positions: str = "keep", min_per_frame: int = 0, seed: int = 0, num_frames: int = 8,
-                backend: str = "auto", max_new_tokens: int = 64) -> AskOptions:
+                positions: str = "keep", min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None,
+                backend: str = "auto", max_new_tokens: int = 64, fps: float | None = None,
+                max_frames: int | None = None) -> AskOptions:
     """Check and type every option that can be checked without a model (method-specific rules, such
-    as which methods take --prune-after, are `vidsparse.pruning.check_method`'s)."""
+    as which methods take --prune-after, are `vidsparse.pruning.check_method`'s). Frames are sampled
+    `num_frames` to a clip (8 if neither is given) or `fps` a second of video, at most `max_frames`."""
     parse_method(method)
+    if fps is not None and num_frames is not None:
+        raise UserError("--frames and --fps both say how many frames to sample: give one")
+    if max_frames is not None and fps is None:
+        raise UserError("--max-frames caps sampling by --fps; with --frames the count is exact")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise UserError(f"--fps must be a positive number of frames a second, got {fps}")
+    if max_frames is not None and max_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {max_frames}")
+    num_frames = 8 if num_frames is None else num_frames
     if positions not in POSITION_MODES:
         raise UserError(f"--positions must be keep or compact, got {positions!r}")
     if backend not in BACKENDS:
@@ -169,7 +200,7 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194,
     if seed > MAX_SEED:
         raise UserError(f"--seed must be at most 2**64 - 1, got {seed}")
     return AskOptions(method, parse_budget(budget), parse_layers(prune_after), positions, min_per_frame, seed,
-                      num_frames, backend, max_new_tokens)
+                      num_frames, backend, max_new_tokens, fps, (max_frames or DEFAULT_MAX_FRAMES) if fps else None)
 
 
 DECODE_BATCH = 16  # questions of a clip prefilled and decoded together by default (`batch --decode-batch`)

@@ -36,7 +36,7 @@ from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.questions import check_question_text
 from vidsparse.stats import DecoderShape, PeakMemory, StageTimer, prefill_flops
-from vidsparse.video import DecodedVideo, decode_video
+from vidsparse.video import DecodedVideo, decode_clip
 
 STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
 
@@ -80,13 +80,14 @@ class VideoQA:
 
     def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
             budget: int | str = 194, prune_after: str | Sequence[int] | None = None, positions: str = "keep",
-            min_per_frame: int = 0, seed: int = 0, num_frames: int = 8, backend: str = "auto",
-            max_new_tokens: int = 64) -> AskResult:
+            min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None, backend: str = "auto",
+            max_new_tokens: int = 64, fps: float | None = None, max_frames: int | None = None) -> AskResult:
         """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
         (T, H, W, 3) of your own), pruning the visual tokens to `budget` (a count, or a share like
-        "10%") with `method` (see vidsparse.pruning.METHODS)."""
+        "10%") with `method` (see vidsparse.pruning.METHODS). A path is sampled `num_frames` frames (8
+        by default) or `fps` frames a second of video, at most `max_frames` (32 by default)."""
         options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, num_frames, backend,
-                              max_new_tokens)
+                              max_new_tokens, fps, max_frames)
         return self.answer(video, question, options)
 
     def answer(self, video: str | Path | DecodedVideo | np.ndarray, question: str, options: AskOptions,
@@ -131,7 +132,7 @@ class VideoQA:
         # Until a file is decoded, its frames' size is not known: the prompts are checked for the clip
         # with the fewest visual tokens, and made again if the decoded clip has more.
         clip_shape = (clip_shape_of(video) if isinstance(video, DecodedVideo)
-                      else model.smallest_clip(model.model.config, options.num_frames))
+                      else model.smallest_clip(model.model.config, options.fewest_frames))
         self._check_positions(options)
         with timer.stage("preprocess"):
             prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
@@ -142,7 +143,7 @@ class VideoQA:
         video_path = None
         if not isinstance(video, DecodedVideo):
             video_path = str(video)
-            video = decode_video(video, options.num_frames, options.backend)
+            video = decode_clip(video, options)
             provisional, clip_shape = clip_shape, clip_shape_of(video)
             if self._visual_tokens(clip_shape) != self._visual_tokens(provisional):
                 with timer.stage("preprocess"):
@@ -203,14 +204,14 @@ class VideoQA:
 
     def check_question(self, question: str, options: AskOptions) -> None:
         """Raise the UserError that refuses ``question`` (asked of every clip: refused once, up front)."""
-        refused = self.checked_prompt(question, self.model.smallest_clip(self.model.model.config, options.num_frames),
-                                      options)
+        refused = self.checked_prompt(question, self.model.smallest_clip(self.model.model.config,
+                                                                         options.fewest_frames), options)
         if isinstance(refused, UserError):
             raise refused
 
     def check_frames(self, options: AskOptions) -> None:
         """Raise the UserError that refuses every clip at these options: too many frames for the context."""
-        self.model.check_frames(self.model.model.config, options.num_frames, options.max_new_tokens)
+        self.model.check_frames(self.model.model.config, options.fewest_frames, options.max_new_tokens)
 
     def checked_prompt(self, question: str, clip: ClipShape, options: AskOptions) -> torch.Tensor | UserError:
         """The prompt's token ids, or why this question cannot be asked (empty, special tokens, too long)."""
@@ -229,7 +230,7 @@ class VideoQA:
         """Raise the UserError that refuses these options' pruning plan on any clip (the per-frame floor
         is checked for the clip with the fewest visual tokens; every clip is checked again)."""
         self._check_positions(options)
-        self._plan(options, self.model.smallest_clip(self.model.model.config, options.num_frames))
+        self._plan(options, self.model.smallest_clip(self.model.model.config, options.fewest_frames))
 
     def _visual_tokens(self, clip: ClipShape) -> int:
         return self.model.visual_tokens(self.model.model.config, clip)

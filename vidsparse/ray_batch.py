@@ -92,10 +92,10 @@ class ClipWorker:
         ``IN_FLIGHT`` calls run at once (a threaded actor): the next clip decodes while this one is
         answered, as the single-process batch prefetches."""
         from vidsparse.batch import answer_fields, clip_answers
-        from vidsparse.video import decode_video
+        from vidsparse.video import decode_clip
 
         try:
-            video = decode_video(Path(path), options.num_frames, options.backend)
+            video = decode_clip(Path(path), options)
         except UserError as e:
             video = e
         with self.model_lock:

@@ -25,7 +25,7 @@ from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS, check_method
 from vidsparse.questions import Question
-from vidsparse.video import DecodedVideo, decode_video
+from vidsparse.video import DecodedVideo, decode_clip
 
 
 @dataclass
@@ -113,15 +113,15 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     warmed = False
     by_video: dict[Path, list[Question]] = {}
     for q in questions:
-        refused = qa.checked_prompt(q.question, qa.model.smallest_clip(qa.model.model.config, options.num_frames),
-                                    options)
+        refused = qa.checked_prompt(q.question, qa.model.smallest_clip(qa.model.model.config,
+                                                                        options.fewest_frames), options)
         if isinstance(refused, UserError):
             skip(f"question {q.id!r}: {refused}", 1)
         else:
             by_video.setdefault(q.video, []).append(q)
     for path, asked in by_video.items():  # one clip in memory at a time, decoded and through the tower once
         try:
-            video = decoded.get(path) or decode_video(path, options.num_frames, options.backend)
+            video = decoded.get(path) or decode_clip(path, options)
         except UserError as e:
             skip(str(e), len(asked))
             continue

@@ -12,7 +12,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vidsparse.errors import UserError
-from vidsparse.options import Backend
+from vidsparse.options import AskOptions, Backend
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,10 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     return np.linspace(0, total_frames - 1, num_frames).round().astype(int).tolist()
 
 
-def _decode_decord(path: Path, num_frames: int) -> DecodedVideo:
+FrameCount = Callable[[int, float], int]  # (frames in the clip, its frame rate or 0) -> frames to sample
+
+
+def _decode_decord(path: Path, count: FrameCount) -> DecodedVideo:
     try:
         import decord
     except ImportError as e:
@@ -75,9 +78,9 @@ def _decode_decord(path: Path, num_frames: int) -> DecodedVideo:
         total = len(reader)
         if total == 0:
             raise DecodeError("the video has no frames")
-        indices = sample_indices(total, num_frames)
+        fps = _finite(float(reader.get_avg_fps()))
+        indices = sample_indices(total, count(total, fps))
         frames = reader.get_batch(indices).asnumpy()
-        fps = float(reader.get_avg_fps())
     except (decord.DECORDError, RuntimeError) as e:
         raise DecodeError(_clean_decord_message(str(e))) from e
     if frames.ndim != 4 or frames.shape[-1] != 3:  # e.g. a clip rotated by 90 degrees comes out with 4 channels
@@ -85,7 +88,7 @@ def _decode_decord(path: Path, num_frames: int) -> DecodedVideo:
     return DecodedVideo(frames, indices, _finite(fps), _duration(total, fps), "decord", total)
 
 
-def _decode_pyav(path: Path, num_frames: int) -> DecodedVideo:
+def _decode_pyav(path: Path, count: FrameCount) -> DecodedVideo:
     """Decode every frame once (the only reliable count: headers lie for truncated files) but keep
     only the sampled ones, so memory does not grow with the clip. The sample is chosen from the
     count the header promises (or a packet count); if decoding finds another count, a second pass
@@ -97,12 +100,12 @@ def _decode_pyav(path: Path, num_frames: int) -> DecodedVideo:
             if not container.streams.video:
                 raise DecodeError("the file has no video stream")
             stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            expected = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        frames, total = _pyav_pass(path, set(sample_indices(max(expected, 1), num_frames)))
+            fps = _finite(float(stream.average_rate or stream.guessed_rate or 0))
+            expected = max(1, stream.frames or sum(1 for packet in container.demux(stream) if packet.size))
+        frames, total = _pyav_pass(path, set(sample_indices(expected, count(expected, fps))))
         if total == 0:
             raise DecodeError("the video has no frames")
-        indices = sample_indices(total, num_frames)
+        indices = sample_indices(total, count(total, fps))
         if not set(indices) <= frames.keys():
             frames, _ = _pyav_pass(path, set(indices))
     except av.FFmpegError as e:
@@ -235,9 +238,16 @@ def check_header(path: Path, header: Header) -> None:
                         "model's square centre crop would see under 1% of it (video is at most about 4:1)")
 
 
-def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto") -> DecodedVideo:
-    """Decode `num_frames` uniformly sampled RGB frames; bad input raises UserError (an image or an
-    absurd geometry read from the header, before any frame is decoded)."""
+def decode_clip(path: str | Path, options: AskOptions) -> DecodedVideo:
+    """`decode_video` sampling as the options say: a count of frames, or a rate a second of video."""
+    return decode_video(path, options.num_frames, options.backend, count=options.frames_for)
+
+
+def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto", *,
+                 count: FrameCount | None = None) -> DecodedVideo:
+    """Decode `num_frames` uniformly sampled RGB frames (or as many as `count` says for the clip's
+    length and frame rate); bad input raises UserError (an image or an absurd geometry read from the
+    header, before any frame is decoded)."""
     path = Path(path)
     check_video_file(path)
     if num_frames < 1:
@@ -253,8 +263,10 @@ def decode_video(path: str | Path, num_frames: int = 8, backend: Backend = "auto
     for name in order:
         try:
             with _native_stderr_silenced():
-                decoded = _DECODERS[name](path, num_frames)
+                decoded = _DECODERS[name](path, count or (lambda total, fps: num_frames))
             return replace(decoded, seconds=time.perf_counter() - start)
+        except UserError:  # the clip cannot be sampled as asked (no frame rate for --fps): no decoder can
+            raise
         except DecodeError as e:
             failures.append(f"{name}: {e}")
         except Exception as e:  # noqa: BLE001 - a damaged file can make a decoder raise anything

@@ -68,3 +68,25 @@ def test_show_kept_draws_each_familys_frames_and_grid(request, checkpoint, clips
     assert result.exit_code == 0, result.output
     with Image.open(picture) as image:
         assert image.width > 300 and image.height > 200
+
+
+def test_fps_sampling_reaches_the_time_positions(tiny_qwen, clips):
+    """--fps samples by seconds (the 2 s test clip at 3 frames a second: 6 frames, 3 spans of 2) and
+    Qwen2.5-VL's time positions follow the sampled rate: a span is 2 / 3 s, 2 tokens a second."""
+    result = ask(clips["h264"], "what color is the square ?", "--model", tiny_qwen, "--fps", "3", "--json",
+                 "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert len(stats["video"]["frame_indices"]) == 6
+    from vidsparse.options import ask_options
+    from vidsparse.pipeline import clip_shape_of
+    from vidsparse.video import decode_clip
+
+    model = VideoQA.from_pretrained(str(tiny_qwen)).model
+    clip = clip_shape_of(decode_clip(clips["h264"], ask_options(fps=3)))
+    assert (clip.frames, clip.fps) == (6, 3.0)
+    prompt = model.embed(model.prompt_ids("what ?", clip), model.video_features(model.preprocess(
+        decode_clip(clips["h264"], ask_options(fps=3)).frames)), clip)
+    time = prompt.rope_positions[0, 0, prompt.visual.positions]
+    # int(span x 2 tokens a second x 2/3 s a span) after the video's start: 0, 1, 2 (HF's default: 0, 2, 4)
+    assert (time - time[0]).unique().tolist() == [0, 1, 2] and prompt.visual.frames_per_span == 2

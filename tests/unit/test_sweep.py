@@ -166,17 +166,16 @@ def test_sweep_of_one_video_decodes_it_once_and_a_bad_one_fails_before_the_model
                                                                                     tmp_path, monkeypatch):
     """An undecodable video used to load the model and run the progress through every cell before
     saying so; now it is one line at once, as in `ask`. A good one is decoded once for every cell."""
-    from vidsparse import cli, sweep, video
+    from vidsparse import cli, video
 
     decodes = []
     real_decode, real_load = video.decode_video, cli._load
 
-    def counting_decode(path, *args):
+    def counting_decode(path, *args, **kwargs):
         decodes.append(path)
-        return real_decode(path, *args)
+        return real_decode(path, *args, **kwargs)
 
     monkeypatch.setattr(video, "decode_video", counting_decode)
-    monkeypatch.setattr(sweep, "decode_video", counting_decode)
     monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("loaded the model for an undecodable video"))
     out = tmp_path / "s"
     args = ["what ?", "--model", str(tiny_checkpoint), "--methods", "none,fastv,uniform", "--budgets", "50%,10%",

@@ -228,3 +228,39 @@ def test_an_animated_gif_and_a_one_frame_video_are_clips(tmp_path):
     assert animated.total_frames == 3 and np.abs(animated.frames.astype(int) - frames).mean() < 12
     single = decode_video(write_video(tmp_path / "one.mp4", frames[:1], crf="18"), 2)
     assert single.total_frames == 1 and single.frames.shape == (2, 48, 64, 3)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("fps, max_frames, count", [(2, None, 4), (0.25, None, 1), (24, None, 32), (24, 10, 10)])
+def test_fps_samples_by_seconds_of_video(clips, backend, fps, max_frames, count):
+    """The test clip is 24 frames at 12 fps (2 s): --fps F samples 2F frames evenly, at least one, at
+    most --max-frames (32 by default); the frame numbers are the evenly spread ones of that count."""
+    from vidsparse.options import ask_options
+    from vidsparse.video import decode_clip
+
+    video = decode_clip(clips["h264"], ask_options(fps=fps, max_frames=max_frames, backend=backend))
+    assert len(video.frames) == count and video.indices == sample_indices(24, count)
+
+
+def test_fps_needs_a_frame_rate_and_one_way_of_counting(tmp_path):
+    from vidsparse.options import ask_options
+
+    with pytest.raises(UserError, match="both say how many frames"):
+        ask_options(num_frames=8, fps=2)
+    with pytest.raises(UserError, match="--max-frames caps sampling by --fps"):
+        ask_options(max_frames=8)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--fps must be a positive number"):
+            ask_options(fps=bad)
+    with pytest.raises(UserError, match="does not say its frame rate"):
+        ask_options(fps=2).frames_for(24, 0.0)
+
+
+def test_sampling_by_time_is_its_own_setting():
+    """A results file records how frames were sampled; by count as earlier versions did (they resume)."""
+    from vidsparse.options import ask_options
+
+    by_count = ask_options(num_frames=8).settings()
+    assert by_count["num_frames"] == 8 and "fps" not in by_count and "max_frames" not in by_count
+    by_time = ask_options(fps=1.5).settings()
+    assert by_time["fps"] == 1.5 and by_time["max_frames"] == 32 and "num_frames" not in by_time
