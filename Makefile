@@ -61,6 +61,7 @@ lint:
 
 bench:
 	$(PYTHON) bench/prefill.py
+	$(PYTHON) bench/families.py
 	$(PYTHON) bench/end_to_end.py
 	$(PYTHON) bench/batch.py
 	$(PYTHON) bench/batch.py --model demo

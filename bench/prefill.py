@@ -126,9 +126,10 @@ def main() -> None:
     print(f"\nwrote {path}")
 
 
-def summarize(runs: dict[tuple[str, int], list[dict]], peak: float) -> list[dict]:
+def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
+              baseline: tuple[str, int] = ("none", 2056)) -> list[dict]:
     median = statistics.median
-    base = runs[("none", 2056)]
+    base = runs[baseline]
     base_prefill = median(r["prefill_s"] for r in base)
     base_peak = median(r["peak_bytes"] for r in base) if base[0]["peak_bytes"] else None
     rows = []
