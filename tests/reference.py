@@ -21,12 +21,15 @@ def _mask(alive: torch.Tensor) -> torch.Tensor:
 
 
 def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, num_visual: int, stages,
-                  positions: str, extra_tokens: list[int], rope_positions: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  positions: str, extra_tokens: list[int], rope_positions: torch.Tensor | None = None,
+                  attention_at: dict | None = None) -> torch.Tensor:
     """Logits after `extra_tokens` (greedy-generated so far) follow the prompt, with the recorded
     stage selections (layer, Selection) applied by masking. `eager_model` uses eager attention.
     `rope_positions` (P, n_prompt): the prompt's positions as the family's HF code gives them (None:
-    0..n-1); generated tokens continue after the largest, as HF's rope_deltas make them."""
+    0..n-1); generated tokens continue after the largest, as HF's rope_deltas make them.
+    `attention_at`, if given, receives for each stage's layer the eager attention probabilities there
+    (rows, keys: head-averaged, over this reference's rows), the rows of the visual tokens the stage
+    chooses from (in their block order) and the row of the first prompt row after the visual block."""
     lm = eager_model.model.language_model
     prompt = prompt_embeds[0]
     n_prompt = prompt.shape[0]
@@ -52,8 +55,16 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
         if i >= 0:
             row_positions = original if positions == "keep" else (torch.cumsum(alive.long(), 0) - 1)[None]
             cos_sin = lm.rotary_emb(hidden, row_positions[:, None] if row_positions.shape[0] > 1 else row_positions)
-            hidden = lm.layers[i](hidden, attention_mask=_mask(alive), position_ids=row_positions[:1],
-                                  position_embeddings=cos_sin)
+            seen: list[torch.Tensor] = []
+            hook = lm.layers[i].self_attn.register_forward_hook(
+                lambda module, args, out, kept=seen: kept.append(out[1]))
+            try:
+                hidden = lm.layers[i](hidden, attention_mask=_mask(alive), position_ids=row_positions[:1],
+                                      position_embeddings=cos_sin)
+            finally:
+                hook.remove()
+            if attention_at is not None and i in schedule:
+                attention_at[i] = (seen[0][0].float().mean(0), current.clone(), visual_end + sum(slots))
         if i in schedule:
             selection = schedule[i]
             count = selection.merge_anchor.numel()

@@ -196,7 +196,7 @@ def run_batch(qa: VideoQA, jobs: Iterator[ClipJob], root: Path, results: Results
     decoding, vision tower and prompt head and are decoded `decode_batch` at a time
     (VideoQA.answer_clip). A question that cannot be answered (its video, its text) becomes a record
     with an `error` and the run goes on."""
-    qa.check_frames(options)  # fails every question: fail now
+    qa.check_options(options)  # fails every question: fail now
     for job, video in prefetched(jobs, options):
         answers = clip_answers(qa, video, [q.question for q in job.questions], options, decode_batch)
         write_answers(job, (answer_fields(result, job.path) for result in answers), root, results, tally,

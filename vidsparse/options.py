@@ -151,7 +151,8 @@ class AskOptions:
             return self.num_frames
         if video_fps <= 0:
             raise UserError("the video does not say its frame rate, so --fps cannot sample it: use --frames")
-        return max(1, min(self.max_frames or DEFAULT_MAX_FRAMES, round(total_frames / video_fps * self.fps)))
+        wanted = round(total_frames / video_fps * self.fps)  # never more than the clip has (HF caps so too)
+        return max(1, min(self.max_frames or DEFAULT_MAX_FRAMES, total_frames, wanted))
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready values of what decides the answers, the budget as the user would write it. Without

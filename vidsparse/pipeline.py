@@ -226,6 +226,11 @@ class VideoQA:
         except UserError as e:
             return e
 
+    def check_options(self, options: AskOptions) -> None:
+        """Raise the UserError that refuses every clip at these options (the frames, the plan)."""
+        self.check_frames(options)
+        self.check_plan(options)
+
     def check_plan(self, options: AskOptions) -> None:
         """Raise the UserError that refuses these options' pruning plan on any clip (the per-frame floor
         is checked for the clip with the fewest visual tokens; every clip is checked again)."""
@@ -257,7 +262,7 @@ class VideoQA:
             with timer.stage("preprocess"):
                 length = clip.head.length
                 own = model.decoder.embed_tokens(ids[:, length:])  # after the head, a prompt is text
-                words = [model.tokenizer.decode([i]).strip() for i in ids[0, length:].tolist()]
+                words = model.words(ids[0, length:])
                 head_rope = clip.head_prompt.rope_positions
                 text = clip.head.text_start + torch.arange(own.shape[1], device=head_rope.device)
                 prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),

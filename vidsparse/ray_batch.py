@@ -79,7 +79,7 @@ class ClipWorker:
         if self.failure is not None:
             return self.failure
         try:
-            self.qa.check_frames(options)
+            self.qa.check_options(options)
             if question is not None:
                 self.qa.check_question(question, options)
             return batch_settings(self.model, self.dtype, self.device, options)

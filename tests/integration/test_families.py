@@ -90,3 +90,44 @@ def test_fps_sampling_reaches_the_time_positions(tiny_qwen, clips):
     time = prompt.rope_positions[0, 0, prompt.visual.positions]
     # int(span x 2 tokens a second x 2/3 s a span) after the video's start: 0, 1, 2 (HF's default: 0, 2, 4)
     assert (time - time[0]).unique().tolist() == [0, 1, 2] and prompt.visual.frames_per_span == 2
+
+
+def test_batch_refuses_what_a_family_cannot_do_before_answering(tiny_qwen, clips, tmp_path):
+    """A plan the family cannot run fails every question: refused in one line up front, not recorded as an
+    error for each question."""
+    from typer.testing import CliRunner
+
+    from tests.integration.test_hostile import assert_one_line_error
+    from vidsparse.cli import app
+
+    out = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(app, ["batch", str(clips["h264"].parent), "--question", "what color is the square ?",
+                                      "--model", str(tiny_qwen), "--method", "fastv", "--budget", "20",
+                                      "--positions", "compact", "--out", str(out)])
+    assert_one_line_error(result, "use --positions keep")
+
+
+@pytest.mark.parametrize("checkpoint, part, key", [("tiny_qwen", "text_config", "num_attention_heads"),
+                                                    ("tiny_onevision", "vision_config", "patch_size"),
+                                                    ("tiny_qwen", "vision_config", "spatial_merge_size")])
+def test_a_size_of_zero_in_a_config_is_one_line(request, tmp_path, clips, checkpoint, part, key):
+    import shutil
+
+    from tests.integration.test_hostile import assert_one_line_error
+
+    folder = shutil.copytree(request.getfixturevalue(checkpoint), tmp_path / "broken")
+    config = json.loads((folder / "config.json").read_text())
+    config[part][key] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(ask(clips["h264"], "what ?", "--model", folder), f"{part}.{key} is 0, must be a positive")
+
+
+def test_the_base_class_loads_whichever_family_a_checkpoint_is(tiny_qwen, tiny_onevision):
+    from vidsparse.models.family import VideoModel
+    from vidsparse.models.llava_onevision import LlavaOnevision
+    from vidsparse.models.qwen2_5_vl import Qwen25VL
+
+    assert type(VideoModel.from_pretrained(str(tiny_qwen))) is Qwen25VL
+    with pytest.raises(UserError, match="is a llava_onevision checkpoint, not qwen2_5_vl"):
+        Qwen25VL.from_pretrained(str(tiny_onevision))
+    assert type(LlavaOnevision.from_pretrained(str(tiny_onevision))) is LlavaOnevision

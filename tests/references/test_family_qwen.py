@@ -381,20 +381,22 @@ def test_engine_greedy_decode_equals_hf_generate(family, fps):
 
 @pytest.mark.parametrize("method", ["uniform", "vidcom2", "tome"])
 def test_kept_tokens_keep_their_3d_positions(family, method):
-    """Pruned before the first layer, the head holds the kept tokens at the 3-D positions HF gives them in
-    the full prompt (`rope_positions`, equal to get_rope_index above), and the text after the video
-    starts where it does unpruned."""
+    """Pruned before the first layer, the head holds each kept token (a merged one: its anchor) at the
+    3-D position HF's get_rope_index gives that row of the full prompt, and the question's rows start
+    where they do unpruned."""
     from vidsparse.engine import prefill_head
     from vidsparse.pruning import make_plan
     from vidsparse.stats import StageTimer
 
-    _, _, _, prompt = prompt_for(family, moving_square_frames(5, 40, 90), 0.25, saliency=True)
+    _, pixels, ids, prompt = prompt_for(family, moving_square_frames(5, 40, 90), 0.25, saliency=True)
+    inputs = hf_inputs(family, ids, pixels, 0.25)
+    hf_positions, _ = family.model.model.get_rope_index(
+        ids, inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"])
     head = prefill_head(family.decoder, prompt, make_plan(method, 30, len(family.decoder.layers)),
                         StageTimer(family.device))
     block = head.block
     assert block.size == 30 and head.stages
     rows = prompt.visual.positions[block.origin]
-    expected = prompt.rope_positions[:, 0, rows]
-    merged = block.merged
-    assert torch.equal(head.positions[:, 0, block.start : block.end][:, ~merged], expected[:, ~merged])
-    assert head.text_start == int(prompt.rope_positions[0, 0, prompt.head_length])
+    assert torch.equal(head.positions[:, 0, block.start : block.end], hf_positions[:, 0, rows])
+    assert head.text_start == int(hf_positions[0, 0, prompt.head_length])

@@ -23,34 +23,43 @@ QUESTION = "what color is the square ?"
 
 
 # Every family: VideoLLaVA (GQA and not), LLaVA-OneVision (a separator after the video), Qwen2.5-VL
-# (3-D M-RoPE, a token per two frames).
-CHECKPOINTS = ["tiny_checkpoint", "tiny_checkpoint_mha", "tiny_onevision", "tiny_qwen"]
+# (3-D M-RoPE, a token per two frames; at the file's rate, 4 frames a second, and at 0.25, where the
+# video's time positions run past the text's start).
+CHECKPOINTS = [("tiny_checkpoint", None), ("tiny_checkpoint_mha", None), ("tiny_onevision", None),
+               ("tiny_qwen", None), ("tiny_qwen", 0.25)]
 
 
-@pytest.fixture(scope="module", params=CHECKPOINTS)
-def setup(request, clips):
+@pytest.fixture(scope="module", params=CHECKPOINTS, ids=lambda p: p[0] + (f"@{p[1]}fps" if p[1] else ""))
+def checkpoint(request) -> tuple[str, float | None]:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoint, request, clips):
     """(sdpa model, eager reference model, prompt) for one tiny checkpoint."""
-    path = str(request.getfixturevalue(request.param))
+    name, fps = checkpoint
+    path = str(request.getfixturevalue(name))
     model = load_model(path)
     eager = model.model_class.from_pretrained(path, attn_implementation="eager").eval()
     with torch.inference_mode():
-        prompt = ask_about(model, clips)(QUESTION)
+        prompt = ask_about(model, clips, fps)(QUESTION)
     return model, eager, prompt
 
 
-def ask_about(model, clips):
-    """The prompt of any question about the test clip, built as the family builds it (its HF positions)."""
+def ask_about(model, clips, fps: float | None = None):
+    """The prompt of any question about the test clip, built as the family builds it (its HF positions);
+    `fps` stands for the file's sampled rate."""
     video = decode_video(clips["h264"], 8)
-    clip = clip_shape_of(video)
+    clip = clip_shape_of(video) if fps is None else replace(clip_shape_of(video), fps=fps)
     features = model.video_features(model.preprocess(video.frames), saliency=True)
     return lambda question: model.embed(model.prompt_ids(question, clip), features, clip)
 
 
 @pytest.fixture(scope="module")
-def reask(setup, clips):
+def reask(setup, checkpoint, clips):
     model, _, prompt = setup
     with torch.inference_mode():
-        asker = ask_about(model, clips)
+        asker = ask_about(model, clips, checkpoint[1])
 
     def other(question: str):
         with torch.inference_mode():
@@ -87,7 +96,13 @@ class Replay(Method):
 
 
 def replay_logits(model, prompt, plan, selections, extra_tokens):
-    """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens."""
+    """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens, read as more
+    question text. None where generated tokens do not sit where more text would: Qwen2.5-VL at a low
+    sampling rate decodes after the video's time positions, past the text's (the masked eager
+    reference, which takes every position as given, still checks those)."""
+    text_rows = prompt.embeds.shape[1] - prompt.head_length
+    if extra_tokens and int(prompt.rope_positions.max()) + 1 != prompt.text_start + text_rows:
+        return None
     with torch.inference_mode():
         extra = model.decoder.embed_tokens(torch.tensor([extra_tokens], dtype=torch.long))
         rope = prompt.rope_positions
@@ -122,7 +137,8 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
         with torch.no_grad():
             masked = masked_logits(eager, prompt.embeds, start, count, stages, positions, tokens,
                                    prompt.rope_positions[:, 0])
-        torch.testing.assert_close(recomputed, masked, atol=1e-4, rtol=1e-4)
+        if recomputed is not None:
+            torch.testing.assert_close(recomputed, masked, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
         tokens.append(int(cached.argmax()))
         with torch.inference_mode():  # one cached decode step, as generate() takes it
@@ -184,6 +200,36 @@ def test_attention_rows_equal_eager_output_attentions(setup, layer):
                          output_attentions=True).attentions[layer][0].mean(0)[rows]
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     assert torch.all(ours[:, n - 3 :][1:2] == 0)  # row n-4 sees no future key
+
+
+@pytest.mark.parametrize("method, prune_after", [("sparsevlm", (0, 1, 2)), ("pdrop", None), ("fastv", (0, 2)),
+                                                 ("dycoke", None), ("stprune", None)])
+def test_each_stage_chooses_from_the_eager_attention_of_its_query_rows(setup, method, prune_after):
+    """At every question-guided stage the attention a method chooses from equals eager
+    `output_attentions` of the masked reference at that layer: the rows the method asked for, counted
+    from the first text row after the video (after OneVision's newline), over the visual tokens left
+    (in their block order); and every stage prunes."""
+    model, eager, prompt = setup
+    plan = make_plan(method, 12, 4, prune_after=prune_after, seed=3)
+    seen = []
+    choose = plan.method.select
+    plan.method.select = lambda stage: (seen.append(stage), choose(stage))[1]
+    with torch.inference_mode():
+        prefilled, _, _ = prefill(model.decoder, prompt, plan, StageTimer(model.device))
+    stages = [(record.layer, record.selection) for record in prefilled.stages]
+    start, count = int(prompt.visual.positions[0]), len(prompt.visual)
+    captured = {}
+    with torch.no_grad():
+        masked_logits(eager, prompt.embeds, start, count, stages, "keep", [], prompt.rope_positions[:, 0], captured)
+    separators = prompt.head_length - (start + count)
+    guided = [stage for stage in seen if stage.attention is not None]
+    assert guided and all(b.hidden.shape[0] < a.hidden.shape[0] for a, b in zip(seen, seen[1:], strict=False))
+    assert prefilled.visual_per_layer[-1] == 12
+    for stage in guided:
+        probs, current, after_visual = captured[stage.layer]
+        rows = after_visual + separators + plan.method.query_rows(prompt.embeds.shape[1] - prompt.head_length,
+                                                                   stage.facts)
+        torch.testing.assert_close(stage.attention.float(), probs[rows][:, current], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["random", "fastv", "sparsevlm", "pdrop"])

@@ -231,10 +231,11 @@ def test_an_animated_gif_and_a_one_frame_video_are_clips(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
-@pytest.mark.parametrize("fps, max_frames, count", [(2, None, 4), (0.25, None, 1), (24, None, 32), (24, 10, 10)])
+@pytest.mark.parametrize("fps, max_frames, count", [(2, None, 4), (0.25, None, 1), (24, None, 24), (12, 10, 10)])
 def test_fps_samples_by_seconds_of_video(clips, backend, fps, max_frames, count):
     """The test clip is 24 frames at 12 fps (2 s): --fps F samples 2F frames evenly, at least one, at
-    most --max-frames (32 by default); the frame numbers are the evenly spread ones of that count."""
+    most --max-frames (32 by default) and never more than the clip has; the frame numbers are the
+    evenly spread ones of that count."""
     from vidsparse.options import ask_options
     from vidsparse.video import decode_clip
 

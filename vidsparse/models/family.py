@@ -32,6 +32,14 @@ class ClipShape:
     fps: float | None = None  # sampled frames a second of video (M-RoPE ties time positions to seconds)
 
 
+def positive_integers(part: tuple[str, PretrainedConfig], *keys: str) -> list[str]:
+    """One line for each of `keys` of a config part (named, value) that is not a positive integer: the
+    sizes every count and FLOP formula divides or multiplies by."""
+    name, values = part
+    return [f"{name}.{key} is {value!r}, must be a positive integer" for key in keys
+            if not isinstance(value := getattr(values, key, None), int) or isinstance(value, bool) or value < 1]
+
+
 def _ids(value: int | list[int] | None) -> set[int | None]:
     return set(value) if isinstance(value, list) else {value}
 
@@ -65,7 +73,7 @@ class VideoModel:
         """Load a checkpoint of this family from a hub id, an alias or a local folder."""
         from vidsparse.models.loading import load_family
 
-        return load_family(cls, name_or_path, dtype, device)
+        return load_family(None if cls is VideoModel else cls, name_or_path, dtype, device)
 
     @classmethod
     def default_pixel_stats(cls) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -74,8 +82,11 @@ class VideoModel:
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> list[str]:
-        """What is wrong with a loaded config for this family (empty if nothing): one line each."""
-        return []
+        """What is wrong with a loaded config for this family (empty if nothing): one line each. The
+        decoder's sizes here; a family adds its tower's (`positive_integers`)."""
+        text = config.text_config
+        return positive_integers(("text_config", text), "num_hidden_layers", "max_position_embeddings", "hidden_size",
+                                 "num_attention_heads")
 
     @classmethod
     def placeholder(cls, config: PretrainedConfig) -> tuple[str, int]:
@@ -187,16 +198,21 @@ class VideoModel:
         per_frame = video_rows / clip.frames
         frames_that_fit = int((limit - counted - max_new_tokens) // per_frame)
         if frames_that_fit >= 1 and text_tokens is None:
-            remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text), or "
-                      "lower --max-new-tokens")
+            remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text; with "
+                      "--fps, lower --max-frames), or lower --max-new-tokens")
         elif frames_that_fit >= 1:
-            remedy = f"sample at most {frames_that_fit} --frames, or lower --max-new-tokens"
+            remedy = (f"sample at most {frames_that_fit} frames (--frames, or --max-frames with --fps), or lower "
+                      "--max-new-tokens")
         else:
             remedy = "shorten the question" if counted >= limit // 2 else "lower --max-new-tokens"
         text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
         raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
                         f"({clip.frames} frames -> {video_rows} visual tokens, {text}, {max_new_tokens} new "
                         f"tokens) but the model has {limit}: {remedy}")
+
+    def words(self, token_ids: torch.Tensor) -> list[str]:
+        """Each token of `token_ids` (1-D) as text on its own (what SparseVLM's raters are reported as)."""
+        return [self.tokenizer.decode([i]).strip() for i in token_ids.tolist()]
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

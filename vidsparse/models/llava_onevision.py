@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PretrainedConfig
 
-from vidsparse.errors import UserError
-from vidsparse.models.family import ClipShape, VideoModel
+from vidsparse.models.family import ClipShape, VideoModel, positive_integers
+from vidsparse.models.tower import feature_layer, run_reading
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import normalize, resize_frames
 
@@ -57,7 +57,6 @@ class LlavaOnevision(VideoModel):
     model_type = "llava_onevision"
     config_class = LlavaOnevisionConfig
     model_class = LlavaOnevisionForConditionalGeneration
-    position_dims = 1
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -70,8 +69,11 @@ class LlavaOnevision(VideoModel):
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> list[str]:
-        problems = []
         vision, text = config.vision_config, config.text_config
+        problems = positive_integers(("vision_config", vision), "image_size", "patch_size", "num_hidden_layers",
+                                     "hidden_size") + super().check_config(config)
+        if problems:
+            return problems
         if getattr(vision, "model_type", None) != "siglip_vision_model":
             problems.append(f"vision_config.model_type is {getattr(vision, 'model_type', None)!r}: this family runs "
                             "a SigLIP tower (siglip_vision_model)")
@@ -142,30 +144,11 @@ class LlavaOnevision(VideoModel):
             tokens = hf.get_video_features(pixel_values_videos=pixels[None]).pooler_output
             return VideoFeatures(tokens[0, :-1].reshape(frames, -1, tokens.shape[-1]))
         tower = hf.vision_tower
-        feature_layer = self.model.config.vision_feature_layer
-        if isinstance(feature_layer, int):
-            feature_layer %= len(tower.encoder.layers) + 1
-        if not isinstance(feature_layer, int) or feature_layer < 1:
-            raise UserError(f"this checkpoint feeds the projector from vision_feature_layer {feature_layer}: there "
-                            "is no single tower layer to read the saliency from")
-        layer = tower.encoder.layers[feature_layer - 1]  # hidden_states[k] is the output of layer k - 1
-        seen = {}
-
-        def keep_input(module, args, kwargs) -> None:
-            seen["input"] = args[0] if args else kwargs["hidden_states"]
-
-        def keep_output(module, args, output) -> None:
-            seen["output"] = output[0] if isinstance(output, tuple) else output
-
-        hooks = [layer.register_forward_pre_hook(keep_input, with_kwargs=True),
-                 layer.register_forward_hook(keep_output)]
-        try:
-            tokens = hf.get_video_features(pixel_values_videos=pixels[None]).pooler_output
-        finally:
-            for hook in hooks:
-                hook.remove()
-        received = self.pool(attention_received(layer, seen["input"]).unsqueeze(-1)).squeeze(-1)
-        embedding = tower.post_layernorm(seen["output"]).mean(1)
+        layer = feature_layer(tower.encoder.layers, self.model.config.vision_feature_layer)
+        tokens, layer_input, layer_output = run_reading(
+            layer, lambda: hf.get_video_features(pixel_values_videos=pixels[None]).pooler_output)
+        received = self.pool(attention_received(layer, layer_input).unsqueeze(-1)).squeeze(-1)
+        embedding = tower.post_layernorm(layer_output).mean(1)
         return VideoFeatures(tokens[0, :-1].reshape(frames, -1, tokens.shape[-1]), received, embedding)
 
     def pool(self, per_patch: torch.Tensor) -> torch.Tensor:
@@ -198,7 +181,7 @@ class LlavaOnevision(VideoModel):
         flat = torch.cat([features.reshape(-1, features.shape[-1]), newline.to(features.dtype)])
         embeds[0, positions] = flat.to(embeds.dtype)
         head_length = int(positions[-1]) + 1
-        words = [self.tokenizer.decode([i]).strip() for i in input_ids[0, head_length:].tolist()]
+        words = self.words(input_ids[0, head_length:])
         index = torch.arange(frames * per_frame)
         in_frame = index % per_frame
         visual = VisualMap(positions=positions[:-1].cpu(), frame=index // per_frame, row=in_frame // pooled,

@@ -162,7 +162,7 @@ def load_config(source: Source, family: type[VideoModel]) -> PretrainedConfig:
         if not isinstance(raw.get(part), dict):
             raise UserError(f"{where} has no {part}: not a complete {family.model_type} checkpoint's config")
     config = _loading(source, where, lambda: family.config_class.from_dict(raw))
-    problems = family.check_config(config)
+    problems = _loading(source, where, lambda: family.check_config(config))
     if problems:
         raise UserError(f"{where}: {problems[0]}")
     return config

@@ -39,7 +39,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.vision_utils import get_vision_window_index
 
 from vidsparse.errors import UserError
-from vidsparse.models.family import ClipShape, VideoModel
+from vidsparse.models.family import ClipShape, VideoModel, positive_integers
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_frames
 
@@ -116,12 +116,12 @@ class Qwen25VL(VideoModel):
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> list[str]:
-        problems = []
         vision, text = config.vision_config, config.text_config
-        for key in ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size", "tokens_per_second"):
-            value = getattr(vision, key, None)
-            if not isinstance(value, int) or value < 1:
-                problems.append(f"vision_config.{key} is {value!r}, must be a positive integer")
+        problems = positive_integers(("vision_config", vision), "patch_size", "spatial_merge_size",
+                                     "temporal_patch_size", "window_size", "tokens_per_second", "depth", "hidden_size",
+                                     "num_heads") + super().check_config(config)
+        if problems:
+            return problems
         if vision.temporal_patch_size != 2:
             problems.append(f"vision_config.temporal_patch_size is {vision.temporal_patch_size!r}: Qwen2.5-VL's "
                             "tokens cover 2 frames")
@@ -167,11 +167,6 @@ class Qwen25VL(VideoModel):
         """Frames of min_pixels in the fewest tokens: one merged token high, as wide as min_pixels needs."""
         factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
         return ClipShape(frames, factor, factor * -(-VIDEO_MIN_PIXELS // factor ** 2))
-
-    @classmethod
-    def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
-        """0: <|vision_start|> and <|vision_end|> are one pair a prompt, template text like "USER:"."""
-        return 0
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
         vision = self.model.config.vision_config
@@ -284,8 +279,7 @@ class Qwen25VL(VideoModel):
                            col=in_span % cols, is_cls=torch.zeros_like(index, dtype=torch.bool),
                            frames_per_span=self.model.config.vision_config.temporal_patch_size)
         head_length = int(positions[-1]) + 1
-        suffix = input_ids[0, head_length:].tolist()
-        words = [self.tokenizer.decode([i]).strip() for i in suffix]
+        words = self.words(input_ids[0, head_length:])
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
         rope = self.rope_positions(input_ids, spans, grid, clip.fps)
         text_start = int(rope[0, 0, head_length]) if head_length < rope.shape[-1] else int(rope.max()) + 1

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
-from vidsparse.errors import UserError
-from vidsparse.models.family import ClipShape, VideoModel
+from vidsparse.models.family import ClipShape, VideoModel, positive_integers
+from vidsparse.models.tower import feature_layer, run_reading
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames, resize_and_crop
 
@@ -77,12 +77,9 @@ class VideoLlava(VideoModel):
 
     @classmethod
     def check_config(cls, config: VideoLlavaConfig) -> list[str]:
-        vision, text = config.vision_config, config.text_config
-        problems = [f"{key} is {value!r}, must be a positive integer" for key, value in (
-            ("vision_config.image_size", vision.image_size), ("vision_config.patch_size", vision.patch_size),
-            ("text_config.num_hidden_layers", text.num_hidden_layers),
-            ("text_config.max_position_embeddings", text.max_position_embeddings),
-        ) if not isinstance(value, int) or value < 1]
+        vision = config.vision_config
+        problems = positive_integers(("vision_config", vision), "image_size", "patch_size") + super().check_config(
+            config)
         if not problems and vision.patch_size > vision.image_size:
             problems.append(f"vision_config.patch_size {vision.patch_size} exceeds image_size {vision.image_size}")
         return problems
@@ -136,29 +133,10 @@ class VideoLlava(VideoModel):
         if not saliency:
             return VideoFeatures(self.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output)
         tower = self.model.model.video_tower
-        feature_layer = self.model.config.vision_feature_layer
-        if isinstance(feature_layer, int):
-            feature_layer %= len(tower.encoder.layers) + 1
-        if not isinstance(feature_layer, int) or feature_layer < 1:
-            raise UserError(f"this checkpoint feeds the projector from vision_feature_layer {feature_layer}: there "
-                            "is no single tower layer to read the CLS attention from")
-        layer = tower.encoder.layers[feature_layer - 1]  # hidden_states[k] is the output of layer k - 1
-        seen = {}
-
-        def keep_input(module, args, kwargs) -> None:
-            seen["input"] = args[0] if args else kwargs["hidden_states"]
-
-        def keep_output(module, args, output) -> None:
-            seen["output"] = output[0] if isinstance(output, tuple) else output
-
-        hooks = [layer.register_forward_pre_hook(keep_input, with_kwargs=True),
-                 layer.register_forward_hook(keep_output)]
-        try:
-            tokens = self.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return VideoFeatures(tokens, cls_attention(layer, seen["input"]), tower.post_layernorm(seen["output"][:, 0]))
+        layer = feature_layer(tower.encoder.layers, self.model.config.vision_feature_layer)
+        tokens, layer_input, layer_output = run_reading(
+            layer, lambda: self.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output)
+        return VideoFeatures(tokens, cls_attention(layer, layer_input), tower.post_layernorm(layer_output[:, 0]))
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
@@ -173,7 +151,7 @@ class VideoLlava(VideoModel):
         embeds[0, positions] = flat
         num_frames = features.shape[0]
         head_length = int(positions[-1]) + 1
-        words = [self.tokenizer.decode([i]).strip() for i in input_ids[0, head_length:].tolist()]
+        words = self.words(input_ids[0, head_length:])
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
         rope = torch.arange(input_ids.shape[1], device=input_ids.device)[None, None]
         return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), rope, head_length,
