@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo lint bench eval-demo eval-hd train-demo train-hd
+.PHONY: install test demo lint bench eval-demo eval-hd train-demo train-hd train-ov
 DEMO_SEED ?= 2026
 # Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill (30% and 38% of the
 # tokens take the methods that prune before layer 0 to the 24% and 31% costs the equal-cost comparison needs).
@@ -27,6 +27,13 @@ demo:
 # Reproduce the shipped checkpoint (about 30 minutes on 2 CPU cores) and its EVAL.md.
 train-demo:
 	$(PYTHON) -m lab.train_demo --out vidsparse/shipped/shapes-videollava
+
+# The LLaVA-OneVision yardstick model: the demo recipe (ShapesQA, tower then QA stage) on a tiny OneVision
+# (SigLIP patch 4 -> 8 x 16 pooled tokens + newline, 4-layer Qwen2), and its EVAL.md. Resumable: the state
+# is saved every 5 minutes and re-running the target goes on from it.
+train-ov:
+	$(PYTHON) -m lab.train_demo --family llava_onevision --out vidsparse/shipped/shapes-onevision --resume \
+		--save-minutes 5
 
 # The real-geometry yardstick's model (ShapesQA-HD: 8 x 65 visual tokens, 8-layer decoder). Hours on 2 CPU
 # cores; resumable: the state is saved every 10 minutes and re-running the target goes on from it.

@@ -32,7 +32,10 @@ def log(msg: str) -> None:
 
 
 class Encoder:
-    """Prompt and answer token ids, built like inference builds them (``prompt_ids``)."""
+    """Prompt and answer token ids, built like inference builds them (``prompt_ids``), and pixels."""
+
+    pointer_targets = True  # the visual rows are 8 x (grid + CLS): the pointer losses' targets fit them
+    patch = None  # the tower's patch size where it is not the data set's
 
     def __init__(self, tok, n_visual: int):
         self.tok, self.n_visual = tok, n_visual
@@ -49,6 +52,37 @@ class Encoder:
 
     def answer(self, answer: str) -> list[int]:
         return self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+
+    def pixels(self, y: Yardstick, clips: list) -> torch.Tensor:
+        return pixels(y, clips)
+
+
+class FamilyEncoder(Encoder):
+    """Prompts and pixels of another vidsparse family (``VideoModel``), built by the family's own
+    ``prompt_ids`` and ``preprocess``, exactly as inference builds them. Its visual rows are not
+    VideoLLaVA's 8 x (16 + 1), so the pointer losses' per-object targets are not built."""
+
+    pointer_targets = False
+
+    def __init__(self, family, y: Yardstick):
+        from vidsparse.models.family import ClipShape
+
+        config = family.model.config
+        self.family, self.tok = family, family.tokenizer
+        self.clip = ClipShape(y.data.FRAMES, y.data.SIZE, y.data.SIZE)
+        self.n_visual = family.visual_tokens(config, self.clip) + family.prompt_overhead(config, self.clip)
+        self.video_id = family.placeholder(config)[1]
+        self.patch = config.vision_config.patch_size
+        self._prompts = {}
+
+    def prompt(self, question: str) -> list[int]:
+        if question not in self._prompts:
+            self._prompts[question] = self.family.prompt_ids(question, self.clip)[0].tolist()
+        return self._prompts[question]
+
+    def pixels(self, y: Yardstick, clips: list) -> torch.Tensor:
+        px = self.family.preprocess(np.concatenate([c.frames for c in clips]))
+        return px.view(len(clips), y.data.FRAMES, *px.shape[1:])
 
 
 def pixels(y: Yardstick, clips: list) -> torch.Tensor:
@@ -67,7 +101,7 @@ def quick_eval_sets(y: Yardstick, enc: Encoder, n: int) -> dict:
         rng = np.random.default_rng([y.monitor_seed, 2, types.index(qtype)])
         items = [y.monitor_clip(rng, qtype) for _ in range(n)]
         out[qtype] = (
-            pixels(y, [c for c, _, _ in items]),
+            enc.pixels(y, [c for c, _, _ in items]),
             torch.tensor([enc.prompt(q) for _, q, _ in items]),
             torch.tensor([enc.answer(a)[0] for _, _, a in items]),
         )
@@ -205,6 +239,56 @@ def evaluate(
     return {"results": results, "eval_seed": seed, "decode_backends": dict(backends)}
 
 
+def evaluate_family(
+    y: Yardstick, out: Path, n: int, seed: int, device, data_dir: Path | None = None, backend: str = "auto"
+) -> dict:
+    """Held-out accuracy per question type of a checkpoint of another family, through the real path:
+    ``make_shapes`` mp4 -> ``decode_video`` -> the family's ``preprocess`` and ``prompt_ids`` -> greedy HF
+    ``generate`` -> decode, exact match. (The where-is-it-read probes are VideoLLaVA's only.)"""
+    from vidsparse.models.loading import load_family
+    from vidsparse.video import decode_video
+
+    family = load_family(None, str(out), "float32", str(device))
+    enc = FamilyEncoder(family, y)
+    model, tok = family.model.eval(), family.tokenizer
+    tmp = None
+    if data_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="shapesqa-eval-"))
+        data_dir = tmp
+    items = [json.loads(line) for line in y.make(data_dir, n, seed).read_text().splitlines()]
+    backends = Counter()
+    by_type: dict[str, list] = {}
+    for it in items:
+        video = decode_video(data_dir / it["video"], num_frames=y.data.FRAMES, backend=backend)
+        backends[video.backend] += 1
+        by_type.setdefault(it["type"], []).append((family.preprocess(video.frames), enc.prompt(it["question"]),
+                                                   it["answer"]))
+    results, t0 = {}, time.time()
+    with torch.no_grad():
+        for qtype, rows in by_type.items():
+            right = 0
+            for i in range(0, len(rows), 25):
+                chunk = rows[i : i + 25]
+                ids = torch.tensor([r[1] for r in chunk], device=device)
+                px = torch.stack([r[0] for r in chunk]).to(device)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=px,
+                                     max_new_tokens=12, do_sample=False)
+                answers = tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+                right += sum(a.strip() == r[2] for a, r in zip(answers, chunk, strict=True))
+            results[qtype] = {"n": len(rows), "accuracy": round(right / len(rows), 3),
+                              "chance": round(y.data.CHANCE[qtype], 3)}
+    total = sum(r["n"] for r in results.values())
+    results["overall"] = {
+        "n": total,
+        "accuracy": round(sum(r["accuracy"] * r["n"] for r in results.values()) / total, 3),
+        "chance": round(sum(r["chance"] * r["n"] for r in results.values()) / total, 3),
+    }
+    log(f"evaluated {total} questions in {time.time() - t0:.0f}s (decoded with {dict(backends)})")
+    if tmp is not None:
+        shutil.rmtree(tmp)
+    return {"results": results, "eval_seed": seed, "decode_backends": dict(backends)}
+
+
 def sanity_check_masking(y: Yardstick, out: Path, device) -> float:
     """The manual layer loop without masking must reproduce the model's own forward."""
     model, _, enc = load(out, device)
@@ -233,11 +317,10 @@ def write_report(y: Yardstick, out: Path, report: dict) -> None:
         "|---|---|---|---|---|",
     ]
     for qtype, r in res.items():
-        lines.append(
-            f"| {qtype} | {r['n']} | {r['accuracy']:.3f} | {r['no_visual_after_layer1']:.3f} | {r['chance']:.3f} |"
-        )
-    layers = list(res["overall"]["no_visual_after_layer"])
-    lines += [
+        blind = f"{r['no_visual_after_layer1']:.3f}" if "no_visual_after_layer1" in r else "-"
+        lines.append(f"| {qtype} | {r['n']} | {r['accuracy']:.3f} | {blind} | {r['chance']:.3f} |")
+    layers = list(res["overall"].get("no_visual_after_layer", []))
+    lines += [] if not layers else [
         "",
         "Where the answer is read from the video: first-answer-token accuracy when the visual tokens are",
         "masked out as keys in every decoder layer after layer k (k = -1: the video is never seen; the",
@@ -246,7 +329,7 @@ def write_report(y: Yardstick, out: Path, report: dict) -> None:
         "| type | " + " | ".join("never" if k == "-1" else f"after L{k}" for k in layers) + " |",
         "|---|" + "---|" * len(layers),
     ]
-    for qtype, r in res.items():
+    for qtype, r in res.items() if layers else ():
         lines.append(f"| {qtype} | " + " | ".join(f"{r['no_visual_after_layer'][k]:.3f}" for k in layers) + " |")
     for qtype, r in res.items():
         if "frames_reversed" in r:

@@ -4,10 +4,18 @@
     python -m lab.train_demo --yardstick hd --out vidsparse/shipped/shapes-hd-videollava  # ShapesQA-HD (520 tokens)
     python -m lab.train_demo --yardstick hd --resume   # continue a killed run where it stopped
     python -m lab.train_demo --out vidsparse/shipped/shapes-videollava --eval-only
+    python -m lab.train_demo --family llava_onevision --resume --save-minutes 5  # vidsparse/shipped/shapes-onevision
 
 ``--yardstick`` picks the data set, architecture, task mix, seeds and default step counts
-(``lab.yardsticks``); everything else is shared. Recipe (fixed seeds and step counts, so a run
-is reproducible on one machine):
+(``lab.yardsticks``); everything else is shared. ``--family llava_onevision`` trains the same recipe
+(tower stage, then the QA stage; no cycles) on a LlavaOnevisionForConditionalGeneration of the yardstick's
+``onevision_arch`` (``lab.tiny_onevision.onevision_config``), with prompts and pixels built by the
+family's own ``prompt_ids`` and ``preprocess`` (``vidsparse.models.llava_onevision``) and HF's own forward;
+its tower heads read every SigLIP token of the feature layer (there is no CLS), and its evaluation
+(``demo_eval.evaluate_family``) is accuracy per type through the same path (VideoLLaVA's
+where-is-it-read probes are not run). The default, ``video_llava``, is unchanged.
+
+Recipe (fixed seeds and step counts, so a run is reproducible on one machine):
 
 1. Dense pretraining of the video tower (``--tower-steps``): temporary heads on every patch token
    of the layer VideoLLaVA feeds the projector predict the patch's colour class, shape class
@@ -82,7 +90,9 @@ from torch import nn  # noqa: E402
 
 from lab.demo_eval import (  # noqa: E402
     Encoder,
+    FamilyEncoder,
     evaluate,
+    evaluate_family,
     log,
     pixels,
     quick_eval,
@@ -110,12 +120,39 @@ N_PATCH_CLASSES = {"color": len(shapes.COLORS) + 1, "shape": len(shapes.SHAPES) 
 STATE_FILE = "train_state.pt"
 
 
-def build(y: Yardstick, device: torch.device):
+FAMILY_NAMES = ("video_llava", "llava_onevision")  # --family: the model families this trainer builds
+
+
+def build(y: Yardstick, device: torch.device, family: str = "video_llava"):
     from transformers import VideoLlavaForConditionalGeneration
 
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        from lab.tiny_onevision import onevision_config, onevision_tokenizer
+
+        tok = onevision_tokenizer(y.data.vocabulary())
+        cfg = onevision_config(tok, image_size=y.data.SIZE, **y.onevision_arch)
+        return tok, LlavaOnevisionForConditionalGeneration(cfg).to(device)
     tok = word_tokenizer(y.data.vocabulary())
     cfg = video_llava_config(tok, image_size=y.data.SIZE, patch_size=y.data.PATCH, num_frames=y.data.FRAMES, **y.arch)
     return tok, VideoLlavaForConditionalGeneration(cfg).to(device)
+
+
+def encoder(y: Yardstick, model, tok) -> Encoder:
+    """Prompts, answers and pixels for ``model``: VideoLLaVA's, or another family's own (``FamilyEncoder``)."""
+    if model.config.model_type == "video_llava":
+        return Encoder(tok, model.config.video_seq_length)
+    from vidsparse.models.families import family_for
+
+    fam = family_for(model.config.model_type, "the model in training")
+    mean, std = fam.default_pixel_stats()
+    return FamilyEncoder(fam(model, tok, "training", mean, std), y)
+
+
+def video_tower(model):
+    """The tower that encodes the video frames: VideoLLaVA's video tower, OneVision's SigLIP."""
+    return model.model.video_tower if model.config.model_type == "video_llava" else model.model.vision_tower
 
 
 class Checkpointer:
@@ -177,16 +214,19 @@ class PatchHeads(nn.Module):
         return self.color(h), self.shape(h), self.center(h)
 
 
-def tower_batch(y: Yardstick, rng: np.random.Generator, size: int, device):
+def tower_batch(y: Yardstick, rng: np.random.Generator, size: int, device, enc: Encoder | None = None):
     clips = [y.tower_clip(rng) for _ in range(size)]
-    labels = [c.patch_labels() for c in clips]
+    labels = [c.patch_labels() if enc is None or enc.patch is None else c.patch_labels(patch=enc.patch)
+              for c in clips]
     lab = {k: torch.from_numpy(np.concatenate([lab[k] for lab in labels])).to(device) for k in labels[0]}
-    return pixels(y, clips).flatten(0, 1).to(device), lab
+    px = pixels(y, clips) if enc is None else enc.pixels(y, clips)
+    return px.flatten(0, 1).to(device), lab
 
 
 def tower_losses(y: Yardstick, model, heads, px, lab):
-    feats = model.model.video_tower(px, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
-    col, shp, cen = heads(feats[:, 1:])  # patch tokens only; CLS is left unsupervised
+    feats = video_tower(model)(px, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    cls = 1 if model.config.model_type == "video_llava" else 0  # SigLIP has no CLS: every token is a patch
+    col, shp, cen = heads(feats[:, cls:])  # patch tokens only; CLS is left unsupervised
     has = lab["has"]
     loss_col = F.cross_entropy(col.flatten(0, 1), lab["color"].flatten())
     loss_shp = F.cross_entropy(shp.flatten(0, 1), lab["shape"].flatten())
@@ -206,9 +246,10 @@ def cosine(step: int, total: int, warmup: int) -> float:
 
 
 def train_tower(
-    y: Yardstick, model, steps: int, batch: int, lr: float, device, seed: int, ckpt: Checkpointer | None = None
+    y: Yardstick, model, steps: int, batch: int, lr: float, device, seed: int, ckpt: Checkpointer | None = None,
+    enc: Encoder | None = None,
 ) -> dict:
-    tower = model.model.video_tower
+    tower = video_tower(model)
     heads = PatchHeads(tower.config.hidden_size).to(device)
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -223,7 +264,7 @@ def train_tower(
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr * cosine(step, steps, 30)
-        px, lab = tower_batch(y, rng, batch, device)
+        px, lab = tower_batch(y, rng, batch, device, enc)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=y.bf16):
             loss, m = tower_losses(y, model, heads, px, lab)
         loss.backward()
@@ -239,7 +280,8 @@ def train_tower(
             ckpt.save("tower", step + 1, model, opt, rng, heads=heads.state_dict())
     tower.eval()
     with torch.no_grad():
-        _, m = tower_losses(y, model, heads, *tower_batch(y, np.random.default_rng([y.monitor_seed, 1]), 100, device))
+        _, m = tower_losses(y, model, heads,
+                            *tower_batch(y, np.random.default_rng([y.monitor_seed, 1]), 100, device, enc))
     log(f"tower held-out ({100 * y.data.FRAMES} frames): {fmt(m)}")
     return {k: round(v, 4) for k, v in m.items()}
 
@@ -279,7 +321,7 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         "input_ids": inp.to(device),
         "attention_mask": att.to(device),
         "labels": lab.to(device),
-        "pixel_values_videos": pixels(y, clips).to(device),
+        "pixel_values_videos": enc.pixels(y, clips).to(device),
     }
     if not y.padding_mask:
         del batch["attention_mask"]
@@ -287,7 +329,7 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
     target = torch.zeros_like(visual)
     word = torch.zeros_like(visual)
     for b, (clip, (_, k, at)) in enumerate(zip(clips, asked, strict=True)):
-        if k is not None:
+        if k is not None and enc.pointer_targets:
             target[b, visual[b]] = torch.from_numpy(object_tokens(clip.ids, k, y.data.PATCH))
         if at >= 0:
             word[b, at] = True
@@ -300,17 +342,18 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
 
 
 def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpointer | None = None) -> list[dict]:
-    enc = Encoder(tok, model.config.video_seq_length)
-    for p in model.model.image_tower.parameters():
-        p.requires_grad_(False)
-    tower = list(model.model.video_tower.parameters())
+    enc = encoder(y, model, tok)
+    if model.config.model_type == "video_llava":
+        for p in model.model.image_tower.parameters():
+            p.requires_grad_(False)
+    tower = list(video_tower(model).parameters())
     if not y.tower_in_qa:
         for p in tower:
             p.requires_grad_(False)
     own_rate = y.projector_lr_scale != 1.0
 
     def in_rest(name: str) -> bool:
-        return not any(k in name for k in ("video_tower", "image_tower")) and not (
+        return not any(k in name for k in ("video_tower", "image_tower", "vision_tower")) and not (
             own_rate and "multi_modal_projector" in name)
 
     rest = [p for n, p in model.named_parameters() if in_rest(n)]
@@ -419,6 +462,14 @@ def save(model, tok, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    if model.config.model_type == "llava_onevision":  # the processor's statistics, as llava-hf ships them
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        from lab.tiny_onevision import PIXEL_MEAN, PIXEL_STD
+
+        size = model.config.vision_config.image_size
+        LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_mean=list(PIXEL_MEAN),
+                                        image_std=list(PIXEL_STD)).save_pretrained(out)
 
 
 def load_trained(y: Yardstick, path: Path, device: torch.device):
@@ -454,7 +505,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         return state["training"]
     ckpt.common["resumed"] = state["resumed"] + 1 if state is not None else 0
     torch.manual_seed(0)
-    tok, model = build(y, device) if args.init is None else load_trained(y, args.init, device)
+    tok, model = build(y, device, args.family) if args.init is None else load_trained(y, args.init, device)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(tok)}")
     earlier = json.loads((args.init / "EVAL.json").read_text())["training"] if args.init is not None else None
     if earlier is not None:
@@ -462,13 +513,15 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
     elif state is not None and state["stage"] == "qa":
         tower_metrics = state["tower_metrics"]
     else:
+        enc = encoder(y, model, tok) if args.family != "video_llava" else None  # (None: VideoLLaVA's own path)
         tower_metrics = train_tower(y, model, args.tower_steps, args.tower_batch, args.tower_lr, device,
-                                    args.train_seed, ckpt)
+                                    args.train_seed, ckpt, enc)
     ckpt.common["tower_metrics"] = tower_metrics
     history = train_qa(y, model, tok, args.out, args, device, ckpt)
     # The image tower is never trained (videos only); give it the video tower's weights so
     # that image input is at least not noise.
-    model.model.image_tower.load_state_dict(model.model.video_tower.state_dict())
+    if args.family == "video_llava":
+        model.model.image_tower.load_state_dict(model.model.video_tower.state_dict())
     save(model, tok, args.out)
     training = {
         "command": " ".join(["python -m lab.train_demo", *(a for a in argv if a != "--resume")]),
@@ -485,6 +538,8 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         "tower_metrics": tower_metrics,
         "history": history,
     }
+    if args.family != "video_llava":
+        training["family"] = args.family
     if earlier is not None:
         training = continued(earlier, training)
     ckpt.save("done", args.qa_steps + sum(c.steps for c in y.cycles), model, None, None, force=True, training=training)
@@ -495,6 +550,8 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
 def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--yardstick", choices=sorted(YARDSTICKS), default="demo", help="ShapesQA (demo) or ShapesQA-HD")
+    ap.add_argument("--family", choices=FAMILY_NAMES, default="video_llava",
+                    help="the model family to train (llava_onevision: the yardstick's onevision_arch)")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint folder (default: the yardstick's)")
     for name, kind in [
         ("tower-steps", int),
@@ -539,6 +596,13 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
         if not (args.init / "EVAL.json").exists():
             ap.error(f"--init {args.init}: no EVAL.json there (a checkpoint this module trained)")
         y = dataclasses.replace(y, cycles=y.cycles[args.from_cycle:])
+    if args.family != "video_llava":
+        if not y.onevision_arch:
+            ap.error(f"the {y.name} yardstick has no {args.family} architecture")
+        if args.init is not None or y.cycles:
+            ap.error(f"--family {args.family} trains the tower and QA stages only (no --init, no cycles)")
+        if args.out is None:
+            args.out = Path(y.onevision_out)
     for key, value in {**y.defaults, "eval_seed": y.eval_seed}.items():
         if getattr(args, key) is None:
             setattr(args, key, Path(value) if key == "out" else value)
@@ -570,19 +634,22 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(state_path, weights_only=False) if args.resume and state_path.exists() else None
         ckpt = Checkpointer(state_path, args.save_minutes * 60, state)
         report["training"] = train(y, args, argv, device, ckpt)
-    diff = sanity_check_masking(y, args.out, device)
-    log(f"manual layer loop vs model forward: max |logit diff| {diff:.2e}")
-    report["evaluation"] = evaluate(
-        y, args.out, args.eval_n, args.eval_seed, device, args.eval_data, args.decode_backend
-    )
-    report["evaluation"]["manual_loop_max_logit_diff"] = diff
+    if args.family != "video_llava":
+        report["evaluation"] = evaluate_family(
+            y, args.out, args.eval_n, args.eval_seed, device, args.eval_data, args.decode_backend
+        )
+    else:
+        diff = sanity_check_masking(y, args.out, device)
+        log(f"manual layer loop vs model forward: max |logit diff| {diff:.2e}")
+        report["evaluation"] = evaluate(
+            y, args.out, args.eval_n, args.eval_seed, device, args.eval_data, args.decode_backend
+        )
+        report["evaluation"]["manual_loop_max_logit_diff"] = diff
     write_report(y, args.out, report)
     state_path.unlink(missing_ok=True)
     for qtype, r in report["evaluation"]["results"].items():
-        log(
-            f"{qtype:8s} acc {r['accuracy']:.3f}  no-visual-after-L1 {r['no_visual_after_layer1']:.3f}  "
-            f"chance {r['chance']:.3f}"
-        )
+        blind = f"  no-visual-after-L1 {r['no_visual_after_layer1']:.3f}" if "no_visual_after_layer1" in r else ""
+        log(f"{qtype:8s} acc {r['accuracy']:.3f}{blind}  chance {r['chance']:.3f}")
     return 0
 
 

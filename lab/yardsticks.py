@@ -99,6 +99,10 @@ class Yardstick:
     temporal_tasks: dict[str, float] = field(default_factory=dict)
     facts_weight: float = 0.0
     cycles: tuple[Cycle, ...] = ()  # further training cycles after the QA steps, in order
+    # The LLaVA-OneVision yardstick model (``train_demo --family llava_onevision``): onevision_config
+    # keywords (image_size is the data set's) and its checkpoint folder; empty: no such model.
+    onevision_arch: dict = field(default_factory=dict)
+    onevision_out: str | None = None
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
@@ -144,6 +148,21 @@ DEMO = Yardstick(
     tower_clip=_demo_tower_clip,
     qa_clip=_demo_qa_clip,
     monitor_clip=shapes.sample,
+    # The DEMO architecture in OneVision's shape: SigLIP with patch 4 (an 8 x 8 grid a 32 px frame,
+    # pooled to 4 x 4: 8 x 16 + 1 newline = 129 visual rows, like VideoLLaVA's 8 x 17 = 136), a 4-layer
+    # Qwen2 decoder of width 160 with GQA (2 key/value heads, as the real checkpoints group them).
+    onevision_arch={
+        "patch_size": 4,
+        "vision_hidden": 96,
+        "vision_layers": 2,
+        "vision_heads": 4,
+        "text_hidden": 160,
+        "text_layers": 4,
+        "text_heads": 4,
+        "kv_heads": 2,
+        "vision_feature_layer": -1,
+    },
+    onevision_out="vidsparse/shipped/shapes-onevision",
     defaults={
         "out": "vidsparse/shipped/shapes-videollava",
         "tower_steps": 1500,

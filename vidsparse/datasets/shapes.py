@@ -119,8 +119,9 @@ class Clip:
     objects: tuple[ShapeObject, ...]
     ids: np.ndarray  # int8 (FRAMES, SIZE, SIZE): index of the object drawn at a pixel, -1 = background
 
-    def patch_labels(self, min_pixels: int = 3) -> dict[str, np.ndarray]:
-        """Per-patch targets, (FRAMES, GRID*GRID) row-major like the vision tower's patches.
+    def patch_labels(self, min_pixels: int = 3, patch: int = PATCH) -> dict[str, np.ndarray]:
+        """Per-patch targets, (FRAMES, GRID*GRID) row-major like the vision tower's patches (``patch``:
+        another tower's patch size, (FRAMES, (SIZE // patch)**2)).
 
         ``color`` 0 = background else 1 + index in COLOR_NAMES; ``shape`` 0 = background else
         1 + index in SHAPES; ``has`` whether an object covers >= min_pixels of the patch (the
@@ -129,7 +130,7 @@ class Clip:
         """
         cx = np.stack([o.x + OBJ / 2 for o in self.objects], 1) / SIZE * 2 - 1  # (FRAMES, n)
         cy = np.stack([o.y + OBJ / 2 for o in self.objects], 1) / SIZE * 2 - 1
-        return patch_labels(self.ids, self.objects, np.stack([cx, cy], -1), PATCH, min_pixels)
+        return patch_labels(self.ids, self.objects, np.stack([cx, cy], -1), patch, min_pixels)
 
 
 def patch_labels(ids: np.ndarray, objects, centers: np.ndarray, patch: int, min_pixels: int) -> dict[str, np.ndarray]:
