@@ -286,7 +286,9 @@ def evaluate_family(
     log(f"evaluated {total} questions in {time.time() - t0:.0f}s (decoded with {dict(backends)})")
     if tmp is not None:
         shutil.rmtree(tmp)
-    return {"results": results, "eval_seed": seed, "decode_backends": dict(backends)}
+    path = (f"`{type(family).__name__}.preprocess` and `prompt_ids` -> greedy `generate` -> "
+            "`decode(skip_special_tokens=True)`; exact match.")
+    return {"results": results, "eval_seed": seed, "decode_backends": dict(backends), "path": path}
 
 
 def sanity_check_masking(y: Yardstick, out: Path, device) -> float:
@@ -307,7 +309,8 @@ def write_report(y: Yardstick, out: Path, report: dict) -> None:
         "",
         f"Held-out set: `{y.make.__name__}(n={res['overall']['n']}, seed={report['evaluation']['eval_seed']})`",
         "(a seed never used in training), scored through the real path: mp4 -> `decode_video` ->",
-        "`preprocess_frames` -> greedy `generate` -> `decode(skip_special_tokens=True)`; exact match.",
+        report["evaluation"].get("path", "`preprocess_frames` -> greedy `generate` -> "
+                                 "`decode(skip_special_tokens=True)`; exact match."),
         "`no visual after L1`: the same questions with every visual token masked out as a key in decoder",
         "layers 2.. (first answer token, argmax). A type that stays high there is answered within layers 0-1",
         "and is a weak probe for pruning after layer 1. Chance: uniform guess over the answers the question",

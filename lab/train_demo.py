@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
             y, args.out, args.eval_n, args.eval_seed, device, args.eval_data, args.decode_backend
         )
         report["evaluation"]["manual_loop_max_logit_diff"] = diff
-    write_report(y, args.out, report)
+    write_report(y if args.family == "video_llava" else dataclasses.replace(y, title=f"{y.title} (LLaVA-OneVision)"),
+                 args.out, report)
     state_path.unlink(missing_ok=True)
     for qtype, r in report["evaluation"]["results"].items():
         blind = f"  no-visual-after-L1 {r['no_visual_after_layer1']:.3f}" if "no_visual_after_layer1" in r else ""
