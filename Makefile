@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo lint bench eval-demo eval-hd train-demo train-hd train-ov
+.PHONY: install test demo lint bench eval-demo eval-hd eval-ov train-demo train-hd train-ov
 DEMO_SEED ?= 2026
 # Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill (30% and 38% of the
 # tokens take the methods that prune before layer 0 to the 24% and 31% costs the equal-cost comparison needs).
@@ -45,6 +45,14 @@ train-hd:
 	$(PYTHON) -m lab.train_demo --yardstick hd --resume --save-minutes 10 $(if $(HD_CYCLES),--cycles $(HD_CYCLES))
 
 # Held-out accuracy of the shipped model per question type, then every method at every budget.
+# The LLaVA-OneVision yardstick on the same held-out clips (every method at 5, 10 and 25% of its 128 tokens).
+eval-ov:
+	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
+	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full-ov.jsonl \
+		--model shapes-ov --method none --max-new-tokens 8
+	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-ov \
+		--methods $(EVAL_METHODS) --budgets 5%,10%,25% --repeats 1 --max-new-tokens 8 --out docs/shapes-ov-sweep
+
 eval-demo:
 	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
 	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full.jsonl \

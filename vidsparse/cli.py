@@ -46,7 +46,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 # Options shared by ask, batch and sweep.
-Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, local checkpoint folder, shapes-demo or shapes-hd.")]
+Model = Annotated[str, typer.Option(
+    "--model", "-m", help="Hub id, local checkpoint folder, shapes-demo, shapes-hd or shapes-ov.")]
 Frames = Annotated[int | None, typer.Option("--frames", help="Frames sampled uniformly over each clip [default: 8].")]
 Fps = Annotated[float | None, typer.Option(
     "--fps", help="Sample this many frames a second of video instead of --frames (as Qwen2.5-VL's processors do).")]

@@ -220,6 +220,9 @@ def test_methods_lists_every_method_with_its_default_stages():
                                                                                   "--budget", "50%"], 4),
         # held out: 92.9% at full budget (its EVAL.md)
         ("hd", "shapes-hd", ["color", "shape", "count", "first", "second", "disappears", "moving"], [], 5),
+        # LLaVA-OneVision, held out: 99.6% at full budget (its EVAL.md)
+        ("demo", "shapes-ov", ["color", "shape", "count", "first", "second"], ["--method", "stprune",
+                                                                                "--budget", "50%"], 4),
     ],
 )
 def test_make_shapes_then_the_shipped_model_answers(tmp_path, kind, model, types, method, at_least):
