@@ -131,8 +131,7 @@ class VideoQA:
             video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))
         # Until a file is decoded, its frames' size is not known: the prompts are checked for the clip
         # with the fewest visual tokens, and made again if the decoded clip has more.
-        clip_shape = (clip_shape_of(video) if isinstance(video, DecodedVideo)
-                      else model.smallest_clip(model.model.config, options.fewest_frames))
+        clip_shape = clip_shape_of(video) if isinstance(video, DecodedVideo) else self.smallest_clip(options)
         self._check_positions(options)
         with timer.stage("preprocess"):
             prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
@@ -204,8 +203,7 @@ class VideoQA:
 
     def check_question(self, question: str, options: AskOptions) -> None:
         """Raise the UserError that refuses ``question`` (asked of every clip: refused once, up front)."""
-        refused = self.checked_prompt(question, self.model.smallest_clip(self.model.model.config,
-                                                                         options.fewest_frames), options)
+        refused = self.checked_prompt(question, self.smallest_clip(options), options)
         if isinstance(refused, UserError):
             raise refused
 
@@ -235,7 +233,12 @@ class VideoQA:
         """Raise the UserError that refuses these options' pruning plan on any clip (the per-frame floor
         is checked for the clip with the fewest visual tokens; every clip is checked again)."""
         self._check_positions(options)
-        self._plan(options, self.model.smallest_clip(self.model.model.config, options.fewest_frames))
+        self._plan(options, self.smallest_clip(options))
+
+    def smallest_clip(self, options: AskOptions) -> ClipShape:
+        """The clip with the fewest visual tokens these options can sample: what is checked before a
+        clip is decoded."""
+        return self.model.smallest_clip(self.model.model.config, options.fewest_frames)
 
     def _visual_tokens(self, clip: ClipShape) -> int:
         return self.model.visual_tokens(self.model.model.config, clip)

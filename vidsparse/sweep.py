@@ -113,8 +113,7 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
     warmed = False
     by_video: dict[Path, list[Question]] = {}
     for q in questions:
-        refused = qa.checked_prompt(q.question, qa.model.smallest_clip(qa.model.model.config,
-                                                                        options.fewest_frames), options)
+        refused = qa.checked_prompt(q.question, qa.smallest_clip(options), options)
         if isinstance(refused, UserError):
             skip(f"question {q.id!r}: {refused}", 1)
         else:
