@@ -70,7 +70,7 @@ class FamilyEncoder(Encoder):
         config = family.model.config
         self.family, self.tok = family, family.tokenizer
         self.clip = ClipShape(y.data.FRAMES, y.data.SIZE, y.data.SIZE)
-        self.n_visual = family.visual_tokens(config, self.clip) + family.prompt_overhead(config, self.clip)
+        self.n_visual = family.visual_tokens(self.clip) + family.prompt_overhead(self.clip)
         self.video_id = family.placeholder(config)[1]
         self.patch = config.vision_config.patch_size
         self._prompts = {}

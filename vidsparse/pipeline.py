@@ -144,7 +144,7 @@ class VideoQA:
             video_path = str(video)
             video = decode_clip(video, options)
             provisional, clip_shape = clip_shape, clip_shape_of(video)
-            if self._visual_tokens(clip_shape) != self._visual_tokens(provisional):
+            if model.visual_tokens(clip_shape) != model.visual_tokens(provisional):
                 with timer.stage("preprocess"):
                     prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
                 if all(isinstance(p, UserError) for p in prompts):
@@ -171,7 +171,7 @@ class VideoQA:
                      "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
                      + features.seconds_before(start)},
             prefill_flops=prefill_flops(head.tokens_per_layer, self.decoder_shape),
-            vision_flops=model.vision_flops(model.model.config, clip_shape),
+            vision_flops=model.vision_flops(clip_shape),
         )
         clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
         del head_prompt, head, features  # the clip's state lives in `clip` only, until the last question
@@ -209,17 +209,16 @@ class VideoQA:
 
     def check_frames(self, options: AskOptions) -> None:
         """Raise the UserError that refuses every clip at these options: too many frames for the context."""
-        self.model.check_frames(self.model.model.config, options.fewest_frames, options.max_new_tokens)
+        self.model.check_context(self.smallest_clip(options), options.max_new_tokens)
 
     def checked_prompt(self, question: str, clip: ClipShape, options: AskOptions) -> torch.Tensor | UserError:
         """The prompt's token ids, or why this question cannot be asked (empty, special tokens, too long)."""
         model = self.model
-        config = model.model.config
         try:
             check_question_text(question)
             input_ids = model.prompt_ids(question, clip)
-            video_rows = model.visual_tokens(config, clip) + model.prompt_overhead(config, clip)
-            model.check_context(config, clip, options.max_new_tokens, input_ids.shape[1] - video_rows)
+            video_rows = model.visual_tokens(clip) + model.prompt_overhead(clip)
+            model.check_context(clip, options.max_new_tokens, input_ids.shape[1] - video_rows)
             return input_ids
         except UserError as e:
             return e
@@ -238,13 +237,10 @@ class VideoQA:
     def smallest_clip(self, options: AskOptions) -> ClipShape:
         """The clip with the fewest visual tokens these options can sample: what is checked before a
         clip is decoded."""
-        return self.model.smallest_clip(self.model.model.config, options.fewest_frames)
-
-    def _visual_tokens(self, clip: ClipShape) -> int:
-        return self.model.visual_tokens(self.model.model.config, clip)
+        return self.model.smallest_clip(options.fewest_frames)
 
     def _plan(self, options: AskOptions, clip: ClipShape) -> PruningPlan:
-        return plan_for(options, len(self.model.decoder.layers), self.model.spans(clip), self._visual_tokens(clip))
+        return plan_for(options, len(self.model.decoder.layers), self.model.spans(clip), self.model.visual_tokens(clip))
 
     def _check_positions(self, options: AskOptions) -> None:
         """`compact` renumbers positions 0..n'-1, which only means something for 1-D RoPE."""

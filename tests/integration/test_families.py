@@ -131,3 +131,28 @@ def test_the_base_class_loads_whichever_family_a_checkpoint_is(tiny_qwen, tiny_o
     with pytest.raises(UserError, match="is a llava_onevision checkpoint, not qwen2_5_vl"):
         Qwen25VL.from_pretrained(str(tiny_onevision))
     assert type(LlavaOnevision.from_pretrained(str(tiny_onevision))) is LlavaOnevision
+
+
+def test_a_qwen_checkpoint_sizes_frames_by_its_own_video_processor(tiny_qwen, tmp_path, clips):
+    """video_preprocessor_config.json's bounds (as transformers 5 saves a video processor) decide a frame's
+    size, as Qwen2-VL's processors size it with those bounds; a malformed file is one line."""
+    import shutil
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tests.conftest import moving_square_frames
+    from tests.integration.test_hostile import assert_one_line_error
+
+    folder = shutil.copytree(tiny_qwen, tmp_path / "small-frames")
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 1024, "longest_edge": 16384}}))
+    qa = VideoQA.from_pretrained(str(folder))
+    stats = qa.ask(clips["h264"], "what color is the square ?", max_new_tokens=1).to_dict()
+    processor = Qwen2VLImageProcessorPil(min_pixels=1024, max_pixels=16384, patch_size=14, merge_size=2)
+    grid = processor(images=[moving_square_frames(1)[0]], return_tensors="pt")["image_grid_thw"][0]
+    assert stats["tokens"]["visual_before"] == 4 * int(grid[1] * grid[2]) // 4  # 8 frames: 4 spans, 2 x 2 merged
+    assert stats["tokens"]["visual_before"] < VideoQA.from_pretrained(str(tiny_qwen)).ask(
+        clips["h264"], "what color is the square ?", max_new_tokens=1).to_dict()["tokens"]["visual_before"]
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({"min_pixels": 5000, "max_pixels": 10}))
+    assert_one_line_error(ask(clips["h264"], "what ?", "--model", folder),
+                          "video_preprocessor_config.json's pixel bounds must be positive integers, min <= max")

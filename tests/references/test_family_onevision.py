@@ -182,8 +182,7 @@ def test_prompt_is_hf_chat_template_expanded(family, clip):
     assert rows == FRAMES * 9 + 1
     expected = tokenizer(text.replace("<video>", "<video>" * rows)).input_ids
     assert clip.ids[0].tolist() == expected
-    config = family.model.config
-    assert family.visual_tokens(config, clip.shape) + family.prompt_overhead(config, clip.shape) == rows
+    assert family.visual_tokens(clip.shape) + family.prompt_overhead(clip.shape) == rows
 
 
 def test_layout_map_newline_and_suffix(family, clip):
@@ -328,7 +327,7 @@ def test_vision_flops_counts_the_tower_and_projector(family, clip):
         hf.multi_modal_projector(hf.vision_tower(clip.pixels).last_hidden_state)
     patches = (vision.image_size // vision.patch_size) ** 2
     patch_embedding = FRAMES * patches * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
-    assert counter.get_total_flops() // 2 - patch_embedding == LlavaOnevision.vision_flops(config, clip.shape)
+    assert counter.get_total_flops() // 2 - patch_embedding == family.vision_flops(clip.shape)
 
 
 # -- 6. the engine on this family ----------------------------------------------------------------------

@@ -150,12 +150,11 @@ def test_prompt_matches_chat_template(family):
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     text = family.tokenizer.apply_chat_template(messages, chat_template=QWEN_CHAT_TEMPLATE, tokenize=False,
                                                 add_generation_prompt=True)
-    n_visual = Qwen25VL.visual_tokens(family.model.config, clip)
+    n_visual = family.visual_tokens(clip)
     assert n_visual == 3 * 8 * 17  # 224 x 476 pixels -> 16 x 34 patches -> 8 x 17 tokens, 5 frames -> 3 spans
     expected = family.tokenizer(text.replace("<|video_pad|>", "<|video_pad|>" * n_visual),
                                 add_special_tokens=False).input_ids
     assert family.prompt_ids(QUESTION, clip)[0].tolist() == expected
-    assert family.visual_tokens(family.model.config, clip) == n_visual
     with pytest.raises(UserError, match="special token"):
         family.prompt_ids("what is <|vision_end|> here ?", clip)
 
@@ -204,7 +203,7 @@ def test_visual_map_and_head(family, name, frames, fps):
     spans, rows, cols = pixels.shape[:3]
     visual = prompt.visual
     video_id = family.model.config.video_token_id
-    assert len(visual) == spans * rows * cols == Qwen25VL.visual_tokens(family.model.config, clip)
+    assert len(visual) == spans * rows * cols == family.visual_tokens(clip)
     assert torch.equal(visual.positions, (ids[0] == video_id).nonzero().squeeze(1))
     assert visual.frames_per_span == 2 and not visual.is_cls.any()
     # Each token's (t, h, w) position is its (span, row, col) in HF's layout: the map says the same.
@@ -296,7 +295,7 @@ def test_vision_flops_match_flop_counter(family, eager_model, name, frames, fps)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         eager_model.model.visual(pixels.reshape(-1, pixels.shape[-1]), grid_thw=grid)
-    assert Qwen25VL.vision_flops(family.model.config, clip) * 2 == counter.get_total_flops()
+    assert family.vision_flops(clip) * 2 == counter.get_total_flops()
 
 
 def test_check_config(family):

@@ -31,7 +31,7 @@ def pixels(loaded, clips):
 def test_prompt_expands_video_placeholder(loaded):
     ids = loaded.prompt_ids("what is happening ?", CLIP)[0].tolist()
     tok = loaded.tokenizer
-    assert loaded.visual_tokens(loaded.model.config, ClipShape(1, 48, 64)) == 17  # 4 x 4 patches + CLS
+    assert loaded.visual_tokens(ClipShape(1, 48, 64)) == 17  # 4 x 4 patches + CLS
     assert ids[0] == tok.bos_token_id
     assert ids.count(loaded.video_token_id) == 8 * 17
     first = ids.index(loaded.video_token_id)

@@ -21,6 +21,8 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from vidsparse.errors import UserError
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures
 
+VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"  # where transformers 5 saves a video processor
+
 
 @dataclass(frozen=True)
 class ClipShape:
@@ -40,6 +42,29 @@ def positive_integers(part: tuple[str, PretrainedConfig], *keys: str) -> list[st
             if not isinstance(value := getattr(values, key, None), int) or isinstance(value, bool) or value < 1]
 
 
+def refuse_too_long(limit: int, frames: int, video_rows: int, max_new_tokens: int, text_tokens: int | None = None
+                    ) -> None:
+    """Raise the UserError that says how to fit `frames` frames (`video_rows` rows), the text and the
+    answer into `limit` positions, if they do not fit."""
+    counted = text_tokens or 0
+    needed = video_rows + counted + max_new_tokens
+    if needed <= limit:
+        return
+    frames_that_fit = int((limit - counted - max_new_tokens) // (video_rows / frames))
+    if frames_that_fit >= 1 and text_tokens is None:
+        remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text; with "
+                  "--fps, lower --max-frames), or lower --max-new-tokens")
+    elif frames_that_fit >= 1:
+        remedy = (f"sample at most {frames_that_fit} frames (--frames, or --max-frames with --fps), or lower "
+                  "--max-new-tokens")
+    else:
+        remedy = "shorten the question" if counted >= limit // 2 else "lower --max-new-tokens"
+    text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
+    raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
+                    f"({frames} frames -> {video_rows} visual tokens, {text}, {max_new_tokens} new "
+                    f"tokens) but the model has {limit}: {remedy}")
+
+
 def _ids(value: int | list[int] | None) -> set[int | None]:
     return set(value) if isinstance(value, list) else {value}
 
@@ -55,7 +80,9 @@ class VideoModel:
     position_dims: ClassVar[int] = 1  # 1: 1-D RoPE positions; 3: M-RoPE (time, height, width)
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], video_processor: dict | None = None):
+        """`video_processor`: the checkpoint's video_preprocessor_config.json, if it has one (a family that
+        sizes frames by it reads it; the others ignore it)."""
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -127,21 +154,24 @@ class VideoModel:
 
     # -- the family's own steps ------------------------------------------------------------------
 
-    @classmethod
-    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+    def visual_tokens(self, clip: ClipShape) -> int:
         """Visual tokens (prunable ones: no separators) a clip of this shape becomes."""
         raise NotImplementedError
 
-    @classmethod
-    def spans(cls, clip: ClipShape) -> int:
+    def spans(self, clip: ClipShape) -> int:
         """Time spans a clip's visual tokens fall into (`VisualMap.frame`): one a frame unless a token
         covers several frames."""
         return clip.frames
 
-    @classmethod
-    def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+    def prompt_overhead(self, clip: ClipShape) -> int:
         """Prompt rows of the video that are not prunable visual tokens (separators, newlines)."""
         return 0
+
+    @classmethod
+    def fewest_video_rows(cls, config: PretrainedConfig, frames: int) -> int:
+        """The fewest prompt rows `frames` frames can become, from the config alone (before the
+        checkpoint's processor settings are read): what is checked before anything is loaded."""
+        raise NotImplementedError
 
     def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (T, H, W, 3) frames -> float (T, 3, h, w) values 0..255: the frames as the tower sees
@@ -165,13 +195,11 @@ class VideoModel:
         tokens and every row's RoPE positions, as the HF model would compute them unpruned."""
         raise NotImplementedError
 
-    @classmethod
-    def vision_flops(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+    def vision_flops(self, clip: ClipShape) -> int:
         """FLOPs of the vision tower and projector on a clip (multiply-add = 1)."""
         raise NotImplementedError
 
-    @classmethod
-    def smallest_clip(cls, config: PretrainedConfig, frames: int) -> ClipShape:
+    def smallest_clip(self, frames: int) -> ClipShape:
         """The clip of `frames` frames with the fewest visual tokens (frames of any size, where the
         count does not depend on it): what is checked before a clip's size is known."""
         return ClipShape(frames, 1, 1)
@@ -180,35 +208,15 @@ class VideoModel:
 
     @classmethod
     def check_frames(cls, config: PretrainedConfig, frames: int, max_new_tokens: int) -> None:
-        """check_context before the clip's size and the prompt's text are known (at least this many rows)."""
-        cls.check_context(config, cls.smallest_clip(config, frames), max_new_tokens)
+        """The context check before the checkpoint is loaded: at least `fewest_video_rows` rows."""
+        refuse_too_long(config.text_config.max_position_embeddings, frames, cls.fewest_video_rows(config, frames),
+                        max_new_tokens)
 
-    @classmethod
-    def check_context(cls, config: PretrainedConfig, clip: ClipShape, max_new_tokens: int,
-                      text_tokens: int | None = None) -> None:
+    def check_context(self, clip: ClipShape, max_new_tokens: int, text_tokens: int | None = None) -> None:
         """The prompt (the clip's video rows + the text) plus the answer must fit the model's positions.
-        `text_tokens` None: not counted yet (checked before the tokenizer is loaded), so the frames that
-        fit are an upper bound and said to be one."""
-        limit = config.text_config.max_position_embeddings
-        counted = text_tokens or 0
-        video_rows = cls.visual_tokens(config, clip) + cls.prompt_overhead(config, clip)
-        needed = video_rows + counted + max_new_tokens
-        if needed <= limit:
-            return
-        per_frame = video_rows / clip.frames
-        frames_that_fit = int((limit - counted - max_new_tokens) // per_frame)
-        if frames_that_fit >= 1 and text_tokens is None:
-            remedy = (f"sample fewer --frames ({frames_that_fit} would leave no room for the prompt's text; with "
-                      "--fps, lower --max-frames), or lower --max-new-tokens")
-        elif frames_that_fit >= 1:
-            remedy = (f"sample at most {frames_that_fit} frames (--frames, or --max-frames with --fps), or lower "
-                      "--max-new-tokens")
-        else:
-            remedy = "shorten the question" if counted >= limit // 2 else "lower --max-new-tokens"
-        text = "the prompt's text" if text_tokens is None else f"{text_tokens} text tokens"
-        raise UserError(f"the prompt plus answer needs {'more than ' * (text_tokens is None)}{needed} positions "
-                        f"({clip.frames} frames -> {video_rows} visual tokens, {text}, {max_new_tokens} new "
-                        f"tokens) but the model has {limit}: {remedy}")
+        `text_tokens` None: not counted yet, so the frames that fit are an upper bound and said to be one."""
+        refuse_too_long(self.text_config.max_position_embeddings, clip.frames,
+                        self.visual_tokens(clip) + self.prompt_overhead(clip), max_new_tokens, text_tokens)
 
     def words(self, token_ids: torch.Tensor) -> list[str]:
         """Each token of `token_ids` (1-D) as text on its own (what SparseVLM's raters are reported as)."""

@@ -99,13 +99,15 @@ class LlavaOnevision(VideoModel):
         grid = vision.image_size // vision.patch_size
         return grid, math.ceil(grid / 2)
 
-    @classmethod
-    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
-        return clip.frames * cls._grid(config)[1] ** 2
+    def visual_tokens(self, clip: ClipShape) -> int:
+        return clip.frames * self._grid(self.model.config)[1] ** 2
+
+    def prompt_overhead(self, clip: ClipShape) -> int:
+        return 1  # the image_newline after the whole video
 
     @classmethod
-    def prompt_overhead(cls, config: PretrainedConfig, clip: ClipShape) -> int:
-        return 1  # the image_newline after the whole video
+    def fewest_video_rows(cls, config: PretrainedConfig, frames: int) -> int:
+        return frames * cls._grid(config)[1] ** 2 + 1
 
     def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Each frame resized to image_size x image_size (PIL's antialiased bicubic, no crop, no aspect
@@ -122,7 +124,7 @@ class LlavaOnevision(VideoModel):
         out in the text before tokenizing as LlavaOnevisionProcessor does."""
         self.refuse_special_tokens(question)
         config = self.model.config
-        rows = self.visual_tokens(config, clip) + self.prompt_overhead(config, clip)
+        rows = self.visual_tokens(clip) + self.prompt_overhead(clip)
         text, video_id = self.placeholder(config)
         prefix, suffix = PROMPT_TEMPLATE.split("<video>")
         ids = self.tokenizer(prefix + text * rows + suffix.format(question=question)).input_ids
@@ -192,12 +194,12 @@ class LlavaOnevision(VideoModel):
         return PromptEmbeds(input_ids, embeds, visual, rope, head_length, head_length, words, saliency,
                             frame_features)
 
-    @classmethod
-    def vision_flops(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+    def vision_flops(self, clip: ClipShape) -> int:
         """SigLIP on g*g patches a frame (every layer: q/k/v/o, scores and mix, the 2-matrix MLP) and the
         projector on every patch (it runs before the pooling); multiply-add = 1, pooling negligible."""
+        config = self.model.config
         vision, text = config.vision_config, config.text_config
-        n = cls._grid(config)[0] ** 2
+        n = self._grid(config)[0] ** 2
         d, m, hidden = vision.hidden_size, vision.intermediate_size, text.hidden_size
         per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
         features_in = d * (1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer))

@@ -27,7 +27,7 @@ from transformers.utils import cached_file
 
 from vidsparse.errors import UserError, first_line
 from vidsparse.models.families import family_for
-from vidsparse.models.family import VideoModel
+from vidsparse.models.family import VIDEO_PROCESSOR_FILE, VideoModel
 
 # Names for the checkpoints the project ships, inside the package (vidsparse/shipped/).
 _SHIPPED = Path(__file__).resolve().parents[1] / "shipped"  # package data: there in a wheel's install too
@@ -254,10 +254,26 @@ def load_family(family: type[VideoModel] | None, name_or_path: str, dtype: str, 
     config = load_config(source, found)
     tokenizer = load_tokenizer(source, config, found)
     mean, std = load_pixel_stats(source, found)
-    loaded = found(load_weights(source, config, torch_dtype, found), tokenizer, name_or_path, mean, std)
+    video_processor = load_video_processor(source)
+    weights = load_weights(source, config, torch_dtype, found)
+    loaded = found(weights, tokenizer, name_or_path, mean, std, video_processor)
     loaded.drop_unused()
     loaded.model.to(torch_device).eval()
     return loaded
+
+
+def load_video_processor(source: Source) -> dict | None:
+    """The checkpoint's video_preprocessor_config.json, if it has one (how a family sizes video frames)."""
+    where = source.file(VIDEO_PROCESSOR_FILE)
+    path = _loading(source, where, lambda: cached_file(
+        source.location, VIDEO_PROCESSOR_FILE, local_files_only=source.local_only,
+        _raise_exceptions_for_missing_entries=False))
+    if path is None:
+        return None
+    config = _read_json(Path(path), where)
+    if not isinstance(config, dict):
+        raise UserError(f"{where} must hold a JSON object")
+    return config
 
 
 def resolve_device(device: str) -> torch.device:

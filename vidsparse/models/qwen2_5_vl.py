@@ -39,7 +39,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.vision_utils import get_vision_window_index
 
 from vidsparse.errors import UserError
-from vidsparse.models.family import ClipShape, VideoModel, positive_integers
+from vidsparse.models.family import VIDEO_PROCESSOR_FILE, ClipShape, VideoModel, positive_integers
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_frames
 
@@ -52,6 +52,20 @@ VIDEO_PAD = "<|video_pad|>"
 PROMPT_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                    "<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")  # generation_config.json's eos_token_id of the Instruct models
+
+
+def pixel_bounds(processor: dict | None) -> tuple[int, int]:
+    """(min_pixels, max_pixels) a frame from a checkpoint's video processor config
+    (video_preprocessor_config.json): `size` {shortest_edge, longest_edge} as transformers 5 saves it, or
+    the older min_pixels / max_pixels keys; the video processor's defaults for what it lacks."""
+    processor = processor or {}
+    size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
+    low = processor.get("min_pixels", size.get("shortest_edge", VIDEO_MIN_PIXELS))
+    high = processor.get("max_pixels", size.get("longest_edge", VIDEO_MAX_PIXELS))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (low, high)) or low > high:
+        raise UserError(f"{VIDEO_PROCESSOR_FILE}'s pixel bounds must be positive integers, min <= max: got "
+                        f"min_pixels {low!r}, max_pixels {high!r}")
+    return low, high
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -76,12 +90,12 @@ class Qwen25VL(VideoModel):
     """A loaded Qwen2.5-VL checkpoint.
 
     Pixel bounds: a frame is brought to `smart_resize(h, w, 28, min_pixels, max_pixels)` with the
-    video processor's defaults VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS (128 and 768 tokens' worth of
-    28x28 pixels a frame, qwen-vl-utils' video bounds too). Deliberately, `preprocessor_config.json`'s
-    min/max_pixels (the image processor's: 3136 and 12845056 in Qwen/Qwen2.5-VL-7B-Instruct) are not
-    video bounds here, although HF 5.25's video processor falls back to that file when a checkpoint has
-    no video processor config (then HF would give a 720p frame 1196 tokens a span where the video
-    defaults give 720). A checkpoint's own video bounds are not read yet.
+    checkpoint's video processor bounds (video_preprocessor_config.json), else the video processor's
+    defaults VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS (128 and 768 tokens' worth of 28x28 pixels a frame,
+    qwen-vl-utils' video bounds too). Deliberately, `preprocessor_config.json`'s min/max_pixels (the
+    image processor's: 3136 and 12845056 in Qwen/Qwen2.5-VL-7B-Instruct) are not video bounds here,
+    although HF 5.25's video processor falls back to that file when a checkpoint has no video processor
+    config (then HF would give a 720p frame 1196 tokens a span where the video defaults give 720).
 
     Time: a token's temporal position is int(span * tokens_per_second * 2 / fps), fps being the
     sampled frames per second of video (`ClipShape.fps`); fps None is HF's default of one second a
@@ -103,8 +117,10 @@ class Qwen25VL(VideoModel):
     position_dims = 3
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
-        super().__init__(model, tokenizer, name, mean, std)
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 video_processor: dict | None = None):
+        super().__init__(model, tokenizer, name, mean, std, video_processor)
+        self.min_pixels, self.max_pixels = pixel_bounds(video_processor)
         vocab = tokenizer.get_vocab()
         self.eos_token_ids |= {vocab[t] for t in END_TOKENS if t in vocab}
 
@@ -145,33 +161,32 @@ class Qwen25VL(VideoModel):
 
     # -- layout ----------------------------------------------------------------------------------
 
-    @classmethod
-    def _grid(cls, config: PretrainedConfig, clip: ClipShape) -> tuple[int, int, int]:
+    def _grid(self, clip: ClipShape) -> tuple[int, int, int]:
         """(grid_t, grid_h, grid_w) in patches, HF's video_grid_thw."""
-        vision = config.vision_config
-        height, width = smart_resize(clip.height, clip.width, vision.patch_size * vision.spatial_merge_size,
-                                     VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+        vision = self.model.config.vision_config
+        height, width = self.frame_size(clip.height, clip.width)
         return -(-clip.frames // vision.temporal_patch_size), height // vision.patch_size, width // vision.patch_size
 
-    @classmethod
-    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
-        t, h, w = cls._grid(config, clip)
-        return t * h * w // config.vision_config.spatial_merge_size ** 2
+    def visual_tokens(self, clip: ClipShape) -> int:
+        t, h, w = self._grid(clip)
+        return t * h * w // self.model.config.vision_config.spatial_merge_size ** 2
 
-    @classmethod
-    def spans(cls, clip: ClipShape) -> int:
+    def spans(self, clip: ClipShape) -> int:
         return -(-clip.frames // 2)  # temporal patch 2 (check_config holds every checkpoint to it)
 
     @classmethod
-    def smallest_clip(cls, config: PretrainedConfig, frames: int) -> ClipShape:
+    def fewest_video_rows(cls, config: PretrainedConfig, frames: int) -> int:
+        return -(-frames // 2)  # a token a span at least: the checkpoint's pixel bounds are not read yet
+
+    def smallest_clip(self, frames: int) -> ClipShape:
         """Frames of min_pixels in the fewest tokens: one merged token high, as wide as min_pixels needs."""
-        factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-        return ClipShape(frames, factor, factor * -(-VIDEO_MIN_PIXELS // factor ** 2))
+        factor = self.model.config.vision_config.patch_size * self.model.config.vision_config.spatial_merge_size
+        return ClipShape(frames, factor, factor * max(1, -(-self.min_pixels // factor ** 2)))
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
         vision = self.model.config.vision_config
-        return smart_resize(height, width, vision.patch_size * vision.spatial_merge_size, VIDEO_MIN_PIXELS,
-                            VIDEO_MAX_PIXELS)
+        return smart_resize(height, width, vision.patch_size * vision.spatial_merge_size, self.min_pixels,
+                            self.max_pixels)
 
     def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(frames)
@@ -245,7 +260,7 @@ class Qwen25VL(VideoModel):
 
     def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
         self.refuse_special_tokens(question)
-        n_visual = self.visual_tokens(self.model.config, clip)
+        n_visual = self.visual_tokens(clip)
         prefix, suffix = PROMPT_TEMPLATE.split(VIDEO_PAD)
         text = prefix + VIDEO_PAD * n_visual + suffix.format(question=question)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids  # the template has its own specials
@@ -261,7 +276,7 @@ class Qwen25VL(VideoModel):
         the map of those rows, and HF get_rope_index's positions for the whole prompt (time from the
         clip's sampled fps; None: one second a span, HF's default)."""
         merge = self.model.config.vision_config.spatial_merge_size
-        _, grid_h, grid_w = self._grid(self.model.config, clip)
+        _, grid_h, grid_w = self._grid(clip)
         rows, cols = grid = (grid_h // merge, grid_w // merge)
         spans = video.tokens.shape[0]
         embeds = self.decoder.embed_tokens(input_ids)
@@ -320,12 +335,11 @@ class Qwen25VL(VideoModel):
 
     # -- cost ------------------------------------------------------------------------------------
 
-    @classmethod
-    def vision_flops(cls, config: PretrainedConfig, clip: ClipShape) -> int:
+    def vision_flops(self, clip: ClipShape) -> int:
         """Patch embedding, every ViT block (q/k/v/o, attention within each window or each span's full
         frame, the gated MLP) and the merger MLP; multiply-add = 1, norms and softmax not counted."""
-        vision = config.vision_config
-        t, h, w = cls._grid(config, clip)
+        vision = self.model.config.vision_config
+        t, h, w = self._grid(clip)
         m, p = vision.spatial_merge_size, vision.patch_size
         d, inner, c = vision.hidden_size, vision.intermediate_size, vision.in_channels
         n = t * h * w

@@ -64,8 +64,9 @@ class VideoLlava(VideoModel):
     model_class = VideoLlavaForConditionalGeneration
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, tokenizer, name: str,
-                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
-        super().__init__(model, tokenizer, name, mean, std)
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+                 video_processor: dict | None = None):
+        super().__init__(model, tokenizer, name, mean, std, video_processor)
         config = model.config
         self.image_size: int = config.vision_config.image_size
         self.grid: int = self.image_size // config.vision_config.patch_size
@@ -96,9 +97,12 @@ class VideoLlava(VideoModel):
         # Video-only use: the image tower is never run (0.3B parameters on the 7B model).
         self.model.model.image_tower = None
 
+    def visual_tokens(self, clip: ClipShape) -> int:
+        return clip.frames * tokens_per_frame(self.model.config)
+
     @classmethod
-    def visual_tokens(cls, config: PretrainedConfig, clip: ClipShape) -> int:
-        return clip.frames * tokens_per_frame(config)
+    def fewest_video_rows(cls, config: PretrainedConfig, frames: int) -> int:
+        return frames * tokens_per_frame(config)
 
     def seen_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         return resize_and_crop(frames, self.image_size)
@@ -108,16 +112,16 @@ class VideoLlava(VideoModel):
 
     def prompt_ids(self, question: str, clip: ClipShape) -> torch.Tensor:
         self.refuse_special_tokens(question)
-        n_visual = self.visual_tokens(self.model.config, clip)
+        n_visual = self.visual_tokens(clip)
         ids = self.tokenizer(prompt_text(question, n_visual)).input_ids
         found = sum(1 for i in ids if i == self.video_token_id)
         if found != n_visual:
             raise ValueError(f"tokenizer produced {found} video tokens, expected {n_visual}")
         return torch.tensor([ids], device=self.device)
 
-    @classmethod
-    def vision_flops(cls, config: VideoLlavaConfig, clip: ClipShape) -> int:
+    def vision_flops(self, clip: ClipShape) -> int:
         """Vision tower (every layer runs) + projector, multiply-add = 1; CLIP's MLP has two matrices."""
+        config = self.model.config
         vision = config.vision_config
         n = tokens_per_frame(config)
         d, m = vision.hidden_size, vision.intermediate_size
