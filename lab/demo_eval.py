@@ -56,6 +56,10 @@ class Encoder:
     def pixels(self, y: Yardstick, clips: list) -> torch.Tensor:
         return pixels(y, clips)
 
+    def video_inputs(self, px: torch.Tensor, ids: torch.Tensor) -> dict:
+        """The HF model's video inputs for a batch of prompts `ids` about clips whose pixels are `px`."""
+        return {"pixel_values_videos": px}
+
 
 class FamilyEncoder(Encoder):
     """Prompts and pixels of another vidsparse family (``VideoModel``), built by the family's own
@@ -69,7 +73,7 @@ class FamilyEncoder(Encoder):
 
         config = family.model.config
         self.family, self.tok = family, family.tokenizer
-        self.clip = ClipShape(y.data.FRAMES, y.data.SIZE, y.data.SIZE)
+        self.clip = ClipShape(y.data.FRAMES, y.data.SIZE, y.data.SIZE, float(y.data.FPS))  # as the mp4 files say
         self.n_visual = family.visual_tokens(self.clip) + family.prompt_overhead(self.clip)
         self.video_id = family.placeholder(config)[1]
         self.patch = config.vision_config.patch_size
@@ -82,7 +86,10 @@ class FamilyEncoder(Encoder):
 
     def pixels(self, y: Yardstick, clips: list) -> torch.Tensor:
         px = self.family.preprocess(np.concatenate([c.frames for c in clips]))
-        return px.view(len(clips), y.data.FRAMES, *px.shape[1:])
+        return px.view(len(clips), -1, *px.shape[1:])  # frames, or Qwen2.5-VL's two-frame spans, a clip
+
+    def video_inputs(self, px: torch.Tensor, ids: torch.Tensor) -> dict:
+        return self.family.hf_video_inputs(px, ids, self.clip)
 
 
 def pixels(y: Yardstick, clips: list) -> torch.Tensor:
@@ -109,15 +116,16 @@ def quick_eval_sets(y: Yardstick, enc: Encoder, n: int) -> dict:
 
 
 @torch.no_grad()
-def quick_eval(model, sets: dict, device, batch: int = 50) -> dict:
+def quick_eval(model, sets: dict, device, enc: Encoder, batch: int = 50) -> dict:
     model.eval()
     acc = {}
     for qtype, (px, ids, ans) in sets.items():
         right = 0
         for i in range(0, len(ids), batch):
+            video = enc.video_inputs(px[i : i + batch], ids[i : i + batch])
             logits = model(
                 input_ids=ids[i : i + batch].to(device),
-                pixel_values_videos=px[i : i + batch].to(device),
+                **{k: v.to(device) for k, v in video.items()},
                 logits_to_keep=1,
             ).logits
             right += (logits[:, -1].argmax(-1).cpu() == ans[i : i + batch]).sum().item()
@@ -271,7 +279,8 @@ def evaluate_family(
                 chunk = rows[i : i + 25]
                 ids = torch.tensor([r[1] for r in chunk], device=device)
                 px = torch.stack([r[0] for r in chunk]).to(device)
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=px,
+                video = {k: v.to(device) for k, v in enc.video_inputs(px, ids).items()}
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **video,
                                      max_new_tokens=12, do_sample=False)
                 answers = tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
                 right += sum(a.strip() == r[2] for a, r in zip(answers, chunk, strict=True))

@@ -5,6 +5,7 @@
     python -m lab.train_demo --yardstick hd --resume   # continue a killed run where it stopped
     python -m lab.train_demo --out vidsparse/shipped/shapes-videollava --eval-only
     python -m lab.train_demo --family llava_onevision --resume --save-minutes 5  # vidsparse/shipped/shapes-onevision
+    python -m lab.train_demo --family qwen2_5_vl --resume --save-minutes 5       # vidsparse/shipped/shapes-qwen
 
 ``--yardstick`` picks the data set, architecture, task mix, seeds and default step counts
 (``lab.yardsticks``); everything else is shared. ``--family llava_onevision`` trains the same recipe
@@ -13,7 +14,12 @@
 family's own ``prompt_ids`` and ``preprocess`` (``vidsparse.models.llava_onevision``) and HF's own forward;
 its tower heads read every SigLIP token of the feature layer (there is no CLS), and its evaluation
 (``demo_eval.evaluate_family``) is accuracy per type through the same path (VideoLLaVA's
-where-is-it-read probes are not run). The default, ``video_llava``, is unchanged.
+where-is-it-read probes are not run). ``--family qwen2_5_vl`` trains a Qwen2_5_VLForConditionalGeneration
+of ``qwen_arch`` the same way, fed as Qwen's processor feeds it (``VideoModel.hf_video_inputs``: flat
+patches, grids, token types, seconds a temporal patch at the clips' 8 fps), without the tower stage (its
+ViT runs window-permuted patches the dense heads do not read; the tower learns in the QA stage at the full
+rate), and saves its pixel bounds (``qwen_pixels``) as the checkpoint's video_preprocessor_config.json.
+The default, ``video_llava``, is unchanged.
 
 Recipe (fixed seeds and step counts, so a run is reproducible on one machine):
 
@@ -120,7 +126,9 @@ N_PATCH_CLASSES = {"color": len(shapes.COLORS) + 1, "shape": len(shapes.SHAPES) 
 STATE_FILE = "train_state.pt"
 
 
-FAMILY_NAMES = ("video_llava", "llava_onevision")  # --family: the model families this trainer builds
+FAMILY_NAMES = ("video_llava", "llava_onevision", "qwen2_5_vl")  # --family: the families this trainer builds
+# Per family other than VideoLLaVA, the yardstick fields holding its architecture and checkpoint folder.
+FAMILY_FIELDS = {"llava_onevision": ("onevision_arch", "onevision_out"), "qwen2_5_vl": ("qwen_arch", "qwen_out")}
 
 
 def build(y: Yardstick, device: torch.device, family: str = "video_llava"):
@@ -134,6 +142,13 @@ def build(y: Yardstick, device: torch.device, family: str = "video_llava"):
         tok = onevision_tokenizer(y.data.vocabulary())
         cfg = onevision_config(tok, image_size=y.data.SIZE, **y.onevision_arch)
         return tok, LlavaOnevisionForConditionalGeneration(cfg).to(device)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from lab.tiny_qwen import qwen2_5_vl_config, qwen_tokenizer
+
+        tok = qwen_tokenizer(y.data.vocabulary())
+        return tok, Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tok, **y.qwen_arch)).to(device)
     tok = word_tokenizer(y.data.vocabulary())
     cfg = video_llava_config(tok, image_size=y.data.SIZE, patch_size=y.data.PATCH, num_frames=y.data.FRAMES, **y.arch)
     return tok, VideoLlavaForConditionalGeneration(cfg).to(device)
@@ -147,12 +162,22 @@ def encoder(y: Yardstick, model, tok) -> Encoder:
 
     fam = family_for(model.config.model_type, "the model in training")
     mean, std = fam.default_pixel_stats()
-    return FamilyEncoder(fam(model, tok, "training", mean, std), y)
+    return FamilyEncoder(fam(model, tok, "training", mean, std, video_processor(y, model)), y)
+
+
+def video_processor(y: Yardstick, model) -> dict | None:
+    """The video processor settings the checkpoint ships (Qwen2.5-VL's pixel bounds a frame), else None."""
+    if model.config.model_type != "qwen2_5_vl":
+        return None
+    low, high = y.qwen_pixels
+    return {"size": {"shortest_edge": low, "longest_edge": high}}
 
 
 def video_tower(model):
-    """The tower that encodes the video frames: VideoLLaVA's video tower, OneVision's SigLIP."""
-    return model.model.video_tower if model.config.model_type == "video_llava" else model.model.vision_tower
+    """The tower that encodes the video frames: VideoLLaVA's video tower, OneVision's SigLIP, Qwen's ViT."""
+    kind = model.config.model_type
+    return {"video_llava": lambda: model.model.video_tower, "qwen2_5_vl": lambda: model.model.visual}.get(
+        kind, lambda: model.model.vision_tower)()
 
 
 class Checkpointer:
@@ -321,8 +346,8 @@ def qa_batch(y: Yardstick, enc: Encoder, rng: np.random.Generator, size: int, ma
         "input_ids": inp.to(device),
         "attention_mask": att.to(device),
         "labels": lab.to(device),
-        "pixel_values_videos": enc.pixels(y, clips).to(device),
     }
+    batch |= {k: v.to(device) for k, v in enc.video_inputs(enc.pixels(y, clips), inp).items()}
     if not y.padding_mask:
         del batch["attention_mask"]
     visual = inp == enc.video_id
@@ -353,7 +378,7 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     own_rate = y.projector_lr_scale != 1.0
 
     def in_rest(name: str) -> bool:
-        return not any(k in name for k in ("video_tower", "image_tower", "vision_tower")) and not (
+        return not any(k in name for k in ("video_tower", "image_tower", "vision_tower", "model.visual.")) and not (
             own_rate and "multi_modal_projector" in name)
 
     rest = [p for n, p in model.named_parameters() if in_rest(n)]
@@ -365,7 +390,10 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
         groups.append({"params": list(model.model.multi_modal_projector.parameters()), "weight_decay": 0.0,
                        "base": args.lr * y.projector_lr_scale})
     if y.tower_in_qa:
-        groups.append({"params": tower, "weight_decay": 0.01, "base": args.lr / 10, "tower": True})
+        # A tower pretrained in the tower stage is fine-tuned at a tenth of the rate; one that was not
+        # (Qwen2.5-VL's) learns at the full rate.
+        rate = args.lr / 10 if args.tower_steps else args.lr
+        groups.append({"params": tower, "weight_decay": 0.01, "base": rate, "tower": True})
     aux = AuxLosses(model, y)
     facts = TemporalFacts(model, y.data.FRAMES, y.data.MAX_OBJECTS) if y.facts_weight else None
     phase_start = round(y.temporal_from * args.qa_steps) if y.temporal_from is not None else args.qa_steps
@@ -441,10 +469,10 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
                 + f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == n_steps:
-            acc = quick_eval(model, sets, device)
+            acc = quick_eval(model, sets, device, enc)
             history.append(dict(step=step + 1, minutes=round((time.time() - t0) / 60, 1), loss=round(ema, 3), **acc))
             log(f"monitor {history[-1]}")
-            save(model, tok, out)
+            save(y, model, tok, out)
         if ckpt is not None:
             extra = {"history": history, "ema": ema, "aux_ema": aux_ema, "qa_seconds": time.time() - t0,
                      "facts": facts.state_dict() if facts is not None else None,
@@ -458,7 +486,7 @@ def train_qa(y: Yardstick, model, tok, out: Path, args, device, ckpt: Checkpoint
     return history
 
 
-def save(model, tok, out: Path) -> None:
+def save(y: Yardstick, model, tok, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -470,6 +498,10 @@ def save(model, tok, out: Path) -> None:
         size = model.config.vision_config.image_size
         LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_mean=list(PIXEL_MEAN),
                                         image_std=list(PIXEL_STD)).save_pretrained(out)
+    if model.config.model_type == "qwen2_5_vl":  # the bounds it was trained with, where Qwen's processors read them
+        from vidsparse.models.family import VIDEO_PROCESSOR_FILE
+
+        (out / VIDEO_PROCESSOR_FILE).write_text(json.dumps(video_processor(y, model), indent=1) + "\n")
 
 
 def load_trained(y: Yardstick, path: Path, device: torch.device):
@@ -512,6 +544,8 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
         tower_metrics = earlier["tower_metrics"]
     elif state is not None and state["stage"] == "qa":
         tower_metrics = state["tower_metrics"]
+    elif args.tower_steps == 0:
+        tower_metrics = {}  # no tower stage: the tower learns in the QA stage only
     else:
         enc = encoder(y, model, tok) if args.family != "video_llava" else None  # (None: VideoLLaVA's own path)
         tower_metrics = train_tower(y, model, args.tower_steps, args.tower_batch, args.tower_lr, device,
@@ -522,7 +556,7 @@ def train(y: Yardstick, args, argv: list[str], device, ckpt: Checkpointer) -> di
     # that image input is at least not noise.
     if args.family == "video_llava":
         model.model.image_tower.load_state_dict(model.model.video_tower.state_dict())
-    save(model, tok, args.out)
+    save(y, model, tok, args.out)
     training = {
         "command": " ".join(["python -m lab.train_demo", *(a for a in argv if a != "--resume")]),
         "minutes": round((time.time() - ckpt.t0) / 60, 1),
@@ -597,12 +631,17 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
             ap.error(f"--init {args.init}: no EVAL.json there (a checkpoint this module trained)")
         y = dataclasses.replace(y, cycles=y.cycles[args.from_cycle:])
     if args.family != "video_llava":
-        if not y.onevision_arch:
+        arch, out = (getattr(y, name) for name in FAMILY_FIELDS[args.family])
+        if not arch:
             ap.error(f"the {y.name} yardstick has no {args.family} architecture")
         if args.init is not None or y.cycles:
             ap.error(f"--family {args.family} trains the tower and QA stages only (no --init, no cycles)")
         if args.out is None:
-            args.out = Path(y.onevision_out)
+            args.out = Path(out)
+        if args.family == "qwen2_5_vl" and args.tower_steps is None:
+            # Its ViT runs window-permuted patches that the dense per-patch heads do not read: no tower
+            # stage; the tower learns in the QA stage from its first step.
+            args.tower_steps, args.tower_freeze = 0, 0
     for key, value in {**y.defaults, "eval_seed": y.eval_seed}.items():
         if getattr(args, key) is None:
             setattr(args, key, Path(value) if key == "out" else value)
@@ -645,8 +684,9 @@ def main(argv: list[str] | None = None) -> int:
             y, args.out, args.eval_n, args.eval_seed, device, args.eval_data, args.decode_backend
         )
         report["evaluation"]["manual_loop_max_logit_diff"] = diff
-    write_report(y if args.family == "video_llava" else dataclasses.replace(y, title=f"{y.title} (LLaVA-OneVision)"),
-                 args.out, report)
+    titles = {"llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+    titled = y if args.family == "video_llava" else dataclasses.replace(y, title=f"{y.title} ({titles[args.family]})")
+    write_report(titled, args.out, report)
     state_path.unlink(missing_ok=True)
     for qtype, r in report["evaluation"]["results"].items():
         blind = f"  no-visual-after-L1 {r['no_visual_after_layer1']:.3f}" if "no_visual_after_layer1" in r else ""

@@ -103,6 +103,12 @@ class Yardstick:
     # keywords (image_size is the data set's) and its checkpoint folder; empty: no such model.
     onevision_arch: dict = field(default_factory=dict)
     onevision_out: str | None = None
+    # The Qwen2.5-VL yardstick model (``--family qwen2_5_vl``): qwen2_5_vl_config keywords, its video
+    # processor's pixel bounds a frame (min, max: saved as its video_preprocessor_config.json, so that
+    # inference sizes frames as training did) and its checkpoint folder; empty: no such model.
+    qwen_arch: dict = field(default_factory=dict)
+    qwen_pixels: tuple[int, int] = (0, 0)
+    qwen_out: str | None = None
 
 
 # ------------------------------------------------------------------------------------- ShapesQA
@@ -163,6 +169,25 @@ DEMO = Yardstick(
         "vision_feature_layer": -1,
     },
     onevision_out="vidsparse/shipped/shapes-onevision",
+    # The DEMO architecture in Qwen2.5-VL's shape: a ViT with patch 4 and 2 x 2 merging, with pixel bounds
+    # that keep a 32 px frame at 32 px (8 x 8 patches -> 4 x 4 tokens a temporal patch of 2 frames: 4 x 16
+    # = 64 visual tokens at 3-D positions), windows of 2 x 2 tokens with the last block attending fully,
+    # and a 4-layer Qwen2 decoder of width 160 with GQA and M-RoPE (sections 4 + 8 + 8 = head_dim / 2).
+    qwen_arch={
+        "patch_size": 4,
+        "window_size": 16,
+        "vision_hidden": 96,
+        "vision_layers": 2,
+        "vision_heads": 4,
+        "fullatt_block_indexes": (1,),
+        "text_hidden": 160,
+        "text_layers": 4,
+        "text_heads": 4,
+        "kv_heads": 2,
+        "mrope_section": (4, 8, 8),
+    },
+    qwen_pixels=(32 * 32, 64 * 64),
+    qwen_out="vidsparse/shipped/shapes-qwen",
     defaults={
         "out": "vidsparse/shipped/shapes-videollava",
         "tower_steps": 1500,

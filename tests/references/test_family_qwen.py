@@ -399,3 +399,19 @@ def test_kept_tokens_keep_their_3d_positions(family, method):
     rows = prompt.visual.positions[block.origin]
     assert torch.equal(head.positions[:, 0, block.start : block.end], hf_positions[:, 0, rows])
     assert head.text_start == int(hf_positions[0, 0, prompt.head_length])
+
+
+@pytest.mark.parametrize("name,frames,fps", CLIPS, ids=IDS)
+def test_hf_video_inputs_are_what_the_processor_hands_the_model(family, name, frames, fps):
+    """What training and the held-out evaluation feed HF's model for a batch of two clips equals the
+    processor's inputs above, clip by clip (patches, grids, token types, seconds a patch)."""
+    clip, pixels, ids, _ = prompt_for(family, frames, fps)
+    ours = family.hf_video_inputs(torch.stack([pixels, pixels]), torch.cat([ids, ids]), clip)
+    one = hf_inputs(family, ids, pixels, fps)
+    assert torch.equal(ours["pixel_values_videos"], torch.cat([one["pixel_values_videos"]] * 2))
+    assert torch.equal(ours["video_grid_thw"], torch.cat([one["video_grid_thw"]] * 2))
+    assert torch.equal(ours["mm_token_type_ids"], torch.cat([one["mm_token_type_ids"]] * 2))
+    if fps is None:
+        assert "second_per_grid_ts" not in ours
+    else:
+        torch.testing.assert_close(ours["second_per_grid_ts"], torch.cat([one["second_per_grid_ts"]] * 2))

@@ -190,6 +190,12 @@ class VideoModel:
         """The tower and projector; with `saliency`, also what vidcom2/fastvid/dycoke read inside it."""
         raise NotImplementedError
 
+    def hf_video_inputs(self, pixels: torch.Tensor, input_ids: torch.Tensor, clip: ClipShape) -> dict:
+        """What the family's HF model takes for the video of a batch of prompts (`input_ids` (b, n)) about
+        clips of this shape (`pixels`: `preprocess`'s output of each, stacked): what trains it and what
+        its HF `generate` is compared with."""
+        return {"pixel_values_videos": pixels}
+
     def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
         """The prompt's input embeddings with the visual features in place, the map of its visual
         tokens and every row's RoPE positions, as the HF model would compute them unpruned."""

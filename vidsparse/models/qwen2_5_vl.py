@@ -270,6 +270,19 @@ class Qwen25VL(VideoModel):
             raise ValueError(f"tokenizer produced {found} video tokens, expected {n_visual}")
         return torch.tensor([ids], device=self.device)
 
+    def hf_video_inputs(self, pixels: torch.Tensor, input_ids: torch.Tensor, clip: ClipShape) -> dict:
+        """Flat patches, each clip's grid in patches, the token types (video = 2: without them HF falls
+        back to 1-D positions) and the seconds a temporal patch covers."""
+        batch, spans, rows, cols = pixels.shape[:4]
+        vision = self.model.config.vision_config
+        merge = vision.spatial_merge_size
+        inputs = {"pixel_values_videos": pixels.reshape(-1, pixels.shape[-1]),
+                  "video_grid_thw": torch.tensor([[spans, rows * merge, cols * merge]] * batch),
+                  "mm_token_type_ids": (input_ids == self.model.config.video_token_id).int() * 2}
+        if clip.fps:
+            inputs["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / clip.fps] * batch)
+        return inputs
+
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, video: VideoFeatures, clip: ClipShape) -> PromptEmbeds:
         """Text embeddings with the tokens scattered into the <|video_pad|> rows (HF's masked_scatter),
