@@ -32,6 +32,17 @@ TINY_OV = dataclasses.replace(
     defaults={**DEMO.defaults, "tower_steps": 2, "tower_batch": 1, "qa_steps": 3, "batch": 2, "eval_every": 3,
               "monitor_n": 1, "eval_n": 5},
 )
+def recording_draws(y):
+    """`y` drawing its QA clips as the demo yardstick does, and the list of what it drew."""
+    drawn = []
+
+    def draw(rng, qtype, max_objects):
+        drawn.append(DEMO.qa_clip(rng, qtype, max_objects))
+        return drawn[-1]
+
+    return dataclasses.replace(y, qa_clip=draw), drawn
+
+
 ARGS = ["--yardstick", "tiny-ov", "--family", "llava_onevision", "--save-minutes", "0", "--threads", "1"]
 
 
@@ -48,13 +59,7 @@ def test_a_batch_is_what_the_family_feeds_inference_with_the_answer_labelled():
     from vidsparse.models.family import ClipShape
     from vidsparse.models.llava_onevision import LlavaOnevision
 
-    drawn = []
-
-    def draw(rng, qtype, max_objects):
-        drawn.append(DEMO.qa_clip(rng, qtype, max_objects))
-        return drawn[-1]
-
-    y = dataclasses.replace(TINY_OV, qa_clip=draw)
+    y, drawn = recording_draws(TINY_OV)
     torch.manual_seed(0)
     tok, model = train_demo.build(y, torch.device("cpu"), "llava_onevision")
     assert model.config.model_type == "llava_onevision"

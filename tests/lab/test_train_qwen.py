@@ -13,6 +13,7 @@ import torch
 
 from lab import train_demo
 from lab.yardsticks import DEMO
+from tests.lab.test_train_onevision import recording_draws
 
 TINY_QWEN = dataclasses.replace(
     DEMO,
@@ -33,13 +34,7 @@ def test_the_qwen_model_has_its_own_defaults_and_no_tower_stage():
 def test_a_batch_is_what_the_family_feeds_hf_with_the_answer_labelled():
     from vidsparse.models.qwen2_5_vl import Qwen25VL
 
-    drawn = []
-
-    def draw(rng, qtype, max_objects):
-        drawn.append(DEMO.qa_clip(rng, qtype, max_objects))
-        return drawn[-1]
-
-    y = dataclasses.replace(TINY_QWEN, qa_clip=draw)
+    y, drawn = recording_draws(TINY_QWEN)
     torch.manual_seed(0)
     tok, model = train_demo.build(y, torch.device("cpu"), "qwen2_5_vl")
     enc = train_demo.encoder(y, model, tok)
