@@ -281,7 +281,7 @@ def evaluate_family(
                 px = torch.stack([r[0] for r in chunk]).to(device)
                 video = {k: v.to(device) for k, v in enc.video_inputs(px, ids).items()}
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **video,
-                                     max_new_tokens=12, do_sample=False)
+                                     max_new_tokens=12, do_sample=False, eos_token_id=sorted(family.eos_token_ids))
                 answers = tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
                 right += sum(a.strip() == r[2] for a, r in zip(answers, chunk, strict=True))
             results[qtype] = {"n": len(rows), "accuracy": round(right / len(rows), 3),
