@@ -133,24 +133,27 @@ class VideoQA:
         # with the fewest visual tokens, and made again if the decoded clip has more.
         clip_shape = clip_shape_of(video) if isinstance(video, DecodedVideo) else self.smallest_clip(options)
         self._check_positions(options)
-        with timer.stage("preprocess"):
-            prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
-        if all(isinstance(p, UserError) for p in prompts):
+
+        def prepared(shape: ClipShape) -> tuple[list[torch.Tensor | UserError], PruningPlan | None]:
+            """Each question's prompt or refusal for clips of `shape`, and the plan (None: all refused)."""
+            with timer.stage("preprocess"):
+                asked = [self.checked_prompt(q, shape, options) for q in questions]
+            return asked, None if all(isinstance(p, UserError) for p in asked) else self._plan(options, shape)
+
+        prompts, plan = prepared(clip_shape)
+        if plan is None:
             yield from prompts
             return
-        plan = self._plan(options, clip_shape)
         video_path = None
         if not isinstance(video, DecodedVideo):
             video_path = str(video)
             video = decode_clip(video, options)
             provisional, clip_shape = clip_shape, clip_shape_of(video)
             if model.visual_tokens(clip_shape) != model.visual_tokens(provisional):
-                with timer.stage("preprocess"):
-                    prompts = [self.checked_prompt(q, clip_shape, options) for q in questions]
-                if all(isinstance(p, UserError) for p in prompts):
+                prompts, plan = prepared(clip_shape)
+                if plan is None:
                     yield from prompts
                     return
-                plan = self._plan(options, clip_shape)
         if features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None):
             features = self.clip_features(video, plan.method.needs_saliency)
         head_ids = next(p for p in prompts if not isinstance(p, UserError))
