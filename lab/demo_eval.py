@@ -36,6 +36,7 @@ class Encoder:
 
     pointer_targets = True  # the visual rows are 8 x (grid + CLS): the pointer losses' targets fit them
     patch = None  # the tower's patch size where it is not the data set's
+    frames_per_patch = 1  # frames one patch token covers (Qwen2.5-VL: 2)
 
     def __init__(self, tok, n_visual: int):
         self.tok, self.n_visual = tok, n_visual
@@ -77,6 +78,7 @@ class FamilyEncoder(Encoder):
         self.n_visual = family.visual_tokens(self.clip) + family.prompt_overhead(self.clip)
         self.video_id = family.placeholder(config)[1]
         self.patch = config.vision_config.patch_size
+        self.frames_per_patch = getattr(config.vision_config, "temporal_patch_size", 1)
         self._prompts = {}
 
     def prompt(self, question: str) -> list[int]:

@@ -227,34 +227,88 @@ class Checkpointer:
 
 # ---------------------------------------------------------------- stage 1: dense tower pretraining
 class PatchHeads(nn.Module):
-    def __init__(self, hidden: int):
+    """Per-patch colour, shape and object centre of each of the ``frames`` frames a patch token covers
+    (Qwen2.5-VL's patches span two frames): outputs (..., frames, classes)."""
+
+    def __init__(self, hidden: int, frames: int = 1):
         super().__init__()
+        self.frames = frames
         self.norm = nn.LayerNorm(hidden)
-        self.color = nn.Linear(hidden, N_PATCH_CLASSES["color"])
-        self.shape = nn.Linear(hidden, N_PATCH_CLASSES["shape"])
-        self.center = nn.Linear(hidden, 2)
+        self.color = nn.Linear(hidden, frames * N_PATCH_CLASSES["color"])
+        self.shape = nn.Linear(hidden, frames * N_PATCH_CLASSES["shape"])
+        self.center = nn.Linear(hidden, frames * 2)
 
     def forward(self, h):
         h = self.norm(h)
-        return self.color(h), self.shape(h), self.center(h)
+        return tuple(head(h).unflatten(-1, (self.frames, -1)) for head in (self.color, self.shape, self.center))
+
+
+def frames_per_patch(model) -> int:
+    """How many frames one patch of the video tower covers (Qwen2.5-VL's temporal patch; else 1)."""
+    return getattr(model.config.vision_config, "temporal_patch_size", 1)
+
+
+def units_to_raster(units: torch.Tensor) -> torch.Tensor:
+    """(N, rows, cols, m, m, d) merge units, each its m x m patches row by row -> (N, rows*m * cols*m, d)
+    patches in raster order, like ``shapes.Clip.patch_labels``."""
+    n, rows, cols, m, _, d = units.shape
+    return units.permute(0, 1, 3, 2, 4, 5).reshape(n, rows * m * cols * m, d)
+
+
+def qwen_patch_states(visual, px: torch.Tensor) -> torch.Tensor:
+    """The merger's input (the last ViT block's output) for ``px`` (clips, spans, rows, cols, m*m, patch_dim),
+    as (clips * spans, patches, d) in raster order. The ViT runs the merge units window by window; HF puts
+    its merger output back by argsort(window_index), and so does this (as ``qwen2_5_vl.video_features``)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    clips, spans, rows, cols, units, _ = px.shape
+    m = visual.spatial_merge_size
+    grid = torch.tensor([[spans, rows * m, cols * m]] * clips)
+    seen = {}
+
+    def keep_merger_input(module, args) -> None:
+        seen["states"] = args[0]
+
+    hook = visual.merger.register_forward_pre_hook(keep_merger_input)
+    try:
+        visual(px.reshape(-1, px.shape[-1]), grid_thw=grid.to(px.device))
+    finally:
+        hook.remove()
+    window_index, _ = get_vision_window_index(grid, m, visual.window_size, visual.patch_size)
+    states = seen["states"].view(-1, units, seen["states"].shape[-1])[torch.argsort(window_index).to(px.device)]
+    return units_to_raster(states.view(clips * spans, rows, cols, m, m, -1))
+
+
+def patch_states(model, px: torch.Tensor) -> torch.Tensor:
+    """Every patch token's state where the heads read it, (clips * time steps, patches, d) in raster order:
+    the feature layer the projector reads (VideoLLaVA's CLS left out), or Qwen's merger input."""
+    kind = model.config.model_type
+    if kind == "qwen2_5_vl":
+        return qwen_patch_states(model.model.visual, px)
+    feats = video_tower(model)(px.flatten(0, 1), output_hidden_states=True).hidden_states
+    return feats[model.config.vision_feature_layer][:, 1 if kind == "video_llava" else 0 :]
 
 
 def tower_batch(y: Yardstick, rng: np.random.Generator, size: int, device, enc: Encoder | None = None):
     clips = [y.tower_clip(rng) for _ in range(size)]
     labels = [c.patch_labels() if enc is None or enc.patch is None else c.patch_labels(patch=enc.patch)
               for c in clips]
-    lab = {k: torch.from_numpy(np.concatenate([lab[k] for lab in labels])).to(device) for k in labels[0]}
+    frames = 1 if enc is None else enc.frames_per_patch
+
+    def per_patch(values: list[np.ndarray]) -> torch.Tensor:  # (clips*frames, P, ..) -> (clips*steps, P, frames, ..)
+        v = torch.from_numpy(np.concatenate(values))
+        return v.unflatten(0, (-1, frames)).transpose(1, 2).to(device)
+
+    lab = {k: per_patch([lab[k] for lab in labels]) for k in labels[0]}
     px = pixels(y, clips) if enc is None else enc.pixels(y, clips)
-    return px.flatten(0, 1).to(device), lab
+    return px.to(device), lab
 
 
 def tower_losses(y: Yardstick, model, heads, px, lab):
-    feats = video_tower(model)(px, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
-    cls = 1 if model.config.model_type == "video_llava" else 0  # SigLIP has no CLS: every token is a patch
-    col, shp, cen = heads(feats[:, cls:])  # patch tokens only; CLS is left unsupervised
+    col, shp, cen = heads(patch_states(model, px))  # patch tokens only; a CLS is left unsupervised
     has = lab["has"]
-    loss_col = F.cross_entropy(col.flatten(0, 1), lab["color"].flatten())
-    loss_shp = F.cross_entropy(shp.flatten(0, 1), lab["shape"].flatten())
+    loss_col = F.cross_entropy(col.reshape(-1, col.shape[-1]), lab["color"].flatten())
+    loss_shp = F.cross_entropy(shp.reshape(-1, shp.shape[-1]), lab["shape"].flatten())
     loss_cen = ((cen - lab["center"]) ** 2).sum(-1)[has].mean()
     with torch.no_grad():
         metrics = {
@@ -275,7 +329,7 @@ def train_tower(
     enc: Encoder | None = None,
 ) -> dict:
     tower = video_tower(model)
-    heads = PatchHeads(tower.config.hidden_size).to(device)
+    heads = PatchHeads(tower.config.hidden_size, frames_per_patch(model)).to(device)
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 1])
@@ -638,10 +692,6 @@ def parse_args(argv: list[str]) -> tuple[Yardstick, argparse.Namespace]:
             ap.error(f"--family {args.family} trains the tower and QA stages only (no --init, no cycles)")
         if args.out is None:
             args.out = Path(out)
-        if args.family == "qwen2_5_vl" and args.tower_steps is None:
-            # Its ViT runs window-permuted patches that the dense per-patch heads do not read: no tower
-            # stage; the tower learns in the QA stage from its first step.
-            args.tower_steps, args.tower_freeze = 0, 0
     for key, value in {**y.defaults, "eval_seed": y.eval_seed}.items():
         if getattr(args, key) is None:
             setattr(args, key, Path(value) if key == "out" else value)

@@ -86,7 +86,7 @@ def test_patch_heads_read_siglip_patch_tokens_at_the_feature_layer():
     tok, model = train_demo.build(TINY_OV, torch.device("cpu"), "llava_onevision")
     enc = train_demo.encoder(TINY_OV, model, tok)
     px, lab = train_demo.tower_batch(TINY_OV, np.random.default_rng(0), 2, "cpu", enc)
-    assert px.shape == (2 * 8, 3, 32, 32) and lab["color"].shape == (2 * 8, 16)  # 4 x 4 patches, no CLS
+    assert px.shape == (2, 8, 3, 32, 32) and lab["color"].shape == (2 * 8, 16, 1)  # 4 x 4 patches, no CLS
     heads = train_demo.PatchHeads(16)
     loss, metrics = train_demo.tower_losses(TINY_OV, model, heads, px, lab)
     assert torch.isfinite(loss) and set(metrics) == {"color", "shape", "background", "center_px"}
