@@ -42,16 +42,23 @@ STAGES = ("preprocess", "vision", "prefill", "pruning", "generate")
 
 
 @dataclass(frozen=True)
-class _Clip:
-    """A clip's shared state while its questions are answered."""
+class PreparedClip:
+    """A clip's shared state, ready for questions: what `answer_clip` keeps until its last question,
+    and what a server's clip cache keeps across requests (`prepare_clip`, `answer_prepared`)."""
 
+    shape: ClipShape
+    options: AskOptions
     head_prompt: PromptEmbeds  # the prompt's head rows, visual map and tower outputs
     head: Head
     plan: PruningPlan
     video: DecodedVideo
     video_path: str | None
-    work: ClipWork
+    work: ClipWork  # its `questions`: how many questions have shared the work so far
     memory: PeakMemory
+
+    def asked(self, questions: int) -> PreparedClip:
+        """The clip with `questions` more questions sharing its work (their amortised share shrinks)."""
+        return replace(self, work=replace(self.work, questions=self.work.questions + questions))
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,40 @@ class VideoQA:
         if features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None):
             features = self.clip_features(video, plan.method.needs_saliency)
         head_ids = next(p for p in prompts if not isinstance(p, UserError))
+        clip = self._prepare(video, video_path, clip_shape, options, plan, head_ids, features, timer, memory, start)
+        clip = clip.asked(sum(not isinstance(p, UserError) for p in prompts))
+        del features  # the clip's state lives in `clip` only, until the last question
+        yield from self._answer(clip, questions, prompts, decode_batch)
+
+    def prepare_clip(self, video: DecodedVideo, question: str, options: AskOptions,
+                     video_path: str | None = None) -> PreparedClip:
+        """The work a decoded clip's questions share (preprocessing, the vision tower, the prompt head's
+        prefill), done once for any number of later `answer_prepared` calls: a server's clip cache.
+        `question` only shows the prompt's layout (any question gives the same head); it is not
+        counted as asked. Raises the UserError that refuses it or the options."""
+        timer, memory, start = StageTimer(self.model.device), PeakMemory(self.model.device), time.perf_counter()
+        memory.reset()
+        self._check_positions(options)
+        shape = clip_shape_of(video)
+        prompt = self.checked_prompt(question, shape, options)
+        if isinstance(prompt, UserError):
+            raise prompt
+        plan = self._plan(options, shape)
+        features = self.clip_features(video, plan.method.needs_saliency)
+        return self._prepare(video, video_path, shape, options, plan, prompt, features, timer, memory, start)
+
+    def answer_prepared(self, clip: PreparedClip, questions: Sequence[str],
+                        decode_batch: int = DECODE_BATCH) -> Iterator[AskResult | Exception]:
+        """`answer_clip` on a clip whose shared work is done (`prepare_clip`; count the questions with
+        `PreparedClip.asked` first): only each question's own rows and decoding are paid."""
+        prompts = [self.checked_prompt(q, clip.shape, clip.options) for q in questions]
+        return self._answer(clip, questions, prompts, decode_batch)
+
+    def _prepare(self, video: DecodedVideo, video_path: str | None, clip_shape: ClipShape, options: AskOptions,
+                 plan: PruningPlan, head_ids: torch.Tensor, features: ClipFeatures, timer: StageTimer,
+                 memory: PeakMemory, start: float) -> PreparedClip:
+        """The clip's head through the shared layers, with what its shared work took (no questions yet)."""
+        model = self.model
         with timer.stage("vision"):
             whole = model.embed(head_ids, features.tokens, clip_shape)
             length = whole.head_length
@@ -168,7 +209,7 @@ class VideoQA:
         for name, spent in features.seconds.items():
             seconds[name] = seconds.get(name, 0.0) + spent
         shared = ClipWork(
-            questions=sum(not isinstance(p, UserError) for p in prompts),
+            questions=0,
             # A clip decoded (or its features computed) before the call still counts in the total.
             seconds={"decode_video": video.seconds, **seconds,
                      "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
@@ -176,8 +217,12 @@ class VideoQA:
             prefill_flops=prefill_flops(head.tokens_per_layer, self.decoder_shape),
             vision_flops=model.vision_flops(clip_shape),
         )
-        clip = _Clip(head_prompt, head, plan, video, video_path, shared, memory)
-        del head_prompt, head, features  # the clip's state lives in `clip` only, until the last question
+        return PreparedClip(clip_shape, options, head_prompt, head, plan, video, video_path, shared, memory)
+
+    def _answer(self, clip: PreparedClip, questions: Sequence[str], prompts: list[torch.Tensor | UserError],
+                decode_batch: int) -> Iterator[AskResult | Exception]:
+        """Each question's result or error, in order, on a prepared clip."""
+        model, options = self.model, clip.options
         # Groups of up to `decode_batch` questions of similar length (less padding in the batch);
         # results still come out in the order asked, each as soon as those before it are out.
         done: dict[int, AskResult | Exception] = {i: p for i, p in enumerate(prompts) if isinstance(p, UserError)}
@@ -251,7 +296,7 @@ class VideoQA:
             raise UserError(f"--positions compact renumbers 1-D positions, but {self.model.model_type} gives each "
                             "visual token a 3-D (time, height, width) position: use --positions keep")
 
-    def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: _Clip
+    def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: PreparedClip
                        ) -> tuple[list[_Prefilled | Exception], list[DynamicCache]]:
         """The prefill of a group of questions after the clip's shared work: their rows through the
         layers shared with the head in one batch (its time split evenly among them), then each one's
@@ -296,7 +341,7 @@ class VideoQA:
             for (question, prompt, timer), f in zip(asked, finished, strict=True)]
         return ready, [cache for _, cache, _ in done]
 
-    def _result(self, done: _Prefilled, decoded: Decoded, clip: _Clip) -> AskResult:
+    def _result(self, done: _Prefilled, decoded: Decoded, clip: PreparedClip) -> AskResult:
         """The answer and statistics of a decoded question."""
         model = self.model
         shared, prefilled, input_ids = clip.work, done.prefilled, done.prompt.input_ids

@@ -66,6 +66,25 @@ def paper_layer_flops(n: int, d: int = 64, kv: int = 32, m: int = 256) -> int:
     return 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m
 
 
+@pytest.mark.parametrize("method", ["none", "sparsevlm", "vidcom2", "stprune"])
+def test_a_prepared_clip_answers_later_calls_as_if_each_question_were_asked_alone(qa_and_video, method):
+    """A server's clip cache: the shared work done once (`prepare_clip`), then questions in separate calls,
+    one of them asked twice; each result must be `ask`'s, and the shared work's share shrinks as it is reused."""
+    qa, video = qa_and_video
+    options = ask_options(method, "20%", None, "keep", 0, 0, 8, "auto", 4)
+    clip = qa.prepare_clip(video, "anything at all ?", options)
+    asked = 0
+    for call in (QUESTIONS[:2], QUESTIONS[1:]):
+        asked += len(call)
+        clip = clip.asked(len(call))
+        for question, reused in zip(call, qa.answer_prepared(clip, call), strict=True):
+            alone = qa.answer(video, question, options)
+            assert reused.answer == alone.answer
+            torch.testing.assert_close(reused.first_logits, alone.first_logits, atol=1e-4, rtol=1e-4)
+            assert reused.kept_tokens() == alone.kept_tokens() and reused.prefill_flops == alone.prefill_flops
+            assert reused.to_dict()["shared"]["questions"] == asked
+
+
 def test_a_bad_question_fails_alone(qa_and_video):
     qa, video = qa_and_video
     options = ask_options("sparsevlm", "20%", None, "keep", 0, 0, 8, "auto", 2)
