@@ -1,4 +1,4 @@
-"""The `vidsparse` command line: ask, batch, sweep, make-shapes."""
+"""The `vidsparse` command line: ask, batch, sweep, serve, make-shapes."""
 
 from __future__ import annotations
 
@@ -592,6 +592,67 @@ def methods() -> None:
         where = ", ".join("before layer 0" if layer == -1 else str(layer) for layer in stages) or "-"
         table.add_row(name, where, cls.summary)
     console.print(table)
+
+
+@app.command(epilog="Example:  vidsparse serve --model shapes-demo --method stprune --budget 25% "
+             "--media-root clips/\n\n"
+             "then: curl localhost:8000/v1/chat/completions -d '{\"model\": \"shapes-demo\", \"messages\": [{\"role\": "
+             "\"user\", \"content\": [{\"type\": \"video_url\", \"video_url\": {\"url\": \"file:///abs/clips/"
+             "clip.mp4\"}}, {\"type\": \"text\", \"text\": \"what moves ?\"}]}]}'")
+@user_errors
+def serve(
+    model: Model = DEFAULT_MODEL,
+    method: Method = "none",
+    budget: Budget = "194",
+    prune_after: PruneAfter = None,
+    positions: Positions = "keep",
+    min_per_frame: MinPerFrame = 0,
+    seed: Seed = 0,
+    frames: Frames = None,
+    fps: Fps = None,
+    max_frames: MaxFrames = None,
+    backend: Backend = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", min=1, help="Answer length when a request names none, and the most it may ask.")] = 64,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(
+        "--served-model-name", help="The model name clients send [default: --model as given].")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="VIDSPARSE_API_KEY", help="Require Authorization: Bearer <key> (or set VIDSPARSE_API_KEY).",
+        show_envvar=False)] = None,
+    media_root: Annotated[Path | None, typer.Option(
+        "--media-root", parser=_path, metavar="<dir>", help="Serve file:// videos from under this folder only.")
+    ] = None,
+    allow_http: Annotated[bool, typer.Option("--allow-http", help="Fetch http(s) video URLs (size- and time-limited).")
+                          ] = False,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Clip cache size (least recently used out).")
+                        ] = 512,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests that may wait; beyond, 429.")] = 16,
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds a request may wait for its answer.")
+                       ] = 300.0,
+    max_body_mb: Annotated[int, typer.Option("--max-body-mb", min=1, help="Largest request body and clip.")] = 64,
+    max_video_seconds: Annotated[float, typer.Option("--max-video-seconds", min=1, help="Longest video accepted.")
+                                 ] = 3600.0,
+    frame_limit: Annotated[int, typer.Option("--frame-limit", min=1, help="Most frames a request may sample or send.")
+                           ] = 64,
+) -> None:
+    """Serve the model behind an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics).
+
+    A request's clip is one video_url part (data:video/...;base64, file:// under --media-root, or http(s) with
+    --allow-http) or image_url frames; its pruning is the flags' unless its "vidsparse" object says otherwise
+    (e.g. {"method": "stprune", "budget": "10%"}; the OpenAI client's extra_body). Questions about a clip
+    already seen reuse its decoding, vision tower and prompt head from the clip cache.
+    """
+    from vidsparse.serve.command import ServeFlags, run_server
+
+    options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
+                       fps, max_frames)
+    _check_context_early(model, options)
+    run_server(ServeFlags(model, dtype, device, options, host, port, served_model_name or model, api_key, media_root,
+                          allow_http, cache_mb, queue_size, timeout, max_body_mb, max_video_seconds, frame_limit))
 
 
 @app.command("make-shapes", epilog="Examples:  vidsparse make-shapes shapes-eval --n 500 --seed 1000\n\n"

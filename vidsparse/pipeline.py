@@ -186,10 +186,13 @@ class VideoQA:
         features = self.clip_features(video, plan.method.needs_saliency)
         return self._prepare(video, video_path, shape, options, plan, prompt, features, timer, memory, start)
 
-    def answer_prepared(self, clip: PreparedClip, questions: Sequence[str],
-                        decode_batch: int = DECODE_BATCH) -> Iterator[AskResult | Exception]:
+    def answer_prepared(self, clip: PreparedClip, questions: Sequence[str], decode_batch: int = DECODE_BATCH,
+                        max_new_tokens: int | None = None) -> Iterator[AskResult | Exception]:
         """`answer_clip` on a clip whose shared work is done (`prepare_clip`; count the questions with
-        `PreparedClip.asked` first): only each question's own rows and decoding are paid."""
+        `PreparedClip.asked` first): only each question's own rows and decoding are paid. The answers'
+        length may differ from the one the clip was prepared with (nothing shared depends on it)."""
+        if max_new_tokens is not None:
+            clip = replace(clip, options=replace(clip.options, max_new_tokens=max_new_tokens))
         prompts = [self.checked_prompt(q, clip.shape, clip.options) for q in questions]
         return self._answer(clip, questions, prompts, decode_batch)
 

@@ -1,0 +1,294 @@
+"""`vidsparse serve` live on a localhost port, driven by the official `openai` client and by raw HTTP:
+answers equal `ask`'s with the same settings (plain, streamed, per-request pruning, clips by path, by
+value and as frames, from the clip cache), and every bad request is a 4xx with OpenAI's error shape and
+one line."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from email.message import Message
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.serving import MODEL_NAME, live_server, settings
+from vidsparse.options import ask_options
+from vidsparse.pipeline import VideoQA
+from vidsparse.video import decode_video
+
+QUESTION = "what color is the square ?"
+
+
+@pytest.fixture(scope="module")
+def qa(tiny_checkpoint) -> VideoQA:
+    return VideoQA.from_pretrained(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def server(qa, clips):
+    with live_server(qa, settings(clips["h264"].parent)) as url:
+        yield url
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def video_message(url: str, question: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def data_url(path, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict, Message]:
+    """(status, JSON body, headers) of a raw POST to the chat endpoint."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def expected(qa: VideoQA, video, question: str = QUESTION, method: str = "none", budget: str = "194") -> dict:
+    return qa.answer(video, question, ask_options(method, budget, num_frames=8, max_new_tokens=4)).to_dict()
+
+
+@pytest.mark.parametrize(("method", "budget"), [("none", "194"), ("stprune", "25%"), ("sparsevlm", "20")])
+def test_answers_equal_ask_by_path_and_by_value_and_again_from_the_clip_cache(server, qa, clips, method, budget):
+    alone = expected(qa, clips["h264"], method=method, budget=budget)
+    extra = {} if method == "none" else {"vidsparse": {"method": method, "budget": budget}}
+    seen = []
+    for url in (clips["h264"].resolve().as_uri(), data_url(clips["h264"]), clips["h264"].resolve().as_uri()):
+        reply = client(server).chat.completions.create(model=MODEL_NAME, messages=video_message(url),
+                                                       extra_body=extra)
+        stats = reply.model_extra["vidsparse"]
+        assert reply.choices[0].message.content == alone["answer"]
+        assert stats["tokens"] == alone["tokens"] and stats["flops"]["prefill"] == alone["flops"]["prefill"]
+        assert stats["pruning"]["method"] == method
+        assert reply.usage.prompt_tokens == alone["tokens"]["prompt"]
+        assert reply.usage.completion_tokens == alone["tokens"]["generated"]
+        seen.append(stats["clip_cache"])
+    # The same bytes by path or by value are one clip: decoded and prefilled once per setting.
+    assert seen[1:] == ["hit", "hit"]
+
+
+def test_a_streamed_answer_is_the_plain_one_with_usage_last(server, qa, clips):
+    alone = expected(qa, clips["vp9"])
+    chunks = list(client(server).chat.completions.create(
+        model=MODEL_NAME, messages=video_message(clips["vp9"].resolve().as_uri()), stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == alone["answer"]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == alone["tokens"]["generated"]
+
+
+def test_frames_sent_as_images_before_or_after_the_text_answer_as_those_frames(server, qa, clips):
+    frames = decode_video(clips["h264"], 8).frames
+    alone = qa.answer(frames, QUESTION, ask_options(max_new_tokens=4)).to_dict()
+
+    def png(frame: np.ndarray) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        url = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    text = {"type": "text", "text": QUESTION}
+    for content in ([*map(png, frames), text], [text, *map(png, frames)]):
+        reply = client(server).chat.completions.create(model=MODEL_NAME,
+                                                       messages=[{"role": "user", "content": content}])
+        assert reply.choices[0].message.content == alone["answer"]
+        assert reply.model_extra["vidsparse"]["tokens"] == alone["tokens"]
+
+
+def test_stop_sequences_and_the_length_limit(server, clips):
+    reply = client(server).chat.completions.create(model=MODEL_NAME, max_tokens=1,
+                                                   messages=video_message(clips["h264"].resolve().as_uri()))
+    assert reply.usage.completion_tokens <= 1
+    assert reply.choices[0].finish_reason == ("length" if reply.usage.completion_tokens == 1 else "stop")
+    full = client(server).chat.completions.create(model=MODEL_NAME,
+                                                  messages=video_message(clips["h264"].resolve().as_uri()))
+    answer = full.choices[0].message.content
+    if len(answer) > 1:
+        cut = client(server).chat.completions.create(model=MODEL_NAME, stop=[answer[1:]],
+                                                     messages=video_message(clips["h264"].resolve().as_uri()))
+        assert cut.choices[0].message.content == answer[:1] and cut.choices[0].finish_reason == "stop"
+
+
+def _bad_requests(clips, outside) -> list[tuple[str, bytes | dict, dict, int]]:
+    good = clips["h264"].resolve().as_uri()
+
+    def chat(**changes) -> dict:
+        return {"model": MODEL_NAME, "messages": video_message(good), **changes}
+
+    return [
+        ("malformed JSON", b"{\"model\": ", {}, 400),
+        ("not an object", b"[1, 2]", {}, 400),
+        ("unknown method", chat(vidsparse={"method": "magic"}), {}, 400),
+        ("bad budget", chat(vidsparse={"method": "stprune", "budget": "150%"}), {}, 400),
+        ("unknown vidsparse key", chat(vidsparse={"budjet": "10%"}), {}, 400),
+        ("corrupt video", chat(messages=video_message(data_url(clips["bad_truncated"]))), {}, 400),
+        ("not video data", chat(messages=video_message(data_url(clips["bad_not_video"]))), {}, 400),
+        ("not a video mime type", chat(messages=video_message("data:text/plain;base64,aGVsbG8=")), {}, 400),
+        ("bad base64", chat(messages=video_message("data:video/mp4;base64,@@@@")), {}, 400),
+        ("outside the media root", chat(messages=video_message(outside.as_uri())), {}, 403),
+        ("dot-dot out of the root", chat(messages=video_message(good.rsplit("/", 1)[0] + "/../" + outside.name)),
+         {}, 403),
+        ("no such file", chat(messages=video_message(clips["bad_missing"].resolve().as_uri())), {}, 404),
+        ("http off", chat(messages=video_message("http://127.0.0.1:9/clip.mp4")), {}, 400),
+        ("unknown model", chat(model="gpt-5"), {}, 404),
+        ("no question", chat(messages=[{"role": "user", "content": [{"type": "video_url",
+                                                                      "video_url": {"url": good}}]}]), {}, 400),
+        ("no clip", chat(messages=[{"role": "user", "content": QUESTION}]), {}, 400),
+        ("two turns", chat(messages=[*video_message(good), {"role": "assistant", "content": "red"},
+                                     {"role": "user", "content": "sure ?"}]), {}, 400),
+        ("sampling", chat(temperature=0.7), {}, 400),
+        ("n > 1", chat(n=2), {}, 400),
+        ("too many frames", chat(vidsparse={"frames": 1000}), {}, 400),
+    ]
+
+
+def test_every_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, clips, tmp_path):
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(clips["h264"].read_bytes())
+    for name, body, headers, status in _bad_requests(clips, outside):
+        code, reply, _ = post(server, body, headers)
+        assert code == status, (name, reply)
+        message = reply["error"]["message"]
+        assert message and "\n" not in message and "Traceback" not in message, (name, message)
+    code, reply, _ = post(server, {"model": MODEL_NAME, "messages": video_message(clips["h264"].resolve().as_uri())})
+    assert code == 200 and reply["choices"][0]["message"]["content"]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server):
+    """A body declared larger than the limit is answered 413 at once: the server reads none of it."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(7 * 2**20))
+    connection.endheaders()
+    response = connection.getresponse()
+    reply = json.loads(response.read())
+    connection.close()
+    assert response.status == 413 and "limit" in reply["error"]["message"]
+
+
+def test_a_symlink_out_of_the_media_root_is_refused(qa, clips, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape.mp4").symlink_to(clips["h264"])
+    with live_server(qa, settings(root)) as url:
+        code, reply, _ = post(url, {"model": MODEL_NAME, "messages": video_message((root / "escape.mp4").as_uri())})
+    assert code == 403 and "media-root" in reply["error"]["message"]
+
+
+def test_the_api_key_is_required_when_set(qa, clips):
+    with live_server(qa, settings(clips["h264"].parent, api_key="s3cret")) as url:
+        body = {"model": MODEL_NAME, "messages": video_message(clips["h264"].resolve().as_uri())}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            code, reply, _ = post(url, body, headers)
+            assert code == 401 and reply["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        assert client(url, "s3cret").models.list().data[0].id == MODEL_NAME
+        code, _, _ = post(url, body, {"Authorization": "Bearer s3cret"})
+        assert code == 200
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:  # health needs no key
+            assert json.loads(response.read())["status"] == "ok"
+
+
+def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_together(qa, clips, monkeypatch):
+    """The inference thread is held on the first request; meanwhile two more on the same clip queue (one
+    more is refused with 429 and Retry-After); released, the two are answered in one call, as `ask` would."""
+    release, calls = threading.Event(), []
+    answer_prepared = VideoQA.answer_prepared
+
+    def held(self, clip, questions, *args, **kwargs):
+        calls.append(list(questions))
+        release.wait(30)
+        return answer_prepared(self, clip, questions, *args, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "answer_prepared", held)
+    questions = [QUESTION, "what moves ?", "what is happening ?"]
+    uri = clips["h264"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_queue=2)) as url:
+        replies: dict[int, tuple[int, dict, dict]] = {}
+
+        def ask(i: int) -> None:
+            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, questions[i])})
+
+        first = threading.Thread(target=ask, args=(0,))
+        rest = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+        try:
+            first.start()
+            _wait_for(lambda: calls)
+            for thread in rest:
+                thread.start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+            code, reply, headers = post(url, {"model": MODEL_NAME, "messages": video_message(uri)})
+        finally:
+            release.set()
+            for thread in [first, *rest]:
+                thread.join(60)
+        assert code == 429 and headers.get("Retry-After") == "1" and reply["error"]["type"] == "rate_limit_error"
+        assert calls == [[questions[0]], questions[1:]]
+        for i, question in enumerate(questions):
+            code, reply, _ = replies[i]
+            assert code == 200 and reply["choices"][0]["message"]["content"] == expected(qa, clips["h264"],
+                                                                                          question)["answer"]
+        assert _metric(url, 'vidsparse_clip_cache_total{result="hit"}') == 2
+        assert _metric(url, 'vidsparse_requests_total{status="429"}') == 1
+
+
+def _metric(url: str, name: str) -> float | None:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return None
+
+
+def _wait_for(condition, timeout_s: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_unknown_routes_and_methods_are_openai_errors(server):
+    for path, method, status in (("/v1/nothing", "GET", 404), ("/v1/chat/completions", "GET", 405)):
+        request = urllib.request.Request(f"{server}{path}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == status and json.loads(caught.value.read())["error"]["message"]
+
+
+def test_options_unchanged_by_the_server_defaults(qa, clips):
+    """The server's own flags are a request's defaults: a server started with stprune prunes unasked."""
+    defaults = replace(settings(None).defaults, method="stprune", budget=ask_options("stprune", "25%").budget)
+    with live_server(qa, settings(clips["h264"].parent, defaults=defaults)) as url:
+        reply = client(url).chat.completions.create(model=MODEL_NAME,
+                                                    messages=video_message(data_url(clips["h264"])))
+    assert reply.model_extra["vidsparse"]["tokens"] == expected(qa, clips["h264"], method="stprune",
+                                                                budget="25%")["tokens"]

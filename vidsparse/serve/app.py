@@ -1,0 +1,239 @@
+"""The ASGI app: OpenAI's chat-completions, models, health and metrics routes over one loaded model.
+
+FastAPI (on Starlette, served by uvicorn) because it is the stack the OpenAI-compatible servers people
+run are built on (vLLM, SGLang, lmms-eval's own tooling), Ray Serve deploys a FastAPI app as it is, and
+uvicorn drains in-flight requests on Ctrl-C / SIGTERM. Bodies are read and checked by hand rather than
+by pydantic models, so that every mistake gets OpenAI's error shape with one line of our own words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from vidsparse.errors import first_line
+from vidsparse.options import DEFAULT_MAX_FRAMES, AskOptions
+from vidsparse.pipeline import VideoQA
+from vidsparse.serve.chat import ChatRequest, RequestError, parse_chat
+from vidsparse.serve.clip_cache import ClipCache
+from vidsparse.serve.media import MediaPolicy, fetch
+from vidsparse.serve.scheduler import Answered, QueueFull, Scheduler, refusal
+from vidsparse.serve.telemetry import CONTENT_TYPE, Telemetry
+
+CLIENT_GONE = 499  # (nginx's code) counted in the metrics; no response is sent
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `vidsparse serve`'s flags decide, typed once."""
+
+    model_name: str
+    defaults: AskOptions  # the pruning and sampling a request gets unless its `vidsparse` object says
+    media: MediaPolicy
+    api_key: str | None = None
+    max_tokens: int = 256  # the most tokens an answer may have, whatever a request asks
+    max_frames: int = 64  # the most frames a request may sample or send
+    max_video_seconds: float = 3600.0
+    max_body_bytes: int = 64 * 2**20
+    cache_bytes: int = 512 * 2**20
+    max_queue: int = 16
+    request_timeout_s: float = 300.0
+
+
+def error_response(error: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": None}}
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The body as JSON, never more than `limit` bytes read (a chunked body is cut off there too)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body is larger than the server's limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the request body is larger than the server's limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def answer_text(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The answer cut before its first stop sequence, and whether one was found."""
+    cuts = [answer.find(stop) for stop in stops if stop in answer]
+    return (answer[: min(cuts)], True) if cuts else (answer, False)
+
+
+def completion_parts(chat: ChatRequest, answered: Answered) -> tuple[str, str, dict, dict]:
+    """The answer text, finish reason, usage, and the `vidsparse` statistics block."""
+    result = answered.result
+    text, stopped = answer_text(result.answer, chat.stop)
+    finish = "stop" if stopped or result.generated_tokens < chat.options.max_new_tokens else "length"
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.generated_tokens,
+             "total_tokens": result.prompt_tokens + result.generated_tokens}
+    stats = {**result.to_dict(), "clip_cache": "hit" if answered.cache_hit else "miss"}
+    return text, finish, usage, stats
+
+
+def stream_chunks(chat: ChatRequest, answered: Answered, ident: str, created: int) -> Iterator[str]:
+    """The answer as OpenAI's server-sent chunks: the role, the text a word at a time, the finish
+    reason, usage when asked (`stream_options.include_usage`), then [DONE]. The answer is whole before
+    the first chunk (vidsparse decodes a request's answer in one go), so the chunks come at once."""
+    text, finish, usage, stats = completion_parts(chat, answered)
+    base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": chat.model}
+
+    def event(choices: list, **extra) -> str:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    for piece in re.findall(r"\s*\S+", text):
+        yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+    yield event([{"index": 0, "delta": {}, "finish_reason": finish}])
+    if chat.include_usage:
+        yield event([], usage=usage, vidsparse=stats)
+    yield "data: [DONE]\n\n"
+
+
+async def answered_or_gone(request: Request, future, timeout_s: float) -> Answered | None:
+    """The job's answer; None if the client went away first (its job is cancelled: if it has not
+    started, it costs nothing). A job that outlives `timeout_s` is cancelled and refused with a 504."""
+    waiting = asyncio.wrap_future(future)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.1)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            future.cancel()
+            return None
+        if time.monotonic() > deadline:
+            future.cancel()
+            raise RequestError(504, f"no answer within the server's {timeout_s:g} s limit", kind="timeout")
+
+
+def create_app(qa: VideoQA, settings: ServeSettings) -> FastAPI:
+    """The app for `qa` (loaded already: a replica loads once)."""
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler = Scheduler(qa, ClipCache(settings.cache_bytes), settings.max_queue, settings.max_video_seconds)
+        telemetry = Telemetry(lambda: scheduler.depth)
+        scheduler.on_answer = telemetry.answered
+        state.update(scheduler=scheduler, telemetry=telemetry)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.close)  # what is queued is answered first
+
+    app = FastAPI(title="vidsparse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def authorised(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise RequestError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                               kind="authentication_error")
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(RequestError(error.status_code, message.get(error.status_code, str(error.detail))))
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, error: Exception) -> JSONResponse:
+        return error_response(RequestError(500, f"internal error: {first_line(error)}", kind="server_error"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": settings.model_name}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorised(request)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "vidsparse"}]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        authorised(request)
+        return Response(state["telemetry"].text(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        start = time.perf_counter()
+        telemetry: Telemetry = state["telemetry"]
+        try:
+            authorised(request)
+            chat = parse_chat(await read_json(request, settings.max_body_bytes), settings.defaults,
+                              settings.max_tokens)
+            if chat.model != settings.model_name:
+                raise RequestError(404, f"model {chat.model!r} is not served here (this server serves "
+                                        f"{settings.model_name!r})", "model", kind="not_found_error")
+            check_frame_limits(chat, settings.max_frames)
+            media = await run_in_threadpool(fetch, chat.media, settings.media)
+            if media.frames is not None and len(media.frames) > settings.max_frames:
+                raise RequestError(400, f"{len(media.frames)} image frames: the server takes at most "
+                                        f"{settings.max_frames}")
+            try:
+                future = state["scheduler"].submit(chat, media)
+            except QueueFull as e:
+                telemetry.finished(429)
+                return error_response(RequestError(429, str(e), kind="rate_limit_error"), {"Retry-After": "1"})
+            try:
+                answered = await answered_or_gone(request, future, settings.request_timeout_s)
+            except Exception as e:  # noqa: BLE001 - refused by the pipeline (4xx) or a server fault (500)
+                error = refusal(e)
+                if error is None:
+                    raise
+                raise error from None
+        except RequestError as e:
+            telemetry.finished(e.status)
+            return error_response(e)
+        if answered is None:
+            telemetry.finished(CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
+        telemetry.finished(200, time.perf_counter() - start)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if chat.stream:
+            return StreamingResponse(stream_chunks(chat, answered, ident, created), media_type="text/event-stream")
+        text, finish, usage, stats = completion_parts(chat, answered)
+        return JSONResponse({
+            "id": ident, "object": "chat.completion", "created": created, "model": chat.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": usage, "vidsparse": stats,
+        })
+
+    return app
+
+
+def check_frame_limits(chat: ChatRequest, max_frames: int) -> None:
+    """Refuse sampling settings that ask for more frames than the server allows."""
+    options = chat.options
+    asked = options.num_frames if options.fps is None else options.max_frames or DEFAULT_MAX_FRAMES
+    if asked > max_frames:
+        raise RequestError(400, f"{asked} frames asked: the server samples at most {max_frames} (vidsparse.frames, "
+                                "vidsparse.max_frames)", "vidsparse")

@@ -1,0 +1,202 @@
+"""An OpenAI chat-completions request body, checked once into a typed `ChatRequest`.
+
+vidsparse answers one question about one clip, so a request is one user message (system messages are
+read past) whose content holds the question as text parts and the clip as one `video_url` part or as
+frames (`image_url` parts, before or after the text, as lmms-eval sends them). Top-level keys this
+server does not know are ignored, as OpenAI-compatible servers do; a key it knows with a bad value is
+a 400 with one line. Per-request pruning comes in the `vidsparse` object (the OpenAI client's
+`extra_body`), checked by the same parser as the CLI's flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from vidsparse.errors import UserError
+from vidsparse.options import AskOptions, parse_budget, parse_layers, parse_method
+
+MAX_STOPS = 4  # as OpenAI's API
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status, one line, and OpenAI's error type/param."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """Where a clip comes from: one video URL, or frames (image URLs, in order)."""
+
+    video: str | None
+    images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    question: str
+    media: MediaRef
+    options: AskOptions
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None = None) -> RequestError:
+    return RequestError(400, message, param)
+
+
+def _int(body: dict, key: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise _bad(f"{key} must be {bound}, got {value!r}", key)
+    return value
+
+
+def _content_parts(message: dict, index: int) -> list[dict]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise _bad(f"messages[{index}].content must be a string or a list of content parts", "messages")
+    return content
+
+
+def _url(part: dict, kind: str, index: int) -> str:
+    value = part.get(kind)
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise _bad(f"messages[{index}]: a {kind} part needs {{\"{kind}\": {{\"url\": ...}}}}", "messages")
+    return url
+
+
+def question_and_media(messages: Any) -> tuple[str, MediaRef]:
+    """The question (text parts joined) and the clip of the one user message."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise _bad("messages must be a non-empty list of message objects", "messages")
+    turns = [(i, m) for i, m in enumerate(messages) if m.get("role") != "system"]
+    if len(turns) != 1 or turns[0][1].get("role") != "user":
+        raise _bad("vidsparse answers one question about one clip: send one user message "
+                   "(with a system message at most)", "messages")
+    index, message = turns[0]
+    texts, videos, images = [], [], []
+    for part in _content_parts(message, index):
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{index}]: a text part needs a string \"text\"", "messages")
+            texts.append(part["text"].strip())
+        elif kind == "video_url":
+            videos.append(_url(part, kind, index))
+        elif kind == "image_url":
+            images.append(_url(part, kind, index))
+        else:
+            raise _bad(f"messages[{index}]: unsupported content part type {kind!r} "
+                       "(text, video_url, image_url)", "messages")
+    question = " ".join(t for t in texts if t)
+    if not question:
+        raise _bad("the user message has no question text", "messages")
+    if len(videos) + bool(images) != 1:
+        raise _bad("send the clip as one video_url part or as image_url frames (not both, not none)", "messages")
+    return question, MediaRef(videos[0] if videos else None, tuple(images))
+
+
+# The `vidsparse` object's keys: the CLI's option names, parsed by the CLI's parsers.
+VIDSPARSE_KEYS = ("method", "budget", "prune_after", "positions", "min_per_frame", "seed", "frames", "fps",
+                  "max_frames")
+
+
+def request_options(block: Any, defaults: AskOptions, media_frames: int | None) -> AskOptions:
+    """The server's defaults with the request's `vidsparse` object applied (and a frame count that the
+    client's media settings ask for, e.g. lmms-eval's `media_io_kwargs`, where the object names none)."""
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise _bad("vidsparse must be an object, e.g. {\"method\": \"stprune\", \"budget\": \"10%\"}", "vidsparse")
+    unknown = sorted(set(block) - set(VIDSPARSE_KEYS))
+    if unknown:
+        raise _bad(f"unknown vidsparse option {unknown[0]!r}: choose from {', '.join(VIDSPARSE_KEYS)}", "vidsparse")
+    options = defaults
+    try:
+        if "method" in block:
+            options = replace(options, method=parse_method(block["method"]))
+        if "budget" in block:
+            options = replace(options, budget=parse_budget(block["budget"]))
+        if "prune_after" in block:
+            options = replace(options, prune_after=parse_layers(block["prune_after"]))
+        if "positions" in block:
+            if block["positions"] not in ("keep", "compact"):
+                raise UserError(f"positions must be keep or compact, got {block['positions']!r}")
+            options = replace(options, positions=block["positions"])
+        for key, field in (("min_per_frame", "min_per_frame"), ("seed", "seed")):
+            if key in block:
+                value = _int(block, key, 0)
+                options = replace(options, **{field: value})
+        frames = _int(block, "frames", 1) if "frames" in block else media_frames
+        if frames is not None:
+            options = replace(options, num_frames=frames, fps=None, max_frames=None)
+        if "fps" in block:
+            fps = block["fps"]
+            if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
+                raise UserError(f"fps must be a number > 0, got {fps!r}")
+            options = replace(options, fps=float(fps))
+        if "max_frames" in block:
+            options = replace(options, max_frames=_int(block, "max_frames", 1))
+    except UserError as e:
+        raise _bad(f"vidsparse: {e}", "vidsparse") from None
+    return options
+
+
+def _media_frames(body: dict) -> int | None:
+    """`media_io_kwargs.video.num_frames` (vLLM's and lmms-eval's way of asking for a frame count)."""
+    kwargs = body.get("media_io_kwargs")
+    video = kwargs.get("video") if isinstance(kwargs, dict) else None
+    frames = video.get("num_frames") if isinstance(video, dict) else None
+    return frames if isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1 else None
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+        raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    return tuple(stops)
+
+
+def parse_chat(body: Any, defaults: AskOptions, max_tokens_limit: int) -> ChatRequest:
+    """The request, checked: every mistake a client can make is a RequestError with one line."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required (GET /v1/models lists it)", "model")
+    question, media = question_and_media(body.get("messages"))
+    if _int(body, "n", 1, 1) not in (None, 1):
+        raise _bad("n must be 1", "n")
+    temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, int | float)
+                                    or temperature < 0):
+        raise _bad(f"temperature must be a number >= 0, got {temperature!r}", "temperature")
+    if temperature:
+        raise _bad("vidsparse decodes greedily (the answers pruning is measured on): send temperature 0",
+                   "temperature")
+    asked = [_int(body, key, 1) for key in ("max_completion_tokens", "max_tokens")]
+    wanted = next((v for v in asked if v is not None), defaults.max_new_tokens)
+    options = replace(request_options(body.get("vidsparse"), defaults, _media_frames(body)),
+                      max_new_tokens=min(wanted, max_tokens_limit))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream must be true or false", "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    return ChatRequest(model, question, media, options, _stops(body.get("stop")), stream,
+                       bool(stream_options.get("include_usage")))
