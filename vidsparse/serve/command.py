@@ -83,4 +83,7 @@ def run_server(flags: ServeFlags) -> None:
           f"on {qa.model.device}), pruning {flags.options.method}"
           f"{'' if flags.options.method == 'none' else f' to {flags.options.budget}'}, "
           f"http://{flags.host}:{flags.port}/v1{'' if settings.api_key else ' (no API key)'}", file=sys.stderr)
-    uvicorn.run(create_app(qa, settings), host=flags.host, port=flags.port, log_level="warning")
+    try:
+        uvicorn.run(create_app(qa, settings), host=flags.host, port=flags.port, log_level="warning")
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained the requests in flight, then raised it again
+        print("vidsparse serve: stopped", file=sys.stderr)
