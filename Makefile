@@ -76,7 +76,7 @@ test:
 	$(PYTHON) -m pytest tests
 
 lint:
-	$(PYTHON) -m ruff check vidsparse lab bench tests
+	$(PYTHON) -m ruff check vidsparse lab bench tests harness
 
 bench:
 	$(PYTHON) bench/prefill.py

@@ -113,7 +113,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     clips = out / "shapes"
     if not (clips / "qa.jsonl").exists():
-        run([sys.executable, "-m", "vidsparse", "make-shapes", str(clips), "--n", str(args.n), "--seed", str(args.seed)])
+        run([sys.executable, "-m", "vidsparse", "make-shapes", str(clips), "--n", str(args.n), "--seed",
+             str(args.seed)])
     batch = out / f"batch-{args.method}-{args.budget.replace('%', 'pct')}.jsonl"
     run([sys.executable, "-m", "vidsparse", "batch", str(clips), "--questions", str(clips / "qa.jsonl"), "--out",
          str(batch), "--model", args.model, "--method", args.method, "--budget", args.budget, "--frames", str(FRAMES),
