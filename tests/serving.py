@@ -14,7 +14,7 @@ import uvicorn
 
 from vidsparse.options import AskOptions
 from vidsparse.pipeline import VideoQA
-from vidsparse.serve.app import ServeSettings, create_app
+from vidsparse.serve.app import ServeSettings, local_app
 from vidsparse.serve.media import MediaPolicy
 
 MODEL_NAME = "tiny"
@@ -30,7 +30,7 @@ def settings(media_root: Path | None, **changes) -> ServeSettings:
 @contextmanager
 def live_server(qa: VideoQA, serve_settings: ServeSettings) -> Iterator[str]:
     """The base URL (http://127.0.0.1:PORT) of the app serving `qa`, until the block ends (then it drains)."""
-    server = uvicorn.Server(uvicorn.Config(create_app(qa, serve_settings), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(local_app(qa, serve_settings), host="127.0.0.1", port=0,
                                            log_level="error", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

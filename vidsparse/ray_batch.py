@@ -140,6 +140,37 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         f"({reason}); is the cluster's head running there?") from None
 
 
+def join_ray(address: str, **init) -> tuple[Any, bool]:
+    """(ray, whether this call started it): join the cluster at ``address`` (``auto``, ``ray://host:port``),
+    or start Ray on this machine (``LOCAL``), unless this process already runs Ray. A cluster that cannot
+    be reached or refuses us is one line."""
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        if address not in (LOCAL, "auto"):
+            check_reachable(address)
+        quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False, **init}
+        try:
+            if address == LOCAL:
+                ray.init(**quiet)
+            else:
+                ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            unauthenticated = address != LOCAL and os.environ.get("RAY_AUTH_MODE") != "token"
+            hint = ("; if the cluster uses token authentication (Ray >= 2.59 does by default), set RAY_AUTH_MODE="
+                    "token here, with the cluster's token (ray get-auth-token)") if unauthenticated else ""
+            reason = first_line(e, with_type=False)
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {reason}{hint}") from None
+    return ray, started
+
+
+def portable_model(model: str) -> str:
+    """A local checkpoint's absolute path: Ray's processes need not share this one's working directory."""
+    from vidsparse.models.loading import ALIASES
+
+    return str(Path(model).resolve()) if model not in ALIASES and Path(model).exists() else model
+
+
 class WorkerPool:
     """The Ray actors of one batch run, and the scheduler that feeds them clips."""
 
@@ -157,28 +188,9 @@ class WorkerPool:
     def start(cls, address: str, workers: int | None, model: str, dtype: str, device: str) -> WorkerPool:
         """Join the cluster at ``address`` (``auto``, ``ray://host:port``), or start Ray on this machine
         (``LOCAL``), unless this process already runs Ray; then start the workers."""
-        ray = import_ray()
-        started = not ray.is_initialized()
-        if started:
-            if address not in (LOCAL, "auto"):
-                check_reachable(address)
-            quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-            try:
-                if address == LOCAL:
-                    ray.init(**quiet)
-                else:
-                    ray.init(address=address, **quiet)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                unauthenticated = address != LOCAL and os.environ.get("RAY_AUTH_MODE") != "token"
-                hint = ("; if the cluster uses token authentication (Ray >= 2.59 does by default), set RAY_AUTH_MODE="
-                        "token here, with the cluster's token (ray get-auth-token)") if unauthenticated else ""
-                reason = first_line(e, with_type=False)
-                raise UserError(f"cannot connect to the Ray cluster at {address}: {reason}{hint}") from None
-        from vidsparse.models.loading import ALIASES
-
-        if model not in ALIASES and Path(model).exists():
-            model = str(Path(model).resolve())  # workers need not share the driver's working directory
-        return cls(ray, started, model, dtype, device, placement(ray.cluster_resources(), workers, device))
+        ray, started = join_ray(address)
+        return cls(ray, started, portable_model(model), dtype, device,
+                   placement(ray.cluster_resources(), workers, device))
 
     def _spawn(self) -> None:
         index, self.spawned = self.spawned, self.spawned + 1

@@ -8,7 +8,6 @@ by pydantic models, so that every mistake gets OpenAI's error shape with one lin
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import re
@@ -17,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,10 +26,10 @@ from starlette.exceptions import HTTPException
 from vidsparse.errors import first_line
 from vidsparse.options import DEFAULT_MAX_FRAMES, AskOptions
 from vidsparse.pipeline import VideoQA
+from vidsparse.serve.backend import Completion, LocalBackend
 from vidsparse.serve.chat import ChatRequest, RequestError, parse_chat
-from vidsparse.serve.clip_cache import ClipCache
 from vidsparse.serve.media import MediaPolicy, fetch
-from vidsparse.serve.scheduler import Answered, QueueFull, Scheduler, refusal
+from vidsparse.serve.scheduler import QueueFull
 from vidsparse.serve.telemetry import CONTENT_TYPE, Telemetry
 
 CLIENT_GONE = 499  # (nginx's code) counted in the metrics; no response is sent
@@ -74,28 +74,11 @@ async def read_json(request: Request, limit: int) -> object:
         raise RequestError(400, f"the request body is not valid JSON: {e}") from None
 
 
-def answer_text(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The answer cut before its first stop sequence, and whether one was found."""
-    cuts = [answer.find(stop) for stop in stops if stop in answer]
-    return (answer[: min(cuts)], True) if cuts else (answer, False)
-
-
-def completion_parts(chat: ChatRequest, answered: Answered) -> tuple[str, str, dict, dict]:
-    """The answer text, finish reason, usage, and the `vidsparse` statistics block."""
-    result = answered.result
-    text, stopped = answer_text(result.answer, chat.stop)
-    finish = "stop" if stopped or result.generated_tokens < chat.options.max_new_tokens else "length"
-    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.generated_tokens,
-             "total_tokens": result.prompt_tokens + result.generated_tokens}
-    stats = {**result.to_dict(), "clip_cache": "hit" if answered.cache_hit else "miss"}
-    return text, finish, usage, stats
-
-
-def stream_chunks(chat: ChatRequest, answered: Answered, ident: str, created: int) -> Iterator[str]:
+def stream_chunks(chat: ChatRequest, done: Completion, ident: str, created: int) -> Iterator[str]:
     """The answer as OpenAI's server-sent chunks: the role, the text a word at a time, the finish
     reason, usage when asked (`stream_options.include_usage`), then [DONE]. The answer is whole before
     the first chunk (vidsparse decodes a request's answer in one go), so the chunks come at once."""
-    text, finish, usage, stats = completion_parts(chat, answered)
+    text, finish, usage, stats = done.text, done.finish_reason, done.usage, done.stats
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": chat.model}
 
     def event(choices: list, **extra) -> str:
@@ -110,37 +93,35 @@ def stream_chunks(chat: ChatRequest, answered: Answered, ident: str, created: in
     yield "data: [DONE]\n\n"
 
 
-async def answered_or_gone(request: Request, future, timeout_s: float) -> Answered | None:
-    """The job's answer; None if the client went away first (its job is cancelled: if it has not
-    started, it costs nothing). A job that outlives `timeout_s` is cancelled and refused with a 504."""
-    waiting = asyncio.wrap_future(future)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=0.1)
-        if done:
-            return waiting.result()
-        if await request.is_disconnected():
-            future.cancel()
-            return None
-        if time.monotonic() > deadline:
-            future.cancel()
-            raise RequestError(504, f"no answer within the server's {timeout_s:g} s limit", kind="timeout")
+class Backend(Protocol):
+    """What answers checked requests (serve.backend.LocalBackend, serve.ray_serve.RayBackend)."""
+
+    depth: int
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def complete(self, chat: ChatRequest, media, gone) -> Completion | None: ...
 
 
-def create_app(qa: VideoQA, settings: ServeSettings) -> FastAPI:
-    """The app for `qa` (loaded already: a replica loads once)."""
-    state: dict = {}
+def local_app(qa: VideoQA, settings: ServeSettings) -> FastAPI:
+    """The app answering with `qa` in this process (loaded already)."""
+    return create_app(LocalBackend(qa, settings.cache_bytes, settings.max_queue, settings.max_video_seconds,
+                                   settings.request_timeout_s), settings)
+
+
+def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
+    """The HTTP layer over `backend`: every check a request needs before the model, the response."""
+    telemetry = Telemetry(lambda: backend.depth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = Scheduler(qa, ClipCache(settings.cache_bytes), settings.max_queue, settings.max_video_seconds)
-        telemetry = Telemetry(lambda: scheduler.depth)
-        scheduler.on_answer = telemetry.answered
-        state.update(scheduler=scheduler, telemetry=telemetry)
+        backend.start()
         try:
             yield
         finally:
-            await run_in_threadpool(scheduler.close)  # what is queued is answered first
+            await run_in_threadpool(backend.close)  # what is queued is answered first
 
     app = FastAPI(title="vidsparse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -179,12 +160,11 @@ def create_app(qa: VideoQA, settings: ServeSettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         authorised(request)
-        return Response(state["telemetry"].text(), media_type=CONTENT_TYPE)
+        return Response(telemetry.text(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         start = time.perf_counter()
-        telemetry: Telemetry = state["telemetry"]
         try:
             authorised(request)
             chat = parse_chat(await read_json(request, settings.max_body_bytes), settings.defaults,
@@ -198,33 +178,26 @@ def create_app(qa: VideoQA, settings: ServeSettings) -> FastAPI:
                 raise RequestError(400, f"{len(media.frames)} image frames: the server takes at most "
                                         f"{settings.max_frames}")
             try:
-                future = state["scheduler"].submit(chat, media)
+                done = await backend.complete(chat, media, request.is_disconnected)
             except QueueFull as e:
                 telemetry.finished(429)
                 return error_response(RequestError(429, str(e), kind="rate_limit_error"), {"Retry-After": "1"})
-            try:
-                answered = await answered_or_gone(request, future, settings.request_timeout_s)
-            except Exception as e:  # noqa: BLE001 - refused by the pipeline (4xx) or a server fault (500)
-                error = refusal(e)
-                if error is None:
-                    raise
-                raise error from None
         except RequestError as e:
             telemetry.finished(e.status)
             return error_response(e)
-        if answered is None:
+        if done is None:
             telemetry.finished(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
         telemetry.finished(200, time.perf_counter() - start)
+        telemetry.answered(done.stats)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
-            return StreamingResponse(stream_chunks(chat, answered, ident, created), media_type="text/event-stream")
-        text, finish, usage, stats = completion_parts(chat, answered)
+            return StreamingResponse(stream_chunks(chat, done, ident, created), media_type="text/event-stream")
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": chat.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": usage, "vidsparse": stats,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                         "finish_reason": done.finish_reason, "logprobs": None}],
+            "usage": done.usage, "vidsparse": done.stats,
         })
 
     return app

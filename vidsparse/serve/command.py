@@ -75,7 +75,7 @@ def run_server(flags: ServeFlags) -> None:
     import uvicorn
 
     from vidsparse.pipeline import load_quietly
-    from vidsparse.serve.app import create_app
+    from vidsparse.serve.app import local_app
 
     qa = load_quietly(flags.model, flags.dtype, flags.device)
     qa.check_options(flags.options)
@@ -84,6 +84,6 @@ def run_server(flags: ServeFlags) -> None:
           f"{'' if flags.options.method == 'none' else f' to {flags.options.budget}'}, "
           f"http://{flags.host}:{flags.port}/v1{'' if settings.api_key else ' (no API key)'}", file=sys.stderr)
     try:
-        uvicorn.run(create_app(qa, settings), host=flags.host, port=flags.port, log_level="warning")
+        uvicorn.run(local_app(qa, settings), host=flags.host, port=flags.port, log_level="warning")
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained the requests in flight, then raised it again
         print("vidsparse serve: stopped", file=sys.stderr)

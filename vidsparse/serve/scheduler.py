@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
@@ -49,11 +48,9 @@ class Job:
 class Scheduler:
     """Jobs in, answers out through each job's future; `close` drains the queue and stops."""
 
-    def __init__(self, qa: VideoQA, cache: ClipCache, max_queue: int, max_video_seconds: float,
-                 on_answer: Callable[[Answered], None] = lambda answered: None):
+    def __init__(self, qa: VideoQA, cache: ClipCache, max_queue: int, max_video_seconds: float):
         self.qa, self.cache, self.max_queue = qa, cache, max_queue
         self.max_video_seconds = max_video_seconds
-        self.on_answer = on_answer
         self._jobs: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closing = False
@@ -111,7 +108,6 @@ class Scheduler:
                 if isinstance(answer, Exception):
                     job.future.set_exception(answer)
                 else:
-                    self.on_answer(answer)
                     job.future.set_result(answer)
 
     def _answer(self, jobs: list[Job]) -> list[Answered | Exception]:

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from vidsparse.serve.scheduler import Answered
-
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -28,12 +26,11 @@ class Telemetry:
         depth = Gauge("vidsparse_queue_depth", "Requests waiting for the inference thread", registry=self.registry)
         depth.set_function(queue_depth)
 
-    def answered(self, answered: Answered) -> None:
-        """Count one answer (called on the inference thread; prometheus_client's metrics are thread-safe)."""
-        self.clip_cache.labels("hit" if answered.cache_hit else "miss").inc()
-        result = answered.result
-        self.visual_tokens.labels("before").inc(result.visual_before)
-        self.visual_tokens.labels("after").inc(result.visual_per_layer[-1])
+    def answered(self, stats: dict) -> None:
+        """Count one answer from its `vidsparse` statistics."""
+        self.clip_cache.labels(stats["clip_cache"]).inc()
+        self.visual_tokens.labels("before").inc(stats["tokens"]["visual_before"])
+        self.visual_tokens.labels("after").inc(stats["tokens"]["visual_after"])
 
     def finished(self, status: int, seconds: float | None = None) -> None:
         self.requests.labels(str(status)).inc()

@@ -1,0 +1,98 @@
+"""What answers a checked request: the model in this process (`LocalBackend`: the scheduler's thread), or
+Ray Serve replicas (`serve.ray_serve.RayBackend`). Either returns a `Completion`, plain values that
+cross process boundaries, from which the HTTP layer builds OpenAI's response or stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from vidsparse.pipeline import VideoQA
+from vidsparse.serve.chat import ChatRequest, RequestError
+from vidsparse.serve.clip_cache import ClipCache
+from vidsparse.serve.media import Media
+from vidsparse.serve.scheduler import Answered, Scheduler, refusal
+
+Gone = Callable[[], Awaitable[bool]]  # whether the client has disconnected
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A request's answer as the API shows it: the text (cut at a stop sequence), why it ended, OpenAI's
+    usage, and the `vidsparse` statistics (`ask --json`'s, with `clip_cache`)."""
+
+    text: str
+    finish_reason: str
+    usage: dict
+    stats: dict
+
+
+def answer_text(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The answer cut before its first stop sequence, and whether one was found."""
+    cuts = [answer.find(stop) for stop in stops if stop in answer]
+    return (answer[: min(cuts)], True) if cuts else (answer, False)
+
+
+def completion_of(chat: ChatRequest, answered: Answered) -> Completion:
+    result = answered.result
+    text, stopped = answer_text(result.answer, chat.stop)
+    finish = "stop" if stopped or result.generated_tokens < chat.options.max_new_tokens else "length"
+    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.generated_tokens,
+             "total_tokens": result.prompt_tokens + result.generated_tokens}
+    return Completion(text, finish, usage, {**result.to_dict(), "clip_cache": "hit" if answered.cache_hit else "miss"})
+
+
+class LocalBackend:
+    """The loaded model in this process, behind the scheduler's bounded queue and clip cache."""
+
+    def __init__(self, qa: VideoQA, cache_bytes: int, max_queue: int, max_video_seconds: float,
+                 timeout_s: float):
+        self.qa, self.timeout_s = qa, timeout_s
+        self.limits = (cache_bytes, max_queue, max_video_seconds)
+        self.scheduler: Scheduler | None = None
+
+    def start(self) -> None:
+        cache_bytes, max_queue, max_video_seconds = self.limits
+        self.scheduler = Scheduler(self.qa, ClipCache(cache_bytes), max_queue, max_video_seconds)
+
+    def close(self) -> None:
+        """Answer what is queued, then stop."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    @property
+    def depth(self) -> int:
+        return self.scheduler.depth if self.scheduler is not None else 0
+
+    async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
+        """The answer; None if the client went away first (its job is cancelled: if it has not started, it
+        costs nothing). Raises QueueFull, or the RequestError that refuses the request (a 504 past the
+        timeout); a server fault propagates as it is."""
+        future = self.scheduler.submit(chat, media)
+        waiting = asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=0.05)
+                if done:
+                    break
+                if gone is not None and await gone():
+                    future.cancel()
+                    return None
+                if loop.time() > deadline:
+                    future.cancel()
+                    raise RequestError(504, f"no answer within the server's {self.timeout_s:g} s limit",
+                                       kind="timeout")
+        except asyncio.CancelledError:  # the caller gave up (a Ray Serve request cancelled upstream)
+            future.cancel()
+            raise
+        try:
+            answered = waiting.result()
+        except Exception as e:  # noqa: BLE001 - a refusal (4xx) or a server fault (re-raised)
+            error = refusal(e)
+            if error is None:
+                raise
+            raise error from None
+        return completion_of(chat, answered)
