@@ -594,7 +594,8 @@ def methods() -> None:
     console.print(table)
 
 
-@app.command(epilog="Example:  vidsparse serve --model shapes-demo --method stprune --budget 25% "
+@app.command(cls=OptionalRayAddress,
+             epilog="Example:  vidsparse serve --model shapes-demo --method stprune --budget 25% "
              "--media-root clips/\n\n"
              "then: curl localhost:8000/v1/chat/completions -d '{\"model\": \"shapes-demo\", \"messages\": [{\"role\": "
              "\"user\", \"content\": [{\"type\": \"video_url\", \"video_url\": {\"url\": \"file:///abs/clips/"
@@ -638,21 +639,31 @@ def serve(
                                  ] = 3600.0,
     frame_limit: Annotated[int, typer.Option("--frame-limit", min=1, help="Most frames a request may sample or send.")
                            ] = 64,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Serve on Ray Serve: alone, start Ray on this machine; 'auto' or ray://HOST:PORT joins a cluster "
+             "(needs pip install 'vidsparse\\[serve,ray]').")] = None,
+    replicas: Annotated[int | None, typer.Option(
+        "--replicas", min=1, help="With --ray: model replicas (default: one per GPU; without GPUs, 1).")] = None,
 ) -> None:
     """Serve the model behind an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics).
 
     A request's clip is one video_url part (data:video/...;base64, file:// under --media-root, or http(s) with
     --allow-http) or image_url frames; its pruning is the flags' unless its "vidsparse" object says otherwise
     (e.g. {"method": "stprune", "budget": "10%"}; the OpenAI client's extra_body). Questions about a clip
-    already seen reuse its decoding, vision tower and prompt head from the clip cache.
+    already seen reuse its decoding, vision tower and prompt head from the clip cache. With --ray, the same app
+    runs on Ray Serve, each replica with its own clip cache; requests about a clip go to the replica that has it.
     """
     from vidsparse.serve.command import ServeFlags, run_server
 
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
                        fps, max_frames)
     _check_context_early(model, options)
+    if replicas is not None and ray_address is None:
+        raise UserError("--replicas needs --ray")
     run_server(ServeFlags(model, dtype, device, options, host, port, served_model_name or model, api_key, media_root,
-                          allow_http, cache_mb, queue_size, timeout, max_body_mb, max_video_seconds, frame_limit))
+                          allow_http, cache_mb, queue_size, timeout, max_body_mb, max_video_seconds, frame_limit,
+                          ray_address, replicas))
 
 
 @app.command("make-shapes", epilog="Examples:  vidsparse make-shapes shapes-eval --n 500 --seed 1000\n\n"

@@ -26,6 +26,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
+    def __reduce__(self):  # crosses to the Ray Serve front whole (Exception pickles its message only)
+        return RequestError, (self.status, self.message, self.param, self.kind)
+
 
 @dataclass(frozen=True)
 class MediaRef:

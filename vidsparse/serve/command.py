@@ -29,6 +29,8 @@ class ServeFlags:
     max_body_mb: int
     max_video_seconds: float
     frame_limit: int
+    ray_address: str | None = None
+    replicas: int | None = None
 
 
 def check_server_packages() -> None:
@@ -72,6 +74,12 @@ def run_server(flags: ServeFlags) -> None:
     check_server_packages()
     settings = settings_of(flags)
     check_port(flags.host, flags.port)
+    if flags.ray_address is not None:
+        from vidsparse.serve.ray_serve import run_on_ray
+
+        run_on_ray(flags.ray_address, flags.model, flags.dtype, flags.device, settings, flags.host, flags.port,
+                   flags.replicas)
+        return
     import uvicorn
 
     from vidsparse.pipeline import load_quietly

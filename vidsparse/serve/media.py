@@ -15,7 +15,7 @@ import io
 import tempfile
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,11 @@ class Media:
     data: bytes | None = None
     suffix: str = ".mp4"
     frames: np.ndarray | None = None  # uint8 (T, H, W, 3) for image parts
+
+    def portable(self) -> Media:
+        """The same clip with its bytes in hand, for a process that may not see this one's files."""
+        return self if self.path is None else replace(self, path=None, data=self.path.read_bytes(),
+                                                      suffix=self.path.suffix or ".mp4")
 
 
 def _data_url(url: str, kind: str, policy: MediaPolicy) -> tuple[bytes, str]:

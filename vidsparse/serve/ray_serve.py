@@ -1,0 +1,154 @@
+"""`vidsparse serve --ray`: the same app on Ray Serve.
+
+Two deployments in one Ray Serve application:
+- `VidsparseFront` (the HTTP ingress, no model): the app of `serve.app` (every check, auth, limits,
+  errors, streaming, metrics) over a `RayBackend`, which sends each checked request to a replica;
+- `VidsparseReplica` (one per GPU, or N on CPUs): a loaded model with its own scheduler and clip cache.
+Requests about the same clip go to the replica that answered it before where Ray Serve allows it: the
+clip's content hash is the request's multiplexed model id, and Ray Serve routes an id to a replica that
+has "loaded" it (the replica's cache holds its shared work). The media crosses to the replica by value,
+so replicas need not see the front's files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from vidsparse.errors import UserError, first_line
+from vidsparse.serve.app import ServeSettings, create_app
+from vidsparse.serve.backend import Completion, Gone, LocalBackend
+from vidsparse.serve.chat import ChatRequest
+from vidsparse.serve.media import Media
+from vidsparse.serve.scheduler import QueueFull
+
+APP_NAME = "vidsparse"
+CLIPS_PER_REPLICA = 256  # clip ids a replica is known to hold, for routing (its cache holds what fits)
+
+
+class Replica:
+    """One loaded model with its own scheduler and clip cache."""
+
+    def __init__(self, model: str, dtype: str, device: str, settings: ServeSettings, threads: int):
+        import torch
+
+        from vidsparse.pipeline import load_quietly
+
+        torch.set_num_threads(threads)
+        self.backend = LocalBackend(load_quietly(model, dtype, device), settings.cache_bytes, settings.max_queue,
+                                    settings.max_video_seconds, settings.request_timeout_s)
+        self.backend.start()
+
+    async def clip(self, digest: str) -> str:
+        """Ray Serve's multiplexed "model" of a request: its clip, whose work this replica's cache keeps."""
+        return digest
+
+    async def complete(self, chat: ChatRequest, media: Media) -> Completion:
+        from ray import serve
+
+        await self.clip(serve.get_multiplexed_model_id())
+        return await self.backend.complete(chat, media)
+
+    def __del__(self) -> None:
+        self.backend.close()
+
+
+class RayBackend:
+    """The front's backend: each request to a replica, chosen by Ray Serve with the clip as routing key."""
+
+    depth = 0  # the replicas' queues are theirs; the front holds none
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
+        from ray.serve.exceptions import BackPressureError
+
+        response = self.replicas.options(multiplexed_model_id=media.digest).complete.remote(chat, media.portable())
+        waiting = asyncio.ensure_future(_awaited(response))
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.05)
+            if done:
+                break
+            if gone is not None and await gone():
+                response.cancel()
+                return None
+        try:
+            return waiting.result()
+        except BackPressureError:
+            raise QueueFull("every replica's queue is full") from None
+        except Exception as e:  # noqa: BLE001 - a replica's refusal comes wrapped: raise the refusal itself
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
+
+
+async def _awaited(response):
+    return await response
+
+
+class Front:
+    """The HTTP ingress: `serve.app`'s app over the replicas (bound by Ray Serve as a handle)."""
+
+    def __init__(self, replicas, settings: ServeSettings):
+        self.http = create_app(RayBackend(replicas), settings)
+
+    def __serve_build_asgi_app__(self):
+        return self.http
+
+
+def application(model: str, dtype: str, device: str, settings: ServeSettings, replicas: int, gpus: int,
+                cpus: float, threads: int):
+    """The Ray Serve application: the front bound to `replicas` model replicas."""
+    from ray import serve
+
+    class RoutedReplica(Replica):
+        @serve.multiplexed(max_num_models_per_replica=CLIPS_PER_REPLICA)
+        async def clip(self, digest: str) -> str:
+            return digest
+
+    replica = serve.deployment(
+        RoutedReplica, name="VidsparseReplica", num_replicas=replicas,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": cpus},
+        max_ongoing_requests=settings.max_queue + 1, max_queued_requests=settings.max_queue,
+    )
+    front = serve.deployment(serve.ingress()(Front), name="VidsparseFront", num_replicas=1,
+                             ray_actor_options={"num_cpus": 0})
+    return front.bind(replica.bind(model, dtype, device, settings, threads), settings)
+
+
+def run_on_ray(address: str, model: str, dtype: str, device: str, settings: ServeSettings, host: str, port: int,
+               replicas: int | None) -> None:
+    """Deploy on the Ray instance at `address` (or one started here) and serve until Ctrl-C / SIGTERM."""
+    from vidsparse.ray_batch import join_ray, placement, portable_model
+
+    ray, started = join_ray(address)
+    try:
+        from ray import serve
+    except ImportError:
+        raise UserError("--ray needs Ray Serve: pip install 'vidsparse[serve,ray]'") from None
+    place = placement(ray.cluster_resources(), replicas, device)
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(application(portable_model(model), dtype, device, settings, place.workers, place.gpus, place.cpus,
+                              place.threads), name=APP_NAME, route_prefix="/")
+    except RuntimeError as e:  # a replica failed to start (Ray Serve has logged why)
+        serve.shutdown()
+        raise UserError(f"Ray Serve could not start the replicas: {first_line(e, with_type=False)}") from None
+    print(f"vidsparse serve --ray: {place.workers} replica(s) of {model} at http://{host}:{port}/v1",
+          file=sys.stderr)
+    try:
+        from ray.serve._private.utils import wait_for_interrupt
+
+        wait_for_interrupt()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
