@@ -259,6 +259,38 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
         assert _metric(url, 'vidsparse_requests_total{status="429"}') == 1
 
 
+def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, monkeypatch):
+    """While the inference thread is held, a client gives up on its queued request; released, the thread
+    answers the others and never runs the abandoned one."""
+    release, calls = threading.Event(), []
+    answer_prepared = VideoQA.answer_prepared
+
+    def held(self, clip, questions, *args, **kwargs):
+        calls.append(list(questions))
+        release.wait(30)
+        return answer_prepared(self, clip, questions, *args, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "answer_prepared", held)
+    first_uri, other_uri = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent)) as url:
+        first = threading.Thread(target=post, args=(url, {"model": MODEL_NAME, "messages": video_message(first_uri)}))
+        try:
+            first.start()
+            _wait_for(lambda: calls)
+            request = urllib.request.Request(
+                f"{url}/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": MODEL_NAME, "messages": video_message(other_uri, "what moves ?")}).encode())
+            with pytest.raises(TimeoutError):
+                urllib.request.urlopen(request, timeout=0.5)  # gives up while queued
+            _wait_for(lambda: _metric(url, 'vidsparse_requests_total{status="499"}') == 1)
+        finally:
+            release.set()
+            first.join(60)
+        code, _, _ = post(url, {"model": MODEL_NAME, "messages": video_message(first_uri, "what is happening ?")})
+        assert code == 200
+    assert calls == [[QUESTION], ["what is happening ?"]]  # "what moves ?" about the other clip never ran
+
+
 def _metric(url: str, name: str) -> float | None:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
