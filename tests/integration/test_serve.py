@@ -291,6 +291,47 @@ def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, mo
     assert calls == [[QUESTION], ["what is happening ?"]]  # "what moves ?" about the other clip never ran
 
 
+def test_a_request_past_the_timeout_is_a_504_and_the_server_goes_on(qa, clips, monkeypatch):
+    release = threading.Event()
+    answer_prepared = VideoQA.answer_prepared
+
+    def held(self, clip, questions, *args, **kwargs):
+        release.wait(30)
+        return answer_prepared(self, clip, questions, *args, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "answer_prepared", held)
+    uri = clips["h264"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, request_timeout_s=0.5)) as url:
+        try:
+            code, reply, _ = post(url, {"model": MODEL_NAME, "messages": video_message(uri)})
+        finally:
+            release.set()
+        assert code == 504 and "0.5 s" in reply["error"]["message"]
+        monkeypatch.setattr(VideoQA, "answer_prepared", answer_prepared)
+        assert post(url, {"model": MODEL_NAME, "messages": video_message(uri)})[0] == 200
+
+
+def test_http_urls_only_when_allowed_and_within_the_size_limit(qa, clips):
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clips["h264"].parent))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as files:
+        threading.Thread(target=files.serve_forever, daemon=True).start()
+        clip_url = f"http://127.0.0.1:{files.server_address[1]}/{clips['h264'].name}"
+        body = {"model": MODEL_NAME, "messages": video_message(clip_url)}
+        size = clips["h264"].stat().st_size
+        allowed = settings(None)
+        with live_server(qa, replace(allowed, media=replace(allowed.media, allow_http=True))) as url:
+            code, reply, _ = post(url, body)
+            assert code == 200 and reply["choices"][0]["message"]["content"] == expected(qa, clips["h264"])["answer"]
+        too_small = replace(allowed.media, allow_http=True, max_bytes=size - 1)
+        with live_server(qa, replace(allowed, media=too_small)) as url:
+            code, reply, _ = post(url, body)
+            assert code == 413 and "limit" in reply["error"]["message"]
+        files.shutdown()
+
+
 def _metric(url: str, name: str) -> float | None:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
