@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo lint bench eval-demo eval-hd eval-ov train-demo train-hd train-ov train-qwen
+.PHONY: install test demo lint bench eval-demo eval-hd eval-ov eval-qwen train-demo train-hd train-ov train-qwen
 DEMO_SEED ?= 2026
 # Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill (30% and 38% of the
 # tokens take the methods that prune before layer 0 to the 24% and 31% costs the equal-cost comparison needs).
@@ -35,7 +35,8 @@ train-ov:
 	$(PYTHON) -m lab.train_demo --family llava_onevision --out vidsparse/shipped/shapes-onevision --resume \
 		--save-minutes 5
 
-# The Qwen2.5-VL yardstick (64 visual tokens at 3-D positions; about 30 minutes on 2 CPU cores, resumable).
+# The Qwen2.5-VL yardstick (64 visual tokens at 3-D positions; tower then QA stage, about 40 minutes on 2 CPU
+# cores, resumable).
 train-qwen:
 	$(PYTHON) -m lab.train_demo --family qwen2_5_vl --out vidsparse/shipped/shapes-qwen --resume --save-minutes 5
 
@@ -56,6 +57,14 @@ eval-ov:
 		--model shapes-ov --method none --max-new-tokens 8
 	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-ov \
 		--methods $(EVAL_METHODS) --budgets 5%,10%,25% --repeats 1 --max-new-tokens 8 --out docs/shapes-ov-sweep
+
+# The Qwen2.5-VL yardstick on the same held-out clips (every method at 5, 10 and 25% of its 64 tokens).
+eval-qwen:
+	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
+	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full-qwen.jsonl \
+		--model shapes-qwen --method none --max-new-tokens 8
+	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-qwen \
+		--methods $(EVAL_METHODS) --budgets 5%,10%,25% --repeats 1 --max-new-tokens 8 --out docs/shapes-qwen-sweep
 
 eval-demo:
 	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
