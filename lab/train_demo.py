@@ -16,9 +16,10 @@ its tower heads read every SigLIP token of the feature layer (there is no CLS), 
 (``demo_eval.evaluate_family``) is accuracy per type through the same path (VideoLLaVA's
 where-is-it-read probes are not run). ``--family qwen2_5_vl`` trains a Qwen2_5_VLForConditionalGeneration
 of ``qwen_arch`` the same way, fed as Qwen's processor feeds it (``VideoModel.hf_video_inputs``: flat
-patches, grids, token types, seconds a temporal patch at the clips' 8 fps), without the tower stage (its
-ViT runs window-permuted patches the dense heads do not read; the tower learns in the QA stage at the full
-rate), and saves its pixel bounds (``qwen_pixels``) as the checkpoint's video_preprocessor_config.json.
+patches, grids, token types, seconds a temporal patch at the clips' 8 fps), its tower-stage heads reading
+every patch of the merger's input put back in raster order (``qwen_patch_states``), each patch predicting
+both frames it covers, and saves its pixel bounds (``qwen_pixels``) as the checkpoint's
+video_preprocessor_config.json.
 The default, ``video_llava``, is unchanged.
 
 Recipe (fixed seeds and step counts, so a run is reproducible on one machine):
