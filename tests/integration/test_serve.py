@@ -103,14 +103,8 @@ def test_frames_sent_as_images_before_or_after_the_text_answer_as_those_frames(s
     frames = decode_video(clips["h264"], 8).frames
     alone = qa.answer(frames, QUESTION, ask_options(max_new_tokens=4)).to_dict()
 
-    def png(frame: np.ndarray) -> dict:
-        buffer = io.BytesIO()
-        Image.fromarray(frame).save(buffer, format="PNG")
-        url = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
-        return {"type": "image_url", "image_url": {"url": url}}
-
     text = {"type": "text", "text": QUESTION}
-    for content in ([*map(png, frames), text], [text, *map(png, frames)]):
+    for content in ([*map(_png_part, frames), text], [text, *map(_png_part, frames)]):
         reply = client(server).chat.completions.create(model=MODEL_NAME,
                                                        messages=[{"role": "user", "content": content}])
         assert reply.choices[0].message.content == alone["answer"]
@@ -129,6 +123,13 @@ def test_stop_sequences_and_the_length_limit(server, clips):
         cut = client(server).chat.completions.create(model=MODEL_NAME, stop=[answer[1:]],
                                                      messages=video_message(clips["h264"].resolve().as_uri()))
         assert cut.choices[0].message.content == answer[:1] and cut.choices[0].finish_reason == "stop"
+
+
+def _png_part(frame: np.ndarray) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    url = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _bad_requests(clips, outside) -> list[tuple[str, bytes | dict, dict, int]]:
@@ -161,6 +162,21 @@ def _bad_requests(clips, outside) -> list[tuple[str, bytes | dict, dict, int]]:
         ("sampling", chat(temperature=0.7), {}, 400),
         ("n > 1", chat(n=2), {}, 400),
         ("too many frames", chat(vidsparse={"frames": 1000}), {}, 400),
+        # found by an independent review: each was a 500 or unchecked
+        ("an integer past 4300 digits", b'{"model": "tiny", "max_tokens": ' + b"1" * 5000 + b"}", {}, 400),
+        ("JSON nested too deep", b'{"x": ' * 5000 + b"1" + b"}" * 5000, {}, 400),
+        ("prune_after of strings", chat(vidsparse={"method": "fastv", "prune_after": ["a"]}), {}, 400),
+        ("prune_after true", chat(vidsparse={"method": "fastv", "prune_after": True}), {}, 400),
+        ("a seed past 2**64 - 1", chat(vidsparse={"method": "random", "seed": 2**64}), {}, 400),
+        ("frames and fps", chat(vidsparse={"frames": 4, "fps": 2}), {}, 400),
+        ("max_frames without fps", chat(vidsparse={"max_frames": 4}), {}, 400),
+        ("a broken IPv6 URL", chat(messages=video_message("file://[::1/x")), {}, 400),
+        ("a NUL in the path", chat(messages=video_message(good + "%00.png")), {}, 400),
+        ("a name too long", chat(messages=video_message(good.rsplit("/", 1)[0] + "/" + "a" * 5000)), {}, 400),
+        ("too many image parts", chat(messages=[{"role": "user", "content": [
+            {"type": "text", "text": QUESTION}, *[_png_part(np.zeros((4, 4, 3), np.uint8))] * 65]}]), {}, 400),
+        ("image frames too large", chat(messages=[{"role": "user", "content": [
+            {"type": "text", "text": QUESTION}, _png_part(np.zeros((1, 4097, 3), np.uint8))]}]), {}, 400),
     ]
 
 
@@ -174,6 +190,29 @@ def test_every_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server,
         assert message and "\n" not in message and "Traceback" not in message, (name, message)
     code, reply, _ = post(server, {"model": MODEL_NAME, "messages": video_message(clips["h264"].resolve().as_uri())})
     assert code == 200 and reply["choices"][0]["message"]["content"]
+
+
+def test_an_odd_data_url_subtype_names_no_file_and_a_decode_error_names_no_temporary_file(server, qa, clips):
+    body = {"model": MODEL_NAME, "messages": video_message(data_url(clips["av1"], "video/a/../b"))}
+    code, reply, _ = post(server, body)
+    assert code == 200 and reply["choices"][0]["message"]["content"] == expected(qa, clips["av1"])["answer"]
+    code, reply, _ = post(server, {"model": MODEL_NAME, "messages": video_message(data_url(clips["bad_truncated"]))})
+    assert code == 400 and "/tmp" not in reply["error"]["message"]
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_and_the_server_goes_on(server, clips):
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Length", "100")
+    connection.endheaders()
+    connection.send(b'{"')
+    connection.close()
+    _wait_for(lambda: _metric(server, 'vidsparse_requests_total{status="499"}') == 1)
+    code, _, _ = post(server, {"model": MODEL_NAME, "messages": video_message(clips["h264"].resolve().as_uri())})
+    assert code == 200
 
 
 def test_an_oversized_body_is_refused_before_it_is_read(server):
@@ -250,7 +289,7 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
             for thread in [first, *rest]:
                 thread.join(60)
         assert code == 429 and headers.get("Retry-After") == "1" and reply["error"]["type"] == "rate_limit_error"
-        assert calls == [[questions[0]], questions[1:]]
+        assert calls[0] == [questions[0]] and sorted(calls[1]) == sorted(questions[1:]) and len(calls) == 2
         for i, question in enumerate(questions):
             code, reply, _ = replies[i]
             assert code == 200 and reply["choices"][0]["message"]["content"] == expected(qa, clips["h264"],
@@ -350,7 +389,8 @@ def _wait_for(condition, timeout_s: float = 30) -> None:
 
 
 def test_unknown_routes_and_methods_are_openai_errors(server):
-    for path, method, status in (("/v1/nothing", "GET", 404), ("/v1/chat/completions", "GET", 405)):
+    for path, method, status in (("/v1/nothing", "GET", 404), ("/v1/chat/completions", "GET", 405),
+                                 ("/v1/chat/completions/", "POST", 404)):
         request = urllib.request.Request(f"{server}{path}", method=method)
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)

@@ -1,6 +1,7 @@
 """`vidsparse serve --ray` on a local Ray instance it starts: two CPU replicas behind the front. Answers
-equal `ask`'s, a refusal raised inside a replica reaches the client as the same 4xx line, and the
-questions about a clip go to the replica whose cache holds it (every repeat is a cache hit)."""
+equal `ask`'s, a refusal raised inside a replica reaches the client as the same 4xx line, the
+questions about a clip go to the replica whose cache holds it (every repeat is a cache hit), and SIGTERM
+shuts it all down with exit status 0."""
 
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ def ray_server(tiny_checkpoint, clips):
         except (OSError, ValueError):
             time.sleep(1)
     yield port
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)  # as a process manager stops it: Serve and the Ray it started shut down
     try:
-        process.wait(120)
-    except subprocess.TimeoutExpired:
+        assert process.wait(120) == 0, process.stderr.read()[-2000:]
+    finally:
         process.kill()
 
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from vidsparse.errors import first_line
 from vidsparse.options import DEFAULT_MAX_FRAMES, AskOptions
@@ -44,7 +45,6 @@ class ServeSettings:
     media: MediaPolicy
     api_key: str | None = None
     max_tokens: int = 256  # the most tokens an answer may have, whatever a request asks
-    max_frames: int = 64  # the most frames a request may sample or send
     max_video_seconds: float = 3600.0
     max_body_bytes: int = 64 * 2**20
     cache_bytes: int = 512 * 2**20
@@ -68,10 +68,10 @@ async def read_json(request: Request, limit: int) -> object:
         if size > limit:
             raise RequestError(413, f"the request body is larger than the server's limit of {limit} bytes")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+    try:  # off the event loop: a large body must not stall the other requests
+        return await run_in_threadpool(json.loads, b"".join(chunks))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, an integer past 4300 digits, nested too deep
+        raise RequestError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
 
 
 def stream_chunks(chat: ChatRequest, done: Completion, ident: str, created: int) -> Iterator[str]:
@@ -97,6 +97,7 @@ class Backend(Protocol):
     """What answers checked requests (serve.backend.LocalBackend, serve.ray_serve.RayBackend)."""
 
     depth: int
+    full: bool  # whether a request now would be refused with 429
 
     def start(self) -> None: ...
 
@@ -123,7 +124,8 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
         finally:
             await run_in_threadpool(backend.close)  # what is queued is answered first
 
-    app = FastAPI(title="vidsparse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="vidsparse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
 
     def authorised(request: Request) -> None:
         if settings.api_key is None:
@@ -145,7 +147,8 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_fault(request: Request, error: Exception) -> JSONResponse:
-        return error_response(RequestError(500, f"internal error: {first_line(error)}", kind="server_error"))
+        telemetry.finished(500)
+        return error_response(RequestError(500, f"internal error: {first_line(error)[:300]}", kind="server_error"))
 
     @app.get("/health")
     async def health() -> dict:
@@ -172,12 +175,11 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
             if chat.model != settings.model_name:
                 raise RequestError(404, f"model {chat.model!r} is not served here (this server serves "
                                         f"{settings.model_name!r})", "model", kind="not_found_error")
-            check_frame_limits(chat, settings.max_frames)
-            media = await run_in_threadpool(fetch, chat.media, settings.media)
-            if media.frames is not None and len(media.frames) > settings.max_frames:
-                raise RequestError(400, f"{len(media.frames)} image frames: the server takes at most "
-                                        f"{settings.max_frames}")
+            check_frame_limits(chat, settings.media.max_frames)
             try:
+                if backend.full:  # before the clip is fetched: a full queue must not cost its memory
+                    raise QueueFull(f"the queue is full ({settings.max_queue} requests waiting)")
+                media = await run_in_threadpool(fetch, chat.media, settings.media)
                 done = await backend.complete(chat, media, request.is_disconnected)
             except QueueFull as e:
                 telemetry.finished(429)
@@ -185,6 +187,9 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
         except RequestError as e:
             telemetry.finished(e.status)
             return error_response(e)
+        except ClientDisconnect:  # it left while sending its body
+            telemetry.finished(CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
         if done is None:
             telemetry.finished(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)

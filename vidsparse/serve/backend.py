@@ -65,6 +65,10 @@ class LocalBackend:
     def depth(self) -> int:
         return self.scheduler.depth if self.scheduler is not None else 0
 
+    @property
+    def full(self) -> bool:
+        return self.depth >= self.limits[1]
+
     async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
         """The answer; None if the client went away first (its job is cancelled: if it has not started, it
         costs nothing). Raises QueueFull, or the RequestError that refuses the request (a 504 past the

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vidsparse.errors import UserError
-from vidsparse.options import AskOptions, parse_budget, parse_layers, parse_method
+from vidsparse.options import AskOptions, ask_options
 
 MAX_STOPS = 4  # as OpenAI's API
 
@@ -111,49 +111,57 @@ def question_and_media(messages: Any) -> tuple[str, MediaRef]:
     return question, MediaRef(videos[0] if videos else None, tuple(images))
 
 
-# The `vidsparse` object's keys: the CLI's option names, parsed by the CLI's parsers.
-VIDSPARSE_KEYS = ("method", "budget", "prune_after", "positions", "min_per_frame", "seed", "frames", "fps",
-                  "max_frames")
+# The `vidsparse` object's keys (the CLI's option names) and the JSON types each may have.
+VIDSPARSE_KEYS = {"method": (str,), "budget": (str, int), "prune_after": (str, int, list), "positions": (str,),
+                  "min_per_frame": (int,), "seed": (int,), "frames": (int,), "fps": (int, float),
+                  "max_frames": (int,)}
+
+
+def _typed(block: dict) -> None:
+    """Refuse a value of the wrong JSON type (a bool is not a number here, a layer is an integer)."""
+    for key, value in block.items():
+        kinds = VIDSPARSE_KEYS[key]
+        wrong = isinstance(value, bool) or not isinstance(value, kinds) or (
+            isinstance(value, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        if wrong:
+            names = {str: "a string", int: "an integer", float: "a number", list: "a list of integers"}
+            raise _bad(f"vidsparse.{key} must be {' or '.join(names[k] for k in kinds)}, got {value!r}"[:200],
+                       "vidsparse")
 
 
 def request_options(block: Any, defaults: AskOptions, media_frames: int | None) -> AskOptions:
-    """The server's defaults with the request's `vidsparse` object applied (and a frame count that the
-    client's media settings ask for, e.g. lmms-eval's `media_io_kwargs`, where the object names none)."""
+    """The server's defaults with the request's `vidsparse` object applied, checked by the CLI's own parser
+    (`ask_options`, `check_method`), so a request may ask what a command line may and nothing else. Its
+    sampling replaces the defaults' as a whole; a frame count the client's media settings ask for (e.g.
+    lmms-eval's `media_io_kwargs`) applies where the object names no sampling."""
     if block is None:
         block = {}
     if not isinstance(block, dict):
         raise _bad("vidsparse must be an object, e.g. {\"method\": \"stprune\", \"budget\": \"10%\"}", "vidsparse")
     unknown = sorted(set(block) - set(VIDSPARSE_KEYS))
     if unknown:
-        raise _bad(f"unknown vidsparse option {unknown[0]!r}: choose from {', '.join(VIDSPARSE_KEYS)}", "vidsparse")
-    options = defaults
+        raise _bad(f"unknown vidsparse option {unknown[0][:40]!r}: choose from {', '.join(VIDSPARSE_KEYS)}",
+                   "vidsparse")
+    _typed(block)
+    sampling = {"num_frames": defaults.num_frames if defaults.fps is None else None, "fps": defaults.fps,
+                "max_frames": defaults.max_frames}
+    if {"frames", "fps"} & set(block) or (media_frames is not None and "max_frames" not in block):
+        sampling = {"num_frames": block.get("frames", None if "fps" in block else media_frames),
+                    "fps": block.get("fps"), "max_frames": block.get("max_frames")}
+    elif "max_frames" in block:
+        sampling["max_frames"] = block["max_frames"]
     try:
-        if "method" in block:
-            options = replace(options, method=parse_method(block["method"]))
-        if "budget" in block:
-            options = replace(options, budget=parse_budget(block["budget"]))
-        if "prune_after" in block:
-            options = replace(options, prune_after=parse_layers(block["prune_after"]))
-        if "positions" in block:
-            if block["positions"] not in ("keep", "compact"):
-                raise UserError(f"positions must be keep or compact, got {block['positions']!r}")
-            options = replace(options, positions=block["positions"])
-        for key, field in (("min_per_frame", "min_per_frame"), ("seed", "seed")):
-            if key in block:
-                value = _int(block, key, 0)
-                options = replace(options, **{field: value})
-        frames = _int(block, "frames", 1) if "frames" in block else media_frames
-        if frames is not None:
-            options = replace(options, num_frames=frames, fps=None, max_frames=None)
-        if "fps" in block:
-            fps = block["fps"]
-            if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
-                raise UserError(f"fps must be a number > 0, got {fps!r}")
-            options = replace(options, fps=float(fps))
-        if "max_frames" in block:
-            options = replace(options, max_frames=_int(block, "max_frames", 1))
+        options = ask_options(block.get("method", defaults.method), block.get("budget", defaults.budget),
+                              block.get("prune_after", defaults.prune_after),
+                              block.get("positions", defaults.positions),
+                              block.get("min_per_frame", defaults.min_per_frame), block.get("seed", defaults.seed),
+                              sampling["num_frames"], defaults.backend, defaults.max_new_tokens,
+                              None if sampling["fps"] is None else float(sampling["fps"]), sampling["max_frames"])
+        from vidsparse.pruning import check_method
+
+        check_method(options.method, options.prune_after)
     except UserError as e:
-        raise _bad(f"vidsparse: {e}", "vidsparse") from None
+        raise _bad(f"vidsparse: {e}"[:300], "vidsparse") from None
     return options
 
 

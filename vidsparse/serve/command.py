@@ -62,10 +62,13 @@ def settings_of(flags: ServeFlags):
         root = flags.media_root.resolve()
         if not root.is_dir():
             raise UserError(f"--media-root {flags.media_root}: not a folder")
+    if flags.api_key is not None and not flags.api_key.strip():
+        raise UserError("the API key (--api-key or VIDSPARSE_API_KEY) is empty: give a key, or neither")
     limit = flags.max_body_mb * 2**20
     return ServeSettings(
-        model_name=flags.served_model_name, defaults=flags.options, media=MediaPolicy(root, flags.allow_http, limit),
-        api_key=flags.api_key or None, max_tokens=flags.options.max_new_tokens, max_frames=flags.frame_limit,
+        model_name=flags.served_model_name, defaults=flags.options,
+        media=MediaPolicy(root, flags.allow_http, limit, max_frames=flags.frame_limit), api_key=flags.api_key,
+        max_tokens=flags.options.max_new_tokens,
         max_video_seconds=flags.max_video_seconds, max_body_bytes=limit + 2**20, cache_bytes=flags.cache_mb * 2**20,
         max_queue=flags.queue_size, request_timeout_s=flags.timeout_s)
 

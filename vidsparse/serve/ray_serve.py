@@ -13,7 +13,9 @@ so replicas need not see the front's files.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import time
 
 from vidsparse.errors import UserError, first_line
 from vidsparse.serve.app import ServeSettings, create_app
@@ -57,6 +59,7 @@ class RayBackend:
     """The front's backend: each request to a replica, chosen by Ray Serve with the clip as routing key."""
 
     depth = 0  # the replicas' queues are theirs; the front holds none
+    full = False  # Ray Serve says when every replica's queue is full (BackPressureError)
 
     def __init__(self, replicas):
         self.replicas = replicas
@@ -142,12 +145,15 @@ def run_on_ray(address: str, model: str, dtype: str, device: str, settings: Serv
         raise UserError(f"Ray Serve could not start the replicas: {first_line(e, with_type=False)}") from None
     print(f"vidsparse serve --ray: {place.workers} replica(s) of {model} at http://{host}:{port}/v1",
           file=sys.stderr)
-    try:
-        from ray.serve._private.utils import wait_for_interrupt
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
 
-        wait_for_interrupt()
+    signal.signal(signal.SIGTERM, interrupted)  # SIGTERM as Ctrl-C (Ray's own handler aborts the process)
+    try:
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        print("vidsparse serve --ray: shutting down", file=sys.stderr)
     finally:
         serve.shutdown()
         if started:
