@@ -1,7 +1,8 @@
-"""What `vidsparse serve` costs and gains, side by side in one run on the shipped ShapesQA model.
+"""What `vidsparse serve` costs and gains, side by side in one run.
 
-Every request is one question about one clip, sent by the official openai client over HTTP to a live
-server on localhost (file:// URLs under the media root, as lmms-eval sends them). Rows:
+Every request is one question about one clip, sent by the official openai client over HTTP to
+`vidsparse serve` running in its own process on localhost (file:// URLs under the media root, as
+lmms-eval sends them), warmed up on a clip of its own. Rows:
 - `ask`: `VideoQA.answer` per question in this process, one after another: decoding, vision tower and
   the whole prefill every time (what a server without reuse pays);
 - `batch`: `VideoQA.answer_clip` on each clip's questions (what `vidsparse batch` runs);
@@ -10,7 +11,8 @@ server on localhost (file:// URLs under the media root, as lmms-eval sends them)
 Each server row starts a fresh server (an empty cache). Columns: questions/s, the ratio to `batch` and
 to `ask`, p50/p95 latency of a request, and whether every answer equals `ask`'s.
 
-    python bench/serve.py                     # 1 clip x 25 questions, concurrency 1, 4, 16
+    python bench/serve.py                     # shapes-demo: 1 clip x 25 questions, concurrency 1, 4, 16
+    python bench/serve.py --model 7b          # Video-LLaVA-7B's geometry (random weights, 3 layers on a CPU)
     python bench/serve.py --clips 4 --json out.json
 """
 
@@ -19,36 +21,71 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import openai  # noqa: E402
-from batch import workload  # noqa: E402
+import torch  # noqa: E402
+from batch import WORDS, workload  # noqa: E402
+from common import build_7b  # noqa: E402
 
-from tests.serving import live_server, settings  # noqa: E402
+from lab.fast_dtype import fastest_dtype  # noqa: E402
 from vidsparse.options import ask_options  # noqa: E402
 from vidsparse.pipeline import VideoQA  # noqa: E402
 
 
-def serve_row(qa: VideoQA, root: Path, work: list[tuple[Path, str]], concurrency: int, cache_mb: int,
+@contextmanager
+def server_process(model: str, dtype: str, root: Path, options, cache_mb: int, queue: int) -> Iterator[str]:
+    """`vidsparse serve` as users start it, in its own process (its own GIL), on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "vidsparse", "serve", "--model", model, "--port", str(port), "--media-root",
+               str(root), "--method", options.method, "--budget", str(options.budget), "--frames",
+               str(options.num_frames), "--max-new-tokens", str(options.max_new_tokens), "--cache-mb", str(cache_mb),
+               "--queue-size", str(queue), "--served-model-name", "bench", "--dtype", dtype]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def serve_row(model: str, dtype: str, root: Path, work: list[tuple[Path, str]], concurrency: int, cache_mb: int,
               options) -> tuple[float, list[float], list[str]]:
     """(seconds for all of `work`, each request's latency, the answers in order) through a fresh server."""
-    serve_settings = settings(root, model_name="shapes-demo", defaults=options, max_tokens=options.max_new_tokens,
-                              cache_bytes=cache_mb * 2**20, max_queue=max(16, concurrency))
-    with live_server(qa, serve_settings) as url:
+    with server_process(model, dtype, root, options, cache_mb, max(16, concurrency)) as url:
         clients = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) for _ in range(concurrency)]
+        clients[0].chat.completions.create(model="bench", messages=[  # warm-up: a clip of its own, no cache hit
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": (root / "warm.mp4").as_uri()}},
+                                         {"type": "text", "text": work[0][1]}]}])
 
         def one(i: int) -> tuple[float, str]:
             path, question = work[i]
             start = time.perf_counter()
-            reply = clients[i % concurrency].chat.completions.create(model="shapes-demo", messages=[
+            reply = clients[i % concurrency].chat.completions.create(model="bench", messages=[
                 {"role": "user", "content": [{"type": "video_url", "video_url": {"url": path.resolve().as_uri()}},
                                              {"type": "text", "text": question}]}])
             return time.perf_counter() - start, reply.choices[0].message.content
@@ -64,8 +101,23 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def load(kind: str, folder: Path) -> tuple[VideoQA, str, int]:
+    """(the model in this process, the checkpoint the servers load, frames a clip): the shipped ShapesQA
+    model, or Video-LLaVA-7B's geometry with random weights (CLIP ViT-L/14, the 7B-width decoder 3 layers
+    deep on a CPU), saved for the servers."""
+    if kind == "demo":
+        return VideoQA.from_pretrained("shapes-demo"), "shapes-demo", 8
+    dtype, why = fastest_dtype(torch.device("cpu"))
+    print(f"dtype: {dtype} ({why})")
+    qa = build_7b(3, torch.device("cpu"), getattr(torch, dtype), WORDS)
+    qa.model.model.save_pretrained(folder)
+    qa.model.tokenizer.save_pretrained(folder)
+    return qa, str(folder), 4
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["demo", "7b"], default="demo")
     parser.add_argument("--clips", type=int, default=1)
     parser.add_argument("--questions", type=int, default=25, help="questions a clip")
     parser.add_argument("--concurrency", default="1,4,16")
@@ -74,12 +126,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
-    qa = VideoQA.from_pretrained("shapes-demo")
-    options = ask_options(args.method, "100%" if args.method == "none" else args.budget, num_frames=8,
-                          max_new_tokens=args.new_tokens)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths, questions = workload("demo", args.clips, args.questions, Path(tmp))
+        qa, checkpoint, frames = load(args.model, Path(tmp) / "checkpoint")
+        options = ask_options(args.method, "100%" if args.method == "none" else args.budget, num_frames=frames,
+                              max_new_tokens=args.new_tokens)
+        paths, questions = workload(args.model, args.clips + 1, args.questions, Path(tmp))
+        shutil.copy(paths.pop(), Path(tmp) / "warm.mp4")  # the servers' warm-up clip
+        questions.pop()
         work = [(path, q) for path, asked in zip(paths, questions, strict=True) for q in asked]
         qa.answer(paths[0], questions[0][0], options)  # warm-up
         start = time.perf_counter()
@@ -95,14 +149,16 @@ def main() -> None:
                     for r in qa.answer_clip(path, asked, options)]
         batch_rate = len(work) / (time.perf_counter() - start)
         rows.append(("batch", 1, batch_rate, None, together == reference))
+        device, dtype = qa.model.device, str(qa.model.dtype).removeprefix("torch.")
+        del qa  # the servers hold their own copy
         for cache_mb, name in ((512, "serve cache"), (0, "serve no cache")):
             for concurrency in map(int, args.concurrency.split(",")):
-                seconds, latencies, answers = serve_row(qa, Path(tmp), work, concurrency, cache_mb,
-                                                        replace(options))
+                seconds, latencies, answers = serve_row(checkpoint, dtype, Path(tmp), work, concurrency, cache_mb,
+                                                        options)
                 rows.append((name, concurrency, len(work) / seconds, latencies, answers == reference))
-    print(f"\n{platform.processor() or platform.machine()}, {qa.model.device}, "
-          f"{str(qa.model.dtype).removeprefix('torch.')}, shapes-demo, method {args.method}; {args.clips} clip(s) x "
-          f"{args.questions} questions, 8 frames, {args.new_tokens} new tokens\n")
+    model = "shapes-demo" if args.model == "demo" else "Video-LLaVA-7B geometry, 3 decoder layers, random weights"
+    print(f"\n{platform.processor() or platform.machine()}, {device}, {dtype}, {model}, method {args.method}; "
+          f"{args.clips} clip(s) x {args.questions} questions, {frames} frames, {args.new_tokens} new tokens\n")
     header = ["path", "concurrency", "questions/s", "x batch", "x ask", "p50 ms", "p95 ms", "same answers"]
     print("  ".join(f"{h:>14}" for h in header))
     out = []

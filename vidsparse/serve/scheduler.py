@@ -8,6 +8,7 @@ anything."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -20,6 +21,8 @@ from vidsparse.serve.chat import ChatRequest, RequestError
 from vidsparse.serve.clip_cache import ClipCache
 from vidsparse.serve.media import Media, decoded
 from vidsparse.video import DecodedVideo, decode_clip
+
+MAX_GATHER_S = 0.02  # the longest a group waits for the questions of clients just answered
 
 
 class QueueFull(Exception):
@@ -52,6 +55,7 @@ class Scheduler:
         self.qa, self.cache, self.max_queue = qa, cache, max_queue
         self.max_video_seconds = max_video_seconds
         self._jobs: deque[Job] = deque()
+        self._in_flight, self._last_seconds = 1, 0.0  # when the last group ended: requests in flight, its time
         self._ready = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="vidsparse-inference", daemon=True)
@@ -81,29 +85,41 @@ class Scheduler:
         self._thread.join()
 
     def _next_group(self) -> list[Job] | None:
-        """The oldest job and every waiting job about the same clip with the same settings."""
+        """The oldest job and every waiting job about the same clip with the same settings. Where fewer wait
+        than were in flight when the last group ended (that group's and those waiting then), it waits a
+        moment (a tenth of that group's time, at most MAX_GATHER_S) for the rest: the clients just answered
+        are sending their next questions, and without it a closed loop of N clients settles into small
+        groups (N - 1 and 1, or N/2 and N/2) instead of one group of N."""
         with self._ready:
             while not self._jobs and not self._closing:
                 self._ready.wait()
             if not self._jobs:
                 return None
-            first = self._jobs.popleft()
-            same = [job for job in self._jobs if job.group == first.group]
-            for job in same:
+            key = self._jobs[0].group
+            deadline = time.monotonic() + min(MAX_GATHER_S, self._last_seconds / 10)
+            while (sum(job.group == key for job in self._jobs) < self._in_flight and not self._closing
+                   and (left := deadline - time.monotonic()) > 0):
+                self._ready.wait(left)
+            group = [job for job in self._jobs if job.group == key]
+            for job in group:
                 self._jobs.remove(job)
-        return [first, *same]
+        return group
 
     def _run(self) -> None:
         while (group := self._next_group()) is not None:
             live = [job for job in group if job.future.set_running_or_notify_cancel()]
             if not live:
                 continue
+            start = time.monotonic()
             try:
                 answers = self._answer(live)
             except Exception as e:  # noqa: BLE001 - what stops the whole group (the clip, the options) fails each job
                 for job in live:
                     job.future.set_exception(e)
                 continue
+            finally:
+                with self._ready:
+                    self._in_flight, self._last_seconds = len(live) + len(self._jobs), time.monotonic() - start
             for job, answer in zip(live, answers, strict=True):
                 if isinstance(answer, Exception):
                     job.future.set_exception(answer)
