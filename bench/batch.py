@@ -25,7 +25,6 @@ Two models: `--model 7b` (default): Video-LLaVA-7B geometry with random weights 
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import build_7b, parse_args
+from common import build_7b, parse_args, write_results
 
 from vidsparse.answer import AskResult
 from vidsparse.datasets import shapes
@@ -150,10 +149,8 @@ def main() -> None:
     print("  ".join(f"{h:>16}" for h in header))
     for r in rows:
         print("  ".join(f"{'-' if v is None else v!s:>16}" for v in r.values()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"batch-{args.model}-{device.type}-{len(qa.model.decoder.layers)}L.json"
-    path.write_text(json.dumps({"geometry": geometry, "frames": frames, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {path}")
+    write_results(args.out, f"batch-{args.model}-{device.type}-{len(qa.model.decoder.layers)}L.json",
+                  {"geometry": geometry, "frames": frames, "rows": rows})
 
 
 def row(method: str, budget: str, path: str, rate: float, per_question: dict, flops: float | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,8 @@ def parse_args(doc: str, repeats: int, cpu_layers: int = 4, new_tokens: int = 8,
                         help="auto: bfloat16 on a GPU that has it; on a CPU whichever matmul is faster here")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--new-tokens", type=int, default=new_tokens)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the results as JSON into this folder (nothing is written unless asked)")
     more(parser)
     args = parser.parse_args()
     logging.set_verbosity_error()
@@ -43,6 +45,43 @@ def parse_args(doc: str, repeats: int, cpu_layers: int = 4, new_tokens: int = 8,
         args.dtype, why = fastest_dtype(device)
         print(f"dtype: {args.dtype} (auto: {why})")
     return args, device, getattr(torch, args.dtype), args.layers or (32 if device.type == "cuda" else cpu_layers)
+
+
+def write_results(out: Path | None, name: str, results: dict) -> None:
+    """The results as `out`/`name`, only where --out asks for them: a run never rewrites tracked files."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {path}")
+
+
+def decoder_bytes(text_config, dtype: torch.dtype) -> int:
+    """The weights of a Llama/Qwen2-shaped decoder (embeddings and LM head, attention with its key/value
+    groups, MLP) in `dtype`."""
+    d, m, layers = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
+    kv = d * (text_config.num_key_value_heads or text_config.num_attention_heads) // text_config.num_attention_heads
+    params = 2 * text_config.vocab_size * d + layers * (2 * d * d + 2 * d * kv + 3 * d * m)
+    return params * torch.finfo(dtype).bits // 8
+
+
+def require_memory(weights: int, what: str, device: torch.device) -> None:
+    """Say up front what a run needs (its weights, a quarter more and 1 GiB for activations) and refuse
+    in one line, before allocating, where the machine has less available now."""
+    needed = weights * 5 // 4 + 2**30
+    print(f"{what}: needs about {needed / 2**30:.1f} GiB of {'host' if device.type == 'cpu' else 'device'} memory")
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        meminfo = Path("/proc/meminfo")
+        if not meminfo.exists():
+            return
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    if needed > available:
+        raise SystemExit(f"{what} needs about {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available "
+                         "now: stop other jobs, or pass a smaller --layers")
 
 
 def llama_7b(layers: int, **tokens: int) -> LlamaConfig:
@@ -56,6 +95,9 @@ def build_7b(layers: int, device: torch.device, dtype: torch.dtype, words: list[
     224 x 224 frames, 257 tokens a frame) and the 7B-width decoder `layers` deep; a word tokenizer."""
     tokenizer = word_tokenizer(words)
     text = llama_7b(layers, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    clip_vit_l = 303_000_000 * torch.finfo(dtype).bits // 8
+    require_memory(decoder_bytes(text, dtype) + clip_vit_l, f"the 7B geometry ({layers} decoder layers, ViT-L)",
+                   device)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=224, patch_size=14)
     config = VideoLlavaConfig(vision_config=vision, text_config=text,

@@ -9,13 +9,12 @@ tokens), random weights, a real decoded clip, the same interleaved timing (warm-
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import build_7b, parse_args
+from common import build_7b, parse_args, write_results
 
 from vidsparse.datasets.shapes import write_video
 
@@ -54,10 +53,8 @@ def main() -> None:
         cells = [r["method"], r["budget"] or "-", r["total_ms"], r["speedup"],
                  *(f"{100 * r[f'{s}_share']:.1f}%" for s in STAGES)]
         print("  ".join(f"{c!s:>12}" for c in cells))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"end_to_end-{device.type}-{layers}L.json"
-    path.write_text(json.dumps({"layers": layers, "dtype": args.dtype, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {path}")
+    write_results(args.out, f"end_to_end-{device.type}-{layers}L.json", {"layers": layers, "dtype": args.dtype,
+                                                                          "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ same run, interleaved after a warm-up, median of --repeats.
 
 from __future__ import annotations
 
-import json
 import platform
 
 import numpy as np
 import torch
-from common import llama_7b, parse_args
+from common import decoder_bytes, llama_7b, parse_args, require_memory, write_results
 from prefill import matmul_peak, print_table, run_once, summarize
 from transformers import (
     CLIPVisionConfig,
@@ -50,6 +49,13 @@ QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_head
             "vocab_size": 152064, "max_position_embeddings": 32768}
 
 
+def affordable(config, dtype: torch.dtype, device: torch.device) -> None:
+    """Stop here, in one line, if this machine cannot hold `config`'s decoder."""
+    text = config.text_config
+    require_memory(decoder_bytes(text, dtype), f"{config.model_type} ({text.num_hidden_layers} decoder layers)",
+                   device)
+
+
 def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) -> tuple[VideoModel, int]:
     """The family's model at its 7B decoder geometry (`layers` deep, a small random tower) and the frame
     side its clips are made at."""
@@ -66,6 +72,7 @@ def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) ->
                     layers, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id),
                     video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
                     image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+                affordable(config, dtype, device)
                 model, wrapper, side = VideoLlavaForConditionalGeneration(_sdpa(config)), VideoLlava, 224
                 model.model.image_tower = None
             elif family == "llava_onevision":
@@ -75,6 +82,7 @@ def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) ->
                 config.text_config = Qwen2Config(**QWEN2_7B, num_hidden_layers=layers,
                                                  eos_token_id=config.text_config.eos_token_id,
                                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+                affordable(config, dtype, device)
                 model, wrapper, side = LlavaOnevisionForConditionalGeneration(_sdpa(config)), LlavaOnevision, 384
             else:
                 tokenizer = qwen_tokenizer(WORDS)
@@ -84,6 +92,7 @@ def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) ->
                 config.text_config = Qwen2_5_VLTextConfig(
                     **QWEN2_7B, num_hidden_layers=layers, eos_token_id=config.text_config.eos_token_id,
                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+                affordable(config, dtype, device)
                 model, wrapper, side = Qwen2_5_VLForConditionalGeneration(_sdpa(config)), Qwen25VL, 448
     finally:
         torch.set_default_dtype(default)
@@ -139,10 +148,7 @@ def main() -> None:
         print_table(rows)
         report["families"][family] = {"visual_tokens": n, "prompt_rows": prompt.embeds.shape[1], "rows": rows}
         del model, prompt, runs
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"families-{device.type}-{layers}L-{args.frames}f.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nwrote {path}")
+    write_results(args.out, f"families-{device.type}-{layers}L-{args.frames}f.json", report)
 
 
 if __name__ == "__main__":

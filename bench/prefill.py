@@ -12,13 +12,12 @@ against the physical limit.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 
 import torch
-from common import llama_7b, parse_args
+from common import decoder_bytes, llama_7b, parse_args, require_memory, write_results
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.decoding import generate
@@ -49,6 +48,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 4096) -> f
 
 def build_decoder(layers: int, device: torch.device, dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
     text = llama_7b(layers)
+    require_memory(decoder_bytes(text, dtype), f"the 7B decoder ({layers} layers)", device)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                               image_size=224, patch_size=14)  # unused: the visual tokens are given directly
     config = VideoLlavaConfig(vision_config=vision, text_config=text)
@@ -119,11 +119,9 @@ def main() -> None:
     print(f"\n{hardware}, {args.dtype}, {layers}-layer 7B-width decoder, 8 x 257 visual tokens + {PREFIX + SUFFIX} "
           f"text, median of {args.repeats} interleaved runs; dense-matmul peak {peak:.3f} TFLOP/s\n")
     print_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"prefill-{device.type}-{layers}L.json"
-    path.write_text(json.dumps({"hardware": hardware, "dtype": args.dtype, "layers": layers,
-                                "matmul_peak_tflops": peak, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {path}")
+    write_results(args.out, f"prefill-{device.type}-{layers}L.json", {"hardware": hardware, "dtype": args.dtype,
+                                                                      "layers": layers, "matmul_peak_tflops": peak,
+                                                                      "rows": rows})
 
 
 def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
