@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo lint bench eval-demo eval-hd eval-ov eval-qwen train-demo train-hd train-ov train-qwen
+.PHONY: install test demo lint bench eval-demo eval-hd eval-hd-plain eval-ov eval-qwen train-demo train-hd train-ov train-qwen
 DEMO_SEED ?= 2026
 # Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill (30% and 38% of the
 # tokens take the methods that prune before layer 0 to the 24% and 31% costs the equal-cost comparison needs).
@@ -80,6 +80,15 @@ eval-hd:
 		--model shapes-hd --method none --max-new-tokens 8
 	$(PYTHON) -m vidsparse sweep shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --model shapes-hd \
 		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 --out docs/shapes-hd-sweep
+
+# Recipe N's HD model (trained on complete clips only, never in the pruned regime) on the same held-out clips.
+eval-hd-plain:
+	$(PYTHON) -m vidsparse make-shapes shapes-hd-eval --kind hd --n 500 --seed 434343
+	$(PYTHON) -m vidsparse batch shapes-hd-eval --questions shapes-hd-eval/qa.jsonl \
+		--out shapes-hd-eval/full-plain.jsonl --model shapes-hd-plain --method none --max-new-tokens 8
+	$(PYTHON) -m vidsparse sweep shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --model shapes-hd-plain \
+		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 \
+		--out docs/shapes-hd-plain-sweep
 
 test:
 	$(PYTHON) -m pytest tests

@@ -220,6 +220,8 @@ def test_methods_lists_every_method_with_its_default_stages():
                                                                                   "--budget", "50%"], 4),
         # held out: 92.9% at full budget (its EVAL.md)
         ("hd", "shapes-hd", ["color", "shape", "count", "first", "second", "disappears", "moving"], [], 5),
+        # recipe N, trained on complete clips only, held out: 91.9% at full budget (its EVAL.md)
+        ("hd", "shapes-hd-plain", ["color", "shape", "count", "first", "second", "disappears", "moving"], [], 5),
         # LLaVA-OneVision, held out: 99.6% at full budget (its EVAL.md)
         ("demo", "shapes-ov", ["color", "shape", "count", "first", "second"], ["--method", "stprune",
                                                                                 "--budget", "50%"], 4),

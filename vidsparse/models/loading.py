@@ -32,6 +32,7 @@ from vidsparse.models.family import VIDEO_PROCESSOR_FILE, VideoModel
 # Names for the checkpoints the project ships, inside the package (vidsparse/shipped/).
 _SHIPPED = Path(__file__).resolve().parents[1] / "shipped"  # package data: there in a wheel's install too
 ALIASES = {"shapes-demo": _SHIPPED / "shapes-videollava", "shapes-hd": _SHIPPED / "shapes-hd-videollava",
+           "shapes-hd-plain": _SHIPPED / "shapes-hd-plain",
            "shapes-ov": _SHIPPED / "shapes-onevision", "shapes-qwen": _SHIPPED / "shapes-qwen"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
