@@ -97,9 +97,10 @@ class Backend(Protocol):
     """What answers checked requests (serve.backend.LocalBackend, serve.ray_serve.RayBackend)."""
 
     depth: int
-    full: bool  # whether a request now would be refused with 429
 
     def start(self) -> None: ...
+
+    def check_room(self) -> None: ...  # raise QueueFull where a request now would be refused with 429
 
     def close(self) -> None: ...
 
@@ -177,8 +178,7 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
                                         f"{settings.model_name!r})", "model", kind="not_found_error")
             check_frame_limits(chat, settings.media.max_frames)
             try:
-                if backend.full:  # before the clip is fetched: a full queue must not cost its memory
-                    raise QueueFull(f"the queue is full ({settings.max_queue} requests waiting)")
+                backend.check_room()  # before the clip is fetched: a full queue must not cost its memory
                 media = await run_in_threadpool(fetch, chat.media, settings.media)
                 done = await backend.complete(chat, media, request.is_disconnected)
             except QueueFull as e:

@@ -49,12 +49,11 @@ class LocalBackend:
     def __init__(self, qa: VideoQA, cache_bytes: int, max_queue: int, max_video_seconds: float,
                  timeout_s: float):
         self.qa, self.timeout_s = qa, timeout_s
-        self.limits = (cache_bytes, max_queue, max_video_seconds)
+        self.cache_bytes, self.max_queue, self.max_video_seconds = cache_bytes, max_queue, max_video_seconds
         self.scheduler: Scheduler | None = None
 
     def start(self) -> None:
-        cache_bytes, max_queue, max_video_seconds = self.limits
-        self.scheduler = Scheduler(self.qa, ClipCache(cache_bytes), max_queue, max_video_seconds)
+        self.scheduler = Scheduler(self.qa, ClipCache(self.cache_bytes), self.max_queue, self.max_video_seconds)
 
     def close(self) -> None:
         """Answer what is queued, then stop."""
@@ -65,9 +64,9 @@ class LocalBackend:
     def depth(self) -> int:
         return self.scheduler.depth if self.scheduler is not None else 0
 
-    @property
-    def full(self) -> bool:
-        return self.depth >= self.limits[1]
+    def check_room(self) -> None:
+        """Raise QueueFull where a request now would not be queued (before its clip is fetched)."""
+        self.scheduler.check_room()
 
     async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
         """The answer; None if the client went away first (its job is cancelled: if it has not started, it

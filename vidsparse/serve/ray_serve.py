@@ -59,7 +59,6 @@ class RayBackend:
     """The front's backend: each request to a replica, chosen by Ray Serve with the clip as routing key."""
 
     depth = 0  # the replicas' queues are theirs; the front holds none
-    full = False  # Ray Serve says when every replica's queue is full (BackPressureError)
 
     def __init__(self, replicas):
         self.replicas = replicas
@@ -69,6 +68,9 @@ class RayBackend:
 
     def close(self) -> None:
         pass
+
+    def check_room(self) -> None:
+        """Ray Serve says when every replica's queue is full, once the request is sent (BackPressureError)."""
 
     async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
         from ray.serve.exceptions import BackPressureError

@@ -66,13 +66,17 @@ class Scheduler:
         """Requests waiting (not counting the group being answered)."""
         return len(self._jobs)
 
+    def check_room(self) -> None:
+        """Raise QueueFull where a request now would not be queued."""
+        if self._closing:
+            raise QueueFull("the server is shutting down")
+        if len(self._jobs) >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+
     def submit(self, request: ChatRequest, media: Media) -> Future:
         future: Future = Future()
         with self._ready:
-            if self._closing:
-                raise QueueFull("the server is shutting down")
-            if len(self._jobs) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self.check_room()
             self._jobs.append(Job(request, media, future))
             self._ready.notify()
         return future
