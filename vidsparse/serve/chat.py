@@ -190,8 +190,7 @@ def parse_chat(body: Any, defaults: AskOptions, max_tokens_limit: int) -> ChatRe
     if not isinstance(model, str) or not model:
         raise _bad("model is required (GET /v1/models lists it)", "model")
     question, media = question_and_media(body.get("messages"))
-    if _int(body, "n", 1, 1) not in (None, 1):
-        raise _bad("n must be 1", "n")
+    _int(body, "n", 1, 1)  # one answer a request
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, int | float)
                                     or temperature < 0):
