@@ -38,6 +38,21 @@ def server(qa, clips):
         yield url
 
 
+@pytest.fixture
+def held(monkeypatch) -> tuple[threading.Event, list[list[str]]]:
+    """The inference thread held at each `answer_prepared` call until the event is set; the calls' questions."""
+    release, calls = threading.Event(), []
+    answer_prepared = VideoQA.answer_prepared
+
+    def waits(self, clip, questions, *args, **kwargs):
+        calls.append(list(questions))
+        release.wait(30)
+        return answer_prepared(self, clip, questions, *args, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "answer_prepared", waits)
+    return release, calls
+
+
 def client(url: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
@@ -255,18 +270,10 @@ def test_the_api_key_is_required_when_set(qa, clips):
             assert json.loads(response.read())["status"] == "ok"
 
 
-def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_together(qa, clips, monkeypatch):
+def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_together(qa, clips, held):
     """The inference thread is held on the first request; meanwhile two more on the same clip queue (one
     more is refused with 429 and Retry-After); released, the two are answered in one call, as `ask` would."""
-    release, calls = threading.Event(), []
-    answer_prepared = VideoQA.answer_prepared
-
-    def held(self, clip, questions, *args, **kwargs):
-        calls.append(list(questions))
-        release.wait(30)
-        return answer_prepared(self, clip, questions, *args, **kwargs)
-
-    monkeypatch.setattr(VideoQA, "answer_prepared", held)
+    release, calls = held
     questions = [QUESTION, "what moves ?", "what is happening ?"]
     uri = clips["h264"].resolve().as_uri()
     with live_server(qa, settings(clips["h264"].parent, max_queue=2)) as url:
@@ -298,18 +305,10 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
         assert _metric(url, 'vidsparse_requests_total{status="429"}') == 1
 
 
-def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, monkeypatch):
+def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, held):
     """While the inference thread is held, a client gives up on its queued request; released, the thread
     answers the others and never runs the abandoned one."""
-    release, calls = threading.Event(), []
-    answer_prepared = VideoQA.answer_prepared
-
-    def held(self, clip, questions, *args, **kwargs):
-        calls.append(list(questions))
-        release.wait(30)
-        return answer_prepared(self, clip, questions, *args, **kwargs)
-
-    monkeypatch.setattr(VideoQA, "answer_prepared", held)
+    release, calls = held
     first_uri, other_uri = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
     with live_server(qa, settings(clips["h264"].parent)) as url:
         first = threading.Thread(target=post, args=(url, {"model": MODEL_NAME, "messages": video_message(first_uri)}))
@@ -330,15 +329,8 @@ def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, mo
     assert calls == [[QUESTION], ["what is happening ?"]]  # "what moves ?" about the other clip never ran
 
 
-def test_a_request_past_the_timeout_is_a_504_and_the_server_goes_on(qa, clips, monkeypatch):
-    release = threading.Event()
-    answer_prepared = VideoQA.answer_prepared
-
-    def held(self, clip, questions, *args, **kwargs):
-        release.wait(30)
-        return answer_prepared(self, clip, questions, *args, **kwargs)
-
-    monkeypatch.setattr(VideoQA, "answer_prepared", held)
+def test_a_request_past_the_timeout_is_a_504_and_the_server_goes_on(qa, clips, held):
+    release, _ = held
     uri = clips["h264"].resolve().as_uri()
     with live_server(qa, settings(clips["h264"].parent, request_timeout_s=0.5)) as url:
         try:
@@ -346,7 +338,6 @@ def test_a_request_past_the_timeout_is_a_504_and_the_server_goes_on(qa, clips, m
         finally:
             release.set()
         assert code == 504 and "0.5 s" in reply["error"]["message"]
-        monkeypatch.setattr(VideoQA, "answer_prepared", answer_prepared)
         assert post(url, {"model": MODEL_NAME, "messages": video_message(uri)})[0] == 200
 
 

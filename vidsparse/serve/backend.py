@@ -28,6 +28,24 @@ class Completion:
     stats: dict
 
 
+async def finished_unless_gone(waiting: asyncio.Future, gone: Gone | None, cancel: Callable[[], object],
+                               timeout_s: float | None = None) -> bool:
+    """Wait for `waiting`: True once it is done; False, after `cancel()`, if the client went away first.
+    Past `timeout_s` it cancels and refuses the request with a 504."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.05)
+        if done:
+            return True
+        if gone is not None and await gone():
+            cancel()
+            return False
+        if deadline is not None and loop.time() > deadline:
+            cancel()
+            raise RequestError(504, f"no answer within the server's {timeout_s:g} s limit", kind="timeout")
+
+
 def answer_text(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The answer cut before its first stop sequence, and whether one was found."""
     cuts = [answer.find(stop) for stop in stops if stop in answer]
@@ -74,20 +92,9 @@ class LocalBackend:
         timeout); a server fault propagates as it is."""
         future = self.scheduler.submit(chat, media)
         waiting = asyncio.wrap_future(future)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
         try:
-            while True:
-                done, _ = await asyncio.wait({waiting}, timeout=0.05)
-                if done:
-                    break
-                if gone is not None and await gone():
-                    future.cancel()
-                    return None
-                if loop.time() > deadline:
-                    future.cancel()
-                    raise RequestError(504, f"no answer within the server's {self.timeout_s:g} s limit",
-                                       kind="timeout")
+            if not await finished_unless_gone(waiting, gone, future.cancel, self.timeout_s):
+                return None
         except asyncio.CancelledError:  # the caller gave up (a Ray Serve request cancelled upstream)
             future.cancel()
             raise

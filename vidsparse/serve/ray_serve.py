@@ -19,7 +19,7 @@ import time
 
 from vidsparse.errors import UserError, first_line
 from vidsparse.serve.app import ServeSettings, create_app
-from vidsparse.serve.backend import Completion, Gone, LocalBackend
+from vidsparse.serve.backend import Completion, Gone, LocalBackend, finished_unless_gone
 from vidsparse.serve.chat import ChatRequest
 from vidsparse.serve.media import Media
 from vidsparse.serve.scheduler import QueueFull
@@ -77,13 +77,8 @@ class RayBackend:
 
         response = self.replicas.options(multiplexed_model_id=media.digest).complete.remote(chat, media.portable())
         waiting = asyncio.ensure_future(_awaited(response))
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=0.05)
-            if done:
-                break
-            if gone is not None and await gone():
-                response.cancel()
-                return None
+        if not await finished_unless_gone(waiting, gone, response.cancel):
+            return None
         try:
             return waiting.result()
         except BackPressureError:
