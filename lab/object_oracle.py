@@ -66,7 +66,7 @@ def oracle(kind: str) -> type[Method]:
 
         def select(self, stage: StageInput) -> Selection:
             first = ground_truth_priority(kind, current_clip[0])
-            fill = lattice(stage.frames, stage.rows, stage.cols, stage.budget).tolist()
+            fill = lattice(stage.grid, stage.budget)
             keep = list(dict.fromkeys(first + fill))[: stage.budget]  # fill alone has B distinct tokens
             return Selection(torch.tensor(sorted(keep)), in_clip_order=True)
 

@@ -122,7 +122,7 @@ def _choose(plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbe
         index=index, num_stages=len(stages), layer=stages[index], num_visual=len(visual),
         budget=min(plan.budget, len(visual)), hidden=visual_hidden,
         frames=visual.frame.to(device)[origin], rows=visual.row.to(device)[origin], cols=visual.col.to(device)[origin],
-        attention=attention, min_per_frame=plan.min_per_frame, generator=generator,
+        attention=attention, min_per_frame=plan.min_per_frame, generator=generator, grid=visual.grid(),
         saliency=None if prompt.saliency is None else prompt.saliency.to(device)[origin],
         frame_features=prompt.frame_features, facts=facts,
     ))

@@ -52,6 +52,17 @@ def attention_rows(layer, query_input: torch.Tensor, cos_sin: tuple[torch.Tensor
     return scores.softmax(-1).mean(dim=(0, 1, 2))
 
 
+def merge_matrix(selection: Selection, count: int, size: int, device: torch.device) -> torch.Tensor:
+    """(count, size) float32: row g holds group g's normalised weights over the block's tokens, so
+    that the merged tokens are one product with the block, in its dtype (the weights are rounded to
+    it as the merged tokens are), instead of a float32 copy of every source row."""
+    source, target = selection.merge_source.to(device), selection.merge_target.to(device)
+    weight = (torch.ones(source.numel(), device=device) if selection.merge_weight is None
+              else selection.merge_weight.to(device, torch.float32))
+    matrix = torch.zeros(count, size, device=device).index_put_((target, source), weight, accumulate=True)
+    return matrix / matrix.sum(1, keepdim=True)
+
+
 def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: VisualBlock, selection: Selection,
                     mode: PositionMode) -> tuple[torch.Tensor, torch.Tensor, VisualBlock]:
     """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then the
@@ -66,15 +77,9 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
     places = [keep]  # index in the current block of each output row (a merged row: its anchor's)
     merged = [block.merged[keep]]
     if selection.merge_anchor.numel():
-        source, target, anchor = (t.to(device) for t in (selection.merge_source, selection.merge_target,
-                                                         selection.merge_anchor))
-        weight = (torch.ones(source.numel(), device=device) if selection.merge_weight is None
-                  else selection.merge_weight.to(device, torch.float32))
+        anchor = selection.merge_anchor.to(device)
         count = anchor.numel()
-        sums = torch.zeros(1, count, hidden.shape[-1], dtype=torch.float32, device=device)
-        sums.index_add_(1, target, visual[:, source].float() * weight[None, :, None])
-        totals = torch.zeros(count, device=device).index_add_(0, target, weight)[None, :, None]
-        parts.append((sums / totals).to(hidden.dtype))
+        parts.append(merge_matrix(selection, count, visual.shape[1], device).to(hidden.dtype) @ visual)
         places.append(anchor)
         merged.append(torch.ones(count, dtype=torch.bool, device=device))
     place = torch.cat(places)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.base import StageInput
 
 
@@ -19,7 +20,8 @@ def stage_input(x, frames_count, per_frame, budget, layer=-1, attention=None, ro
     return StageInput(index=0, num_stages=1, layer=layer, num_visual=n, budget=budget, hidden=x, frames=frames,
                       rows=torch.where(patch < 0, -1, patch // grid) if rows is None else rows,
                       cols=torch.where(patch < 0, -1, patch % grid) if cols is None else cols,
-                      attention=attention, min_per_frame=0, generator=torch.Generator(), **extra)
+                      attention=attention, min_per_frame=0, generator=torch.Generator(),
+                      grid=ClipGrid(frames_count, grid, grid, True), **extra)
 
 
 def clip_features(frames_count=8, per_frame=17, dim=48, seed=0):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.base import Selection, StageInput, top_k
 from vidsparse.pruning.clustering import dpc_knn
 from vidsparse.pruning.sparsevlm import Raters, SparseVLM, choose_raters, num_clusters, recycling_split
@@ -26,7 +27,8 @@ def stage(attention, budget, is_last, frames=None, facts=None):
     return StageInput(index=0, num_stages=1 if is_last else 2, layer=1, num_visual=n, budget=budget,
                       hidden=torch.zeros(n, 4), frames=torch.zeros(n, dtype=torch.long) if frames is None else frames,
                       rows=torch.zeros(n, dtype=torch.long), cols=torch.arange(n),
-                      attention=attention, min_per_frame=0, generator=torch.Generator(), facts=facts)
+                      attention=attention, min_per_frame=0, generator=torch.Generator(), facts=facts,
+                      grid=ClipGrid(1 if frames is None else int(frames.max()) + 1, 1, n, False))
 
 
 def test_rank_rule_for_intermediate_stages():
@@ -139,7 +141,8 @@ def uniform_kept(frames, grid, budget):
     n = frame.numel()
     keep = UniformPruning().select(StageInput(
         index=0, num_stages=1, layer=-1, num_visual=n, budget=budget, hidden=torch.zeros(n, 4), frames=frame,
-        rows=row, cols=col, attention=None, min_per_frame=0, generator=torch.Generator())).keep
+        rows=row, cols=col, attention=None, min_per_frame=0, generator=torch.Generator(),
+        grid=ClipGrid(frames, grid, grid, True))).keep
     return frame[keep], row[keep], col[keep]
 
 

@@ -60,7 +60,7 @@ def test_first_stage_is_the_spatio_temporal_lattice_at_twice_the_budget():
     for budget, expected in ((10, 20), (50, 100), (100, 136)):
         stage = stage_input(x, 8, 17, budget)
         selection = STPrune().select(stage)
-        assert selection.keep.tolist() == lattice(stage.frames, stage.rows, stage.cols, expected).tolist()
+        assert selection.keep.tolist() == lattice(stage.grid, expected)
         assert selection.in_clip_order and torch.bincount(stage.frames[selection.keep]).min() >= expected // 8
 
 

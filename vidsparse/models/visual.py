@@ -11,6 +11,23 @@ import torch
 
 
 @dataclass(frozen=True)
+class ClipGrid:
+    """A clip's visual tokens as every family lays them out, in Python numbers: `frames` spans one
+    after the other, each a summary (CLS) token where `cls`, then `rows` x `cols` patches row by row.
+    Methods that plan per frame before layer 0 read the layout here rather than from tensors on the
+    model's device, so that planning never waits for the device."""
+
+    frames: int
+    rows: int
+    cols: int
+    cls: bool
+
+    @property
+    def per_frame(self) -> int:
+        return self.rows * self.cols + int(self.cls)
+
+
+@dataclass(frozen=True)
 class VisualMap:
     """Where the visual tokens sit in the prompt and where each came from in the clip."""
 
@@ -26,6 +43,11 @@ class VisualMap:
 
     def __len__(self) -> int:
         return int(self.positions.numel())
+
+    def grid(self) -> ClipGrid:
+        """The layout as Python numbers (the map lives on the host: reading it costs no device sync)."""
+        return ClipGrid(int(self.frame.max()) + 1, int(self.row.max()) + 1, int(self.col.max()) + 1,
+                        bool(self.is_cls.any()))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
+from vidsparse.models.visual import ClipGrid
 from vidsparse.options import PositionMode
 
 BEFORE_FIRST_LAYER = -1  # a stage "after layer -1" acts on the input embeddings
@@ -70,6 +71,7 @@ class StageInput:
     attention: torch.Tensor | None  # (rows, n_v) head-averaged probabilities from the query rows
     min_per_frame: int
     generator: torch.Generator
+    grid: ClipGrid  # the clip's layout before any stage (what a stage before layer 0 sees), in Python numbers
     saliency: torch.Tensor | None = None  # (n_v,) the vision tower's CLS attention to each token, if asked for
     frame_features: torch.Tensor | None = None  # (frames, d_vision) each frame's CLS embedding, if asked for
     facts: object | None = None  # what `prepare` learned about this question (None at a question-independent stage)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.base import BeforeFirstLayer, Method, Selection, StageInput, top_k
 
 
@@ -30,20 +31,16 @@ class UniformPruning(BeforeFirstLayer):
                "frame, shifted from frame to frame so that the frames together cover the image")
 
     def select(self, stage: StageInput) -> Selection:
-        return Selection(lattice(stage.frames, stage.rows, stage.cols, stage.budget))
+        return Selection(torch.tensor(lattice(stage.grid, stage.budget), device=stage.hidden.device))
 
 
-def lattice(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, budget: int) -> torch.Tensor:
-    """Ascending indices of `budget` tokens of a whole clip (frame-major, every patch present): an
-    equal share per frame (remainder to the earliest), a shifted 2-D grid inside each (grid_picks)."""
-    frame_ids, counts = frames.unique_consecutive(return_counts=True)
-    share, extra = divmod(budget, len(frame_ids))
-    keep, start = [], 0
-    for t, count in enumerate(counts.tolist()):
-        want = min(count, share + (1 if t < extra else 0))
-        keep.append(start + grid_picks(rows[start : start + count], cols[start : start + count], want, t))
-        start += count
-    return torch.cat(keep)
+def lattice(grid: ClipGrid, budget: int) -> list[int]:
+    """Ascending indices of `budget` tokens of a whole clip laid out as `grid`: an equal share per
+    frame (remainder to the earliest), a shifted 2-D grid inside each (grid_picks). Python numbers
+    only: the plan is made on the host and reaches the device as one copy."""
+    share, extra = divmod(budget, grid.frames)
+    return [t * grid.per_frame + i for t in range(grid.frames)
+            for i in grid_picks(grid, min(grid.per_frame, share + (1 if t < extra else 0)), t)]
 
 
 # Per-frame grid offsets: the R2 low-discrepancy sequence (steps 1/rho and 1/rho^2, rho the plastic
@@ -51,21 +48,18 @@ def lattice(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, budget
 _R2_STEPS = (0.7548776662466927, 0.5698402909980532)
 
 
-def grid_picks(rows: torch.Tensor, cols: torch.Tensor, want: int, frame: int) -> torch.Tensor:
-    """Ascending indices of `want` of one frame's tokens (`rows`/`cols` their patch coordinates, -1 for
-    CLS): a lattice of R rows of near-equal counts, each point at the same offset inside its cell;
-    the offset is the cell centre in frame 0 and moves along the R2 sequence with `frame`. CLS only
-    when every patch is already taken."""
-    patch = (rows >= 0).nonzero().squeeze(1)
-    if want > patch.numel():  # want == every token of the frame
-        return torch.arange(rows.numel(), device=rows.device)
-    height, width = int(rows.max()) + 1, int(cols.max()) + 1
+def grid_picks(grid: ClipGrid, want: int, frame: int) -> list[int]:
+    """Ascending indices inside one frame of `want` of its tokens: a lattice of R rows of near-equal
+    counts, each point at the same offset inside its cell; the offset is the cell centre in frame 0
+    and moves along the R2 sequence with `frame`. CLS only when every patch is already taken."""
+    height, width = grid.rows, grid.cols
+    if want > height * width:  # want == every token of the frame
+        return list(range(grid.per_frame))
     lattice_rows = min(want, height, max(-(-want // width), math.ceil(math.sqrt(want * height / width))))
     dy, dx = ((0.5 + frame * step) % 1.0 for step in _R2_STEPS)
-    index_of = {(int(r), int(c)): int(i) for i, r, c in zip(patch, rows[patch], cols[patch], strict=True)}
     picks = []
     for i in range(lattice_rows):
         in_row = want // lattice_rows + (1 if i < want % lattice_rows else 0)
         row = int((i + dy) * height / lattice_rows)
-        picks += [index_of[row, int((j + dx) * width / in_row)] for j in range(in_row)]
-    return torch.tensor(sorted(picks), dtype=torch.long, device=rows.device)
+        picks += [int(grid.cls) + row * width + int((j + dx) * width / in_row) for j in range(in_row)]
+    return sorted(picks)

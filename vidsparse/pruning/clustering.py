@@ -17,17 +17,18 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tu
     """
     n = x.shape[0]
     x = x.float()
-    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one matmul (torch.cdist takes a slow path on CPU).
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one product (torch.cdist takes a slow path on CPU).
     squared = (x * x).sum(1)
-    distance = (squared[:, None] + squared[None, :] - 2 * (x @ x.T)).clamp_min_(0).sqrt_() / x.shape[1] ** 0.5
-    distance.fill_diagonal_(0)
+    distance = torch.addmm(squared[:, None] + squared[None, :], x, x.T, alpha=-2).clamp_min_(0)
+    distance = distance.div_(x.shape[1]).sqrt_().fill_diagonal_(0)
     nearest = torch.topk(distance, k=min(neighbours or clusters, n), dim=1, largest=False).values
-    density = torch.exp(-(nearest**2).mean(1))
-    index = torch.arange(n, device=x.device)
-    # j is denser than i if its density is higher, or equal with a lower index (no random noise).
-    same = density[None, :] == density[:, None]
-    denser = (density[None, :] > density[:, None]) | (same & (index[None, :] < index[:, None]))
-    delta = torch.where(denser, distance, torch.full_like(distance, float("inf"))).min(1).values
+    density = torch.exp(-nearest.square_().mean(1))
+    # j is denser than i if its density is higher, or equal with a lower index (no random noise): the
+    # stable order of -density ranks every token after the ones denser than it.
+    rank = torch.empty(n, dtype=torch.long, device=x.device)
+    rank[torch.sort(-density, stable=True).indices] = torch.arange(n, device=x.device)
+    denser = rank[None, :] < rank[:, None]
+    delta = distance.masked_fill(~denser, torch.inf).min(1).values
     delta = torch.where(torch.isinf(delta), distance.max(), delta)
     centres = torch.sort(-(density * delta), stable=True).indices[:clusters]
     assignment = distance[:, centres].argmin(1)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, unit_rows
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
 from vidsparse.pruning.clustering import dpc_knn
 
 SIMILARITY_CUT = 0.9  # tau: adjacent frames less similar than this are always cut
@@ -46,57 +46,59 @@ class FastVID(BeforeFirstLayer):
     needs_saliency = True
 
     def select(self, stage: StageInput) -> Selection:
+        """The segments and every count are planned on the host from T - 1 frame similarities (the one
+        read from the device); the tokens are then chosen on the device without waiting for it."""
         if stage.min_per_frame:
             raise UserError("fastvid sets its own per-frame counts; --min-per-frame does not apply to it")
-        num_frames = stage.frame_features.shape[0]
-        unit = unit_rows(stage.hidden)
+        grid, hidden = stage.grid, stage.hidden
+        per_frame = grid.per_frame
+        ranked = salience_order(stage)
         keep, source, target, anchors, weights = [], [], [], [], []
-        for frames, budget in zip(*segment_budgets(stage.frame_features, stage.budget,
-                                                   torch.bincount(stage.frames, minlength=num_frames).tolist()),
-                                  strict=True):
-            salient_counts, context_counts = split_segment(budget, len(frames), per_frame_tokens(stage, frames))
-            salient = {f: salient_tokens(stage, f, count) for f, count in zip(frames, salient_counts, strict=True)}
-            keep += [i for f in frames for i in salient[f].tolist()]
-            others = torch.cat([frame_tokens(stage, f)[~torch.isin(frame_tokens(stage, f), salient[f])]
-                                for f in frames])
+        for frames, budget in zip(*segment_budgets(stage.frame_features, stage.budget, per_frame), strict=True):
+            salient_counts, context_counts = split_segment(budget, len(frames), per_frame)
+            keep += [ranked[f, :count] for f, count in zip(frames, salient_counts, strict=True)]
+            pools = {f: ranked[f, count:].sort().values for f, count in zip(frames, salient_counts, strict=True)}
+            members = torch.cat([pools[f] for f in frames])
+            member_states = hidden[members].float().T  # (d, members): the cosine argmax needs no member norms
             for f, count in zip(frames, context_counts, strict=True):
                 if not count:
                     continue
-                pool = frame_tokens(stage, f)[~torch.isin(frame_tokens(stage, f), salient[f])]
-                centres, _ = dpc_knn(stage.hidden[pool], count, NEIGHBOURS)
-                members, group, weight = merge_into(unit, others, pool[centres])
-                source.append(members)
-                target.append(group + len(anchors))
+                centres, _ = dpc_knn(hidden[pools[f]], count, NEIGHBOURS)
+                chosen = pools[f][centres]  # `count` anchors: the frame's pool holds at least that many
+                group, weight = merge_into(F.normalize(hidden[chosen].float(), dim=1) @ member_states)
+                offset = sum(a.numel() for a in anchors)
+                source += [members, chosen]
+                target += [group + offset, offset + torch.arange(count, device=hidden.device)]
                 weights.append(weight)
-                anchors += pool[centres].tolist()
-        device = stage.hidden.device
+                anchors.append(chosen)
+        keep = torch.cat(keep).sort().values
         if not anchors:
-            return Selection(torch.tensor(sorted(keep), dtype=torch.long, device=device), in_clip_order=True)
-        return Selection(torch.tensor(sorted(keep), dtype=torch.long, device=device), torch.cat(source),
-                         torch.cat(target), torch.tensor(anchors, dtype=torch.long, device=device),
-                         torch.cat(weights), in_clip_order=True)
+            return Selection(keep, in_clip_order=True)
+        return Selection(keep, torch.cat(source), torch.cat(target), torch.cat(anchors), torch.cat(weights),
+                         in_clip_order=True)
 
 
-def frame_tokens(stage: StageInput, frame: int) -> torch.Tensor:
-    return (stage.frames == frame).nonzero().squeeze(1)
+def salience_order(stage: StageInput) -> torch.Tensor:
+    """(T, per frame): each frame's tokens (clip indices), most salient first by the tower's CLS
+    attention, CLS itself first; ties: the lower index."""
+    grid = stage.grid
+    score = torch.where(stage.rows < 0, math.inf, stage.saliency.float()).view(grid.frames, grid.per_frame)
+    order = torch.sort(-score, dim=1, stable=True).indices
+    return order + grid.per_frame * torch.arange(grid.frames, device=order.device)[:, None]
 
 
-def per_frame_tokens(stage: StageInput, frames: list[int]) -> int:
-    return int((stage.frames == frames[0]).sum())
-
-
-def segment_budgets(frame_features: torch.Tensor, budget: int, sizes: list[int]) -> tuple[list[list[int]], list[int]]:
-    """DySeg's segments (lists of frames) and each one's largest-remainder share of the budget."""
+def segment_budgets(frame_features: torch.Tensor, budget: int, per_frame: int) -> tuple[list[list[int]], list[int]]:
+    """DySeg's segments (lists of frames) and each one's largest-remainder share of the budget. The
+    T - 1 adjacent similarities are read to the host once: the plan is made of Python numbers."""
     num_frames = frame_features.shape[0]
-    similarity = F.cosine_similarity(frame_features[:-1].float(), frame_features[1:].float(), dim=-1)
-    cuts = set(torch.sort(similarity, stable=True).indices[: max(1, num_frames // 4) - 1].tolist())
-    cuts |= set((similarity < SIMILARITY_CUT).nonzero().squeeze(1).tolist())
+    similarity = F.cosine_similarity(frame_features[:-1].float(), frame_features[1:].float(), dim=-1).tolist()
+    cuts = set(sorted(range(num_frames - 1), key=lambda i: similarity[i])[: max(1, num_frames // 4) - 1])
+    cuts |= {i for i, value in enumerate(similarity) if value < SIMILARITY_CUT}
     segments, start = [], 0
     for t in sorted(cuts) + [num_frames - 1]:
         segments.append(list(range(start, t + 1)))
         start = t + 1
-    tokens = [sum(sizes[f] for f in segment) for segment in segments]
-    return segments, largest_remainder(budget, tokens)
+    return segments, largest_remainder(budget, [per_frame * len(segment) for segment in segments])
 
 
 def largest_remainder(total: int, weights: list[int]) -> list[int]:
@@ -129,21 +131,13 @@ def split_segment(budget: int, length: int, per_frame: int) -> tuple[list[int], 
     return salient, contexts
 
 
-def salient_tokens(stage: StageInput, frame: int, count: int) -> torch.Tensor:
-    """The frame's `count` most salient tokens by the tower's CLS attention, CLS itself first."""
-    tokens = frame_tokens(stage, frame)
-    score = torch.where(stage.rows[tokens] < 0, math.inf, stage.saliency[tokens].float())
-    return tokens[torch.sort(-score, stable=True).indices[:count]]
-
-
-def merge_into(unit: torch.Tensor, members: torch.Tensor, anchors: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each member joins its most cosine-similar anchor (ties: the first); ``unit``: the tokens
-    normalised. Returns (source, group, weight) whose weighted group means are w * anchor + (1 - w) *
-    mean(members joined), with w = max(1 / (count + 1), 0.6): the anchor itself is one more source of
-    its own group."""
-    group = (unit[anchors] @ unit[members].T).argmax(0)
-    counts = torch.bincount(group, minlength=anchors.numel()).float()
-    own = torch.maximum(1 / (counts + 1), torch.tensor(ANCHOR_WEIGHT))
-    return (torch.cat([members, anchors]), torch.cat([group, torch.arange(anchors.numel(), device=unit.device)]),
-            torch.cat([(1 - own[group]) / counts[group], own]))
+def merge_into(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (anchors, members) similarities, each member's group (its most similar anchor; ties: the
+    first) and the weights whose weighted group means are w * anchor + (1 - w) * mean(members joined),
+    w = max(1 / (count + 1), 0.6): returns (member groups, member weights ++ anchor weights), the
+    anchor itself being one more source of its own group."""
+    anchors = similarity.shape[0]
+    group = similarity.argmax(0)
+    counts = torch.zeros(anchors, device=group.device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
+    own = torch.maximum(1 / (counts + 1), torch.tensor(ANCHOR_WEIGHT, device=group.device))
+    return group, torch.cat([(1 - own[group]) / counts[group], own])

@@ -61,13 +61,18 @@ def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_cl
     keep = choose(kept_count) if choose else top_k(scores, kept_count, stage.frames, stage.min_per_frame)
     if clusters == 0:
         return Selection(keep, in_clip_order=in_clip_order)
-    deleted = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    deleted[keep] = False
-    deleted_ids = deleted.nonzero().squeeze(1)
+    deleted_ids = complement(keep, scores.numel())
     pool_count = max(pool_size(deleted_ids.numel()), clusters)
     pool = deleted_ids[torch.sort(-scores[deleted_ids].float(), stable=True).indices[:pool_count]]
     centres, assignment = dpc_knn(stage.hidden[pool], clusters)
     return Selection(keep, pool, assignment, pool[centres], in_clip_order=in_clip_order)
+
+
+def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Ascending indices in 0..n-1 that `keep` (distinct indices) lacks; its size is known on the host,
+    so no device sync (`nonzero` would wait for the device to learn the size)."""
+    kept = torch.zeros(n, dtype=torch.uint8, device=keep.device).index_fill_(0, keep, 1)
+    return torch.sort(kept, stable=True).indices[: n - keep.numel()]
 
 
 @dataclass

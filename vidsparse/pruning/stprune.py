@@ -53,8 +53,8 @@ class STPrune(RatedByText):
         if stage.min_per_frame:
             raise UserError("stprune keeps every frame in its first stage; --min-per-frame does not apply to it")
         if stage.layer == BEFORE_FIRST_LAYER:
-            target = min(stage.frames.numel(), max(stage.budget, math.ceil(SUMMARY_FACTOR * stage.budget)))
-            return Selection(lattice(stage.frames, stage.rows, stage.cols, target), in_clip_order=True)
+            target = min(stage.num_visual, max(stage.budget, math.ceil(SUMMARY_FACTOR * stage.budget)))
+            return Selection(torch.tensor(lattice(stage.grid, target), device=stage.hidden.device), in_clip_order=True)
         relevance = question_relevance(stage.attention)
         return keep_and_recycle(stage, relevance, stage.budget, in_clip_order=True,
                                 choose=lambda k: diverse_top_k(relevance, stage.hidden, k, REDUNDANCY_WEIGHT))
@@ -69,16 +69,17 @@ def question_relevance(attention: torch.Tensor) -> torch.Tensor:
 def diverse_top_k(relevance: torch.Tensor, features: torch.Tensor, k: int, weight: float) -> torch.Tensor:
     """Ascending indices of k tokens picked greedily by maximal marginal relevance: relevance scaled
     to [0, 1], minus `weight` x the highest cosine similarity (clamped at 0) of the candidate's
-    features to any token already picked. Ties: the lower index."""
-    span = relevance.max() - relevance.min()
-    gain = (relevance - relevance.min()) / span if span > 0 else torch.zeros_like(relevance)
-    x = F.normalize(features.float(), dim=1)
-    redundancy = torch.zeros_like(gain, dtype=torch.float32)
-    available = torch.ones(gain.numel(), dtype=torch.bool, device=gain.device)
+    features to any token already picked. Ties: the lower index. The similarities come from one
+    product; each pick is a few vector operations that never wait for the device."""
+    low, span = relevance.min(), relevance.max() - relevance.min()
+    score = torch.where(span > 0, (relevance - low) / span, 0.0).float()[None]  # (1, m) gain; -inf once picked
+    unit = F.normalize(features.float(), dim=1)
+    similarity = (unit @ unit.T).clamp_min_(0)
+    redundancy = torch.zeros_like(score)
     picked = []
-    for _ in range(min(k, gain.numel())):
-        best = int(torch.where(available, gain - weight * redundancy, -torch.inf).argmax())
+    for _ in range(min(k, score.numel())):
+        best = torch.add(score, redundancy, alpha=-weight).argmax(1)
         picked.append(best)
-        available[best] = False
-        redundancy = torch.maximum(redundancy, (x @ x[best]).clamp_min(0))
-    return torch.tensor(sorted(picked), dtype=torch.long, device=gain.device)
+        score.index_fill_(1, best, -torch.inf)
+        torch.maximum(redundancy, similarity.index_select(0, best), out=redundancy)
+    return torch.cat(picked).sort().values if picked else torch.zeros(0, dtype=torch.long, device=relevance.device)

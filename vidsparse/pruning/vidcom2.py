@@ -13,6 +13,7 @@ keep none.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vidsparse.errors import UserError
 from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, unit_rows
@@ -29,18 +30,17 @@ class VidCom2(BeforeFirstLayer):
     def select(self, stage: StageInput) -> Selection:
         if stage.min_per_frame:
             raise UserError("vidcom2 sets its own per-frame counts; --min-per-frame does not apply to it")
-        scores, frame_scores = token_scores(stage.hidden, stage.frames)
-        counts = frame_counts(frame_scores, stage.budget, torch.bincount(stage.frames).tolist())
+        scores, frame_scores = token_scores(stage.hidden, stage.frames, stage.grid.frames)
+        counts = frame_counts(frame_scores, stage.budget, stage.grid.per_frame)
         return Selection(keep_lowest(scores, stage.frames, counts, stage.budget))
 
 
-def token_scores(x: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_scores(x: torch.Tensor, frames: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, u): per token s = K(x, video centre) + K(x, frame centre) on the normalised low-variance
     channels, and per frame u = -mean over its tokens of K(x, video centre) (its uniqueness).
     Squared distances as |x|^2 + |g|^2 - 2 x.g (|x| = 1): matrix-vector products, no n x d temporaries."""
-    x = low_variance_normalised(x)
-    num_frames = int(frames.max()) + 1
-    sizes = torch.bincount(frames, minlength=num_frames).float()
+    x = unit_rows(x, low_variance_channels(x))
+    sizes = torch.zeros(num_frames, device=x.device).index_add_(0, frames, torch.ones_like(x[:, 0]))
     frame_centres = torch.zeros(num_frames, x.shape[1], device=x.device).index_add_(0, frames, x) / sizes[:, None]
     video_centre = x.mean(0)
     to_video = similarity(1 + video_centre @ video_centre - 2 * (x @ video_centre))
@@ -51,17 +51,20 @@ def token_scores(x: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, t
     return to_video + to_frame, uniqueness
 
 
-def low_variance_normalised(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """The lowest-variance CHANNEL_SHARE of the channels, each token normalised to length 1, in
-    float32. Row chunks: a float32 copy of all n x d (and its centred square) would cost more than
-    the scoring itself (4.9% of the 4-layer bench's pruned prefill before; the result is the same)."""
+def low_variance_channels(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """The lowest-variance CHANNEL_SHARE of the channels (ties: the lower index), ascending. One pass in row
+    chunks of float32, sums and squares shifted by the first token (against cancellation): on a CPU a
+    column reduction of the whole n x d block, or a float32 copy of it, costs several times more."""
     n, d = x.shape
-    mean = x.sum(0, dtype=torch.float32) / n
-    variance = torch.zeros(d, device=x.device)
+    shift = x[0].float()
+    sums = torch.zeros(d, device=x.device)
+    squares = torch.zeros(d, device=x.device)
     for chunk in x.split(rows):
-        variance += (chunk.float() - mean).square_().sum(0)
-    low_variance = torch.sort(variance / n, stable=True).indices[: max(1, int(d * CHANNEL_SHARE))]
-    return unit_rows(x, low_variance, rows)
+        centred = chunk.float() - shift
+        sums += centred.sum(0)
+        squares += centred.square_().sum(0)
+    variance = squares / n - (sums / n).square()
+    return torch.sort(variance, stable=True).indices[: max(1, int(d * CHANNEL_SHARE))].sort().values
 
 
 def similarity(squared_distance: torch.Tensor) -> torch.Tensor:
@@ -70,30 +73,26 @@ def similarity(squared_distance: torch.Tensor) -> torch.Tensor:
     return sum(torch.exp(-squared / (2 * alpha)) for alpha in KERNEL_SCALES)
 
 
-def frame_counts(uniqueness: torch.Tensor, budget: int, sizes: list[int]) -> list[int]:
+def frame_counts(uniqueness: torch.Tensor, budget: int, per_frame: int) -> torch.Tensor:
     """Tokens per frame before reconciling: r_t = min(1, r (1 + p_t - mean p)), p = softmax of the
     frames' uniqueness at temperature 0.01, r = B / total; k_t = max(1, round-half-even(r_t N_t)).
     In float64 (T numbers): in float32 a near one-hot p rounds to exactly 1.0, and r_t N_t = 7.4999998
     became 7.50000006, one token more than the formula gives."""
-    ratio = budget / sum(sizes)
+    ratio = budget / (per_frame * uniqueness.numel())
     uniqueness = uniqueness.double()
     p = torch.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
     shares = (ratio * (1 + p - p.mean())).clamp(max=1.0)
-    return [max(1, round(float(share) * size)) for share, size in zip(shares, sizes, strict=True)]
+    return torch.round(shares * per_frame).clamp_min(1).long()
 
 
-def keep_lowest(scores: torch.Tensor, frames: torch.Tensor, counts: list[int], budget: int) -> torch.Tensor:
+def keep_lowest(scores: torch.Tensor, frames: torch.Tensor, counts: torch.Tensor, budget: int) -> torch.Tensor:
     """Per frame the `counts[t]` lowest scores (ties: lower index), then reconciled to exactly
     `budget` across the clip (too many: drop the kept ones with the highest scores; too few: add the
-    others with the lowest). Ascending indices."""
+    others with the lowest). Ascending indices. Both cases are the first `budget` of one order, the
+    per-frame picks lowest score first and then the rest lowest score first, so the whole choice is
+    two sorts and no device sync."""
     order = torch.sort(scores, stable=True).indices  # lowest score first
-    kept = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    for t, count in enumerate(counts):
-        kept[order[frames[order] == t][:count]] = True
-    surplus = int(kept.sum()) - budget
-    if surplus > 0:
-        candidates = order[kept[order]].flip(0)  # highest score first (ties: the higher index first)
-        kept[candidates[:surplus]] = False
-    elif surplus < 0:
-        kept[order[~kept[order]][:-surplus]] = True
-    return kept.nonzero().squeeze(1)
+    ranked_frames = frames[order]
+    rank_in_frame = F.one_hot(ranked_frames, counts.numel()).cumsum(0).gather(1, ranked_frames[:, None])[:, 0] - 1
+    picked_first = rank_in_frame >= counts[ranked_frames]  # False for the per-frame picks
+    return order[torch.sort(picked_first.to(torch.uint8), stable=True).indices[:budget]].sort().values
