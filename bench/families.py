@@ -22,7 +22,8 @@ import platform
 import numpy as np
 import torch
 from common import decoder_bytes, llama_7b, parse_args, require_memory, write_results
-from prefill import matmul_peak, print_table, run_once, summarize
+from prefill import print_table, run_once, summarize
+from roofline import Machine
 from transformers import (
     CLIPVisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -126,11 +127,11 @@ def main() -> None:
         parser.add_argument("--frames", type=int, default=8)
 
     args, device, dtype, layers = parse_args(__doc__, repeats=3, more=more)
-    peak = matmul_peak(device, dtype)
+    machine = Machine.measure(device, dtype)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'} " \
         f"x {torch.get_num_threads()} threads"
     report = {"hardware": hardware, "dtype": args.dtype, "layers": layers, "frames": args.frames,
-              "matmul_peak_tflops": peak, "families": {}}
+              "matmul_peak_tflops": machine.peak_tflops, "bandwidth_gbs": machine.bandwidth_gbs, "families": {}}
     for family in args.family or ["video_llava", "llava_onevision", "qwen2_5_vl"]:
         model, side = build(family, layers, device, dtype)
         prompt = clip_prompt(model, args.frames, side)
@@ -141,10 +142,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for method, budget in configs:  # interleaved: drift hits every method alike
                 runs[(method, budget)].append(run_once(model.model, prompt, method, budget, args.new_tokens))
-        rows = summarize(runs, peak, baseline=("none", n))
+        rows = summarize(runs, machine, baseline=("none", n))
         print(f"\n{family}: {hardware}, {args.dtype}, {layers}-layer 7B-width decoder, {args.frames} frames -> {n} "
               f"visual tokens + {prompt.embeds.shape[1] - n} other rows, median of {args.repeats} interleaved runs; "
-              f"dense-matmul peak {peak:.3f} TFLOP/s\n")
+              f"{machine.describe()}\n")
         print_table(rows)
         report["families"][family] = {"visual_tokens": n, "prompt_rows": prompt.embeds.shape[1], "rows": rows}
         del model, prompt, runs

@@ -3,8 +3,9 @@
 A Video-LLaVA-7B-shaped decoder (d=4096, m=11008, 32 heads, vocab 32064) with random weights and
 8 x 257 visual tokens; fewer layers on a CPU (--layers, default 4), all 32 on a GPU. Every method
 is timed in the same run, interleaved (none, A, B, ..., none, A, B, ...) after a warm-up, median of
---repeats. The machine's own dense-matmul peak is measured first, so achieved TFLOP/s can be read
-against the physical limit.
+--repeats. The machine's dense-matmul peak and memory bandwidth are measured first: each speedup is
+read against two limits, the FLOPs ratio and the roofline ratio (each layer at least max(FLOPs / peak,
+bytes / bandwidth), bench/roofline.py), which a pruned prefill of a few hundred tokens can reach.
 
     python bench/prefill.py                   # CPU: 4 layers, the faster of bfloat16 / float32 here
     python bench/prefill.py --layers 32 --device cuda
@@ -14,36 +15,21 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 
 import torch
 from common import decoder_bytes, llama_7b, parse_args, require_memory, write_results
+from roofline import Machine, prefill_work
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 from vidsparse.decoding import generate
 from vidsparse.models.video_llava import visual_map
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning import make_plan
-from vidsparse.stats import DecoderShape, PeakMemory, StageTimer, prefill_flops, synchronize
+from vidsparse.stats import DecoderShape, PeakMemory, StageTimer, prefill_flops
 
 CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64), ("vidcom2", 194),
            ("fastvid", 194), ("dycoke", 194), ("stprune", 194)]
 FRAMES, TOKENS_PER_FRAME, PREFIX, SUFFIX = 8, 257, 5, 24  # "USER: <video>" ... "{question} ASSISTANT:"
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:
-    """Best dense-matmul TFLOP/s (real FLOPs: 2 per multiply-add) of this device and dtype."""
-    a = torch.randn(size // 2, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = max(best, 2 * a.shape[0] * size * size / (time.perf_counter() - start) / 1e12)
-    return best
 
 
 def build_decoder(layers: int, device: torch.device, dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
@@ -79,7 +65,7 @@ def synthetic_prompt(model, device, dtype) -> PromptEmbeds:
     frame_features = torch.randn(FRAMES, 1024, generator=generator).to(device)
     rope = torch.arange(ids.shape[1], device=device)[None, None]
     return PromptEmbeds(ids, embeds, visual_map(torch.arange(PREFIX, PREFIX + n_visual), FRAMES, 16), rope,
-                        PREFIX + n_visual, PREFIX + n_visual, words, saliency, frame_features)
+                        PREFIX + n_visual, PREFIX + n_visual, PREFIX + n_visual - 1, words, saliency, frame_features)
 
 
 def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
@@ -99,13 +85,15 @@ def run_once(model, prompt, method: str, budget: int, new_tokens: int) -> dict:
         "working_bytes": memory.peak_bytes() - baseline,
         "kv_bytes": prefilled.kv_bytes(decoded.steps),
         "flops": prefill_flops(prefilled.tokens_per_layer, DecoderShape.of(decoder)),
+        "work": prefill_work(prefilled.tokens_per_layer, DecoderShape.of(decoder), prompt.embeds.element_size(),
+                             model.lm_head.out_features),
         "equivalent": statistics.fmean(prefilled.visual_per_layer),
     }
 
 
 def main() -> None:
     args, device, dtype, layers = parse_args(__doc__, repeats=5)
-    peak = matmul_peak(device, dtype)
+    machine = Machine.measure(device, dtype)
     model = build_decoder(layers, device, dtype)
     prompt = synthetic_prompt(model, device, dtype)
     run_once(model, prompt, "none", 2056, 2)  # warm-up
@@ -113,18 +101,18 @@ def main() -> None:
     for _ in range(args.repeats):
         for method, budget in CONFIGS:  # interleaved: drift hits every method alike
             runs[(method, budget)].append(run_once(model, prompt, method, budget, args.new_tokens))
-    rows = summarize(runs, peak)
+    rows = summarize(runs, machine)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'} " \
         f"x {torch.get_num_threads()} threads"
     print(f"\n{hardware}, {args.dtype}, {layers}-layer 7B-width decoder, 8 x 257 visual tokens + {PREFIX + SUFFIX} "
-          f"text, median of {args.repeats} interleaved runs; dense-matmul peak {peak:.3f} TFLOP/s\n")
+          f"text, median of {args.repeats} interleaved runs; {machine.describe()}\n")
     print_table(rows)
-    write_results(args.out, f"prefill-{device.type}-{layers}L.json", {"hardware": hardware, "dtype": args.dtype,
-                                                                      "layers": layers, "matmul_peak_tflops": peak,
-                                                                      "rows": rows})
+    write_results(args.out, f"prefill-{device.type}-{layers}L.json", {
+        "hardware": hardware, "dtype": args.dtype, "layers": layers, "matmul_peak_tflops": machine.peak_tflops,
+        "bandwidth_gbs": machine.bandwidth_gbs, "rows": rows})
 
 
-def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
+def summarize(runs: dict[tuple[str, int], list[dict]], machine: Machine,
               baseline: tuple[str, int] = ("none", 2056)) -> list[dict]:
     median = statistics.median
     base = runs[baseline]
@@ -134,6 +122,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
     for (method, budget), results in runs.items():
         prefill = median(r["prefill_s"] for r in results)
         flops_ratio = base[0]["flops"] / results[0]["flops"]
+        roofline_ratio = machine.seconds(base[0]["work"]) / machine.seconds(results[0]["work"])
         speedup = base_prefill / prefill
         peak_bytes = median(r["peak_bytes"] for r in results) if results[0]["peak_bytes"] else None
         working = median(r["working_bytes"] for r in results) if results[0]["peak_bytes"] else None
@@ -142,6 +131,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
             "equivalent_tokens": round(results[0]["equivalent"], 1),
             "flops_ratio": round(flops_ratio, 3), "prefill_ms": round(1000 * prefill, 1),
             "speedup": round(speedup, 3), "fraction_of_limit": round(speedup / flops_ratio, 3),
+            "roofline_ratio": round(roofline_ratio, 3), "of_roofline": round(speedup / roofline_ratio, 3),
             "overhead_pct": round(100 * median(r["pruning_s"] for r in results) / prefill, 2),
             "peak_mb": None if peak_bytes is None else round(peak_bytes / 2**20, 1),
             "peak_vs_none": None if peak_bytes is None or not base_peak else round(peak_bytes / base_peak, 3),
@@ -150,7 +140,7 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
             "decode_ms_per_token": None if results[0]["decode_ms_per_token"] is None else round(
                 median(r["decode_ms_per_token"] for r in results), 2),
             "achieved_tflops": round(2 * results[0]["flops"] / prefill / 1e12, 3),
-            "fraction_of_peak": round(2 * results[0]["flops"] / prefill / 1e12 / peak, 3),
+            "fraction_of_peak": round(2 * results[0]["flops"] / prefill / 1e12 / machine.peak_tflops, 3),
         })
     return rows
 
@@ -158,7 +148,8 @@ def summarize(runs: dict[tuple[str, int], list[dict]], peak: float,
 def print_table(rows: list[dict]) -> None:
     columns = [("method", "method"), ("budget", "budget"), ("equivalent_tokens", "equiv tok"),
                ("flops_ratio", "FLOPs x"), ("prefill_ms", "prefill ms"), ("speedup", "speedup"),
-               ("fraction_of_limit", "of limit"), ("overhead_pct", "overhead %"), ("peak_mb", "peak MB"),
+               ("fraction_of_limit", "of limit"), ("roofline_ratio", "roofline x"), ("of_roofline", "of roofline"),
+               ("overhead_pct", "overhead %"), ("peak_mb", "peak MB"),
                ("peak_vs_none", "peak/none"), ("working_mb", "run MB"), ("kv_mb", "KV MB"),
                ("decode_ms_per_token", "decode ms/tok"),
                ("achieved_tflops", "TFLOP/s"), ("fraction_of_peak", "of peak")]

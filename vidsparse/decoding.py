@@ -49,13 +49,17 @@ class DecodeState:
         self.own = [PaddedKV.gather([c.layers[i] for c in caches], max_new_tokens) for i in range(len(decoder.layers))]
         caches.clear()
         self.positions = torch.tensor(next_positions, device=self.own[0].keys.device)
+        # Layers whose positions differ from the layer before's in some question (compact positions):
+        # they need their own rotary tables. Every position advances by one a step, so the pattern
+        # holds for the whole decoding and is read from the host's numbers once.
+        self.new_rope = [i == 0 or any(p[i] != p[i - 1] for p in next_positions) for i in range(len(decoder.layers))]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token to each question ((b,) ids); their next hidden states (b, 1, d)."""
         hidden = self.decoder.embed_tokens(tokens[:, None])
         rope = None
         for i, layer in enumerate(self.decoder.layers):
-            if i == 0 or not torch.equal(self.positions[:, i], self.positions[:, i - 1]):
+            if self.new_rope[i]:
                 rope = rotary(self.decoder, hidden, self.positions[None, :, i : i + 1])
             hidden = layer_step_together(layer, hidden, rope, self.head.kv[i] if i < self.head.layers else None,
                                          self.own[i])

@@ -139,7 +139,7 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
         raise ValueError("the engine needs a prompt with a visual block")
     length = prompt.head_length
     hidden = prompt.embeds[:, :length]
-    block = VisualBlock(int(visual.positions[0]), torch.arange(len(visual), device=device),
+    block = VisualBlock(visual.start, torch.arange(len(visual), device=device),
                         torch.zeros(len(visual), dtype=torch.bool, device=device))
     stages = _stages(plan, len(visual))
     first_guided = next((i for i, layer in enumerate(stages) if plan.method.reads_question(layer)), len(stages))
@@ -165,7 +165,7 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
     hidden = layers(hidden, shared)
     kv = [HeadKV(cache.layers[i].keys, cache.layers[i].values) for i in range(shared)]
     return Head(kv, hidden, positions, block, records, tokens_per_layer, visual_per_layer, length, prompt.text_start,
-                int(prompt.rope_positions[..., :length].max()), generator)
+                prompt.head_max_position, generator)
 
 
 def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer,
@@ -217,7 +217,7 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
         method = plan.method
         generator = torch.Generator().set_state(head.generator.get_state())
         with timer.stage("pruning"):  # the first question-guided stage, after the last shared layer
-            facts = method.prepare(PromptText(prompt.embeds[0], int(prompt.visual.positions[0]), len(prompt.visual),
+            facts = method.prepare(PromptText(prompt.embeds[0], prompt.visual.start, len(prompt.visual),
                                               head.length, prompt.suffix_words))
             layer = head.layers - 1  # the question's rows query the head's keys and their own
             rows = method.query_rows(count, facts).to(device)
@@ -274,7 +274,7 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
     layers, with the plan's remaining stages (nothing shared any more), recorded in `records` and the
     per-layer counts as it goes; returns the last layer's output and the visual block left."""
     stages = _stages(plan, len(prompt.visual))
-    separators = prompt.head_length - int(prompt.visual.positions[-1]) - 1  # head rows after the visual block
+    separators = prompt.head_length - prompt.visual.end  # head rows after the visual block
 
     def layers(hidden: torch.Tensor, upto: int) -> torch.Tensor:
         return _counted_layers(decoder, hidden, positions, cache, range(len(tokens_per_layer), upto), block.size,

@@ -126,14 +126,14 @@ class PaddedKV:
     @classmethod
     def gather(cls, layers: list, extra: int) -> PaddedKV:
         """From each question's cache layer (DynamicLayer), with room for `extra` more tokens."""
-        lengths = torch.tensor([layer.keys.shape[-2] for layer in layers], device=layers[0].keys.device)
-        keys = layers[0].keys.new_zeros(len(layers), layers[0].keys.shape[1], int(lengths.max()) + extra,
+        counts = [layer.keys.shape[-2] for layer in layers]
+        keys = layers[0].keys.new_zeros(len(layers), layers[0].keys.shape[1], max(counts) + extra,
                                         layers[0].keys.shape[-1])
         values = torch.zeros_like(keys)
         for i, layer in enumerate(layers):
             keys[i, :, : layer.keys.shape[-2]] = layer.keys[0]
             values[i, :, : layer.values.shape[-2]] = layer.values[0]
-        return cls(keys, values, lengths)
+        return cls(keys, values, torch.tensor(counts, device=keys.device))
 
 
 def layer_step_together(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],

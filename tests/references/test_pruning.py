@@ -239,6 +239,7 @@ def test_min_per_frame_keeps_every_moment(setup, method):
     generation = run(model, prompt, plan, max_new_tokens=1)
     frames = prompt.visual.frame[generation.prefilled.block.origin[~generation.prefilled.block.merged]]
     assert torch.bincount(frames, minlength=int(prompt.visual.frame.max()) + 1).min() >= 2
+    assert generation.prefilled.block.size == 16  # and the budget still holds (SparseVLM recycles fewer)
 
 
 def test_uniform_spreads_the_budget_over_frames(setup):

@@ -15,11 +15,11 @@ def test_raters_are_text_rows_above_mean_relevance():
     visual = torch.tensor([[10.0, 0.0], [10.0, 0.0]])
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     # V T^T = [10, 0, 10, 0] per visual row: softmax ~ [.5, 0, .5, 0] -> rows 0 and 2 beat the mean .25
-    assert choose_raters(visual, text).tolist() == [0, 2]
+    assert choose_raters(visual, text).tolist() == [True, False, True, False]
 
 
 def test_raters_fall_back_to_all_text_when_none_stands_out():
-    assert choose_raters(torch.ones(3, 2), torch.ones(4, 2)).tolist() == [0, 1, 2, 3]
+    assert choose_raters(torch.ones(3, 2), torch.ones(4, 2)).tolist() == [True] * 4
 
 
 def stage(attention, budget, is_last, frames=None, facts=None):
@@ -34,7 +34,7 @@ def stage(attention, budget, is_last, frames=None, facts=None):
 def test_rank_rule_for_intermediate_stages():
     rows = torch.rand(2, 10, generator=torch.Generator().manual_seed(0))
     attention = torch.cat([rows, rows[:1] + rows[1:]])  # 3 raters, rank 2
-    method, facts = SparseVLM(), Raters(torch.arange(3), ["a", "b", "c"])
+    method, facts = SparseVLM(), Raters(torch.ones(3, dtype=torch.bool), ["a", "b", "c"])
     # Lv = 10, rank 2: delete floor(0.5 * (10 - 2)) = 4 -> keep 6, never below the budget.
     assert method.stage_size(stage(attention, 2, is_last=False, facts=facts)) == 6
     assert method.stage_size(stage(attention, 8, is_last=False, facts=facts)) == 8
@@ -101,9 +101,9 @@ def test_dpc_knn_is_deterministic_on_ties():
 def test_top_k_breaks_ties_by_index_and_honours_the_floor():
     scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.0, 0.0])
     frames = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert top_k(scores, 2, frames).tolist() == [0, 1]
-    assert top_k(scores, 3, frames, min_per_frame=1).tolist() == [0, 1, 3]
-    assert top_k(scores, 4, frames, min_per_frame=2).tolist() == [0, 1, 3, 4]
+    assert top_k(scores, 2, frames, 2).tolist() == [0, 1]
+    assert top_k(scores, 3, frames, 2, min_per_frame=1).tolist() == [0, 1, 3]
+    assert top_k(scores, 4, frames, 2, min_per_frame=2).tolist() == [0, 1, 3, 4]
 
 
 def test_tome_merges_to_exactly_b_with_means_of_members():

@@ -9,6 +9,7 @@ import torch
 from tests.references.test_peers import stage_input
 from tests.unit.test_methods import official_split
 from vidsparse.pruning.baselines import lattice
+from vidsparse.pruning.sparsevlm import Raters
 from vidsparse.pruning.stprune import STPrune, diverse_top_k, question_relevance
 
 
@@ -52,7 +53,8 @@ def test_diverse_top_k_is_maximal_marginal_relevance():
 def test_question_relevance_weighs_raters_and_last_token_equally():
     attention = torch.tensor([[0.2, 0.2, 0.0, 0.0], [0.0, 0.4, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
     # raters (rows 0-1): mean [.1, .3, 0, 0] -> [.25, .75, 0, 0]; last row -> [0, 0, .5, .5]
-    torch.testing.assert_close(question_relevance(attention), torch.tensor([0.125, 0.375, 0.25, 0.25]))
+    raters = torch.tensor([True, True, False])
+    torch.testing.assert_close(question_relevance(attention, raters), torch.tensor([0.125, 0.375, 0.25, 0.25]))
 
 
 def test_first_stage_is_the_spatio_temporal_lattice_at_twice_the_budget():
@@ -87,7 +89,8 @@ def test_question_stage_keeps_relevant_diverse_tokens_and_recycles_the_best_dele
     hidden = torch.randn(n, 16, generator=g)
     attention = torch.rand(4, n, generator=g) ** 3  # three raters, then the last prompt token
     for budget in (1, 5, 17, 34, 50, n - 1):
-        stage = stage_input(hidden, 4, 17, budget, layer=1, attention=attention)
+        stage = stage_input(hidden, 4, 17, budget, layer=1, attention=attention,
+                            facts=Raters(torch.tensor([True, True, True, False]), ["a", "b", "c", "?"]))
         selection = STPrune().select(stage)
         kept, pool, clusters = question_stage_reference(attention, hidden, budget)
         assert selection.keep.tolist() == kept, budget

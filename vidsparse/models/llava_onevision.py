@@ -191,7 +191,7 @@ class LlavaOnevision(VideoModel):
         rope = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
         frame_features = None if video.frame_embedding is None else video.frame_embedding.float()
-        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, head_length, words, saliency,
+        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, head_length, head_length - 1, words, saliency,
                             frame_features)
 
     def vision_flops(self, clip: ClipShape) -> int:

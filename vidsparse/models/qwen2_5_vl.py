@@ -311,7 +311,8 @@ class Qwen25VL(VideoModel):
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
         rope = self.rope_positions(input_ids, spans, grid, clip.fps)
         text_start = int(rope[0, 0, head_length]) if head_length < rope.shape[-1] else int(rope.max()) + 1
-        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, text_start, words, saliency,
+        return PromptEmbeds(input_ids, embeds, visual, rope, head_length, text_start,
+                            int(rope[..., :head_length].max()), words, saliency,
                             None if video.frame_embedding is None else video.frame_embedding.float())
 
     def rope_positions(self, input_ids: torch.Tensor, spans: int, grid: tuple[int, int],

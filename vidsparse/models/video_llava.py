@@ -159,5 +159,5 @@ class VideoLlava(VideoModel):
         saliency = None if video.cls_attention is None else video.cls_attention.flatten().float()
         rope = torch.arange(input_ids.shape[1], device=input_ids.device)[None, None]
         return PromptEmbeds(input_ids, embeds, visual_map(positions.cpu(), num_frames, self.grid), rope, head_length,
-                            head_length, words, saliency,
+                            head_length, head_length - 1, words, saliency,
                             None if video.frame_embedding is None else video.frame_embedding.float())

@@ -44,6 +44,16 @@ class VisualMap:
     def __len__(self) -> int:
         return int(self.positions.numel())
 
+    @property
+    def start(self) -> int:
+        """Sequence index of the first visual token (the map lives on the host: no device sync)."""
+        return int(self.positions[0])
+
+    @property
+    def end(self) -> int:
+        """Sequence index after the last visual token."""
+        return int(self.positions[-1]) + 1
+
     def grid(self) -> ClipGrid:
         """The layout as Python numbers (the map lives on the host: reading it costs no device sync)."""
         return ClipGrid(int(self.frame.max()) + 1, int(self.row.max()) + 1, int(self.col.max()) + 1,
@@ -66,6 +76,7 @@ class PromptEmbeds:
     # largest position + 1 for 1-D RoPE; Qwen2.5-VL (transformers 5.25): the video's first position
     # + its longer side in merged tokens, which sparse sampling can leave below the video's time positions.
     text_start: int
+    head_max_position: int  # the largest RoPE position among the head's rows, as a Python number
     suffix_words: list[str]  # the tokens after the visual block (question and template), as text
     saliency: torch.Tensor | None = None  # (n_visual,) VideoFeatures.cls_attention, flattened
     frame_features: torch.Tensor | None = None  # (frames, d_vision) VideoFeatures.frame_embedding

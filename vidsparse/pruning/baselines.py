@@ -23,7 +23,7 @@ class RandomPruning(BeforeFirstLayer):
 
     def select(self, stage: StageInput) -> Selection:
         scores = torch.rand(stage.frames.numel(), generator=stage.generator).to(stage.frames.device)
-        return Selection(top_k(scores, stage.budget, stage.frames, stage.min_per_frame))
+        return Selection(top_k(scores, stage.budget, stage.frames, stage.grid.frames, stage.min_per_frame))
 
 
 class UniformPruning(BeforeFirstLayer):

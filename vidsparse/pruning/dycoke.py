@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.attention_scored import FastV
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 
@@ -59,19 +60,20 @@ class DyCoke(FastV):
 
     def select(self, stage: StageInput) -> Selection:
         if stage.layer == BEFORE_FIRST_LAYER:
-            return Selection(temporal_merge(stage.hidden, stage.frames, stage.budget))
+            return Selection(temporal_merge(stage.hidden, stage.grid, stage.budget))
         return super().select(stage)
 
 
-def temporal_merge(x: torch.Tensor, frames: torch.Tensor, budget: int) -> torch.Tensor:
+def temporal_merge(x: torch.Tensor, grid: ClipGrid, budget: int) -> torch.Tensor:
     """Ascending indices of the tokens TTM keeps (every frame has the same number of tokens here)."""
-    num_frames = int(frames.max()) + 1
-    per_frame = x.shape[0] // num_frames
+    num_frames, per_frame = grid.frames, grid.per_frame
     tokens = x.float().view(num_frames, per_frame, -1)
     keep = ttm_keep_count(budget, num_frames, per_frame)
-    kept = torch.ones(num_frames, per_frame, dtype=torch.bool, device=x.device)
-    for reference, pruned in ttm_pairs(num_frames):
-        similarity = F.cosine_similarity(tokens[reference], tokens[pruned], dim=-1)
-        kept[pruned] = False
-        kept[pruned, torch.sort(similarity, stable=True).indices[:keep]] = True
-    return kept.flatten().nonzero().squeeze(1)
+    pruned = {frame for _, frame in ttm_pairs(num_frames)}
+    dropped = torch.zeros(num_frames, per_frame, dtype=torch.uint8, device=x.device)
+    for reference, frame in ttm_pairs(num_frames):
+        similarity = F.cosine_similarity(tokens[reference], tokens[frame], dim=-1)
+        dropped[frame] = 1
+        dropped[frame, torch.sort(similarity, stable=True).indices[:keep]] = 0
+    kept = (num_frames - len(pruned)) * per_frame + len(pruned) * keep  # known here: no nonzero
+    return torch.sort(dropped.flatten(), stable=True).indices[:kept]  # stable: ascending

@@ -21,13 +21,20 @@ DELETION_RATE = 0.5  # lambda: intermediate stages delete lambda * (Lv - rank(P)
 
 
 def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Indices of the text rows that rate the visual tokens: M = softmax over text of V T^T
-    (unscaled), r_j = mean over visual rows of M[:, j]; raters are j with r_j > mean(r)."""
+    """Which text rows rate the visual tokens, as a mask: M = softmax over text of V T^T (unscaled),
+    r_j = mean over visual rows of M[:, j]; raters are j with r_j > mean(r), every row if none is.
+    A mask rather than indices: how many raters there are stays on the device."""
     # The product in the model's dtype (as the official code does; no fp32 copy of all visual
     # tokens), the softmax in fp32.
     relevance = torch.softmax((visual @ text.T).float(), dim=1).mean(0)
-    raters = (relevance > relevance.mean()).nonzero().squeeze(1)
-    return raters if raters.numel() else torch.arange(text.shape[0], device=text.device)
+    raters = relevance > relevance.mean()
+    return raters | ~raters.any()
+
+
+def raters_mean(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
+    """The mean of the raters' rows of `attention` (one row per text row, raters a mask over them)."""
+    weight = raters.to(attention.dtype)
+    return weight @ attention / weight.sum()
 
 
 def recycling_split(target: int, num_visual: int) -> tuple[int, int]:
@@ -56,9 +63,14 @@ def num_clusters(deleted: int) -> int:
 def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_clip_order: bool = False,
                      choose: Callable[[int], torch.Tensor] | None = None) -> Selection:
     """SparseVLM's token recycling, landing on `target`: keep K tokens (the best K by `scores`, or
-    `choose(K)`); the best-scored deleted ones (the pool) become C DPC-kNN cluster means; K + C = target."""
+    `choose(K)`); the best-scored deleted ones (the pool) become C DPC-kNN cluster means; K + C = target.
+    A per-frame floor counts kept tokens only, so K is at least the floor's total (C shrinks)."""
     kept_count, clusters = recycling_split(target, scores.numel())
-    keep = choose(kept_count) if choose else top_k(scores, kept_count, stage.frames, stage.min_per_frame)
+    floor = min(target, stage.min_per_frame * stage.grid.frames)
+    if kept_count < floor:
+        kept_count, clusters = floor, target - floor
+    keep = choose(kept_count) if choose else top_k(scores, kept_count, stage.frames, stage.grid.frames,
+                                                            stage.min_per_frame)
     if clusters == 0:
         return Selection(keep, in_clip_order=in_clip_order)
     deleted_ids = complement(keep, scores.numel())
@@ -77,26 +89,33 @@ def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class Raters:
-    """What SparseVLM learns about one question: the text tokens that rate the visual ones (suffix
-    rows, and the words they are), and the rank of each intermediate stage's attention."""
+    """What SparseVLM learns about one question: which text tokens rate the visual ones (a mask over
+    the suffix rows, whose words are `words`), and the rank of each intermediate stage's attention."""
 
-    rows: torch.Tensor
+    mask: torch.Tensor
     words: list[str]
     ranks: list[int] = field(default_factory=list)
 
+    def rater_words(self) -> list[str]:
+        """The raters as words, for the report: read after the answer, not while pruning."""
+        return [word for word, rates in zip(self.words, self.mask.tolist(), strict=True) if rates]
+
 
 class RatedByText(Method):
-    """A method whose attention rows include SparseVLM's text raters, chosen once per prompt."""
+    """A method whose attention rows include SparseVLM's text raters, chosen once per prompt. It asks
+    for every suffix row's attention and averages the raters' among them."""
 
     needs_attention = True
 
     def prepare(self, prompt: PromptText) -> Raters:
         visual = prompt.embeds[prompt.visual_start : prompt.visual_end]
-        rows = choose_raters(visual, prompt.embeds[prompt.suffix_start :])
-        return Raters(rows, [prompt.suffix_words[i] for i in rows.tolist()])
+        return Raters(choose_raters(visual, prompt.embeds[prompt.suffix_start :]), prompt.suffix_words)
+
+    def query_rows(self, num_suffix: int, facts: Raters) -> torch.Tensor:
+        return torch.arange(num_suffix)
 
     def report(self, facts: Raters | None) -> dict[str, object]:
-        return {"raters": " ".join(facts.words) if facts else ""}
+        return {"raters": " ".join(facts.rater_words()) if facts else ""}
 
 
 class SparseVLM(RatedByText):
@@ -106,21 +125,19 @@ class SparseVLM(RatedByText):
     def default_stages(self, num_layers: int) -> list[int]:
         return [1]  # the official video branch: one stage at layer index 1
 
-    def query_rows(self, num_suffix: int, facts: Raters) -> torch.Tensor:
-        return facts.rows
-
     def stage_size(self, stage: StageInput) -> int:
         """Intermediate stages delete floor(lambda * (Lv - rank P)) but never go below B."""
         if stage.is_last:
             return stage.budget
         num_visual = stage.frames.numel()
-        rank = int(torch.linalg.matrix_rank(stage.attention.float()))
+        # The one value read from the device on purpose: it sizes the stage (only with several stages).
+        rank = int(torch.linalg.matrix_rank(stage.attention.float() * stage.facts.mask[:, None]))
         stage.facts.ranks.append(rank)
         deleted = int(DELETION_RATE * (num_visual - rank))
         return max(stage.budget, num_visual - deleted)
 
     def select(self, stage: StageInput) -> Selection:
-        return keep_and_recycle(stage, stage.attention.mean(0), self.stage_size(stage))
+        return keep_and_recycle(stage, raters_mean(stage.attention, stage.facts.mask), self.stage_size(stage))
 
     def report(self, facts: Raters | None) -> dict[str, object]:
         return {**super().report(facts), "ranks": facts.ranks if facts else []}

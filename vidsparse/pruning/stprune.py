@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vidsparse.errors import UserError
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
-from vidsparse.pruning.sparsevlm import RatedByText, Raters, keep_and_recycle
+from vidsparse.pruning.sparsevlm import RatedByText, keep_and_recycle, raters_mean
 
 SUMMARY_FACTOR = 2.0  # stage 1 keeps this many times B: layers 0-1 see them
 QUESTION_LAYER = 1  # stage 2 prunes after this decoder layer
@@ -45,24 +45,22 @@ class STPrune(RatedByText):
     def default_stages(self, num_layers: int) -> list[int]:
         return [BEFORE_FIRST_LAYER, min(QUESTION_LAYER, num_layers - 2)]
 
-    def query_rows(self, num_suffix: int, facts: Raters) -> torch.Tensor:
-        """The raters, then the last prompt token."""
-        return torch.cat([facts.rows, torch.tensor([num_suffix - 1], device=facts.rows.device)])
-
     def select(self, stage: StageInput) -> Selection:
         if stage.min_per_frame:
             raise UserError("stprune keeps every frame in its first stage; --min-per-frame does not apply to it")
         if stage.layer == BEFORE_FIRST_LAYER:
             target = min(stage.num_visual, max(stage.budget, math.ceil(SUMMARY_FACTOR * stage.budget)))
             return Selection(torch.tensor(lattice(stage.grid, target), device=stage.hidden.device), in_clip_order=True)
-        relevance = question_relevance(stage.attention)
+        relevance = question_relevance(stage.attention, stage.facts.mask)
         return keep_and_recycle(stage, relevance, stage.budget, in_clip_order=True,
                                 choose=lambda k: diverse_top_k(relevance, stage.hidden, k, REDUNDANCY_WEIGHT))
 
 
-def question_relevance(attention: torch.Tensor) -> torch.Tensor:
-    """Rows: the raters, then the last prompt token. Each evidence normalised to sum 1, then mixed."""
-    raters, last = attention[:-1].mean(0), attention[-1]
+def question_relevance(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
+    """Rows: every text row after the video, the last being the last prompt token; `raters` marks the
+    raters among them. Each evidence (the raters' mean, the last token's row) normalised to sum 1,
+    then mixed."""
+    raters, last = raters_mean(attention, raters), attention[-1]
     return RATER_WEIGHT * raters / raters.sum() + (1 - RATER_WEIGHT) * last / last.sum()
 
 

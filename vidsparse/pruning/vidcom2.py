@@ -13,10 +13,9 @@ keep none.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, unit_rows
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, rank_in_frame, unit_rows
 
 CHANNEL_SHARE = 0.5  # keep the lowest-variance half of the channels
 KERNEL_SCALES = (1 / 8, 1 / 4, 1 / 2, 1, 2)  # alpha of the multi-scale Gaussian similarity
@@ -93,6 +92,5 @@ def keep_lowest(scores: torch.Tensor, frames: torch.Tensor, counts: torch.Tensor
     two sorts and no device sync."""
     order = torch.sort(scores, stable=True).indices  # lowest score first
     ranked_frames = frames[order]
-    rank_in_frame = F.one_hot(ranked_frames, counts.numel()).cumsum(0).gather(1, ranked_frames[:, None])[:, 0] - 1
-    picked_first = rank_in_frame >= counts[ranked_frames]  # False for the per-frame picks
+    picked_first = rank_in_frame(ranked_frames, counts.numel()) >= counts[ranked_frames]  # False: a frame's pick
     return order[torch.sort(picked_first.to(torch.uint8), stable=True).indices[:budget]].sort().values
