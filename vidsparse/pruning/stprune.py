@@ -68,11 +68,12 @@ def diverse_top_k(relevance: torch.Tensor, features: torch.Tensor, k: int, weigh
     """Ascending indices of k tokens picked greedily by maximal marginal relevance: relevance scaled
     to [0, 1], minus `weight` x the highest cosine similarity (clamped at 0) of the candidate's
     features to any token already picked. Ties: the lower index. The similarities come from one
-    product; each pick is a few vector operations that never wait for the device."""
+    product, in the features' dtype (the model's: bfloat16 on a GPU, where float32 would cost several
+    times more); each pick is a few vector operations that never wait for the device."""
     low, span = relevance.min(), relevance.max() - relevance.min()
     score = torch.where(span > 0, (relevance - low) / span, 0.0).float()[None]  # (1, m) gain; -inf once picked
-    unit = F.normalize(features.float(), dim=1)
-    similarity = (unit @ unit.T).clamp_min_(0)
+    unit = F.normalize(features, dim=1)
+    similarity = (unit @ unit.T).float().clamp_min_(0)
     redundancy = torch.zeros_like(score)
     picked = []
     for _ in range(min(k, score.numel())):
