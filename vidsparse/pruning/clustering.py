@@ -16,10 +16,14 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tu
     for the densest); centres = top rho * delta.
     """
     n = x.shape[0]
-    x = x.float()
-    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one product (torch.cdist takes a slow path on CPU).
-    squared = (x * x).sum(1)
-    distance = torch.addmm(squared[:, None] + squared[None, :], x, x.T, alpha=-2).clamp_min_(0)
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b with one product (torch.cdist takes a slow path on CPU), in
+    # x's dtype (bfloat16 on a bfloat16 model: several times cheaper than float32) on tokens centred
+    # in float32 first, so that the product's rounding is relative to the distances, not to the norms.
+    as_float = x.float()
+    centred = (as_float - as_float.mean(0)).to(x.dtype)
+    rounded = centred.float()
+    squared = (rounded * rounded).sum(1)
+    distance = (squared[:, None] + squared[None, :] - 2 * (centred @ centred.T).float()).clamp_min_(0)
     distance = distance.div_(x.shape[1]).sqrt_().fill_diagonal_(0)
     nearest = torch.topk(distance, k=min(neighbours or clusters, n), dim=1, largest=False).values
     density = torch.exp(-nearest.square_().mean(1))

@@ -59,13 +59,14 @@ class FastVID(BeforeFirstLayer):
             keep += [ranked[f, :count] for f, count in zip(frames, salient_counts, strict=True)]
             pools = {f: ranked[f, count:].sort().values for f, count in zip(frames, salient_counts, strict=True)}
             members = torch.cat([pools[f] for f in frames])
-            member_states = hidden[members].float().T  # (d, members): the cosine argmax needs no member norms
+            # (d, members): the cosine argmax over anchors needs no member norms
+            member_states = hidden.index_select(0, members).float().T
             for f, count in zip(frames, context_counts, strict=True):
                 if not count:
                     continue
-                centres, _ = dpc_knn(hidden[pools[f]], count, NEIGHBOURS)
+                centres, _ = dpc_knn(hidden.index_select(0, pools[f]), count, NEIGHBOURS)
                 chosen = pools[f][centres]  # `count` anchors: the frame's pool holds at least that many
-                group, weight = merge_into(F.normalize(hidden[chosen].float(), dim=1) @ member_states)
+                group, weight = merge_into(F.normalize(hidden.index_select(0, chosen).float(), dim=1) @ member_states)
                 offset = sum(a.numel() for a in anchors)
                 source += [members, chosen]
                 target += [group + offset, offset + torch.arange(count, device=hidden.device)]
