@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,6 +91,19 @@ def llama_7b(layers: int, **tokens: int) -> LlamaConfig:
                        num_hidden_layers=layers, vocab_size=32064, max_position_embeddings=4096, **tokens)
 
 
+@contextmanager
+def building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside are made on `device` in `dtype` directly: 32 7B-width layers made in float32
+    and then cast would need 26 GB first."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def build_7b(layers: int, device: torch.device, dtype: torch.dtype, words: list[str]) -> VideoQA:
     """Video-LLaVA-7B's geometry with random weights: the CLIP ViT-L/14 video tower (24 layers, d=1024,
     224 x 224 frames, 257 tokens a frame) and the 7B-width decoder `layers` deep; a word tokenizer."""
@@ -107,7 +121,7 @@ def build_7b(layers: int, device: torch.device, dtype: torch.dtype, words: list[
     config.vision_config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
+    with building(device, dtype):
+        model = VideoLlavaForConditionalGeneration(config).eval()
     model.model.image_tower = None
     return VideoQA(VideoLlava(model, tokenizer, f"7B-geometry ({layers} decoder layers)"))

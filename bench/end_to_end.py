@@ -1,4 +1,6 @@
-"""Whole `ask` runs, vanilla vs pruned, with the share of each stage, so the next bottleneck shows.
+"""Whole `ask` runs, vanilla vs pruned, with the share of each stage, so the next bottleneck shows,
+and the time to the first token (decoding the video, preprocessing, the tower, prefill with the
+first token's logits).
 
 The same Video-LLaVA-7B geometry as bench/prefill.py for the decoder (fewer layers on a CPU) and
 the real video tower geometry (CLIP ViT-L/14: 24 layers, d=1024, 224 x 224 frames, 8 x 257
@@ -19,7 +21,9 @@ from common import build_7b, parse_args, write_results
 from vidsparse.datasets.shapes import write_video
 
 STAGES = ("decode_video", "preprocess", "vision", "prefill", "generate")
-CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194), ("fastvid", 194), ("stprune", 194)]
+FIRST_TOKEN = STAGES[:4]  # prefill includes the first token's logits
+CONFIGS = [("none", 194), ("sparsevlm", 194), ("fastv", 194), ("fastvid", 194), ("stprune", 194),
+           ("stprune", 206)]  # 206: 10% of 2056
 
 
 def main() -> None:
@@ -32,25 +36,32 @@ def main() -> None:
         question = "what is happening in the video ?"
         ask = {"max_new_tokens": args.new_tokens}
         qa.ask(clip, question, **ask)  # warm-up
-        runs: dict[str, list[dict]] = {m: [] for m, _ in CONFIGS}
+        runs: dict[tuple[str, int], list[dict]] = {c: [] for c in CONFIGS}
         for _ in range(args.repeats):
             for method, budget in CONFIGS:
                 result = qa.ask(clip, question, method=method, budget=budget, **ask)
-                runs[method].append(result.seconds)
+                runs[(method, budget)].append({**result.seconds,
+                                               "first_token": sum(result.seconds[s] for s in FIRST_TOKEN)})
     rows = []
-    base_total = statistics.median(r["total"] for r in runs["none"])
+    base = runs[CONFIGS[0]]
+    base_total = statistics.median(r["total"] for r in base)
+    base_first = statistics.median(r["first_token"] for r in base)
     for method, budget in CONFIGS:
-        medians = {s: statistics.median(r[s] for r in runs[method]) for s in (*STAGES, "total")}
+        results = runs[(method, budget)]
+        medians = {s: statistics.median(r[s] for r in results) for s in (*STAGES, "total", "first_token")}
         rows.append({"method": method, "budget": None if method == "none" else budget,
                      "total_ms": round(1000 * medians["total"], 1),
                      "speedup": round(base_total / medians["total"], 3),
+                     "first_token_ms": round(1000 * medians["first_token"], 1),
+                     "first_token_speedup": round(base_first / medians["first_token"], 3),
                      **{f"{s}_share": round(medians[s] / medians["total"], 3) for s in STAGES}})
     print(f"\n{args.device}, {args.dtype}, CLIP ViT-L/14 tower + {layers}-layer 7B-width decoder, 8 frames, "
           f"{args.new_tokens} new tokens, median of {args.repeats} interleaved runs\n")
-    header = ["method", "budget", "total ms", "speedup", *STAGES]
+    header = ["method", "budget", "total ms", "speedup", "1st token ms", "1st token x", *STAGES]
     print("  ".join(f"{h:>12}" for h in header))
     for r in rows:
-        cells = [r["method"], r["budget"] or "-", r["total_ms"], r["speedup"],
+        cells = [r["method"], r["budget"] or "-", r["total_ms"], r["speedup"], r["first_token_ms"],
+                 r["first_token_speedup"],
                  *(f"{100 * r[f'{s}_share']:.1f}%" for s in STAGES)]
         print("  ".join(f"{c!s:>12}" for c in cells))
     write_results(args.out, f"end_to_end-{device.type}-{layers}L.json", {"layers": layers, "dtype": args.dtype,

@@ -21,7 +21,7 @@ import platform
 
 import numpy as np
 import torch
-from common import decoder_bytes, llama_7b, parse_args, require_memory, write_results
+from common import building, decoder_bytes, llama_7b, parse_args, require_memory, write_results
 from prefill import print_table, run_once, summarize
 from roofline import Machine
 from transformers import (
@@ -61,42 +61,37 @@ def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) ->
     """The family's model at its 7B decoder geometry (`layers` deep, a small random tower) and the frame
     side its clips are made at."""
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: float32 first would hold twice the memory
-    try:
-        with torch.device(device):
-            if family == "video_llava":
-                tokenizer = word_tokenizer(WORDS)
-                vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=2, image_size=224, patch_size=14)
-                config = VideoLlavaConfig(vision_config=vision, text_config=llama_7b(
-                    layers, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id),
-                    video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-                    image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-                affordable(config, dtype, device)
-                model, wrapper, side = VideoLlavaForConditionalGeneration(_sdpa(config)), VideoLlava, 224
-                model.model.image_tower = None
-            elif family == "llava_onevision":
-                tokenizer = onevision_tokenizer(WORDS)
-                config = onevision_config(tokenizer, image_size=384, patch_size=14, vision_hidden=32,
-                                          vision_layers=1, vision_heads=2)
-                config.text_config = Qwen2Config(**QWEN2_7B, num_hidden_layers=layers,
-                                                 eos_token_id=config.text_config.eos_token_id,
-                                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-                affordable(config, dtype, device)
-                model, wrapper, side = LlavaOnevisionForConditionalGeneration(_sdpa(config)), LlavaOnevision, 384
-            else:
-                tokenizer = qwen_tokenizer(WORDS)
-                config = qwen2_5_vl_config(tokenizer, vision_hidden=32, vision_layers=1, fullatt_block_indexes=(0,),
-                                           window_size=112)
-                config.vision_config.out_hidden_size = QWEN2_7B["hidden_size"]
-                config.text_config = Qwen2_5_VLTextConfig(
-                    **QWEN2_7B, num_hidden_layers=layers, eos_token_id=config.text_config.eos_token_id,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-                affordable(config, dtype, device)
-                model, wrapper, side = Qwen2_5_VLForConditionalGeneration(_sdpa(config)), Qwen25VL, 448
-    finally:
-        torch.set_default_dtype(default)
+    with building(device, dtype):  # in its dtype: float32 first would hold twice the memory
+        if family == "video_llava":
+            tokenizer = word_tokenizer(WORDS)
+            vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, image_size=224, patch_size=14)
+            config = VideoLlavaConfig(vision_config=vision, text_config=llama_7b(
+                layers, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id),
+                video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+            affordable(config, dtype, device)
+            model, wrapper, side = VideoLlavaForConditionalGeneration(_sdpa(config)), VideoLlava, 224
+            model.model.image_tower = None
+        elif family == "llava_onevision":
+            tokenizer = onevision_tokenizer(WORDS)
+            config = onevision_config(tokenizer, image_size=384, patch_size=14, vision_hidden=32,
+                                      vision_layers=1, vision_heads=2)
+            config.text_config = Qwen2Config(**QWEN2_7B, num_hidden_layers=layers,
+                                             eos_token_id=config.text_config.eos_token_id,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+            affordable(config, dtype, device)
+            model, wrapper, side = LlavaOnevisionForConditionalGeneration(_sdpa(config)), LlavaOnevision, 384
+        else:
+            tokenizer = qwen_tokenizer(WORDS)
+            config = qwen2_5_vl_config(tokenizer, vision_hidden=32, vision_layers=1, fullatt_block_indexes=(0,),
+                                       window_size=112)
+            config.vision_config.out_hidden_size = QWEN2_7B["hidden_size"]
+            config.text_config = Qwen2_5_VLTextConfig(
+                **QWEN2_7B, num_hidden_layers=layers, eos_token_id=config.text_config.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+            affordable(config, dtype, device)
+            model, wrapper, side = Qwen2_5_VLForConditionalGeneration(_sdpa(config)), Qwen25VL, 448
     mean, std = wrapper.default_pixel_stats()
     return wrapper(model.eval(), tokenizer, f"{family} 7B-geometry ({layers} decoder layers)", mean, std), side
 

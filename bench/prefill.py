@@ -17,7 +17,7 @@ import platform
 import statistics
 
 import torch
-from common import decoder_bytes, llama_7b, parse_args, require_memory, write_results
+from common import building, decoder_bytes, llama_7b, parse_args, require_memory, write_results
 from roofline import Machine, prefill_work
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
@@ -40,14 +40,8 @@ def build_decoder(layers: int, device: torch.device, dtype: torch.dtype) -> Vide
     config = VideoLlavaConfig(vision_config=vision, text_config=text)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: 32 layers in float32 first would need 26 GB
-    try:
-        with torch.device(device):
-            model = VideoLlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(default)
-    return model
+    with building(device, dtype):
+        return VideoLlavaForConditionalGeneration(config).eval()
 
 
 def synthetic_prompt(model, device, dtype) -> PromptEmbeds:

@@ -128,10 +128,13 @@ def _choose(plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbe
     ))
 
 
+@torch.inference_mode()
 def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer) -> Head:
     """The prompt's head (up to the end of its visual block) through the layers before the plan's
     first question-guided stage, or through every layer if it has none, with the question-independent
-    stages applied. Only `prompt`'s head rows, visual map and tower outputs are read."""
+    stages applied. Only `prompt`'s head rows, visual map and tower outputs are read. In inference
+    mode whoever calls it: a checkpoint's weights require gradients, and a head built with autograd on
+    would keep every layer's activations alive as long as the head (a cached clip: for ever)."""
     _check_attention(decoder)
     visual = prompt.visual
     device = prompt.embeds.device

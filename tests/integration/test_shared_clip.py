@@ -85,6 +85,17 @@ def test_a_prepared_clip_answers_later_calls_as_if_each_question_were_asked_alon
             assert reused.to_dict()["shared"]["questions"] == asked
 
 
+@pytest.mark.parametrize("method", ["none", "stprune"])
+def test_a_prepared_clip_holds_no_autograd_graph(qa_and_video, method):
+    """A checkpoint's weights require gradients; a head built with autograd on kept every layer's
+    activations alive with it (a cached clip at the 7B geometry: ~0.5 GB a layer, unaccounted)."""
+    qa, video = qa_and_video
+    assert any(p.requires_grad for p in qa.model.decoder.parameters())  # as from_pretrained leaves them
+    clip = qa.prepare_clip(video, "anything at all ?", ask_options(method, "20%", None, "keep", 0, 0, 8, "auto", 2))
+    tensors = [clip.head.hidden, clip.head.positions, *(t for kv in clip.head.kv for t in (kv.keys, kv.values))]
+    assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
+
+
 def test_a_bad_question_fails_alone(qa_and_video):
     qa, video = qa_and_video
     options = ask_options("sparsevlm", "20%", None, "keep", 0, 0, 8, "auto", 2)
