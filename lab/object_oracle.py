@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers.utils import logging
 
 from lab.pointer_loss import object_pixels
@@ -33,6 +32,7 @@ from vidsparse.pipeline import VideoQA
 from vidsparse.pruning import METHODS
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Method, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
+from vidsparse.transfer import to_device
 
 MIN_PIXELS = 4  # of a patch's 64, for the patch to count as covered by an object
 # The engine hands a method the tokens, not the ground truth: the clip being answered is set here.
@@ -68,7 +68,7 @@ def oracle(kind: str) -> type[Method]:
             first = ground_truth_priority(kind, current_clip[0])
             fill = lattice(stage.grid, stage.budget)
             keep = list(dict.fromkeys(first + fill))[: stage.budget]  # fill alone has B distinct tokens
-            return Selection(torch.tensor(sorted(keep)), in_clip_order=True)
+            return Selection(to_device(sorted(keep), stage.hidden.device), in_clip_order=True)
 
     return GroundTruth
 

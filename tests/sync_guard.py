@@ -2,11 +2,15 @@
 
 On a GPU, turning a tensor into a Python value (`.item()`, `int(t)`, `if t:`, `.tolist()`, ...), or
 running an operation whose output size depends on the data (`nonzero`, `unique`, boolean-mask
-indexing, ...), stops the host until the device has caught up. On a CPU these cost nothing and
-`torch.cuda.set_sync_debug_mode` does not exist, so this guard intercepts every torch call
-(a TorchFunctionMode) and records the ones that would synchronise, when the Python line that made
-them is in a watched module of vidsparse. What lives on the host by contract (a family's VisualMap,
-the layout's Python numbers) is read outside the watched modules.
+indexing, ...), stops the host until the device has caught up; so does copying data to the device
+from the host's ordinary memory. On a CPU these cost nothing and `torch.cuda.set_sync_debug_mode`
+does not exist, so this guard intercepts every torch call (a TorchFunctionMode) and records the ones
+that would synchronise, when the Python line that made them is in a watched module of vidsparse.
+A CPU cannot tell a host tensor from a device one, so the watched modules move no data to a device
+themselves (`vidsparse.transfer.to_device` does, without blocking), and what lives on the host by
+contract (a family's VisualMap, the layout's Python numbers) is read outside them. The guard sees
+only the line that called torch: a helper outside the watched modules, called from them, is not
+followed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ WATCHED = (PACKAGE / "pruning", PACKAGE / "stage.py", PACKAGE / "engine.py", PAC
            PACKAGE / "layers.py")
 TORCH = Path(torch.__file__).parent
 
+DEVICE_TYPES = {"cpu", "cuda", "mps", "xpu", "meta", "hpu", "mtia"}
 # Turn a tensor into a Python value, or size their output by the data.
 SYNCING = {"item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__", "__format__",
            "__complex__", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select", "bincount",
@@ -46,8 +51,16 @@ def _converted(index: torch.Tensor) -> bool:
     return index.dtype == torch.bool or (index.dim() == 0 and not index.is_floating_point())
 
 
+def _is_device(value: object) -> bool:
+    return isinstance(value, torch.device) or (isinstance(value, str) and value.split(":")[0] in DEVICE_TYPES)
+
+
 def _data_sized(name: str, args: tuple, kwargs: dict) -> bool:
-    """Calls that are fine in general but wait in this form."""
+    """Calls that are fine in general but wait in this form. A move to a device counts: from the
+    host's ordinary memory it synchronises the stream, and no CPU can tell a host tensor from a device
+    one, so the watched modules move nothing themselves (`vidsparse.transfer.to_device` does)."""
+    if name in ("to", "cuda") or (name in ("tensor", "as_tensor") and "device" in kwargs):
+        return name != "to" or any(_is_device(v) for v in (*args[1:], *kwargs.values()))
     if name in ("__getitem__", "__setitem__") and len(args) > 1:
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
         return any(isinstance(i, torch.Tensor) and _converted(i)

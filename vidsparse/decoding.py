@@ -14,6 +14,7 @@ from vidsparse.layers import PaddedKV, layer_step_together, rotary
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.stats import StageTimer, synchronize
+from vidsparse.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class DecodeState:
         self.head = head
         self.own = [PaddedKV.gather([c.layers[i] for c in caches], max_new_tokens) for i in range(len(decoder.layers))]
         caches.clear()
-        self.positions = torch.tensor(next_positions, device=self.own[0].keys.device)
+        self.positions = to_device(next_positions, self.own[0].keys.device)
         # Layers whose positions differ from the layer before's in some question (compact positions):
         # they need their own rotary tables. Every position advances by one a step, so the pattern
         # holds for the whole decoding and is read from the host's numbers once.
@@ -100,7 +101,7 @@ def decode_together(decoder, lm_head: torch.nn.Linear, prefilled: list[Prefilled
             state = DecodeState(decoder, prefilled[0].head, caches, [p.next_positions for p in prefilled],
                                 max_new_tokens)
         if len(going) < len(active):
-            rows = torch.tensor(going, device=logits.device)
+            rows = to_device(going, logits.device)
             state.keep(rows)
             tokens, active = tokens[rows], [active[row] for row in going]
         logits = lm_head(decoder.norm(state.step(tokens)))[:, -1].float()

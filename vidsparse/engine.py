@@ -29,6 +29,7 @@ from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PromptText, PruningPlan, Selection, StageInput
 from vidsparse.stage import VisualBlock, apply_selection, attention_rows
 from vidsparse.stats import StageTimer
+from vidsparse.transfer import arange_of, to_device
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,13 @@ def _stages(plan: PruningPlan | None, num_visual: int) -> list[int]:
 def _choose(plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbeds, block: VisualBlock,
             visual_hidden: torch.Tensor, attention: torch.Tensor | None, generator: torch.Generator,
             facts: object | None = None) -> Selection:
-    device = visual_hidden.device
     visual = prompt.visual
-    origin = block.origin
+    frames, rows, cols = block.places()
     return plan.method.select(StageInput(
         index=index, num_stages=len(stages), layer=stages[index], num_visual=len(visual),
-        budget=min(plan.budget, len(visual)), hidden=visual_hidden,
-        frames=visual.frame.to(device)[origin], rows=visual.row.to(device)[origin], cols=visual.col.to(device)[origin],
+        budget=min(plan.budget, len(visual)), hidden=visual_hidden, frames=frames, rows=rows, cols=cols,
         attention=attention, min_per_frame=plan.min_per_frame, generator=generator, grid=visual.grid(),
-        saliency=None if prompt.saliency is None else prompt.saliency.to(device)[origin],
+        saliency=None if prompt.saliency is None else prompt.saliency[block.origin],
         frame_features=prompt.frame_features, facts=facts,
     ))
 
@@ -143,11 +142,12 @@ def prefill_head(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer:
     length = prompt.head_length
     hidden = prompt.embeds[:, :length]
     block = VisualBlock(visual.start, torch.arange(len(visual), device=device),
-                        torch.zeros(len(visual), dtype=torch.bool, device=device))
+                        torch.zeros(len(visual), dtype=torch.bool, device=device),
+                        to_device(torch.stack([visual.frame, visual.row, visual.col]), device))
     stages = _stages(plan, len(visual))
     first_guided = next((i for i, layer in enumerate(stages) if plan.method.reads_question(layer)), len(stages))
     shared = stages[first_guided] + 1 if first_guided < len(stages) else len(decoder.layers)
-    positions = prompt.rope_positions[..., :length].to(device)
+    positions = to_device(prompt.rope_positions[..., :length], device)
     cache = DynamicCache(config=decoder.config)
     generator = torch.Generator().manual_seed(plan.seed) if plan else None
     tokens_per_layer: list[int] = []
@@ -223,7 +223,7 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
             facts = method.prepare(PromptText(prompt.embeds[0], prompt.visual.start, len(prompt.visual),
                                               head.length, prompt.suffix_words))
             layer = head.layers - 1  # the question's rows query the head's keys and their own
-            rows = method.query_rows(count, facts).to(device)
+            rows = arange_of(method.query_rows(count, facts), device)
             rope = rotary(decoder, question, (head.question_start(layer, keep) + rows)[None, None])
             hidden, positions, block, record = _question_stage(
                 decoder, plan, index, stages, prompt, generator, facts, head.hidden, head.positions, block,
@@ -288,7 +288,7 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
         hidden = layers(layer_input, stages[index] + 1)
         with timer.stage("pruning"):
             text = block.end + separators  # the question's first row
-            rows = text + plan.method.query_rows(hidden.shape[1] - text, facts).to(hidden.device)
+            rows = text + arange_of(plan.method.query_rows(hidden.shape[1] - text, facts), hidden.device)
             cos, sin = rotary(decoder, hidden, positions)
             hidden, positions, block, record = _question_stage(
                 decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block,

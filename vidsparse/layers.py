@@ -19,6 +19,8 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from vidsparse.transfer import to_device
+
 
 @dataclass(frozen=True)
 class HeadKV:
@@ -133,7 +135,7 @@ class PaddedKV:
         for i, layer in enumerate(layers):
             keys[i, :, : layer.keys.shape[-2]] = layer.keys[0]
             values[i, :, : layer.values.shape[-2]] = layer.values[0]
-        return cls(keys, values, torch.tensor(counts, device=keys.device))
+        return cls(keys, values, to_device(counts, keys.device))
 
 
 def layer_step_together(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],

@@ -227,8 +227,8 @@ def test_each_stage_chooses_from_the_eager_attention_of_its_query_rows(setup, me
     assert prefilled.visual_per_layer[-1] == 12
     for stage in guided:
         probs, current, after_visual = captured[stage.layer]
-        rows = after_visual + separators + plan.method.query_rows(prompt.embeds.shape[1] - prompt.head_length,
-                                                                   stage.facts)
+        asked = plan.method.query_rows(prompt.embeds.shape[1] - prompt.head_length, stage.facts)
+        rows = after_visual + separators + torch.tensor(list(asked))
         torch.testing.assert_close(stage.attention.float(), probs[rows][:, current], atol=1e-5, rtol=1e-4)
 
 

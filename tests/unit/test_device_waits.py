@@ -75,12 +75,14 @@ def test_the_guard_sees_conversions_and_data_sized_results_in_watched_modules_on
     elsewhere is not."""
     import vidsparse.stage
 
-    code = "int(t.sum()); t[t > 0]; t.nonzero(); torch.where(t > 1); t.tolist()"
+    code = ("int(t.sum()); t[t > 0]; t.nonzero(); torch.where(t > 1); t.tolist(); t.to('cpu'); "
+            "torch.tensor([1], device='cpu'); t.to(torch.float16)")
     watched = compile(code, vidsparse.stage.__file__, "exec")
     elsewhere = compile(code, __file__, "exec")
     t = torch.arange(4)
     with recording_syncs() as found:
         exec(watched, {"t": t, "torch": torch})
         exec(elsewhere, {"t": t, "torch": torch})
-    assert [sync.operation for sync in found] == ["__int__", "__getitem__", "nonzero", "where", "tolist"]
+    assert [sync.operation for sync in found] == ["__int__", "__getitem__", "nonzero", "where", "tolist", "to",
+                                                  "tensor"]  # a dtype change is no move
     assert all(sync.where.startswith("stage.py:<module>:") for sync in found)

@@ -84,7 +84,7 @@ def test_dpc_knn_finds_three_blobs_and_merges_to_their_means():
     assert sorted(blob[centres].tolist()) == [0, 1, 2]
     # Same partition as the blobs, cluster ids in the order of the centres returned.
     assert torch.equal(blob[centres][assignment], blob)
-    block = VisualBlock(0, torch.arange(12), torch.zeros(12, dtype=torch.bool))
+    block = VisualBlock(0, torch.arange(12), torch.zeros(12, dtype=torch.bool), torch.zeros(3, 12, dtype=torch.long))
     selection = Selection(torch.zeros(0, dtype=torch.long), torch.arange(12), assignment, centres)
     merged, _, _ = apply_selection(points[None], torch.arange(12)[None], block, selection, "keep")
     for slot, centre in enumerate(centres.tolist()):
@@ -101,9 +101,9 @@ def test_dpc_knn_is_deterministic_on_ties():
 def test_top_k_breaks_ties_by_index_and_honours_the_floor():
     scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.0, 0.0])
     frames = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert top_k(scores, 2, frames, 2).tolist() == [0, 1]
-    assert top_k(scores, 3, frames, 2, min_per_frame=1).tolist() == [0, 1, 3]
-    assert top_k(scores, 4, frames, 2, min_per_frame=2).tolist() == [0, 1, 3, 4]
+    assert top_k(scores, 2, frames).tolist() == [0, 1]
+    assert top_k(scores, 3, frames, min_per_frame=1).tolist() == [0, 1, 3]
+    assert top_k(scores, 4, frames, min_per_frame=2).tolist() == [0, 1, 3, 4]
 
 
 def test_tome_merges_to_exactly_b_with_means_of_members():

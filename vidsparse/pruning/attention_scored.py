@@ -17,7 +17,7 @@ class FastV(Method):
 
     def select(self, stage: StageInput) -> Selection:
         scores = stage.attention.mean(0)
-        return Selection(top_k(scores, self.stage_size(stage), stage.frames, stage.grid.frames, stage.min_per_frame))
+        return Selection(top_k(scores, self.stage_size(stage), stage.frames, stage.min_per_frame))
 
 
 class PyramidDrop(FastV):

@@ -22,7 +22,9 @@ BEFORE_FIRST_LAYER = -1  # a stage "after layer -1" acts on the input embeddings
 
 @dataclass(frozen=True)
 class Selection:
-    """The visual block after a stage: `keep` (ascending indices into the current block), then one
+    """The visual block after a stage, as tensors on the hidden states' device (a method that plans
+    on the host sends its plan with `vidsparse.transfer.to_device`): `keep` (ascending indices into
+    the current block), then one
     merged token per group: the mean of its members (`merge_source[i]` joins group
     `merge_target[i]`; a token may join several groups), weighted by `merge_weight` where given. A
     merged token takes the position and the frame/row/col of its anchor. `in_clip_order` places every
@@ -106,9 +108,10 @@ class Method:
         raters); the engine passes it back as `facts`."""
         return None
 
-    def query_rows(self, num_suffix: int, facts: object | None) -> torch.Tensor:
-        """Text rows after the video (0 = first suffix token) whose attention `select` needs."""
-        return torch.tensor([num_suffix - 1])
+    def query_rows(self, num_suffix: int, facts: object | None) -> range:
+        """Text rows after the video (0 = first suffix token) whose attention `select` needs: a range,
+        made on the device as it is (no copy)."""
+        return range(num_suffix - 1, num_suffix)
 
     def select(self, stage: StageInput) -> Selection:
         raise NotImplementedError
@@ -142,25 +145,28 @@ class BeforeFirstLayer(Method):
         return [BEFORE_FIRST_LAYER]
 
 
-def top_k(scores: torch.Tensor, k: int, frames: torch.Tensor, num_frames: int, min_per_frame: int = 0
-          ) -> torch.Tensor:
+def top_k(scores: torch.Tensor, k: int, frames: torch.Tensor, min_per_frame: int = 0) -> torch.Tensor:
     """Ascending indices of the k highest scores (ties: lower index first), with at least
-    `min_per_frame` tokens (or all it has) from every frame (`frames` < `num_frames`): the first k of
-    the ranking with each frame's best `min_per_frame` moved to the front."""
+    `min_per_frame` tokens (or all it has) from every frame: the first k of the ranking with each
+    frame's best `min_per_frame` moved to the front."""
     k = min(k, scores.numel())
     order = torch.sort(-scores.float(), stable=True).indices
     if min_per_frame <= 0:
         return order[:k].sort().values
     ranked_frames = frames[order]
-    later = rank_in_frame(ranked_frames, num_frames) >= min_per_frame
+    later = rank_in_frame(ranked_frames) >= min_per_frame
     return order[torch.sort(later.to(torch.uint8), stable=True).indices[:k]].sort().values
 
 
-def rank_in_frame(ranked_frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+def rank_in_frame(ranked_frames: torch.Tensor) -> torch.Tensor:
     """For tokens in ranked order (their frames given), each one's place among its own frame's
-    tokens (0 = its frame's first), by a running count per frame: no loop over frames, no device sync."""
-    counts = F.one_hot(ranked_frames, num_frames).cumsum(0)
-    return counts.gather(1, ranked_frames[:, None])[:, 0] - 1
+    tokens (0 = its frame's first): a stable sort groups the frames keeping the ranking, and each
+    token's place is its distance from its group's start. No loop over frames, no device sync, O(n)
+    memory however many frames."""
+    grouped, order = torch.sort(ranked_frames, stable=True)
+    rank = torch.empty_like(ranked_frames)
+    rank[order] = torch.arange(grouped.numel(), device=grouped.device) - torch.searchsorted(grouped, grouped)
+    return rank
 
 
 def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:

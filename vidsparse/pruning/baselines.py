@@ -8,6 +8,7 @@ import torch
 
 from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.base import BeforeFirstLayer, Method, Selection, StageInput, top_k
+from vidsparse.transfer import to_device
 
 
 class NoPruning(Method):
@@ -22,8 +23,8 @@ class RandomPruning(BeforeFirstLayer):
     summary = "B visual tokens drawn uniformly at random (seeded), before layer 0"
 
     def select(self, stage: StageInput) -> Selection:
-        scores = torch.rand(stage.frames.numel(), generator=stage.generator).to(stage.frames.device)
-        return Selection(top_k(scores, stage.budget, stage.frames, stage.grid.frames, stage.min_per_frame))
+        scores = to_device(torch.rand(stage.frames.numel(), generator=stage.generator), stage.frames.device)
+        return Selection(top_k(scores, stage.budget, stage.frames, stage.min_per_frame))
 
 
 class UniformPruning(BeforeFirstLayer):
@@ -31,7 +32,7 @@ class UniformPruning(BeforeFirstLayer):
                "frame, shifted from frame to frame so that the frames together cover the image")
 
     def select(self, stage: StageInput) -> Selection:
-        return Selection(torch.tensor(lattice(stage.grid, stage.budget), device=stage.hidden.device))
+        return Selection(to_device(lattice(stage.grid, stage.budget), stage.hidden.device))
 
 
 def lattice(grid: ClipGrid, budget: int) -> list[int]:

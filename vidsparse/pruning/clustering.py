@@ -20,7 +20,8 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tu
     # x's dtype (bfloat16 on a bfloat16 model: several times cheaper than float32) on tokens centred
     # in float32 first, so that the product's rounding is relative to the distances, not to the norms.
     as_float = x.float()
-    centred = (as_float - as_float.mean(0)).to(x.dtype)
+    # float16's range would overflow the products of large states: bfloat16 has float32's.
+    centred = (as_float - as_float.mean(0)).to(torch.bfloat16 if x.dtype == torch.float16 else x.dtype)
     rounded = centred.float()
     squared = (rounded * rounded).sum(1)
     distance = (squared[:, None] + squared[None, :] - 2 * (centred @ centred.T).float()).clamp_min_(0)

@@ -140,5 +140,5 @@ def merge_into(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     anchors = similarity.shape[0]
     group = similarity.argmax(0)
     counts = torch.zeros(anchors, device=group.device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
-    own = torch.maximum(1 / (counts + 1), torch.tensor(ANCHOR_WEIGHT, device=group.device))
+    own = (1 / (counts + 1)).clamp_min(ANCHOR_WEIGHT)
     return group, torch.cat([(1 - own[group]) / counts[group], own])

@@ -69,8 +69,7 @@ def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_cl
     floor = min(target, stage.min_per_frame * stage.grid.frames)
     if kept_count < floor:
         kept_count, clusters = floor, target - floor
-    keep = choose(kept_count) if choose else top_k(scores, kept_count, stage.frames, stage.grid.frames,
-                                                            stage.min_per_frame)
+    keep = choose(kept_count) if choose else top_k(scores, kept_count, stage.frames, stage.min_per_frame)
     if clusters == 0:
         return Selection(keep, in_clip_order=in_clip_order)
     deleted_ids = complement(keep, scores.numel())
@@ -111,8 +110,8 @@ class RatedByText(Method):
         visual = prompt.embeds[prompt.visual_start : prompt.visual_end]
         return Raters(choose_raters(visual, prompt.embeds[prompt.suffix_start :]), prompt.suffix_words)
 
-    def query_rows(self, num_suffix: int, facts: Raters) -> torch.Tensor:
-        return torch.arange(num_suffix)
+    def query_rows(self, num_suffix: int, facts: Raters) -> range:
+        return range(num_suffix)
 
     def report(self, facts: Raters | None) -> dict[str, object]:
         return {"raters": " ".join(facts.rater_words()) if facts else ""}

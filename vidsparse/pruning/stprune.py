@@ -30,6 +30,7 @@ from vidsparse.errors import UserError
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
 from vidsparse.pruning.sparsevlm import RatedByText, keep_and_recycle, raters_mean
+from vidsparse.transfer import to_device
 
 SUMMARY_FACTOR = 2.0  # stage 1 keeps this many times B: layers 0-1 see them
 QUESTION_LAYER = 1  # stage 2 prunes after this decoder layer
@@ -50,7 +51,7 @@ class STPrune(RatedByText):
             raise UserError("stprune keeps every frame in its first stage; --min-per-frame does not apply to it")
         if stage.layer == BEFORE_FIRST_LAYER:
             target = min(stage.num_visual, max(stage.budget, math.ceil(SUMMARY_FACTOR * stage.budget)))
-            return Selection(torch.tensor(lattice(stage.grid, target), device=stage.hidden.device), in_clip_order=True)
+            return Selection(to_device(lattice(stage.grid, target), stage.hidden.device), in_clip_order=True)
         relevance = question_relevance(stage.attention, stage.facts.mask)
         return keep_and_recycle(stage, relevance, stage.budget, in_clip_order=True,
                                 choose=lambda k: diverse_top_k(relevance, stage.hidden, k, REDUNDANCY_WEIGHT))
