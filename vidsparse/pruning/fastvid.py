@@ -57,6 +57,8 @@ class FastVID(BeforeFirstLayer):
         for frames, budget in zip(*segment_budgets(stage.frame_features, stage.budget, per_frame), strict=True):
             salient_counts, context_counts = split_segment(budget, len(frames), per_frame)
             keep += [ranked[f, :count] for f, count in zip(frames, salient_counts, strict=True)]
+            if not any(context_counts):
+                continue
             pools = {f: ranked[f, count:].sort().values for f, count in zip(frames, salient_counts, strict=True)}
             members = torch.cat([pools[f] for f in frames])
             # (d, members): the cosine argmax over anchors needs no member norms

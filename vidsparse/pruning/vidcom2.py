@@ -92,5 +92,5 @@ def keep_lowest(scores: torch.Tensor, frames: torch.Tensor, counts: torch.Tensor
     two sorts and no device sync."""
     order = torch.sort(scores, stable=True).indices  # lowest score first
     ranked_frames = frames[order]
-    picked_first = rank_in_frame(ranked_frames) >= counts[ranked_frames]  # False: a frame's pick
-    return order[torch.sort(picked_first.to(torch.uint8), stable=True).indices[:budget]].sort().values
+    beyond_count = rank_in_frame(ranked_frames) >= counts[ranked_frames]  # False: one of its frame's picks
+    return order[torch.sort(beyond_count.to(torch.uint8), stable=True).indices[:budget]].sort().values
