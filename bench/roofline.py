@@ -6,8 +6,8 @@ bound by arithmetic, but ~200 tokens through a 7B-width layer can be bound by re
 weights (on an H100's nominal 3.35 TB/s and ~990 dense bf16 TFLOP/s: 0.12 ms of reading against
 0.08 ms of arithmetic), where a FLOPs ratio promises speedups that no implementation could reach. On
 a CPU's tens of GB/s and a few TFLOP/s the arithmetic still dominates. The bytes counted are the
-least a layer must move: its weights once, its
-input and output rows, the keys and values it writes; then the LM head's weights for the first token.
+least a layer must move: its weights once, its input and output rows, the keys and values it
+writes; then the LM head's weights for the first token.
 """
 
 from __future__ import annotations
