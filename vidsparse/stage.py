@@ -57,23 +57,29 @@ def attention_rows(layer, query_input: torch.Tensor, cos_sin: tuple[torch.Tensor
     return scores.softmax(-1).mean(dim=(0, 1, 2))
 
 
-def merge_matrix(selection: Selection, count: int, size: int, device: torch.device) -> torch.Tensor:
-    """(count, size) float32: row g holds group g's weights over the block's tokens, so that the
-    merged tokens are one product with the block (`merged_tokens`) instead of a float32 copy of every
-    source row."""
+GROUPS_AT_ONCE = 256  # merged tokens made per product: the weights held are this many rows of the block
+
+
+def merged_tokens(selection: Selection, visual: torch.Tensor) -> torch.Tensor:
+    """The weighted group means of `selection` over the block `visual` (1, n, d): per chunk of groups,
+    a weight matrix (groups x n, float32) times the block in its dtype, divided by the totals of the
+    weights as that dtype holds them. One product instead of a float32 copy of every source row;
+    totals of the rounded weights, because normalised weights rounded to bfloat16 would scale whole
+    tokens (1/3 becomes 0.33398: every mean of three 0.2% too long); chunks, so that the weights held
+    grow with the block, not with groups x block. Entries of other chunks add a zero weight."""
     source, target = selection.merge_source, selection.merge_target
-    weight = (torch.ones(source.numel(), device=device) if selection.merge_weight is None
+    weight = (torch.ones(source.numel(), device=visual.device) if selection.merge_weight is None
               else selection.merge_weight.to(torch.float32))
-    return torch.zeros(count, size, device=device).index_put_((target, source), weight, accumulate=True)
-
-
-def merged_tokens(matrix: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """The weighted means that `matrix` (groups x n float32 weights, not normalised) makes of the
-    block (1, n, d): one product in the block's dtype, divided by the totals of the weights as that
-    dtype holds them. Normalised weights rounded to bfloat16 would scale whole tokens (1/3 becomes
-    0.33398: every mean of three 0.2% too long); equal weights stay exact ones this way."""
-    weights = matrix.to(visual.dtype)
-    return ((weights @ visual).float() / weights.float().sum(1, keepdim=True)).to(visual.dtype)
+    count = selection.merge_anchor.numel()
+    parts = []
+    for first in range(0, count, GROUPS_AT_ONCE):
+        rows = min(GROUPS_AT_ONCE, count - first)
+        local = target - first
+        inside = (local >= 0) & (local < rows)
+        matrix = torch.zeros(rows, visual.shape[1], device=visual.device).index_put_(
+            (local.clamp(0, rows - 1), source), weight * inside, accumulate=True).to(visual.dtype)
+        parts.append((matrix @ visual).float() / matrix.float().sum(1, keepdim=True))
+    return torch.cat(parts, 1).to(visual.dtype)
 
 
 def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: VisualBlock, selection: Selection,
@@ -92,7 +98,7 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
     if selection.merge_anchor.numel():
         anchor = selection.merge_anchor
         count = anchor.numel()
-        parts.append(merged_tokens(merge_matrix(selection, count, visual.shape[1], device), visual))
+        parts.append(merged_tokens(selection, visual))
         places.append(anchor)
         merged.append(torch.ones(count, dtype=torch.bool, device=device))
     place = torch.cat(places)

@@ -8,7 +8,7 @@ from vidsparse.pruning.base import Selection, StageInput, top_k
 from vidsparse.pruning.clustering import dpc_knn
 from vidsparse.pruning.sparsevlm import Raters, SparseVLM, choose_raters, num_clusters, recycling_split
 from vidsparse.pruning.tome import bipartite_merge, groups_to_selection
-from vidsparse.stage import VisualBlock, apply_selection
+from vidsparse.stage import VisualBlock, apply_selection, merged_tokens
 
 
 def test_raters_are_text_rows_above_mean_relevance():
@@ -89,6 +89,25 @@ def test_dpc_knn_finds_three_blobs_and_merges_to_their_means():
     merged, _, _ = apply_selection(points[None], torch.arange(12)[None], block, selection, "keep")
     for slot, centre in enumerate(centres.tolist()):
         torch.testing.assert_close(merged[0, slot], points[blob == blob[centre]].mean(0))
+
+
+@pytest.mark.parametrize("groups_at_once", [1, 3, 256])
+def test_merged_tokens_are_weighted_means_of_their_members_in_any_chunking(monkeypatch, groups_at_once):
+    """Weighted group means (a token in several groups, unequal weights) against a float64 loop, made
+    one group at a time, in chunks that split the groups unevenly, and all at once."""
+    monkeypatch.setattr("vidsparse.stage.GROUPS_AT_ONCE", groups_at_once)
+    g = torch.Generator().manual_seed(3)
+    visual = torch.randn(1, 10, 6, generator=g)
+    source = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9])
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 4, 4])
+    weight = torch.rand(11, generator=g) + 0.1
+    selection = Selection(torch.zeros(0, dtype=torch.long), source, target, torch.tensor([0, 2, 4, 5, 7]), weight)
+    merged = merged_tokens(selection, visual)
+    for group in range(5):
+        members = (target == group).nonzero().squeeze(1).tolist()
+        expected = sum(weight[i].double() * visual[0, source[i]].double() for i in members) / sum(
+            weight[i].double() for i in members)
+        torch.testing.assert_close(merged[0, group].double(), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_dpc_knn_is_deterministic_on_ties():
