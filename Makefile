@@ -49,46 +49,38 @@ HD_CYCLES ?=
 train-hd:
 	$(PYTHON) -m lab.train_demo --yardstick hd --resume --save-minutes 10 $(if $(HD_CYCLES),--cycles $(HD_CYCLES))
 
-# Held-out accuracy of the shipped model per question type, then every method at every budget.
-# The LLaVA-OneVision yardstick on the same held-out clips (every method at 5, 10 and 25% of its 128 tokens).
-eval-ov:
-	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
-	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full-ov.jsonl \
-		--model shapes-ov --method none --max-new-tokens 8
-	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-ov \
-		--methods $(EVAL_METHODS) --budgets 5%,10%,25% --repeats 1 --max-new-tokens 8 --out docs/shapes-ov-sweep
-
-# The Qwen2.5-VL yardstick on the same held-out clips (every method at 5, 10 and 25% of its 64 tokens).
-eval-qwen:
-	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
-	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full-qwen.jsonl \
-		--model shapes-qwen --method none --max-new-tokens 8
-	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-qwen \
-		--methods $(EVAL_METHODS) --budgets 5%,10%,25% --repeats 1 --max-new-tokens 8 --out docs/shapes-qwen-sweep
+# $(call evaluate,CLIPS,SEED AND KIND,MODEL,FULL,BUDGETS,SWEEP): the held-out clips CLIPS made from their seed,
+# MODEL's accuracy with every token per question type (CLIPS/FULL), then every method at every budget (SWEEP).
+define evaluate
+	$(PYTHON) -m vidsparse make-shapes $(1) $(2)
+	$(PYTHON) -m vidsparse batch $(1) --questions $(1)/qa.jsonl --out $(1)/$(4) \
+		--model $(3) --method none --max-new-tokens 8
+	$(PYTHON) -m vidsparse sweep $(1) --questions $(1)/qa.jsonl --model $(3) \
+		--methods $(EVAL_METHODS) --budgets $(5) --repeats 1 --max-new-tokens 8 --out $(6)
+endef
+FAMILY_BUDGETS := 5%,10%,25%
+# The held-out seeds: never trained or tuned on.
+HELD_OUT := --n 500 --seed 424242
+HD_HELD_OUT := --kind hd --n 500 --seed 434343
 
 eval-demo:
-	$(PYTHON) -m vidsparse make-shapes shapes-eval --n 500 --seed 424242
-	$(PYTHON) -m vidsparse batch shapes-eval --questions shapes-eval/qa.jsonl --out shapes-eval/full.jsonl \
-		--model shapes-demo --method none --max-new-tokens 8
-	$(PYTHON) -m vidsparse sweep shapes-eval --questions shapes-eval/qa.jsonl --model shapes-demo \
-		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 --out docs/shapes-sweep
+	$(call evaluate,shapes-eval,$(HELD_OUT),shapes-demo,full.jsonl,$(EVAL_BUDGETS),docs/shapes-sweep)
 
 # The same for the real-geometry yardstick (ShapesQA-HD, 520 visual tokens): its held-out seed, its model.
 eval-hd:
-	$(PYTHON) -m vidsparse make-shapes shapes-hd-eval --kind hd --n 500 --seed 434343
-	$(PYTHON) -m vidsparse batch shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --out shapes-hd-eval/full.jsonl \
-		--model shapes-hd --method none --max-new-tokens 8
-	$(PYTHON) -m vidsparse sweep shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --model shapes-hd \
-		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 --out docs/shapes-hd-sweep
+	$(call evaluate,shapes-hd-eval,$(HD_HELD_OUT),shapes-hd,full.jsonl,$(EVAL_BUDGETS),docs/shapes-hd-sweep)
 
 # Recipe N's HD model (trained on complete clips only, never in the pruned regime) on the same held-out clips.
 eval-hd-plain:
-	$(PYTHON) -m vidsparse make-shapes shapes-hd-eval --kind hd --n 500 --seed 434343
-	$(PYTHON) -m vidsparse batch shapes-hd-eval --questions shapes-hd-eval/qa.jsonl \
-		--out shapes-hd-eval/full-plain.jsonl --model shapes-hd-plain --method none --max-new-tokens 8
-	$(PYTHON) -m vidsparse sweep shapes-hd-eval --questions shapes-hd-eval/qa.jsonl --model shapes-hd-plain \
-		--methods $(EVAL_METHODS) --budgets $(EVAL_BUDGETS) --repeats 1 --max-new-tokens 8 \
-		--out docs/shapes-hd-plain-sweep
+	$(call evaluate,shapes-hd-eval,$(HD_HELD_OUT),shapes-hd-plain,full-plain.jsonl,$(EVAL_BUDGETS),docs/shapes-hd-plain-sweep)
+
+# The LLaVA-OneVision yardstick on ShapesQA's held-out clips (every method at 5, 10 and 25% of its 128 tokens).
+eval-ov:
+	$(call evaluate,shapes-eval,$(HELD_OUT),shapes-ov,full-ov.jsonl,$(FAMILY_BUDGETS),docs/shapes-ov-sweep)
+
+# The Qwen2.5-VL yardstick on the same held-out clips (every method at 5, 10 and 25% of its 64 tokens).
+eval-qwen:
+	$(call evaluate,shapes-eval,$(HELD_OUT),shapes-qwen,full-qwen.jsonl,$(FAMILY_BUDGETS),docs/shapes-qwen-sweep)
 
 test:
 	$(PYTHON) -m pytest tests
