@@ -37,10 +37,15 @@ def ttm_pairs(num_frames: int) -> list[tuple[int, int]]:
     return pairs + [(i, i + 2) for i in range(0, num_frames - 4, 4)]
 
 
+def pruned_frames(num_frames: int) -> set[int]:
+    """The frames TTM prunes (the others stay whole)."""
+    return {frame for _, frame in ttm_pairs(num_frames)}
+
+
 def ttm_keep_count(budget: int, num_frames: int, per_frame: int) -> int:
     """Tokens each pruned frame keeps: enough that TTM leaves >= B tokens (and the default K's count
     where that is more), at least 1, at most the whole frame."""
-    pruned = len({frame for _, frame in ttm_pairs(num_frames)})
+    pruned = len(pruned_frames(num_frames))
     if not pruned:
         return per_frame
     whole = (num_frames - pruned) * per_frame
@@ -69,11 +74,11 @@ def temporal_merge(x: torch.Tensor, grid: ClipGrid, budget: int) -> torch.Tensor
     num_frames, per_frame = grid.frames, grid.per_frame
     tokens = x.float().view(num_frames, per_frame, -1)
     keep = ttm_keep_count(budget, num_frames, per_frame)
-    pruned = {frame for _, frame in ttm_pairs(num_frames)}
+    pruned = len(pruned_frames(num_frames))
     dropped = torch.zeros(num_frames, per_frame, dtype=torch.uint8, device=x.device)
     for reference, frame in ttm_pairs(num_frames):
         similarity = F.cosine_similarity(tokens[reference], tokens[frame], dim=-1)
         dropped[frame] = 1
         dropped[frame, torch.sort(similarity, stable=True).indices[:keep]] = 0
-    kept = (num_frames - len(pruned)) * per_frame + len(pruned) * keep  # known here: no nonzero
+    kept = (num_frames - pruned) * per_frame + pruned * keep  # known here: no nonzero
     return torch.sort(dropped.flatten(), stable=True).indices[:kept]  # stable: ascending
