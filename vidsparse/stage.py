@@ -19,7 +19,7 @@ class VisualBlock:
 
     start: int  # sequence index of the first visual token (the prefix text comes before)
     origin: torch.Tensor  # (n_v,) index into the prompt's VisualMap (a merged token: its anchor's)
-    merged: torch.Tensor  # (n_v,) bool: recycled / merged token
+    merged: torch.Tensor  # (n_v,) bool: a mix of clip tokens (merged / recycled with others), not one of them
     clip_places: torch.Tensor  # (3, n_clip) frame, row, col of every clip token, on the device (copied once)
 
     def places(self) -> torch.Tensor:
@@ -100,7 +100,9 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
         count = anchor.numel()
         parts.append(merged_tokens(selection, visual))
         places.append(anchor)
-        merged.append(torch.ones(count, dtype=torch.bool, device=device))
+        # a group that is its anchor alone (a centre nothing joined) is that token, not a mix
+        others = (selection.merge_source != anchor[selection.merge_target]).float()
+        merged.append(torch.zeros(count, device=device).index_add_(0, selection.merge_target, others) > 0)
     place = torch.cat(places)
     order = torch.sort(place, stable=True).indices if selection.in_clip_order else slice(None)
     new_visual = torch.cat(parts, dim=1)[:, order]

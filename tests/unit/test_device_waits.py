@@ -21,7 +21,8 @@ from vidsparse.stats import StageTimer
 NEW_TOKENS = 4
 # The reads that remain, by "module:function": how many per decoding step or per clip.
 PER_STEP = {("tolist", "decoding.py:decode_together")}  # the step's tokens: EOS, and the answer itself
-PER_CLIP = {"fastvid": {("tolist", "pruning/fastvid.py:segment_budgets")}}  # T - 1 frame similarities plan the segments
+PER_CLIP = {"fastvid": {("tolist", "pruning/fastvid.py:segment_budgets")},  # T - 1 frame similarities: the segments
+            "holitom": {("tolist", "pruning/holitom.py:static_counts")}}  # (T - 1) x T static-place counts: the windows
 # ToMe (an image-era baseline) merges in rounds whose survivors it reads: left as it is.
 UNTOUCHED = {"tome"}
 
@@ -42,7 +43,7 @@ def family(request, clips):
 @pytest.mark.parametrize("method", sorted(set(METHODS) - UNTOUCHED))
 def test_one_question_waits_only_for_its_tokens(family, method):
     model, prompts = family
-    plan = make_plan(method, 40, len(model.decoder.layers))
+    plan = make_plan(method, 20, len(model.decoder.layers))
     with recording_syncs() as found:
         generation = generate(model.decoder, model.lm_head, prompts[0], NEW_TOKENS, set(), StageTimer(model.device),
                               plan)
@@ -57,7 +58,7 @@ def test_questions_decoded_together_wait_only_for_their_tokens(family, method):
     """A clip's questions: the shared head once, their rows in one batch, each one's own stages, and
     decoding together (the batch path of `vidsparse batch` and the server)."""
     model, prompts = family
-    plan = make_plan(method, 40, len(model.decoder.layers))
+    plan = make_plan(method, 20, len(model.decoder.layers))
     timer = StageTimer(model.device)
     with recording_syncs() as found, torch.inference_mode():
         head = prefill_head(model.decoder, prompts[0], plan, timer)

@@ -7,6 +7,7 @@ The engine and `vidsparse/stage.py` do the mechanics, identically for every meth
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -167,6 +168,15 @@ def rank_in_frame(ranked_frames: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(ranked_frames)
     rank[order] = torch.arange(grouped.numel(), device=grouped.device) - torch.searchsorted(grouped, grouped)
     return rank
+
+
+def largest_remainder(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`: floors, then +1 to the largest fractions (ties: first)."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [math.floor(e) for e in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:

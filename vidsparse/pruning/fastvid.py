@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput
+from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, largest_remainder
 from vidsparse.pruning.clustering import dpc_knn
 
 SIMILARITY_CUT = 0.9  # tau: adjacent frames less similar than this are always cut
@@ -102,15 +102,6 @@ def segment_budgets(frame_features: torch.Tensor, budget: int, per_frame: int) -
         segments.append(list(range(start, t + 1)))
         start = t + 1
     return segments, largest_remainder(budget, [per_frame * len(segment) for segment in segments])
-
-
-def largest_remainder(total: int, weights: list[int]) -> list[int]:
-    """`total` split in proportion to `weights`: floors, then +1 to the largest fractions (ties: first)."""
-    exact = [total * w / sum(weights) for w in weights]
-    shares = [math.floor(e) for e in exact]
-    for i in sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
 
 
 def split_segment(budget: int, length: int, per_frame: int) -> tuple[list[int], list[int]]:
