@@ -1,7 +1,9 @@
 """Behaviour kept across reshaping: every method on both shipped models answers, keeps tokens and
 counts FLOPs exactly as the version before the product/lab split and the engine's rewrite did
 (records saved by `python -m tests.golden` at commit f97a63a, on the clips in tests/data/golden):
-one question at a time, and a clip's questions answered together (shared head, batched decoding)."""
+one question at a time, and a clip's questions answered together (shared head, batched decoding).
+One record was re-saved on purpose since: FastVID's context share became the official int() (issue
+#39), which changed one answer at 10% on shapes-demo."""
 
 from __future__ import annotations
 

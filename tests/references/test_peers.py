@@ -157,7 +157,7 @@ def fastvid_reference(x, saliency, frame_features, frames_count, per_frame, budg
     for segment, share in zip(segments, shares, strict=True):
         length = len(segment)
         anchor_frames = [j for j in range(length) if (length - 1 - j) % 4 == 0]
-        context = round(share * 0.4)
+        context = int(share * 0.4)
         salient = [(share - context) // length + (j < (share - context) % length) for j in range(length)]
         contexts = [0] * length
         for rank, j in enumerate(sorted(anchor_frames, reverse=True)):

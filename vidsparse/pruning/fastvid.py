@@ -9,11 +9,11 @@ Adapted to VideoLLaVA's CLIP tower and to an exact budget (../shared/PEERS.md):
 - Segments: cuts after the c - 1 least similar adjacent pairs, and wherever cos(f_t, f_t+1) < 0.9;
   c = max(1, T // 4) (the paper's 32 frames in 8 segments; its default c = 8 would make every one
   of 8 frames its own segment and the cross-frame merging inert).
-- Budget: each segment gets its largest-remainder share of B by token count; 40% of it (rounded)
-  is context (merged anchors), split over the anchor frames (the last frame of the segment and every
-  4th before it; remainder to those nearest the end), the rest salient tokens split over the
-  segment's frames (remainder to the earliest). Context that does not fit an anchor frame becomes
-  salient tokens elsewhere in the segment, so the total is B exactly.
+- Budget: each segment gets its largest-remainder share of B by token count; 40% of it (rounded
+  down, as the official code's int()) is context (merged anchors), split over the anchor frames (the
+  last frame of the segment and every 4th before it; remainder to those nearest the end), the rest
+  salient tokens split over the segment's frames (remainder to the earliest). Context that does not
+  fit an anchor frame becomes salient tokens elsewhere in the segment, so the total is B exactly.
 - Anchors: per anchor frame, DPC-kNN (4 neighbours, itself included; ties broken by index instead of
   random noise) over its non-salient tokens picks the anchors. Every non-salient token of the segment
   (anchors included) joins its most cosine-similar anchor; a merged anchor is
@@ -107,7 +107,7 @@ def segment_budgets(frame_features: torch.Tensor, budget: int, per_frame: int) -
 def split_segment(budget: int, length: int, per_frame: int) -> tuple[list[int], list[int]]:
     """(salient tokens per frame, context tokens per frame) of a segment: the counts add up to `budget`."""
     anchor_frames = [j for j in range(length) if (length - 1 - j) % ANCHOR_STRIDE == 0]  # from the end
-    context = round(budget * CONTEXT_SHARE)
+    context = int(budget * CONTEXT_SHARE)  # the official code's int(), not round()
     salient = [(budget - context) // length + (1 if j < (budget - context) % length else 0) for j in range(length)]
     near_end_first = sorted(anchor_frames, reverse=True)
     contexts = [0] * length
