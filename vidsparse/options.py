@@ -22,7 +22,8 @@ METHOD_CLASSES = {
     "none": "baselines.NoPruning", "random": "baselines.RandomPruning", "uniform": "baselines.UniformPruning",
     "fastv": "attention_scored.FastV", "pdrop": "attention_scored.PyramidDrop", "tome": "tome.ToMe",
     "sparsevlm": "sparsevlm.SparseVLM", "vidcom2": "vidcom2.VidCom2", "fastvid": "fastvid.FastVID",
-    "dycoke": "dycoke.DyCoke", "holitom": "holitom.HoliTom", "stprune": "stprune.STPrune",
+    "dycoke": "dycoke.DyCoke", "holitom": "holitom.HoliTom", "flashvid": "flashvid.FlashVID",
+    "stprune": "stprune.STPrune",
 }
 METHOD_NAMES = tuple(METHOD_CLASSES)
 POSITION_MODES = ("keep", "compact")

@@ -102,7 +102,10 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
         places.append(anchor)
         # a group that is its anchor alone (a centre nothing joined) is that token, not a mix
         others = (selection.merge_source != anchor[selection.merge_target]).float()
-        merged.append(torch.zeros(count, device=device).index_add_(0, selection.merge_target, others) > 0)
+        if selection.merge_weight is not None:  # a source of weight 0 adds nothing
+            others = others * (selection.merge_weight > 0)
+        mixes = torch.zeros(count, device=device).index_add_(0, selection.merge_target, others) > 0
+        merged.append(mixes | block.merged[anchor])  # an anchor merged at an earlier stage stays a mix
     place = torch.cat(places)
     order = torch.sort(place, stable=True).indices if selection.in_clip_order else slice(None)
     new_visual = torch.cat(parts, dim=1)[:, order]

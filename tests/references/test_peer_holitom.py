@@ -181,7 +181,9 @@ def test_holitom_inside_the_llm_merges_as_the_official_loop_does():
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(40, DIM, generator=g)
     hidden[20:] = hidden[:20] + 0.3 * torch.randn(20, DIM, generator=g)  # near twins: several joins per token
-    scores = torch.rand(40, generator=g)
+    hidden[3], hidden[17] = 2 * hidden[9], 4 * hidden[9]  # exact cosine ties: the most attended kept token wins
+    scores = torch.rand(40, generator=g) * 0.9
+    scores[3], scores[9], scores[17] = 0.95, 0.96, 0.97
     frames = torch.arange(40) // 5
     for budget in (1, 5, 20, 39, 40):
         selection = merge_into_kept(hidden, scores, frames, budget)

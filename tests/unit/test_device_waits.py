@@ -22,7 +22,10 @@ NEW_TOKENS = 4
 # The reads that remain, by "module:function": how many per decoding step or per clip.
 PER_STEP = {("tolist", "decoding.py:decode_together")}  # the step's tokens: EOS, and the answer itself
 PER_CLIP = {"fastvid": {("tolist", "pruning/fastvid.py:segment_budgets")},  # T - 1 frame similarities: the segments
-            "holitom": {("tolist", "pruning/holitom.py:static_counts")}}  # (T - 1) x T static-place counts: the windows
+            "holitom": {("tolist", "pruning/holitom.py:static_counts")},  # (T - 1) x T static-place counts: the windows
+            # T - 1 frame similarities (the segments), then the trees rooted in each frame (its clusters)
+            "flashvid": {("tolist", "pruning/flashvid.py:cut_segments"),
+                         ("tolist", "pruning/flashvid.py:compress_clip")}}
 # ToMe (an image-era baseline) merges in rounds whose survivors it reads: left as it is.
 UNTOUCHED = {"tome"}
 

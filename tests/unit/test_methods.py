@@ -91,6 +91,19 @@ def test_dpc_knn_finds_three_blobs_and_merges_to_their_means():
         torch.testing.assert_close(merged[0, slot], points[blob == blob[centre]].mean(0))
 
 
+def test_a_token_is_flagged_merged_when_it_mixes_several_clip_tokens():
+    """A group flags its row merged when a source besides its anchor weighs something, or when the
+    anchor was already a mix from an earlier stage; a group that is its anchor alone is that token."""
+    earlier = torch.tensor([True, False, False, False, False, False])
+    block = VisualBlock(0, torch.arange(6), earlier, torch.zeros(3, 6, dtype=torch.long))
+    selection = Selection(torch.zeros(0, dtype=torch.long),
+                          torch.tensor([0, 1, 2, 3, 4, 5]),  # 0 alone; 1 alone; 3 joins 2; 5 weighs 0 in 4's group
+                          torch.tensor([0, 1, 2, 2, 3, 3]), torch.tensor([0, 1, 2, 4]),
+                          torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
+    _, _, after = apply_selection(torch.randn(1, 6, 4), torch.arange(6)[None], block, selection, "keep")
+    assert after.merged.tolist() == [True, False, True, False]
+
+
 @pytest.mark.parametrize("groups_at_once", [1, 3, 256])
 def test_merged_tokens_are_weighted_means_of_their_members_in_any_chunking(monkeypatch, groups_at_once):
     """Weighted group means (a token in several groups, unequal weights) against a float64 loop, made

@@ -27,7 +27,10 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
   CLIP (VideoLLaVA), the CLS query's attention. A CLS token is a place like any other.
 - A window's static token is placed (and positioned) at its first frame; everything in clip order,
   at the positions `--positions` says (the original renumbers after the stage before layer 0).
-- Density and attention ties are broken by index instead of random noise or `topk`'s order.
+- Density and attention ties are broken by index instead of random noise or `topk`'s order; a token
+  as near to two density centres joins the denser-scored one (the original: the lower index).
+- Density-peak distances come from a product in the model's dtype (`clustering.dpc_knn`; the
+  original: float32), so on a bfloat16 model near-equal candidates can choose other centres.
 """
 
 from __future__ import annotations
@@ -198,7 +201,8 @@ def merge_into_kept(hidden: torch.Tensor, scores: torch.Tensor, frames: torch.Te
     is_kept = torch.zeros(n, dtype=torch.uint8, device=hidden.device).index_fill_(0, kept, 1)
     dropped = torch.sort(is_kept, stable=True).indices[: n - budget]  # ascending: clip order
     units = unit_rows(hidden)
-    group = (units[dropped] @ units[kept].T).argmax(1)
+    by_score = torch.sort(-scores[kept].float(), stable=True).indices  # a tie goes to the most attended
+    group = by_score[(units[dropped] @ units[kept[by_score]].T).argmax(1)]
     absorbed = torch.zeros(budget, device=hidden.device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
     later = absorbed[group] - rank_in_frame(group)  # m - i + 1 for the i-th (1-based) of its group
     weight = torch.cat([0.5 ** later, 0.5 ** absorbed])

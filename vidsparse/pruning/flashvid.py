@@ -1,0 +1,209 @@
+"""FlashVID (Fan et al., ICLR 2026; official code Fanziyang-v/FlashVID, `flashvid/utils.py`,
+`flashvid/token_selection.py`): before the LLM, per segment of similar frames, each frame keeps
+tokens chosen for attention *and* diversity, and the rest of the segment is merged along trees across
+time and then by density peaks in space; inside the LLM, the last prompt token's attention keeps the
+final share.
+
+- Segments (DySeg): cuts where the cosine of adjacent frames' mean tokens is under 0.9; when that
+  gives fewer than the minimum number of segments, more cuts at the least similar remaining pairs.
+- ADTS (the wrapper's default `attn_div_v2`), per frame: the distance between tokens i and j is
+  (1 - cos(x_i, x_j)) * a_j * r_j, with a_j the tower's saliency and r_j = x_j . (mean token of the
+  segment); the first pick is the token whose nearest neighbour is farthest, then greedily the token
+  farthest from those picked (max-min). 70% of a frame's share (rounded up) is chosen so.
+- TSTM, the rest of the segment: every other token of frame t links to its most similar other token
+  of frame t - 1 and is merged into it when the cosine exceeds 0.8, so that links form trees rooted
+  at tokens that merged into nothing (at most as many merges as leave the segment its share);
+  each tree becomes the mean of its tokens. Then, per frame, the trees rooted there are merged by
+  density peaks (DPC-kNN, k = min(clusters, 7)) into the frame's share of the segment's remaining
+  count, each cluster the plain mean of its trees' means, at the centre's place.
+- Inside the LLM, before layer 20 of Qwen2-7B's 28 (scaled to the decoder's depth), the visual tokens
+  the last prompt token attends to most in the layer before stay (30% of them).
+
+Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
+- B is what the inner stage leaves; the stage before layer 0 leaves min(n, round(B / 0.3)) (the
+  original's vision side keeps r x 1.25 of the tokens and the LLM 30% of those, so that the
+  layer-averaged share is r; here B counts what the last layers see, as for every method).
+- Frames' shares of that count by largest remainder (the original rounds each frame up); a
+  segment's remaining count is split over its frames in proportion to the trees rooted in each
+  (the original rounds each frame's clusters up), and at most (other tokens - that count) merges
+  happen across time, the most similar links first (the original lowers its threshold to the
+  nearest similarity, which can keep one token too many).
+- Minimum segments max(1, T // 4): the paper's 8 for 32 frames (8 for 8 frames would make every frame
+  a segment and the merging across time inert).
+- A tree is the mean of all its tokens (the official code divides a chain's sum by the number of
+  direct links only, which weighs the deeper tokens more than a mean would).
+- A one-frame segment merges only its unpicked tokens, as every longer segment does (the original
+  clusters all of such a frame's tokens, the picked ones too, so that a token can be kept twice).
+- Density-peak distances come from a product in the model's dtype (`clustering.dpc_knn`; the
+  original: float32), so on a bfloat16 model near-equal candidates can choose other centres.
+- Picked tokens are excluded from later picks explicitly (`attn_div_v2` relies on their distance
+  to themselves being 0); ties are broken by index, density ties by index instead of random noise.
+- Saliency is the family's (`StageInput.saliency`): the attention each token receives in the tower's
+  feature layer (OneVision, Qwen2.5-VL: FlashVID's own mean over heads and queries) or, on CLIP
+  (VideoLLaVA), the CLS query's attention. A CLS token is a token like any other.
+- Output in clip order, at the positions `--positions` says (the original renumbers the vision
+  side's tokens and keeps the inner stage's gaps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vidsparse.errors import UserError
+from vidsparse.models.visual import ClipGrid
+from vidsparse.pruning.attention_scored import FastV
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput, largest_remainder, unit_rows
+from vidsparse.pruning.clustering import dpc_knn
+from vidsparse.transfer import to_device
+
+SEGMENT_CUT = 0.9  # adjacent frames less similar than this are always cut
+FRAMES_PER_SEGMENT = 4  # the paper's 32 frames in at least 8 segments
+SELECTED_SHARE = 0.7  # alpha: a frame's share chosen by ADTS (rounded up)
+TEMPORAL_CUT = 0.8  # a token merges into its match in the frame before above this cosine
+NEIGHBOURS = 7  # k of the density estimate (at most the number of clusters)
+INNER_LAYER, REFERENCE_DEPTH = 20, 28  # pruning_layer on Qwen2-7B's 28 layers
+INNER_KEEP_SHARE = 0.3  # llm_retention_ratio
+
+
+class FlashVID(FastV):
+    """Its inner stage is FastV's at FlashVID's layer."""
+
+    summary = ("FlashVID: per segment of similar frames, tokens chosen for attention and diversity, the rest merged "
+               "along trees across frames and by density peaks (before layer 0, B / 0.3); the last prompt "
+               "token's attention keeps B (at 20/28 depth)")
+    needs_saliency = True
+    allows_prune_after = False
+
+    def default_stages(self, num_layers: int) -> list[int]:
+        inner = round(num_layers * INNER_LAYER / REFERENCE_DEPTH) - 1  # prune after the layer before
+        return [BEFORE_FIRST_LAYER, min(max(0, inner), num_layers - 2)]
+
+    def select(self, stage: StageInput) -> Selection:
+        if stage.min_per_frame:
+            raise UserError("flashvid merges tokens across frames; --min-per-frame does not apply to it")
+        if stage.layer == BEFORE_FIRST_LAYER:
+            count = min(stage.num_visual, round(stage.budget / INNER_KEEP_SHARE))
+            return compress_clip(stage.hidden, stage.saliency, stage.grid, count)
+        return super().select(stage)
+
+
+def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, count: int) -> Selection:
+    """The stage before layer 0: `count` tokens, ADTS picks kept and the rest merged along trees and
+    by density peaks. Planned on the host from two reads a clip: the T - 1 frame similarities (the
+    segments) and the trees rooted in each frame (the clusters)."""
+    frames, places = grid.frames, grid.per_frame
+    device = hidden.device
+    if count >= frames * places:
+        return Selection(torch.arange(frames * places, device=device), in_clip_order=True)
+    tokens = hidden.float().view(frames, places, -1)
+    units = unit_rows(hidden).view(frames, places, -1)
+    segments = cut_segments(tokens.mean(1))
+    shares = largest_remainder(count, [places] * frames)
+    picked_counts = [min(share, math.ceil(share * SELECTED_SHARE)) for share in shares]
+    segment_of = to_device([i for i, segment in enumerate(segments) for _ in segment], device)
+    segment_means = torch.stack([tokens[segment[0] : segment[-1] + 1].mean((0, 1)) for segment in segments])
+    picked = adts_order(units, saliency.float().view(frames, places), tokens, segment_means[segment_of],
+                        max(picked_counts))
+    is_picked = torch.zeros(frames, places, dtype=torch.bool, device=device)
+    for frame, wanted in enumerate(picked_counts):
+        is_picked[frame, picked[frame, :wanted]] = True
+    roots = torch.arange(frames * places, device=device).view(frames, places)
+    for segment in segments:
+        others = sum(places - picked_counts[t] for t in segment)
+        rest = sum(shares[t] - picked_counts[t] for t in segment)
+        roots[segment[0] : segment[-1] + 1] = merge_across_time(units[segment[0] : segment[-1] + 1],
+                                                                is_picked[segment[0] : segment[-1] + 1],
+                                                                roots[segment[0] : segment[-1] + 1], others - rest)
+    flat_roots, flat_picked = roots.flatten(), is_picked.flatten()
+    own = torch.arange(frames * places, device=device)
+    is_root = (flat_roots == own) & ~flat_picked
+    trees_in = is_root.view(frames, places).sum(1).tolist()  # the one read for the clusters
+    tree_size = torch.zeros(frames * places, device=device).index_add_(0, flat_roots, torch.ones(frames * places,
+                                                                                                 device=device))
+    tree_means = torch.zeros_like(tokens.view(frames * places, -1)).index_add_(0, flat_roots, tokens.flatten(0, 1))
+    tree_means = tree_means / tree_size.clamp_min(1)[:, None]
+    cluster_of_root = torch.full((frames * places,), -1, dtype=torch.long, device=device)
+    anchors = []
+    for segment in segments:
+        rest = sum(shares[t] - picked_counts[t] for t in segment)
+        for frame, clusters in zip(segment, largest_remainder(rest, [trees_in[t] for t in segment])
+                                   if rest else [0] * len(segment), strict=True):
+            if not clusters:
+                continue
+            mask = is_root[frame * places : (frame + 1) * places]
+            tree_roots = frame * places + torch.sort((~mask).to(torch.uint8), stable=True).indices[: trees_in[frame]]
+            centres, assignment = dpc_knn(tree_means[tree_roots].to(hidden.dtype), clusters,
+                                          min(NEIGHBOURS, clusters))
+            cluster_of_root[tree_roots] = assignment + sum(a.numel() for a in anchors)
+            anchors.append(tree_roots[centres])
+    keep = torch.sort((~flat_picked).to(torch.uint8), stable=True).indices[: sum(picked_counts)].sort().values
+    if not anchors:
+        return Selection(keep, in_clip_order=True)
+    merging = torch.sort(flat_picked.to(torch.uint8), stable=True).indices[: frames * places - sum(picked_counts)]
+    group = cluster_of_root[flat_roots[merging]]
+    # each tree weighs as one token in its cluster: its tokens 1 / its size; trees of no cluster weigh 0
+    weight = torch.where(group >= 0, 1 / tree_size[flat_roots[merging]], 0.0)
+    return Selection(keep, merging, group.clamp_min(0), torch.cat(anchors), weight, in_clip_order=True)
+
+
+def cut_segments(frame_means: torch.Tensor) -> list[list[int]]:
+    """DySeg on the frames' mean tokens: the T - 1 adjacent cosines are read to the host once."""
+    frames = frame_means.shape[0]
+    similarity = F.cosine_similarity(frame_means[:-1], frame_means[1:], dim=-1).tolist()
+    cuts = {t for t, value in enumerate(similarity) if value < SEGMENT_CUT}
+    wanted = max(1, frames // FRAMES_PER_SEGMENT) - 1 - len(cuts)
+    cuts |= set(sorted(set(range(frames - 1)) - cuts, key=lambda t: (similarity[t], t))[: max(0, wanted)])
+    segments, start = [], 0
+    for t in sorted(cuts) + [frames - 1]:
+        segments.append(list(range(start, t + 1)))
+        start = t + 1
+    return segments
+
+
+def adts_order(units: torch.Tensor, saliency: torch.Tensor, tokens: torch.Tensor, segment_means: torch.Tensor,
+               picks: int) -> torch.Tensor:
+    """(frames, picks): each frame's first `picks` ADTS choices, in order (the greedy pick is a prefix
+    of any longer one). Distance (1 - cos(i, j)) * saliency_j * relevance_j, relevance_j being token
+    j's dot product with its segment's mean token; first the token whose nearest other is farthest,
+    then each time the one farthest from all picked."""
+    frames, places, _ = units.shape
+    scale = saliency * (tokens * segment_means[:, None, :]).sum(-1)  # (frames, places): a_j * r_j
+    distance = (1 - units @ units.transpose(1, 2)) * scale[:, None, :]  # [t, i, j]
+    order = torch.empty(frames, picks, dtype=torch.long, device=units.device)
+    if not picks:
+        return order
+    nearest_other = torch.topk(distance, k=min(2, places), dim=1, largest=False).values[:, -1]
+    order[:, 0] = nearest_other.argmax(1)
+    rows = torch.arange(frames, device=units.device)
+    closest = distance[rows, order[:, 0]]  # (frames, places): distance from the nearest pick
+    taken = torch.zeros(frames, places, dtype=torch.bool, device=units.device)
+    taken[rows, order[:, 0]] = True
+    for i in range(1, picks):
+        order[:, i] = closest.masked_fill(taken, -math.inf).argmax(1)
+        taken[rows, order[:, i]] = True
+        closest = torch.minimum(closest, distance[rows, order[:, i]])
+    return order
+
+
+def merge_across_time(units: torch.Tensor, is_picked: torch.Tensor, roots: torch.Tensor, most: int) -> torch.Tensor:
+    """A segment's trees: every token not picked, from its second frame on, links to its most similar
+    unpicked token of the frame before and merges into it above 0.8 cosine (at most `most` merges, the
+    most similar links first, ties by index). Returns (L, places) the clip index of each token's root."""
+    length, places, _ = units.shape
+    if length < 2 or most <= 0:
+        return roots
+    similarity = units[1:] @ units[:-1].transpose(1, 2)  # [t, j, i]: frame t + 1's j against frame t's i
+    similarity = similarity.masked_fill(is_picked[:-1, None, :], -1.0).masked_fill(is_picked[1:, :, None], -1.0)
+    best, link = similarity.max(2)
+    candidate = (best > TEMPORAL_CUT) & ~is_picked[1:]
+    rank = torch.empty_like(link.flatten())
+    rank[torch.sort(-torch.where(candidate, best, -math.inf).flatten(), stable=True).indices] = torch.arange(
+        rank.numel(), device=rank.device)
+    merges = candidate & (rank.view_as(link) < most)
+    roots = roots.clone()
+    for t in range(1, length):
+        roots[t] = torch.where(merges[t - 1], roots[t - 1][link[t - 1]], roots[t])
+    return roots
