@@ -186,6 +186,14 @@ def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:
                         f"{min_per_frame * num_frames}, got {budget}")
 
 
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """Every token (along the last dimension) normalised to length 1 in the model's dtype, for
+    similarity products: bfloat16 products are several times cheaper than float32 ones (AMX, tensor
+    cores), and a float32 model keeps float32. float16 goes through bfloat16, whose range holds the
+    squared norms of large states."""
+    return F.normalize(x.to(torch.bfloat16) if x.dtype == torch.float16 else x, dim=-1)
+
+
 def unit_rows(x: torch.Tensor, columns: torch.Tensor | None = None, rows: int = 256) -> torch.Tensor:
     """Every token (restricted to `columns`, if given) normalised to length 1, in float32, by row
     chunks: one float32 copy of the result, no further n x d temporaries (on a CPU those cost more

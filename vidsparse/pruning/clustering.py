@@ -1,5 +1,5 @@
 """Density-peak clustering (DPC-kNN), shared by the methods that recycle or merge tokens around
-density peaks (SparseVLM's recycling, FastVID's anchors)."""
+density peaks (SparseVLM's recycling, FastVID's anchors, HoliTom's and FlashVID's merging)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tu
     for the densest); centres = top rho * delta.
     """
     n = x.shape[0]
-    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b with one product (torch.cdist takes a slow path on CPU), in
-    # x's dtype (bfloat16 on a bfloat16 model: several times cheaper than float32) on tokens centred
-    # in float32 first, so that the product's rounding is relative to the distances, not to the norms.
-    as_float = x.float()
-    # float16's range would overflow the products of large states: bfloat16 has float32's.
-    centred = (as_float - as_float.mean(0)).to(torch.bfloat16 if x.dtype == torch.float16 else x.dtype)
-    rounded = centred.float()
-    squared = (rounded * rounded).sum(1)
-    distance = (squared[:, None] + squared[None, :] - 2 * (centred @ centred.T).float()).clamp_min_(0)
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b from one Gram matrix (torch.cdist takes a slow path on CPU), in
+    # x's dtype (bfloat16 on a bfloat16 model: several times cheaper than float32) on centred tokens,
+    # so that the product's rounding is relative to the distances, not to the norms; the norms are its
+    # diagonal, rounded alike. The mean is a product with ones (a reduction over rows is slower on a
+    # CPU), and float16 goes through bfloat16, whose range holds the products of large states. Every
+    # pass over the n x d tokens counts here: DPC runs once per frame in the video methods.
+    rows = x.to(torch.bfloat16) if x.dtype == torch.float16 else x
+    centred = rows - torch.full((1, n), 1 / n, dtype=rows.dtype, device=x.device) @ rows
+    gram = (centred @ centred.T).float()
+    squared = gram.diagonal()
+    distance = (squared[:, None] + squared[None, :] - 2 * gram).clamp_min_(0)
     distance = distance.div_(x.shape[1]).sqrt_().fill_diagonal_(0)
     nearest = torch.topk(distance, k=min(neighbours or clusters, n), dim=1, largest=False).values
     density = torch.exp(-nearest.square_().mean(1))

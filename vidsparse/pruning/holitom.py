@@ -25,8 +25,10 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
 - Saliency is the family's (`StageInput.saliency`): the attention each token receives in the
   tower's feature layer (OneVision, Qwen2.5-VL: HoliTom's own mean over heads and queries) or, on
   CLIP (VideoLLaVA), the CLS query's attention. A CLS token is a place like any other.
-- A window's static token is placed (and positioned) at its first frame; everything in clip order,
-  at the positions `--positions` says (the original renumbers after the stage before layer 0).
+- A window's static token is placed (and positioned) at its first frame; everything in clip order.
+  Positions (`--positions authors`, the default): renumbered after each stage on a 1-D RoPE model, as
+  the original does after the stage before layer 0 (its inner stage keeps the gaps, `compact` closes
+  them); kept (3-D) on Qwen2.5-VL.
 - Density and attention ties are broken by index instead of random noise or `topk`'s order; a token
   as near to two density centres joins the denser-scored one (the original: the lower index).
 - Density-peak distances come from a product in the model's dtype (`clustering.dpc_knn`; the
@@ -47,7 +49,7 @@ from vidsparse.pruning.base import (
     largest_remainder,
     rank_in_frame,
     top_k,
-    unit_rows,
+    unit_vectors,
 )
 from vidsparse.pruning.clustering import dpc_knn
 
@@ -89,7 +91,7 @@ def merge_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, cou
     frames, places = grid.frames, grid.per_frame
     if count >= frames * places:
         return Selection(torch.arange(frames * places, device=hidden.device), in_clip_order=True)
-    runs = still_runs(unit_rows(hidden).view(frames, places, -1))
+    runs = still_runs(unit_vectors(hidden).view(frames, places, -1))
     static = static_counts(runs)
     windows = fit_windows(best_windows(static, frames), static, frames * places - count)
     constants = [static[start][end - start] if end > start else 0 for start, end in windows]
@@ -123,7 +125,7 @@ def merge_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, cou
 def still_runs(units: torch.Tensor) -> torch.Tensor:
     """(frames - 1, places): from each frame t, through how many following frames each place stays
     similar (> tau) to the frame before, given (frames, places, d) unit vectors."""
-    still = (units[:-1] * units[1:]).sum(-1) > SIMILARITY_CUT
+    still = torch.linalg.vecdot(units[:-1], units[1:]).float() > SIMILARITY_CUT
     runs = torch.zeros(still.shape, dtype=torch.long, device=units.device)
     following = torch.zeros(still.shape[1], dtype=torch.long, device=units.device)
     for t in range(still.shape[0] - 1, -1, -1):
@@ -200,7 +202,7 @@ def merge_into_kept(hidden: torch.Tensor, scores: torch.Tensor, frames: torch.Te
     kept = top_k(scores, budget, frames)
     is_kept = torch.zeros(n, dtype=torch.uint8, device=hidden.device).index_fill_(0, kept, 1)
     dropped = torch.sort(is_kept, stable=True).indices[: n - budget]  # ascending: clip order
-    units = unit_rows(hidden)
+    units = unit_vectors(hidden)
     by_score = torch.sort(-scores[kept].float(), stable=True).indices  # a tie goes to the most attended
     group = by_score[(units[dropped] @ units[kept[by_score]].T).argmax(1)]
     absorbed = torch.zeros(budget, device=hidden.device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
