@@ -62,7 +62,9 @@ PruneAfter = Annotated[
     str | None,
     typer.Option("--prune-after", help="Decoder layers to prune after, e.g. 1 or 2,6,15 (default: the method's)."),
 ]
-Positions = Annotated[str, typer.Option("--positions", help="RoPE positions after pruning: keep (original), compact.")]
+Positions = Annotated[str, typer.Option(
+    "--positions", help="RoPE positions after pruning: keep (original), compact (renumbered), or authors: compact "
+                        "for vidcom2, dycoke, holitom and flashvid on 1-D RoPE models (their code's), else keep.")]
 MinPerFrame = Annotated[int, typer.Option("--min-per-frame", help="Keep at least this many tokens of every frame.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random method.")]
 def _path(text: str | Path) -> Path:
@@ -146,7 +148,7 @@ def ask(
     method: Method = "none",
     budget: Budget = "194",
     prune_after: PruneAfter = None,
-    positions: Positions = "keep",
+    positions: Positions = "authors",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
     frames: Frames = None,
@@ -308,7 +310,7 @@ def batch(
     method: Method = "none",
     budget: Budget = "194",
     prune_after: PruneAfter = None,
-    positions: Positions = "keep",
+    positions: Positions = "authors",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
     frames: Frames = None,
@@ -458,7 +460,7 @@ def sweep(
         False),
     model: Model = DEFAULT_MODEL,
     prune_after: PruneAfter = None,
-    positions: Positions = "keep",
+    positions: Positions = "authors",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
     frames: Frames = None,
@@ -606,7 +608,7 @@ def serve(
     method: Method = "none",
     budget: Budget = "194",
     prune_after: PruneAfter = None,
-    positions: Positions = "keep",
+    positions: Positions = "authors",
     min_per_frame: MinPerFrame = 0,
     seed: Seed = 0,
     frames: Frames = None,

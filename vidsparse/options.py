@@ -26,12 +26,16 @@ METHOD_CLASSES = {
     "stprune": "stprune.STPrune",
 }
 METHOD_NAMES = tuple(METHOD_CLASSES)
-POSITION_MODES = ("keep", "compact")
+POSITION_MODES = ("authors", "keep", "compact")
+# The methods whose original code renumbers positions after pruning before layer 0 (it shortens the
+# embedding sequence before the LLM sees it); `--positions authors` (the default) numbers theirs so.
+RENUMBERED_BY_AUTHORS = frozenset({"vidcom2", "dycoke", "holitom", "flashvid"})
 BACKENDS = ("auto", "decord", "pyav")
 DEFAULT_MAX_FRAMES = 32  # the most frames --fps samples unless --max-frames says (the video papers' 32)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
 
 PositionMode = Literal["keep", "compact"]  # RoPE positions after pruning: original, or renumbered
+PositionChoice = Literal["authors", "keep", "compact"]  # what a user asks: the method's authors' mode, or one
 Backend = Literal["auto", "decord", "pyav"]
 
 
@@ -125,6 +129,15 @@ def parse_layers(value: str | int | Sequence[int] | None) -> tuple[int, ...] | N
     return layers
 
 
+def resolve_positions(choice: PositionChoice, method: str, position_dims: int) -> PositionMode:
+    """The positions a run uses: `authors` is `compact` for the methods whose original renumbers, on a
+    model with 1-D RoPE positions, and `keep` otherwise (with 3-D positions the originals' ports keep
+    each token's (time, height, width), which renumbering would lose)."""
+    if choice != "authors":
+        return choice
+    return "compact" if method in RENUMBERED_BY_AUTHORS and position_dims == 1 else "keep"
+
+
 @dataclass(frozen=True)
 class AskOptions:
     """Everything that decides one answer besides the model, the clip and the question."""
@@ -132,7 +145,7 @@ class AskOptions:
     method: str = "none"
     budget: Budget = Budget(count=194)
     prune_after: tuple[int, ...] | None = None  # None: the method's published stages
-    positions: PositionMode = "keep"
+    positions: PositionChoice = "authors"
     min_per_frame: int = 0
     seed: int = 0
     num_frames: int = 8  # frames spread evenly over each clip, unless `fps` is given
@@ -163,6 +176,8 @@ class AskOptions:
         used = self
         if self.method == "none":
             used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0)
+        elif self.positions == "authors" and self.method not in RENUMBERED_BY_AUTHORS:
+            used = replace(self, positions="keep")  # what it means for this method, as earlier versions wrote
         settings = {**asdict(used), "budget": str(used.budget),
                     "prune_after": None if used.prune_after is None else list(used.prune_after)}
         if self.method == "none":  # left out, not recorded as 0: a header that holds one is not compared on it
@@ -175,7 +190,7 @@ class AskOptions:
 
 def ask_options(method: str = "none", budget: int | str | Budget = 194,
                 prune_after: str | int | Sequence[int] | None = None,
-                positions: str = "keep", min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None,
+                positions: str = "authors", min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None,
                 backend: str = "auto", max_new_tokens: int = 64, fps: float | None = None,
                 max_frames: int | None = None) -> AskOptions:
     """Check and type every option that can be checked without a model (method-specific rules, such
@@ -192,7 +207,7 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194,
         raise UserError(f"--max-frames must be at least 1, got {max_frames}")
     num_frames = 8 if num_frames is None else num_frames
     if positions not in POSITION_MODES:
-        raise UserError(f"--positions must be keep or compact, got {positions!r}")
+        raise UserError(f"--positions must be authors, keep or compact, got {positions!r}")
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}: choose auto, decord or pyav")
     for flag, value, least in (("--min-per-frame", min_per_frame, 0), ("--frames", num_frames, 1),

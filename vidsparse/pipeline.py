@@ -86,7 +86,7 @@ class VideoQA:
         return cls(load_model(name_or_path, dtype=dtype, device=device))
 
     def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
-            budget: int | str = 194, prune_after: str | Sequence[int] | None = None, positions: str = "keep",
+            budget: int | str = 194, prune_after: str | Sequence[int] | None = None, positions: str = "authors",
             min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None, backend: str = "auto",
             max_new_tokens: int = 64, fps: float | None = None, max_frames: int | None = None) -> AskResult:
         """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
@@ -291,7 +291,8 @@ class VideoQA:
         return self.model.smallest_clip(options.fewest_frames)
 
     def _plan(self, options: AskOptions, clip: ClipShape) -> PruningPlan:
-        return plan_for(options, len(self.model.decoder.layers), self.model.spans(clip), self.model.visual_tokens(clip))
+        return plan_for(options, len(self.model.decoder.layers), self.model.spans(clip), self.model.visual_tokens(clip),
+                        self.model.position_dims)
 
     def _check_positions(self, options: AskOptions) -> None:
         """`compact` renumbers positions 0..n'-1, which only means something for 1-D RoPE."""

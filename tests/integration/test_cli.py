@@ -178,7 +178,7 @@ def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
         (["--method", "tome", "--prune-after", "1"], "it prunes before layer 0 by definition"),
         (["--method", "stprune", "--prune-after", "1"], "it prunes before layer 0 and after layer 1 by definition"),
         (["--method", "magic"], "unknown method"),
-        (["--method", "fastv", "--positions", "shuffle"], "keep or compact"),
+        (["--method", "fastv", "--positions", "shuffle"], "authors, keep or compact"),
         (["--method", "fastv", "--budget", "10", "--min-per-frame", "2"], "budget of at least 16"),
     ],
 )

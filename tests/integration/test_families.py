@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.integration.test_cli import ask
 from vidsparse.errors import UserError
@@ -36,6 +37,20 @@ def test_compact_positions_are_refused_where_positions_are_3d(tiny_qwen, clips):
     qa = VideoQA.from_pretrained(str(tiny_qwen))
     with pytest.raises(UserError, match="3-D .* use --positions keep"):
         qa.ask(clips["h264"], "what color is the square ?", method="fastv", budget=20, positions="compact")
+
+
+@pytest.mark.parametrize("checkpoint, renumbered", [("tiny_checkpoint", "compact"), ("tiny_onevision", "compact"),
+                                                     ("tiny_qwen", "keep")])
+def test_default_positions_are_the_authors(request, checkpoint, renumbered, clips):
+    """By default VidCom² renumbers positions where its original does (1-D RoPE) and keeps Qwen2.5-VL's
+    3-D ones; FastV keeps them everywhere: each answers as with that mode asked for."""
+    qa = VideoQA.from_pretrained(str(request.getfixturevalue(checkpoint)))
+    question = "what color is the square ?"
+    for method, expected in (("vidcom2", renumbered), ("fastv", "keep")):
+        default = qa.ask(clips["h264"], question, method=method, budget=20, max_new_tokens=2)
+        chosen = qa.ask(clips["h264"], question, method=method, budget=20, max_new_tokens=2, positions=expected)
+        assert default.to_dict()["pruning"]["positions"] == expected
+        assert torch.equal(default.first_logits, chosen.first_logits)
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_onevision", "tiny_qwen"])

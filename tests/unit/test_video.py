@@ -265,3 +265,20 @@ def test_sampling_by_time_is_its_own_setting():
     assert by_count["num_frames"] == 8 and "fps" not in by_count and "max_frames" not in by_count
     by_time = ask_options(fps=1.5).settings()
     assert by_time["fps"] == 1.5 and by_time["max_frames"] == 32 and "num_frames" not in by_time
+
+
+def test_authors_positions_are_recorded_as_what_they_mean_for_the_method():
+    """`--positions authors` (the default) is `keep` for a method whose original keeps positions, and a
+    results file records it so (files of earlier versions, which had `keep`, resume); the methods whose
+    original renumbers record `authors`, since their answers changed with it."""
+    from vidsparse.options import RENUMBERED_BY_AUTHORS, ask_options, resolve_positions
+
+    assert ask_options("fastv").settings()["positions"] == "keep"
+    assert ask_options("vidcom2").settings()["positions"] == "authors"
+    assert ask_options("vidcom2", positions="keep").settings()["positions"] == "keep"
+    assert RENUMBERED_BY_AUTHORS == {"vidcom2", "dycoke", "holitom", "flashvid"}
+    for method in RENUMBERED_BY_AUTHORS:
+        assert resolve_positions("authors", method, 1) == "compact"
+        assert resolve_positions("authors", method, 3) == "keep"  # M-RoPE: the 3-D positions stay
+    assert resolve_positions("authors", "stprune", 1) == "keep"
+    assert resolve_positions("compact", "stprune", 1) == "compact"

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Sequence
 
 from vidsparse.errors import UserError
-from vidsparse.options import METHOD_CLASSES, AskOptions, PositionMode
+from vidsparse.options import METHOD_CLASSES, AskOptions, PositionMode, resolve_positions
 from vidsparse.pruning.base import Method, PruningPlan, check_floor
 
 
@@ -57,8 +57,11 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequenc
     return PruningPlan(method, chosen, stages, budget, positions, min_per_frame, seed)
 
 
-def plan_for(options: AskOptions, num_layers: int, num_frames: int, num_visual: int) -> PruningPlan:
-    """make_plan for a clip of `num_frames` frames and `num_visual` visual tokens."""
+def plan_for(options: AskOptions, num_layers: int, num_frames: int, num_visual: int,
+             position_dims: int = 1) -> PruningPlan:
+    """make_plan for a clip of `num_frames` frames and `num_visual` visual tokens, on a model whose RoPE
+    positions have `position_dims` components."""
+    positions = resolve_positions(options.positions, options.method, position_dims)
     return make_plan(options.method, options.budget.tokens(num_visual), num_layers, prune_after=options.prune_after,
-                     positions=options.positions, min_per_frame=options.min_per_frame, seed=options.seed,
+                     positions=positions, min_per_frame=options.min_per_frame, seed=options.seed,
                      clip=(num_frames, num_visual))

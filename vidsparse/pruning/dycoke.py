@@ -14,6 +14,8 @@ What is implemented, adapted to VideoLLaVA and to an exact budget (../shared/PEE
 - The decode-time dynamic KV pruning is **not** implemented: it chooses anew at every generated token
   and cannot be expressed as a fixed budget. Its prefill-time stand-in lands on B: after layer
   l - 1 = 2 (DyCoke's l = 3), keep the B tokens the last prompt token attends to most (FastV-like).
+- Positions (`--positions authors`, the default): renumbered after each stage on a 1-D RoPE model, as
+  the original after TTM (which shortens the sequence before the LLM); kept (3-D) on Qwen2.5-VL.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ and treats each frame's CLS token as an ordinary token of the frame. To land exa
 per-frame counts are reconciled as vLLM's upstream port does: drop the retained tokens with the
 largest score, or add the unretained ones with the smallest, across the whole clip. vLLM never goes
 below one token a frame (its target is max(T, B)); here the target is B, so below T tokens some frames
-keep none.
+keep none. Positions (`--positions authors`, the default): renumbered on a 1-D RoPE model, as the
+original, which shortens the sequence before the LLM; kept (3-D) on Qwen2.5-VL, as vLLM's port.
 """
 
 from __future__ import annotations
