@@ -91,6 +91,33 @@ def test_dpc_knn_finds_three_blobs_and_merges_to_their_means():
         torch.testing.assert_close(merged[0, slot], points[blob == blob[centre]].mean(0))
 
 
+def test_dpc_knn_in_float16_finds_the_clusters_around_a_large_common_part():
+    """float16 states that share a large component (an offset of 100, a spread of 0.1 that float16
+    holds and bfloat16 would round away): centred in float16 before the bfloat16 product."""
+    generator = torch.Generator().manual_seed(0)
+    label = torch.arange(64) % 4
+    x = 100 + 0.1 * torch.randn(4, 1024, generator=generator)[label] + 0.05 * torch.randn(64, 1024, generator=generator)
+    centres, assignment = dpc_knn(x.to(torch.float16), 4, 7)
+    assert sorted(label[centres].tolist()) == [0, 1, 2, 3] and torch.equal(label[centres][assignment], label)
+
+
+def test_flashvid_in_float16_never_keeps_a_token_twice():
+    """Large float16 states (an offset of 5 in 3584 channels) and tokens of no saliency: the
+    attention-and-diversity scores overflowed float16 to inf, and inf x 0 to NaN, which picked tokens
+    again; they are computed in bfloat16."""
+    from vidsparse.pruning.flashvid import compress_clip
+
+    generator = torch.Generator().manual_seed(1)
+    offset = 5 * torch.sign(torch.randn(3584, generator=generator))
+    x = (offset + torch.randn(8 * 16, 3584, generator=generator)).to(torch.float16)
+    saliency = torch.rand(128, generator=generator)
+    saliency[::5] = 0
+    selection = compress_clip(x, saliency, ClipGrid(8, 4, 4, False), 40)
+    kept = selection.keep.tolist()
+    assert selection.size == 40 and len(set(kept)) == len(kept)
+    assert not set(kept) & set(selection.merge_source.tolist())
+
+
 def test_a_token_is_flagged_merged_when_it_mixes_several_clip_tokens():
     """A group flags its row merged when a source besides its anchor weighs something, or when the
     anchor was already a mix from an earlier stage; a group that is its anchor alone is that token."""

@@ -282,3 +282,7 @@ def test_authors_positions_are_recorded_as_what_they_mean_for_the_method():
         assert resolve_positions("authors", method, 3) == "keep"  # M-RoPE: the 3-D positions stay
     assert resolve_positions("authors", "stprune", 1) == "keep"
     assert resolve_positions("compact", "stprune", 1) == "compact"
+    from vidsparse.pruning import make_plan
+
+    with pytest.raises(ValueError, match="keep or compact"):  # a plan is made for a model: resolved first
+        make_plan("vidcom2", 10, 4, positions="authors")

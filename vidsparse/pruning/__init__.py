@@ -43,6 +43,8 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequenc
     holds settings only, so the plan serves every question of a clip. `clip` = (frames, visual
     tokens), when known, also checks that the per-frame floor fits."""
     check_method(method, prune_after, num_layers)
+    if positions not in ("keep", "compact"):  # `authors` is resolved for a model first (plan_for)
+        raise ValueError(f"a plan's positions are keep or compact, got {positions!r}")
     chosen = METHODS[method]()
     given = prune_after is not None
     stages = list(prune_after) if given else chosen.default_stages(num_layers)

@@ -20,10 +20,11 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tu
     # x's dtype (bfloat16 on a bfloat16 model: several times cheaper than float32) on centred tokens,
     # so that the product's rounding is relative to the distances, not to the norms; the norms are its
     # diagonal, rounded alike. The mean is a product with ones (a reduction over rows is slower on a
-    # CPU), and float16 goes through bfloat16, whose range holds the products of large states. Every
+    # CPU); float16 tokens, once centred, go through bfloat16, whose range holds their products. Every
     # pass over the n x d tokens counts here: DPC runs once per frame in the video methods.
-    rows = x.to(torch.bfloat16) if x.dtype == torch.float16 else x
-    centred = rows - torch.full((1, n), 1 / n, dtype=rows.dtype, device=x.device) @ rows
+    centred = x - torch.full((1, n), 1 / n, dtype=x.dtype, device=x.device) @ x
+    if centred.dtype == torch.float16:  # centred first: bfloat16 would round away a spread finer than the mean
+        centred = centred.to(torch.bfloat16)
     gram = (centred @ centred.T).float()
     squared = gram.diagonal()
     distance = (squared[:, None] + squared[None, :] - 2 * gram).clamp_min_(0)

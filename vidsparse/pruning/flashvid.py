@@ -34,8 +34,9 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
   direct links only, which weighs the deeper tokens more than a mean would).
 - A one-frame segment merges only its unpicked tokens, as every longer segment does (the original
   clusters all of such a frame's tokens, the picked ones too, so that a token can be kept twice).
-- Density-peak distances come from a product in the model's dtype (`clustering.dpc_knn`; the
-  original: float32), so on a bfloat16 model near-equal candidates can choose other centres.
+- Similarities and density-peak distances are products in the model's dtype (`unit_vectors`,
+  `clustering.dpc_knn`; the original: float32; float16 goes through bfloat16), so on a bfloat16
+  model a similarity within ~0.004 of a threshold, or near-equal candidates, can go the other way.
 - Picked tokens are excluded from later picks explicitly (`attn_div_v2` relies on their distance
   to themselves being 0); ties are broken by index, density ties by index instead of random noise.
 - Saliency is the family's (`StageInput.saliency`): the attention each token receives in the tower's
@@ -174,7 +175,8 @@ def adts_order(units: torch.Tensor, saliency: torch.Tensor, tokens: torch.Tensor
     j's dot product with its segment's mean token; first the token whose nearest other is farthest,
     then each time the one farthest from all picked."""
     frames, places, _ = units.shape
-    relevance = (tokens @ segment_means.to(tokens.dtype)[:, :, None]).squeeze(2).float()
+    wide = torch.bfloat16 if tokens.dtype == torch.float16 else tokens.dtype  # float16 would overflow to inf
+    relevance = (tokens.to(wide) @ segment_means.to(wide)[:, :, None]).squeeze(2).float()
     scale = saliency * relevance  # (frames, places): a_j * r_j
     distance = (1 - (units @ units.transpose(1, 2)).float()) * scale[:, None, :]  # [t, i, j]
     if not picks:

@@ -31,8 +31,9 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
   them); kept (3-D) on Qwen2.5-VL.
 - Density and attention ties are broken by index instead of random noise or `topk`'s order; a token
   as near to two density centres joins the denser-scored one (the original: the lower index).
-- Density-peak distances come from a product in the model's dtype (`clustering.dpc_knn`; the
-  original: float32), so on a bfloat16 model near-equal candidates can choose other centres.
+- Similarities and density-peak distances are products in the model's dtype (`unit_vectors`,
+  `clustering.dpc_knn`; the original: float32), so on a bfloat16 model a similarity within ~0.004 of
+  tau, or near-equal density candidates, can go the other way.
 """
 
 from __future__ import annotations
