@@ -100,10 +100,11 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     device = hidden.device
     if count >= frames * places:
         return Selection(torch.arange(frames * places, device=device), in_clip_order=True)
-    tokens = hidden.view(frames, places, -1)
+    wide = torch.bfloat16 if hidden.dtype == torch.float16 else hidden.dtype  # float16 sums could overflow
+    tokens = hidden.view(frames, places, -1).to(wide)
     units = unit_vectors(hidden).view(frames, places, -1)
     # a product with ones: several times faster than a mean over the middle dimension on a CPU
-    frame_means = (torch.full((frames, 1, places), 1 / places, dtype=hidden.dtype, device=device) @ tokens)
+    frame_means = (torch.full((frames, 1, places), 1 / places, dtype=wide, device=device) @ tokens)
     frame_means = frame_means.squeeze(1).float()
     segments = cut_segments(frame_means)
     shares = largest_remainder(count, [places] * frames)
@@ -129,7 +130,7 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     tree_size = torch.zeros(frames * places, device=device).index_add_(0, flat_roots, torch.ones(frames * places,
                                                                                                  device=device))
     # what the clustering compares, summed in the model's dtype (the merged tokens are made exactly, later)
-    tree_sums = torch.zeros_like(hidden).index_add_(0, flat_roots, hidden)
+    tree_sums = torch.zeros_like(tokens.view(frames * places, -1)).index_add_(0, flat_roots, tokens.flatten(0, 1))
     cluster_of_root = torch.full((frames * places,), -1, dtype=torch.long, device=device)
     anchors = []
     for segment in segments:
@@ -140,7 +141,7 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
                 continue
             mask = is_root[frame * places : (frame + 1) * places]
             tree_roots = frame * places + torch.sort((~mask).to(torch.uint8), stable=True).indices[: trees_in[frame]]
-            tree_means = tree_sums[tree_roots] / tree_size[tree_roots, None].to(hidden.dtype)
+            tree_means = tree_sums[tree_roots] / tree_size[tree_roots, None].to(wide)
             centres, assignment = dpc_knn(tree_means, clusters, min(NEIGHBOURS, clusters))
             cluster_of_root[tree_roots] = assignment + sum(a.numel() for a in anchors)
             anchors.append(tree_roots[centres])
@@ -172,11 +173,11 @@ def adts_order(units: torch.Tensor, saliency: torch.Tensor, tokens: torch.Tensor
                picks: int) -> torch.Tensor:
     """(frames, picks): each frame's first `picks` ADTS choices, in order (the greedy pick is a prefix
     of any longer one). Distance (1 - cos(i, j)) * saliency_j * relevance_j, relevance_j being token
-    j's dot product with its segment's mean token; first the token whose nearest other is farthest,
-    then each time the one farthest from all picked."""
+    j's dot product with its segment's mean token (`tokens` in a dtype whose range holds it: bfloat16
+    for a float16 model); first the token whose nearest other is farthest, then each time the one
+    farthest from all picked."""
     frames, places, _ = units.shape
-    wide = torch.bfloat16 if tokens.dtype == torch.float16 else tokens.dtype  # float16 would overflow to inf
-    relevance = (tokens.to(wide) @ segment_means.to(wide)[:, :, None]).squeeze(2).float()
+    relevance = (tokens @ segment_means.to(tokens.dtype)[:, :, None]).squeeze(2).float()
     scale = saliency * relevance  # (frames, places): a_j * r_j
     distance = (1 - (units @ units.transpose(1, 2)).float()) * scale[:, None, :]  # [t, i, j]
     if not picks:

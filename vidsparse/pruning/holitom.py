@@ -88,7 +88,7 @@ class HoliTom(Method):
 def merge_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, count: int) -> Selection:
     """The stage before layer 0: `count` tokens, static places averaged over windows and merged, dynamic
     ones chosen by saliency. The windows and every count are planned on the host from one read of the
-    (frames - 1)^2 static-place counts."""
+    (frames - 1) x frames static-place counts."""
     frames, places = grid.frames, grid.per_frame
     if count >= frames * places:
         return Selection(torch.arange(frames * places, device=hidden.device), in_clip_order=True)
