@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.references.test_peer_holitom import cos, dpc_reference, group_means
+from tests.references.test_peer_holitom import check_stage_before_the_llm, cos, dpc_reference
 from tests.references.test_peers import stage_input
 from vidsparse.pruning.flashvid import FlashVID
 
@@ -116,17 +116,7 @@ def test_flashvid_before_the_llm_keeps_and_merges_what_the_formulas_say(clip):
     x, saliency = scenes_clip(*CLIPS[clip], seed=len(clip))
     for budget in (1, 3, 8, 15, 22, 30, 40, 41):
         count = min(FRAMES * PLACES, round(budget / 0.3))
-        stage = stage_input(x, FRAMES, PLACES, budget, saliency=saliency)
-        selection = FlashVID().select(stage)
-        assert selection.size == count and selection.in_clip_order, (clip, budget)
-        kept, merged = flashvid_clip_reference(x, saliency, count)
-        assert selection.keep.tolist() == kept, (clip, budget)
-        ours = group_means(x, selection)
-        assert sorted(ours) == sorted(merged), (clip, budget)
-        for anchor, mean in ours.items():
-            torch.testing.assert_close(mean, merged[anchor], atol=1e-6, rtol=1e-6)
-        again = FlashVID().select(stage)  # deterministic
-        assert torch.equal(again.keep, selection.keep) and torch.equal(again.merge_source, selection.merge_source)
+        check_stage_before_the_llm(FlashVID(), x, saliency, budget, count, flashvid_clip_reference, (clip, budget))
 
 
 def test_flashvid_inside_the_llm_keeps_what_the_last_token_attends_to_most():

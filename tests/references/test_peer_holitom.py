@@ -147,22 +147,28 @@ PATTERNS = {
 }
 
 
+def check_stage_before_the_llm(method, x, saliency, budget, count, reference, label):
+    """The method's stage before layer 0 on a 8 x 17 clip: exactly `count` tokens in clip order, the
+    reference's kept tokens, its merged tokens at the same anchors with the same values, deterministic."""
+    stage = stage_input(x, FRAMES, PLACES, budget, saliency=saliency)
+    selection = method.select(stage)
+    assert selection.size == count and selection.in_clip_order, label
+    kept, merged = reference(x, saliency, count)
+    assert selection.keep.tolist() == kept, label
+    ours = group_means(x, selection)
+    assert sorted(ours) == sorted(merged), label
+    for anchor, mean in ours.items():
+        torch.testing.assert_close(mean, merged[anchor], atol=1e-6, rtol=1e-6)
+    again = method.select(stage)
+    assert torch.equal(again.keep, selection.keep) and torch.equal(again.merge_source, selection.merge_source)
+
+
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_holitom_before_the_llm_keeps_and_merges_what_the_formulas_say(pattern):
     x, saliency = clip_with_still_places(PATTERNS[pattern], seed=len(pattern))
     for budget in (1, 3, 8, 15, 25, 40, 55, 58, 60, 67, 68, 100, FRAMES * PLACES - 1):
         count = min(FRAMES * PLACES, 2 * budget)  # the inner stage halves
-        stage = stage_input(x, FRAMES, PLACES, budget, saliency=saliency)
-        selection = HoliTom().select(stage)
-        assert selection.size == count and selection.in_clip_order, (pattern, budget)
-        kept, merged = holitom_clip_reference(x, saliency, count)
-        assert selection.keep.tolist() == kept, (pattern, budget)
-        ours = group_means(x, selection)
-        assert sorted(ours) == sorted(merged), (pattern, budget)
-        for anchor, mean in ours.items():
-            torch.testing.assert_close(mean, merged[anchor], atol=1e-6, rtol=1e-6)
-        again = HoliTom().select(stage)  # deterministic
-        assert torch.equal(again.keep, selection.keep) and torch.equal(again.merge_source, selection.merge_source)
+        check_stage_before_the_llm(HoliTom(), x, saliency, budget, count, holitom_clip_reference, (pattern, budget))
 
 
 def official_inner_merge(hidden, scores, budget):
