@@ -101,6 +101,18 @@ def test_answers_equal_ask_by_path_and_by_value_and_again_from_the_clip_cache(se
     assert seen[1:] == ["hit", "hit"]
 
 
+def test_the_default_positions_and_what_they_mean_share_one_cache_entry(server, clips):
+    """FastV's default positions (`authors`) are `keep`: asking for `keep` explicitly reuses the clip."""
+    seen = []
+    for positions in ({}, {"positions": "keep"}):
+        extra = {"vidsparse": {"method": "fastv", "budget": "21"} | positions}
+        reply = client(server).chat.completions.create(model=MODEL_NAME, messages=video_message(
+            clips["h264"].resolve().as_uri()), extra_body=extra)
+        assert reply.model_extra["vidsparse"]["pruning"]["positions"] == "keep"
+        seen.append(reply.model_extra["vidsparse"]["clip_cache"])
+    assert seen == ["miss", "hit"]
+
+
 def test_a_streamed_answer_is_the_plain_one_with_usage_last(server, qa, clips):
     alone = expected(qa, clips["vp9"])
     chunks = list(client(server).chat.completions.create(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
-from vidsparse.options import AskOptions
+from vidsparse.options import AskOptions, resolve_positions
 from vidsparse.pipeline import PreparedClip, VideoQA
 from vidsparse.serve.chat import ChatRequest, RequestError
 from vidsparse.serve.clip_cache import ClipCache
@@ -134,7 +134,9 @@ class Scheduler:
         options: AskOptions = jobs[0].request.options
         media = jobs[0].media
         self.qa.check_options(options)
-        clip_key = ("clip", media.digest, replace(options, max_new_tokens=0))
+        # `authors` positions and the mode they resolve to for this model are one setting: one entry
+        positions = resolve_positions(options.positions, options.method, self.qa.model.position_dims)
+        clip_key = ("clip", media.digest, replace(options, max_new_tokens=0, positions=positions))
         clip = self.cache.get(clip_key)
         hit = clip is not None
         if clip is None:
