@@ -117,9 +117,9 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     for frame, wanted in enumerate(picked_counts):
         is_picked[frame, picked[frame, :wanted]] = True
     roots = torch.arange(frames * places, device=device).view(frames, places)
-    for segment in segments:
+    rests = [sum(shares[t] - picked_counts[t] for t in segment) for segment in segments]  # merged tokens each
+    for segment, rest in zip(segments, rests, strict=True):
         others = sum(places - picked_counts[t] for t in segment)
-        rest = sum(shares[t] - picked_counts[t] for t in segment)
         roots[segment[0] : segment[-1] + 1] = merge_across_time(units[segment[0] : segment[-1] + 1],
                                                                 is_picked[segment[0] : segment[-1] + 1],
                                                                 roots[segment[0] : segment[-1] + 1], others - rest)
@@ -132,9 +132,8 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     # what the clustering compares, summed in the model's dtype (the merged tokens are made exactly, later)
     tree_sums = torch.zeros_like(tokens.view(frames * places, -1)).index_add_(0, flat_roots, tokens.flatten(0, 1))
     cluster_of_root = torch.full((frames * places,), -1, dtype=torch.long, device=device)
-    anchors = []
-    for segment in segments:
-        rest = sum(shares[t] - picked_counts[t] for t in segment)
+    anchors, clusters_so_far = [], 0
+    for segment, rest in zip(segments, rests, strict=True):
         for frame, clusters in zip(segment, largest_remainder(rest, [trees_in[t] for t in segment])
                                    if rest else [0] * len(segment), strict=True):
             if not clusters:
@@ -143,8 +142,9 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
             tree_roots = frame * places + torch.sort((~mask).to(torch.uint8), stable=True).indices[: trees_in[frame]]
             tree_means = tree_sums[tree_roots] / tree_size[tree_roots, None].to(wide)
             centres, assignment = dpc_knn(tree_means, clusters, min(NEIGHBOURS, clusters))
-            cluster_of_root[tree_roots] = assignment + sum(a.numel() for a in anchors)
+            cluster_of_root[tree_roots] = assignment + clusters_so_far
             anchors.append(tree_roots[centres])
+            clusters_so_far += clusters
     keep = torch.sort((~flat_picked).to(torch.uint8), stable=True).indices[: sum(picked_counts)].sort().values
     if not anchors:
         return Selection(keep, in_clip_order=True)
