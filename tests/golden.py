@@ -17,7 +17,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data" / "golden"
 MODELS = {"shapes-demo": "demo", "shapes-hd": "hd"}
 # The methods the records were saved for (a method added since has its own references).
-METHODS = ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm", "vidcom2", "fastvid", "dycoke",
+METHODS = ("none", "random", "uniform", "fastv", "pdrop", "tome", "sparsevlm", "vidcom2", "fastvid", "dycoke-prefill",
            "stprune")
 BUDGETS = ("10%", "25%")
 

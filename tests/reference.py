@@ -3,12 +3,21 @@
 `masked_logits` never removes a row: every token of the prompt (and a slot for every merged token)
 stays in the sequence, removed visual tokens are masked out *as keys* for the layers after their
 stage with an explicit 4-D mask, attention is transformers' eager implementation, and nothing is
-cached: each call recomputes everything. It shares no code with vidsparse's engine.
+cached: each call recomputes everything. A method that chooses keys while decoding chooses, for
+each generated token's row, from that row's eager attention, and the row alone is masked. It shares
+no code with vidsparse's engine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# A decoding-time choice: (layer, chooser); the chooser takes a generated token's head-averaged
+# attention over the visual tokens at that layer and the previous token's (None for the first),
+# and returns the visual tokens the row sees in the layers after it (bool).
+DecodingChoice = tuple[int, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]]
 
 
 def _mask(alive: torch.Tensor) -> torch.Tensor:
@@ -22,14 +31,16 @@ def _mask(alive: torch.Tensor) -> torch.Tensor:
 
 def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, num_visual: int, stages,
                   positions: str, extra_tokens: list[int], rope_positions: torch.Tensor | None = None,
-                  attention_at: dict | None = None) -> torch.Tensor:
+                  attention_at: dict | None = None, decoding: DecodingChoice | None = None) -> torch.Tensor:
     """Logits after `extra_tokens` (greedy-generated so far) follow the prompt, with the recorded
     stage selections (layer, Selection) applied by masking. `eager_model` uses eager attention.
     `rope_positions` (P, n_prompt): the prompt's positions as the family's HF code gives them (None:
     0..n-1); generated tokens continue after the largest, as HF's rope_deltas make them.
     `attention_at`, if given, receives for each stage's layer the eager attention probabilities there
     (rows, keys: head-averaged, over this reference's rows), the rows of the visual tokens the stage
-    chooses from (in their block order) and the row of the first prompt row after the visual block."""
+    chooses from (in their block order) and the row of the first prompt row after the visual block.
+    `decoding`: each generated token's row sees, after that layer, only the visual tokens chosen for it
+    (the prompt's rows see every one the stages left)."""
     lm = eager_model.model.language_model
     prompt = prompt_embeds[0]
     n_prompt = prompt.shape[0]
@@ -50,6 +61,7 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
     current = torch.arange(visual_start, visual_end)  # rows of the current visual tokens, in order
     hidden = rows[None]
     schedule = dict(stages)
+    unseen = torch.zeros(total, total, dtype=torch.bool)  # per row: keys hidden by a decoding-time choice
     layer_ids = [-1] if -1 in schedule else []
     for i in [*layer_ids, *range(len(lm.layers))]:
         if i >= 0:
@@ -58,11 +70,18 @@ def masked_logits(eager_model, prompt_embeds: torch.Tensor, visual_start: int, n
             seen: list[torch.Tensor] = []
             hook = lm.layers[i].self_attn.register_forward_hook(
                 lambda module, args, out, kept=seen: kept.append(out[1]))
+            mask = _mask(alive).masked_fill(unseen, float("-inf"))
             try:
-                hidden = lm.layers[i](hidden, attention_mask=_mask(alive), position_ids=row_positions[:1],
+                hidden = lm.layers[i](hidden, attention_mask=mask, position_ids=row_positions[:1],
                                       position_embeddings=cos_sin)
             finally:
                 hook.remove()
+            if decoding is not None and i == decoding[0]:
+                probs, previous = seen[0][0].float().mean(0), None
+                for row in range(total - len(extra_tokens), total):
+                    attention = probs[row, current]
+                    unseen[row, current[~decoding[1](attention, previous)]] = True
+                    previous = attention
             if attention_at is not None and i in schedule:
                 attention_at[i] = (seen[0][0].float().mean(0), current.clone(), visual_end + sum(slots))
         if i in schedule:

@@ -61,6 +61,7 @@ class AskResult:
     visual_map: VisualMap
     final_block: VisualBlock
     generated_tokens: int
+    visual_while_decoding: float | None  # mean visual keys a fed-back token saw (a plan choosing while decoding)
     prefill_flops: int
     prefill_flops_unpruned: int
     vision_flops: int
@@ -91,6 +92,12 @@ class AskResult:
         """The stable JSON layout (documented in docs/cli.md, "--json fields")."""
         visual_after = self.visual_per_layer[-1]
         shared = self.shared
+        decoding = self.plan.decoding_layer
+        # Only a method that chooses keys while decoding has these (the layout of the others is unchanged).
+        decoding_layer = {} if decoding is None else {"decoding_layer": decoding}
+        while_decoding = {} if decoding is None else {
+            "visual_while_decoding": None if self.visual_while_decoding is None
+            else round(self.visual_while_decoding, 2)}
         return {
             "answer": self.answer,
             "question": self.question,
@@ -110,6 +117,7 @@ class AskResult:
                 "positions": self.plan.positions,
                 "min_per_frame": self.plan.min_per_frame,
                 "visual_per_stage": [self.visual_before] + [r.visual_out for r in self.stage_records],
+                **decoding_layer,
                 **self.method_report,
             },
             "tokens": {
@@ -119,6 +127,7 @@ class AskResult:
                 "visual_after": visual_after,
                 "equivalent_visual": round(equivalent_tokens(self.visual_per_layer), 2),
                 "generated": self.generated_tokens,
+                **while_decoding,
             },
             "flops": {
                 "prefill": self.prefill_flops,

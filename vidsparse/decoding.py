@@ -10,9 +10,9 @@ import torch
 from transformers import DynamicCache
 
 from vidsparse.engine import Head, Prefilled, prefill_question
-from vidsparse.layers import PaddedKV, layer_step_together, rotary
+from vidsparse.layers import PaddedKV, VisualKeys, layer_step_together, rotary
 from vidsparse.models.visual import PromptEmbeds
-from vidsparse.pruning.base import PruningPlan
+from vidsparse.pruning.base import DecodingStep, Method, PruningPlan
 from vidsparse.stats import StageTimer, synchronize
 from vidsparse.transfer import to_device
 
@@ -25,6 +25,9 @@ class Decoded:
     token_ids: list[int]
     steps: int
     seconds: float
+    # Mean visual keys a fed-back token saw after the plan's decoding layer (None: the plan chooses
+    # none while decoding, every token saw the prefill's).
+    visual_while_decoding: float | None
 
 
 @dataclass(frozen=True)
@@ -36,17 +39,41 @@ class Generation:
     decoded: Decoded
 
 
+@dataclass(frozen=True)
+class KeyChoice:
+    """A plan's choice of visual keys while decoding: after `layer`, a step's new tokens see what the
+    method chooses from their attention there among the `count` visual keys from column `start`."""
+
+    method: Method
+    layer: int
+    start: int
+    count: int
+    budget: int
+
+    @classmethod
+    def of(cls, plan: PruningPlan | None, prefilled: Prefilled) -> KeyChoice | None:
+        """The plan's, if it chooses while decoding and the prefill left more visual tokens than B (the
+        visual block is the prefill's last, the same at every layer from the decoding layer on)."""
+        block = prefilled.block
+        if plan is None or plan.decoding_layer is None or plan.budget >= block.size:
+            return None
+        return cls(plan.method, plan.decoding_layer, block.start, block.size, plan.budget)
+
+
 class DecodeState:
     """Greedy decoding of one or several questions about a clip together: one forward per step for
     all of them, each at its own positions, attending to the shared head and its own keys/values
     (copied once into padded buffers that decoded tokens are written into in place)."""
 
     def __init__(self, decoder, head: Head, caches: list[DynamicCache], next_positions: list[list[int]],
-                 max_new_tokens: int):
+                 max_new_tokens: int, choice: KeyChoice | None):
         """`caches` (each question's own keys/values from prefill) are taken over: the list is emptied,
         so that their memory goes to the buffers instead of being held twice."""
         self.decoder = decoder
         self.head = head
+        self.choice = choice
+        self.memory: torch.Tensor | None = None  # the method's, a row per question (choice only)
+        self.seen: torch.Tensor | None = None  # (b,) visual keys each token saw after the layer, this step
         self.own = [PaddedKV.gather([c.layers[i] for c in caches], max_new_tokens) for i in range(len(decoder.layers))]
         caches.clear()
         self.positions = to_device(next_positions, self.own[0].keys.device)
@@ -58,12 +85,19 @@ class DecodeState:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token to each question ((b,) ids); their next hidden states (b, 1, d)."""
         hidden = self.decoder.embed_tokens(tokens[:, None])
-        rope = None
+        rope, visual, choice = None, None, self.choice
         for i, layer in enumerate(self.decoder.layers):
             if self.new_rope[i]:
                 rope = rotary(self.decoder, hidden, self.positions[None, :, i : i + 1])
-            hidden = layer_step_together(layer, hidden, rope, self.head.kv[i] if i < self.head.layers else None,
-                                         self.own[i])
+            deciding = choice is not None and i == choice.layer
+            hidden, attention = layer_step_together(
+                layer, hidden, rope, self.head.kv[i] if i < self.head.layers else None, self.own[i],
+                VisualKeys(choice.start, choice.count) if deciding else visual, report=deciding)
+            if deciding:  # the decoding layer's attention chooses what the next layers see
+                seen, self.memory = choice.method.select_while_decoding(
+                    DecodingStep(attention, min(choice.budget, choice.count), self.memory))
+                visual = VisualKeys(choice.start, choice.count, ~seen)
+                self.seen = seen.sum(-1)
         self.positions += 1
         return hidden
 
@@ -71,18 +105,22 @@ class DecodeState:
         """Go on with these rows only (the other questions have finished)."""
         self.positions = self.positions[rows]
         self.own = [PaddedKV(kv.keys[rows], kv.values[rows], kv.lengths[rows]) for kv in self.own]
+        if self.memory is not None:
+            self.memory = self.memory[rows]
 
 
 @torch.inference_mode()
-def decode_together(decoder, lm_head: torch.nn.Linear, prefilled: list[Prefilled], caches: list[DynamicCache],
-                    logits: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int],
+def decode_together(decoder, lm_head: torch.nn.Linear, plan: PruningPlan | None, prefilled: list[Prefilled],
+                    caches: list[DynamicCache], logits: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int],
                     device: torch.device) -> list[Decoded]:
-    """Greedy decoding of prefilled questions about one clip from their first `logits` (b, vocab) until
-    each meets EOS or `max_new_tokens`; each one's share of a step's time is the step's time split
-    among the questions in it. `caches` are taken over (see DecodeState)."""
+    """Greedy decoding of prefilled questions about one clip (by `plan`) from their first `logits`
+    (b, vocab) until each meets EOS or `max_new_tokens`; each one's share of a step's time is the
+    step's time split among the questions in it. `caches` are taken over (see DecodeState)."""
     count = len(prefilled)
     tokens_of: list[list[int]] = [[] for _ in range(count)]
     steps, seconds = [0] * count, [0.0] * count
+    choice = KeyChoice.of(plan, prefilled[0])
+    seen = torch.zeros(count, device=logits.device)  # visual keys each question's tokens saw (choice only)
     state = None
     active = list(range(count))  # the questions still decoding, one a row
     for step in range(max_new_tokens):
@@ -99,17 +137,25 @@ def decode_together(decoder, lm_head: torch.nn.Linear, prefilled: list[Prefilled
         start = time.perf_counter()
         if state is None:
             state = DecodeState(decoder, prefilled[0].head, caches, [p.next_positions for p in prefilled],
-                                max_new_tokens)
+                                max_new_tokens, choice)
         if len(going) < len(active):
             rows = to_device(going, logits.device)
             state.keep(rows)
             tokens, active = tokens[rows], [active[row] for row in going]
         logits = lm_head(decoder.norm(state.step(tokens)))[:, -1].float()
+        if choice is not None:
+            seen.index_add_(0, to_device(active, seen.device), state.seen.float())
         synchronize(device)
         for question in active:
             steps[question] += 1
             seconds[question] += (time.perf_counter() - start) / len(active)
-    return [Decoded(tokens_of[i], steps[i], seconds[i]) for i in range(count)]
+    if plan is None or plan.decoding_layer is None:
+        mean_seen = [None] * count
+    else:  # with no choice to make (B covers the prefill's visual tokens), every token saw them all
+        totals = (seen.tolist() if choice is not None
+                  else [p.block.size * n for p, n in zip(prefilled, steps, strict=True)])
+        mean_seen = [total / taken if taken else None for total, taken in zip(totals, steps, strict=True)]
+    return [Decoded(tokens_of[i], steps[i], seconds[i], mean_seen[i]) for i in range(count)]
 
 
 def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_tokens: int,
@@ -120,6 +166,6 @@ def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_to
     prefilled, cache, logits = prefill_question(decoder, lm_head, prompt, plan, timer, head)
     caches = [cache]
     del cache  # decoding takes the cache over: no second reference may keep it alive
-    (decoded,) = decode_together(decoder, lm_head, [prefilled], caches, logits[None], max_new_tokens, eos_token_ids,
-                                 prompt.embeds.device)
+    (decoded,) = decode_together(decoder, lm_head, plan, [prefilled], caches, logits[None], max_new_tokens,
+                                 eos_token_ids, prompt.embeds.device)
     return Generation(prefilled, logits, decoded)

@@ -76,25 +76,42 @@ def _project(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Ten
     return query, key, value
 
 
+@dataclass(frozen=True)
+class VisualKeys:
+    """The visual block among a layer's keys while decoding with a method that chooses keys per step:
+    columns start .. start + count of the layer's keys (the shared head's, then the rows' own) and,
+    where given, which of them each row may not see ((b, count) bool)."""
+
+    start: int
+    count: int
+    hidden: torch.Tensor | None = None
+
+
 def _attend_and_finish(layer, hidden: torch.Tensor, query: torch.Tensor, head: HeadKV | None, keys: torch.Tensor,
-                       values: torch.Tensor, hidden_keys: torch.Tensor) -> torch.Tensor:
+                       values: torch.Tensor, hidden_keys: torch.Tensor, visual: VisualKeys | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rest of the layer: attention of `query` (b, H, r, hd) over the head's keys (shared by every
     row) and `keys`/`values` (b, kv_heads, n, hd), where `hidden_keys` (b, r, n) marks keys a row must
-    not see; one fp32 softmax over both blocks; o_proj, residual, MLP."""
+    not see (and `visual.hidden` visual keys); one fp32 softmax over both blocks; o_proj, residual, MLP.
+    Returns the layer's output and the probabilities (b, kv_heads, H / kv_heads, r, keys)."""
     attn = layer.self_attn
     batch, rows = hidden.shape[:2]
-    own = grouped_scores(query, keys, attn.scaling).masked_fill(hidden_keys[:, None, None], float("-inf"))
+    scores = grouped_scores(query, keys, attn.scaling).masked_fill(hidden_keys[:, None, None], float("-inf"))
+    if head is not None:
+        scores = torch.cat([grouped_scores(query, head.keys[0], attn.scaling), scores], -1)
+    if visual is not None and visual.hidden is not None:
+        seen = scores[..., visual.start : visual.start + visual.count]
+        seen.masked_fill_(visual.hidden[:, None, None, None], float("-inf"))
+    probs = scores.softmax(-1)
     if head is None:
-        out = torch.einsum("bkgrn,bknd->bkgrd", own.softmax(-1).to(values.dtype), values)
+        out = torch.einsum("bkgrn,bknd->bkgrd", probs.to(values.dtype), values)
     else:
-        shared = grouped_scores(query, head.keys[0], attn.scaling)
-        probs = torch.cat([shared, own], -1).softmax(-1)
         n_head = head.keys.shape[-2]
         out = (torch.einsum("bkgrn,knd->bkgrd", probs[..., :n_head].to(head.values.dtype), head.values[0])
                + torch.einsum("bkgrn,bknd->bkgrd", probs[..., n_head:].to(values.dtype), values))
     out = out.reshape(batch, -1, rows, attn.head_dim).transpose(1, 2).reshape(batch, rows, -1)
     hidden = hidden + attn.o_proj(out.to(hidden.dtype))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), probs
 
 
 def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: list[int]
@@ -112,7 +129,7 @@ def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: li
         layer_input = hidden
         query, key, value = _project(layer, hidden, rotary(decoder, hidden, (starts[i] + local)[None, None]))
         kv.append((key, value))
-        hidden = _attend_and_finish(layer, hidden, query, shared, key, value, future)
+        hidden, _ = _attend_and_finish(layer, hidden, query, shared, key, value, future)
     return hidden, layer_input, kv
 
 
@@ -139,14 +156,20 @@ class PaddedKV:
 
 
 def layer_step_together(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                        head: HeadKV | None, own: PaddedKV) -> torch.Tensor:
+                        head: HeadKV | None, own: PaddedKV, visual: VisualKeys | None = None,
+                        report: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One new token of each of b questions (hidden (b, 1, d), each at its own position) through a
     decoder layer: written into `own` at each question's length, attending to the shared head and to
-    its own keys only (the padding beyond its length is hidden)."""
+    its own keys only (the padding beyond its length is hidden), and to the `visual` keys it is not
+    told to hide. Returns the layer's output and, if asked to `report`, each token's head-averaged
+    attention over the `visual` keys (b, count)."""
     query, key, value = _project(layer, hidden, cos_sin)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     own.keys[rows, :, own.lengths] = key[:, :, 0]
     own.values[rows, :, own.lengths] = value[:, :, 0]
     own.lengths += 1
     padding = torch.arange(own.keys.shape[-2], device=hidden.device)[None, :] >= own.lengths[:, None]
-    return _attend_and_finish(layer, hidden, query, head, own.keys, own.values, padding[:, None])
+    hidden, probs = _attend_and_finish(layer, hidden, query, head, own.keys, own.values, padding[:, None], visual)
+    if not report:
+        return hidden, None
+    return hidden, probs[..., 0, visual.start : visual.start + visual.count].mean(dim=(1, 2))

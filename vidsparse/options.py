@@ -22,14 +22,18 @@ METHOD_CLASSES = {
     "none": "baselines.NoPruning", "random": "baselines.RandomPruning", "uniform": "baselines.UniformPruning",
     "fastv": "attention_scored.FastV", "pdrop": "attention_scored.PyramidDrop", "tome": "tome.ToMe",
     "sparsevlm": "sparsevlm.SparseVLM", "vidcom2": "vidcom2.VidCom2", "fastvid": "fastvid.FastVID",
-    "dycoke": "dycoke.DyCoke", "holitom": "holitom.HoliTom", "flashvid": "flashvid.FlashVID",
+    "dycoke": "dycoke.DyCoke", "dycoke-prefill": "dycoke.DyCokePrefill", "holitom": "holitom.HoliTom",
+    "flashvid": "flashvid.FlashVID",
     "stprune": "stprune.STPrune",
 }
 METHOD_NAMES = tuple(METHOD_CLASSES)
 POSITION_MODES = ("authors", "keep", "compact")
 # The methods whose original code renumbers positions after pruning before layer 0 (it shortens the
 # embedding sequence before the LLM sees it); `--positions authors` (the default) numbers theirs so.
-RENUMBERED_BY_AUTHORS = frozenset({"vidcom2", "dycoke", "holitom", "flashvid"})
+RENUMBERED_BY_AUTHORS = frozenset({"vidcom2", "dycoke", "dycoke-prefill", "holitom", "flashvid"})
+# The methods that also choose visual keys at every decoding step (`Method.decoding_layer`): their
+# results files say so, so that one written when `dycoke` was its prefill stand-in does not resume.
+CHOOSE_WHILE_DECODING = frozenset({"dycoke"})
 BACKENDS = ("auto", "decord", "pyav")
 DEFAULT_MAX_FRAMES = 32  # the most frames --fps samples unless --max-frames says (the video papers' 32)
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
@@ -182,6 +186,8 @@ class AskOptions:
                     "prune_after": None if used.prune_after is None else list(used.prune_after)}
         if self.method == "none":  # left out, not recorded as 0: a header that holds one is not compared on it
             del settings["seed"]
+        if self.method in CHOOSE_WHILE_DECODING:
+            settings["prunes_while_decoding"] = True
         # Sampling by time is recorded as such, and sampling by count as earlier versions recorded it.
         for key in ("fps", "max_frames") if self.fps is None else ("num_frames",):
             del settings[key]

@@ -237,7 +237,7 @@ class VideoQA:
             started = [r for r in ready if isinstance(r, _Prefilled)]
             try:
                 decoded = iter(decode_together(
-                    model.decoder, model.lm_head, [r.prefilled for r in started], caches,
+                    model.decoder, model.lm_head, clip.plan, [r.prefilled for r in started], caches,
                     torch.stack([r.logits for r in started]), options.max_new_tokens, model.eos_token_ids,
                     model.device) if started else [])
             except Exception as e:  # noqa: BLE001 - the group's decoding failed: each of its questions says so
@@ -374,6 +374,7 @@ class VideoQA:
             visual_map=done.prompt.visual,
             final_block=prefilled.block,
             generated_tokens=len(decoded.token_ids),
+            visual_while_decoding=decoded.visual_while_decoding,
             prefill_flops=prefill_flops(prefilled.tokens_per_layer, self.decoder_shape),
             prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * layers, self.decoder_shape),
             vision_flops=shared.vision_flops,

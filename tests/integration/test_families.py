@@ -23,9 +23,18 @@ def qa(request) -> VideoQA:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_answers_at_the_exact_budget(qa, clips, method):
-    stats = qa.ask(clips["h264"], "what color is the square ?", method=method, budget="25%", max_new_tokens=3).to_dict()
+    """B visual tokens after the last stage; for a method that chooses keys while decoding (DyCoke), B
+    is what a decoded token sees (the first fed-back token always chooses)."""
+    decodes = METHODS[method]().decoding_layer(4) is not None
+    stats = qa.ask(clips["h264"], "what color is the square ?", method=method, budget="25%",
+                   max_new_tokens=2 if decodes else 3).to_dict()
     tokens = stats["tokens"]
-    assert tokens["visual_after"] == (tokens["visual_before"] if method == "none" else tokens["visual_before"] // 4)
+    budget = tokens["visual_before"] if method == "none" else tokens["visual_before"] // 4
+    if decodes:
+        assert tokens["generated"] == 2 and tokens["visual_after"] > budget
+        assert tokens["visual_while_decoding"] == budget and stats["pruning"]["decoding_layer"] == 2
+    else:
+        assert tokens["visual_after"] == budget and "visual_while_decoding" not in tokens
     assert stats["flops"]["prefill"] <= stats["flops"]["prefill_unpruned"]
 
 

@@ -3,7 +3,8 @@ counts FLOPs exactly as the version before the product/lab split and the engine'
 (records saved by `python -m tests.golden` at commit f97a63a, on the clips in tests/data/golden):
 one question at a time, and a clip's questions answered together (shared head, batched decoding).
 One record was re-saved on purpose since: FastVID's context share became the official int() (issue
-#39), which changed one answer at 10% on shapes-demo."""
+#39), which changed one answer at 10% on shapes-demo. DyCoke's records are its prefill-time stand-in's,
+renamed `dycoke-prefill` when `dycoke` became the authors' decode-time pruning (issue #39)."""
 
 from __future__ import annotations
 

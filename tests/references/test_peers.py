@@ -113,21 +113,72 @@ def dycoke_ttm_reference(x, frames_count, per_frame, budget):
 
 
 def test_dycoke_merging_keeps_what_the_official_loops_keep():
-    from vidsparse.pruning.dycoke import DyCoke
+    from vidsparse.pruning.dycoke import DyCoke, DyCokePrefill
 
     x = clip_features(seed=3)
-    for budget in (1, 20, 56, 60, 80, 120, 135):
-        kept = DyCoke().select(stage_input(x, 8, 17, budget)).keep
-        assert kept.tolist() == dycoke_ttm_reference(x, 8, 17, budget), budget
-        assert kept.numel() >= min(budget, 3 * 17 + 5)  # never fewer than the second stage needs
-        assert torch.equal(kept, DyCoke().select(stage_input(x, 8, 17, budget)).keep)  # deterministic
-    assert DyCoke().default_stages(32) == [-1, 2]  # DyCoke's l = 3 reads layer l - 1
-    # The second stage: the B tokens the last prompt token attends to most.
+    for method in (DyCoke, DyCokePrefill):
+        for budget in (1, 20, 56, 60, 80, 120, 135):
+            kept = method().select(stage_input(x, 8, 17, budget)).keep
+            assert kept.tolist() == dycoke_ttm_reference(x, 8, 17, budget), budget
+            assert kept.numel() >= min(budget, 3 * 17 + 5)  # never fewer than the later choice needs
+            assert torch.equal(kept, method().select(stage_input(x, 8, 17, budget)).keep)  # deterministic
+    # DyCoke's l = 3 reads layer l - 1: while decoding, or (the stand-in) in the prefill.
+    assert (DyCoke().default_stages(32), DyCoke().decoding_layer(32)) == ([-1], 2)
+    assert (DyCokePrefill().default_stages(32), DyCokePrefill().decoding_layer(32)) == ([-1, 2], None)
+    # The stand-in's second stage: the B tokens the last prompt token attends to most.
     attention = torch.rand(1, 60, generator=torch.Generator().manual_seed(0))
     flat = torch.zeros(60, dtype=torch.long)
-    second = DyCoke().select(stage_input(torch.zeros(60, 4), 4, 15, 9, layer=2, attention=attention, rows=flat,
-                                         cols=flat))
+    second = DyCokePrefill().select(stage_input(torch.zeros(60, 4), 4, 15, 9, layer=2, attention=attention,
+                                                rows=flat, cols=flat))
     assert second.keep.tolist() == sorted(torch.topk(attention[0], 9).indices.tolist())
+
+
+def dycoke_keys_reference(budget: int):
+    """DyCoke's decoding-time choice, written from the official `dycoke_pruning` / `update_cache` in
+    float64 Python: a token whose attention is at least 0.9 cosine-similar to the previous token's sees
+    every key; any other sees its `budget` most attended (ties: the earlier)."""
+
+    def choose(attention: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        values = attention.double().tolist()
+        if previous is not None:
+            before = previous.double().tolist()
+            dot = sum(a * b for a, b in zip(values, before, strict=True))
+            norms = sum(a * a for a in values) ** 0.5 * sum(b * b for b in before) ** 0.5
+            if dot / norms >= 0.9:
+                return torch.ones(len(values), dtype=torch.bool)
+        chosen = sorted(range(len(values)), key=lambda i: (-values[i], i))[:budget]
+        return torch.zeros(len(values), dtype=torch.bool).index_fill_(0, torch.tensor(chosen), True)
+
+    return choose
+
+
+def test_dycoke_decoding_choice_is_the_official_rule():
+    """Every similarity to the token before around the 0.9 threshold, ties, a batch of questions, and
+    the first step (no step before it): each row's keys are those of the slow reference, and the
+    memory handed back is the step's attention."""
+    from vidsparse.pruning.base import DecodingStep
+    from vidsparse.pruning.dycoke import DyCoke
+
+    generator = torch.Generator().manual_seed(0)
+    n, budget = 40, 9
+    previous = torch.rand(n, generator=generator, dtype=torch.float64)
+    unit = previous / previous.norm()
+    other = torch.rand(n, generator=generator, dtype=torch.float64)
+    other = other - (other @ unit) * unit
+    other = other / other.norm()
+    rows = [cosine * unit + math.sqrt(1 - cosine**2) * other for cosine in (0.3, 0.85, 0.899, 0.901, 0.95, 1.0)]
+    rows.append((previous * 4).round() / 4 - 0.5)  # ties (several at each value) and a cosine far from 0.9
+    attention = torch.stack(rows).float()
+    before = previous.float().expand(len(rows), -1)
+    reference = dycoke_keys_reference(budget)
+    for prior in (before, None):
+        seen, memory = DyCoke().select_while_decoding(DecodingStep(attention, budget, prior))
+        for row in range(len(rows)):
+            expected = reference(attention[row], None if prior is None else prior[row])
+            assert torch.equal(seen[row], expected), (prior is None, row)
+        assert torch.equal(memory, attention)
+    seen, _ = DyCoke().select_while_decoding(DecodingStep(attention, budget, before))
+    assert seen.sum(-1).tolist() == [budget, budget, budget, n, n, n, budget]  # 0.9 is the line
 
 
 # ---------------------------------------------------------------- FastVID

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.reference import masked_logits
-from vidsparse.decoding import DecodeState, generate
+from tests.references.test_peers import dycoke_keys_reference
+from vidsparse.decoding import DecodeState, KeyChoice, generate
 from vidsparse.engine import prefill, prefill_head
 from vidsparse.layers import rotary, run_layers
 from vidsparse.models.loading import load_model
@@ -95,13 +96,27 @@ class Replay(Method):
         return self.selections[stage.index]
 
 
+# Each method that chooses keys while decoding, its slow reference (given the budget).
+DECODING_REFERENCES = {"dycoke": dycoke_keys_reference}
+
+
+def decoding_reference(plan, visual_left: int):
+    """The masked reference's decoding-time choice for `plan` (None if it makes none)."""
+    if plan.decoding_layer is None or plan.budget >= visual_left:
+        return None
+    return plan.decoding_layer, DECODING_REFERENCES[plan.name](plan.budget)
+
+
 def replay_logits(model, prompt, plan, selections, extra_tokens):
     """No-cache recomputation: the whole pruned prefill again on prompt + generated tokens, read as more
     question text. None where generated tokens do not sit where more text would: Qwen2.5-VL at a low
     sampling rate decodes after the video's time positions, past the text's (the masked eager
-    reference, which takes every position as given, still checks those)."""
+    reference, which takes every position as given, still checks those), and where generated tokens
+    chose keys while decoding (a prompt's rows see every key)."""
     text_rows = prompt.embeds.shape[1] - prompt.head_length
     if extra_tokens and int(prompt.rope_positions.max()) + 1 != prompt.text_start + text_rows:
+        return None
+    if extra_tokens and plan.decoding_layer is not None:
         return None
     with torch.inference_mode():
         extra = model.decoder.embed_tokens(torch.tensor([extra_tokens], dtype=torch.long))
@@ -130,19 +145,21 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
     selections = [record.selection for record in prefilled.stages]
     stages = [(record.layer, record.selection) for record in prefilled.stages]
     start, count = int(prompt.visual.positions[0]), len(prompt.visual)
+    decoding = decoding_reference(plan, prefilled.block.size)
     tokens: list[int] = []
     state = None
     for _ in range(6):
         recomputed = replay_logits(model, prompt, plan, selections, tokens)
         with torch.no_grad():
             masked = masked_logits(eager, prompt.embeds, start, count, stages, positions, tokens,
-                                   prompt.rope_positions[:, 0])
+                                   prompt.rope_positions[:, 0], decoding=decoding)
         if recomputed is not None:
             torch.testing.assert_close(recomputed, masked, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
         tokens.append(int(cached.argmax()))
         with torch.inference_mode():  # one cached decode step, as generate() takes it
-            state = state or DecodeState(decoder, prefilled.head, [cache], [prefilled.next_positions], 6)
+            state = state or DecodeState(decoder, prefilled.head, [cache], [prefilled.next_positions], 6,
+                                         KeyChoice.of(plan, prefilled))
             cached = model.lm_head(decoder.norm(state.step(torch.tensor([tokens[-1]]))[:, -1]))[0].float()
     assert run(model, prompt, make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
                ).decoded.token_ids == tokens
@@ -166,14 +183,21 @@ def test_exact_budget_and_text_never_removed(setup, method):
     n = len(prompt.visual)
     n_text = prompt.embeds.shape[1] - n
     for budget in (1, 7, 64, 194, n - 1, n, n + 5):
-        generation = run(model, prompt, make_plan(method, budget, 4), max_new_tokens=1)
+        plan = make_plan(method, budget, 4)
+        generation = run(model, prompt, plan, max_new_tokens=2)  # one token fed back (the first step)
         prefilled = generation.prefilled
         last_stage = max((record.layer for record in prefilled.stages), default=-1)  # B >= n: no stage runs
         after = prefilled.visual_per_layer[last_stage + 1 :]
-        assert after and all(v == min(budget, n) for v in after), (budget, prefilled.visual_per_layer)
+        if plan.decoding_layer is None:
+            assert after and all(v == min(budget, n) for v in after), (budget, prefilled.visual_per_layer)
+            assert generation.decoded.visual_while_decoding is None
+        else:  # B is what decoding sees: the first step always chooses (no step before it)
+            assert after and all(v == after[0] >= min(budget, n) for v in after), (budget, prefilled.visual_per_layer)
+            assert generation.decoded.visual_while_decoding == min(budget, n), budget
         texts = [t - v for t, v in zip(prefilled.tokens_per_layer, prefilled.visual_per_layer, strict=True)]
         assert texts == [n_text] * 4
-        assert prefilled.kv_lengths(generation.decoded.steps)[-1] == n_text + min(budget, n)
+        steps = generation.decoded.steps
+        assert prefilled.kv_lengths(steps)[-1] == n_text + after[-1] + steps  # the cache: what the prefill left
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
@@ -203,7 +227,7 @@ def test_attention_rows_equal_eager_output_attentions(setup, layer):
 
 
 @pytest.mark.parametrize("method, prune_after", [("sparsevlm", (0, 1, 2)), ("pdrop", None), ("fastv", (0, 2)),
-                                                 ("dycoke", None), ("stprune", None)])
+                                                 ("dycoke-prefill", None), ("stprune", None)])
 def test_each_stage_chooses_from_the_eager_attention_of_its_query_rows(setup, method, prune_after):
     """At every question-guided stage the attention a method chooses from equals eager
     `output_attentions` of the masked reference at that layer: the rows the method asked for, counted
@@ -230,6 +254,34 @@ def test_each_stage_chooses_from_the_eager_attention_of_its_query_rows(setup, me
         asked = plan.method.query_rows(prompt.embeds.shape[1] - prompt.head_length, stage.facts)
         rows = after_visual + separators + torch.tensor(list(asked))
         torch.testing.assert_close(stage.attention.float(), probs[rows][:, current], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [5, 30])
+def test_each_decoding_step_chooses_from_the_eager_attention_of_its_new_token(setup, budget):
+    """A method that chooses keys while decoding (DyCoke) reads, at every step, what eager
+    `output_attentions` gives the new token's row at its layer over the visual tokens the prefill left
+    (the masked reference, with every earlier token's own choice applied), and makes the choice its
+    slow reference makes from it; the first step always chooses B."""
+    model, eager, prompt = setup
+    plan = make_plan("dycoke", budget, 4)
+    steps = []
+    choose = plan.method.select_while_decoding
+    plan.method.select_while_decoding = lambda step: (steps.append((step, choose(step))), steps[-1][1])[1]
+    generation = run(model, prompt, plan, max_new_tokens=6)
+    prefilled = generation.prefilled
+    assert len(steps) == generation.decoded.steps == 5
+    reference, seen = decoding_reference(plan, prefilled.block.size), []
+    recording = (reference[0], lambda attention, previous: (seen.append((attention, reference[1](attention, previous))),
+                                                           seen[-1][1])[1])
+    start, count = int(prompt.visual.positions[0]), len(prompt.visual)
+    with torch.no_grad():
+        masked_logits(eager, prompt.embeds, start, count, [(r.layer, r.selection) for r in prefilled.stages], "keep",
+                      generation.decoded.token_ids[:-1], prompt.rope_positions[:, 0], decoding=recording)
+    assert len(seen) == 5
+    for (step, (keys, _)), (attention, expected) in zip(steps, seen, strict=True):
+        torch.testing.assert_close(step.attention[0], attention, atol=1e-5, rtol=1e-4)
+        assert torch.equal(keys[0].cpu(), expected)
+    assert int(steps[0][1][0].sum()) == budget
 
 
 @pytest.mark.parametrize("method", ["random", "fastv", "sparsevlm", "pdrop"])

@@ -26,6 +26,8 @@ PER_CLIP = {"fastvid": {("tolist", "pruning/fastvid.py:segment_budgets")},  # T 
             # T - 1 frame similarities (the segments), then the trees rooted in each frame (its clusters)
             "flashvid": {("tolist", "pruning/flashvid.py:cut_segments"),
                          ("tolist", "pruning/flashvid.py:compress_clip")}}
+# Once a clip's questions are decoded: how many visual keys their tokens saw (a method choosing keys while decoding).
+PER_DECODING = {"dycoke": {("tolist", "decoding.py:decode_together")}}
 # ToMe (an image-era baseline) merges in rounds whose survivors it reads: left as it is.
 UNTOUCHED = {"tome"}
 
@@ -53,10 +55,11 @@ def test_one_question_waits_only_for_its_tokens(family, method):
     steps = len(generation.decoded.token_ids)  # no EOS: every step's tokens were read
     expected = collections.Counter(dict.fromkeys(PER_STEP, steps))
     expected.update(dict.fromkeys(PER_CLIP.get(method, ()), 1))
+    expected.update(dict.fromkeys(PER_DECODING.get(method, ()), 1))
     assert counted(found) == expected
 
 
-@pytest.mark.parametrize("method", ["none", "fastv", "sparsevlm", "stprune", "vidcom2"])
+@pytest.mark.parametrize("method", ["none", "fastv", "sparsevlm", "stprune", "vidcom2", "dycoke"])
 def test_questions_decoded_together_wait_only_for_their_tokens(family, method):
     """A clip's questions: the shared head once, their rows in one batch, each one's own stages, and
     decoding together (the batch path of `vidsparse batch` and the server)."""
@@ -68,10 +71,12 @@ def test_questions_decoded_together_wait_only_for_their_tokens(family, method):
         finished = [finish_question(model.decoder, prompt, plan, timer, head, rows)
                     for prompt, rows in zip(prompts, question_rows(model.decoder, head, prompts, plan), strict=True)]
         logits = first_logits(model.decoder, model.lm_head, [hidden for _, _, hidden in finished])
-        decoded = decode_together(model.decoder, model.lm_head, [p for p, _, _ in finished],
+        decoded = decode_together(model.decoder, model.lm_head, plan, [p for p, _, _ in finished],
                                   [cache for _, cache, _ in finished], logits, NEW_TOKENS, set(), model.device)
     assert all(len(d.token_ids) == NEW_TOKENS for d in decoded)
-    assert counted(found) == collections.Counter(dict.fromkeys(PER_STEP, NEW_TOKENS))
+    expected = collections.Counter(dict.fromkeys(PER_STEP, NEW_TOKENS))
+    expected.update(dict.fromkeys(PER_DECODING.get(method, ()), 1))
+    assert counted(found) == expected
 
 
 def test_the_guard_sees_conversions_and_data_sized_results_in_watched_modules_only():

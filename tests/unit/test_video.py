@@ -267,6 +267,24 @@ def test_sampling_by_time_is_its_own_setting():
     assert by_time["fps"] == 1.5 and by_time["max_frames"] == 32 and "num_frames" not in by_time
 
 
+def test_a_results_file_says_when_its_method_chose_while_decoding(tmp_path):
+    """The methods that choose keys while decoding are the ones the settings mark, and a results file
+    of `dycoke` written when it was its prefill stand-in (no mark in its header) does not resume."""
+    from vidsparse.errors import UserError
+    from vidsparse.options import CHOOSE_WHILE_DECODING, ask_options
+    from vidsparse.pruning import METHODS
+    from vidsparse.results import ResultsFile
+
+    choosing = {name for name, method in METHODS.items() if method().decoding_layer(32) is not None}
+    assert CHOOSE_WHILE_DECODING == choosing
+    assert ask_options("dycoke").settings()["prunes_while_decoding"] is True
+    assert "prunes_while_decoding" not in ask_options("dycoke-prefill").settings()
+    earlier = {key: value for key, value in ask_options("dycoke").settings().items() if key != "prunes_while_decoding"}
+    ResultsFile.open(tmp_path / "results.jsonl", earlier)
+    with pytest.raises(UserError, match="prunes_while_decoding None there, True now"):
+        ResultsFile.open(tmp_path / "results.jsonl", ask_options("dycoke").settings())
+
+
 def test_authors_positions_are_recorded_as_what_they_mean_for_the_method():
     """`--positions authors` (the default) is `keep` for a method whose original keeps positions, and a
     results file records it so (files of earlier versions, which had `keep`, resume); the methods whose
@@ -276,7 +294,7 @@ def test_authors_positions_are_recorded_as_what_they_mean_for_the_method():
     assert ask_options("fastv").settings()["positions"] == "keep"
     assert ask_options("vidcom2").settings()["positions"] == "authors"
     assert ask_options("vidcom2", positions="keep").settings()["positions"] == "keep"
-    assert RENUMBERED_BY_AUTHORS == {"vidcom2", "dycoke", "holitom", "flashvid"}
+    assert RENUMBERED_BY_AUTHORS == {"vidcom2", "dycoke", "dycoke-prefill", "holitom", "flashvid"}
     for method in RENUMBERED_BY_AUTHORS:
         assert resolve_positions("authors", method, 1) == "compact"
         assert resolve_positions("authors", method, 3) == "keep"  # M-RoPE: the 3-D positions stay

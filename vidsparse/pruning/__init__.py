@@ -28,10 +28,13 @@ def check_method(method: str, prune_after: Sequence[int] | None, num_layers: int
 def where_it_prunes(method: str, num_layers: int | None = None) -> str:
     """The fixed stages of a method that takes no --prune-after, in words: for this decoder's depth, or,
     before a model is loaded, for Video-LLaVA-7B's 32 layers (said so)."""
-    stages = METHODS[method]().default_stages(num_layers or 32)
+    chosen = METHODS[method]()
+    stages = chosen.default_stages(num_layers or 32)
+    decoding = chosen.decoding_layer(num_layers or 32)
     if not stages:
         return "does not prune"
     after = [f"after layer {layer}" for layer in stages if layer >= 0]
+    after += [] if decoding is None else [f"at every decoding step after layer {decoding}"]
     depth = "" if num_layers else " (in a 32-layer decoder)"
     return "prunes " + " and ".join(["before layer 0"] * (stages[0] < 0) + after) + " by definition" + depth
 
@@ -56,7 +59,10 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequenc
             "pass --prune-after")
     if clip is not None and method != "none" and budget < clip[1]:
         check_floor(budget, clip[0], min_per_frame)
-    return PruningPlan(method, chosen, stages, budget, positions, min_per_frame, seed)
+    decoding = chosen.decoding_layer(num_layers)
+    if decoding is not None and stages and decoding <= stages[-1]:  # its keys must be the prefill's last
+        raise ValueError(f"{method} chooses while decoding after layer {decoding}, not after its last stage")
+    return PruningPlan(method, chosen, stages, budget, positions, min_per_frame, seed, decoding)
 
 
 def plan_for(options: AskOptions, num_layers: int, num_frames: int, num_visual: int,

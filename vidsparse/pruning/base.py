@@ -84,6 +84,16 @@ class StageInput:
         return self.index == self.num_stages - 1
 
 
+@dataclass(frozen=True)
+class DecodingStep:
+    """What a method that also chooses while decoding sees at one decoding step, for every question
+    decoded together (one row each)."""
+
+    attention: torch.Tensor  # (b, n_v) head-averaged attention of each new token at the method's decoding layer
+    budget: int  # visual keys to keep, already min(B, n_v)
+    previous: torch.Tensor | None  # (b, ...) the memory it returned at the step before (None at the first)
+
+
 class Method:
     """Base of every pruning method: where it prunes by default, which text rows it needs attention
     from, and `select`. A method object holds only its settings, so one serves every question: what it
@@ -117,6 +127,18 @@ class Method:
     def select(self, stage: StageInput) -> Selection:
         raise NotImplementedError
 
+    def decoding_layer(self, num_layers: int) -> int | None:
+        """The layer whose attention, at every decoding step, chooses the visual keys the new token
+        sees in the layers after it (`select_while_decoding`); None: decoding sees every key the
+        prefill left."""
+        return None
+
+    def select_while_decoding(self, step: DecodingStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, n_v) bool, the visual keys each new token sees after the decoding layer, and the memory
+        handed back as `previous` at the next step (a row per question). Runs at every step: no host
+        reads."""
+        raise NotImplementedError
+
     def report(self, facts: object | None) -> dict[str, object]:
         """Extra facts for the stats (e.g. the raters chosen); `facts` is None when no stage read the
         question."""
@@ -125,8 +147,8 @@ class Method:
 
 @dataclass(frozen=True)
 class PruningPlan:
-    """A method (its name and its object), the layers it prunes after (ascending; -1 = before layer 0)
-    and the budget."""
+    """A method (its name and its object), the layers it prunes after (ascending; -1 = before layer 0),
+    the layer whose attention chooses keys while decoding (if the method does) and the budget."""
 
     name: str
     method: Method
@@ -135,6 +157,7 @@ class PruningPlan:
     positions: PositionMode = "keep"
     min_per_frame: int = 0
     seed: int = 0
+    decoding_layer: int | None = None
 
 
 class BeforeFirstLayer(Method):
