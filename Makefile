@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 DEMO_SEED ?= 2026
 # Every method, at budgets whose prefill cost spans about 5% to 40% of the unpruned prefill (30% and 38% of the
 # tokens take the methods that prune before layer 0 to the 24% and 31% costs the equal-cost comparison needs).
-EVAL_METHODS ?= none,random,uniform,tome,vidcom2,fastvid,dycoke,holitom,flashvid,fastv,pdrop,sparsevlm,stprune
+EVAL_METHODS ?= none,random,uniform,tome,vidcom2,fastvid,dycoke,dycoke-prefill,holitom,flashvid,fastv,pdrop,sparsevlm,stprune
 EVAL_BUDGETS ?= 5%,10%,15%,25%,30%,38%
 
 # torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels on a CPU box.

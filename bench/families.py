@@ -45,7 +45,7 @@ from vidsparse.models.visual import PromptEmbeds
 
 WORDS = "what is happening in the video describe it please".split()
 QUESTION = "what is happening in the video ? describe it please"
-METHODS = ["fastv", "sparsevlm", "vidcom2", "fastvid", "dycoke", "stprune"]
+METHODS = ["fastv", "sparsevlm", "vidcom2", "fastvid", "dycoke-prefill", "stprune"]
 QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
             "vocab_size": 152064, "max_position_embeddings": 32768}
 

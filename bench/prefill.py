@@ -28,7 +28,8 @@ from vidsparse.pruning import make_plan
 from vidsparse.stats import DecoderShape, PeakMemory, StageTimer, prefill_flops
 
 CONFIGS = [("none", 2056), ("fastv", 194), ("sparsevlm", 194), ("fastv", 64), ("sparsevlm", 64), ("vidcom2", 194),
-           ("fastvid", 194), ("dycoke", 194), ("holitom", 194), ("flashvid", 194), ("stprune", 194)]
+           ("fastvid", 194), ("dycoke", 194), ("dycoke-prefill", 194), ("holitom", 194), ("flashvid", 194),
+           ("stprune", 194)]
 FRAMES, TOKENS_PER_FRAME, PREFIX, SUFFIX = 8, 257, 5, 24  # "USER: <video>" ... "{question} ASSISTANT:"
 
 
