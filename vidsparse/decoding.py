@@ -4,6 +4,7 @@ step for all unfinished ones; `generate` is the one-question case, prefill and a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,9 @@ from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import DecodingStep, Method, PruningPlan
 from vidsparse.stats import StageTimer, synchronize
 from vidsparse.transfer import to_device
+
+# Called with a question's index and each token it gets, as it gets it; False ends its answer there.
+TokenHook = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,12 @@ class DecodeState:
 @torch.inference_mode()
 def decode_together(decoder, lm_head: torch.nn.Linear, plan: PruningPlan | None, prefilled: list[Prefilled],
                     caches: list[DynamicCache], logits: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int],
-                    device: torch.device) -> list[Decoded]:
+                    device: torch.device, on_token: TokenHook | None = None) -> list[Decoded]:
     """Greedy decoding of prefilled questions about one clip (by `plan`) from their first `logits`
-    (b, vocab) until each meets EOS or `max_new_tokens`; each one's share of a step's time is the
-    step's time split among the questions in it. `caches` are taken over (see DecodeState)."""
+    (b, vocab) until each meets EOS or `max_new_tokens`, or `on_token` (called with each question's
+    index and each token it gets, as it gets it: a server streams them) says False (a stop sequence
+    met, its client gone); each one's share of a step's time is the step's time split among the
+    questions in it. `caches` are taken over (see DecodeState)."""
     count = len(prefilled)
     tokens_of: list[list[int]] = [[] for _ in range(count)]
     steps, seconds = [0] * count, [0.0] * count
@@ -129,7 +135,8 @@ def decode_together(decoder, lm_head: torch.nn.Linear, plan: PruningPlan | None,
         for row, (question, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
             if token not in eos_token_ids:
                 tokens_of[question].append(token)
-                if step + 1 < max_new_tokens:
+                wanted = on_token is None or on_token(question, token)
+                if wanted and step + 1 < max_new_tokens:
                     going.append(row)
         if not going:
             break

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from vidsparse.answer import AskResult, ClipFeatures, ClipWork
-from vidsparse.decoding import Decoded, decode_together
+from vidsparse.decoding import Decoded, TokenHook, decode_together
 from vidsparse.engine import (
     Head,
     Prefilled,
@@ -187,14 +187,17 @@ class VideoQA:
         return self._prepare(video, video_path, shape, options, plan, prompt, features, timer, memory, start)
 
     def answer_prepared(self, clip: PreparedClip, questions: Sequence[str], decode_batch: int = DECODE_BATCH,
-                        max_new_tokens: int | None = None) -> Iterator[AskResult | Exception]:
+                        max_new_tokens: int | None = None, on_token: TokenHook | None = None,
+                        ) -> Iterator[AskResult | Exception]:
         """`answer_clip` on a clip whose shared work is done (`prepare_clip`; count the questions with
         `PreparedClip.asked` first): only each question's own rows and decoding are paid. The answers'
-        length may differ from the one the clip was prepared with (nothing shared depends on it)."""
+        length may differ from the one the clip was prepared with (nothing shared depends on it).
+        `on_token(i, token)` is called with each token of question i's answer as it is decoded; False
+        ends that answer there."""
         if max_new_tokens is not None:
             clip = replace(clip, options=replace(clip.options, max_new_tokens=max_new_tokens))
         prompts = [self.checked_prompt(q, clip.shape, clip.options) for q in questions]
-        return self._answer(clip, questions, prompts, decode_batch)
+        return self._answer(clip, questions, prompts, decode_batch, on_token)
 
     def _prepare(self, video: DecodedVideo, video_path: str | None, clip_shape: ClipShape, options: AskOptions,
                  plan: PruningPlan, head_ids: torch.Tensor, features: ClipFeatures, timer: StageTimer,
@@ -223,7 +226,7 @@ class VideoQA:
         return PreparedClip(clip_shape, options, head_prompt, head, plan, video, video_path, shared, memory)
 
     def _answer(self, clip: PreparedClip, questions: Sequence[str], prompts: list[torch.Tensor | UserError],
-                decode_batch: int) -> Iterator[AskResult | Exception]:
+                decode_batch: int, on_token: TokenHook | None = None) -> Iterator[AskResult | Exception]:
         """Each question's result or error, in order, on a prepared clip."""
         model, options = self.model, clip.options
         # Groups of up to `decode_batch` questions of similar length (less padding in the batch);
@@ -235,11 +238,13 @@ class VideoQA:
             group = order[first : first + step]
             ready, caches = self._prefill_group([(questions[i], prompts[i]) for i in group], clip)
             started = [r for r in ready if isinstance(r, _Prefilled)]
+            asked = [i for i, r in zip(group, ready, strict=True) if isinstance(r, _Prefilled)]
+            hook = None if on_token is None else lambda row, token, asked=asked: on_token(asked[row], token)
             try:
                 decoded = iter(decode_together(
                     model.decoder, model.lm_head, clip.plan, [r.prefilled for r in started], caches,
                     torch.stack([r.logits for r in started]), options.max_new_tokens, model.eos_token_ids,
-                    model.device) if started else [])
+                    model.device, hook) if started else [])
             except Exception as e:  # noqa: BLE001 - the group's decoding failed: each of its questions says so
                 ready = [e if isinstance(r, _Prefilled) else r for r in ready]
             del caches

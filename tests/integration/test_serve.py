@@ -126,6 +126,70 @@ def test_a_streamed_answer_is_the_plain_one_with_usage_last(server, qa, clips):
     assert chunks[-1].usage.completion_tokens == alone["tokens"]["generated"]
 
 
+def test_a_streamed_answer_arrives_while_it_is_decoded(qa, clips, monkeypatch):
+    """At its third decoding step the inference thread waits until the client has a piece of the answer:
+    a server that sent the answer whole would never get there. The pieces make the plain answer."""
+    from vidsparse.decoding import DecodeState
+
+    received, waited, steps = threading.Event(), [], []
+    step = DecodeState.step
+
+    def held_at_the_third(self, tokens):
+        steps.append(1)
+        if len(steps) == 3:
+            waited.append(received.wait(20))
+        return step(self, tokens)
+
+    uri = clips["h264"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_tokens=12)) as url:
+        plain = client(url).chat.completions.create(model=MODEL_NAME, messages=video_message(uri), max_tokens=12)
+        monkeypatch.setattr(DecodeState, "step", held_at_the_third)
+        pieces = []
+        for chunk in client(url).chat.completions.create(model=MODEL_NAME, messages=video_message(uri),
+                                                         max_tokens=12, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                received.set()
+    assert len(steps) == 11 and waited == [True]
+    assert len(pieces) > 1 and "".join(pieces) == plain.choices[0].message.content
+
+
+def test_a_client_that_leaves_a_stream_stops_its_decoding(qa, clips, monkeypatch):
+    """The client reads the first piece and hangs up: decoding stops within a few steps instead of
+    running to max_tokens, the request is counted as 499, and the server goes on."""
+    import http.client
+    import time
+
+    from vidsparse.decoding import DecodeState
+
+    steps = []
+    step = DecodeState.step
+
+    def slow(self, tokens):
+        steps.append(1)
+        time.sleep(0.1)
+        return step(self, tokens)
+
+    uri = clips["h264"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_tokens=12)) as url:
+        monkeypatch.setattr(DecodeState, "step", slow)
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                           body=json.dumps({"model": MODEL_NAME, "messages": video_message(uri), "max_tokens": 12,
+                                            "stream": True}))
+        response = connection.getresponse()
+        assert response.status == 200
+        while '"content": "square' not in response.readline().decode():
+            pass
+        connection.sock.close()  # hangs up mid-answer
+        connection.close()
+        _wait_for(lambda: _metric(url, 'vidsparse_requests_total{status="499"}') == 1)
+        # Answered after the left request's decoding has ended (one inference thread); it decodes nothing.
+        assert post(url, {"model": MODEL_NAME, "messages": video_message(uri), "max_tokens": 1})[0] == 200
+        assert len(steps) < 8  # of the 11 its 12 tokens would take
+
+
 def test_frames_sent_as_images_before_or_after_the_text_answer_as_those_frames(server, qa, clips):
     frames = decode_video(clips["h264"], 8).frames
     alone = qa.answer(frames, QUESTION, ask_options(max_new_tokens=4)).to_dict()
@@ -150,6 +214,13 @@ def test_stop_sequences_and_the_length_limit(server, clips):
         cut = client(server).chat.completions.create(model=MODEL_NAME, stop=[answer[1:]],
                                                      messages=video_message(clips["h264"].resolve().as_uri()))
         assert cut.choices[0].message.content == answer[:1] and cut.choices[0].finish_reason == "stop"
+    # A stop sequence ends the decoding at the token that completes it (the tiny tokenizer's tokens are words).
+    words = answer.split()
+    stop = " ".join(words[1:3])
+    ended = next(n for n in range(1, len(words) + 1) if stop in " ".join(words[:n]))
+    cut = client(server).chat.completions.create(model=MODEL_NAME, stop=stop,
+                                                 messages=video_message(clips["h264"].resolve().as_uri()))
+    assert ended < len(words) and cut.usage.completion_tokens == ended  # not the 4 it would have taken
 
 
 def _png_part(frame: np.ndarray) -> dict:

@@ -86,3 +86,28 @@ def test_a_refusal_inside_a_replica_is_the_clients_4xx(ray_server, clips):
     status, reply = post(ray_server, {"model": "tiny", "vidsparse": {"method": "magic"},
                                       "messages": video_message(clips["h264"].resolve().as_uri())})
     assert status == 400 and "unknown method" in reply["error"]["message"]
+
+
+def test_a_streamed_answer_comes_from_the_replica_in_pieces(ray_server, clips):
+    """A stream through the front: the replica's pieces make the plain answer, and a refusal inside the
+    replica is still the client's 4xx (it comes before any piece)."""
+    uri = clips["vp9"].resolve().as_uri()
+    status, plain = post(ray_server, {"model": "tiny", "messages": video_message(uri, "what moves ?")})
+    assert status == 200
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{ray_server}/v1/chat/completions", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "tiny", "messages": video_message(uri, "what moves ?"), "stream": True,
+                         "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        events = [line[len("data: "):] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    pieces = [delta["content"] for delta in deltas if delta.get("content")]
+    assert "".join(pieces) == plain["choices"][0]["message"]["content"]
+    assert len(pieces) == len(plain["choices"][0]["message"]["content"].split())  # a word at a time, as decoded
+    assert chunks[-1]["usage"] == plain["usage"]
+    status, reply = post(ray_server, {"model": "tiny", "stream": True, "messages": video_message(
+        clips["bad_not_video"].resolve().as_uri(), "what moves ?")})
+    assert status == 400 and "\n" not in reply["error"]["message"]

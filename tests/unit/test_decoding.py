@@ -64,3 +64,27 @@ def test_a_clips_questions_let_go_of_their_prefill_caches(tiny_checkpoint, clips
     results = list(qa.answer_clip(decode_video(clips["h264"], 8), questions, ask_options("sparsevlm", 20,
                                                                                              max_new_tokens=4)))
     assert len(results) == 3 and alive and alive == [0] * len(alive)
+
+
+def test_a_question_the_hook_ends_stops_there_and_the_others_decode_as_without_it(tiny_checkpoint, clips):
+    """Three questions decoded together; the hook sees every token of each, in order, and ends the
+    second one at its second token: that one's answer is the first two tokens of its full answer (one
+    token fed back), the other two are their full answers."""
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint), dtype="float32", device="cpu")
+    video = decode_video(clips["h264"], 8)
+    questions = ["what color is the square ?", "what moves ?", "what is happening ?"]
+    options = ask_options("sparsevlm", 20, max_new_tokens=6)
+    full = [r.to_dict() for r in qa.answer_clip(video, questions, options)]
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def hook(question: int, token: int) -> bool:
+        seen[question].append(token)
+        return not (question == 1 and len(seen[1]) == 2)
+
+    clip = qa.prepare_clip(video, questions[0], options).asked(3)
+    ended = [r.to_dict() for r in qa.answer_prepared(clip, questions, on_token=hook)]
+    assert all(len(seen[i]) == full[i]["tokens"]["generated"] for i in (0, 2)) and len(seen[1]) == 2
+    assert full[1]["tokens"]["generated"] > 2  # it would have gone on
+    assert [r["answer"] for r in ended[::2]] == [r["answer"] for r in full[::2]]
+    assert ended[1]["tokens"]["generated"] == 2
+    assert ended[1]["answer"] == qa.model.decode_text(seen[1]) and full[1]["answer"].startswith(ended[1]["answer"])

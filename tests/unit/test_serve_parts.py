@@ -80,3 +80,54 @@ def test_the_cache_evicts_least_recently_used_first_within_its_bytes():
     assert cache.get("huge") is None and len(cache) == 3
     cache.put("e", torch.zeros(200))  # 800 bytes: the two least recent go
     assert [k for k in "acde" if cache.get(k) is not None] == ["d", "e"] and cache.bytes == 1200
+
+
+# Byte pieces of a made-up tokenizer: words, a space before punctuation its clean-up removes, and a
+# euro sign split over two tokens (the first alone decodes to a replacement character).
+PIECES = [b"the", b" square", b" is", b" red", b" .", b" ,", b" \xe2\x82", b"\xac", b" STOP", b"ST", b"OP", b"\n",
+          b" cost", b"s"]
+
+
+def decode_pieces(ids: list[int]) -> str:
+    text = b"".join(PIECES[i] for i in ids).decode("utf-8", errors="replace")
+    return text.replace(" .", ".").replace(" ,", ",").strip()
+
+
+@pytest.mark.parametrize("stops", [(), ("STOP",), ("red.", "\n"), ("€",), ("s is",), ("square is red",)])
+def test_a_streamed_answer_is_sent_in_pieces_no_later_token_takes_back(stops):
+    """Random answers of those pieces: every piece sent is final (what was sent is always the start of
+    the finished answer, cut at its first stop sequence: nothing of a stop sequence or of a split
+    character is sent early), decoding stops at the token that completes a stop sequence, and what is
+    left to send at the end (what the server sends after the last piece) completes the answer."""
+    from vidsparse.serve.feed import AnswerFeed
+
+    generator = np.random.default_rng(0)
+    for _ in range(300):
+        ids = generator.integers(0, len(PIECES), size=int(generator.integers(1, 12))).tolist()
+        sent: list[str] = []
+        feed = AnswerFeed(decode_pieces, stops, sent.append)
+        fed = 0
+        for token in ids:
+            fed += 1
+            if not feed.token(token):
+                break
+        final = decode_pieces(ids[:fed])
+        cuts = [final.find(stop) for stop in stops if stop in final]
+        expected = final[: min(cuts)] if cuts else final
+        stopped_at = next((n for n in range(1, len(ids) + 1)
+                           if any(stop in decode_pieces(ids[:n]) for stop in stops)), None)
+        assert fed == (stopped_at or len(ids)), (ids, stops)
+        text = "".join(sent)
+        assert expected.startswith(text), (ids, stops, sent)  # a half-sent euro sign would fail here too
+        if stopped_at:
+            assert text == expected  # once stopped, everything up to the stop sequence is out
+        assert all(piece for piece in sent)
+
+
+def test_a_feed_whose_client_left_stops_at_the_next_token():
+    from vidsparse.serve.feed import AnswerFeed
+
+    feed = AnswerFeed(decode_pieces, (), None)
+    assert feed.token(0) and feed.token(1)
+    feed.leave()
+    assert not feed.token(2) and feed.tokens == [0, 1]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from vidsparse.errors import first_line
 from vidsparse.options import DEFAULT_MAX_FRAMES, AskOptions
 from vidsparse.pipeline import VideoQA
-from vidsparse.serve.backend import Completion, LocalBackend
+from vidsparse.serve.backend import Completion, LocalBackend, pieces_then_result
 from vidsparse.serve.chat import ChatRequest, RequestError, parse_chat
 from vidsparse.serve.media import MediaPolicy, fetch
 from vidsparse.serve.scheduler import QueueFull
@@ -52,9 +51,17 @@ class ServeSettings:
     request_timeout_s: float = 300.0
 
 
+def error_body(error: RequestError) -> dict:
+    return {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": None}}
+
+
 def error_response(error: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": None}}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+
+def fault(error: Exception) -> RequestError:
+    """A server fault as the client sees it: one line, no traceback."""
+    return RequestError(500, f"internal error: {first_line(error)[:300]}", kind="server_error")
 
 
 async def read_json(request: Request, limit: int) -> object:
@@ -74,23 +81,51 @@ async def read_json(request: Request, limit: int) -> object:
         raise RequestError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
 
 
-def stream_chunks(chat: ChatRequest, done: Completion, ident: str, created: int) -> Iterator[str]:
-    """The answer as OpenAI's server-sent chunks: the role, the text a word at a time, the finish
-    reason, usage when asked (`stream_options.include_usage`), then [DONE]. The answer is whole before
-    the first chunk (vidsparse decodes a request's answer in one go), so the chunks come at once."""
-    text, finish, usage, stats = done.text, done.finish_reason, done.usage, done.stats
+Ended = Callable[[int, Completion | None], None]  # how a response ended: its status, its answer if it had one
+
+
+async def stream_events(chat: ChatRequest, first: str | Completion, rest: AsyncIterator[str | Completion | None],
+                        ident: str, created: int, ended: Ended) -> AsyncIterator[str]:
+    """The answer as OpenAI's server-sent chunks while it is decoded: the role, each piece of text as it
+    is settled (`first`, then what `rest` sends), what is left of the text, the finish reason, usage
+    when asked (`stream_options.include_usage`), then [DONE]. A failure once the stream has begun is an
+    error event in OpenAI's shape (the status line went out with the first chunk). `ended(status,
+    completion)` is told how it ended (499: the client left)."""
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": chat.model}
 
     def event(choices: list, **extra) -> str:
         return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
 
-    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-    for piece in re.findall(r"\s*\S+", text):
-        yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-    yield event([{"index": 0, "delta": {}, "finish_reason": finish}])
-    if chat.include_usage:
-        yield event([], usage=usage, vidsparse=stats)
-    yield "data: [DONE]\n\n"
+    def text(piece: str) -> str:
+        return event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+
+    status, done = 499, None
+    try:
+        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        item, sent = first, ""
+        while isinstance(item, str):
+            yield text(item)
+            sent += item
+            item = await anext(rest)
+        if item is None:  # the client left
+            return
+        done = item
+        if len(done.text) > len(sent):
+            yield text(done.text[len(sent) :])
+        yield event([{"index": 0, "delta": {}, "finish_reason": done.finish_reason}])
+        if chat.include_usage:
+            yield event([], usage=done.usage, vidsparse=done.stats)
+        yield "data: [DONE]\n\n"
+        status = 200
+    except RequestError as e:
+        status = e.status
+        yield f"data: {json.dumps(error_body(e))}\n\n"
+    except Exception as e:  # noqa: BLE001 - a fault after the stream began: said in the stream, the server goes on
+        status = 500
+        yield f"data: {json.dumps(error_body(fault(e)))}\n\n"
+    finally:
+        await rest.aclose()  # a client that left cancels its decoding
+        ended(status, done)
 
 
 class Backend(Protocol):
@@ -104,7 +139,7 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
-    async def complete(self, chat: ChatRequest, media, gone) -> Completion | None: ...
+    async def complete(self, chat: ChatRequest, media, gone, send=None) -> Completion | None: ...  # send: pieces
 
 
 def local_app(qa: VideoQA, settings: ServeSettings) -> FastAPI:
@@ -149,7 +184,7 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(Exception)
     async def server_fault(request: Request, error: Exception) -> JSONResponse:
         telemetry.finished(500)
-        return error_response(RequestError(500, f"internal error: {first_line(error)[:300]}", kind="server_error"))
+        return error_response(fault(error))
 
     @app.get("/health")
     async def health() -> dict:
@@ -180,7 +215,12 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
             try:
                 backend.check_room()  # before the clip is fetched: a full queue must not cost its memory
                 media = await run_in_threadpool(fetch, chat.media, settings.media)
-                done = await backend.complete(chat, media, request.is_disconnected)
+                if chat.stream:  # the status waits for the first piece of text (or the refusal)
+                    events = pieces_then_result(
+                        lambda send: backend.complete(chat, media, request.is_disconnected, send))
+                    done = await anext(events)
+                else:
+                    done = await backend.complete(chat, media, request.is_disconnected)
             except QueueFull as e:
                 telemetry.finished(429)
                 return error_response(RequestError(429, str(e), kind="rate_limit_error"), {"Retry-After": "1"})
@@ -193,11 +233,17 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
         if done is None:
             telemetry.finished(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
-        telemetry.finished(200, time.perf_counter() - start)
-        telemetry.answered(done.stats)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def ended(status: int, completion: Completion | None) -> None:
+            telemetry.finished(status, time.perf_counter() - start if status == 200 else None)
+            if completion is not None:
+                telemetry.answered(completion.stats)
+
         if chat.stream:
-            return StreamingResponse(stream_chunks(chat, done, ident, created), media_type="text/event-stream")
+            return StreamingResponse(stream_events(chat, done, events, ident, created, ended),
+                                     media_type="text/event-stream")
+        ended(200, done)
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": chat.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},

@@ -5,16 +5,19 @@ cross process boundaries, from which the HTTP layer builds OpenAI's response or 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from vidsparse.pipeline import VideoQA
 from vidsparse.serve.chat import ChatRequest, RequestError
 from vidsparse.serve.clip_cache import ClipCache
+from vidsparse.serve.feed import AnswerFeed, Send, answer_text
 from vidsparse.serve.media import Media
 from vidsparse.serve.scheduler import Answered, Scheduler, refusal
 
 Gone = Callable[[], Awaitable[bool]]  # whether the client has disconnected
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,25 @@ async def finished_unless_gone(waiting: asyncio.Future, gone: Gone | None, cance
             raise RequestError(504, f"no answer within the server's {timeout_s:g} s limit", kind="timeout")
 
 
-def answer_text(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The answer cut before its first stop sequence, and whether one was found."""
-    cuts = [answer.find(stop) for stop in stops if stop in answer]
-    return (answer[: min(cuts)], True) if cuts else (answer, False)
+async def pieces_then_result(start: Callable[[Send], Awaitable[Result]]) -> AsyncIterator[str | Result]:
+    """Run `start(send)`: each piece of text it sends (from any thread) as it comes, then what it
+    returns (or the exception it raises). Closing the iterator early cancels it."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.ensure_future(start(lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)))
+    try:
+        while True:
+            piece = asyncio.ensure_future(pieces.get())
+            await asyncio.wait({piece, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not piece.done():  # finished: what it sent before is queued ahead of its end
+                piece.cancel()
+                break
+            yield piece.result()
+        while not pieces.empty():
+            yield pieces.get_nowait()
+        yield task.result()
+    finally:
+        task.cancel()
 
 
 def completion_of(chat: ChatRequest, answered: Answered) -> Completion:
@@ -86,17 +104,25 @@ class LocalBackend:
         """Raise QueueFull where a request now would not be queued (before its clip is fetched)."""
         self.scheduler.check_room()
 
-    async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
-        """The answer; None if the client went away first (its job is cancelled: if it has not started, it
-        costs nothing). Raises QueueFull, or the RequestError that refuses the request (a 504 past the
-        timeout); a server fault propagates as it is."""
-        future = self.scheduler.submit(chat, media)
+    async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None,
+                       send: Send | None = None) -> Completion | None:
+        """The answer, its text also sent to `send` piece by piece as it is decoded; None if the client
+        went away first (its job is cancelled: if it has not started, it costs nothing; if it is
+        decoding, it stops at its next token). Raises QueueFull, or the RequestError that refuses the
+        request (a 504 past the timeout); a server fault propagates as it is."""
+        feed = AnswerFeed(self.qa.model.decode_text, chat.stop, send)
+        future = self.scheduler.submit(chat, media, feed.token)
         waiting = asyncio.wrap_future(future)
-        try:
-            if not await finished_unless_gone(waiting, gone, future.cancel, self.timeout_s):
-                return None
-        except asyncio.CancelledError:  # the caller gave up (a Ray Serve request cancelled upstream)
+
+        def cancel() -> None:
             future.cancel()
+            feed.leave()
+
+        try:
+            if not await finished_unless_gone(waiting, gone, cancel, self.timeout_s):
+                return None
+        except asyncio.CancelledError:  # the caller gave up (a stream closed, a Ray Serve request cancelled)
+            cancel()
             raise
         try:
             answered = waiting.result()

@@ -19,8 +19,9 @@ import time
 
 from vidsparse.errors import UserError, first_line
 from vidsparse.serve.app import ServeSettings, create_app
-from vidsparse.serve.backend import Completion, Gone, LocalBackend, finished_unless_gone
+from vidsparse.serve.backend import Completion, Gone, LocalBackend, finished_unless_gone, pieces_then_result
 from vidsparse.serve.chat import ChatRequest
+from vidsparse.serve.feed import Send
 from vidsparse.serve.media import Media
 from vidsparse.serve.scheduler import QueueFull
 
@@ -51,6 +52,14 @@ class Replica:
         await self.clip(serve.get_multiplexed_model_id())
         return await self.backend.complete(chat, media)
 
+    async def stream(self, chat: ChatRequest, media: Media):
+        """The answer's text pieces as they are decoded, then its Completion (a streaming response)."""
+        from ray import serve
+
+        await self.clip(serve.get_multiplexed_model_id())
+        async for item in pieces_then_result(lambda send: self.backend.complete(chat, media, None, send)):
+            yield item
+
     def __del__(self) -> None:
         self.backend.close()
 
@@ -72,13 +81,24 @@ class RayBackend:
     def check_room(self) -> None:
         """Ray Serve says when every replica's queue is full, once the request is sent (BackPressureError)."""
 
-    async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None) -> Completion | None:
+    async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None,
+                       send: Send | None = None) -> Completion | None:
+        """A replica's answer; with `send`, its text pieces relayed as the replica decodes them."""
         from ray.serve.exceptions import BackPressureError
 
-        response = self.replicas.options(multiplexed_model_id=media.digest).complete.remote(chat, media.portable())
-        waiting = asyncio.ensure_future(_awaited(response))
-        if not await finished_unless_gone(waiting, gone, response.cancel):
-            return None
+        replicas = self.replicas.options(multiplexed_model_id=media.digest)
+        if send is None:
+            response = replicas.complete.remote(chat, media.portable())
+            waiting = asyncio.ensure_future(_awaited(response))
+        else:
+            response = replicas.options(stream=True).stream.remote(chat, media.portable())
+            waiting = asyncio.ensure_future(_relayed(response, send))
+        try:
+            if not await finished_unless_gone(waiting, gone, response.cancel):
+                return None
+        except asyncio.CancelledError:  # the stream was closed: the replica's decoding stops too
+            response.cancel()
+            raise
         try:
             return waiting.result()
         except BackPressureError:
@@ -90,6 +110,15 @@ class RayBackend:
 
 async def _awaited(response):
     return await response
+
+
+async def _relayed(pieces, send: Send) -> Completion:
+    """A replica's streamed answer: each text piece to `send`, then its Completion."""
+    async for item in pieces:
+        if not isinstance(item, str):
+            return item
+        send(item)
+    raise RuntimeError("the replica's stream ended without its answer")
 
 
 class Front:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,7 @@ class Job:
     request: ChatRequest
     media: Media
     future: Future  # Answered, or the exception that refused the request
+    on_token: Callable[[int], bool]  # each token of its answer as it is decoded; False ends the answer there
 
     @property
     def group(self) -> tuple:
@@ -73,11 +75,12 @@ class Scheduler:
         if len(self._jobs) >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
 
-    def submit(self, request: ChatRequest, media: Media) -> Future:
+    def submit(self, request: ChatRequest, media: Media, on_token: Callable[[int], bool]) -> Future:
+        """Queue a request; `on_token` gets each token of its answer as it is decoded (False ends it)."""
         future: Future = Future()
         with self._ready:
             self.check_room()
-            self._jobs.append(Job(request, media, future))
+            self._jobs.append(Job(request, media, future, on_token))
             self._ready.notify()
         return future
 
@@ -144,7 +147,8 @@ class Scheduler:
         clip: PreparedClip = clip.asked(len(jobs))
         self.cache.put(clip_key, clip)
         results = self.qa.answer_prepared(clip, [job.request.question for job in jobs],
-                                          max_new_tokens=options.max_new_tokens)
+                                          max_new_tokens=options.max_new_tokens,
+                                          on_token=lambda i, token: jobs[i].on_token(token))
         return [r if isinstance(r, Exception) else Answered(r, hit) for r in results]
 
     def _video(self, media: Media, options: AskOptions) -> DecodedVideo:
