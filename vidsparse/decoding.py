@@ -53,6 +53,8 @@ class KeyChoice:
     start: int
     count: int
     budget: int
+    frames: torch.Tensor  # (count,) frame of each visual key
+    min_per_frame: int
 
     @classmethod
     def of(cls, plan: PruningPlan | None, prefilled: Prefilled) -> KeyChoice | None:
@@ -61,7 +63,8 @@ class KeyChoice:
         block = prefilled.block
         if plan is None or plan.decoding_layer is None or plan.budget >= block.size:
             return None
-        return cls(plan.method, plan.decoding_layer, block.start, block.size, plan.budget)
+        return cls(plan.method, plan.decoding_layer, block.start, block.size, plan.budget, block.places()[0],
+                   plan.min_per_frame)
 
 
 class DecodeState:
@@ -99,7 +102,8 @@ class DecodeState:
                 VisualKeys(choice.start, choice.count) if deciding else visual, report=deciding)
             if deciding:  # the decoding layer's attention chooses what the next layers see
                 seen, self.memory = choice.method.select_while_decoding(
-                    DecodingStep(attention, min(choice.budget, choice.count), self.memory))
+                    DecodingStep(attention, min(choice.budget, choice.count), self.memory, choice.frames,
+                                 choice.min_per_frame))
                 visual = VisualKeys(choice.start, choice.count, ~seen)
                 self.seen = seen.sum(-1)
         self.positions += 1

@@ -128,6 +128,42 @@ def test_questions_decoded_together_each_stop_at_their_own_end():
         torch.testing.assert_close(t.first_logits, a.first_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_questions_decoded_together_each_choose_their_own_keys_while_decoding(monkeypatch):
+    """DyCoke's choice while decoding, for questions decoded together that end at different steps (one
+    that ends early sits among ones that go on): each question's tokens, the visual keys they saw, and
+    every similarity its choice computed (the memory of its own step before) are those it has alone. The
+    threshold is moved to 0.5, where this model's later steps both choose and see every key."""
+    from vidsparse.pruning import dycoke
+
+    monkeypatch.setattr(dycoke, "STILL_ATTENTION", 0.5)
+    similarities: list[float] = []
+    choose = dycoke.DyCoke.select_while_decoding
+
+    def recording(self, step):
+        if step.previous is not None:
+            similarities.extend(torch.nn.functional.cosine_similarity(step.attention, step.previous, dim=-1).tolist())
+        return choose(self, step)
+
+    monkeypatch.setattr(dycoke.DyCoke, "select_while_decoding", recording)
+    qa = VideoQA.from_pretrained("shapes-demo")
+    clip = shapes.render_clip(np.random.default_rng(5))
+    questions = ["what color ?", "describe the objects in the video ?", "what shape is red ?",
+                 "describe the shapes in the video ?"]
+    options = ask_options("dycoke", "5%", None, "keep", 0, 0, 8, "auto", 12)
+    alone = []
+    for question in questions:
+        alone.append(qa.answer(clip.frames, question, options))
+    alone_similarities = sorted(similarities)
+    similarities.clear()
+    together = list(qa.answer_clip(clip.frames, questions, options, decode_batch=4))
+    assert len({r.generated_tokens for r in alone}) > 2, "the questions should stop at different steps"
+    assert min(alone_similarities) < 0.5 < max(alone_similarities)
+    for a, t in zip(alone, together, strict=True):
+        assert (t.answer, t.generated_tokens, t.visual_while_decoding) == (a.answer, a.generated_tokens,
+                                                                           a.visual_while_decoding)
+    torch.testing.assert_close(sorted(similarities), alone_similarities, atol=1e-5, rtol=1e-5)
+
+
 def test_a_clips_shared_state_is_released_with_its_last_answer(qa_and_video, monkeypatch):
     """Memory does not grow with the clips: once a clip's last answer is out, nothing holds its head's
     keys/values (the results keep only what they report)."""

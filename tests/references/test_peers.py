@@ -133,10 +133,11 @@ def test_dycoke_merging_keeps_what_the_official_loops_keep():
     assert second.keep.tolist() == sorted(torch.topk(attention[0], 9).indices.tolist())
 
 
-def dycoke_keys_reference(budget: int):
+def dycoke_keys_reference(budget: int, frames: list[int], min_per_frame: int = 0, still: float = 0.9):
     """DyCoke's decoding-time choice, written from the official `dycoke_pruning` / `update_cache` in
-    float64 Python: a token whose attention is at least 0.9 cosine-similar to the previous token's sees
-    every key; any other sees its `budget` most attended (ties: the earlier)."""
+    float64 Python: a token whose attention is at least `still` (0.9) cosine-similar to the previous
+    token's sees every key; any other sees its `budget` most attended (ties: the earlier), each frame's
+    `min_per_frame` most attended first (vidsparse's floor)."""
 
     def choose(attention: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         values = attention.double().tolist()
@@ -144,9 +145,11 @@ def dycoke_keys_reference(budget: int):
             before = previous.double().tolist()
             dot = sum(a * b for a, b in zip(values, before, strict=True))
             norms = sum(a * a for a in values) ** 0.5 * sum(b * b for b in before) ** 0.5
-            if dot / norms >= 0.9:
+            if dot / norms >= still:
                 return torch.ones(len(values), dtype=torch.bool)
-        chosen = sorted(range(len(values)), key=lambda i: (-values[i], i))[:budget]
+        ranked = sorted(range(len(values)), key=lambda i: (-values[i], i))
+        floor = [i for i in ranked if sum(frames[j] == frames[i] for j in ranked[: ranked.index(i)]) < min_per_frame]
+        chosen = (floor + [i for i in ranked if i not in floor])[:budget]
         return torch.zeros(len(values), dtype=torch.bool).index_fill_(0, torch.tensor(chosen), True)
 
     return choose
@@ -170,14 +173,18 @@ def test_dycoke_decoding_choice_is_the_official_rule():
     rows.append((previous * 4).round() / 4 - 0.5)  # ties (several at each value) and a cosine far from 0.9
     attention = torch.stack(rows).float()
     before = previous.float().expand(len(rows), -1)
-    reference = dycoke_keys_reference(budget)
-    for prior in (before, None):
-        seen, memory = DyCoke().select_while_decoding(DecodingStep(attention, budget, prior))
-        for row in range(len(rows)):
-            expected = reference(attention[row], None if prior is None else prior[row])
-            assert torch.equal(seen[row], expected), (prior is None, row)
-        assert torch.equal(memory, attention)
-    seen, _ = DyCoke().select_while_decoding(DecodingStep(attention, budget, before))
+    frames = torch.arange(n) // 10  # 4 frames of 10 keys
+    for floor in (0, 2):
+        reference = dycoke_keys_reference(budget, frames.tolist(), floor)
+        for prior in (before, None):
+            seen, memory = DyCoke().select_while_decoding(DecodingStep(attention, budget, prior, frames, floor))
+            for row in range(len(rows)):
+                expected = reference(attention[row], None if prior is None else prior[row])
+                assert torch.equal(seen[row], expected), (floor, prior is None, row)
+                if floor and not expected.all():
+                    assert torch.bincount(frames[expected]).min() >= floor
+            assert torch.equal(memory, attention)
+    seen, _ = DyCoke().select_while_decoding(DecodingStep(attention, budget, before, frames, 0))
     assert seen.sum(-1).tolist() == [budget, budget, budget, n, n, n, budget]  # 0.9 is the line
 
 

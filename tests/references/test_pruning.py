@@ -100,11 +100,13 @@ class Replay(Method):
 DECODING_REFERENCES = {"dycoke": dycoke_keys_reference}
 
 
-def decoding_reference(plan, visual_left: int):
-    """The masked reference's decoding-time choice for `plan` (None if it makes none)."""
-    if plan.decoding_layer is None or plan.budget >= visual_left:
+def decoding_reference(plan, prompt, block, **settings):
+    """The masked reference's decoding-time choice for `plan` over the visual `block` the prefill left
+    (None if it makes none)."""
+    if plan.decoding_layer is None or plan.budget >= block.size:
         return None
-    return plan.decoding_layer, DECODING_REFERENCES[plan.name](plan.budget)
+    frames = prompt.visual.frame[block.origin].tolist()
+    return plan.decoding_layer, DECODING_REFERENCES[plan.name](plan.budget, frames, plan.min_per_frame, **settings)
 
 
 def replay_logits(model, prompt, plan, selections, extra_tokens):
@@ -145,7 +147,7 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
     selections = [record.selection for record in prefilled.stages]
     stages = [(record.layer, record.selection) for record in prefilled.stages]
     start, count = int(prompt.visual.positions[0]), len(prompt.visual)
-    decoding = decoding_reference(plan, prefilled.block.size)
+    decoding = decoding_reference(plan, prompt, prefilled.block)
     tokens: list[int] = []
     state = None
     for _ in range(6):
@@ -256,32 +258,56 @@ def test_each_stage_chooses_from_the_eager_attention_of_its_query_rows(setup, me
         torch.testing.assert_close(stage.attention.float(), probs[rows][:, current], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("budget", [5, 30])
-def test_each_decoding_step_chooses_from_the_eager_attention_of_its_new_token(setup, budget):
-    """A method that chooses keys while decoding (DyCoke) reads, at every step, what eager
-    `output_attentions` gives the new token's row at its layer over the visual tokens the prefill left
-    (the masked reference, with every earlier token's own choice applied), and makes the choice its
-    slow reference makes from it; the first step always chooses B."""
-    model, eager, prompt = setup
-    plan = make_plan("dycoke", budget, 4)
+def decoded_with_steps(model, prompt, plan):
+    """A 6-token generation, and every decoding step's input and choice (a method's own call, recorded)."""
     steps = []
     choose = plan.method.select_while_decoding
     plan.method.select_while_decoding = lambda step: (steps.append((step, choose(step))), steps[-1][1])[1]
-    generation = run(model, prompt, plan, max_new_tokens=6)
+    return run(model, prompt, plan, max_new_tokens=6), steps
+
+
+@pytest.mark.parametrize("threshold", ["0.9", "split"])
+@pytest.mark.parametrize("budget, min_per_frame", [(5, 0), (30, 0), (16, 2)])
+def test_each_decoding_step_chooses_from_the_eager_attention_of_its_new_token(setup, monkeypatch, budget,
+                                                                             min_per_frame, threshold):
+    """A method that chooses keys while decoding (DyCoke) reads, at every step, what eager
+    `output_attentions` gives the new token's row at its layer over the visual tokens the prefill left
+    (the masked reference, with every earlier token's own choice applied), and makes the choice its
+    slow reference makes from it; the first step always chooses B. With the official 0.9 these random
+    models' later steps are all alike (every key seen); `split` moves the threshold to the middle of the
+    similarities they showed, so that later steps choose too (and the memory of the step before matters)."""
+    from vidsparse.pruning import dycoke
+
+    model, eager, prompt = setup
+    generation, steps = decoded_with_steps(model, prompt, make_plan("dycoke", budget, 4, min_per_frame=min_per_frame))
+    still = 0.9
+    if threshold == "split":
+        similar = sorted(float(torch.nn.functional.cosine_similarity(step.attention, step.previous, dim=-1)[0])
+                         for step, _ in steps[1:])
+        middle = len(similar) // 2
+        assert similar[middle - 1] < similar[middle]
+        still = (similar[middle - 1] + similar[middle]) / 2
+        monkeypatch.setattr(dycoke, "STILL_ATTENTION", still)
+        generation, steps = decoded_with_steps(model, prompt, make_plan("dycoke", budget, 4,
+                                                                        min_per_frame=min_per_frame))
+        assert not all(keys[0].all() for _, (keys, _) in steps[1:])  # later steps choose too
     prefilled = generation.prefilled
+    plan = make_plan("dycoke", budget, 4, min_per_frame=min_per_frame)
     assert len(steps) == generation.decoded.steps == 5
-    reference, seen = decoding_reference(plan, prefilled.block.size), []
+    reference, seen = decoding_reference(plan, prompt, prefilled.block, still=still), []
     recording = (reference[0], lambda attention, previous: (seen.append((attention, reference[1](attention, previous))),
                                                            seen[-1][1])[1])
     start, count = int(prompt.visual.positions[0]), len(prompt.visual)
     with torch.no_grad():
-        masked_logits(eager, prompt.embeds, start, count, [(r.layer, r.selection) for r in prefilled.stages], "keep",
-                      generation.decoded.token_ids[:-1], prompt.rope_positions[:, 0], decoding=recording)
+        masked = masked_logits(eager, prompt.embeds, start, count, [(r.layer, r.selection) for r in prefilled.stages],
+                               "keep", generation.decoded.token_ids[:-1], prompt.rope_positions[:, 0],
+                               decoding=recording)
     assert len(seen) == 5
     for (step, (keys, _)), (attention, expected) in zip(steps, seen, strict=True):
         torch.testing.assert_close(step.attention[0], attention, atol=1e-5, rtol=1e-4)
         assert torch.equal(keys[0].cpu(), expected)
-    assert int(steps[0][1][0].sum()) == budget
+    assert int(steps[0][1][0][0].sum()) == budget
+    assert int(masked.argmax()) == generation.decoded.token_ids[-1]  # the last token, from those choices
 
 
 @pytest.mark.parametrize("method", ["random", "fastv", "sparsevlm", "pdrop"])

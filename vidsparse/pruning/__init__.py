@@ -60,6 +60,9 @@ def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequenc
     if clip is not None and method != "none" and budget < clip[1]:
         check_floor(budget, clip[0], min_per_frame)
     decoding = chosen.decoding_layer(num_layers)
+    if decoding is not None and decoding < 0:
+        raise UserError(f"{method} chooses keys while decoding after a decoder layer, and a later layer must see "
+                        f"them: the decoder has only {num_layers} layer(s)")
     if decoding is not None and stages and decoding <= stages[-1]:  # its keys must be the prefill's last
         raise ValueError(f"{method} chooses while decoding after layer {decoding}, not after its last stage")
     return PruningPlan(method, chosen, stages, budget, positions, min_per_frame, seed, decoding)

@@ -92,6 +92,8 @@ class DecodingStep:
     attention: torch.Tensor  # (b, n_v) head-averaged attention of each new token at the method's decoding layer
     budget: int  # visual keys to keep, already min(B, n_v)
     previous: torch.Tensor | None  # (b, ...) the memory it returned at the step before (None at the first)
+    frames: torch.Tensor  # (n_v,) frame of each visual key
+    min_per_frame: int
 
 
 class Method:

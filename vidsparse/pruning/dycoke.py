@@ -22,8 +22,10 @@ What is implemented, adapted to VideoLLaVA and to an exact budget (../shared/PEE
   otherwise to every key, as the official code does (its view is reset at every step and only set
   when the attention changed). Keys are hidden, never dropped: a later step may choose them again
   (the original keeps the full cache too). Ties go to the earlier token (the original's `topk` is
-  unordered); the memory of the step before is per question (the original's is never reset between
-  samples).
+  unordered); `--min-per-frame` holds at every step; the memory of the step before is per question
+  (the original's is never reset between samples); the attention and its cosine are float32 (the
+  original's eager probabilities are in the model's half precision, which can move a step across 0.9);
+  the visual keys are where the prompt put them (the original hard-codes Qwen's template offset 14).
 - The prefill-time stand-in (`dycoke-prefill`) lands on B in the prefill: after layer 2, keep the B
   tokens the last prompt token attends to most (FastV-like); decoding then runs on those.
 - Positions (`--positions authors`, the default): renumbered after each stage on a 1-D RoPE model, as
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 
 from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.attention_scored import FastV
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, BeforeFirstLayer, DecodingStep, Selection, StageInput
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, BeforeFirstLayer, DecodingStep, Selection, StageInput, top_k
 
 MERGE_RATIO = 0.7  # K: the share of a pruned frame's tokens TTM drops by default
 ATTENTION_LAYER = 2  # the second stage prunes after this layer (DyCoke's l = 3 reads layer l - 1)
@@ -87,7 +89,7 @@ class DyCoke(BeforeFirstLayer):
 
     def select_while_decoding(self, step: DecodingStep) -> tuple[torch.Tensor, torch.Tensor]:
         attention = step.attention
-        top = torch.sort(-attention, dim=-1, stable=True).indices[:, : step.budget]
+        top = torch.stack([top_k(row, step.budget, step.frames, step.min_per_frame) for row in attention])
         seen = torch.zeros_like(attention, dtype=torch.bool).scatter_(1, top, True)
         if step.previous is not None:
             similar = F.cosine_similarity(attention, step.previous, dim=-1) >= STILL_ATTENTION
