@@ -44,6 +44,32 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class MergeGroups:
+    """Merge groups made by one part of a stage (a frame, a window): `source[i]` joins group
+    `target[i]` (numbered from 0 within the part) with weight `weight[i]`; group g's anchor is
+    `anchors[g]`. Indices are into the stage's whole block."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    anchors: torch.Tensor
+    weight: torch.Tensor
+
+
+def merged_in_clip_order(keep: torch.Tensor, parts: list[MergeGroups]) -> Selection:
+    """The kept tokens and every part's merge groups as one Selection in clip order, each part's
+    groups numbered after those of the parts before it."""
+    if not parts:
+        return Selection(keep, in_clip_order=True)
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + part.anchors.numel())
+    return Selection(keep, torch.cat([part.source for part in parts]),
+                     torch.cat([part.target + offset for part, offset in zip(parts, offsets, strict=True)]),
+                     torch.cat([part.anchors for part in parts]), torch.cat([part.weight for part in parts]),
+                     in_clip_order=True)
+
+
+@dataclass(frozen=True)
 class PromptText:
     """The text around the visual block, as methods may need it (SparseVLM's raters)."""
 

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
-from vidsparse.pruning.base import BeforeFirstLayer, Selection, StageInput, largest_remainder
+from vidsparse.pruning.base import (
+    BeforeFirstLayer,
+    MergeGroups,
+    Selection,
+    StageInput,
+    largest_remainder,
+    merged_in_clip_order,
+)
 from vidsparse.pruning.clustering import dpc_knn
 
 SIMILARITY_CUT = 0.9  # tau: adjacent frames less similar than this are always cut
@@ -53,7 +60,7 @@ class FastVID(BeforeFirstLayer):
         grid, hidden = stage.grid, stage.hidden
         per_frame = grid.per_frame
         ranked = salience_order(stage)
-        keep, source, target, anchors, weights = [], [], [], [], []
+        keep, parts = [], []
         for frames, budget in zip(*segment_budgets(stage.frame_features, stage.budget, per_frame), strict=True):
             salient_counts, context_counts = split_segment(budget, len(frames), per_frame)
             keep += [ranked[f, :count] for f, count in zip(frames, salient_counts, strict=True)]
@@ -69,16 +76,9 @@ class FastVID(BeforeFirstLayer):
                 centres, _ = dpc_knn(hidden.index_select(0, pools[f]), count, NEIGHBOURS)
                 chosen = pools[f][centres]  # `count` anchors: the frame's pool holds at least that many
                 group, weight = merge_into(F.normalize(hidden.index_select(0, chosen).float(), dim=1) @ member_states)
-                offset = sum(a.numel() for a in anchors)
-                source += [members, chosen]
-                target += [group + offset, offset + torch.arange(count, device=hidden.device)]
-                weights.append(weight)
-                anchors.append(chosen)
-        keep = torch.cat(keep).sort().values
-        if not anchors:
-            return Selection(keep, in_clip_order=True)
-        return Selection(keep, torch.cat(source), torch.cat(target), torch.cat(anchors), torch.cat(weights),
-                         in_clip_order=True)
+                parts.append(MergeGroups(torch.cat([members, chosen]),
+                                         torch.cat([group, torch.arange(count, device=hidden.device)]), chosen, weight))
+        return merged_in_clip_order(torch.cat(keep).sort().values, parts)
 
 
 def salience_order(stage: StageInput) -> torch.Tensor:

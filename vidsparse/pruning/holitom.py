@@ -44,10 +44,12 @@ from vidsparse.errors import UserError
 from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.base import (
     BEFORE_FIRST_LAYER,
+    MergeGroups,
     Method,
     Selection,
     StageInput,
     largest_remainder,
+    merged_in_clip_order,
     rank_in_frame,
     top_k,
     unit_vectors,
@@ -112,15 +114,7 @@ def merge_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, cou
         for frame in range(start, end + 1):
             ranking = torch.sort(-ranked_saliency[frame, dynamic], stable=True).indices
             keep.append(frame * places + dynamic[ranking[: next(shares)]])
-    keep = torch.cat(keep).sort().values
-    if not groups:
-        return Selection(keep, in_clip_order=True)
-    offsets = [0]
-    for _, _, anchor, _ in groups:
-        offsets.append(offsets[-1] + anchor.numel())
-    sources, targets, anchors, weights = zip(*groups, strict=True)
-    return Selection(keep, torch.cat(sources), torch.cat([t + o for t, o in zip(targets, offsets, strict=False)]),
-                     torch.cat(anchors), torch.cat(weights), in_clip_order=True)
+    return merged_in_clip_order(torch.cat(keep).sort().values, groups)
 
 
 def still_runs(units: torch.Tensor) -> torch.Tensor:
@@ -177,10 +171,10 @@ def fit_windows(windows: list[Window], static: list[list[int]], most_saved: int)
 
 
 def static_groups(hidden: torch.Tensor, start: int, end: int, places: int, static: torch.Tensor,
-                  centres_wanted: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  centres_wanted: int) -> MergeGroups:
     """A window's static places, averaged over its frames and merged by density peaks into
-    `centres_wanted` tokens, as merge groups over the clip's tokens: (sources, groups, anchors,
-    weights), a centre's anchor at the window's first frame."""
+    `centres_wanted` tokens, as merge groups over the clip's tokens, a centre's anchor at the window's
+    first frame."""
     length = end - start + 1
     copies = torch.arange(start, end + 1, device=hidden.device)[:, None] * places + static  # (L, c)
     averaged = hidden[copies].float().mean(0)
@@ -190,8 +184,8 @@ def static_groups(hidden: torch.Tensor, start: int, end: int, places: int, stati
     is_centre = torch.zeros(static.numel(), dtype=torch.bool, device=hidden.device).index_fill_(0, centres, True)
     centre_weight = torch.where(members > 0, CENTRE_WEIGHT, 1.0)[assignment]
     weight = torch.where(is_centre, centre_weight, (1 - CENTRE_WEIGHT) / members[assignment].clamp_min(1))
-    return (copies.flatten(), assignment.repeat(length), start * places + static[centres],
-            weight.repeat(length))
+    return MergeGroups(copies.flatten(), assignment.repeat(length), start * places + static[centres],
+                       weight.repeat(length))
 
 
 def merge_into_kept(hidden: torch.Tensor, scores: torch.Tensor, frames: torch.Tensor, budget: int) -> Selection:
