@@ -34,9 +34,10 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
   direct links only, which weighs the deeper tokens more than a mean would).
 - A one-frame segment merges only its unpicked tokens, as every longer segment does (the original
   clusters all of such a frame's tokens, the picked ones too, so that a token can be kept twice).
-- Similarities and density-peak distances are products in the model's dtype (`unit_vectors`,
-  `clustering.dpc_knn`; the original: float32; float16 goes through bfloat16), so on a bfloat16
-  model a similarity within ~0.004 of a threshold, or near-equal candidates, can go the other way.
+- Similarities and density-peak distances are products in the model's dtype (the tokens' products
+  scaled by their inverse norms, the norms in that dtype too; `clustering.dpc_knn`; the original:
+  float32 unit vectors; float16 goes through bfloat16), so on a bfloat16 model a similarity within
+  ~0.004 of a threshold, or near-equal candidates, can go the other way.
 - Picked tokens are excluded from later picks explicitly (`attn_div_v2` relies on their distance
   to themselves being 0); ties are broken by index, density ties by index instead of random noise.
 - Saliency is the family's (`StageInput.saliency`): the attention each token receives in the tower's
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from vidsparse.errors import UserError
 from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.attention_scored import FastV
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput, largest_remainder, unit_vectors
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput, largest_remainder
 from vidsparse.pruning.clustering import dpc_knn
 from vidsparse.transfer import to_device
 
@@ -102,7 +103,10 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
         return Selection(torch.arange(frames * places, device=device), in_clip_order=True)
     wide = torch.bfloat16 if hidden.dtype == torch.float16 else hidden.dtype  # float16 sums could overflow
     tokens = hidden.view(frames, places, -1).to(wide)
-    units = unit_vectors(hidden).view(frames, places, -1)
+    # cosines as products of the tokens themselves scaled by their inverse norms: no n x d copy of unit
+    # vectors (on a CPU each fresh n x d temporary costs more than the products that use it)
+    # (norms in the tokens' dtype: asking for float32 would convert every token first)
+    inverse_norms = torch.linalg.vector_norm(tokens, dim=-1).float().clamp_min(1e-12).reciprocal()
     # a product with ones: several times faster than a mean over the middle dimension on a CPU
     frame_means = (torch.full((frames, 1, places), 1 / places, dtype=wide, device=device) @ tokens)
     frame_means = frame_means.squeeze(1).float()
@@ -111,7 +115,7 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     picked_counts = [min(share, math.ceil(share * SELECTED_SHARE)) for share in shares]
     segment_of = to_device([i for i, segment in enumerate(segments) for _ in segment], device)
     segment_means = torch.stack([frame_means[segment[0] : segment[-1] + 1].mean(0) for segment in segments])
-    picked = adts_order(units, saliency.float().view(frames, places), tokens, segment_means[segment_of],
+    picked = adts_order(tokens, inverse_norms, saliency.float().view(frames, places), segment_means[segment_of],
                         max(picked_counts))
     is_picked = torch.zeros(frames, places, dtype=torch.bool, device=device)
     for frame, wanted in enumerate(picked_counts):
@@ -120,9 +124,8 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     rests = [sum(shares[t] - picked_counts[t] for t in segment) for segment in segments]  # merged tokens each
     for segment, rest in zip(segments, rests, strict=True):
         others = sum(places - picked_counts[t] for t in segment)
-        roots[segment[0] : segment[-1] + 1] = merge_across_time(units[segment[0] : segment[-1] + 1],
-                                                                is_picked[segment[0] : segment[-1] + 1],
-                                                                roots[segment[0] : segment[-1] + 1], others - rest)
+        span = slice(segment[0], segment[-1] + 1)
+        roots[span] = merge_across_time(tokens[span], inverse_norms[span], is_picked[span], roots[span], others - rest)
     flat_roots, flat_picked = roots.flatten(), is_picked.flatten()
     own = torch.arange(frames * places, device=device)
     is_root = (flat_roots == own) & ~flat_picked
@@ -169,23 +172,28 @@ def cut_segments(frame_means: torch.Tensor) -> list[list[int]]:
     return segments
 
 
-def adts_order(units: torch.Tensor, saliency: torch.Tensor, tokens: torch.Tensor, segment_means: torch.Tensor,
-               picks: int) -> torch.Tensor:
+def cosines(a: torch.Tensor, b: torch.Tensor, inverse_a: torch.Tensor, inverse_b: torch.Tensor) -> torch.Tensor:
+    """[t, i, j] cosine of a[t, i] and b[t, j], in float32 from their product in their dtype."""
+    return (a @ b.transpose(1, 2)).float() * inverse_a[:, :, None] * inverse_b[:, None, :]
+
+
+def adts_order(tokens: torch.Tensor, inverse_norms: torch.Tensor, saliency: torch.Tensor,
+               segment_means: torch.Tensor, picks: int) -> torch.Tensor:
     """(frames, picks): each frame's first `picks` ADTS choices, in order (the greedy pick is a prefix
     of any longer one). Distance (1 - cos(i, j)) * saliency_j * relevance_j, relevance_j being token
     j's dot product with its segment's mean token (`tokens` in a dtype whose range holds it: bfloat16
     for a float16 model); first the token whose nearest other is farthest, then each time the one
     farthest from all picked."""
-    frames, places, _ = units.shape
+    frames, places, _ = tokens.shape
     relevance = (tokens @ segment_means.to(tokens.dtype)[:, :, None]).squeeze(2).float()
     scale = saliency * relevance  # (frames, places): a_j * r_j
-    distance = (1 - (units @ units.transpose(1, 2)).float()) * scale[:, None, :]  # [t, i, j]
+    distance = (1 - cosines(tokens, tokens, inverse_norms, inverse_norms)) * scale[:, None, :]  # [t, i, j]
     if not picks:
-        return torch.empty(frames, 0, dtype=torch.long, device=units.device)
+        return torch.empty(frames, 0, dtype=torch.long, device=tokens.device)
     nearest_other = torch.topk(distance, k=min(2, places), dim=1, largest=False).values[:, -1]
     # from here a token's distance to itself is -inf: once picked, nothing is farther from the picks
     distance.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-    rows = torch.arange(frames, device=units.device)
+    rows = torch.arange(frames, device=tokens.device)
     pick = nearest_other.argmax(1)
     chosen = [pick]
     closest = distance[rows, pick]  # (frames, places): distance from the nearest pick
@@ -196,14 +204,16 @@ def adts_order(units: torch.Tensor, saliency: torch.Tensor, tokens: torch.Tensor
     return torch.stack(chosen, 1)
 
 
-def merge_across_time(units: torch.Tensor, is_picked: torch.Tensor, roots: torch.Tensor, most: int) -> torch.Tensor:
+def merge_across_time(tokens: torch.Tensor, inverse_norms: torch.Tensor, is_picked: torch.Tensor, roots: torch.Tensor,
+                      most: int) -> torch.Tensor:
     """A segment's trees: every token not picked, from its second frame on, links to its most similar
     unpicked token of the frame before and merges into it above 0.8 cosine (at most `most` merges, the
     most similar links first, ties by index). Returns (L, places) the clip index of each token's root."""
-    length, places, _ = units.shape
+    length, places, _ = tokens.shape
     if length < 2 or most <= 0:
         return roots
-    similarity = (units[1:] @ units[:-1].transpose(1, 2)).float()  # [t, j, i]: frame t + 1's j against frame t's i
+    # [t, j, i]: frame t + 1's j against frame t's i
+    similarity = cosines(tokens[1:], tokens[:-1], inverse_norms[1:], inverse_norms[:-1])
     similarity = similarity.masked_fill(is_picked[:-1, None, :], -1.0).masked_fill(is_picked[1:, :, None], -1.0)
     best, link = similarity.max(2)
     candidate = (best > TEMPORAL_CUT) & ~is_picked[1:]
