@@ -93,7 +93,9 @@ def decode_pieces(ids: list[int]) -> str:
     return text.replace(" .", ".").replace(" ,", ",").strip()
 
 
-@pytest.mark.parametrize("stops", [(), ("STOP",), ("red.", "\n"), ("€",), ("s is",), ("square is red",)])
+# A stop sequence may span a space and a split character, or end inside the last word (found by review).
+@pytest.mark.parametrize("stops", [(), ("STOP",), ("red.", "\n"), ("€",), ("s is",), ("square is red",), ("s €",),
+                                   ("costs €",)])
 def test_a_streamed_answer_is_sent_in_pieces_no_later_token_takes_back(stops):
     """Random answers of those pieces: every piece sent is final (what was sent is always the start of
     the finished answer, cut at its first stop sequence: nothing of a stop sequence or of a split
@@ -131,3 +133,32 @@ def test_a_feed_whose_client_left_stops_at_the_next_token():
     assert feed.token(0) and feed.token(1)
     feed.leave()
     assert not feed.token(2) and feed.tokens == [0, 1]
+
+
+def test_a_stream_closed_while_waiting_leaves_no_task_behind():
+    """The client leaves while its stream waits for the next piece: the work and the wait for a piece
+    are both cancelled (a pending wait was left behind before a review found it)."""
+    import asyncio
+    import contextlib
+
+    from vidsparse.serve.backend import pieces_then_result
+
+    async def main() -> list:
+        never = asyncio.Event()
+
+        async def answer(send):
+            send("a")
+            await never.wait()
+
+        events = pieces_then_result(answer)
+        assert await anext(events) == "a"
+        waiting = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # as Starlette cancels a stream whose client has gone
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    assert asyncio.run(main()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,7 @@ from vidsparse.serve.scheduler import QueueFull
 from vidsparse.serve.telemetry import CONTENT_TYPE, Telemetry
 
 CLIENT_GONE = 499  # (nginx's code) counted in the metrics; no response is sent
+log = logging.getLogger("vidsparse.serve")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ async def stream_events(chat: ChatRequest, first: str | Completion, rest: AsyncI
         if item is None:  # the client left
             return
         done = item
+        if not done.text.startswith(sent):  # never seen: the feed sends only text no later token changes
+            log.warning("a streamed answer's pieces are not the start of its text: %r, %r", sent, done.text)
         if len(done.text) > len(sent):
             yield text(done.text[len(sent) :])
         yield event([{"index": 0, "delta": {}, "finish_reason": done.finish_reason}])

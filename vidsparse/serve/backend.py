@@ -55,6 +55,7 @@ async def pieces_then_result(start: Callable[[Send], Awaitable[Result]]) -> Asyn
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
     task = asyncio.ensure_future(start(lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)))
+    piece = None
     try:
         while True:
             piece = asyncio.ensure_future(pieces.get())
@@ -68,6 +69,8 @@ async def pieces_then_result(start: Callable[[Send], Awaitable[Result]]) -> Asyn
         yield task.result()
     finally:
         task.cancel()
+        if piece is not None:
+            piece.cancel()
 
 
 def completion_of(chat: ChatRequest, answered: Answered) -> Completion:

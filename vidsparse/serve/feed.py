@@ -21,16 +21,18 @@ def answer_text(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 def settled(text: str, stops: tuple[str, ...]) -> str:
     """The part of a partial answer no later token can change: up to its last space (the next token may
-    continue the last word, or the tokenizer's clean-up take the space before a punctuation mark), and
-    short of any end that could begin a stop sequence."""
+    continue the last word, complete a character split between tokens, or the tokenizer's clean-up
+    take the space before a punctuation mark), and short of any end of that part that could begin a
+    stop sequence (which may go on past the space)."""
     space = _LAST_SPACE.search(text)
-    end = space.start() if space else 0
+    head = text[: space.start()] if space else ""
+    end = len(head)
     for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:length]):
-                end = min(end, len(text) - length)
+        for length in range(min(len(stop) - 1, len(head)), 0, -1):
+            if head.endswith(stop[:length]):
+                end = min(end, len(head) - length)
                 break
-    return text[:end]
+    return head[:end]
 
 
 class AnswerFeed:
@@ -51,6 +53,8 @@ class AnswerFeed:
         if self.left.is_set():
             return False
         self.tokens.append(token)
+        if self.send is None and not self.stops:  # nothing to send or look for: no text to decode
+            return True
         text, stopped = answer_text(self.decode_text(self.tokens), self.stops)
         if self.send is not None:
             ready = text if stopped else settled(text, self.stops)

@@ -148,7 +148,7 @@ class Scheduler:
         self.cache.put(clip_key, clip)
         results = self.qa.answer_prepared(clip, [job.request.question for job in jobs],
                                           max_new_tokens=options.max_new_tokens,
-                                          on_token=lambda i, token: jobs[i].on_token(token))
+                                          on_token=lambda i, token: _going_on(jobs[i], token))
         return [r if isinstance(r, Exception) else Answered(r, hit) for r in results]
 
     def _video(self, media: Media, options: AskOptions) -> DecodedVideo:
@@ -162,6 +162,15 @@ class Scheduler:
                                         f"{self.max_video_seconds:g} s")
             self.cache.put(key, video)
         return video
+
+
+def _going_on(job: Job, token: int) -> bool:
+    """A job's hook, whose failure (its client's event loop closing under it) must not end the answers
+    decoded with it: that job is taken as left."""
+    try:
+        return job.on_token(token)
+    except Exception:  # noqa: BLE001 - one job's hook: the others go on
+        return False
 
 
 def refusal(error: BaseException) -> RequestError | None:
