@@ -91,6 +91,28 @@ def test_dpc_knn_finds_three_blobs_and_merges_to_their_means():
         torch.testing.assert_close(merged[0, slot], points[blob == blob[centre]].mean(0))
 
 
+def test_density_peaks_of_several_groups_at_once_are_each_groups_own():
+    """Groups of different sizes padded into one batch (the padding filled with far, dense points that
+    would win if it counted): each group's centres and assignment are those of the slow reference on
+    that group alone, and those of `dpc_knn` on it."""
+    from tests.references.test_peer_holitom import dpc_reference
+    from vidsparse.pruning.clustering import dpc_knn_groups
+
+    generator = torch.Generator().manual_seed(3)
+    counts, clusters, neighbours = [9, 30, 17, 2], [3, 7, 17, 1], [7, 7, 4, 7]
+    groups = [torch.randn(n, 6, generator=generator, dtype=torch.float64) * 3 for n in counts]
+    padded = torch.full((len(counts), max(counts), 6), 50.0, dtype=torch.float64)
+    for g, group in enumerate(groups):
+        padded[g, : counts[g]] = group
+    found = dpc_knn_groups(padded, counts, clusters, neighbours)
+    for group, c, k, (centres, assignment) in zip(groups, clusters, neighbours, found, strict=True):
+        expected_centres, members = dpc_reference(group.tolist(), c, min(k, group.shape[0]))
+        assert centres.tolist() == expected_centres
+        assert all(centres[assignment[member]].item() == centre for member, centre in members.items())
+        alone = dpc_knn(group, c, k)
+        assert torch.equal(alone[0], centres) and torch.equal(alone[1], assignment)
+
+
 def test_dpc_knn_in_float16_finds_the_clusters_around_a_large_common_part():
     """float16 states that share a large component (an offset of 100, a spread of 0.1 that float16
     holds and bfloat16 would round away): centred in float16 before the bfloat16 product."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vidsparse.transfer import to_device
+
 
 def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peak clustering with k nearest neighbours, deterministic.
@@ -15,30 +17,58 @@ def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tu
     `clusters` as in SparseVLM); delta = distance to the nearest denser token (the largest distance
     for the densest); centres = top rho * delta.
     """
-    n = x.shape[0]
+    (found,) = dpc_knn_groups(x[None], [x.shape[0]], [clusters], [neighbours or clusters])
+    return found
+
+
+def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neighbours: list[int],
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`dpc_knn` on several groups of tokens at once (a video method's frames): group g is the first
+    counts[g] rows of x[g] (x is (groups, m, d), the rest padding), clustered into clusters[g] with
+    neighbours[g] neighbours. One batched product and one pass of each step for every group: a
+    CPU pays per call for small ones."""
+    groups, m, _ = x.shape
+    device = x.device
+    count = to_device(counts, device)
+    valid = torch.arange(m, device=device)[None, :] < count[:, None]  # (groups, m)
     # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b from one Gram matrix (torch.cdist takes a slow path on CPU), in
     # x's dtype (bfloat16 on a bfloat16 model: several times cheaper than float32) on centred tokens,
     # so that the product's rounding is relative to the distances, not to the norms; the norms are its
-    # diagonal, rounded alike. The mean is a product with ones (a reduction over rows is slower on a
-    # CPU); float16 tokens, once centred, go through bfloat16, whose range holds their products. Every
-    # pass over the n x d tokens counts here: DPC runs once per frame in the video methods.
-    centred = x - torch.full((1, n), 1 / n, dtype=x.dtype, device=x.device) @ x
+    # diagonal, rounded alike. The mean is a product with weights 1 / count (a reduction over rows is
+    # slower on a CPU); float16 tokens, once centred, go through bfloat16, whose range holds their
+    # products. Every pass over the tokens counts here: DPC runs once per frame in the video methods.
+    weights = (valid / count[:, None]).to(x.dtype)[:, None, :]
+    centred = x - weights @ x
     if centred.dtype == torch.float16:  # centred first: bfloat16 would round away a spread finer than the mean
         centred = centred.to(torch.bfloat16)
-    gram = (centred @ centred.T).float()
-    squared = gram.diagonal()
-    distance = (squared[:, None] + squared[None, :] - 2 * gram).clamp_min_(0)
-    distance = distance.div_(x.shape[1]).sqrt_().fill_diagonal_(0)
-    nearest = torch.topk(distance, k=min(neighbours or clusters, n), dim=1, largest=False).values
-    density = torch.exp(-nearest.square_().mean(1))
+    gram = (centred @ centred.transpose(1, 2)).float()
+    squared = gram.diagonal(dim1=1, dim2=2)
+    distance = (squared[:, :, None] + squared[:, None, :] - 2 * gram).clamp_min_(0)
+    distance = distance.div_(x.shape[2]).sqrt_()
+    distance.diagonal(dim1=1, dim2=2).fill_(0)
+    pair = valid[:, :, None] & valid[:, None, :]
+    # density from each group's k nearest (padding is never near): the k smallest, sorted, averaged
+    # over the first k of each group
+    k = [min(n, c) for n, c in zip(neighbours, counts, strict=True)]
+    nearest = torch.topk(distance.masked_fill(~pair, torch.inf), k=max(k), dim=2, largest=False).values
+    within = torch.arange(max(k), device=device)[None, :] < to_device(k, device)[:, None]
+    density = torch.exp(-nearest.square_().masked_fill_(~within[:, None, :], 0).sum(2) / within.sum(1, keepdim=True))
+    density = density.masked_fill(~valid, -1.0)  # padding ranks after every token
     # j is denser than i if its density is higher, or equal with a lower index (no random noise): the
     # stable order of -density ranks every token after the ones denser than it.
-    rank = torch.empty(n, dtype=torch.long, device=x.device)
-    rank[torch.sort(-density, stable=True).indices] = torch.arange(n, device=x.device)
-    denser = rank[None, :] < rank[:, None]
-    delta = distance.masked_fill(~denser, torch.inf).min(1).values
-    delta = torch.where(torch.isinf(delta), distance.max(), delta)
-    centres = torch.sort(-(density * delta), stable=True).indices[:clusters]
-    assignment = distance[:, centres].argmin(1)
-    assignment[centres] = torch.arange(centres.numel(), device=x.device)
-    return centres, assignment
+    rank = torch.empty(groups, m, dtype=torch.long, device=device)
+    rank.scatter_(1, torch.sort(-density, dim=1, stable=True).indices,
+                  torch.arange(m, device=device).expand(groups, m).contiguous())
+    denser = rank[:, None, :] < rank[:, :, None]
+    delta = distance.masked_fill(~denser, torch.inf).amin(2)
+    widest = distance.masked_fill(~pair, 0).amax((1, 2))
+    delta = torch.where(torch.isinf(delta), widest[:, None], delta)
+    score = (density * delta).masked_fill(~valid, -torch.inf)
+    order = torch.sort(-score, dim=1, stable=True).indices
+    found = []
+    for g in range(groups):
+        centres = order[g, : clusters[g]]
+        assignment = distance[g, : counts[g]][:, centres].argmin(1)
+        assignment[centres] = torch.arange(centres.numel(), device=device)
+        found.append((centres, assignment))
+    return found

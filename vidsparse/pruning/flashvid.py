@@ -35,7 +35,7 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
 - A one-frame segment merges only its unpicked tokens, as every longer segment does (the original
   clusters all of such a frame's tokens, the picked ones too, so that a token can be kept twice).
 - Similarities and density-peak distances are products in the model's dtype (the tokens' products
-  scaled by their inverse norms, the norms in that dtype too; `clustering.dpc_knn`; the original:
+  scaled by their inverse norms, the norms in that dtype too; `clustering.dpc_knn_groups`; the original:
   float32 unit vectors; float16 goes through bfloat16), so on a bfloat16 model a similarity within
   ~0.004 of a threshold, or near-equal candidates, can go the other way.
 - Picked tokens are excluded from later picks explicitly (`attn_div_v2` relies on their distance
@@ -59,7 +59,7 @@ from vidsparse.errors import UserError
 from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.attention_scored import FastV
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput, largest_remainder
-from vidsparse.pruning.clustering import dpc_knn
+from vidsparse.pruning.clustering import dpc_knn_groups
 from vidsparse.transfer import to_device
 
 SEGMENT_CUT = 0.9  # adjacent frames less similar than this are always cut
@@ -122,32 +122,26 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
         is_picked[frame, picked[frame, :wanted]] = True
     roots = torch.arange(frames * places, device=device).view(frames, places)
     rests = [sum(shares[t] - picked_counts[t] for t in segment) for segment in segments]  # merged tokens each
+    linked = False  # whether any segment links tokens across time (else every tree is one token)
     for segment, rest in zip(segments, rests, strict=True):
         others = sum(places - picked_counts[t] for t in segment)
         span = slice(segment[0], segment[-1] + 1)
         roots[span] = merge_across_time(tokens[span], inverse_norms[span], is_picked[span], roots[span], others - rest)
+        linked |= len(segment) > 1 and others > rest
     flat_roots, flat_picked = roots.flatten(), is_picked.flatten()
     own = torch.arange(frames * places, device=device)
     is_root = (flat_roots == own) & ~flat_picked
     trees_in = is_root.view(frames, places).sum(1).tolist()  # the one read for the clusters
-    tree_size = torch.zeros(frames * places, device=device).index_add_(0, flat_roots, torch.ones(frames * places,
-                                                                                                 device=device))
     # what the clustering compares, summed in the model's dtype (the merged tokens are made exactly, later)
-    tree_sums = torch.zeros_like(tokens.view(frames * places, -1)).index_add_(0, flat_roots, tokens.flatten(0, 1))
-    cluster_of_root = torch.full((frames * places,), -1, dtype=torch.long, device=device)
-    anchors, clusters_so_far = [], 0
-    for segment, rest in zip(segments, rests, strict=True):
-        for frame, clusters in zip(segment, largest_remainder(rest, [trees_in[t] for t in segment])
-                                   if rest else [0] * len(segment), strict=True):
-            if not clusters:
-                continue
-            mask = is_root[frame * places : (frame + 1) * places]
-            tree_roots = frame * places + torch.sort((~mask).to(torch.uint8), stable=True).indices[: trees_in[frame]]
-            tree_means = tree_sums[tree_roots] / tree_size[tree_roots, None].to(wide)
-            centres, assignment = dpc_knn(tree_means, clusters, min(NEIGHBOURS, clusters))
-            cluster_of_root[tree_roots] = assignment + clusters_so_far
-            anchors.append(tree_roots[centres])
-            clusters_so_far += clusters
+    tree_sums, tree_size = tokens.view(frames * places, -1), torch.ones(frames * places, device=device)
+    if linked:
+        tree_size = torch.zeros_like(tree_size).index_add_(0, flat_roots, tree_size)
+        tree_sums = torch.zeros_like(tree_sums).index_add_(0, flat_roots, tree_sums)
+    frame_clusters = [(frame, clusters) for segment, rest in zip(segments, rests, strict=True)
+                      for frame, clusters in zip(segment, largest_remainder(rest, [trees_in[t] for t in segment])
+                                                 if rest else [0] * len(segment), strict=True) if clusters]
+    anchors, cluster_of_root = cluster_trees(tree_sums, tree_size, is_root.view(frames, places), trees_in,
+                                             frame_clusters)
     keep = torch.sort((~flat_picked).to(torch.uint8), stable=True).indices[: sum(picked_counts)].sort().values
     if not anchors:
         return Selection(keep, in_clip_order=True)
@@ -156,6 +150,34 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     # each tree weighs as one token in its cluster: its tokens 1 / its size; trees of no cluster weigh 0
     weight = torch.where(group >= 0, 1 / tree_size[flat_roots[merging]], 0.0)
     return Selection(keep, merging, group.clamp_min(0), torch.cat(anchors), weight, in_clip_order=True)
+
+
+def cluster_trees(tree_sums: torch.Tensor, tree_size: torch.Tensor, is_root: torch.Tensor, trees_in: list[int],
+                  frame_clusters: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each (frame, clusters) of `frame_clusters`: the trees rooted in the frame merged by density peaks
+    into that many clusters, every frame in one batch. Returns the clusters' anchors (their centres'
+    roots) and the cluster of each root (-1: none), numbered frame after frame."""
+    frames, places = is_root.shape
+    device = tree_sums.device
+    cluster_of_root = torch.full((frames * places,), -1, dtype=torch.long, device=device)
+    if not frame_clusters:
+        return [], cluster_of_root
+    chosen = to_device([frame for frame, _ in frame_clusters], device)
+    counts = [trees_in[frame] for frame, _ in frame_clusters]
+    # each chosen frame's roots, ascending (past its count: other tokens of the frame, as padding)
+    roots_first = torch.sort((~is_root[chosen]).to(torch.uint8), dim=1, stable=True).indices[:, : max(counts)]
+    tree_roots = chosen[:, None] * places + roots_first
+    # (divided in place: a second copy of every tree's tokens costs more than the division on a CPU)
+    tree_means = tree_sums[tree_roots].div_(tree_size[tree_roots, None].clamp_min(1).to(tree_sums.dtype))
+    found = dpc_knn_groups(tree_means, counts, [clusters for _, clusters in frame_clusters],
+                           [min(NEIGHBOURS, clusters) for _, clusters in frame_clusters])
+    anchors, so_far = [], 0
+    for group, ((_, clusters), (centres, assignment)) in enumerate(zip(frame_clusters, found, strict=True)):
+        roots = tree_roots[group, : counts[group]]
+        cluster_of_root[roots] = assignment + so_far
+        anchors.append(roots[centres])
+        so_far += clusters
+    return anchors, cluster_of_root
 
 
 def cut_segments(frame_means: torch.Tensor) -> list[list[int]]:
