@@ -38,7 +38,7 @@ from vidsparse.pruning.base import (
     largest_remainder,
     merged_in_clip_order,
 )
-from vidsparse.pruning.clustering import dpc_knn
+from vidsparse.pruning.clustering import dpc_knn_groups
 
 SIMILARITY_CUT = 0.9  # tau: adjacent frames less similar than this are always cut
 CONTEXT_SHARE = 0.4  # d: share of a segment's tokens that are merged context
@@ -60,25 +60,45 @@ class FastVID(BeforeFirstLayer):
         grid, hidden = stage.grid, stage.hidden
         per_frame = grid.per_frame
         ranked = salience_order(stage)
-        keep, parts = [], []
+        keep, merging = [], []
         for frames, budget in zip(*segment_budgets(stage.frame_features, stage.budget, per_frame), strict=True):
             salient_counts, context_counts = split_segment(budget, len(frames), per_frame)
             keep += [ranked[f, :count] for f, count in zip(frames, salient_counts, strict=True)]
-            if not any(context_counts):
-                continue
-            pools = {f: ranked[f, count:].sort().values for f, count in zip(frames, salient_counts, strict=True)}
-            members = torch.cat([pools[f] for f in frames])
+            if any(context_counts):
+                merging.append((frames, salient_counts, context_counts))
+        # each merging frame's pool: its tokens past the salient ones, ascending (sizes known here)
+        pools = {f: (ranked[f, salient:].sort().values, per_frame - salient)
+                 for frames, salient_counts, _ in merging for f, salient in zip(frames, salient_counts, strict=True)}
+        clustered = [(f, count) for frames, _, context_counts in merging
+                     for f, count in zip(frames, context_counts, strict=True) if count]
+        anchors = dict(zip([f for f, _ in clustered], pool_anchors(hidden, pools, clustered), strict=True))
+        parts = []
+        for frames, _, context_counts in merging:
+            members = torch.cat([pools[f][0] for f in frames])
             # (d, members): the cosine argmax over anchors needs no member norms
             member_states = hidden.index_select(0, members).float().T
             for f, count in zip(frames, context_counts, strict=True):
                 if not count:
                     continue
-                centres, _ = dpc_knn(hidden.index_select(0, pools[f]), count, NEIGHBOURS)
-                chosen = pools[f][centres]  # `count` anchors: the frame's pool holds at least that many
+                chosen = anchors[f]
                 group, weight = merge_into(F.normalize(hidden.index_select(0, chosen).float(), dim=1) @ member_states)
                 parts.append(MergeGroups(torch.cat([members, chosen]),
                                          torch.cat([group, torch.arange(count, device=hidden.device)]), chosen, weight))
         return merged_in_clip_order(torch.cat(keep).sort().values, parts)
+
+
+def pool_anchors(hidden: torch.Tensor, pools: dict[int, tuple[torch.Tensor, int]],
+                 clustered: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """For each (frame, count): `count` anchors, the density peaks of the frame's pool (its indices and
+    their number), as clip indices; every frame's in one batch (`dpc_knn_groups`)."""
+    if not clustered:
+        return []
+    sizes = [pools[f][1] for f, _ in clustered]
+    index = torch.stack([F.pad(pools[f][0], (0, max(sizes) - size)) for (f, _), size in zip(clustered, sizes,
+                                                                                             strict=True)])
+    found = dpc_knn_groups(hidden[index], sizes, [count for _, count in clustered], [NEIGHBOURS] * len(clustered))
+    # `count` anchors each: a frame's pool holds at least that many
+    return [pools[f][0][centres] for (f, _), (centres, _) in zip(clustered, found, strict=True)]
 
 
 def salience_order(stage: StageInput) -> torch.Tensor:
