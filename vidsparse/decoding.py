@@ -30,7 +30,7 @@ class Decoded:
     steps: int
     seconds: float
     # Mean visual keys a fed-back token saw after the plan's decoding layer (None: the plan chooses
-    # none while decoding, every token saw the prefill's).
+    # none while decoding, every token saw the prefill's; or no token was fed back).
     visual_while_decoding: float | None
 
 
