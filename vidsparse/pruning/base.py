@@ -247,7 +247,11 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
 
 def unit_rows(x: torch.Tensor, columns: torch.Tensor | None = None, rows: int = 256) -> torch.Tensor:
     """Every token (restricted to `columns`, if given) normalised to length 1, in float32, by row
-    chunks: one float32 copy of the result, no further n x d temporaries (on a CPU those cost more
-    than the scoring or merging that needs the unit vectors)."""
-    return torch.cat([F.normalize(chunk.float() if columns is None else chunk.float()[:, columns], dim=1)
-                      for chunk in x.split(rows)])
+    chunks written into the result: one float32 copy, no further n x d temporaries (on a CPU those cost
+    more than the scoring or merging that needs the unit vectors); the columns are taken before the
+    conversion."""
+    out = torch.empty(x.shape[0], x.shape[1] if columns is None else columns.numel(), device=x.device)
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start : start + rows]
+        F.normalize((chunk if columns is None else chunk[:, columns]).float(), dim=1, out=out[start : start + rows])
+    return out
