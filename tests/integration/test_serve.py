@@ -278,11 +278,15 @@ def _bad_requests(clips, outside) -> list[tuple[str, bytes | dict, dict, int]]:
     ]
 
 
-def test_every_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, clips, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_bad_request_is_a_4xx_with_one_line_and_the_server_goes_on(server, clips, tmp_path, stream):
+    """Streamed too: a refusal found while the clip is prepared (a corrupt video) comes before the first
+    piece of text, so it is still the status and one JSON line, not an event in a 200 stream."""
     outside = tmp_path / "outside.mp4"
     outside.write_bytes(clips["h264"].read_bytes())
     for name, body, headers, status in _bad_requests(clips, outside):
-        code, reply, _ = post(server, body, headers)
+        sent = {**body, "stream": True} if stream and isinstance(body, dict) else body
+        code, reply, _ = post(server, sent, headers)
         assert code == status, (name, reply)
         message = reply["error"]["message"]
         assert message and "\n" not in message and "Traceback" not in message, (name, message)
