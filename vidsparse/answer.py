@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vidsparse.engine import StageRecord
+from vidsparse.models.tower_cut import TowerCut
 from vidsparse.models.visual import VideoFeatures, VisualMap
 from vidsparse.pruning.base import PruningPlan
 from vidsparse.stage import VisualBlock
@@ -26,6 +27,7 @@ class ClipWork:
     seconds: dict[str, float]
     prefill_flops: int  # the head's rows through the shared layers
     vision_flops: int
+    tower_cut: int | None = None  # the tower's layers from this one on ran on the kept tokens only
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ClipFeatures:
     tokens: VideoFeatures
     seconds: dict[str, float]  # preprocess, vision
     done_at: float  # time.perf_counter() when it was computed
+    cut: TowerCut | None = None  # the tower ran cut (its tokens serve only runs that cut it so)
 
     def seconds_before(self, start: float) -> float:
         """The part of its time spent before `start` (a run that started after it must add it)."""
@@ -95,6 +98,7 @@ class AskResult:
         decoding = self.plan.decoding_layer
         # Only a method that chooses keys while decoding has these (the layout of the others is unchanged).
         decoding_layer = {} if decoding is None else {"decoding_layer": decoding}
+        tower_cut = {} if shared.tower_cut is None else {"tower_cut": shared.tower_cut}
         while_decoding = {} if decoding is None else {
             "visual_while_decoding": None if self.visual_while_decoding is None
             else round(self.visual_while_decoding, 2)}
@@ -118,6 +122,7 @@ class AskResult:
                 "min_per_frame": self.plan.min_per_frame,
                 "visual_per_stage": [self.visual_before] + [r.visual_out for r in self.stage_records],
                 **decoding_layer,
+                **tower_cut,
                 **self.method_report,
             },
             "tokens": {

@@ -67,6 +67,11 @@ Positions = Annotated[str, typer.Option(
                         "for vidcom2, dycoke, holitom and flashvid on 1-D RoPE models (their code's), else keep.")]
 MinPerFrame = Annotated[int, typer.Option("--min-per-frame", help="Keep at least this many tokens of every frame.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the random method.")]
+TowerCut = Annotated[int | None, typer.Option(
+    "--tower-cut", metavar="LAYER",
+    help="Run the vision tower's layers from LAYER on (0-based) only on the tokens the method keeps before layer 0 "
+         "(stprune, uniform: they choose from the clip's layout alone). LAYER = the tower's depth: the same answers, "
+         "projector work saved; a smaller LAYER saves more and changes the kept tokens' features. VideoLLaVA only.")]
 def _path(text: str | Path) -> Path:
     """A path option's value (or its default, a Path already); an empty one is refused, where Path('')
     would quietly be the working directory (`--out "$OUT"` with OUT unset)."""
@@ -124,10 +129,10 @@ def _load(model: str, dtype: str, device: str):
 
 def _options(method: str, budget: str, prune_after: str | None, positions: str, min_per_frame: int, seed: int,
              frames: int | None, backend: str, max_new_tokens: int, fps: float | None,
-             max_frames: int | None) -> AskOptions:
+             max_frames: int | None, tower_cut: int | None) -> AskOptions:
     """The flags of one answer, typed and checked (the method-specific rule too, which needs torch)."""
     options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend,
-                          max_new_tokens, fps, max_frames)
+                          max_new_tokens, fps, max_frames, tower_cut)
     _check_method(options)
     return options
 
@@ -136,7 +141,7 @@ def _check_method(options: AskOptions) -> None:
     """The method-specific rules (which methods take --prune-after): they import the methods, and torch."""
     from vidsparse.pruning import check_method
 
-    check_method(options.method, options.prune_after)
+    check_method(options.method, options.prune_after, tower_cut=options.tower_cut)
 
 
 @app.command(epilog='Example:  vidsparse ask clip.mp4 "What is happening?" --method sparsevlm --budget 194 --json')
@@ -154,6 +159,7 @@ def ask(
     frames: Frames = None,
     fps: Fps = None,
     max_frames: MaxFrames = None,
+    tower_cut: TowerCut = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -172,7 +178,7 @@ def ask(
     if show_kept is not None:
         check_output_file(show_kept, "--show-kept")
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
-                       fps, max_frames)
+                       fps, max_frames, tower_cut)
     from vidsparse.video import decode_clip
 
     _check_context_early(model, options)
@@ -316,6 +322,7 @@ def batch(
     frames: Frames = None,
     fps: Fps = None,
     max_frames: MaxFrames = None,
+    tower_cut: TowerCut = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -346,7 +353,7 @@ def batch(
     from vidsparse.questions import QuestionsFileError, QuestionSource
 
     options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
-                          fps, max_frames)
+                          fps, max_frames, tower_cut)
     source = QuestionSource(videos_dir, questions, question, allow_outside_folder)
     if questions is not None and out.exists() and out.resolve() == questions.resolve():
         raise UserError(f"--out {out} is the questions file: give the results their own file")
@@ -466,6 +473,7 @@ def sweep(
     frames: Frames = None,
     fps: Fps = None,
     max_frames: MaxFrames = None,
+    tower_cut: TowerCut = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -482,7 +490,7 @@ def sweep(
     method_list = parse_methods(methods)
     # Shared by every cell; options_for gives each cell its method and budget (--prune-after where it applies).
     options = ask_options("none", "100%", prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
-                          fps, max_frames)
+                          fps, max_frames, tower_cut)
     if not target.exists():
         raise UserError(f"{target}: no such video or folder")
     if target.is_dir():
@@ -614,6 +622,7 @@ def serve(
     frames: Frames = None,
     fps: Fps = None,
     max_frames: MaxFrames = None,
+    tower_cut: TowerCut = None,
     backend: Backend = "auto",
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -659,7 +668,7 @@ def serve(
     from vidsparse.serve.command import ServeFlags, run_server
 
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
-                       fps, max_frames)
+                       fps, max_frames, tower_cut)
     _check_context_early(model, options)
     if replicas is not None and ray_address is None:
         raise UserError("--replicas needs --ray")

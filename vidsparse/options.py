@@ -157,6 +157,9 @@ class AskOptions:
     max_new_tokens: int = 64
     fps: float | None = None  # frames sampled a second of video instead (as Qwen2.5-VL's processors do) ...
     max_frames: int | None = None  # ... at most this many
+    # The vision tower's layers from this one on (0-based) run only on the tokens a first stage chosen
+    # from the clip's layout keeps (`Method.chooses_by_layout`); None: the whole tower on every token.
+    tower_cut: int | None = None
 
     @property
     def fewest_frames(self) -> int:
@@ -179,7 +182,7 @@ class AskOptions:
         resumes whatever --budget or --seed the command line repeats (an earlier version's too)."""
         used = self
         if self.method == "none":
-            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0)
+            used = replace(self, budget=Budget(share=1.0), positions="keep", min_per_frame=0, tower_cut=None)
         elif self.positions == "authors" and self.method not in RENUMBERED_BY_AUTHORS:
             used = replace(self, positions="keep")  # what it means for this method, as earlier versions wrote
         settings = {**asdict(used), "budget": str(used.budget),
@@ -191,6 +194,8 @@ class AskOptions:
         # Sampling by time is recorded as such, and sampling by count as earlier versions recorded it.
         for key in ("fps", "max_frames") if self.fps is None else ("num_frames",):
             del settings[key]
+        if used.tower_cut is None:  # as earlier versions, which had no cut, recorded it
+            del settings["tower_cut"]
         return settings
 
 
@@ -198,7 +203,7 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194,
                 prune_after: str | int | Sequence[int] | None = None,
                 positions: str = "authors", min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None,
                 backend: str = "auto", max_new_tokens: int = 64, fps: float | None = None,
-                max_frames: int | None = None) -> AskOptions:
+                max_frames: int | None = None, tower_cut: int | None = None) -> AskOptions:
     """Check and type every option that can be checked without a model (method-specific rules, such
     as which methods take --prune-after, are `vidsparse.pruning.check_method`'s). Frames are sampled
     `num_frames` to a clip (8 if neither is given) or `fps` a second of video, at most `max_frames`."""
@@ -220,10 +225,13 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194,
                                ("--max-new-tokens", max_new_tokens, 1), ("--seed", seed, 0)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if tower_cut is not None and tower_cut < 0:
+        raise UserError(f"--tower-cut must be a tower layer, 0 or more, got {tower_cut}")
     if seed > MAX_SEED:
         raise UserError(f"--seed must be at most 2**64 - 1, got {seed}")
     return AskOptions(method, parse_budget(budget), parse_layers(prune_after), positions, min_per_frame, seed,
-                      num_frames, backend, max_new_tokens, fps, (max_frames or DEFAULT_MAX_FRAMES) if fps else None)
+                      num_frames, backend, max_new_tokens, fps, (max_frames or DEFAULT_MAX_FRAMES) if fps else None,
+                      tower_cut)
 
 
 DECODE_BATCH = 16  # questions of a clip prefilled and decoded together by default (`batch --decode-batch`)

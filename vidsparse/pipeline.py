@@ -30,7 +30,8 @@ from vidsparse.engine import (
 from vidsparse.errors import UserError
 from vidsparse.models.family import ClipShape, VideoModel
 from vidsparse.models.loading import load_model
-from vidsparse.models.visual import PromptEmbeds
+from vidsparse.models.tower_cut import TowerCut
+from vidsparse.models.visual import PromptEmbeds, VideoFeatures
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.pruning import plan_for
 from vidsparse.pruning.base import PruningPlan
@@ -107,16 +108,28 @@ class VideoQA:
             raise result
         return result
 
-    def clip_features(self, video: DecodedVideo, saliency: bool = False) -> ClipFeatures:
+    def clip_features(self, video: DecodedVideo, saliency: bool = False, cut: TowerCut | None = None) -> ClipFeatures:
         """Preprocessing and the vision tower for a clip, to hand to several `answer_clip` calls (a
-        sweep's methods); `saliency` also keeps what vidcom2/fastvid/dycoke read inside the tower."""
+        sweep's methods); `saliency` also keeps what vidcom2/fastvid/dycoke read inside the tower; `cut`
+        runs the tower cut (`tower_cut`)."""
         model = self.model
         timer = StageTimer(model.device)
         with timer.stage("preprocess"):
             pixels = model.preprocess(video.frames)
         with timer.stage("vision"):
-            tokens = model.video_features(pixels, saliency=saliency)
-        return ClipFeatures(tokens, timer.seconds, time.perf_counter())
+            if cut is None:
+                tokens = model.video_features(pixels, saliency=saliency)
+            else:
+                tokens = VideoFeatures(model.tower_cutter().features(pixels, cut))
+        return ClipFeatures(tokens, timer.seconds, time.perf_counter(), cut)
+
+    def tower_cut(self, options: AskOptions, plan: PruningPlan, clip: ClipShape) -> TowerCut | None:
+        """Where `options` cut the vision tower, and the tokens the plan's first stage keeps of this
+        clip (None: no cut, or a method that keeps every token)."""
+        if options.tower_cut is None or not plan.method.chooses_by_layout:
+            return None
+        grid = self.model.tower_cutter().clip_grid(self.model.spans(clip))
+        return TowerCut(options.tower_cut, tuple(plan.method.layout_stage(grid, plan.budget)))
 
     def answer_clip(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
                     options: AskOptions, decode_batch: int = DECODE_BATCH,
@@ -161,8 +174,10 @@ class VideoQA:
                 if plan is None:
                     yield from prompts
                     return
-        if features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None):
-            features = self.clip_features(video, plan.method.needs_saliency)
+        cut = self.tower_cut(options, plan, clip_shape)
+        if (features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None)
+                or features.cut != cut):
+            features = self.clip_features(video, plan.method.needs_saliency, cut)
         head_ids = next(p for p in prompts if not isinstance(p, UserError))
         clip = self._prepare(video, video_path, clip_shape, options, plan, head_ids, features, timer, memory, start)
         clip = clip.asked(sum(not isinstance(p, UserError) for p in prompts))
@@ -183,7 +198,7 @@ class VideoQA:
         if isinstance(prompt, UserError):
             raise prompt
         plan = self._plan(options, shape)
-        features = self.clip_features(video, plan.method.needs_saliency)
+        features = self.clip_features(video, plan.method.needs_saliency, self.tower_cut(options, plan, shape))
         return self._prepare(video, video_path, shape, options, plan, prompt, features, timer, memory, start)
 
     def answer_prepared(self, clip: PreparedClip, questions: Sequence[str], decode_batch: int = DECODE_BATCH,
@@ -221,7 +236,9 @@ class VideoQA:
                      "total": time.perf_counter() - start + (video.seconds if video_path is None else 0.0)
                      + features.seconds_before(start)},
             prefill_flops=prefill_flops(head.tokens_per_layer, self.decoder_shape),
-            vision_flops=model.vision_flops(clip_shape),
+            vision_flops=model.vision_flops(clip_shape) if features.cut is None
+            else model.tower_cutter().flops(model.spans(clip_shape), features.cut),
+            tower_cut=None if features.cut is None else features.cut.layer,
         )
         return PreparedClip(clip_shape, options, head_prompt, head, plan, video, video_path, shared, memory)
 
@@ -296,8 +313,20 @@ class VideoQA:
         return self.model.smallest_clip(options.fewest_frames)
 
     def _plan(self, options: AskOptions, clip: ClipShape) -> PruningPlan:
-        return plan_for(options, len(self.model.decoder.layers), self.model.spans(clip), self.model.visual_tokens(clip),
-                        self.model.position_dims)
+        plan = plan_for(options, len(self.model.decoder.layers), self.model.spans(clip),
+                        self.model.visual_tokens(clip), self.model.position_dims)
+        if options.tower_cut is not None and plan.method.chooses_by_layout:
+            self._check_tower_cut(options.tower_cut)
+        return plan
+
+    def _check_tower_cut(self, layer: int) -> None:
+        """The model's tower can be cut, and `layer` is one of its layers (or its depth)."""
+        cutter = self.model.tower_cutter()
+        if cutter is None:
+            raise UserError(f"--tower-cut: {self.model.model_type}'s vision tower cannot be cut yet (VideoLLaVA's can)")
+        if layer > cutter.depth:
+            raise UserError(f"--tower-cut {layer}: this model's projector reads the output of its tower's layer "
+                            f"{cutter.depth - 1}: give a layer from 0 to {cutter.depth} (the tower's depth: after it)")
 
     def _check_positions(self, options: AskOptions) -> None:
         """`compact` renumbers positions 0..n'-1, which only means something for 1-D RoPE."""

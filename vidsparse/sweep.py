@@ -77,7 +77,7 @@ def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) 
         raise UserError("--methods and --budgets need at least one value each")
     for method in methods:
         o = options_for(Cell(method, ""), options)
-        check_method(o.method, o.prune_after)
+        check_method(o.method, o.prune_after, tower_cut=o.tower_cut)
     if options.prune_after is not None and not any(METHODS[m].allows_prune_after for m in methods):
         raise UserError(f"--prune-after applies to none of --methods {','.join(methods)}: each prunes where its "
                         "definition says")

@@ -304,3 +304,50 @@ def test_authors_positions_are_recorded_as_what_they_mean_for_the_method():
 
     with pytest.raises(ValueError, match="keep or compact"):  # a plan is made for a model: resolved first
         make_plan("vidcom2", 10, 4, positions="authors")
+
+
+def test_a_results_file_records_a_tower_cut_only_where_one_runs(tmp_path):
+    """A cut changes the answers, so a results file records it and one without it does not resume;
+    without a cut (and for `none`, which keeps every token) the settings are those of earlier versions."""
+    from vidsparse.errors import UserError
+    from vidsparse.options import ask_options
+    from vidsparse.results import ResultsFile
+
+    assert "tower_cut" not in ask_options("stprune").settings()
+    assert "tower_cut" not in ask_options("none", tower_cut=3).settings()
+    assert ask_options("stprune", tower_cut=3).settings()["tower_cut"] == 3
+    ResultsFile.open(tmp_path / "results.jsonl", ask_options("stprune").settings())
+    with pytest.raises(UserError, match="tower_cut None there, 3 now"):
+        ResultsFile.open(tmp_path / "results.jsonl", ask_options("stprune", tower_cut=3).settings())
+    with pytest.raises(UserError, match="--tower-cut must be a tower layer"):
+        ask_options("stprune", tower_cut=-1)
+
+
+def test_only_the_methods_that_choose_by_layout_take_a_tower_cut():
+    """Their first stage keeps the same tokens whatever the tokens hold (checked on two clips' worth of
+    values), so it can be decided before the tower runs; the others are refused at the edge."""
+    import torch
+
+    from vidsparse.errors import UserError
+    from vidsparse.models.visual import ClipGrid
+    from vidsparse.pruning import METHODS, check_method
+    from vidsparse.pruning.base import BEFORE_FIRST_LAYER, StageInput
+
+    grid = ClipGrid(4, 3, 3, True)
+    n = grid.frames * grid.per_frame
+    index = torch.arange(n)
+    for name, method in METHODS.items():
+        if name == "none":
+            check_method(name, None, tower_cut=0)
+        elif not method.chooses_by_layout:
+            with pytest.raises(UserError, match="layout alone"):
+                check_method(name, None, tower_cut=0)
+        else:
+            check_method(name, None, tower_cut=0)
+            for seed in (0, 1):
+                stage = StageInput(0, 2, BEFORE_FIRST_LAYER, n, 7, torch.randn(n, 8, generator=torch.Generator()
+                                   .manual_seed(seed)), index // grid.per_frame, index, index, None, 0,
+                                   torch.Generator(), grid)
+                kept = method().select(stage).keep.tolist()
+                assert kept == method().layout_stage(grid, 7)
+    assert {name for name, method in METHODS.items() if method.chooses_by_layout} == {"uniform", "stprune"}

@@ -19,6 +19,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vidsparse.errors import UserError
+from vidsparse.models.tower_cut import ClipTowerCut
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures
 
 VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"  # where transformers 5 saves a video processor
@@ -189,6 +190,11 @@ class VideoModel:
     def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
         """The tower and projector; with `saliency`, also what vidcom2/fastvid/dycoke read inside it."""
         raise NotImplementedError
+
+    def tower_cutter(self) -> ClipTowerCut | None:
+        """The family's tower and projector as a cut runs them (`--tower-cut`); None: this family's
+        tower cannot be cut."""
+        return None
 
     def hf_video_inputs(self, pixels: torch.Tensor, input_ids: torch.Tensor, clip: ClipShape) -> dict:
         """What the family's HF model takes for the video of a batch of prompts (`input_ids` (b, n)) about

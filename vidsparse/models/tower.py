@@ -21,7 +21,7 @@ def feature_layer(layers: Sequence[torch.nn.Module], index: object) -> torch.nn.
         index %= len(layers) + 1
     if not isinstance(index, int) or index < 1:
         raise UserError(f"this checkpoint feeds the projector from vision_feature_layer {index}: there is no single "
-                        "tower layer to read saliency from")
+                        "tower layer whose output it reads (to read saliency from, or to cut after)")
     return layers[index - 1]  # hidden_states[k] is the output of layer k - 1
 
 

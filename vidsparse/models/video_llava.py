@@ -10,6 +10,7 @@ from transformers import PretrainedConfig, VideoLlavaConfig, VideoLlavaForCondit
 
 from vidsparse.models.family import ClipShape, VideoModel, positive_integers
 from vidsparse.models.tower import feature_layer, run_reading
+from vidsparse.models.tower_cut import ClipTowerCut, clip_layer_flops, projector_flops
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames, resize_and_crop
 
@@ -124,10 +125,15 @@ class VideoLlava(VideoModel):
         config = self.model.config
         vision = config.vision_config
         n = tokens_per_frame(config)
-        d, m = vision.hidden_size, vision.intermediate_size
-        per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
-        projector = n * (d * config.text_config.hidden_size + config.text_config.hidden_size ** 2)
-        return clip.frames * (vision.num_hidden_layers * per_layer + projector)
+        per_layer = clip_layer_flops(n, vision.hidden_size, vision.intermediate_size)
+        return clip.frames * (vision.num_hidden_layers * per_layer
+                              + projector_flops(n, vision.hidden_size, config.text_config.hidden_size))
+
+    def tower_cutter(self) -> ClipTowerCut:
+        tower = self.model.model.video_tower
+        layers = tower.encoder.layers
+        depth = list(layers).index(feature_layer(layers, self.model.config.vision_feature_layer)) + 1
+        return ClipTowerCut(tower, self.model.model.multi_modal_projector, depth, self.grid)
 
     @torch.inference_mode()
     def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:

@@ -18,11 +18,17 @@ def _method_class(where: str) -> type[Method]:
 METHODS: dict[str, type[Method]] = {name: _method_class(where) for name, where in METHOD_CLASSES.items()}
 
 
-def check_method(method: str, prune_after: Sequence[int] | None, num_layers: int | None = None) -> None:
-    """The method-specific rule: which methods take --prune-after. Checked at the edge, before a model
-    is loaded (`num_layers` unknown), and again with the decoder's depth."""
+def check_method(method: str, prune_after: Sequence[int] | None, num_layers: int | None = None,
+                 tower_cut: int | None = None) -> None:
+    """The method-specific rules: which methods take --prune-after, and which --tower-cut (`none`
+    ignores it, as it does the budget). Checked at the edge, before a model is loaded (`num_layers`
+    unknown), and again with the decoder's depth."""
     if prune_after is not None and not METHODS[method].allows_prune_after:
         raise UserError(f"--prune-after does not apply to {method!r}: it {where_it_prunes(method, num_layers)}")
+    if tower_cut is not None and method != "none" and not METHODS[method].chooses_by_layout:
+        cutters = ", ".join(name for name, chosen in METHODS.items() if chosen.chooses_by_layout)
+        raise UserError(f"--tower-cut needs a method whose first stage depends on the clip's layout alone "
+                        f"({cutters}); {method} chooses from the tokens themselves")
 
 
 def where_it_prunes(method: str, num_layers: int | None = None) -> str:
@@ -41,11 +47,11 @@ def where_it_prunes(method: str, num_layers: int | None = None) -> str:
 
 def make_plan(method: str, budget: int, num_layers: int, *, prune_after: Sequence[int] | None = None,
               positions: PositionMode = "keep", min_per_frame: int = 0, seed: int = 0,
-              clip: tuple[int, int] | None = None) -> PruningPlan:
+              clip: tuple[int, int] | None = None, tower_cut: int | None = None) -> PruningPlan:
     """The plan of one run, from already-typed options and the decoder's depth; its one method object
     holds settings only, so the plan serves every question of a clip. `clip` = (frames, visual
     tokens), when known, also checks that the per-frame floor fits."""
-    check_method(method, prune_after, num_layers)
+    check_method(method, prune_after, num_layers, tower_cut)
     if positions not in ("keep", "compact"):  # `authors` is resolved for a model first (plan_for)
         raise ValueError(f"a plan's positions are keep or compact, got {positions!r}")
     chosen = METHODS[method]()
@@ -75,4 +81,4 @@ def plan_for(options: AskOptions, num_layers: int, num_frames: int, num_visual: 
     positions = resolve_positions(options.positions, options.method, position_dims)
     return make_plan(options.method, options.budget.tokens(num_visual), num_layers, prune_after=options.prune_after,
                      positions=positions, min_per_frame=options.min_per_frame, seed=options.seed,
-                     clip=(num_frames, num_visual))
+                     clip=(num_frames, num_visual), tower_cut=options.tower_cut)

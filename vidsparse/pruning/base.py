@@ -132,6 +132,9 @@ class Method:
     needs_attention: ClassVar[bool] = False
     needs_saliency: ClassVar[bool] = False  # StageInput.saliency / frame_features from the vision tower
     allows_prune_after: ClassVar[bool] = True
+    # Its first stage, before layer 0, depends on the clip's layout alone (`layout_stage`): it can be
+    # decided before the vision tower runs and applied inside it (`--tower-cut`).
+    chooses_by_layout: ClassVar[bool] = False
 
     def default_stages(self, num_layers: int) -> list[int]:
         raise NotImplementedError
@@ -153,6 +156,12 @@ class Method:
         return range(num_suffix - 1, num_suffix)
 
     def select(self, stage: StageInput) -> Selection:
+        raise NotImplementedError
+
+    def layout_stage(self, grid: ClipGrid, budget: int) -> list[int]:
+        """Ascending indices of the visual tokens its first stage keeps of a clip laid out as `grid`,
+        for a method that `chooses_by_layout`: what its `select` keeps before layer 0, known before
+        any token exists."""
         raise NotImplementedError
 
     def decoding_layer(self, num_layers: int) -> int | None:

@@ -31,8 +31,13 @@ class UniformPruning(BeforeFirstLayer):
     summary = ("an equal share of B per frame (remainder to the earliest), a 2-D grid of patches inside each "
                "frame, shifted from frame to frame so that the frames together cover the image")
 
+    chooses_by_layout = True
+
+    def layout_stage(self, grid: ClipGrid, budget: int) -> list[int]:
+        return lattice(grid, budget)
+
     def select(self, stage: StageInput) -> Selection:
-        return Selection(to_device(lattice(stage.grid, stage.budget), stage.hidden.device))
+        return Selection(to_device(self.layout_stage(stage.grid, stage.budget), stage.hidden.device))
 
 
 def lattice(grid: ClipGrid, budget: int) -> list[int]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vidsparse.errors import UserError
+from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput
 from vidsparse.pruning.baselines import lattice
 from vidsparse.pruning.sparsevlm import RatedByText, keep_and_recycle, raters_mean
@@ -42,6 +43,7 @@ class STPrune(RatedByText):
     summary = ("vidsparse's own: a spatio-temporal lattice of 2B tokens before layer 0 (question-independent), "
                "then question relevance minus redundancy, with recycling, to exactly B after layer 1")
     allows_prune_after = False
+    chooses_by_layout = True
 
     def default_stages(self, num_layers: int) -> list[int]:
         return [BEFORE_FIRST_LAYER, min(QUESTION_LAYER, num_layers - 2)]
@@ -50,11 +52,16 @@ class STPrune(RatedByText):
         if stage.min_per_frame:
             raise UserError("stprune keeps every frame in its first stage; --min-per-frame does not apply to it")
         if stage.layer == BEFORE_FIRST_LAYER:
-            target = min(stage.num_visual, max(stage.budget, math.ceil(SUMMARY_FACTOR * stage.budget)))
-            return Selection(to_device(lattice(stage.grid, target), stage.hidden.device), in_clip_order=True)
+            return Selection(to_device(self.layout_stage(stage.grid, stage.budget), stage.hidden.device),
+                             in_clip_order=True)
         relevance = question_relevance(stage.attention, stage.facts.mask)
         return keep_and_recycle(stage, relevance, stage.budget, in_clip_order=True,
                                 choose=lambda k: diverse_top_k(relevance, stage.hidden, k, REDUNDANCY_WEIGHT))
+
+
+    def layout_stage(self, grid: ClipGrid, budget: int) -> list[int]:
+        num_visual = grid.frames * grid.per_frame
+        return lattice(grid, min(num_visual, max(budget, math.ceil(SUMMARY_FACTOR * budget))))
 
 
 def question_relevance(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ def question_and_media(messages: Any) -> tuple[str, MediaRef]:
 # The `vidsparse` object's keys (the CLI's option names) and the JSON types each may have.
 VIDSPARSE_KEYS = {"method": (str,), "budget": (str, int), "prune_after": (str, int, list), "positions": (str,),
                   "min_per_frame": (int,), "seed": (int,), "frames": (int,), "fps": (int, float),
-                  "max_frames": (int,)}
+                  "max_frames": (int,), "tower_cut": (int,)}
 
 
 def _typed(block: dict) -> None:
@@ -156,10 +156,11 @@ def request_options(block: Any, defaults: AskOptions, media_frames: int | None) 
                               block.get("positions", defaults.positions),
                               block.get("min_per_frame", defaults.min_per_frame), block.get("seed", defaults.seed),
                               sampling["num_frames"], defaults.backend, defaults.max_new_tokens,
-                              None if sampling["fps"] is None else float(sampling["fps"]), sampling["max_frames"])
+                              None if sampling["fps"] is None else float(sampling["fps"]), sampling["max_frames"],
+                              block.get("tower_cut", defaults.tower_cut))
         from vidsparse.pruning import check_method
 
-        check_method(options.method, options.prune_after)
+        check_method(options.method, options.prune_after, tower_cut=options.tower_cut)
     except UserError as e:
         raise _bad(f"vidsparse: {e}"[:300], "vidsparse") from None
     return options

@@ -1,0 +1,147 @@
+"""`--tower-cut` against HF's own tower: a cut after the tower's last read layer gives HF's features on
+the kept tokens; a cut inside it equals the tower run whole with the other tokens' keys masked from the
+cut on (eager attention, every frame in one batch); answers and first logits equal a run on those
+masked features; its FLOPs are what torch's FLOP counter counts."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import VideoLlavaForConditionalGeneration
+
+from tests.conftest import save_tiny_checkpoint
+from vidsparse.answer import ClipFeatures
+from vidsparse.errors import UserError
+from vidsparse.models.tower_cut import TowerCut
+from vidsparse.models.visual import ClipGrid, VideoFeatures
+from vidsparse.options import ask_options
+from vidsparse.pipeline import VideoQA
+from vidsparse.pruning import METHODS
+
+QUESTION = "what color is the square ?"
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Three tower layers, the projector reading the second (-2, as Video-LLaVA-7B): depth 2."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-cut"), kv_heads=2, vision_layers=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def qa(checkpoint) -> VideoQA:
+    return VideoQA.from_pretrained(str(checkpoint), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint) -> VideoLlavaForConditionalGeneration:
+    return VideoLlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
+
+
+def masked_tower(eager, pixels: torch.Tensor, cut: TowerCut) -> torch.Tensor:
+    """(T * per frame, text width): HF's tower on every token, with every key a frame does not keep
+    hidden from layer `cut.layer` on (a -inf score), then its projector on every token."""
+    tower = eager.model.video_tower
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        feature = eager.config.vision_feature_layer % len(hidden)
+        states = hidden[min(cut.layer, feature)]
+        frames, per_frame, _ = states.shape
+        kept = torch.zeros(frames * per_frame, dtype=torch.bool)
+        kept[list(cut.rows)] = True
+        mask = torch.zeros(frames, 1, per_frame, per_frame)
+        mask.masked_fill_(~kept.view(frames, 1, 1, per_frame), torch.finfo(torch.float32).min)
+        for layer in tower.encoder.layers[cut.layer : feature]:
+            states = layer(states, mask)
+        return eager.model.multi_modal_projector(states).flatten(0, 1)
+
+
+GRID = ClipGrid(FRAMES, 4, 4, True)  # the tiny clip: 8 frames of CLS + 4 x 4 patches
+
+
+def uneven_rows(method: str, budget: int) -> tuple[int, ...]:
+    """What `method`'s first stage keeps of the tiny clip: frames keep unequal counts at the budgets
+    used here, so a cut runs two groups of frames."""
+    return tuple(METHODS[method]().layout_stage(GRID, budget))
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("rows", [uneven_rows("stprune", 34), uneven_rows("uniform", 10)], ids=["stprune", "uniform"])
+def test_a_cut_equals_the_tower_with_the_other_keys_masked(qa, eager, frames, layer, rows):
+    pixels = qa.model.preprocess(frames)
+    cut = TowerCut(layer, rows)
+    got = qa.model.tower_cutter().features(pixels, cut).flatten(0, 1)
+    expected = masked_tower(eager, pixels, cut)
+    torch.testing.assert_close(got[list(rows)], expected[list(rows)], rtol=1e-5, atol=1e-5)
+    others = torch.ones(len(got), dtype=torch.bool)
+    others[list(rows)] = False
+    assert not got[others].any()  # nothing the first stage drops was computed
+    if layer == 2:  # after the tower's read layer: HF's own features, unchanged
+        hf = qa.model.video_features(pixels).tokens.flatten(0, 1)
+        torch.testing.assert_close(got[list(rows)], hf[list(rows)], rtol=1e-5, atol=1e-5)
+    else:  # inside it: the kept tokens no longer see the others, so their features change
+        hf = qa.model.video_features(pixels).tokens.flatten(0, 1)
+        assert not torch.allclose(got[list(rows)], hf[list(rows)], atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("method, budget", [("stprune", "25%"), ("uniform", "10")])
+def test_answers_equal_a_run_on_the_masked_towers_features(qa, eager, frames, method, budget, layer):
+    cut_options = ask_options(method, budget, max_new_tokens=4, tower_cut=layer)
+    got = qa.answer(frames, QUESTION, cut_options)
+    rows = list(METHODS[method]().layout_stage(GRID, got.plan.budget))
+    masked = masked_tower(eager, qa.model.preprocess(frames), TowerCut(layer, tuple(rows)))
+    # What the cut never computes is zero. Only stprune's raters read it: a zero row adds the same
+    # 1/|text| to every text row's relevance, so they are the raters of the kept tokens alone.
+    features = torch.zeros_like(masked)
+    features[rows] = masked[rows]
+    given = ClipFeatures(VideoFeatures(features.view(FRAMES, 17, -1)), {}, time.perf_counter())
+    expected = qa.answer(frames, QUESTION, ask_options(method, budget, max_new_tokens=4), features=given)
+    assert got.answer == expected.answer
+    torch.testing.assert_close(got.first_logits, expected.first_logits, rtol=1e-4, atol=1e-4)
+    assert got.to_dict()["pruning"]["tower_cut"] == layer
+    assert "tower_cut" not in expected.to_dict()["pruning"]
+    if layer == 2 and method == "uniform":  # the same answers as the whole tower's
+        whole = qa.answer(frames, QUESTION, ask_options(method, budget, max_new_tokens=4))
+        assert got.answer == whole.answer
+        torch.testing.assert_close(got.first_logits, whole.first_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_cut_flops_are_what_the_flop_counter_counts(qa, eager, frames, layer):
+    pixels = qa.model.preprocess(frames)
+    cut = TowerCut(layer, uneven_rows("stprune", 34))
+    cutter = qa.model.tower_cutter()
+    cutter_eager = type(cutter)(eager.model.video_tower, eager.model.multi_modal_projector, cutter.depth, 4)
+    with FlopCounterMode(display=False) as counter:  # eager attention: CPU SDPA's kernel escapes the counter
+        cutter_eager.features(pixels, cut)
+    vision = eager.config.vision_config
+    patch_embedding = FRAMES * 16 * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
+    assert counter.get_total_flops() // 2 - patch_embedding == cutter.flops(FRAMES, cut)
+    assert cutter.flops(FRAMES, cut) < qa.model.vision_flops(qa.smallest_clip(ask_options()))
+
+
+def test_a_cut_is_refused_where_it_cannot_apply(qa, frames):
+    with pytest.raises(UserError, match="layout alone"):
+        qa.answer(frames, QUESTION, ask_options("fastv", "25%", tower_cut=1))
+    with pytest.raises(UserError, match="from 0 to 2"):
+        qa.answer(frames, QUESTION, ask_options("stprune", "25%", tower_cut=3))
+    none = qa.answer(frames, QUESTION, ask_options("none", max_new_tokens=4, tower_cut=1))  # keeps every token
+    assert "tower_cut" not in none.to_dict()["pruning"]
+    assert none.vision_flops == qa.model.vision_flops(qa.smallest_clip(ask_options()))
+
+
+def test_other_families_refuse_a_cut(tiny_onevision):
+    qa = VideoQA.from_pretrained(str(tiny_onevision), dtype="float32", device="cpu")
+    with pytest.raises(UserError, match="cannot be cut"):
+        qa.check_options(ask_options("stprune", "25%", tower_cut=0))
