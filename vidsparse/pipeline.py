@@ -89,13 +89,16 @@ class VideoQA:
     def ask(self, video: str | Path | DecodedVideo | np.ndarray, question: str, *, method: str = "none",
             budget: int | str = 194, prune_after: str | Sequence[int] | None = None, positions: str = "authors",
             min_per_frame: int = 0, seed: int = 0, num_frames: int | None = None, backend: str = "auto",
-            max_new_tokens: int = 64, fps: float | None = None, max_frames: int | None = None) -> AskResult:
+            max_new_tokens: int = 64, fps: float | None = None, max_frames: int | None = None,
+            tower_cut: int | None = None) -> AskResult:
         """Answer `question` about `video` (a path, frames decoded by `decode_video`, or uint8 frames
         (T, H, W, 3) of your own), pruning the visual tokens to `budget` (a count, or a share like
         "10%") with `method` (see vidsparse.pruning.METHODS). A path is sampled `num_frames` frames (8
-        by default) or `fps` frames a second of video, at most `max_frames` (32 by default)."""
+        by default) or `fps` frames a second of video, at most `max_frames` (32 by default).
+        `tower_cut`: the vision tower's layers from this one on run on the tokens a first stage chosen
+        from the clip's layout keeps (stprune, uniform), as `--tower-cut`."""
         options = ask_options(method, budget, prune_after, positions, min_per_frame, seed, num_frames, backend,
-                              max_new_tokens, fps, max_frames)
+                              max_new_tokens, fps, max_frames, tower_cut)
         return self.answer(video, question, options)
 
     def answer(self, video: str | Path | DecodedVideo | np.ndarray, question: str, options: AskOptions,

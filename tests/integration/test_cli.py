@@ -180,6 +180,9 @@ def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
         (["--method", "magic"], "unknown method"),
         (["--method", "fastv", "--positions", "shuffle"], "authors, keep or compact"),
         (["--method", "fastv", "--budget", "10", "--min-per-frame", "2"], "budget of at least 16"),
+        (["--method", "fastv", "--tower-cut", "0"], "(uniform, stprune); fastv chooses from the tokens"),
+        (["--method", "stprune", "--tower-cut", "2"], "give a layer from 0 to 1"),
+        (["--method", "stprune", "--tower-cut", "-1"], "--tower-cut must be a tower layer, 0 or more"),
     ],
 )
 def test_bad_pruning_options_are_one_line_errors(tiny_checkpoint, clips, options, message):

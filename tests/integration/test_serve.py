@@ -78,14 +78,19 @@ def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int
         return e.code, json.loads(e.read()), e.headers
 
 
-def expected(qa: VideoQA, video, question: str = QUESTION, method: str = "none", budget: str = "194") -> dict:
-    return qa.answer(video, question, ask_options(method, budget, num_frames=8, max_new_tokens=4)).to_dict()
+def expected(qa: VideoQA, video, question: str = QUESTION, method: str = "none", budget: str = "194",
+             tower_cut: int | None = None) -> dict:
+    return qa.answer(video, question, ask_options(method, budget, num_frames=8, max_new_tokens=4,
+                                                  tower_cut=tower_cut)).to_dict()
 
 
-@pytest.mark.parametrize(("method", "budget"), [("none", "194"), ("stprune", "25%"), ("sparsevlm", "20")])
-def test_answers_equal_ask_by_path_and_by_value_and_again_from_the_clip_cache(server, qa, clips, method, budget):
-    alone = expected(qa, clips["h264"], method=method, budget=budget)
-    extra = {} if method == "none" else {"vidsparse": {"method": method, "budget": budget}}
+@pytest.mark.parametrize(("method", "budget", "cut"), [("none", "194", None), ("stprune", "25%", None),
+                                                       ("sparsevlm", "20", None), ("stprune", "25%", 0)])
+def test_answers_equal_ask_by_path_and_by_value_and_again_from_the_clip_cache(server, qa, clips, method, budget,
+                                                                               cut):
+    alone = expected(qa, clips["h264"], method=method, budget=budget, tower_cut=cut)
+    extra = {} if method == "none" else {"vidsparse": {"method": method, "budget": budget}
+                                         | ({} if cut is None else {"tower_cut": cut})}
     seen = []
     for url in (clips["h264"].resolve().as_uri(), data_url(clips["h264"]), clips["h264"].resolve().as_uri()):
         reply = client(server).chat.completions.create(model=MODEL_NAME, messages=video_message(url),
@@ -93,7 +98,8 @@ def test_answers_equal_ask_by_path_and_by_value_and_again_from_the_clip_cache(se
         stats = reply.model_extra["vidsparse"]
         assert reply.choices[0].message.content == alone["answer"]
         assert stats["tokens"] == alone["tokens"] and stats["flops"]["prefill"] == alone["flops"]["prefill"]
-        assert stats["pruning"]["method"] == method
+        assert stats["pruning"]["method"] == method and stats["pruning"].get("tower_cut") == cut
+        assert stats["flops"]["vision"] == alone["flops"]["vision"]
         assert reply.usage.prompt_tokens == alone["tokens"]["prompt"]
         assert reply.usage.completion_tokens == alone["tokens"]["generated"]
         seen.append(stats["clip_cache"])
@@ -268,6 +274,10 @@ def _bad_requests(clips, outside) -> list[tuple[str, bytes | dict, dict, int]]:
         ("a seed past 2**64 - 1", chat(vidsparse={"method": "random", "seed": 2**64}), {}, 400),
         ("frames and fps", chat(vidsparse={"frames": 4, "fps": 2}), {}, 400),
         ("max_frames without fps", chat(vidsparse={"max_frames": 4}), {}, 400),
+        ("a tower cut for a method that reads the tokens", chat(vidsparse={"method": "fastv", "tower_cut": 0}),
+         {}, 400),
+        ("a tower cut past the tower", chat(vidsparse={"method": "stprune", "tower_cut": 9}), {}, 400),
+        ("a tower cut as text", chat(vidsparse={"method": "stprune", "tower_cut": "0"}), {}, 400),
         ("a broken IPv6 URL", chat(messages=video_message("file://[::1/x")), {}, 400),
         ("a NUL in the path", chat(messages=video_message(good + "%00.png")), {}, 400),
         ("a name too long", chat(messages=video_message(good.rsplit("/", 1)[0] + "/" + "a" * 5000)), {}, 400),
