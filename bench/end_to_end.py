@@ -23,7 +23,8 @@ from vidsparse.datasets.shapes import write_video
 STAGES = ("decode_video", "preprocess", "vision", "prefill", "generate")
 FIRST_TOKEN = STAGES[:4]  # prefill includes the first token's logits
 # (method, budget, tower cut): 206 is 10% of 2056; the cuts are "depth" (after the tower's last read
-# layer: the same features, projector work saved) and "half" (its later half on the kept tokens only).
+# layer: the kept tokens' features unchanged, the projector's work on the others saved) and "half" (the
+# tower's later half on the kept tokens only).
 CONFIGS = [("none", 194, None), ("sparsevlm", 194, None), ("fastv", 194, None), ("fastvid", 194, None),
            ("stprune", 194, None), ("stprune", 206, None), ("stprune", 206, "depth"), ("stprune", 206, "half")]
 

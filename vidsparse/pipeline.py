@@ -126,6 +126,11 @@ class VideoQA:
                 tokens = VideoFeatures(model.tower_cutter().features(pixels, cut))
         return ClipFeatures(tokens, timer.seconds, time.perf_counter(), cut)
 
+    def tower_cut_of(self, video: DecodedVideo, options: AskOptions) -> TowerCut | None:
+        """The tower cut `options` run on this decoded clip (None: the whole tower)."""
+        shape = clip_shape_of(video)
+        return self.tower_cut(options, self._plan(options, shape), shape)
+
     def tower_cut(self, options: AskOptions, plan: PruningPlan, clip: ClipShape) -> TowerCut | None:
         """Where `options` cut the vision tower, and the tokens the plan's first stage keeps of this
         clip (None: no cut, or a method that keeps every token)."""

@@ -38,6 +38,9 @@ MAGIC, VERSION = "results", 1
 # Settings a header written before vidsparse recorded them may lack: where the questions come from,
 # and the fingerprint of the weights.
 LATER_KEYS = frozenset({"videos", "question", "weights"})
+# Settings recorded only where a run uses them (a tower cut, choosing keys while decoding): a header
+# that holds one was written by a run that used it, so a run without it differs.
+WHERE_USED_KEYS = frozenset({"tower_cut", "prunes_while_decoding"})
 
 
 class Recorded(NamedTuple):
@@ -141,6 +144,8 @@ class ResultsFile:
     def _check_settings(self, recorded: dict[str, Any], settings: dict[str, Any]) -> None:
         differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in settings.items()
                   if (key in recorded or key not in LATER_KEYS) and recorded.get(key) != value]
+        differ += [f"{key} {recorded[key]!r} there, None now" for key in sorted(WHERE_USED_KEYS)
+                   if key in recorded and key not in settings]
         if differ:
             raise UserError(f"{self.path} holds results of other settings ({'; '.join(differ)}): resume with the "
                             "same settings, or choose a new --out")

@@ -23,7 +23,7 @@ from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, Budget
 from vidsparse.outputs import replace_file, save_figure
 from vidsparse.pipeline import VideoQA
-from vidsparse.pruning import METHODS, check_method
+from vidsparse.pruning import CUTTERS, METHODS, check_method
 from vidsparse.questions import Question
 from vidsparse.video import DecodedVideo, decode_clip
 
@@ -33,6 +33,7 @@ class Cell:
     method: str
     budget: str  # as the user wrote it ("-" for none)
     budget_value: Budget | None = None  # None for none
+    tower_cut: int | None = None  # --tower-cut, where the method takes it
     answers: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     types: list[str] = field(default_factory=list)  # question type of each graded answer
@@ -54,6 +55,7 @@ class Cell:
         return {
             "method": self.method,
             "budget": self.budget,
+            **({} if self.tower_cut is None else {"tower_cut": self.tower_cut}),
             "questions": len(self.answers),
             "visual_tokens": round(mean(self.visual_tokens), 1),
             "answer": self.answers[0] if len(self.answers) == 1 else None,
@@ -77,12 +79,16 @@ def sweep_cells(methods: list[str], budgets: list[Budget], options: AskOptions) 
         raise UserError("--methods and --budgets need at least one value each")
     for method in methods:
         o = options_for(Cell(method, ""), options)
-        check_method(o.method, o.prune_after, tower_cut=o.tower_cut)
+        check_method(o.method, o.prune_after)
     if options.prune_after is not None and not any(METHODS[m].allows_prune_after for m in methods):
         raise UserError(f"--prune-after applies to none of --methods {','.join(methods)}: each prunes where its "
                         "definition says")
+    if options.tower_cut is not None and not any(METHODS[m].chooses_by_layout for m in methods):
+        raise UserError(f"--tower-cut applies to none of --methods {','.join(methods)}: it needs a method whose "
+                        f"first stage depends on the clip's layout alone ({CUTTERS})")
     cells = [Cell("none", "-")] if "none" in methods else []
-    return cells + [Cell(m, str(b), b) for m in methods if m != "none" for b in budgets]
+    return cells + [Cell(m, str(b), b, options.tower_cut if METHODS[m].chooses_by_layout else None)
+                    for m in methods if m != "none" for b in budgets]
 
 
 def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options: AskOptions, repeats: int,
@@ -127,13 +133,15 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
         if not warmed:  # first-call costs (allocations, kernels) go to no cell
             qa.answer(video, asked[0].question, cell_options[0])
             warmed = True
-        features = qa.clip_features(video, saliency)  # every cell's run counts its time as its own
+        # Every cell's run counts the features' time as its own. A tower cut's features are its own.
+        cuts = [qa.tower_cut_of(video, opts) for opts in cell_options]
+        features = {cut: qa.clip_features(video, saliency and cut is None, cut) for cut in dict.fromkeys(cuts)}
         for q in asked:
             runs: list[list[AskResult]] = [[] for _ in cells]
             reference_answer = None
             for repeat in range(repeats):
                 for i, (cell, opts) in enumerate(zip(cells, cell_options, strict=True)):
-                    runs[i].append(qa.answer(video, q.question, opts, features))
+                    runs[i].append(qa.answer(video, q.question, opts, features[cuts[i]]))
                     on_step()
                     if repeat == repeats - 1:
                         if i == 0 and cell.method == "none":
@@ -144,10 +152,11 @@ def run_sweep(qa: VideoQA, questions: list[Question], cells: list[Cell], options
 
 
 def options_for(cell: Cell, options: AskOptions) -> AskOptions:
-    """The shared options, with this cell's method and budget; --prune-after only where it applies."""
+    """The shared options, with this cell's method, budget and tower cut; --prune-after only where it
+    applies."""
     prune_after = options.prune_after if METHODS[cell.method].allows_prune_after else None
     budget = options.budget if cell.method == "none" else cell.budget_value
-    return replace(options, method=cell.method, budget=budget, prune_after=prune_after)
+    return replace(options, method=cell.method, budget=budget, prune_after=prune_after, tower_cut=cell.tower_cut)
 
 
 def _record(cell: Cell, q: Question, results: list[AskResult], none_answer: str | None) -> None:
@@ -224,7 +233,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         value = row[quality]
-        cells = [row["method"], row["budget"], f"{row['visual_tokens']:g}", f"{row['equivalent_tokens']:g}",
+        method = row["method"] if row.get("tower_cut") is None else f"{row['method']}, tower cut {row['tower_cut']}"
+        cells = [method, row["budget"], f"{row['visual_tokens']:g}", f"{row['equivalent_tokens']:g}",
                  f"{row['prefill_flops_share']:.1%}", "-" if value is None else f"{value:.3f}",
                  *(f"{row.get('accuracy_' + t, 0):.2f}" if "accuracy_" + t in row else "-" for t in types)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -76,7 +76,8 @@ def uneven_rows(method: str, budget: int) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
-@pytest.mark.parametrize("rows", [uneven_rows("stprune", 34), uneven_rows("uniform", 10)], ids=["stprune", "uniform"])
+@pytest.mark.parametrize("rows", [uneven_rows("stprune", 34), uneven_rows("uniform", 10), uneven_rows("stprune", 2)],
+                         ids=["stprune", "uniform", "frames-keeping-nothing"])
 def test_a_cut_equals_the_tower_with_the_other_keys_masked(qa, eager, frames, layer, rows):
     pixels = qa.model.preprocess(frames)
     cut = TowerCut(layer, rows)
@@ -128,7 +129,18 @@ def test_cut_flops_are_what_the_flop_counter_counts(qa, eager, frames, layer):
     vision = eager.config.vision_config
     patch_embedding = FRAMES * 16 * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
     assert counter.get_total_flops() // 2 - patch_embedding == cutter.flops(FRAMES, cut)
-    assert cutter.flops(FRAMES, cut) < qa.model.vision_flops(qa.smallest_clip(ask_options()))
+
+
+def test_a_tower_whose_projector_reads_its_last_layer_is_cut_after_it():
+    """The shipped demo model's projector reads the tower's last layer (-1): its depth is every layer."""
+    qa = VideoQA.from_pretrained("shapes-demo", dtype="float32", device="cpu")
+    cutter = qa.model.tower_cutter()
+    assert cutter.depth == len(qa.model.model.model.video_tower.encoder.layers)
+    pixels = qa.model.preprocess(np.random.default_rng(1).integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8))
+    rows = list(uneven_rows("stprune", 14))
+    got = cutter.features(pixels, TowerCut(cutter.depth, tuple(rows))).flatten(0, 1)
+    hf = qa.model.video_features(pixels).tokens.flatten(0, 1)
+    torch.testing.assert_close(got[rows], hf[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_a_cut_is_refused_where_it_cannot_apply(qa, frames):

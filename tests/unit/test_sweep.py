@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vidsparse.cli import app
+from vidsparse.errors import UserError
 from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
 from vidsparse.questions import Question
@@ -60,6 +61,36 @@ def test_a_clip_goes_through_the_vision_tower_once_for_every_cell(tiny_checkpoin
     assert {(q.id, c.method): a for c in cells for q, a in zip(sorted(asked, key=lambda q: q.video != clips["h264"]),
                                                                c.answers, strict=True)} == expected
     assert all(ms > 0 for c in cells for ms in c.total_ms)
+
+
+def test_a_tower_cut_applies_where_it_can_and_runs_once_a_clip(tiny_checkpoint, clips, monkeypatch):
+    """With --tower-cut, stprune's cells run the tower cut (once a clip for each cut) and fastv's the whole
+    tower (shared as before); each answers as `ask` with the same options, and the rows say which cut."""
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint))
+    options = AskOptions(max_new_tokens=2, tower_cut=0)
+    cells = sweep_cells(["none", "fastv", "stprune"], [parse_budget("25%"), parse_budget("10%")], options)
+    assert [c.tower_cut for c in cells] == [None, None, None, 0, 0]
+    asked = [Question("a", clips["h264"], "what color is the square ?"), Question("b", clips["h264"], "what ?")]
+    expected = {(q.id, c.method, c.budget): qa.answer(decode_video(q.video, 8), q.question,
+                                                      options_for(c, options)).answer for q in asked for c in cells}
+    towers, cut_towers = [], []
+    real, cutter = qa.model.video_features, qa.model.tower_cutter
+    monkeypatch.setattr(qa.model, "video_features", lambda *a, **k: towers.append(1) or real(*a, **k))
+
+    def counted_cutter():
+        cut = cutter()
+        cut_features = cut.features
+        cut.features = lambda *a, **k: cut_towers.append(1) or cut_features(*a, **k)
+        return cut
+
+    monkeypatch.setattr(qa.model, "tower_cutter", counted_cutter)
+    run_sweep(qa, asked, cells, options, repeats=2)
+    assert len(towers) == 1 + 1 and len(cut_towers) == 2  # the warm-up (none) and the clip; each budget's cut
+    assert {(q.id, c.method, c.budget): a for c in cells for q, a in zip(asked, c.answers, strict=True)} == expected
+    rows = [c.row(cells[0]) for c in cells]
+    assert [r.get("tower_cut") for r in rows] == [None, None, None, 0, 0]
+    with pytest.raises(UserError, match="--tower-cut applies to none of --methods none,fastv"):
+        sweep_cells(["none", "fastv"], [parse_budget("25%")], options)
 
 
 def test_sweep_one_clip_writes_table_csv_json_and_plots(tiny_checkpoint, clips, tmp_path):

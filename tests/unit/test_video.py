@@ -319,6 +319,9 @@ def test_a_results_file_records_a_tower_cut_only_where_one_runs(tmp_path):
     ResultsFile.open(tmp_path / "results.jsonl", ask_options("stprune").settings())
     with pytest.raises(UserError, match="tower_cut None there, 3 now"):
         ResultsFile.open(tmp_path / "results.jsonl", ask_options("stprune", tower_cut=3).settings())
+    ResultsFile.open(tmp_path / "cut.jsonl", ask_options("stprune", tower_cut=3).settings())
+    with pytest.raises(UserError, match="tower_cut 3 there, None now"):
+        ResultsFile.open(tmp_path / "cut.jsonl", ask_options("stprune").settings())
     with pytest.raises(UserError, match="--tower-cut must be a tower layer"):
         ask_options("stprune", tower_cut=-1)
 

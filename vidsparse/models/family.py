@@ -193,7 +193,7 @@ class VideoModel:
 
     def tower_cutter(self) -> ClipTowerCut | None:
         """The family's tower and projector as a cut runs them (`--tower-cut`); None: this family's
-        tower cannot be cut."""
+        tower cannot be cut. Raises the UserError of a checkpoint whose projector reads several layers."""
         return None
 
     def hf_video_inputs(self, pixels: torch.Tensor, input_ids: torch.Tensor, clip: ClipShape) -> dict:

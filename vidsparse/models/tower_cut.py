@@ -4,8 +4,11 @@ Why: stprune's and uniform's first stage keeps tokens by their place in the clip
 so what it keeps is known before the tower runs, and the tower's work on every other token (and the
 projector's) is thrown away before layer 0. A cut runs the tower's layers from `layer` on, and the
 projector, on the kept tokens only. At the tower's depth (after its last layer the projector reads)
-nothing changes but the work; before it, the kept tokens stop seeing the others in the layers after
-the cut, which changes their features: a new option, measured on the yardsticks, never the default.
+the kept tokens' features do not change; before it, the kept tokens stop seeing the others in the
+layers after the cut, which changes their features: an option, measured on the yardsticks
+(docs/methods.md), never the default. The other tokens' rows are zeros: stprune's raters, chosen
+against every visual token, are then those of the kept tokens (a zero row adds the same share to
+every text row's relevance).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ def _method_class(where: str) -> type[Method]:
 
 
 METHODS: dict[str, type[Method]] = {name: _method_class(where) for name, where in METHOD_CLASSES.items()}
+CUTTERS = ", ".join(name for name, chosen in METHODS.items() if chosen.chooses_by_layout)  # take --tower-cut
 
 
 def check_method(method: str, prune_after: Sequence[int] | None, num_layers: int | None = None,
@@ -26,9 +27,8 @@ def check_method(method: str, prune_after: Sequence[int] | None, num_layers: int
     if prune_after is not None and not METHODS[method].allows_prune_after:
         raise UserError(f"--prune-after does not apply to {method!r}: it {where_it_prunes(method, num_layers)}")
     if tower_cut is not None and method != "none" and not METHODS[method].chooses_by_layout:
-        cutters = ", ".join(name for name, chosen in METHODS.items() if chosen.chooses_by_layout)
         raise UserError(f"--tower-cut needs a method whose first stage depends on the clip's layout alone "
-                        f"({cutters}); {method} chooses from the tokens themselves")
+                        f"({CUTTERS}); what {method} keeps is not known before the tower runs")
 
 
 def where_it_prunes(method: str, num_layers: int | None = None) -> str:
