@@ -493,3 +493,18 @@ def test_options_unchanged_by_the_server_defaults(qa, clips):
                                                     messages=video_message(data_url(clips["h264"])))
     assert reply.model_extra["vidsparse"]["tokens"] == expected(qa, clips["h264"], method="stprune",
                                                                 budget="25%")["tokens"]
+
+
+def test_a_request_for_another_method_inherits_only_the_server_options_it_takes(qa, clips):
+    """A server started with stprune and a tower cut answers a request for FastV with the whole tower
+    (and FastV's own stages), and one for uniform with the cut."""
+    defaults = replace(settings(None).defaults, method="stprune", budget=ask_options("stprune", "25%").budget,
+                       tower_cut=0)
+    with live_server(qa, settings(clips["h264"].parent, defaults=defaults)) as url:
+        for method, cut in (("fastv", None), ("uniform", 0), ("stprune", 0)):
+            reply = client(url).chat.completions.create(
+                model=MODEL_NAME, messages=video_message(data_url(clips["h264"])),
+                extra_body={"vidsparse": {"method": method, "budget": "25%"}})
+            stats = reply.model_extra["vidsparse"]
+            assert stats["pruning"].get("tower_cut") == cut
+            assert stats["flops"] == expected(qa, clips["h264"], method=method, budget="25%", tower_cut=cut)["flops"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vidsparse.errors import UserError
-from vidsparse.options import AskOptions, ask_options
+from vidsparse.options import AskOptions, ask_options, parse_method
 
 MAX_STOPS = 4  # as OpenAI's API
 
@@ -151,15 +151,19 @@ def request_options(block: Any, defaults: AskOptions, media_frames: int | None) 
     elif "max_frames" in block:
         sampling["max_frames"] = block["max_frames"]
     try:
-        options = ask_options(block.get("method", defaults.method), block.get("budget", defaults.budget),
-                              block.get("prune_after", defaults.prune_after),
+        from vidsparse.pruning import METHODS, check_method
+
+        method = parse_method(block.get("method", defaults.method))
+        # The server's --prune-after and --tower-cut go with its method: a request naming another method
+        # inherits them only where that method takes them (it may still ask for them itself).
+        chosen = METHODS[method]
+        options = ask_options(method, block.get("budget", defaults.budget),
+                              block.get("prune_after", defaults.prune_after if chosen.allows_prune_after else None),
                               block.get("positions", defaults.positions),
                               block.get("min_per_frame", defaults.min_per_frame), block.get("seed", defaults.seed),
                               sampling["num_frames"], defaults.backend, defaults.max_new_tokens,
                               None if sampling["fps"] is None else float(sampling["fps"]), sampling["max_frames"],
-                              block.get("tower_cut", defaults.tower_cut))
-        from vidsparse.pruning import check_method
-
+                              block.get("tower_cut", defaults.tower_cut if chosen.chooses_by_layout else None))
         check_method(options.method, options.prune_after, tower_cut=options.tower_cut)
     except UserError as e:
         raise _bad(f"vidsparse: {e}"[:300], "vidsparse") from None
