@@ -64,6 +64,7 @@ class AskResult:
     visual_map: VisualMap
     final_block: VisualBlock
     generated_tokens: int
+    token_ids: list[int]  # the answer's tokens, EOS excluded
     visual_while_decoding: float | None  # mean visual keys a fed-back token saw (a plan choosing while decoding)
     prefill_flops: int
     prefill_flops_unpruned: int

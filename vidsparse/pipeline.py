@@ -416,6 +416,7 @@ class VideoQA:
             visual_map=done.prompt.visual,
             final_block=prefilled.block,
             generated_tokens=len(decoded.token_ids),
+            token_ids=decoded.token_ids,
             visual_while_decoding=decoded.visual_while_decoding,
             prefill_flops=prefill_flops(prefilled.tokens_per_layer, self.decoder_shape),
             prefill_flops_unpruned=prefill_flops([input_ids.shape[1]] * layers, self.decoder_shape),
