@@ -12,9 +12,12 @@ timed on --sample questions of the first clip: their cost does not depend on wha
 Columns: questions/s; speedup over `per question`; amortised FLOPs a question (prefill + vision,
 the clip's shared work divided among its questions); the FLOPs limit of reuse (per-question FLOPs /
 amortised FLOPs: the speedup reuse would reach if time followed FLOPs); the share of that limit
-reached; peak memory; whether every answer equals the per-question answer (for `hf generate`: the
-same tokens, where a question's first differing step is not a near-tie in bfloat16: HF's top-2
-logits within one bf16 spacing of each other, which the two paths' rounding may order either way).
+reached; the roofline limit (the same ratio of each path's least time on this machine, `Floor`: the
+FLOPs at the measured matmul peak, and every pass of the decoder's weights at the measured memory
+bandwidth, shared by the questions decoded together) and the share of it reached; peak memory;
+whether every answer equals the per-question answer (for `hf generate`: the same tokens, where a
+question's first differing step is not a near-tie in bfloat16: HF's top-2 logits within one bf16
+spacing of each other, which the two paths' rounding may order either way).
 
 Two models: `--model 7b` (default): Video-LLaVA-7B geometry with random weights (CLIP ViT-L/14 tower,
 7B-width decoder; on a CPU 3 layers and 4 frames so that it runs in minutes on 2 cores);
@@ -36,11 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import build_7b, parse_args, write_results
+from common import build_7b, decoder_bytes, parse_args, write_results
+from roofline import Machine
 
 from vidsparse.answer import AskResult
 from vidsparse.datasets import shapes
-from vidsparse.options import ask_options
+from vidsparse.options import DECODE_BATCH, ask_options
 from vidsparse.pipeline import VideoQA, clip_shape_of
 from vidsparse.stats import PeakMemory, synchronize
 from vidsparse.video import DecodedVideo, decode_video
@@ -148,6 +152,36 @@ def amortised(results: list[AskResult]) -> float:
     return statistics.fmean(r.amortised_flops for r in results)
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The least time a question can take on this machine (the roofline): its FLOPs at the matmul peak,
+    and each pass of the decoder's weights (the layers' and the LM head's) at the memory bandwidth, a
+    pass being shared by the questions decoded together. The FLOPs limit leaves the passes out: with
+    the clip's work paid once, decoding is most of what a question costs."""
+
+    machine: Machine
+    pass_bytes: int
+
+    def alone(self, r: AskResult) -> float:
+        """`answer` per question: tower and whole prefill (arithmetic-bound at a clip's tokens), then a
+        weight pass for each token fed back."""
+        return self.compute(r.prefill_flops + r.vision_flops) + self.passes(r.generated_tokens)
+
+    def shared(self, r: AskResult, together: int) -> float:
+        """`answer_clip`: its share of the clip's tower and head, its own rows (one weight pass for its
+        group), and its share of each decoding step's pass over a group of `together` questions."""
+        clip = r.shared
+        own = r.prefill_flops - clip.prefill_flops
+        return (self.compute((clip.prefill_flops + clip.vision_flops) / clip.questions + own)
+                + self.passes(1 + r.generated_tokens) / together)
+
+    def compute(self, flops: float) -> float:
+        return 2 * flops / (self.machine.peak_tflops * 1e12)  # multiply-add = 1 in vidsparse's counts
+
+    def passes(self, count: int) -> float:
+        return count * self.pass_bytes / (self.machine.bandwidth_gbs * 1e9)
+
+
 def main() -> None:
     args, device, dtype, layers = parse_args(__doc__, repeats=1, cpu_layers=3, new_tokens=3,
                                              more=more_options)
@@ -163,6 +197,11 @@ def main() -> None:
         paths, questions = workload(args.model, args.clips, args.questions, Path(tmp))
         videos = [decode_video(p, frames) for p in paths]
     total_questions = sum(map(len, questions))
+    machine = Machine.measure(device, dtype)
+    text = qa.model.text_config
+    embedding = text.vocab_size * text.hidden_size * torch.finfo(dtype).bits // 8  # a step reads a row of it
+    floor = Floor(machine, decoder_bytes(text, dtype) - embedding)
+    together_size = min(DECODE_BATCH, args.questions)
     sample = questions[0][: args.sample]
     qa.answer(videos[0], sample[0], ask_options("none", "100%", None, "keep", 0, 0, frames, "auto", 1))  # warm-up
     rows = []
@@ -171,23 +210,26 @@ def main() -> None:
         options = ask_options(method, budget, None, "keep", 0, 0, frames, "auto", args.new_tokens)
         alone, seconds, peak = timed(device, lambda o: [qa.answer(videos[0], q, o) for q in sample], options)
         per_question = {"questions_per_s": len(sample) / seconds, "peak": peak,
-                        "flops": statistics.fmean(r.prefill_flops + r.vision_flops for r in alone)}
+                        "flops": statistics.fmean(r.prefill_flops + r.vision_flops for r in alone),
+                        "floor_s": statistics.fmean(floor.alone(r) for r in alone)}
         if method == "none":
             answers, seconds, peak = timed(device, lambda: [hf_generate(qa, videos[0], q, args.new_tokens)
                                                             for q in sample])
-            rows.append(row(method, budget, "hf generate", len(sample) / seconds, per_question, None, peak,
+            rows.append(row(method, budget, "hf generate", len(sample) / seconds, per_question, None, None, peak,
                             agreement(alone, answers)))
         rows.append(row(method, budget, "per question", per_question["questions_per_s"], per_question,
-                        per_question["flops"], per_question["peak"], "yes"))
+                        per_question["flops"], per_question["floor_s"], per_question["peak"], "yes"))
         together, seconds, peak = timed(device, lambda o: [r for video, asked in zip(videos, questions, strict=True)
                                                            for r in qa.answer_clip(video, asked, o)], options)
         same = "yes" if [r.answer for r in together[: len(sample)]] == [r.answer for r in alone] else "NO"
-        rows.append(row(method, budget, "reuse", total_questions / seconds, per_question, amortised(together), peak,
-                        same))
+        floor_s = statistics.fmean(floor.shared(r, together_size) for r in together)
+        rows.append(row(method, budget, "reuse", total_questions / seconds, per_question, amortised(together), floor_s,
+                        peak, same))
     print(f"\n{device.type}, {args.dtype}, {geometry}; {args.clips} clips x {args.questions} questions, "
-          f"{frames} frames, {args.new_tokens} new tokens; per-question rows on {len(sample)} questions\n")
-    header = ["method", "budget", "path", "questions/s", "speedup", "amortised TFLOPs", "reuse limit",
-              "of limit", "peak MB", "same answers"]
+          f"{frames} frames, {args.new_tokens} new tokens; per-question rows on {len(sample)} questions; "
+          f"{machine.describe()}\n")
+    header = ["method", "budget", "path", "questions/s", "speedup", "amortised TFLOPs", "FLOPs limit",
+              "of limit", "roofline limit", "of roofline", "peak MB", "same answers"]
     print("  ".join(f"{h:>16}" for h in header))
     for r in rows:
         print("  ".join(f"{'-' if v is None else v!s:>16}" for v in r.values()))
@@ -196,14 +238,17 @@ def main() -> None:
 
 
 def row(method: str, budget: str, path: str, rate: float, per_question: dict, flops: float | None,
-        peak: int | None, same: str) -> dict:
+        floor_s: float | None, peak: int | None, same: str) -> dict:
     speedup = rate / per_question["questions_per_s"]
     limit = per_question["flops"] / flops if flops else None
+    roofline = per_question["floor_s"] / floor_s if floor_s else None
     return {"method": method, "budget": "-" if method == "none" else budget, "path": path,
             "questions_per_s": round(rate, 3), "speedup": round(speedup, 2),
             "amortised_tflops": None if flops is None else float(f"{flops / 1e12:.4g}"),
             "reuse_limit": None if limit is None else round(limit, 2),
             "of_limit": None if limit is None else round(speedup / limit, 2),
+            "roofline_limit": None if roofline is None else round(roofline, 2),
+            "of_roofline": None if roofline is None else round(speedup / roofline, 2),
             "peak_mb": None if peak is None else round(peak / 2**20), "same_answers": same}
 
 
