@@ -111,14 +111,18 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _check_context_early(model: str, options: AskOptions) -> None:
-    """When the checkpoint's config is on disk already, check that the frames fit its context before
-    any clip is decoded or the weights are loaded (the run checks again with the real prompt)."""
+    """When the checkpoint's config is on disk already, check that the frames fit its context, and that
+    its tower takes a --tower-cut, before any clip is decoded or the weights are loaded (the run checks
+    again with the real prompt)."""
     from vidsparse.models.loading import peek_config
+    from vidsparse.pruning import METHODS
 
     found = peek_config(model)
     if found is not None:
         family, config = found
         family.check_frames(config, options.fewest_frames, options.max_new_tokens)
+        if options.tower_cut is not None and METHODS[options.method].chooses_by_layout:
+            family.check_tower_cut(config, options.tower_cut)
 
 
 def _load(model: str, dtype: str, device: str):

@@ -324,17 +324,8 @@ class VideoQA:
         plan = plan_for(options, len(self.model.decoder.layers), self.model.spans(clip),
                         self.model.visual_tokens(clip), self.model.position_dims)
         if options.tower_cut is not None and plan.method.chooses_by_layout:
-            self._check_tower_cut(options.tower_cut)
+            type(self.model).check_tower_cut(self.model.model.config, options.tower_cut)
         return plan
-
-    def _check_tower_cut(self, layer: int) -> None:
-        """The model's tower can be cut, and `layer` is one of its layers (or its depth)."""
-        cutter = self.model.tower_cutter()
-        if cutter is None:
-            raise UserError(f"--tower-cut: {self.model.model_type}'s vision tower cannot be cut yet (VideoLLaVA's can)")
-        if layer > cutter.depth:
-            raise UserError(f"--tower-cut {layer}: this model's projector reads the output of its tower's layer "
-                            f"{cutter.depth - 1}: give a layer from 0 to {cutter.depth} (the tower's depth: after it)")
 
     def _check_positions(self, options: AskOptions) -> None:
         """`compact` renumbers positions 0..n'-1, which only means something for 1-D RoPE."""

@@ -180,13 +180,22 @@ def test_ask_with_sparsevlm_reports_pruning(tiny_checkpoint, clips):
         (["--method", "magic"], "unknown method"),
         (["--method", "fastv", "--positions", "shuffle"], "authors, keep or compact"),
         (["--method", "fastv", "--budget", "10", "--min-per-frame", "2"], "budget of at least 16"),
-        (["--method", "fastv", "--tower-cut", "0"], "(uniform, stprune); fastv chooses from the tokens"),
+        (["--method", "fastv", "--tower-cut", "0"], "(uniform, stprune); what fastv keeps is not known"),
         (["--method", "stprune", "--tower-cut", "2"], "give a layer from 0 to 1"),
         (["--method", "stprune", "--tower-cut", "-1"], "--tower-cut must be a tower layer, 0 or more"),
     ],
 )
 def test_bad_pruning_options_are_one_line_errors(tiny_checkpoint, clips, options, message):
     result = ask(clips["h264"], "what ?", "--model", tiny_checkpoint, *options)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("model", "cut", "message"), [
+    ("shapes-ov", "0", "llava_onevision's vision tower cannot be cut"), ("shapes-hd", "3", "give a layer from 0 to 2")])
+def test_a_tower_cut_the_checkpoint_cannot_take_is_refused_before_the_video_is_decoded(clips, model, cut, message):
+    """From the shipped checkpoint's config alone: the clip here cannot even be decoded."""
+    result = ask(clips["bad_truncated"], "what ?", "--model", model, "--method", "stprune", "--tower-cut", cut)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1
 

@@ -191,10 +191,26 @@ class VideoModel:
         """The tower and projector; with `saliency`, also what vidcom2/fastvid/dycoke read inside it."""
         raise NotImplementedError
 
-    def tower_cutter(self) -> ClipTowerCut | None:
-        """The family's tower and projector as a cut runs them (`--tower-cut`); None: this family's
-        tower cannot be cut. Raises the UserError of a checkpoint whose projector reads several layers."""
+    @classmethod
+    def tower_cut_depth(cls, config: PretrainedConfig) -> int | None:
+        """The tower layers a checkpoint's projector reads, where the family can cut its tower
+        (`--tower-cut`, `tower_cutter`); None: it cannot. Raises the UserError of a checkpoint whose
+        projector reads several layers."""
         return None
+
+    @classmethod
+    def check_tower_cut(cls, config: PretrainedConfig, layer: int) -> None:
+        """Refuse a cut this checkpoint's tower cannot take (checked from its config, before loading)."""
+        depth = cls.tower_cut_depth(config)
+        if depth is None:
+            raise UserError(f"--tower-cut: {cls.model_type}'s vision tower cannot be cut yet (VideoLLaVA's can)")
+        if layer > depth:
+            raise UserError(f"--tower-cut {layer}: this model's projector reads the output of its tower's layer "
+                            f"{depth - 1}: give a layer from 0 to {depth} (the tower's depth: after it)")
+
+    def tower_cutter(self) -> ClipTowerCut:
+        """The family's tower and projector as a cut runs them, for a family with a `tower_cut_depth`."""
+        raise NotImplementedError
 
     def hf_video_inputs(self, pixels: torch.Tensor, input_ids: torch.Tensor, clip: ClipShape) -> dict:
         """What the family's HF model takes for the video of a batch of prompts (`input_ids` (b, n)) about

@@ -14,9 +14,9 @@ from vidsparse.errors import UserError
 T = TypeVar("T")
 
 
-def feature_layer(layers: Sequence[torch.nn.Module], index: object) -> torch.nn.Module:
-    """The encoder layer whose output is hidden_states[index] (`vision_feature_layer`, negative from the
-    end): the one the projector reads."""
+def feature_layer(layers: Sequence[T], index: object) -> T:
+    """The encoder layer (or its number, given `range(layers)`) whose output is hidden_states[index]
+    (`vision_feature_layer`, negative from the end): the one the projector reads."""
     if isinstance(index, int):
         index %= len(layers) + 1
     if not isinstance(index, int) or index < 1:

@@ -129,11 +129,14 @@ class VideoLlava(VideoModel):
         return clip.frames * (vision.num_hidden_layers * per_layer
                               + projector_flops(n, vision.hidden_size, config.text_config.hidden_size))
 
+    @classmethod
+    def tower_cut_depth(cls, config: VideoLlavaConfig) -> int:
+        layers = range(config.vision_config.num_hidden_layers)
+        return feature_layer(layers, config.vision_feature_layer) + 1
+
     def tower_cutter(self) -> ClipTowerCut:
-        tower = self.model.model.video_tower
-        layers = tower.encoder.layers
-        depth = list(layers).index(feature_layer(layers, self.model.config.vision_feature_layer)) + 1
-        return ClipTowerCut(tower, self.model.model.multi_modal_projector, depth, self.grid)
+        return ClipTowerCut(self.model.model.video_tower, self.model.model.multi_modal_projector,
+                            self.tower_cut_depth(self.model.config), self.grid)
 
     @torch.inference_mode()
     def video_features(self, pixels: torch.Tensor, saliency: bool = False) -> VideoFeatures:
