@@ -71,7 +71,8 @@ TowerCut = Annotated[int | None, typer.Option(
     "--tower-cut", metavar="LAYER",
     help="Run the vision tower's layers from LAYER on (0-based) only on the tokens the method keeps before layer 0 "
          "(stprune, uniform: they choose from the clip's layout alone). LAYER = the tower's depth: the same features "
-         "for them, projector work saved; a smaller LAYER saves more and changes their features. VideoLLaVA only.")]
+         "for them, projector work saved; a smaller LAYER saves more and changes their features. VideoLLaVA and "
+         "LLaVA-OneVision.")]
 def _path(text: str | Path) -> Path:
     """A path option's value (or its default, a Path already); an empty one is refused, where Path('')
     would quietly be the working directory (`--out "$OUT"` with OUT unset)."""

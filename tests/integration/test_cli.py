@@ -192,7 +192,7 @@ def test_bad_pruning_options_are_one_line_errors(tiny_checkpoint, clips, options
 
 
 @pytest.mark.parametrize(("model", "cut", "message"), [
-    ("shapes-ov", "0", "llava_onevision's vision tower cannot be cut"), ("shapes-hd", "3", "give a layer from 0 to 2")])
+    ("shapes-qwen", "0", "qwen2_5_vl's vision tower cannot be cut"), ("shapes-hd", "3", "give a layer from 0 to 2")])
 def test_a_tower_cut_the_checkpoint_cannot_take_is_refused_before_the_video_is_decoded(clips, model, cut, message):
     """From the shipped checkpoint's config alone: the clip here cannot even be decoded."""
     result = ask(clips["bad_truncated"], "what ?", "--model", model, "--method", "stprune", "--tower-cut", cut)

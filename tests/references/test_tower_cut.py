@@ -153,7 +153,81 @@ def test_a_cut_is_refused_where_it_cannot_apply(qa, frames):
     assert none.vision_flops == qa.model.vision_flops(qa.smallest_clip(ask_options()))
 
 
-def test_other_families_refuse_a_cut(tiny_onevision):
-    qa = VideoQA.from_pretrained(str(tiny_onevision), dtype="float32", device="cpu")
+def test_a_family_whose_tower_cannot_be_cut_refuses_a_cut(tiny_qwen):
+    qa = VideoQA.from_pretrained(str(tiny_qwen), dtype="float32", device="cpu")
     with pytest.raises(UserError, match="cannot be cut"):
         qa.check_options(ask_options("stprune", "25%", tower_cut=0))
+
+
+# -- LLaVA-OneVision: SigLIP, its projected patches pooled bilinearly (5 x 5 -> 3 x 3 on the tiny model) --
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    """Three SigLIP layers, the projector reading the second: depth 2; the family and an eager copy."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lab.tiny_onevision import save_tiny_onevision
+
+    path = save_tiny_onevision(tmp_path_factory.mktemp("tiny-ov-cut"), seed=3, vision_layers=3,
+                               vision_feature_layer=-2, text_layers=2)
+    eager_ov = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+                                                                      attn_implementation="eager").eval()
+    return VideoQA.from_pretrained(str(path), dtype="float32", device="cpu"), eager_ov
+
+
+def pooled_reads(eager_ov) -> list[set[int]]:
+    """Which patches each pooled token reads, from HF's own pooling applied to a basis."""
+    grid = eager_ov.config.vision_config.image_size // eager_ov.config.vision_config.patch_size
+    with torch.no_grad():
+        weights = eager_ov.model.apply_pooling(torch.eye(grid * grid)[None])[0]  # (tokens, patches)
+    return [set(weights[t].nonzero().flatten().tolist()) for t in range(len(weights))]
+
+
+def masked_onevision(eager_ov, pixels: torch.Tensor, layer: int, rows: list[int]) -> torch.Tensor:
+    """(T * pooled tokens, text width): HF's SigLIP with every key a frame's kept tokens do not read
+    hidden from `layer` on, its projector and its pooling."""
+    reads = pooled_reads(eager_ov)
+    tower = eager_ov.model.vision_tower
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        feature = eager_ov.config.vision_feature_layer % len(hidden)
+        states = hidden[min(layer, feature)]
+        frames, patches, _ = states.shape
+        needed = torch.zeros(frames, patches, dtype=torch.bool)
+        for row in rows:
+            needed[row // len(reads), list(reads[row % len(reads)])] = True
+        mask = torch.zeros(frames, 1, patches, patches)
+        mask.masked_fill_(~needed[:, None, None, :], torch.finfo(torch.float32).min)
+        for encoder_layer in tower.encoder.layers[layer:feature]:
+            states = encoder_layer(states, mask)
+        return eager_ov.model.apply_pooling(eager_ov.model.multi_modal_projector(states)).flatten(0, 1)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_a_onevision_cut_equals_its_tower_with_the_unread_patches_masked(onevision, frames, layer):
+    qa_ov, eager_ov = onevision
+    cutter = qa_ov.model.tower_cutter()
+    assert cutter.depth == 2 and cutter.reads == [tuple(sorted(r)) for r in pooled_reads(eager_ov)]
+    pixels = qa_ov.model.preprocess(frames)
+    rows = list(METHODS["stprune"]().layout_stage(cutter.clip_grid(FRAMES), 9))  # frames keep 1 or 2 of 9
+    got = cutter.features(pixels, TowerCut(layer, tuple(rows))).flatten(0, 1)
+    torch.testing.assert_close(got[rows], masked_onevision(eager_ov, pixels, layer, rows)[rows], rtol=1e-5,
+                               atol=1e-5)
+    if layer == 2:  # after the tower's read layer: HF's own features
+        hf = qa_ov.model.video_features(pixels).tokens.flatten(0, 1)
+        torch.testing.assert_close(got[rows], hf[rows], rtol=1e-5, atol=1e-5)
+    vision = eager_ov.config.vision_config
+    with FlopCounterMode(display=False) as counter:  # eager attention: CPU SDPA's kernel escapes the counter
+        type(cutter)(eager_ov.model.vision_tower, eager_ov.model.multi_modal_projector, 2, 5, 3,
+                     qa_ov.model.pool, eager_ov.model.apply_pooling).features(pixels, TowerCut(layer, tuple(rows)))
+    patch_embedding = FRAMES * 25 * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
+    assert counter.get_total_flops() // 2 - patch_embedding == cutter.flops(FRAMES, TowerCut(layer, tuple(rows)))
+
+
+def test_a_onevision_run_with_a_cut_reports_it(onevision, frames):
+    qa_ov, _ = onevision
+    got = qa_ov.answer(frames, QUESTION, ask_options("stprune", "25%", max_new_tokens=2, tower_cut=1))
+    assert got.to_dict()["pruning"]["tower_cut"] == 1
+    assert got.vision_flops < qa_ov.answer(frames, QUESTION, ask_options("stprune", "25%", max_new_tokens=2)
+                                           ).vision_flops

@@ -19,7 +19,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vidsparse.errors import UserError
-from vidsparse.models.tower_cut import ClipTowerCut
+from vidsparse.models.tower_cut import TowerCutter
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures
 
 VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"  # where transformers 5 saves a video processor
@@ -203,12 +203,13 @@ class VideoModel:
         """Refuse a cut this checkpoint's tower cannot take (checked from its config, before loading)."""
         depth = cls.tower_cut_depth(config)
         if depth is None:
-            raise UserError(f"--tower-cut: {cls.model_type}'s vision tower cannot be cut yet (VideoLLaVA's can)")
+            raise UserError(f"--tower-cut: {cls.model_type}'s vision tower cannot be cut yet (VideoLLaVA's and "
+                            "LLaVA-OneVision's can)")
         if layer > depth:
             raise UserError(f"--tower-cut {layer}: this model's projector reads the output of its tower's layer "
                             f"{depth - 1}: give a layer from 0 to {depth} (the tower's depth: after it)")
 
-    def tower_cutter(self) -> ClipTowerCut:
+    def tower_cutter(self) -> TowerCutter:
         """The family's tower and projector as a cut runs them, for a family with a `tower_cut_depth`."""
         raise NotImplementedError
 

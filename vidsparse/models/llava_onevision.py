@@ -21,6 +21,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 from vidsparse.models.family import ClipShape, VideoModel, positive_integers
 from vidsparse.models.tower import feature_layer, run_reading
+from vidsparse.models.tower_cut import PooledTowerCut, encoder_layer_flops, projector_flops
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import normalize, resize_frames
 
@@ -153,6 +154,18 @@ class LlavaOnevision(VideoModel):
         embedding = tower.post_layernorm(layer_output).mean(1)
         return VideoFeatures(tokens[0, :-1].reshape(frames, -1, tokens.shape[-1]), received, embedding)
 
+    @classmethod
+    def tower_cut_depth(cls, config: PretrainedConfig) -> int | None:
+        if config.vision_feature_select_strategy != "full":  # "default" drops a patch: no grid to pool
+            return None
+        return feature_layer(range(config.vision_config.num_hidden_layers), config.vision_feature_layer) + 1
+
+    def tower_cutter(self) -> PooledTowerCut:
+        grid, pooled = self._grid(self.model.config)
+        hf = self.model.model
+        return PooledTowerCut(hf.vision_tower, hf.multi_modal_projector, self.tower_cut_depth(self.model.config),
+                              grid, pooled, self.pool, hf.apply_pooling)
+
     def pool(self, per_patch: torch.Tensor) -> torch.Tensor:
         """(T, g*g, c) per-patch values -> (T, ceil(g/2)^2, c): HF's `apply_pooling` (bilinear), in fp32."""
         grid, pooled = self._grid(self.model.config)
@@ -200,11 +213,10 @@ class LlavaOnevision(VideoModel):
         config = self.model.config
         vision, text = config.vision_config, config.text_config
         n = self._grid(config)[0] ** 2
-        d, m, hidden = vision.hidden_size, vision.intermediate_size, text.hidden_size
-        per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+        d = vision.hidden_size
         features_in = d * (1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer))
-        projector = n * (features_in * hidden + hidden * hidden)
-        return clip.frames * (vision.num_hidden_layers * per_layer + projector)
+        return clip.frames * (vision.num_hidden_layers * encoder_layer_flops(n, d, vision.intermediate_size)
+                              + projector_flops(n, features_in, text.hidden_size))
 
 
 def attention_received(layer, layer_input: torch.Tensor) -> torch.Tensor:

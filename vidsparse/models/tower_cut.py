@@ -13,6 +13,7 @@ every text row's relevance).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,61 +45,120 @@ def frame_groups(rows: tuple[int, ...], frames: int, per_frame: int) -> list[lis
     return list(groups.values())
 
 
-def clip_layer_flops(tokens: int, width: int, mlp: int) -> int:
-    """One CLIP encoder layer on a frame of `tokens` tokens, multiply-add = 1: q/k/v/o projections,
-    scores and their weighted sum, and the two MLP matrices."""
+def encoder_layer_flops(tokens: int, width: int, mlp: int) -> int:
+    """One ViT encoder layer (CLIP's, SigLIP's) on a frame of `tokens` tokens, multiply-add = 1: q/k/v/o
+    projections, scores and their weighted sum, and the two MLP matrices."""
     return 4 * tokens * width * width + 2 * tokens * tokens * width + 2 * tokens * width * mlp
 
 
 def projector_flops(tokens: int, width: int, text_width: int) -> int:
-    """The two-layer projector (vision width -> text width -> text width) on `tokens` tokens."""
+    """The two-layer projector (its input width -> text width -> text width) on `tokens` tokens."""
     return tokens * (width * text_width + text_width * text_width)
 
 
-class ClipTowerCut:
-    """A CLIP ViT tower (patch and position embeddings, pre-LayerNorm, encoder layers) and the
-    projector that reads its layer `depth - 1`, run as HF runs them for VideoLLaVA, with a cut."""
+class TowerCutter:
+    """What every cut tower shares: the layers before the cut on every tower token, then, in groups of
+    frames that need equally many tower tokens, the layers after it and the projector on those tokens
+    only. A family's subclass says how pixels become the tower's first hidden states (`embed`), which
+    tower tokens a kept visual token needs (`needed`: itself, where visual tokens are tower tokens) and
+    how projected tower tokens become visual tokens (`assemble`)."""
 
-    def __init__(self, tower: torch.nn.Module, projector: torch.nn.Module, depth: int, grid: int):
-        self.tower, self.projector, self.depth, self.grid = tower, projector, depth, grid
-
-    @property
-    def text_width(self) -> int:
-        return self.projector.linear_2.out_features
+    def __init__(self, tower: torch.nn.Module, projector: torch.nn.Module, depth: int, tower_tokens: int):
+        self.tower, self.projector, self.depth = tower, projector, depth
+        self.tower_tokens = tower_tokens  # a frame's tokens in the tower
 
     def clip_grid(self, frames: int) -> ClipGrid:
-        """Every frame: CLS, then grid x grid patches."""
-        return ClipGrid(frames, self.grid, self.grid, True)
+        """The layout of a clip's visual tokens (what a first stage chooses from)."""
+        raise NotImplementedError
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(T, 3, S, S) pixels -> (T, tower tokens, width): the input of the tower's first layer."""
+        raise NotImplementedError
+
+    def needed(self, rows: tuple[int, ...], frames: int) -> tuple[int, ...]:
+        """The tower tokens (frame-major, ascending) the kept visual tokens `rows` are made of."""
+        return rows
+
+    def assemble(self, projected: torch.Tensor) -> torch.Tensor:
+        """(T, tower tokens, text width) projected tower tokens, zeros where none was needed -> (T,
+        visual tokens a frame, text width)."""
+        return projected
 
     @torch.inference_mode()
     def features(self, pixels: torch.Tensor, cut: TowerCut) -> torch.Tensor:
-        """(T, 3, S, S) pixels -> (T, per frame, text width) projected tokens, zeros where `cut` keeps
-        nothing (the first stage drops those rows before any layer reads them)."""
+        """(T, 3, S, S) pixels -> (T, visual tokens a frame, text width) projected tokens; the tokens
+        `cut` does not keep are zeros or made of zeros (the first stage drops them before any layer
+        reads them)."""
         weight = self.tower.embeddings.patch_embedding.weight
-        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixels.to(weight.device, weight.dtype)))
+        hidden = self.embed(pixels.to(weight.device, weight.dtype))
         layers = self.tower.encoder.layers[: self.depth]
         for layer in layers[: cut.layer]:
             hidden = layer(hidden, None)
-        frames, per_frame, _ = hidden.shape
+        frames, tokens, _ = hidden.shape
         flat = hidden.flatten(0, 1)
-        out = hidden.new_zeros(frames * per_frame, self.text_width)
-        for group in frame_groups(cut.rows, frames, per_frame):
+        out = hidden.new_zeros(frames * tokens, self.projector.linear_2.out_features)
+        for group in frame_groups(self.needed(cut.rows, frames), frames, tokens):
             index = to_device([row for kept in group for row in kept], hidden.device)
             part = flat.index_select(0, index).view(len(group), len(group[0]), -1)
             for layer in layers[cut.layer :]:
                 part = layer(part, None)
             out.index_copy_(0, index, self.projector(part).flatten(0, 1))
-        return out.view(frames, per_frame, -1)
+        return self.assemble(out.view(frames, tokens, -1))
 
     def flops(self, frames: int, cut: TowerCut) -> int:
-        """The cut run's FLOPs (multiply-add = 1): the layers before the cut on every token, those
-        after it and the projector on each frame's kept tokens."""
+        """The cut run's FLOPs (multiply-add = 1): the layers before the cut on every tower token, those
+        after it and the projector on each frame's needed tokens (pooling, if any, negligible)."""
         config = self.tower.config
         width, mlp = config.hidden_size, config.intermediate_size
-        per_frame = self.grid * self.grid + 1
-        total = frames * cut.layer * clip_layer_flops(per_frame, width, mlp)
-        for group in frame_groups(cut.rows, frames, per_frame):
+        features_in, text_width = self.projector.linear_1.in_features, self.projector.linear_2.out_features
+        total = frames * cut.layer * encoder_layer_flops(self.tower_tokens, width, mlp)
+        for group in frame_groups(self.needed(cut.rows, frames), frames, self.tower_tokens):
             kept = len(group[0])
-            total += len(group) * ((self.depth - cut.layer) * clip_layer_flops(kept, width, mlp)
-                                   + projector_flops(kept, width, self.text_width))
+            total += len(group) * ((self.depth - cut.layer) * encoder_layer_flops(kept, width, mlp)
+                                   + projector_flops(kept, features_in, text_width))
         return total
+
+
+class ClipTowerCut(TowerCutter):
+    """A CLIP ViT tower (patch and position embeddings, pre-LayerNorm, encoder layers) and the
+    projector that reads its layer `depth - 1`, as HF runs them for VideoLLaVA: a visual token is a
+    tower token (CLS, then grid x grid patches, a frame)."""
+
+    def __init__(self, tower: torch.nn.Module, projector: torch.nn.Module, depth: int, grid: int):
+        super().__init__(tower, projector, depth, grid * grid + 1)
+        self.grid = grid
+
+    def clip_grid(self, frames: int) -> ClipGrid:
+        return ClipGrid(frames, self.grid, self.grid, True)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower.pre_layrnorm(self.tower.embeddings(pixels))
+
+
+class PooledTowerCut(TowerCutter):
+    """A SigLIP tower (no CLS, no pre-norm) whose projected patches are pooled into fewer visual tokens,
+    as LLaVA-OneVision's video path does: a kept token needs the patches its pooling reads. `pool`
+    ((T, g*g, c) -> (T, p*p, c)) is the family's pooling, read once on a basis to learn which patches
+    each token reads; `apply` is HF's own, applied to the projected patches."""
+
+    def __init__(self, tower: torch.nn.Module, projector: torch.nn.Module, depth: int, grid: int,
+                 pooled: int, pool: Callable[[torch.Tensor], torch.Tensor],
+                 apply: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(tower, projector, depth, grid * grid)
+        self.pooled, self.apply = pooled, apply
+        weights = pool(torch.eye(grid * grid)[None])[0]  # (p*p, g*g): patch c's weight in token t
+        self.reads = [tuple(weights[token].nonzero().flatten().tolist()) for token in range(pooled * pooled)]
+
+    def clip_grid(self, frames: int) -> ClipGrid:
+        return ClipGrid(frames, self.pooled, self.pooled, False)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower.embeddings(pixels)
+
+    def needed(self, rows: tuple[int, ...], frames: int) -> tuple[int, ...]:
+        per_frame = self.pooled * self.pooled
+        return tuple(sorted({row // per_frame * self.tower_tokens + patch
+                             for row in rows for patch in self.reads[row % per_frame]}))
+
+    def assemble(self, projected: torch.Tensor) -> torch.Tensor:
+        return self.apply(projected)

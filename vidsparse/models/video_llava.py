@@ -10,7 +10,7 @@ from transformers import PretrainedConfig, VideoLlavaConfig, VideoLlavaForCondit
 
 from vidsparse.models.family import ClipShape, VideoModel, positive_integers
 from vidsparse.models.tower import feature_layer, run_reading
-from vidsparse.models.tower_cut import ClipTowerCut, clip_layer_flops, projector_flops
+from vidsparse.models.tower_cut import ClipTowerCut, encoder_layer_flops, projector_flops
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures, VisualMap
 from vidsparse.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames, resize_and_crop
 
@@ -125,7 +125,7 @@ class VideoLlava(VideoModel):
         config = self.model.config
         vision = config.vision_config
         n = tokens_per_frame(config)
-        per_layer = clip_layer_flops(n, vision.hidden_size, vision.intermediate_size)
+        per_layer = encoder_layer_flops(n, vision.hidden_size, vision.intermediate_size)
         return clip.frames * (vision.num_hidden_layers * per_layer
                               + projector_flops(n, vision.hidden_size, config.text_config.hidden_size))
 
