@@ -102,7 +102,7 @@ def timed(device, run, *args):
 @dataclass(frozen=True)
 class HFAnswer:
     tokens: list[int]  # up to its EOS, excluded
-    margins: list[tuple[float, float]]  # each step's (top-1 logit, top-1 minus top-2), in float32
+    logits: list[torch.Tensor]  # each step's (vocab,) logits, float32
 
 
 def hf_generate(qa: VideoQA, video: DecodedVideo, question: str, new_tokens: int) -> HFAnswer:
@@ -116,8 +116,7 @@ def hf_generate(qa: VideoQA, video: DecodedVideo, question: str, new_tokens: int
                                    output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, ids.shape[1] :].tolist()
     ended = next((i for i, t in enumerate(tokens) if t in model.eos_token_ids), len(tokens))
-    top = [step[0].float().topk(2).values.tolist() for step in out.logits]
-    return HFAnswer(tokens[:ended], [(first, first - second) for first, second in top])
+    return HFAnswer(tokens[:ended], [step[0].float().cpu() for step in out.logits])
 
 
 def bf16_spacing(value: float) -> float:
@@ -125,11 +124,12 @@ def bf16_spacing(value: float) -> float:
     return 2.0 ** (math.floor(math.log2(abs(value))) - 7) if value else 2.0**-133
 
 
-def agreement(ours: list[AskResult], theirs: list[HFAnswer]) -> str:
+def agreement(ours: list[AskResult], theirs: list[HFAnswer], eos_token_ids: set[int]) -> str:
     """Whether vidsparse's greedy tokens are HF generate's, counting a question whose first differing
-    step is a near-tie in bfloat16 (HF's top-2 logits within one bf16 spacing of each other: the two
-    paths round differently, and either token is the model's answer at that precision) apart from one
-    that differs beyond it. After the first difference the prompts differ, so nothing later is compared."""
+    step is a near-tie in bfloat16 (HF's logit for the token vidsparse chose there, or for EOS where its
+    answer ended, within one bf16 spacing of HF's top logit: the two paths round differently, and either
+    token is the model's answer at that precision) apart from one that differs beyond it. After the
+    first difference the prompts differ, so nothing later is compared."""
     ties, beyond = 0, []
     for result, hf in zip(ours, theirs, strict=True):
         mine = result.token_ids
@@ -138,7 +138,9 @@ def agreement(ours: list[AskResult], theirs: list[HFAnswer]) -> str:
         # The first step whose tokens differ (or where one of the two ended: its token was EOS).
         step = next((i for i, (a, b) in enumerate(zip(mine, hf.tokens, strict=False)) if a != b),
                     min(len(mine), len(hf.tokens)))
-        top, margin = hf.margins[step]
+        logits = hf.logits[step]
+        chosen = [mine[step]] if step < len(mine) else sorted(eos_token_ids)
+        top, margin = float(logits.max()), float(logits.max() - logits[chosen].max())
         if margin <= bf16_spacing(top):
             ties += 1
         else:
@@ -163,17 +165,18 @@ class Floor:
     pass_bytes: int
 
     def alone(self, r: AskResult) -> float:
-        """`answer` per question: tower and whole prefill (arithmetic-bound at a clip's tokens), then a
-        weight pass for each token fed back."""
-        return self.compute(r.prefill_flops + r.vision_flops) + self.passes(r.generated_tokens)
+        """`answer` per question: the tower, the whole prefill (at least one weight pass), then a weight
+        pass for each token fed back."""
+        return (self.compute(r.vision_flops) + max(self.compute(r.prefill_flops), self.passes(1))
+                + self.passes(r.generated_tokens))
 
-    def shared(self, r: AskResult, together: int) -> float:
-        """`answer_clip`: its share of the clip's tower and head, its own rows (one weight pass for its
-        group), and its share of each decoding step's pass over a group of `together` questions."""
+    def shared(self, r: AskResult, share: float) -> float:
+        """`answer_clip`: its share of the clip's tower and head, its own rows (at least its share of
+        one weight pass for its group), and its `share` of each decoding step's pass."""
         clip = r.shared
         own = r.prefill_flops - clip.prefill_flops
-        return (self.compute((clip.prefill_flops + clip.vision_flops) / clip.questions + own)
-                + self.passes(1 + r.generated_tokens) / together)
+        return (self.compute((clip.prefill_flops + clip.vision_flops) / clip.questions)
+                + max(self.compute(own), share * self.passes(1)) + share * self.passes(r.generated_tokens))
 
     def compute(self, flops: float) -> float:
         return 2 * flops / (self.machine.peak_tflops * 1e12)  # multiply-add = 1 in vidsparse's counts
@@ -201,7 +204,8 @@ def main() -> None:
     text = qa.model.text_config
     embedding = text.vocab_size * text.hidden_size * torch.finfo(dtype).bits // 8  # a step reads a row of it
     floor = Floor(machine, decoder_bytes(text, dtype) - embedding)
-    together_size = min(DECODE_BATCH, args.questions)
+    # A clip's questions are decoded in groups of DECODE_BATCH (25: 16 and 9): each group shares a pass.
+    pass_share = math.ceil(args.questions / DECODE_BATCH) / args.questions
     sample = questions[0][: args.sample]
     qa.answer(videos[0], sample[0], ask_options("none", "100%", None, "keep", 0, 0, frames, "auto", 1))  # warm-up
     rows = []
@@ -216,13 +220,13 @@ def main() -> None:
             answers, seconds, peak = timed(device, lambda: [hf_generate(qa, videos[0], q, args.new_tokens)
                                                             for q in sample])
             rows.append(row(method, budget, "hf generate", len(sample) / seconds, per_question, None, None, peak,
-                            agreement(alone, answers)))
+                            agreement(alone, answers, qa.model.eos_token_ids)))
         rows.append(row(method, budget, "per question", per_question["questions_per_s"], per_question,
                         per_question["flops"], per_question["floor_s"], per_question["peak"], "yes"))
         together, seconds, peak = timed(device, lambda o: [r for video, asked in zip(videos, questions, strict=True)
                                                            for r in qa.answer_clip(video, asked, o)], options)
         same = "yes" if [r.answer for r in together[: len(sample)]] == [r.answer for r in alone] else "NO"
-        floor_s = statistics.fmean(floor.shared(r, together_size) for r in together)
+        floor_s = statistics.fmean(floor.shared(r, pass_share) for r in together)
         rows.append(row(method, budget, "reuse", total_questions / seconds, per_question, amortised(together), floor_s,
                         peak, same))
     print(f"\n{device.type}, {args.dtype}, {geometry}; {args.clips} clips x {args.questions} questions, "

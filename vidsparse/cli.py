@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from functools import wraps
 from pathlib import Path
@@ -70,9 +70,9 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of the random method.")]
 TowerCut = Annotated[int | None, typer.Option(
     "--tower-cut", metavar="LAYER",
     help="Run the vision tower's layers from LAYER on (0-based) only on the tokens the method keeps before layer 0 "
-         "(stprune, uniform: they choose from the clip's layout alone). LAYER = the tower's depth: the same features "
-         "for them, projector work saved; a smaller LAYER saves more and changes their features. VideoLLaVA and "
-         "LLaVA-OneVision.")]
+         "(stprune, uniform: they choose from the clip's layout alone; on LLaVA-OneVision, on the patches those are "
+         "pooled from). LAYER = the tower's depth: the same features for them, projector work saved; a smaller LAYER "
+         "saves more and changes their features. VideoLLaVA and LLaVA-OneVision.")]
 def _path(text: str | Path) -> Path:
     """A path option's value (or its default, a Path already); an empty one is refused, where Path('')
     would quietly be the working directory (`--out "$OUT"` with OUT unset)."""
@@ -111,10 +111,10 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _check_context_early(model: str, options: AskOptions) -> None:
+def _check_context_early(model: str, options: AskOptions, methods: Sequence[str] = ()) -> None:
     """When the checkpoint's config is on disk already, check that the frames fit its context, and that
-    its tower takes a --tower-cut, before any clip is decoded or the weights are loaded (the run checks
-    again with the real prompt)."""
+    its tower takes a --tower-cut where one of `methods` (default: the options' own) would run it,
+    before any clip is decoded or the weights are loaded (the run checks again with the real prompt)."""
     from vidsparse.models.loading import peek_config
     from vidsparse.pruning import METHODS
 
@@ -122,7 +122,7 @@ def _check_context_early(model: str, options: AskOptions) -> None:
     if found is not None:
         family, config = found
         family.check_frames(config, options.fewest_frames, options.max_new_tokens)
-        if options.tower_cut is not None and METHODS[options.method].chooses_by_layout:
+        if options.tower_cut is not None and any(METHODS[m].chooses_by_layout for m in methods or [options.method]):
             family.check_tower_cut(config, options.tower_cut)
 
 
@@ -514,7 +514,7 @@ def sweep(
         check_video_file(target)
         todo = [Question("0", target, question, answer)]
     with new_output_dir(out, "--out"):  # a run refused before its first row leaves no empty folder
-        _check_context_early(model, options)
+        _check_context_early(model, options, method_list)
         from vidsparse.sweep import (
             check_out_folder,
             remove_stale_pictures,
@@ -674,7 +674,7 @@ def serve(
 
     options = _options(method, budget, prune_after, positions, min_per_frame, seed, frames, backend, max_new_tokens,
                        fps, max_frames, tower_cut)
-    _check_context_early(model, options)
+    _check_context_early(model, options, METHOD_NAMES)  # a request may name any method
     if replicas is not None and ray_address is None:
         raise UserError("--replicas needs --ray")
     run_server(ServeFlags(model, dtype, device, options, host, port, served_model_name or model, api_key, media_root,

@@ -8,6 +8,7 @@ prefill + greedy decode -> answer with its statistics (SPEC section 6).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from vidsparse.engine import (
 from vidsparse.errors import UserError
 from vidsparse.models.family import ClipShape, VideoModel
 from vidsparse.models.loading import load_model
-from vidsparse.models.tower_cut import TowerCut
+from vidsparse.models.tower_cut import TowerCut, TowerCutter
 from vidsparse.models.visual import PromptEmbeds, VideoFeatures
 from vidsparse.options import DECODE_BATCH, DEFAULT_MODEL, AskOptions, ask_options
 from vidsparse.pruning import plan_for
@@ -123,8 +124,13 @@ class VideoQA:
             if cut is None:
                 tokens = model.video_features(pixels, saliency=saliency)
             else:
-                tokens = VideoFeatures(model.tower_cutter().features(pixels, cut))
+                tokens = VideoFeatures(self.tower_cutter.features(pixels, cut))
         return ClipFeatures(tokens, timer.seconds, time.perf_counter(), cut)
+
+    @functools.cached_property
+    def tower_cutter(self) -> TowerCutter:
+        """The model's tower as a cut runs it (built once: OneVision's learns its pooling's reads)."""
+        return self.model.tower_cutter()
 
     def tower_cut_of(self, video: DecodedVideo, options: AskOptions) -> TowerCut | None:
         """The tower cut `options` run on this decoded clip (None: the whole tower)."""
@@ -136,7 +142,7 @@ class VideoQA:
         clip (None: no cut, or a method that keeps every token)."""
         if options.tower_cut is None or not plan.method.chooses_by_layout:
             return None
-        grid = self.model.tower_cutter().clip_grid(self.model.spans(clip))
+        grid = self.tower_cutter.clip_grid(self.model.spans(clip))
         return TowerCut(options.tower_cut, tuple(plan.method.layout_stage(grid, plan.budget)))
 
     def answer_clip(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
@@ -245,7 +251,7 @@ class VideoQA:
                      + features.seconds_before(start)},
             prefill_flops=prefill_flops(head.tokens_per_layer, self.decoder_shape),
             vision_flops=model.vision_flops(clip_shape) if features.cut is None
-            else model.tower_cutter().flops(model.spans(clip_shape), features.cut),
+            else self.tower_cutter.flops(model.spans(clip_shape), features.cut),
             tower_cut=None if features.cut is None else features.cut.layer,
         )
         return PreparedClip(clip_shape, options, head_prompt, head, plan, video, video_path, shared, memory)

@@ -200,6 +200,17 @@ def test_a_tower_cut_the_checkpoint_cannot_take_is_refused_before_the_video_is_d
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_sweep_refuses_a_tower_cut_the_checkpoint_cannot_take_before_loading_it(clips, tmp_path, monkeypatch):
+    """`sweep`'s shared options name `none`; the methods it sweeps decide whether a cut is checked."""
+    import vidsparse.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the weights were loaded"))
+    result = runner.invoke(app, ["sweep", str(clips["h264"]), "what ?", "--model", "shapes-qwen", "--methods",
+                                 "none,stprune", "--tower-cut", "0", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "qwen2_5_vl's vision tower cannot be cut" in result.stderr
+
+
 def test_python_api_takes_prune_after_as_text_a_number_or_a_list():
     from vidsparse.options import ask_options
 

@@ -496,15 +496,21 @@ def test_options_unchanged_by_the_server_defaults(qa, clips):
 
 
 def test_a_request_for_another_method_inherits_only_the_server_options_it_takes(qa, clips):
-    """A server started with stprune and a tower cut answers a request for FastV with the whole tower
-    (and FastV's own stages), and one for uniform with the cut."""
-    defaults = replace(settings(None).defaults, method="stprune", budget=ask_options("stprune", "25%").budget,
-                       tower_cut=0)
+    """A server started with FastV after layer 0 and a tower cut answers a request for SparseVLM with
+    SparseVLM's own stages and the whole tower, one for stprune with the cut (or without, asked null),
+    and one for FastV with the server's stage (or FastV's own, asked null)."""
+    defaults = replace(settings(None).defaults, method="fastv", budget=ask_options("fastv", "25%").budget,
+                       prune_after=(0,), tower_cut=0)
+    asked = [("sparsevlm", {}, [1], None), ("stprune", {}, [-1, 1], 0), ("stprune", {"tower_cut": None}, [-1, 1], None),
+             ("fastv", {}, [0], None), ("fastv", {"prune_after": None}, [1], None)]
     with live_server(qa, settings(clips["h264"].parent, defaults=defaults)) as url:
-        for method, cut in (("fastv", None), ("uniform", 0), ("stprune", 0)):
+        for method, more, stages, cut in asked:
             reply = client(url).chat.completions.create(
                 model=MODEL_NAME, messages=video_message(data_url(clips["h264"])),
-                extra_body={"vidsparse": {"method": method, "budget": "25%"}})
+                extra_body={"vidsparse": {"method": method, "budget": "25%", **more}})
             stats = reply.model_extra["vidsparse"]
-            assert stats["pruning"].get("tower_cut") == cut
-            assert stats["flops"] == expected(qa, clips["h264"], method=method, budget="25%", tower_cut=cut)["flops"]
+            assert (stats["pruning"]["stages"], stats["pruning"].get("tower_cut")) == (stages, cut), (method, more)
+            alone = qa.answer(clips["h264"], QUESTION, ask_options(
+                method, "25%", prune_after=[0] if stages == [0] else None, num_frames=8, max_new_tokens=4,
+                tower_cut=cut)).to_dict()
+            assert stats["flops"] == alone["flops"] and reply.choices[0].message.content == alone["answer"]

@@ -159,18 +159,20 @@ def test_a_family_whose_tower_cannot_be_cut_refuses_a_cut(tiny_qwen):
         qa.check_options(ask_options("stprune", "25%", tower_cut=0))
 
 
-# -- LLaVA-OneVision: SigLIP, its projected patches pooled bilinearly (5 x 5 -> 3 x 3 on the tiny model) --
+# -- LLaVA-OneVision: SigLIP, its projected patches pooled bilinearly (7 x 7 -> 4 x 4 here, where tokens
+# share patches, as on the 27 x 27 grid of the real checkpoints) --
 
 
 @pytest.fixture(scope="module")
 def onevision(tmp_path_factory):
-    """Three SigLIP layers, the projector reading the second: depth 2; the family and an eager copy."""
+    """Three SigLIP layers on 49 px frames (7 x 7 patches), the projector reading the second: depth 2;
+    the family and an eager copy."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from lab.tiny_onevision import save_tiny_onevision
 
     path = save_tiny_onevision(tmp_path_factory.mktemp("tiny-ov-cut"), seed=3, vision_layers=3,
-                               vision_feature_layer=-2, text_layers=2)
+                               vision_feature_layer=-2, text_layers=2, image_size=49)
     eager_ov = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
                                                                       attn_implementation="eager").eval()
     return VideoQA.from_pretrained(str(path), dtype="float32", device="cpu"), eager_ov
@@ -210,18 +212,23 @@ def test_a_onevision_cut_equals_its_tower_with_the_unread_patches_masked(onevisi
     cutter = qa_ov.model.tower_cutter()
     assert cutter.depth == 2 and cutter.reads == [tuple(sorted(r)) for r in pooled_reads(eager_ov)]
     pixels = qa_ov.model.preprocess(frames)
-    rows = list(METHODS["stprune"]().layout_stage(cutter.clip_grid(FRAMES), 9))  # frames keep 1 or 2 of 9
+    reads = pooled_reads(eager_ov)
+    assert any(reads[a] & reads[b] for a in range(16) for b in range(a))  # tokens share patches
+    rows = list(METHODS["stprune"]().layout_stage(cutter.clip_grid(FRAMES), 10))  # frames keep 2 or 3 of 16
     got = cutter.features(pixels, TowerCut(layer, tuple(rows))).flatten(0, 1)
     torch.testing.assert_close(got[rows], masked_onevision(eager_ov, pixels, layer, rows)[rows], rtol=1e-5,
                                atol=1e-5)
+    others = torch.ones(len(got), dtype=torch.bool)
+    others[rows] = False
+    assert not got[others].any()  # a token not kept is zero, even where it shares patches with a kept one
     if layer == 2:  # after the tower's read layer: HF's own features
         hf = qa_ov.model.video_features(pixels).tokens.flatten(0, 1)
         torch.testing.assert_close(got[rows], hf[rows], rtol=1e-5, atol=1e-5)
     vision = eager_ov.config.vision_config
     with FlopCounterMode(display=False) as counter:  # eager attention: CPU SDPA's kernel escapes the counter
-        type(cutter)(eager_ov.model.vision_tower, eager_ov.model.multi_modal_projector, 2, 5, 3,
+        type(cutter)(eager_ov.model.vision_tower, eager_ov.model.multi_modal_projector, 2, 7, 4,
                      qa_ov.model.pool, eager_ov.model.apply_pooling).features(pixels, TowerCut(layer, tuple(rows)))
-    patch_embedding = FRAMES * 25 * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
+    patch_embedding = FRAMES * 49 * 3 * vision.patch_size ** 2 * vision.hidden_size  # not counted, as CLIP's
     assert counter.get_total_flops() // 2 - patch_embedding == cutter.flops(FRAMES, TowerCut(layer, tuple(rows)))
 
 

@@ -74,16 +74,9 @@ def test_a_tower_cut_applies_where_it_can_and_runs_once_a_clip(tiny_checkpoint, 
     expected = {(q.id, c.method, c.budget): qa.answer(decode_video(q.video, 8), q.question,
                                                       options_for(c, options)).answer for q in asked for c in cells}
     towers, cut_towers = [], []
-    real, cutter = qa.model.video_features, qa.model.tower_cutter
+    real, cut_features = qa.model.video_features, qa.tower_cutter.features
     monkeypatch.setattr(qa.model, "video_features", lambda *a, **k: towers.append(1) or real(*a, **k))
-
-    def counted_cutter():
-        cut = cutter()
-        cut_features = cut.features
-        cut.features = lambda *a, **k: cut_towers.append(1) or cut_features(*a, **k)
-        return cut
-
-    monkeypatch.setattr(qa.model, "tower_cutter", counted_cutter)
+    monkeypatch.setattr(qa.tower_cutter, "features", lambda *a, **k: cut_towers.append(1) or cut_features(*a, **k))
     run_sweep(qa, asked, cells, options, repeats=2)
     assert len(towers) == 1 + 1 and len(cut_towers) == 2  # the warm-up (none) and the clip; each budget's cut
     assert {(q.id, c.method, c.budget): a for c in cells for q, a in zip(asked, c.answers, strict=True)} == expected

@@ -155,9 +155,7 @@ class LlavaOnevision(VideoModel):
         return VideoFeatures(tokens[0, :-1].reshape(frames, -1, tokens.shape[-1]), received, embedding)
 
     @classmethod
-    def tower_cut_depth(cls, config: PretrainedConfig) -> int | None:
-        if config.vision_feature_select_strategy != "full":  # "default" drops a patch: no grid to pool
-            return None
+    def tower_cut_depth(cls, config: PretrainedConfig) -> int:
         return feature_layer(range(config.vision_config.num_hidden_layers), config.vision_feature_layer) + 1
 
     def tower_cutter(self) -> PooledTowerCut:

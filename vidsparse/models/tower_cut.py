@@ -75,7 +75,7 @@ class TowerCutter:
         """(T, 3, S, S) pixels -> (T, tower tokens, width): the input of the tower's first layer."""
         raise NotImplementedError
 
-    def needed(self, rows: tuple[int, ...], frames: int) -> tuple[int, ...]:
+    def needed(self, rows: tuple[int, ...]) -> tuple[int, ...]:
         """The tower tokens (frame-major, ascending) the kept visual tokens `rows` are made of."""
         return rows
 
@@ -86,9 +86,8 @@ class TowerCutter:
 
     @torch.inference_mode()
     def features(self, pixels: torch.Tensor, cut: TowerCut) -> torch.Tensor:
-        """(T, 3, S, S) pixels -> (T, visual tokens a frame, text width) projected tokens; the tokens
-        `cut` does not keep are zeros or made of zeros (the first stage drops them before any layer
-        reads them)."""
+        """(T, 3, S, S) pixels -> (T, visual tokens a frame, text width) projected tokens, zeros where
+        `cut` keeps none (the first stage drops those rows before any layer reads them)."""
         weight = self.tower.embeddings.patch_embedding.weight
         hidden = self.embed(pixels.to(weight.device, weight.dtype))
         layers = self.tower.encoder.layers[: self.depth]
@@ -97,13 +96,17 @@ class TowerCutter:
         frames, tokens, _ = hidden.shape
         flat = hidden.flatten(0, 1)
         out = hidden.new_zeros(frames * tokens, self.projector.linear_2.out_features)
-        for group in frame_groups(self.needed(cut.rows, frames), frames, tokens):
+        for group in frame_groups(self.needed(cut.rows), frames, tokens):
             index = to_device([row for kept in group for row in kept], hidden.device)
             part = flat.index_select(0, index).view(len(group), len(group[0]), -1)
             for layer in layers[cut.layer :]:
                 part = layer(part, None)
             out.index_copy_(0, index, self.projector(part).flatten(0, 1))
-        return self.assemble(out.view(frames, tokens, -1))
+        visual = self.assemble(out.view(frames, tokens, -1))
+        # A token the cut does not keep may share tower tokens with a kept one (pooling): zero it too.
+        kept = torch.zeros(visual.shape[0] * visual.shape[1], dtype=torch.bool, device=visual.device)
+        kept[to_device(cut.rows, visual.device)] = True
+        return visual.masked_fill_(~kept.view(*visual.shape[:2], 1), 0)
 
     def flops(self, frames: int, cut: TowerCut) -> int:
         """The cut run's FLOPs (multiply-add = 1): the layers before the cut on every tower token, those
@@ -112,7 +115,7 @@ class TowerCutter:
         width, mlp = config.hidden_size, config.intermediate_size
         features_in, text_width = self.projector.linear_1.in_features, self.projector.linear_2.out_features
         total = frames * cut.layer * encoder_layer_flops(self.tower_tokens, width, mlp)
-        for group in frame_groups(self.needed(cut.rows, frames), frames, self.tower_tokens):
+        for group in frame_groups(self.needed(cut.rows), frames, self.tower_tokens):
             kept = len(group[0])
             total += len(group) * ((self.depth - cut.layer) * encoder_layer_flops(kept, width, mlp)
                                    + projector_flops(kept, features_in, text_width))
@@ -155,7 +158,7 @@ class PooledTowerCut(TowerCutter):
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.tower.embeddings(pixels)
 
-    def needed(self, rows: tuple[int, ...], frames: int) -> tuple[int, ...]:
+    def needed(self, rows: tuple[int, ...]) -> tuple[int, ...]:
         per_frame = self.pooled * self.pooled
         return tuple(sorted({row // per_frame * self.tower_tokens + patch
                              for row in rows for patch in self.reads[row % per_frame]}))

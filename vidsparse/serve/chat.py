@@ -115,11 +115,14 @@ def question_and_media(messages: Any) -> tuple[str, MediaRef]:
 VIDSPARSE_KEYS = {"method": (str,), "budget": (str, int), "prune_after": (str, int, list), "positions": (str,),
                   "min_per_frame": (int,), "seed": (int,), "frames": (int,), "fps": (int, float),
                   "max_frames": (int,), "tower_cut": (int,)}
+NULLABLE_KEYS = frozenset({"prune_after", "tower_cut"})  # null: not set (the method's stages, the whole tower)
 
 
 def _typed(block: dict) -> None:
     """Refuse a value of the wrong JSON type (a bool is not a number here, a layer is an integer)."""
     for key, value in block.items():
+        if value is None and key in NULLABLE_KEYS:
+            continue
         kinds = VIDSPARSE_KEYS[key]
         wrong = isinstance(value, bool) or not isinstance(value, kinds) or (
             isinstance(value, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value))
@@ -154,16 +157,16 @@ def request_options(block: Any, defaults: AskOptions, media_frames: int | None) 
         from vidsparse.pruning import METHODS, check_method
 
         method = parse_method(block.get("method", defaults.method))
-        # The server's --prune-after and --tower-cut go with its method: a request naming another method
-        # inherits them only where that method takes them (it may still ask for them itself).
-        chosen = METHODS[method]
+        # The server's --prune-after is its method's stages: a request naming another method does not
+        # inherit it. Its --tower-cut (a tower layer) goes to every method that takes one. A request may
+        # set either itself, or null for none.
         options = ask_options(method, block.get("budget", defaults.budget),
-                              block.get("prune_after", defaults.prune_after if chosen.allows_prune_after else None),
+                              block.get("prune_after", defaults.prune_after if method == defaults.method else None),
                               block.get("positions", defaults.positions),
                               block.get("min_per_frame", defaults.min_per_frame), block.get("seed", defaults.seed),
                               sampling["num_frames"], defaults.backend, defaults.max_new_tokens,
                               None if sampling["fps"] is None else float(sampling["fps"]), sampling["max_frames"],
-                              block.get("tower_cut", defaults.tower_cut if chosen.chooses_by_layout else None))
+                              block.get("tower_cut", defaults.tower_cut if METHODS[method].chooses_by_layout else None))
         check_method(options.method, options.prune_after, tower_cut=options.tower_cut)
     except UserError as e:
         raise _bad(f"vidsparse: {e}"[:300], "vidsparse") from None
