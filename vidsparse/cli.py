@@ -228,7 +228,8 @@ def stats_table(stats: dict[str, Any]) -> Table:
                   f"({video['backend']})")
     table.add_row("pruning", pruning["method"] + (
         f", budget {pruning['budget']}, after layers {pruning['stages']}, positions {pruning['positions']}"
-        if pruning["method"] != "none" else ""))
+        if pruning["method"] != "none" else "")
+        + (f", tower cut at layer {pruning['tower_cut']}" if "tower_cut" in pruning else ""))
     if "raters" in pruning:
         table.add_row("raters", pruning["raters"])
     unpruned = pruning["method"] != "none" and tokens["visual_after"] >= tokens["visual_before"]

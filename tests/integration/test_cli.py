@@ -200,6 +200,17 @@ def test_a_tower_cut_the_checkpoint_cannot_take_is_refused_before_the_video_is_d
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_ask_with_a_tower_cut_says_so_and_counts_the_cut_tower(tiny_checkpoint, clips):
+    runs = [ask(clips["h264"], "what ?", "--model", tiny_checkpoint, "--method", "uniform", "--budget", "10",
+                "--max-new-tokens", "1", *more) for more in ([], ["--tower-cut", "0"], ["--json"],
+                                                             ["--json", "--tower-cut", "0"])]
+    assert all(run.exit_code == 0 for run in runs), [run.output for run in runs]
+    assert "tower cut" not in runs[0].stdout and "tower cut at layer 0" in runs[1].stdout
+    whole, cut = (json.loads(run.stdout) for run in runs[2:])
+    assert "tower_cut" not in whole["pruning"] and cut["pruning"]["tower_cut"] == 0
+    assert cut["flops"]["vision"] < whole["flops"]["vision"] / 4  # 10 of 136 tokens through every layer
+
+
 def test_sweep_refuses_a_tower_cut_the_checkpoint_cannot_take_before_loading_it(clips, tmp_path, monkeypatch):
     """`sweep`'s shared options name `none`; the methods it sweeps decide whether a cut is checked."""
     import vidsparse.cli as cli
