@@ -143,6 +143,19 @@ def test_a_tower_whose_projector_reads_its_last_layer_is_cut_after_it():
     torch.testing.assert_close(got[rows], hf[rows], rtol=1e-5, atol=1e-5)
 
 
+def test_the_towers_unread_layer_is_dropped_and_every_feature_stays_hfs(checkpoint, qa, frames):
+    """HF runs the tower's last layer and the projector reads the one before (-2): vidsparse drops that
+    layer at load (every method, `none` too) and its features are HF's, bit for bit."""
+    hf = VideoLlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    assert len(hf.model.video_tower.encoder.layers) == 3
+    assert len(qa.model.model.model.video_tower.encoder.layers) == 2 == qa.model.tower_cutter().depth
+    pixels = qa.model.preprocess(frames)
+    ours = qa.model.video_features(pixels).tokens
+    with torch.no_grad():
+        theirs = hf.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+    assert torch.equal(ours, theirs.view_as(ours))
+
+
 def test_a_cut_is_refused_where_it_cannot_apply(qa, frames):
     with pytest.raises(UserError, match="layout alone"):
         qa.answer(frames, QUESTION, ask_options("fastv", "25%", tower_cut=1))

@@ -97,6 +97,15 @@ class VideoLlava(VideoModel):
     def drop_unused(self) -> None:
         # Video-only use: the image tower is never run (0.3B parameters on the 7B model).
         self.model.model.image_tower = None
+        # Nor the video tower's layers after the one its projector reads (Video-LLaVA-7B's last of 24):
+        # HF runs them and reads nothing from them. The projector then reads the new last layer.
+        config = self.model.config
+        layers = self.model.model.video_tower.encoder.layers
+        if isinstance(config.vision_feature_layer, int):
+            depth = feature_layer(range(len(layers)), config.vision_feature_layer) + 1
+            del layers[depth:]
+            config.vision_config.num_hidden_layers = depth
+            config.vision_feature_layer = -1
 
     def visual_tokens(self, clip: ClipShape) -> int:
         return clip.frames * tokens_per_frame(self.model.config)
