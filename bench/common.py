@@ -123,5 +123,6 @@ def build_7b(layers: int, device: torch.device, dtype: torch.dtype, words: list[
     torch.manual_seed(0)
     with building(device, dtype):
         model = VideoLlavaForConditionalGeneration(config).eval()
-    model.model.image_tower = None
-    return VideoQA(VideoLlava(model, tokenizer, f"7B-geometry ({layers} decoder layers)"))
+    family = VideoLlava(model, tokenizer, f"7B-geometry ({layers} decoder layers)")
+    family.drop_unused()  # as loading a checkpoint does: no image tower, no unread tower layer
+    return VideoQA(family)

@@ -72,7 +72,6 @@ def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) ->
                 image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
             affordable(config, dtype, device)
             model, wrapper, side = VideoLlavaForConditionalGeneration(_sdpa(config)), VideoLlava, 224
-            model.model.image_tower = None
         elif family == "llava_onevision":
             tokenizer = onevision_tokenizer(WORDS)
             config = onevision_config(tokenizer, image_size=384, patch_size=14, vision_hidden=32,
@@ -93,7 +92,9 @@ def build(family: str, layers: int, device: torch.device, dtype: torch.dtype) ->
             affordable(config, dtype, device)
             model, wrapper, side = Qwen2_5_VLForConditionalGeneration(_sdpa(config)), Qwen25VL, 448
     mean, std = wrapper.default_pixel_stats()
-    return wrapper(model.eval(), tokenizer, f"{family} 7B-geometry ({layers} decoder layers)", mean, std), side
+    built = wrapper(model.eval(), tokenizer, f"{family} 7B-geometry ({layers} decoder layers)", mean, std)
+    built.drop_unused()  # as loading a checkpoint does
+    return built, side
 
 
 def _sdpa(config):

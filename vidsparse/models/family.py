@@ -128,7 +128,8 @@ class VideoModel:
         return ()
 
     def drop_unused(self) -> None:
-        """Release the parts named by `unused_weights` (e.g. VideoLLaVA's image tower)."""
+        """Release what a run never reads: the parts named by `unused_weights` (e.g. VideoLLaVA's image
+        tower), and layers whose output nothing reads (VideoLLaVA's video tower past its projector's)."""
 
     # -- what the engine runs --------------------------------------------------------------------
 
