@@ -3,8 +3,9 @@ and the time to the first token (decoding the video, preprocessing, the tower, p
 first token's logits).
 
 The same Video-LLaVA-7B geometry as bench/prefill.py for the decoder (fewer layers on a CPU) and
-the real video tower geometry (CLIP ViT-L/14: 24 layers, d=1024, 224 x 224 frames, 8 x 257
-tokens), random weights, a real decoded clip, the same interleaved timing (warm-up, median).
+the real video tower geometry (CLIP ViT-L/14: 24 layers, of which the 23 its projector reads run;
+d=1024, 224 x 224 frames, 8 x 257 tokens), random weights, a real decoded clip, the same interleaved
+timing (warm-up, median).
 
     python bench/end_to_end.py
 """

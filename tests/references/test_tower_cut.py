@@ -156,6 +156,18 @@ def test_the_towers_unread_layer_is_dropped_and_every_feature_stays_hfs(checkpoi
     assert torch.equal(ours, theirs.view_as(ours))
 
 
+@pytest.mark.parametrize(("read", "kept"), [(-7, None), (4, None), (-4, 3), (0, 3), (1, 1), (-3, 1)])
+def test_a_feature_layer_outside_the_tower_is_refused_at_load_and_one_inside_keeps_its_layers(tmp_path, read, kept):
+    """hidden_states of a 3-layer tower are -4..3 (0, -4: the embeddings, which drop no layer)."""
+    save_tiny_checkpoint(tmp_path, vision_layers=3, vision_feature_layer=read)
+    if kept is None:
+        with pytest.raises(UserError, match=f"vision_feature_layer {read} names no hidden state of a 3-layer tower"):
+            VideoQA.from_pretrained(str(tmp_path), dtype="float32", device="cpu")
+        return
+    loaded = VideoQA.from_pretrained(str(tmp_path), dtype="float32", device="cpu")
+    assert len(loaded.model.model.model.video_tower.encoder.layers) == kept
+
+
 def test_a_cut_is_refused_where_it_cannot_apply(qa, frames):
     with pytest.raises(UserError, match="layout alone"):
         qa.answer(frames, QUESTION, ask_options("fastv", "25%", tower_cut=1))

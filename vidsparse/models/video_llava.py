@@ -80,10 +80,15 @@ class VideoLlava(VideoModel):
     @classmethod
     def check_config(cls, config: VideoLlavaConfig) -> list[str]:
         vision = config.vision_config
-        problems = positive_integers(("vision_config", vision), "image_size", "patch_size") + super().check_config(
-            config)
+        problems = positive_integers(("vision_config", vision), "image_size", "patch_size", "num_hidden_layers"
+                                     ) + super().check_config(config)
         if not problems and vision.patch_size > vision.image_size:
             problems.append(f"vision_config.patch_size {vision.patch_size} exceeds image_size {vision.image_size}")
+        read = config.vision_feature_layer
+        layers = vision.num_hidden_layers if isinstance(vision.num_hidden_layers, int) else 0
+        if not all(isinstance(k, int) and -(layers + 1) <= k <= layers for k in (read if isinstance(read, list)
+                                                                               else [read])):
+            problems.append(f"vision_feature_layer {read!r} names no hidden state of a {layers}-layer tower")
         return problems
 
     @classmethod
@@ -99,13 +104,15 @@ class VideoLlava(VideoModel):
         self.model.model.image_tower = None
         # Nor the video tower's layers after the one its projector reads (Video-LLaVA-7B's last of 24):
         # HF runs them and reads nothing from them. The projector then reads the new last layer.
-        config = self.model.config
-        layers = self.model.model.video_tower.encoder.layers
+        config, tower = self.model.config, self.model.model.video_tower
+        layers = tower.encoder.layers
         if isinstance(config.vision_feature_layer, int):
-            depth = feature_layer(range(len(layers)), config.vision_feature_layer) + 1
-            del layers[depth:]
-            config.vision_config.num_hidden_layers = depth
-            config.vision_feature_layer = -1
+            depth = config.vision_feature_layer % (len(layers) + 1)  # hidden_states[k] is layer k - 1's output
+            if depth >= 1:  # (0: the embeddings themselves)
+                del layers[depth:]
+                # HF resolves hidden_states[-1] from the tower's own config: the same object today, set both.
+                config.vision_config.num_hidden_layers = tower.config.num_hidden_layers = depth
+                config.vision_feature_layer = -1
 
     def visual_tokens(self, clip: ClipShape) -> int:
         return clip.frames * tokens_per_frame(self.model.config)
