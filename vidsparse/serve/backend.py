@@ -34,19 +34,24 @@ class Completion:
 async def finished_unless_gone(waiting: asyncio.Future, gone: Gone | None, cancel: Callable[[], object],
                                timeout_s: float | None = None) -> bool:
     """Wait for `waiting`: True once it is done; False, after `cancel()`, if the client went away first.
-    Past `timeout_s` it cancels and refuses the request with a 504."""
+    Past `timeout_s` it cancels and refuses the request with a 504. If the wait itself is cancelled (a
+    stream closed, a Ray Serve request cancelled upstream), it cancels too, then lets that through."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=0.05)
-        if done:
-            return True
-        if gone is not None and await gone():
-            cancel()
-            return False
-        if deadline is not None and loop.time() > deadline:
-            cancel()
-            raise RequestError(504, f"no answer within the server's {timeout_s:g} s limit", kind="timeout")
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.05)
+            if done:
+                return True
+            if gone is not None and await gone():
+                cancel()
+                return False
+            if deadline is not None and loop.time() > deadline:
+                cancel()
+                raise RequestError(504, f"no answer within the server's {timeout_s:g} s limit", kind="timeout")
+    except asyncio.CancelledError:
+        cancel()
+        raise
 
 
 async def pieces_then_result(start: Callable[[Send], Awaitable[Result]]) -> AsyncIterator[str | Result]:
@@ -121,12 +126,8 @@ class LocalBackend:
             future.cancel()
             feed.leave()
 
-        try:
-            if not await finished_unless_gone(waiting, gone, cancel, self.timeout_s):
-                return None
-        except asyncio.CancelledError:  # the caller gave up (a stream closed, a Ray Serve request cancelled)
-            cancel()
-            raise
+        if not await finished_unless_gone(waiting, gone, cancel, self.timeout_s):
+            return None
         try:
             answered = waiting.result()
         except Exception as e:  # noqa: BLE001 - a refusal (4xx) or a server fault (re-raised)

@@ -93,16 +93,13 @@ class RayBackend:
         else:
             response = replicas.options(stream=True).stream.remote(chat, media.portable())
             waiting = asyncio.ensure_future(_relayed(response, send))
+
         def cancel() -> None:  # the replica's work, and the task waiting for it (its error is nobody's)
             response.cancel()
             waiting.cancel()
 
-        try:
-            if not await finished_unless_gone(waiting, gone, cancel):
-                return None
-        except asyncio.CancelledError:  # the stream was closed: the replica's decoding stops too
-            cancel()
-            raise
+        if not await finished_unless_gone(waiting, gone, cancel):
+            return None
         try:
             return waiting.result()
         except BackPressureError:
