@@ -63,7 +63,6 @@ class AskResult:
     visual_per_layer: list[int]
     visual_map: VisualMap
     final_block: VisualBlock
-    generated_tokens: int
     token_ids: list[int]  # the answer's tokens, EOS excluded
     visual_while_decoding: float | None  # mean visual keys a fed-back token saw (a plan choosing while decoding)
     prefill_flops: int
@@ -76,6 +75,10 @@ class AskResult:
     seconds: dict[str, float]
     decode_tokens_per_s: float | None
     first_logits: torch.Tensor  # (vocab,) after the prompt: what runs of the same question must agree on
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
 
     def kept_tokens(self) -> list[dict[str, int | bool]]:
         """The visual tokens that reached the last layer: frame, row, col (-1 for CLS), merged or not."""

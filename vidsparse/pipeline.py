@@ -412,7 +412,6 @@ class VideoQA:
             visual_per_layer=prefilled.visual_per_layer,
             visual_map=done.prompt.visual,
             final_block=prefilled.block,
-            generated_tokens=len(decoded.token_ids),
             token_ids=decoded.token_ids,
             visual_while_decoding=decoded.visual_while_decoding,
             prefill_flops=prefill_flops(prefilled.tokens_per_layer, self.decoder_shape),
