@@ -48,21 +48,29 @@ def frames() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
 
 
-def masked_tower(eager, pixels: torch.Tensor, cut: TowerCut) -> torch.Tensor:
-    """(T * per frame, text width): HF's tower on every token, with every key a frame does not keep
-    hidden from layer `cut.layer` on (a -inf score), then its projector on every token."""
-    tower = eager.model.video_tower
+def masked_states(tower, feature_layer: int, pixels: torch.Tensor, layer: int, needed: list[int]) -> torch.Tensor:
+    """(T, tower tokens, width) at the layer the projector reads: HF's tower on every token, with every
+    key not in `needed` (flat tower-token indices) hidden from `layer` on (a -inf score)."""
     with torch.no_grad():
         hidden = tower(pixels, output_hidden_states=True).hidden_states
-        feature = eager.config.vision_feature_layer % len(hidden)
-        states = hidden[min(cut.layer, feature)]
-        frames, per_frame, _ = states.shape
-        kept = torch.zeros(frames * per_frame, dtype=torch.bool)
-        kept[list(cut.rows)] = True
-        mask = torch.zeros(frames, 1, per_frame, per_frame)
-        mask.masked_fill_(~kept.view(frames, 1, 1, per_frame), torch.finfo(torch.float32).min)
-        for layer in tower.encoder.layers[cut.layer : feature]:
-            states = layer(states, mask)
+        feature = feature_layer % len(hidden)
+        states = hidden[min(layer, feature)]
+        frames, tokens, _ = states.shape
+        kept = torch.zeros(frames * tokens, dtype=torch.bool)
+        kept[needed] = True
+        mask = torch.zeros(frames, 1, tokens, tokens)
+        mask.masked_fill_(~kept.view(frames, 1, 1, tokens), torch.finfo(torch.float32).min)
+        for encoder_layer in tower.encoder.layers[layer:feature]:
+            states = encoder_layer(states, mask)
+        return states
+
+
+def masked_tower(eager, pixels: torch.Tensor, cut: TowerCut) -> torch.Tensor:
+    """(T * per frame, text width): HF's CLIP tower with every key a frame does not keep hidden from
+    `cut.layer` on, then its projector on every token."""
+    states = masked_states(eager.model.video_tower, eager.config.vision_feature_layer, pixels, cut.layer,
+                           list(cut.rows))
+    with torch.no_grad():
         return eager.model.multi_modal_projector(states).flatten(0, 1)
 
 
@@ -215,19 +223,11 @@ def masked_onevision(eager_ov, pixels: torch.Tensor, layer: int, rows: list[int]
     """(T * pooled tokens, text width): HF's SigLIP with every key a frame's kept tokens do not read
     hidden from `layer` on, its projector and its pooling."""
     reads = pooled_reads(eager_ov)
-    tower = eager_ov.model.vision_tower
+    vision = eager_ov.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    needed = [row // len(reads) * patches + patch for row in rows for patch in reads[row % len(reads)]]
+    states = masked_states(eager_ov.model.vision_tower, eager_ov.config.vision_feature_layer, pixels, layer, needed)
     with torch.no_grad():
-        hidden = tower(pixels, output_hidden_states=True).hidden_states
-        feature = eager_ov.config.vision_feature_layer % len(hidden)
-        states = hidden[min(layer, feature)]
-        frames, patches, _ = states.shape
-        needed = torch.zeros(frames, patches, dtype=torch.bool)
-        for row in rows:
-            needed[row // len(reads), list(reads[row % len(reads)])] = True
-        mask = torch.zeros(frames, 1, patches, patches)
-        mask.masked_fill_(~needed[:, None, None, :], torch.finfo(torch.float32).min)
-        for encoder_layer in tower.encoder.layers[layer:feature]:
-            states = encoder_layer(states, mask)
         return eager_ov.model.apply_pooling(eager_ov.model.multi_modal_projector(states)).flatten(0, 1)
 
 
