@@ -16,8 +16,8 @@ reached; the roofline limit (the same ratio of each path's least time on this ma
 FLOPs at the measured matmul peak, and every pass of the decoder's weights at the measured memory
 bandwidth, shared by the questions decoded together) and the share of it reached; peak memory;
 whether every answer equals the per-question answer (for `hf generate`: the same tokens, where a
-question's first differing step is not a near-tie in bfloat16: HF's top-2 logits within one bf16
-spacing of each other, which the two paths' rounding may order either way).
+question's first differing step is not a near-tie in bfloat16: HF's logit for the token vidsparse
+chose within one bf16 spacing of HF's top logit, which the two paths' rounding may order either way).
 
 Two models: `--model 7b` (default): Video-LLaVA-7B geometry with random weights (CLIP ViT-L/14 tower,
 7B-width decoder; on a CPU 3 layers and 4 frames so that it runs in minutes on 2 cores);
@@ -156,10 +156,10 @@ def amortised(results: list[AskResult]) -> float:
 
 @dataclass(frozen=True)
 class Floor:
-    """The least time a question can take on this machine (the roofline): its FLOPs at the matmul peak,
-    and each pass of the decoder's weights (the layers' and the LM head's) at the memory bandwidth, a
-    pass being shared by the questions decoded together. The FLOPs limit leaves the passes out: with
-    the clip's work paid once, decoding is most of what a question costs."""
+    """The least time a question can take on this machine (the roofline, `Machine.seconds`): its FLOPs
+    at the matmul peak, and each pass of the decoder's weights (the layers' and the LM head's) at the
+    memory bandwidth, a pass being shared by the questions decoded together. The FLOPs limit leaves the
+    passes out. (vidsparse counts a multiply-add as 1 FLOP, the machine's peak as 2.)"""
 
     machine: Machine
     pass_bytes: int
@@ -167,22 +167,17 @@ class Floor:
     def alone(self, r: AskResult) -> float:
         """`answer` per question: the tower, the whole prefill (at least one weight pass), then a weight
         pass for each token fed back."""
-        return (self.compute(r.vision_flops) + max(self.compute(r.prefill_flops), self.passes(1))
-                + self.passes(r.generated_tokens))
+        return self.machine.seconds([(2 * r.vision_flops, 0), (2 * r.prefill_flops, self.pass_bytes),
+                                     (0, r.generated_tokens * self.pass_bytes)])
 
     def shared(self, r: AskResult, share: float) -> float:
         """`answer_clip`: its share of the clip's tower and head, its own rows (at least its share of
         one weight pass for its group), and its `share` of each decoding step's pass."""
         clip = r.shared
         own = r.prefill_flops - clip.prefill_flops
-        return (self.compute((clip.prefill_flops + clip.vision_flops) / clip.questions)
-                + max(self.compute(own), share * self.passes(1)) + share * self.passes(r.generated_tokens))
-
-    def compute(self, flops: float) -> float:
-        return 2 * flops / (self.machine.peak_tflops * 1e12)  # multiply-add = 1 in vidsparse's counts
-
-    def passes(self, count: int) -> float:
-        return count * self.pass_bytes / (self.machine.bandwidth_gbs * 1e9)
+        return self.machine.seconds([(2 * (clip.prefill_flops + clip.vision_flops) / clip.questions, 0),
+                                     (2 * own, share * self.pass_bytes),
+                                     (0, share * r.generated_tokens * self.pass_bytes)])
 
 
 def main() -> None:
