@@ -5,10 +5,11 @@
   sequence goes through layers with nothing shared.
 - `run_after_head` / `layer_step_together`: rows that come after a *shared head* (the prompt up to the
   end of the visual block, computed once per clip) -- several questions' rows at once, or one new
-  token of each of several questions: they attend to the head's keys/values, read in place, and to
-  their own. Attention is written out (scores per block, one softmax over both) because SDPA takes
-  one key tensor, and joining the head's keys to each question's would copy the clip's whole KV
-  cache per question. It is only used for few rows (questions, decoded tokens).
+  token of each of several questions, about one clip or several (each clip's rows a `RowGroup`):
+  they attend to their clip's head keys/values, read in place, and to their own. Attention is
+  written out (scores per block, one softmax over both) because SDPA takes one key tensor, and
+  joining the head's keys to each question's would copy the clip's whole KV cache per question. It
+  is only used for few rows (questions, decoded tokens).
 """
 
 from __future__ import annotations
@@ -87,15 +88,13 @@ class VisualKeys:
     hidden: torch.Tensor | None = None
 
 
-def _attend_and_finish(layer, hidden: torch.Tensor, query: torch.Tensor, head: HeadKV | None, keys: torch.Tensor,
-                       values: torch.Tensor, hidden_keys: torch.Tensor, visual: VisualKeys | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of the layer: attention of `query` (b, H, r, hd) over the head's keys (shared by every
-    row) and `keys`/`values` (b, kv_heads, n, hd), where `hidden_keys` (b, r, n) marks keys a row must
-    not see (and `visual.hidden` visual keys); one fp32 softmax over both blocks; o_proj, residual, MLP.
-    Returns the layer's output and the probabilities (b, kv_heads, H / kv_heads, r, keys)."""
-    attn = layer.self_attn
-    batch, rows = hidden.shape[:2]
+def _attend(attn, query: torch.Tensor, head: HeadKV | None, keys: torch.Tensor, values: torch.Tensor,
+            hidden_keys: torch.Tensor, visual: VisualKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `query` (b, H, r, hd) over the head's keys (shared by every row) and `keys`/`values`
+    (b, kv_heads, n, hd), where `hidden_keys` (b, r, n) marks keys a row must not see (and
+    `visual.hidden` visual keys); one fp32 softmax over both blocks. Returns the heads' outputs
+    (b, r, H * hd) and the probabilities (b, kv_heads, H / kv_heads, r, keys)."""
+    batch, rows = query.shape[0], query.shape[-2]
     scores = grouped_scores(query, keys, attn.scaling).masked_fill(hidden_keys[:, None, None], float("-inf"))
     if head is not None:
         scores = torch.cat([grouped_scores(query, head.keys[0], attn.scaling), scores], -1)
@@ -109,9 +108,13 @@ def _attend_and_finish(layer, hidden: torch.Tensor, query: torch.Tensor, head: H
         n_head = head.keys.shape[-2]
         out = (torch.einsum("bkgrn,knd->bkgrd", probs[..., :n_head].to(head.values.dtype), head.values[0])
                + torch.einsum("bkgrn,bknd->bkgrd", probs[..., n_head:].to(values.dtype), values))
-    out = out.reshape(batch, -1, rows, attn.head_dim).transpose(1, 2).reshape(batch, rows, -1)
-    hidden = hidden + attn.o_proj(out.to(hidden.dtype))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), probs
+    return out.reshape(batch, -1, rows, attn.head_dim).transpose(1, 2).reshape(batch, rows, -1), probs
+
+
+def _finish(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer after attention: o_proj, residual, MLP."""
+    hidden = hidden + layer.self_attn.o_proj(attended.to(hidden.dtype))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: list[int]
@@ -129,7 +132,8 @@ def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: li
         layer_input = hidden
         query, key, value = _project(layer, hidden, rotary(decoder, hidden, (starts[i] + local)[None, None]))
         kv.append((key, value))
-        hidden, _ = _attend_and_finish(layer, hidden, query, shared, key, value, future)
+        attended, _ = _attend(layer.self_attn, query, shared, key, value, future)
+        hidden = _finish(layer, hidden, attended)
     return hidden, layer_input, kv
 
 
@@ -155,21 +159,39 @@ class PaddedKV:
         return cls(keys, values, to_device(counts, keys.device))
 
 
-def layer_step_together(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                        head: HeadKV | None, own: PaddedKV, visual: VisualKeys | None = None,
-                        report: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True)
+class RowGroup:
+    """Consecutive rows of a decoding batch that attend to one shared head (one clip's questions):
+    `rows`, the `head`'s keys/values at the layer (None: past the shared layers), the `visual` keys
+    they may see and whether to `report` their attention over them."""
+
+    rows: slice
+    head: HeadKV | None
+    visual: VisualKeys | None = None
+    report: bool = False
+
+
+def layer_step_together(layer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], own: PaddedKV,
+                        groups: list[RowGroup]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """One new token of each of b questions (hidden (b, 1, d), each at its own position) through a
-    decoder layer: written into `own` at each question's length, attending to the shared head and to
-    its own keys only (the padding beyond its length is hidden), and to the `visual` keys it is not
-    told to hide. Returns the layer's output and, if asked to `report`, each token's head-averaged
-    attention over the `visual` keys (b, count)."""
+    decoder layer: written into `own` at each question's length, attending to its group's shared head
+    and to its own keys only (the padding beyond its length is hidden), and to the visual keys its
+    group is not told to hide. The projections and the MLP run on every row at once (the weights read
+    once a step, whatever the clips); only attention runs per group, over that group's head, read in
+    place. Returns the layer's output and, per group asked to `report`, each token's head-averaged
+    attention over its visual keys (b_group, count)."""
     query, key, value = _project(layer, hidden, cos_sin)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     own.keys[rows, :, own.lengths] = key[:, :, 0]
     own.values[rows, :, own.lengths] = value[:, :, 0]
     own.lengths += 1
     padding = torch.arange(own.keys.shape[-2], device=hidden.device)[None, :] >= own.lengths[:, None]
-    hidden, probs = _attend_and_finish(layer, hidden, query, head, own.keys, own.values, padding[:, None], visual)
-    if not report:
-        return hidden, None
-    return hidden, probs[..., 0, visual.start : visual.start + visual.count].mean(dim=(1, 2))
+    attended, reports = [], []
+    for group in groups:
+        out, probs = _attend(layer.self_attn, query[group.rows], group.head, own.keys[group.rows],
+                             own.values[group.rows], padding[group.rows, None], group.visual)
+        attended.append(out)
+        visual = group.visual
+        reports.append(probs[..., 0, visual.start : visual.start + visual.count].mean(dim=(1, 2)) if group.report
+                       else None)
+    return _finish(layer, hidden, attended[0] if len(attended) == 1 else torch.cat(attended)), reports

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from vidsparse.answer import AskResult, ClipFeatures, ClipWork
-from vidsparse.decoding import Decoded, TokenHook, decode_together
+from vidsparse.decoding import ClipQuestions, Decoded, TokenHook, decode_together
 from vidsparse.engine import (
     Head,
     Prefilled,
@@ -61,6 +61,10 @@ class PreparedClip:
     def asked(self, questions: int) -> PreparedClip:
         """The clip with `questions` more questions sharing its work (their amortised share shrinks)."""
         return replace(self, work=replace(self.work, questions=self.work.questions + questions))
+
+    def answering(self, max_new_tokens: int) -> PreparedClip:
+        """The clip with answers up to `max_new_tokens` long (nothing shared depends on it)."""
+        return replace(self, options=replace(self.options, max_new_tokens=max_new_tokens))
 
 
 @dataclass(frozen=True)
@@ -224,9 +228,29 @@ class VideoQA:
         `on_token(i, token)` is called with each token of question i's answer as it is decoded; False
         ends that answer there."""
         if max_new_tokens is not None:
-            clip = replace(clip, options=replace(clip.options, max_new_tokens=max_new_tokens))
+            clip = clip.answering(max_new_tokens)
         prompts = [self.checked_prompt(q, clip.shape, clip.options) for q in questions]
         return self._answer(clip, questions, prompts, decode_batch, on_token)
+
+    def answer_together(self, asked: Sequence[tuple[PreparedClip, Sequence[str]]],
+                        on_token: Callable[[int, int, int], bool] | None = None) -> list[list[AskResult | Exception]]:
+        """Questions about several prepared clips (each counted with `PreparedClip.asked`, its answers as
+        long as its options say: `PreparedClip.answering`) answered in one decoding batch: each clip's
+        questions through its shared layers in one batch, then every question decoded together, one
+        forward per step for all (the weights read once a step; a server's requests about different
+        clips). Each clip's results or errors, in order. `on_token(c, i, token)` is called with each
+        token of clip c's question i as it is decoded; False ends that answer there."""
+        prompts = [[self.checked_prompt(q, clip.shape, clip.options) for q in questions] for clip, questions in asked]
+        # The questions that may be asked, per clip: their places among its questions
+        kept = [[i for i, p in enumerate(mine) if not isinstance(p, UserError)] for mine in prompts]
+        parts = [(clip, [(questions[i], mine[i]) for i in at])
+                 for (clip, questions), mine, at in zip(asked, prompts, kept, strict=True)]
+        hook = None if on_token is None else lambda c, i, token: on_token(c, kept[c][i], token)
+        results = []
+        for mine, at, answered in zip(prompts, kept, self._decode_parts(parts, hook), strict=True):
+            done = dict(zip(at, answered, strict=True))
+            results.append([done.get(i, p) for i, p in enumerate(mine)])
+        return results
 
     def _prepare(self, video: DecodedVideo, video_path: str | None, clip_shape: ClipShape, options: AskOptions,
                  plan: PruningPlan, head_ids: torch.Tensor, features: ClipFeatures, timer: StageTimer,
@@ -259,7 +283,6 @@ class VideoQA:
     def _answer(self, clip: PreparedClip, questions: Sequence[str], prompts: list[torch.Tensor | UserError],
                 decode_batch: int, on_token: TokenHook | None = None) -> Iterator[AskResult | Exception]:
         """Each question's result or error, in order, on a prepared clip."""
-        model, options = self.model, clip.options
         # Groups of up to `decode_batch` questions of similar length (less padding in the batch);
         # results still come out in the order asked, each as soon as those before it are out.
         done: dict[int, AskResult | Exception] = {i: p for i, p in enumerate(prompts) if isinstance(p, UserError)}
@@ -267,20 +290,9 @@ class VideoQA:
         step, out = max(1, decode_batch), 0
         for first in range(0, len(order), step):
             group = order[first : first + step]
-            ready, caches = self._prefill_group([(questions[i], prompts[i]) for i in group], clip)
-            started = [r for r in ready if isinstance(r, _Prefilled)]
-            asked = [i for i, r in zip(group, ready, strict=True) if isinstance(r, _Prefilled)]
-            hook = None if on_token is None else lambda row, token, asked=asked: on_token(asked[row], token)
-            try:
-                decoded = iter(decode_together(
-                    model.decoder, model.lm_head, clip.plan, [r.prefilled for r in started], caches,
-                    torch.stack([r.logits for r in started]), options.max_new_tokens, model.eos_token_ids,
-                    model.device, hook) if started else [])
-            except Exception as e:  # noqa: BLE001 - the group's decoding failed: each of its questions says so
-                ready = [e if isinstance(r, _Prefilled) else r for r in ready]
-            del caches
-            done |= {i: self._result(r, next(decoded), clip) if isinstance(r, _Prefilled) else r
-                     for i, r in zip(group, ready, strict=True)}
+            hook = None if on_token is None else lambda _, row, token, group=group: on_token(group[row], token)
+            (answered,) = self._decode_parts([(clip, [(questions[i], prompts[i]) for i in group])], hook)
+            done |= dict(zip(group, answered, strict=True))
             while out in done:
                 yield done.pop(out)
                 out += 1
@@ -338,6 +350,32 @@ class VideoQA:
         if options.positions == "compact" and self.model.position_dims > 1:
             raise UserError(f"--positions compact renumbers 1-D positions, but {self.model.model_type} gives each "
                             "visual token a 3-D (time, height, width) position: use --positions keep")
+
+    def _decode_parts(self, parts: list[tuple[PreparedClip, list[tuple[str, torch.Tensor]]]],
+                      on_token: Callable[[int, int, int], bool] | None) -> list[list[AskResult | Exception]]:
+        """Questions (with their prompt ids) about one or several prepared clips: each clip's through its
+        shared layers and own stages (`_prefill_group`), then all of them decoded together. Each clip's
+        results or errors, in order; `on_token(c, i, token)` as `answer_together`'s."""
+        model = self.model
+        prefilled = [self._prefill_group(group, clip) for clip, group in parts]
+        decoding, rows = [], []  # the clips' questions that reached decoding; (clip, question) of each row
+        for c, ((clip, _), (ready, caches)) in enumerate(zip(parts, prefilled, strict=True)):
+            started = [r for r in ready if isinstance(r, _Prefilled)]
+            if started:
+                decoding.append(ClipQuestions(clip.plan, [r.prefilled for r in started], caches,
+                                              torch.stack([r.logits for r in started]), clip.options.max_new_tokens))
+                rows += [(c, i) for i, r in enumerate(ready) if isinstance(r, _Prefilled)]
+        readies = [ready for ready, _ in prefilled]
+        del prefilled  # the caches now live in `decoding` only, which decoding empties
+        hook = None if on_token is None else lambda row, token: on_token(*rows[row], token)
+        try:
+            decoded = iter(decode_together(model.decoder, model.lm_head, decoding, model.eos_token_ids, model.device,
+                                           hook) if decoding else [])
+            failed = None
+        except Exception as e:  # noqa: BLE001 - the decoding failed: each of its questions says so
+            decoded, failed = iter([]), e
+        return [[(failed or self._result(r, next(decoded), clip)) if isinstance(r, _Prefilled) else r for r in ready]
+                for (clip, _), ready in zip(parts, readies, strict=True)]
 
     def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: PreparedClip
                        ) -> tuple[list[_Prefilled | Exception], list[DynamicCache]]:

@@ -9,7 +9,7 @@ import torch
 
 from tests.reference import masked_logits
 from tests.references.test_peers import dycoke_keys_reference
-from vidsparse.decoding import DecodeState, KeyChoice, generate
+from vidsparse.decoding import ClipQuestions, DecodeState, generate
 from vidsparse.engine import prefill, prefill_head
 from vidsparse.layers import rotary, run_layers
 from vidsparse.models.loading import load_model
@@ -160,8 +160,7 @@ def test_cached_decode_equals_recomputation_and_masked_reference(setup, method, 
         torch.testing.assert_close(cached, masked, atol=1e-4, rtol=1e-4)
         tokens.append(int(cached.argmax()))
         with torch.inference_mode():  # one cached decode step, as generate() takes it
-            state = state or DecodeState(decoder, prefilled.head, [cache], [prefilled.next_positions], 6,
-                                         KeyChoice.of(plan, prefilled))
+            state = state or DecodeState(decoder, [ClipQuestions(plan, [prefilled], [cache], cached[None], 6)])
             cached = model.lm_head(decoder.norm(state.step(torch.tensor([tokens[-1]]))[:, -1]))[0].float()
     assert run(model, prompt, make_plan(method, 20, 4, prune_after=prune_after, positions=positions, seed=3)
                ).decoded.token_ids == tokens

@@ -12,7 +12,7 @@ import torch
 
 from tests.references.test_pruning import ask_about
 from tests.sync_guard import Sync, recording_syncs
-from vidsparse.decoding import decode_together, generate
+from vidsparse.decoding import ClipQuestions, decode_together, generate
 from vidsparse.engine import finish_question, first_logits, prefill_head, question_rows
 from vidsparse.models.loading import load_model
 from vidsparse.pruning import METHODS, make_plan
@@ -27,7 +27,7 @@ PER_CLIP = {"fastvid": {("tolist", "pruning/fastvid.py:segment_budgets")},  # T 
             "flashvid": {("tolist", "pruning/flashvid.py:cut_segments"),
                          ("tolist", "pruning/flashvid.py:compress_clip")}}
 # Once a clip's questions are decoded: how many visual keys their tokens saw (a method choosing keys while decoding).
-PER_DECODING = {"dycoke": {("tolist", "decoding.py:decode_together")}}
+PER_DECODING = {"dycoke": {("tolist", "decoding.py:_mean_seen")}}
 # ToMe (an image-era baseline) merges in rounds whose survivors it reads: left as it is.
 UNTOUCHED = {"tome"}
 
@@ -71,8 +71,8 @@ def test_questions_decoded_together_wait_only_for_their_tokens(family, method):
         finished = [finish_question(model.decoder, prompt, plan, timer, head, rows)
                     for prompt, rows in zip(prompts, question_rows(model.decoder, head, prompts, plan), strict=True)]
         logits = first_logits(model.decoder, model.lm_head, [hidden for _, _, hidden in finished])
-        decoded = decode_together(model.decoder, model.lm_head, plan, [p for p, _, _ in finished],
-                                  [cache for _, cache, _ in finished], logits, NEW_TOKENS, set(), model.device)
+        clip = ClipQuestions(plan, [p for p, _, _ in finished], [cache for _, cache, _ in finished], logits, NEW_TOKENS)
+        decoded = decode_together(model.decoder, model.lm_head, [clip], set(), model.device)
     assert all(len(d.token_ids) == NEW_TOKENS for d in decoded)
     expected = collections.Counter(dict.fromkeys(PER_STEP, NEW_TOKENS))
     expected.update(dict.fromkeys(PER_DECODING.get(method, ()), 1))
