@@ -14,6 +14,7 @@ to `ask`, p50/p95 latency of a request, and whether every answer equals `ask`'s.
     python bench/serve.py                     # shapes-demo: 1 clip x 25 questions, concurrency 1, 4, 16
     python bench/serve.py --model 7b          # Video-LLaVA-7B's geometry (random weights, 3 layers on a CPU)
     python bench/serve.py --clips 4 --json out.json
+    python bench/serve.py --model 7b --clips 4 --questions 4 --spread   # requests in flight about different clips
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["demo", "7b"], default="demo")
     parser.add_argument("--clips", type=int, default=1)
     parser.add_argument("--questions", type=int, default=25, help="questions a clip")
+    parser.add_argument("--spread", action="store_true",
+                        help="send the requests round the clips (one question of each clip, then the next), so that "
+                             "the requests in flight are about different clips; by default clip after clip")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--method", default="none")
     parser.add_argument("--budget", default="10%")
@@ -135,6 +139,9 @@ def main() -> None:
         shutil.copy(paths.pop(), Path(tmp) / "warm.mp4")  # the servers' warm-up clip
         questions.pop()
         work = [(path, q) for path, asked in zip(paths, questions, strict=True) for q in asked]
+        if args.spread:
+            work = [(path, asked[i]) for i in range(args.questions) for path, asked in zip(paths, questions,
+                                                                                            strict=True)]
         qa.answer(paths[0], questions[0][0], options)  # warm-up
         start = time.perf_counter()
         latencies, reference = [], []
@@ -145,8 +152,9 @@ def main() -> None:
         ask_rate = len(work) / (time.perf_counter() - start)
         rows.append(("ask", 1, ask_rate, latencies, True))
         start = time.perf_counter()
-        together = [r.answer for path, asked in zip(paths, questions, strict=True)
-                    for r in qa.answer_clip(path, asked, options)]
+        answered = {(path, q): r.answer for path, asked in zip(paths, questions, strict=True)
+                    for q, r in zip(asked, qa.answer_clip(path, asked, options), strict=True)}
+        together = [answered[item] for item in work]
         batch_rate = len(work) / (time.perf_counter() - start)
         rows.append(("batch", 1, batch_rate, None, together == reference))
         device, dtype = qa.model.device, str(qa.model.dtype).removeprefix("torch.")
@@ -158,7 +166,8 @@ def main() -> None:
                 rows.append((name, concurrency, len(work) / seconds, latencies, answers == reference))
     model = "shapes-demo" if args.model == "demo" else "Video-LLaVA-7B geometry, 3 decoder layers, random weights"
     print(f"\n{platform.processor() or platform.machine()}, {device}, {dtype}, {model}, method {args.method}; "
-          f"{args.clips} clip(s) x {args.questions} questions, {frames} frames, {args.new_tokens} new tokens\n")
+          f"{args.clips} clip(s) x {args.questions} questions{' sent round the clips' if args.spread else ''}, "
+          f"{frames} frames, {args.new_tokens} new tokens\n")
     header = ["path", "concurrency", "questions/s", "x batch", "x ask", "p50 ms", "p95 ms", "same answers"]
     print("  ".join(f"{h:>14}" for h in header))
     out = []

@@ -40,16 +40,17 @@ def server(qa, clips):
 
 @pytest.fixture
 def held(monkeypatch) -> tuple[threading.Event, list[list[str]]]:
-    """The inference thread held at each `answer_prepared` call until the event is set; the calls' questions."""
+    """The inference thread held at each `answer_together` call until the event is set; each call's
+    questions, per clip."""
     release, calls = threading.Event(), []
-    answer_prepared = VideoQA.answer_prepared
+    answer_together = VideoQA.answer_together
 
-    def waits(self, clip, questions, *args, **kwargs):
-        calls.append(list(questions))
+    def waits(self, asked, *args, **kwargs):
+        calls.append([list(questions) for _, questions in asked])
         release.wait(30)
-        return answer_prepared(self, clip, questions, *args, **kwargs)
+        return answer_together(self, asked, *args, **kwargs)
 
-    monkeypatch.setattr(VideoQA, "answer_prepared", waits)
+    monkeypatch.setattr(VideoQA, "answer_together", waits)
     return release, calls
 
 
@@ -397,13 +398,56 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
             for thread in [first, *rest]:
                 thread.join(60)
         assert code == 429 and headers.get("Retry-After") == "1" and reply["error"]["type"] == "rate_limit_error"
-        assert calls[0] == [questions[0]] and sorted(calls[1]) == sorted(questions[1:]) and len(calls) == 2
+        assert calls[0] == [[questions[0]]] and len(calls) == 2
+        assert len(calls[1]) == 1 and sorted(calls[1][0]) == sorted(questions[1:])  # one clip, both questions
         for i, question in enumerate(questions):
             code, reply, _ = replies[i]
             assert code == 200 and reply["choices"][0]["message"]["content"] == expected(qa, clips["h264"],
                                                                                           question)["answer"]
         assert _metric(url, 'vidsparse_clip_cache_total{result="hit"}') == 2
         assert _metric(url, 'vidsparse_requests_total{status="429"}') == 1
+
+
+@pytest.mark.parametrize("cache_bytes", [512 * 2**20, 0])
+def test_requests_about_different_clips_waiting_together_are_decoded_together(qa, clips, held, cache_bytes):
+    """While the inference thread is held, requests about two clips (one of them with its own pruning
+    and answer length) queue; released, they are answered in one call, as `ask` would. Without a clip
+    cache a round holds one clip at a time: one call each."""
+    release, calls = held
+    asked = [(clips["h264"], QUESTION, {}), (clips["vp9"], "what moves ?", {}),
+             (clips["vp9"], QUESTION, {"max_tokens": 3, "extra_body": {"vidsparse": {"method": "stprune",
+                                                                                     "budget": "25%"}}})]
+    with live_server(qa, settings(clips["h264"].parent, cache_bytes=cache_bytes)) as url:
+        replies: dict[int, object] = {}
+        talk = client(url)
+
+        def ask(i: int) -> None:
+            video, question, extra = asked[i]
+            replies[i] = talk.chat.completions.create(model=MODEL_NAME, messages=video_message(
+                video.resolve().as_uri(), question), **extra)
+
+        first = threading.Thread(target=ask, args=(0,))
+        rest = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+        try:
+            first.start()
+            _wait_for(lambda: calls)
+            for thread in rest:
+                thread.start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+        finally:
+            release.set()
+            for thread in [first, *rest]:
+                thread.join(60)
+    assert calls[0] == [[QUESTION]]
+    if cache_bytes:  # the two clips' questions in one call (in the order they came)
+        assert len(calls) == 2 and sorted(calls[1]) == [[QUESTION], ["what moves ?"]]
+    else:
+        assert sorted(calls[1:]) == [[[QUESTION]], [["what moves ?"]]]
+    for i, (video, question, extra) in enumerate(asked):
+        method, budget = ("stprune", "25%") if extra else ("none", "194")
+        want = qa.answer(video, question, ask_options(method, budget, num_frames=8,
+                                                      max_new_tokens=extra.get("max_tokens", 4)))
+        assert replies[i].choices[0].message.content == want.answer
 
 
 def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, held):
@@ -427,7 +471,7 @@ def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, he
             first.join(60)
         code, _, _ = post(url, {"model": MODEL_NAME, "messages": video_message(first_uri, "what is happening ?")})
         assert code == 200
-    assert calls == [[QUESTION], ["what is happening ?"]]  # "what moves ?" about the other clip never ran
+    assert calls == [[[QUESTION]], [["what is happening ?"]]]  # "what moves ?" about the other clip never ran
 
 
 def test_a_request_past_the_timeout_is_a_504_and_the_server_goes_on(qa, clips, held):

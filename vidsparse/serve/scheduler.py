@@ -1,9 +1,10 @@
 """One inference thread behind a bounded queue. The model runs one piece of work at a time (torch
-already spreads one forward over the cores); what the scheduler adds is sharing: every waiting request
-about the same clip with the same settings is answered in one `answer_prepared` call (one batch
-through the question rows, decoded together), and the clip's shared work comes from the clip cache
-when an earlier request paid for it. A request whose client went away is dropped before it costs
-anything."""
+already spreads one forward over the cores); what the scheduler adds is sharing. A *round* takes the
+oldest waiting requests (up to ROUND_QUESTIONS) and answers them in one `answer_together` call: the
+requests about the same clip with the same settings go through their clip's shared layers in one
+batch, and every request of the round, whatever its clip, is decoded in one batch (the weights read
+once a step for all). A clip's shared work comes from the clip cache when an earlier request paid for
+it. A request whose client went away is dropped before it costs anything."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from dataclasses import dataclass, replace
 
 from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
-from vidsparse.options import AskOptions, resolve_positions
+from vidsparse.options import DECODE_BATCH, AskOptions, resolve_positions
 from vidsparse.pipeline import PreparedClip, VideoQA
 from vidsparse.serve.chat import ChatRequest, RequestError
-from vidsparse.serve.clip_cache import ClipCache
+from vidsparse.serve.clip_cache import ClipCache, nbytes
 from vidsparse.serve.media import Media, decoded
 from vidsparse.video import DecodedVideo, decode_clip
 
-MAX_GATHER_S = 0.02  # the longest a group waits for the questions of clients just answered
+MAX_GATHER_S = 0.02  # the longest a round waits for the questions of clients just answered
+ROUND_QUESTIONS = DECODE_BATCH  # requests answered (and decoded) together at most
 
 
 class QueueFull(Exception):
@@ -91,49 +93,86 @@ class Scheduler:
             self._ready.notify()
         self._thread.join()
 
-    def _next_group(self) -> list[Job] | None:
-        """The oldest job and every waiting job about the same clip with the same settings. Where fewer wait
-        than were in flight when the last group ended (that group's and those waiting then), it waits a
-        moment (a tenth of that group's time, at most MAX_GATHER_S) for the rest: the clients just answered
-        are sending their next questions, and without it a closed loop of N clients settles into small
-        groups (N - 1 and 1, or N/2 and N/2) instead of one group of N."""
+    def _next_round(self) -> list[list[Job]] | None:
+        """The oldest waiting jobs, up to ROUND_QUESTIONS, grouped by clip and settings (in the order of
+        each group's oldest). Where fewer wait than were in flight when the last round ended (that round's
+        and those waiting then), it waits a moment (a tenth of that round's time, at most MAX_GATHER_S)
+        for the rest: the clients just answered are sending their next questions, and without it a closed
+        loop of N clients settles into small rounds (N - 1 and 1, or N/2 and N/2) instead of one of N."""
         with self._ready:
             while not self._jobs and not self._closing:
                 self._ready.wait()
             if not self._jobs:
                 return None
-            key = self._jobs[0].group
+            wanted = min(self._in_flight, ROUND_QUESTIONS)
             deadline = time.monotonic() + min(MAX_GATHER_S, self._last_seconds / 10)
-            while (sum(job.group == key for job in self._jobs) < self._in_flight and not self._closing
+            while (len(self._jobs) < wanted and not self._closing
                    and (left := deadline - time.monotonic()) > 0):
                 self._ready.wait(left)
-            group = [job for job in self._jobs if job.group == key]
-            for job in group:
-                self._jobs.remove(job)
-        return group
+            groups: dict[tuple, list[Job]] = {}
+            for _ in range(min(len(self._jobs), ROUND_QUESTIONS)):
+                job = self._jobs.popleft()
+                groups.setdefault(job.group, []).append(job)
+        return list(groups.values())
 
     def _run(self) -> None:
-        while (group := self._next_group()) is not None:
-            live = [job for job in group if job.future.set_running_or_notify_cancel()]
+        while (groups := self._next_round()) is not None:
+            live = [[job for job in group if job.future.set_running_or_notify_cancel()] for group in groups]
+            live = [group for group in live if group]
             if not live:
                 continue
             start = time.monotonic()
             try:
                 answers = self._answer(live)
-            except Exception as e:  # noqa: BLE001 - what stops the whole group (the clip, the options) fails each job
-                for job in live:
-                    job.future.set_exception(e)
-                continue
+            except Exception as e:  # noqa: BLE001 - what stops the whole round fails each of its jobs
+                answers = [[e] * len(group) for group in live]
             finally:
                 with self._ready:
-                    self._in_flight, self._last_seconds = len(live) + len(self._jobs), time.monotonic() - start
-            for job, answer in zip(live, answers, strict=True):
-                if isinstance(answer, Exception):
-                    job.future.set_exception(answer)
-                else:
-                    job.future.set_result(answer)
+                    self._in_flight = sum(map(len, live)) + len(self._jobs)
+                    self._last_seconds = time.monotonic() - start
+            for group, answered in zip(live, answers, strict=True):
+                for job, answer in zip(group, answered, strict=True):
+                    if isinstance(answer, Exception):
+                        job.future.set_exception(answer)
+                    else:
+                        job.future.set_result(answer)
 
-    def _answer(self, jobs: list[Job]) -> list[Answered | Exception]:
+    def _answer(self, groups: list[list[Job]]) -> list[list[Answered | Exception]]:
+        """Each group's clip prepared (or taken from the cache), then the groups' questions answered
+        together; a group whose clip or options are refused fails alone. The clips a round holds at once
+        stay within the cache's budget (at least one clip): past it, the groups prepared so far are
+        answered before the next clip is prepared (without a cache, one clip at a time)."""
+        answers: dict[int, list[Answered | Exception]] = {}
+        ready: list[tuple[int, PreparedClip, bool]] = []  # (group, its clip, cache hit), prepared, not yet answered
+        held = 0  # their bytes
+        for g, jobs in enumerate(groups):
+            try:
+                clip, hit = self._clip(jobs)
+            except Exception as e:  # noqa: BLE001 - what stops a clip (its video, its options) fails its jobs
+                answers[g] = [e] * len(jobs)
+                continue
+            ready.append((g, clip, hit))
+            held += nbytes(clip)
+            if held >= self.cache.max_bytes:
+                answers |= self._answer_ready(groups, ready)
+                ready, held = [], 0
+        if ready:
+            answers |= self._answer_ready(groups, ready)
+        return [answers[g] for g in range(len(groups))]
+
+    def _answer_ready(self, groups: list[list[Job]], ready: list[tuple[int, PreparedClip, bool]]
+                      ) -> dict[int, list[Answered | Exception]]:
+        """The questions of the groups whose clips are `ready`, decoded in one batch."""
+        asked = [(clip.answering(groups[g][0].request.options.max_new_tokens), [job.request.question
+                                                                                for job in groups[g]])
+                 for g, clip, _ in ready]
+        results = self.qa.answer_together(asked, on_token=lambda c, i, token: _going_on(groups[ready[c][0]][i], token))
+        return {g: [r if isinstance(r, Exception) else Answered(r, hit) for r in mine]
+                for (g, _, hit), mine in zip(ready, results, strict=True)}
+
+    def _clip(self, jobs: list[Job]) -> tuple[PreparedClip, bool]:
+        """The jobs' clip prepared for their options, counted as asked their questions, and whether it came
+        from the cache."""
         options: AskOptions = jobs[0].request.options
         media = jobs[0].media
         self.qa.check_options(options)
@@ -146,10 +185,7 @@ class Scheduler:
             clip = self.qa.prepare_clip(self._video(media, options), jobs[0].request.question, options, media.label)
         clip: PreparedClip = clip.asked(len(jobs))
         self.cache.put(clip_key, clip)
-        results = self.qa.answer_prepared(clip, [job.request.question for job in jobs],
-                                          max_new_tokens=options.max_new_tokens,
-                                          on_token=lambda i, token: _going_on(jobs[i], token))
-        return [r if isinstance(r, Exception) else Answered(r, hit) for r in results]
+        return clip, hit
 
     def _video(self, media: Media, options: AskOptions) -> DecodedVideo:
         """The clip's frames as `options` sample them, decoded once per sampling."""
