@@ -10,8 +10,9 @@ place (`vidsparse.layers`), never copying them. `ask` is the one-question case o
 An explicit loop over `decoder.layers` (no `generate()`): a stage "after layer p" runs layers up to
 p, lets the method choose from layer p's attention, removes/merges visual rows of layer p's output,
 and the following layers see (and cache) only what is left. Layers keep caches of different
-lengths. Several questions about a clip go through the layers they share with its head in one
-batch (`question_rows`); decoding them together is `vidsparse.decoding`.
+lengths. Several questions about a clip, and about clips whose heads cover the same layers, go
+through the layers they share with their heads in one batch (`question_rows`); decoding them
+together is `vidsparse.decoding`.
 
 Every step returns what it computed (gpt-fast's `prefill` / `decode_one_token` style): a `Head`, a
 question's `Prefilled` facts with its own key/value cache and last hidden rows, the first logits.
@@ -177,19 +178,36 @@ def prefill(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
     from this prompt if not given: a head serves every prompt with the same head rows)."""
     if head is None:
         head = prefill_head(decoder, prompt, plan, timer)
-    (rows,) = question_rows(decoder, head, [prompt], plan)
+    ((rows,),) = question_rows(decoder, [ClipPrompts(head, [prompt], plan)])
     return _finish(decoder, prompt, plan, timer, head, *rows)
 
 
+@dataclass(frozen=True)
+class ClipPrompts:
+    """Prompts about one clip, to go through the layers they share with its `head` (`question_rows`)."""
+
+    head: Head
+    prompts: list[PromptEmbeds]
+    plan: PruningPlan | None
+
+
 @torch.inference_mode()
-def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: PruningPlan | None) -> list[QuestionRows]:
-    """Each prompt's rows after the head through the layers it shares with the head, all prompts in one
-    batch: per prompt (last shared layer's output, its input, a cache holding the rows' keys/values)."""
-    keep = plan is None or plan.positions == "keep"
-    starts = [head.question_start(i, keep) for i in range(head.layers)]
-    questions = [p.embeds[0, head.length :] for p in prompts]
+def question_rows(decoder, clips: list[ClipPrompts]) -> list[list[QuestionRows]]:
+    """Each clip's prompts' rows after its head through the layers the head covers, every clip's prompts
+    in one batch (their heads must cover the same number of layers): per clip, per prompt (last shared
+    layer's output, its input, a cache holding the rows' keys/values)."""
+    if len({clip.head.layers for clip in clips}) > 1:
+        raise ValueError("question_rows batches clips whose heads cover the same layers")
+    questions, starts, heads = [], [], []
+    for clip in clips:
+        keep = clip.plan is None or clip.plan.positions == "keep"
+        first = len(questions)
+        questions += [p.embeds[0, clip.head.length :] for p in clip.prompts]
+        starts += [[clip.head.question_start(i, keep) for i in range(clip.head.layers)]] * len(clip.prompts)
+        heads.append((slice(first, len(questions)), clip.head.kv))
     padded = torch.nn.utils.rnn.pad_sequence(questions, batch_first=True)
-    out, layer_input, kv = run_after_head(decoder, head.kv, padded, starts)
+    out, layer_input, kv = run_after_head(decoder, heads, padded,
+                                          to_device(starts, padded.device).reshape(len(questions), -1))
     rows = []
     for i, question in enumerate(questions):
         count = question.shape[0]
@@ -197,7 +215,8 @@ def question_rows(decoder, head: Head, prompts: list[PromptEmbeds], plan: Prunin
         for layer, (keys, values) in enumerate(kv):
             cache.update(keys[i : i + 1, :, :count], values[i : i + 1, :, :count], layer)
         rows.append((out[i : i + 1, :count], layer_input[i : i + 1, :count], cache))
-    return rows
+    mine = iter(rows)
+    return [[next(mine) for _ in clip.prompts] for clip in clips]
 
 
 def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer, head: Head,

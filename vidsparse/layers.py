@@ -117,23 +117,27 @@ def _finish(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def run_after_head(decoder, head: list[HeadKV], hidden: torch.Tensor, starts: list[int]
+def run_after_head(decoder, heads: list[tuple[slice, list[HeadKV]]], hidden: torch.Tensor, starts: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Rows of b questions (hidden (b, r, d), right-padded to a common r) after a shared head, through
-    the layers `head` covers; at layer i they sit at RoPE positions starts[i], starts[i] + 1, ...
-    Row j of a question sees every head key and that question's rows up to j (padding comes after
-    its rows, so no real row sees it). Returns the last layer's output, the last layer's input, and
-    each layer's keys/values of the rows, (b, kv_heads, r, hd)."""
+    """Rows of b questions (hidden (b, r, d), right-padded to a common r) after shared heads, through
+    the layers the heads cover (the same number for every head): the questions at `heads[k][0]` (a
+    range of the batch) attend to head k's keys/values at each layer; at layer i question q's rows sit
+    at RoPE positions starts[q, i], starts[q, i] + 1, ... Row j of a question sees every key of its
+    head and that question's rows up to j (padding comes after its rows, so no real row sees it). The
+    projections and the MLP run on every row at once (the weights read once, whatever the clips).
+    Returns the last layer's output, the last layer's input, and each layer's keys/values of the
+    rows, (b, kv_heads, r, hd)."""
     local = torch.arange(hidden.shape[1], device=hidden.device)
     future = (local[None, :] > local[:, None])[None]
     layer_input, kv = hidden, []
-    for i, shared in enumerate(head):
+    for i in range(starts.shape[1]):
         layer = decoder.layers[i]
         layer_input = hidden
-        query, key, value = _project(layer, hidden, rotary(decoder, hidden, (starts[i] + local)[None, None]))
+        query, key, value = _project(layer, hidden, rotary(decoder, hidden, (starts[:, i, None] + local)[None]))
         kv.append((key, value))
-        attended, _ = _attend(layer.self_attn, query, shared, key, value, future)
-        hidden = _finish(layer, hidden, attended)
+        attended = [_attend(layer.self_attn, query[rows], head[i], key[rows], value[rows], future)[0]
+                    for rows, head in heads]
+        hidden = _finish(layer, hidden, attended[0] if len(attended) == 1 else torch.cat(attended))
     return hidden, layer_input, kv
 
 

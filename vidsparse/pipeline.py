@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from vidsparse.answer import AskResult, ClipFeatures, ClipWork
 from vidsparse.decoding import ClipQuestions, Decoded, TokenHook, decode_together
 from vidsparse.engine import (
+    ClipPrompts,
     Head,
     Prefilled,
     finish_question,
@@ -354,10 +355,10 @@ class VideoQA:
     def _decode_parts(self, parts: list[tuple[PreparedClip, list[tuple[str, torch.Tensor]]]],
                       on_token: Callable[[int, int, int], bool] | None) -> list[list[AskResult | Exception]]:
         """Questions (with their prompt ids) about one or several prepared clips: each clip's through its
-        shared layers and own stages (`_prefill_group`), then all of them decoded together. Each clip's
+        shared layers and own stages (`_prefill_parts`), then all of them decoded together. Each clip's
         results or errors, in order; `on_token(c, i, token)` as `answer_together`'s."""
         model = self.model
-        prefilled = [self._prefill_group(group, clip) for clip, group in parts]
+        prefilled = self._prefill_parts(parts)
         decoding, rows = [], []  # the clips' questions that reached decoding; (clip, question) of each row
         for c, ((clip, _), (ready, caches)) in enumerate(zip(parts, prefilled, strict=True)):
             started = [r for r in ready if isinstance(r, _Prefilled)]
@@ -377,50 +378,77 @@ class VideoQA:
         return [[(failed or self._result(r, next(decoded), clip)) if isinstance(r, _Prefilled) else r for r in ready]
                 for (clip, _), ready in zip(parts, readies, strict=True)]
 
-    def _prefill_group(self, group: list[tuple[str, torch.Tensor]], clip: PreparedClip
-                       ) -> tuple[list[_Prefilled | Exception], list[DynamicCache]]:
-        """The prefill of a group of questions after the clip's shared work: their rows through the
-        layers shared with the head in one batch (its time split evenly among them), then each one's
-        own stages and layers. Returns each question's prefill or error, and the own keys/values of
-        those prefilled, in order."""
+    def _question_prompt(self, clip: PreparedClip, ids: torch.Tensor) -> tuple[PromptEmbeds, StageTimer]:
+        """A question's whole prompt on a prepared clip (the head's embeddings and positions, then its own
+        text), and the timer of its own stages."""
         model = self.model
-        asked = []
-        for question, ids in group:
-            timer = StageTimer(model.device)
-            with timer.stage("preprocess"):
-                length = clip.head.length
-                own = model.decoder.embed_tokens(ids[:, length:])  # after the head, a prompt is text
-                words = model.words(ids[0, length:])
-                head_rope = clip.head_prompt.rope_positions
-                text = clip.head.text_start + torch.arange(own.shape[1], device=head_rope.device)
-                prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
-                                 rope_positions=torch.cat([head_rope, text.expand(head_rope.shape[0], 1, -1)], -1),
-                                 suffix_words=words)
-            asked.append((question, prompt, timer))
-        batch = StageTimer(model.device)
-        try:
-            with batch.stage("prefill"):
-                rows = question_rows(model.decoder, clip.head, [prompt for _, prompt, _ in asked], clip.plan)
-        except Exception as e:  # noqa: BLE001 - the group's shared rows failed: each of its questions says so
-            return [e] * len(asked), []
-        finished: list[tuple[Prefilled, DynamicCache, torch.Tensor] | Exception] = []
-        for (_, prompt, timer), row in zip(asked, rows, strict=True):
+        timer = StageTimer(model.device)
+        with timer.stage("preprocess"):
+            length = clip.head.length
+            own = model.decoder.embed_tokens(ids[:, length:])  # after the head, a prompt is text
+            words = model.words(ids[0, length:])
+            head_rope = clip.head_prompt.rope_positions
+            text = clip.head.text_start + torch.arange(own.shape[1], device=head_rope.device)
+            prompt = replace(clip.head_prompt, input_ids=ids, embeds=torch.cat([clip.head_prompt.embeds, own], 1),
+                             rope_positions=torch.cat([head_rope, text.expand(head_rope.shape[0], 1, -1)], -1),
+                             suffix_words=words)
+        return prompt, timer
+
+    def _prefill_parts(self, parts: list[tuple[PreparedClip, list[tuple[str, torch.Tensor]]]]
+                       ) -> list[tuple[list[_Prefilled | Exception], list[DynamicCache]]]:
+        """The prefill of questions about prepared clips after their shared work: their rows through the
+        layers shared with their heads, in one batch for all the clips whose heads cover the same layers
+        (its time split evenly among its questions), then each one's own stages and layers, then every
+        question's first logits in one product. Per clip: each question's prefill or error, and the own
+        keys/values of those prefilled, in order."""
+        model = self.model
+        asked = [[(question, *self._question_prompt(clip, ids)) for question, ids in group] for clip, group in parts]
+        rows: list[list | Exception] = [[] for _ in parts]
+        alike: dict[int, list[int]] = {}  # clips by the layers their heads cover
+        for c, (clip, _) in enumerate(parts):
+            alike.setdefault(clip.head.layers, []).append(c)
+        for same in alike.values():
+            batch = StageTimer(model.device)
             try:
-                finished.append(finish_question(model.decoder, prompt, clip.plan, timer, clip.head, row))
-            except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
-                finished.append(e)
-        done = [f for f in finished if not isinstance(f, Exception)]
-        logits = iter([])
+                with batch.stage("prefill"):
+                    got = question_rows(model.decoder, [ClipPrompts(parts[c][0].head, [p for _, p, _ in asked[c]],
+                                                                    parts[c][0].plan) for c in same])
+            except Exception as e:  # noqa: BLE001 - the batch's shared rows failed: each of its questions says so
+                got = [e] * len(same)
+            share = batch.seconds.get("prefill", 0.0) / sum(len(asked[c]) for c in same)
+            for c, mine in zip(same, got, strict=True):
+                rows[c] = mine
+                for _, _, timer in asked[c]:
+                    timer.calls.setdefault("prefill", []).append(share)
+        finished: list[list[tuple[Prefilled, DynamicCache, torch.Tensor] | Exception]] = []
+        for (clip, _), mine, rows_of in zip(parts, asked, rows, strict=True):
+            if isinstance(rows_of, Exception):
+                finished.append([rows_of] * len(mine))
+                continue
+            finished.append([])
+            for (_, prompt, timer), row in zip(mine, rows_of, strict=True):
+                try:
+                    finished[-1].append(finish_question(model.decoder, prompt, clip.plan, timer, clip.head, row))
+                except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
+                    finished[-1].append(e)
+        done = [f for clip_finished in finished for f in clip_finished if not isinstance(f, Exception)]
+        logits, share = iter([]), 0.0
         if done:
+            batch = StageTimer(model.device)
             with batch.stage("prefill"):
                 logits = iter(first_logits(model.decoder, model.lm_head, [last for _, _, last in done]))
-        share = batch.seconds["prefill"] / len(asked)  # the batched parts, split evenly
-        for _, _, timer in asked:
-            timer.calls.setdefault("prefill", []).append(share)
-        ready: list[_Prefilled | Exception] = [
-            f if isinstance(f, Exception) else _Prefilled(question, prompt, timer, f[0], next(logits))
-            for (question, prompt, timer), f in zip(asked, finished, strict=True)]
-        return ready, [cache for _, cache, _ in done]
+            share = batch.seconds["prefill"] / len(done)
+        out = []
+        for mine, clip_finished in zip(asked, finished, strict=True):
+            ready: list[_Prefilled | Exception] = []
+            for (question, prompt, timer), f in zip(mine, clip_finished, strict=True):
+                if isinstance(f, Exception):
+                    ready.append(f)
+                    continue
+                timer.calls["prefill"].append(share)
+                ready.append(_Prefilled(question, prompt, timer, f[0], next(logits)))
+            out.append((ready, [f[1] for f in clip_finished if not isinstance(f, Exception)]))
+        return out
 
     def _result(self, done: _Prefilled, decoded: Decoded, clip: PreparedClip) -> AskResult:
         """The answer and statistics of a decoded question."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidsparse import decoding
+from vidsparse import decoding, pipeline
 from vidsparse.errors import UserError
 from vidsparse.options import ask_options
 from vidsparse.pipeline import VideoQA
@@ -43,12 +43,22 @@ def test_questions_about_several_clips_decode_together_as_if_each_were_asked_alo
         questions = QUESTIONS[: 3 - c % 2]  # clips of 3 and 2 questions
         asked.append((qa.prepare_clip(video, questions[0], options).asked(len(questions)), questions))
         alone.append([qa.answer(video, q, options) for q in questions])
-    batches = []
+    batches, row_batches = [], []
     step = decoding.DecodeState.step
     monkeypatch.setattr(decoding.DecodeState, "step",
                         lambda self, tokens: batches.append(len(tokens)) or step(self, tokens))
+    question_rows = pipeline.question_rows
+    monkeypatch.setattr(pipeline, "question_rows", lambda decoder, clips: row_batches.append(
+        sorted(len(c.prompts) for c in clips)) or question_rows(decoder, clips))
     together = qa.answer_together(asked)
     assert batches[0] == sum(len(questions) for _, questions in asked)  # one batch for every clip's questions
+    # The questions' rows through the layers shared with their heads: one batch for the clips whose heads
+    # cover the same layers.
+    covered: dict[int, list[int]] = {}
+    for clip, questions in asked:
+        covered.setdefault(clip.head.layers, []).append(len(questions))
+    assert sorted(row_batches) == sorted(sorted(counts) for counts in covered.values())
+    assert max(map(len, row_batches)) > 1
     heads = {clip.head.kv[0].keys.shape[-2] for clip, _ in asked}
     assert len(heads) > 1  # the clips' heads differ: each row must read its own
     for results, expected in zip(together, alone, strict=True):

@@ -13,7 +13,7 @@ import torch
 from tests.references.test_pruning import ask_about
 from tests.sync_guard import Sync, recording_syncs
 from vidsparse.decoding import ClipQuestions, decode_together, generate
-from vidsparse.engine import finish_question, first_logits, prefill_head, question_rows
+from vidsparse.engine import ClipPrompts, finish_question, first_logits, prefill_head, question_rows
 from vidsparse.models.loading import load_model
 from vidsparse.pruning import METHODS, make_plan
 from vidsparse.stats import StageTimer
@@ -68,8 +68,9 @@ def test_questions_decoded_together_wait_only_for_their_tokens(family, method):
     timer = StageTimer(model.device)
     with recording_syncs() as found, torch.inference_mode():
         head = prefill_head(model.decoder, prompts[0], plan, timer)
+        (rows_of,) = question_rows(model.decoder, [ClipPrompts(head, prompts, plan)])
         finished = [finish_question(model.decoder, prompt, plan, timer, head, rows)
-                    for prompt, rows in zip(prompts, question_rows(model.decoder, head, prompts, plan), strict=True)]
+                    for prompt, rows in zip(prompts, rows_of, strict=True)]
         logits = first_logits(model.decoder, model.lm_head, [hidden for _, _, hidden in finished])
         clip = ClipQuestions(plan, [p for p, _, _ in finished], [cache for _, cache, _ in finished], logits, NEW_TOKENS)
         decoded = decode_together(model.decoder, model.lm_head, [clip], set(), model.device)
