@@ -77,6 +77,10 @@ class ClipQuestions:
     logits: torch.Tensor  # (b, vocab) after each prompt
     max_new_tokens: int
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1:  # the first token comes from the prefill's logits: one is always given
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+
 
 @dataclass
 class _ClipRows:
@@ -102,7 +106,7 @@ class DecodeState:
         self.clips = [_ClipRows(c.prefilled[0].head, KeyChoice.of(c.plan, c.prefilled[0]), len(c.prefilled))
                       for c in clips]
         caches = [cache for c in clips for cache in c.caches]
-        room = max(c.max_new_tokens for c in clips)
+        room = [c.max_new_tokens for c in clips for _ in c.prefilled]  # each question's tokens to come, at most
         self.own = [PaddedKV.gather([c.layers[i] for c in caches], room) for i in range(len(decoder.layers))]
         del caches
         for clip in clips:

@@ -151,11 +151,11 @@ class PaddedKV:
     lengths: torch.Tensor  # (b,) long
 
     @classmethod
-    def gather(cls, layers: list, extra: int) -> PaddedKV:
-        """From each question's cache layer (DynamicLayer), with room for `extra` more tokens."""
+    def gather(cls, layers: list, room: list[int]) -> PaddedKV:
+        """From each question's cache layer (DynamicLayer), with room for `room[i]` more tokens of question i."""
         counts = [layer.keys.shape[-2] for layer in layers]
-        keys = layers[0].keys.new_zeros(len(layers), layers[0].keys.shape[1], max(counts) + extra,
-                                        layers[0].keys.shape[-1])
+        capacity = max(count + extra for count, extra in zip(counts, room, strict=True))
+        keys = layers[0].keys.new_zeros(len(layers), layers[0].keys.shape[1], capacity, layers[0].keys.shape[-1])
         values = torch.zeros_like(keys)
         for i, layer in enumerate(layers):
             keys[i, :, : layer.keys.shape[-2]] = layer.keys[0]

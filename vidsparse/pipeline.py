@@ -244,12 +244,13 @@ class VideoQA:
         prompts = [[self.checked_prompt(q, clip.shape, clip.options) for q in questions] for clip, questions in asked]
         # The questions that may be asked, per clip: their places among its questions
         kept = [[i for i, p in enumerate(mine) if not isinstance(p, UserError)] for mine in prompts]
-        parts = [(clip, [(questions[i], mine[i]) for i in at])
-                 for (clip, questions), mine, at in zip(asked, prompts, kept, strict=True)]
-        hook = None if on_token is None else lambda c, i, token: on_token(c, kept[c][i], token)
+        asking = [c for c, at in enumerate(kept) if at]  # the clips with a question that may be asked
+        parts = [(asked[c][0], [(asked[c][1][i], prompts[c][i]) for i in kept[c]]) for c in asking]
+        hook = None if on_token is None else lambda p, i, token: on_token(asking[p], kept[asking[p]][i], token)
+        answered = dict(zip(asking, self._decode_parts(parts, hook), strict=True))
         results = []
-        for mine, at, answered in zip(prompts, kept, self._decode_parts(parts, hook), strict=True):
-            done = dict(zip(at, answered, strict=True))
+        for c, mine in enumerate(prompts):
+            done = dict(zip(kept[c], answered.get(c, []), strict=True))
             results.append([done.get(i, p) for i, p in enumerate(mine)])
         return results
 
@@ -354,9 +355,11 @@ class VideoQA:
 
     def _decode_parts(self, parts: list[tuple[PreparedClip, list[tuple[str, torch.Tensor]]]],
                       on_token: Callable[[int, int, int], bool] | None) -> list[list[AskResult | Exception]]:
-        """Questions (with their prompt ids) about one or several prepared clips: each clip's through its
-        shared layers and own stages (`_prefill_parts`), then all of them decoded together. Each clip's
-        results or errors, in order; `on_token(c, i, token)` as `answer_together`'s."""
+        """Questions (with their prompt ids) about one or several prepared clips, at least one a clip: each
+        clip's through its shared layers and own stages (`_prefill_parts`), then all of them decoded
+        together. Each clip's results or errors, in order; `on_token(c, i, token)` as `answer_together`'s.
+        What fails in a batch (the shared rows of clips batched together, the decoding) fails each of
+        its questions; what fails for one question (its own stages, its result) fails it alone."""
         model = self.model
         prefilled = self._prefill_parts(parts)
         decoding, rows = [], []  # the clips' questions that reached decoding; (clip, question) of each row
@@ -375,8 +378,15 @@ class VideoQA:
             failed = None
         except Exception as e:  # noqa: BLE001 - the decoding failed: each of its questions says so
             decoded, failed = iter([]), e
-        return [[(failed or self._result(r, next(decoded), clip)) if isinstance(r, _Prefilled) else r for r in ready]
-                for (clip, _), ready in zip(parts, readies, strict=True)]
+        return [[(failed or self._checked_result(r, next(decoded), clip)) if isinstance(r, _Prefilled) else r
+                 for r in ready] for (clip, _), ready in zip(parts, readies, strict=True)]
+
+    def _checked_result(self, done: _Prefilled, decoded: Decoded, clip: PreparedClip) -> AskResult | Exception:
+        """`_result`, or the error that stopped this question's alone."""
+        try:
+            return self._result(done, decoded, clip)
+        except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
+            return e
 
     def _question_prompt(self, clip: PreparedClip, ids: torch.Tensor) -> tuple[PromptEmbeds, StageTimer]:
         """A question's whole prompt on a prepared clip (the head's embeddings and positions, then its own
@@ -435,9 +445,13 @@ class VideoQA:
         logits, share = iter([]), 0.0
         if done:
             batch = StageTimer(model.device)
-            with batch.stage("prefill"):
-                logits = iter(first_logits(model.decoder, model.lm_head, [last for _, _, last in done]))
-            share = batch.seconds["prefill"] / len(done)
+            try:
+                with batch.stage("prefill"):
+                    logits = iter(first_logits(model.decoder, model.lm_head, [last for _, _, last in done]))
+                share = batch.seconds["prefill"] / len(done)
+            except Exception as e:  # noqa: BLE001 - the batch's logits failed: each of its questions says so
+                finished = [[e if not isinstance(f, Exception) else f for f in clip_finished]
+                            for clip_finished in finished]
         out = []
         for mine, clip_finished in zip(asked, finished, strict=True):
             ready: list[_Prefilled | Exception] = []

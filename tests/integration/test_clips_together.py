@@ -137,3 +137,13 @@ def test_a_clip_choosing_keys_while_decoding_keeps_its_own_memory_beside_other_c
         assert (got.answer, got.generated_tokens, got.visual_while_decoding) == (want.answer, want.generated_tokens,
                                                                                  want.visual_while_decoding)
     torch.testing.assert_close(sorted(similarities), alone_similarities, atol=1e-5, rtol=1e-5)
+
+
+def test_a_clip_whose_every_question_is_refused_leaves_the_others_as_they_were(tiny_checkpoint, clips):
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint), dtype="float32", device="cpu")
+    options = options_of("none", "keep", 8, 4)
+    asked = [(qa.prepare_clip(decode_video(clips[codec], 8), "what ?", options).asked(1), questions)
+             for codec, questions in (("h264", ["  ", "what is <video> ?"]), ("vp9", ["what moves ?"]))]
+    refused, (answered,) = qa.answer_together(asked)
+    assert [type(r) for r in refused] == [UserError, UserError]
+    assert answered.answer == qa.answer(decode_video(clips["vp9"], 8), "what moves ?", options).answer

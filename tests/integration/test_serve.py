@@ -410,11 +410,11 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
 
 @pytest.mark.parametrize("cache_bytes", [512 * 2**20, 0])
 def test_requests_about_different_clips_waiting_together_are_decoded_together(qa, clips, held, cache_bytes):
-    """While the inference thread is held, requests about two clips (one of them with its own pruning
-    and answer length) queue; released, they are answered in one call, as `ask` would. Without a clip
-    cache a round holds one clip at a time: one call each."""
+    """While the inference thread is held, requests about two videos (one of them also with its own
+    pruning and answer length) queue; released, they are answered in one call, as `ask` would. Without
+    a clip cache a round holds one clip at a time: one call each."""
     release, calls = held
-    asked = [(clips["h264"], QUESTION, {}), (clips["vp9"], "what moves ?", {}),
+    asked = [(clips["h264"], QUESTION, {}), (clips["vp9"], "what moves ?", {}), (clips["h264"], "what moves ?", {}),
              (clips["vp9"], QUESTION, {"max_tokens": 3, "extra_body": {"vidsparse": {"method": "stprune",
                                                                                      "budget": "25%"}}})]
     with live_server(qa, settings(clips["h264"].parent, cache_bytes=cache_bytes)) as url:
@@ -427,27 +427,102 @@ def test_requests_about_different_clips_waiting_together_are_decoded_together(qa
                 video.resolve().as_uri(), question), **extra)
 
         first = threading.Thread(target=ask, args=(0,))
-        rest = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+        rest = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
         try:
             first.start()
             _wait_for(lambda: calls)
             for thread in rest:
                 thread.start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 3)
         finally:
             release.set()
             for thread in [first, *rest]:
                 thread.join(60)
     assert calls[0] == [[QUESTION]]
-    if cache_bytes:  # the two clips' questions in one call (in the order they came)
-        assert len(calls) == 2 and sorted(calls[1]) == [[QUESTION], ["what moves ?"]]
+    if cache_bytes:  # the three groups (two videos, two settings on one) in one call, in the order they came
+        assert len(calls) == 2 and sorted(calls[1]) == [[QUESTION], ["what moves ?"], ["what moves ?"]]
     else:
-        assert sorted(calls[1:]) == [[[QUESTION]], [["what moves ?"]]]
+        assert sorted(calls[1:]) == [[[QUESTION]], [["what moves ?"]], [["what moves ?"]]]
     for i, (video, question, extra) in enumerate(asked):
         method, budget = ("stprune", "25%") if extra else ("none", "194")
         want = qa.answer(video, question, ask_options(method, budget, num_frames=8,
                                                       max_new_tokens=extra.get("max_tokens", 4)))
         assert replies[i].choices[0].message.content == want.answer
+
+
+def test_a_refused_question_about_a_cached_clip_is_a_400_and_fails_alone(qa, clips, held):
+    """A question the clip refuses (a special token) about a clip already in the cache, alone and then in
+    a round beside a good request about another clip: a 400 for it, the other answered."""
+    release, calls = held
+    h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    refused = "what is <video> here ?"
+    with live_server(qa, settings(clips["h264"].parent)) as url:
+        release.set()
+        assert post(url, {"model": MODEL_NAME, "messages": video_message(h264)})[0] == 200
+        code, reply, _ = post(url, {"model": MODEL_NAME, "messages": video_message(h264, refused)})
+        assert code == 400 and "special token" in reply["error"]["message"]
+        release.clear()
+        replies: dict[int, tuple] = {}
+
+        def ask(i: int, uri: str, question: str) -> None:
+            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
+
+        threads = [threading.Thread(target=ask, args=args)
+                   for args in ((0, vp9, "what moves ?"), (1, vp9, QUESTION), (2, h264, refused))]
+        try:
+            threads[0].start()
+            _wait_for(lambda: len(calls) == 3)
+            for thread in threads[1:]:
+                thread.start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(60)
+    assert len(calls[3]) == 2  # the good and the refused request in one round
+    assert replies[1][0] == 200 and replies[1][1]["choices"][0]["message"]["content"] == expected(
+        qa, clips["vp9"])["answer"]
+    assert replies[2][0] == 400 and "special token" in replies[2][1]["error"]["message"]
+
+
+def test_a_failed_batch_fails_its_own_requests_only(qa, clips, monkeypatch):
+    """Without a clip cache a round decodes one clip a batch; the last batch of a round fails (simulated):
+    the requests answered by the round's earlier batch keep their answers."""
+    release, calls = threading.Event(), []
+    answer_together = VideoQA.answer_together
+
+    def fails_on_boom(self, asked, *args, **kwargs):
+        calls.append([list(questions) for _, questions in asked])
+        release.wait(30)
+        if any("boom" in q for _, questions in asked for q in questions):
+            raise RuntimeError("out of memory (simulated)")
+        return answer_together(self, asked, *args, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "answer_together", fails_on_boom)
+    h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, cache_bytes=0)) as url:
+        replies: dict[int, tuple] = {}
+
+        def ask(i: int, uri: str, question: str) -> None:
+            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
+
+        threads = [threading.Thread(target=ask, args=args)
+                   for args in ((0, vp9, "what moves ?"), (1, h264, QUESTION), (2, vp9, "boom ?"))]
+        try:
+            threads[0].start()
+            _wait_for(lambda: calls)
+            threads[1].start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 1)
+            threads[2].start()  # queued after the first: the round's second batch
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(60)
+    assert calls[1:] == [[[QUESTION]], [["boom ?"]]]
+    assert replies[1][0] == 200 and replies[1][1]["choices"][0]["message"]["content"] == expected(
+        qa, clips["h264"])["answer"]
+    assert replies[2][0] == 500
 
 
 def test_a_request_whose_client_left_before_its_turn_costs_nothing(qa, clips, held):

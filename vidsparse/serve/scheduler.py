@@ -139,34 +139,41 @@ class Scheduler:
 
     def _answer(self, groups: list[list[Job]]) -> list[list[Answered | Exception]]:
         """Each group's clip prepared (or taken from the cache), then the groups' questions answered
-        together; a group whose clip or options are refused fails alone. The clips a round holds at once
-        stay within the cache's budget (at least one clip): past it, the groups prepared so far are
-        answered before the next clip is prepared (without a cache, one clip at a time)."""
+        together. A group whose clip or options are refused fails alone; what fails a decoding batch
+        fails the groups in it. The clips held for one batch stay within the cache's budget: a clip that
+        would take them past it is answered in the next batch (a clip larger than the budget, alone;
+        without a cache, one clip a batch). So a round holds at most the budget, plus the clip just
+        prepared, beside the cache."""
         answers: dict[int, list[Answered | Exception]] = {}
         ready: list[tuple[int, PreparedClip, bool]] = []  # (group, its clip, cache hit), prepared, not yet answered
-        held = 0  # their bytes
+        held, storages = 0, set()  # their bytes, each storage once (two groups' clips may share a video)
         for g, jobs in enumerate(groups):
             try:
                 clip, hit = self._clip(jobs)
             except Exception as e:  # noqa: BLE001 - what stops a clip (its video, its options) fails its jobs
                 answers[g] = [e] * len(jobs)
                 continue
-            ready.append((g, clip, hit))
-            held += nbytes(clip)
-            if held >= self.cache.max_bytes:
+            if ready and held + nbytes(clip, set(storages)) > self.cache.max_bytes:
                 answers |= self._answer_ready(groups, ready)
-                ready, held = [], 0
+                ready, held, storages = [], 0, set()
+            ready.append((g, clip, hit))
+            held += nbytes(clip, storages)
         if ready:
             answers |= self._answer_ready(groups, ready)
         return [answers[g] for g in range(len(groups))]
 
     def _answer_ready(self, groups: list[list[Job]], ready: list[tuple[int, PreparedClip, bool]]
                       ) -> dict[int, list[Answered | Exception]]:
-        """The questions of the groups whose clips are `ready`, decoded in one batch."""
+        """The questions of the groups whose clips are `ready`, decoded in one batch (what fails the batch
+        fails its groups only)."""
         asked = [(clip.answering(groups[g][0].request.options.max_new_tokens), [job.request.question
                                                                                 for job in groups[g]])
                  for g, clip, _ in ready]
-        results = self.qa.answer_together(asked, on_token=lambda c, i, token: _going_on(groups[ready[c][0]][i], token))
+        try:
+            results = self.qa.answer_together(
+                asked, on_token=lambda c, i, token: _going_on(groups[ready[c][0]][i], token))
+        except Exception as e:  # noqa: BLE001 - the batch's failure is its groups'; earlier batches' answers stand
+            return {g: [e] * len(groups[g]) for g, _, _ in ready}
         return {g: [r if isinstance(r, Exception) else Answered(r, hit) for r in mine]
                 for (g, _, hit), mine in zip(ready, results, strict=True)}
 
