@@ -6,6 +6,10 @@ lmms-eval sends them), warmed up on a clip of its own. Rows:
 - `ask`: `VideoQA.answer` per question in this process, one after another: decoding, vision tower and
   the whole prefill every time (what a server without reuse pays);
 - `batch`: `VideoQA.answer_clip` on each clip's questions (what `vidsparse batch` runs);
+- `rounds`: the server's model work without HTTP: the requests in order, in rounds of the concurrency,
+  each round's clips prepared when first seen (then kept) and its questions answered in one
+  `VideoQA.answer_together` (what the server's inference thread runs when every client's request waits
+  together): the bound the server's row could reach;
 - `serve cache`: the server with its clip cache, at each concurrency;
 - `serve no cache` (`--cache-mb 0`): only requests waiting together share their clip's work.
 Each server row starts a fresh server (an empty cache). Columns: questions/s, the ratio to `batch` and
@@ -44,7 +48,8 @@ from common import build_7b  # noqa: E402
 
 from lab.fast_dtype import fastest_dtype  # noqa: E402
 from vidsparse.options import ask_options  # noqa: E402
-from vidsparse.pipeline import VideoQA  # noqa: E402
+from vidsparse.pipeline import PreparedClip, VideoQA  # noqa: E402
+from vidsparse.video import decode_clip  # noqa: E402
 
 
 @contextmanager
@@ -98,18 +103,41 @@ def serve_row(model: str, dtype: str, root: Path, work: list[tuple[Path, str]], 
     return seconds, [latency for latency, _ in done], [answer for _, answer in done]
 
 
+def rounds_rate(qa: VideoQA, work: list[tuple[Path, str]], options, size: int) -> tuple[float, list[str]]:
+    """(questions/s, answers in order) of `work` answered in process in rounds of `size` requests: each
+    round's clips prepared when first seen, and its questions answered together."""
+    prepared: dict[Path, PreparedClip] = {}
+    answers = []
+    start = time.perf_counter()
+    for first in range(0, len(work), size):
+        chunk = work[first : first + size]
+        groups: dict[Path, list[str]] = {}
+        for path, question in chunk:
+            groups.setdefault(path, []).append(question)
+        for path, asked in groups.items():
+            if path not in prepared:
+                prepared[path] = qa.prepare_clip(decode_clip(path, options), asked[0], options)
+            prepared[path] = prepared[path].asked(len(asked))
+        results = qa.answer_together([(prepared[path], asked) for path, asked in groups.items()])
+        answered = {(path, q): r.answer for (path, asked), mine in zip(groups.items(), results, strict=True)
+                    for q, r in zip(asked, mine, strict=True)}
+        answers += [answered[item] for item in chunk]
+    return len(work) / (time.perf_counter() - start), answers
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def load(kind: str, folder: Path) -> tuple[VideoQA, str, int]:
+def load(kind: str, folder: Path, dtype: str) -> tuple[VideoQA, str, int]:
     """(the model in this process, the checkpoint the servers load, frames a clip): the shipped ShapesQA
     model, or Video-LLaVA-7B's geometry with random weights (CLIP ViT-L/14, the 7B-width decoder 3 layers
-    deep on a CPU), saved for the servers."""
+    deep on a CPU), saved for the servers; `dtype` auto: the fastest on this CPU."""
     if kind == "demo":
-        return VideoQA.from_pretrained("shapes-demo"), "shapes-demo", 8
-    dtype, why = fastest_dtype(torch.device("cpu"))
-    print(f"dtype: {dtype} ({why})")
+        return VideoQA.from_pretrained("shapes-demo", dtype=dtype), "shapes-demo", 8
+    if dtype == "auto":
+        dtype, why = fastest_dtype(torch.device("cpu"))
+        print(f"dtype: {dtype} ({why})")
     qa = build_7b(3, torch.device("cpu"), getattr(torch, dtype), WORDS)
     qa.model.model.save_pretrained(folder)
     qa.model.tokenizer.save_pretrained(folder)
@@ -128,11 +156,14 @@ def main() -> None:
     parser.add_argument("--method", default="none")
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: the fastest on this CPU (bfloat16 near-ties on random weights may flip a token "
+                             "between batch shapes; float32 shows the answers are the same)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        qa, checkpoint, frames = load(args.model, Path(tmp) / "checkpoint")
+        qa, checkpoint, frames = load(args.model, Path(tmp) / "checkpoint", args.dtype)
         options = ask_options(args.method, "100%" if args.method == "none" else args.budget, num_frames=frames,
                               max_new_tokens=args.new_tokens)
         paths, questions = workload(args.model, args.clips + 1, args.questions, Path(tmp))
@@ -157,6 +188,9 @@ def main() -> None:
         together = [answered[item] for item in work]
         batch_rate = len(work) / (time.perf_counter() - start)
         rows.append(("batch", 1, batch_rate, None, together == reference))
+        for concurrency in map(int, args.concurrency.split(",")):
+            rate, answers = rounds_rate(qa, work, options, concurrency)
+            rows.append(("rounds", concurrency, rate, None, answers == reference))
         device, dtype = qa.model.device, str(qa.model.dtype).removeprefix("torch.")
         del qa  # the servers hold their own copy
         for cache_mb, name in ((512, "serve cache"), (0, "serve no cache")):
