@@ -47,8 +47,10 @@ from batch import WORDS, workload  # noqa: E402
 from common import build_7b  # noqa: E402
 
 from lab.fast_dtype import fastest_dtype  # noqa: E402
+from vidsparse.answer import AskResult  # noqa: E402
 from vidsparse.options import ask_options  # noqa: E402
 from vidsparse.pipeline import PreparedClip, VideoQA  # noqa: E402
+from vidsparse.serve.scheduler import ROUND_QUESTIONS  # noqa: E402
 from vidsparse.video import decode_clip  # noqa: E402
 
 
@@ -108,6 +110,7 @@ def rounds_rate(qa: VideoQA, work: list[tuple[Path, str]], options, size: int) -
     round's clips prepared when first seen, and its questions answered together."""
     prepared: dict[Path, PreparedClip] = {}
     answers = []
+    size = min(size, ROUND_QUESTIONS)  # as the server's rounds
     start = time.perf_counter()
     for first in range(0, len(work), size):
         chunk = work[first : first + size]
@@ -119,7 +122,8 @@ def rounds_rate(qa: VideoQA, work: list[tuple[Path, str]], options, size: int) -
                 prepared[path] = qa.prepare_clip(decode_clip(path, options), asked[0], options)
             prepared[path] = prepared[path].asked(len(asked))
         results = qa.answer_together([(prepared[path], asked) for path, asked in groups.items()])
-        answered = {(path, q): r.answer for (path, asked), mine in zip(groups.items(), results, strict=True)
+        answered = {(path, q): r.answer if isinstance(r, AskResult) else f"error: {r}"
+                    for (path, asked), mine in zip(groups.items(), results, strict=True)
                     for q, r in zip(asked, mine, strict=True)}
         answers += [answered[item] for item in chunk]
     return len(work) / (time.perf_counter() - start), answers
@@ -132,7 +136,8 @@ def percentile(values: list[float], q: float) -> float:
 def load(kind: str, folder: Path, dtype: str) -> tuple[VideoQA, str, int]:
     """(the model in this process, the checkpoint the servers load, frames a clip): the shipped ShapesQA
     model, or Video-LLaVA-7B's geometry with random weights (CLIP ViT-L/14, the 7B-width decoder 3 layers
-    deep on a CPU), saved for the servers; `dtype` auto: the fastest on this CPU."""
+    deep on a CPU), saved for the servers; `dtype` auto: the model's own choice (the 7B geometry: the
+    fastest on this CPU)."""
     if kind == "demo":
         return VideoQA.from_pretrained("shapes-demo", dtype=dtype), "shapes-demo", 8
     if dtype == "auto":
@@ -157,8 +162,9 @@ def main() -> None:
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: the fastest on this CPU (bfloat16 near-ties on random weights may flip a token "
-                             "between batch shapes; float32 shows the answers are the same)")
+                        help="auto: the model's own choice (--model 7b: the fastest on this CPU; bfloat16 near-ties "
+                             "on random weights may flip a token between batch shapes, float32 shows the answers "
+                             "are the same)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     rows = []

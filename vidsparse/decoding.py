@@ -150,8 +150,8 @@ class DecodeState:
     def seen(self) -> torch.Tensor:
         """(b,) visual keys each row's token saw after its clip's decoding layer this step (0 for a clip
         whose plan chooses none while decoding)."""
-        return torch.cat([clip.seen.float() if clip.seen is not None else self.positions.new_zeros(clip.count,
-                                                                                                      dtype=torch.float)
+        zeros = self.positions.new_zeros
+        return torch.cat([clip.seen.float() if clip.seen is not None else zeros(clip.count, dtype=torch.float)
                           for clip in self.clips])
 
     def keep(self, rows: list[int]) -> None:

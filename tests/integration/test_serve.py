@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -165,7 +166,6 @@ def test_a_client_that_leaves_a_stream_stops_its_decoding(qa, clips, monkeypatch
     """The client reads the first piece and hangs up: decoding stops within a few steps instead of
     running to max_tokens, the request is counted as 499, and the server goes on."""
     import http.client
-    import time
 
     from vidsparse.decoding import DecodeState
 
@@ -409,11 +409,19 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
 
 
 @pytest.mark.parametrize("cache_bytes", [512 * 2**20, 0])
-def test_requests_about_different_clips_waiting_together_are_decoded_together(qa, clips, held, cache_bytes):
+def test_requests_about_different_clips_waiting_together_are_decoded_together(qa, clips, held, cache_bytes,
+                                                                              monkeypatch):
     """While the inference thread is held, requests about two videos (one of them also with its own
     pruning and answer length) queue; released, they are answered in one call, as `ask` would. Without
-    a clip cache a round holds one clip at a time: one call each."""
+    a clip cache a round holds one clip at a time: each clip's requests are decoded before the next clip
+    is prepared."""
     release, calls = held
+    events: list[str] = []
+    prepare, answer_together = VideoQA.prepare_clip, VideoQA.answer_together
+    monkeypatch.setattr(VideoQA, "prepare_clip", lambda self, *args, **kwargs: events.append("prepare")
+                        or prepare(self, *args, **kwargs))
+    monkeypatch.setattr(VideoQA, "answer_together", lambda self, *args, **kwargs: events.append("decode")
+                        or answer_together(self, *args, **kwargs))
     asked = [(clips["h264"], QUESTION, {}), (clips["vp9"], "what moves ?", {}), (clips["h264"], "what moves ?", {}),
              (clips["vp9"], QUESTION, {"max_tokens": 3, "extra_body": {"vidsparse": {"method": "stprune",
                                                                                      "budget": "25%"}}})]
@@ -441,8 +449,10 @@ def test_requests_about_different_clips_waiting_together_are_decoded_together(qa
     assert calls[0] == [[QUESTION]]
     if cache_bytes:  # the three groups (two videos, two settings on one) in one call, in the order they came
         assert len(calls) == 2 and sorted(calls[1]) == [[QUESTION], ["what moves ?"], ["what moves ?"]]
+        assert events == ["prepare", "decode", "prepare", "prepare", "decode"]  # the first clip from the cache
     else:
         assert sorted(calls[1:]) == [[[QUESTION]], [["what moves ?"]], [["what moves ?"]]]
+        assert events == ["prepare", "decode"] * 4
     for i, (video, question, extra) in enumerate(asked):
         method, budget = ("stprune", "25%") if extra else ("none", "194")
         want = qa.answer(video, question, ask_options(method, budget, num_frames=8,
@@ -483,6 +493,76 @@ def test_a_refused_question_about_a_cached_clip_is_a_400_and_fails_alone(qa, cli
     assert replies[1][0] == 200 and replies[1][1]["choices"][0]["message"]["content"] == expected(
         qa, clips["vp9"])["answer"]
     assert replies[2][0] == 400 and "special token" in replies[2][1]["error"]["message"]
+
+
+def test_a_refused_request_about_a_clip_not_yet_prepared_fails_alone(qa, clips, held):
+    """The first of two requests about a clip not in the cache is refused (a special token): the clip is
+    still prepared, and the second is answered."""
+    release, calls = held
+    h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent)) as url:
+        replies: dict[int, tuple] = {}
+
+        def ask(i: int, uri: str, question: str) -> None:
+            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
+
+        threads = [threading.Thread(target=ask, args=args)
+                   for args in ((0, vp9, QUESTION), (1, h264, "what is <video> here ?"), (2, h264, QUESTION))]
+        try:
+            threads[0].start()
+            _wait_for(lambda: calls)
+            threads[1].start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 1)
+            threads[2].start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(60)
+    assert replies[1][0] == 400 and "special token" in replies[1][1]["error"]["message"]
+    assert replies[2][0] == 200 and replies[2][1]["choices"][0]["message"]["content"] == expected(
+        qa, clips["h264"])["answer"]
+
+
+def test_a_batch_is_answered_before_the_rounds_next_clip_is_prepared(qa, clips, held, monkeypatch):
+    """Without a clip cache a round answers one clip a batch: a batch's requests get their answers as it
+    ends, while the round's next clip is prepared, not when the whole round ends."""
+    release, calls = held
+    h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    replies: dict[int, tuple] = {}
+    prepared, answered_first = [], []
+    prepare = VideoQA.prepare_clip
+
+    def waits_for_the_first_answer(self, *args, **kwargs):
+        prepared.append(1)
+        if len(prepared) == 3:  # the round's second clip: the first clip's request should be answered already
+            deadline = time.monotonic() + 10
+            while 1 not in replies and time.monotonic() < deadline:
+                time.sleep(0.02)
+            answered_first.append(1 in replies)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "prepare_clip", waits_for_the_first_answer)
+    with live_server(qa, settings(clips["h264"].parent, cache_bytes=0)) as url:
+
+        def ask(i: int, uri: str, question: str) -> None:
+            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
+
+        threads = [threading.Thread(target=ask, args=args)
+                   for args in ((0, vp9, QUESTION), (1, h264, QUESTION), (2, vp9, "what moves ?"))]
+        try:
+            threads[0].start()
+            _wait_for(lambda: calls)
+            threads[1].start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 1)
+            threads[2].start()
+            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(60)
+    assert calls[1:] == [[[QUESTION]], [["what moves ?"]]] and answered_first == [True]
+    assert all(replies[i][0] == 200 for i in range(3))
 
 
 def test_a_failed_batch_fails_its_own_requests_only(qa, clips, monkeypatch):
@@ -591,8 +671,6 @@ def _metric(url: str, name: str) -> float | None:
 
 
 def _wait_for(condition, timeout_s: float = 30) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "timed out"

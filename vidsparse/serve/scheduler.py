@@ -26,6 +26,9 @@ from vidsparse.video import DecodedVideo, decode_clip
 
 MAX_GATHER_S = 0.02  # the longest a round waits for the questions of clients just answered
 ROUND_QUESTIONS = DECODE_BATCH  # requests answered (and decoded) together at most
+# The question a clip is prepared with: it only shows the prompt's layout (any question gives the same
+# head), and, unlike a request's own, it is never refused for its text: a refused request fails alone.
+LAYOUT_QUESTION = "what happens ?"
 
 
 class QueueFull(Exception):
@@ -123,59 +126,53 @@ class Scheduler:
                 continue
             start = time.monotonic()
             try:
-                answers = self._answer(live)
-            except Exception as e:  # noqa: BLE001 - what stops the whole round fails each of its jobs
-                answers = [[e] * len(group) for group in live]
+                self._answer(live)
+            except Exception as e:  # noqa: BLE001 - what stops the whole round fails each of its jobs not answered
+                for group in live:
+                    _settle(group, [e] * len(group), only_pending=True)
             finally:
                 with self._ready:
                     self._in_flight = sum(map(len, live)) + len(self._jobs)
                     self._last_seconds = time.monotonic() - start
-            for group, answered in zip(live, answers, strict=True):
-                for job, answer in zip(group, answered, strict=True):
-                    if isinstance(answer, Exception):
-                        job.future.set_exception(answer)
-                    else:
-                        job.future.set_result(answer)
 
-    def _answer(self, groups: list[list[Job]]) -> list[list[Answered | Exception]]:
+    def _answer(self, groups: list[list[Job]]) -> None:
         """Each group's clip prepared (or taken from the cache), then the groups' questions answered
-        together. A group whose clip or options are refused fails alone; what fails a decoding batch
-        fails the groups in it. The clips held for one batch stay within the cache's budget: a clip that
-        would take them past it is answered in the next batch (a clip larger than the budget, alone;
-        without a cache, one clip a batch). So a round holds at most the budget, plus the clip just
-        prepared, beside the cache."""
-        answers: dict[int, list[Answered | Exception]] = {}
-        ready: list[tuple[int, PreparedClip, bool]] = []  # (group, its clip, cache hit), prepared, not yet answered
+        together, each group's futures settled as soon as its batch is answered. A group whose clip or
+        options are refused fails alone; what fails a decoding batch fails the groups in it. The clips
+        held for one batch stay within the cache's budget: a clip that would take them past it goes to
+        the next batch, and a batch that reaches the budget is decoded before the next clip is prepared
+        (a clip as large as the budget, alone; without a cache, one clip a batch). So a round holds at
+        most the budget, plus the clip just prepared, beside the cache."""
+        ready: list[tuple[list[Job], PreparedClip, bool]] = []  # (jobs, their clip, cache hit), not yet answered
         held, storages = 0, set()  # their bytes, each storage once (two groups' clips may share a video)
-        for g, jobs in enumerate(groups):
+        for jobs in groups:
             try:
                 clip, hit = self._clip(jobs)
             except Exception as e:  # noqa: BLE001 - what stops a clip (its video, its options) fails its jobs
-                answers[g] = [e] * len(jobs)
+                _settle(jobs, [e] * len(jobs))
                 continue
             if ready and held + nbytes(clip, set(storages)) > self.cache.max_bytes:
-                answers |= self._answer_ready(groups, ready)
+                self._answer_ready(ready)
                 ready, held, storages = [], 0, set()
-            ready.append((g, clip, hit))
+            ready.append((jobs, clip, hit))
             held += nbytes(clip, storages)
+            if held >= self.cache.max_bytes:  # full: decoded before the next clip is prepared
+                self._answer_ready(ready)
+                ready, held, storages = [], 0, set()
         if ready:
-            answers |= self._answer_ready(groups, ready)
-        return [answers[g] for g in range(len(groups))]
+            self._answer_ready(ready)
 
-    def _answer_ready(self, groups: list[list[Job]], ready: list[tuple[int, PreparedClip, bool]]
-                      ) -> dict[int, list[Answered | Exception]]:
-        """The questions of the groups whose clips are `ready`, decoded in one batch (what fails the batch
-        fails its groups only)."""
-        asked = [(clip.answering(groups[g][0].request.options.max_new_tokens), [job.request.question
-                                                                                for job in groups[g]])
-                 for g, clip, _ in ready]
+    def _answer_ready(self, ready: list[tuple[list[Job], PreparedClip, bool]]) -> None:
+        """The questions of the groups whose clips are `ready`, decoded in one batch, their futures settled
+        (what fails the batch fails its groups only)."""
+        asked = [(clip.answering(jobs[0].request.options.max_new_tokens), [job.request.question for job in jobs])
+                 for jobs, clip, _ in ready]
         try:
-            results = self.qa.answer_together(
-                asked, on_token=lambda c, i, token: _going_on(groups[ready[c][0]][i], token))
+            results = self.qa.answer_together(asked, on_token=lambda c, i, token: _going_on(ready[c][0][i], token))
         except Exception as e:  # noqa: BLE001 - the batch's failure is its groups'; earlier batches' answers stand
-            return {g: [e] * len(groups[g]) for g, _, _ in ready}
-        return {g: [r if isinstance(r, Exception) else Answered(r, hit) for r in mine]
-                for (g, _, hit), mine in zip(ready, results, strict=True)}
+            results = [[e] * len(jobs) for jobs, _, _ in ready]
+        for (jobs, _, hit), mine in zip(ready, results, strict=True):
+            _settle(jobs, [r if isinstance(r, Exception) else Answered(r, hit) for r in mine])
 
     def _clip(self, jobs: list[Job]) -> tuple[PreparedClip, bool]:
         """The jobs' clip prepared for their options, counted as asked their questions, and whether it came
@@ -189,7 +186,7 @@ class Scheduler:
         clip = self.cache.get(clip_key)
         hit = clip is not None
         if clip is None:
-            clip = self.qa.prepare_clip(self._video(media, options), jobs[0].request.question, options, media.label)
+            clip = self.qa.prepare_clip(self._video(media, options), LAYOUT_QUESTION, options, media.label)
         clip: PreparedClip = clip.asked(len(jobs))
         self.cache.put(clip_key, clip)
         return clip, hit
@@ -205,6 +202,17 @@ class Scheduler:
                                         f"{self.max_video_seconds:g} s")
             self.cache.put(key, video)
         return video
+
+
+def _settle(jobs: list[Job], answers: list[Answered | Exception], only_pending: bool = False) -> None:
+    """Each job's future gets its answer or error (`only_pending`: those not settled yet)."""
+    for job, answer in zip(jobs, answers, strict=True):
+        if only_pending and job.future.done():
+            continue
+        if isinstance(answer, Exception):
+            job.future.set_exception(answer)
+        else:
+            job.future.set_result(answer)
 
 
 def _going_on(job: Job, token: int) -> bool:
