@@ -382,7 +382,7 @@ class VideoQA:
                  for r in ready] for (clip, _), ready in zip(parts, readies, strict=True)]
 
     def _checked_result(self, done: _Prefilled, decoded: Decoded, clip: PreparedClip) -> AskResult | Exception:
-        """`_result`, or the error that stopped this question's alone."""
+        """`_result`, or the error that stopped it (this question alone)."""
         try:
             return self._result(done, decoded, clip)
         except Exception as e:  # noqa: BLE001 - one question's failure is its own; the caller records it
