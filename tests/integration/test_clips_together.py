@@ -105,20 +105,11 @@ def test_a_clip_choosing_keys_while_decoding_keeps_its_own_memory_beside_other_c
     choose and see every key) for a clip decoded after another clip's questions, both with questions
     that end at different steps: as rows leave the batch, each question's tokens, the keys they saw and
     every similarity its choice computed (against its own step before) are those it has alone."""
+    from tests.integration.test_shared_clip import dycoke_similarities_at_half
     from vidsparse.datasets import shapes
-    from vidsparse.pruning import dycoke
     from vidsparse.video import DecodedVideo
 
-    monkeypatch.setattr(dycoke, "STILL_ATTENTION", 0.5)
-    similarities: list[float] = []
-    choose = dycoke.DyCoke.select_while_decoding
-
-    def recording(self, step):
-        if step.previous is not None:
-            similarities.extend(torch.nn.functional.cosine_similarity(step.attention, step.previous, dim=-1).tolist())
-        return choose(self, step)
-
-    monkeypatch.setattr(dycoke.DyCoke, "select_while_decoding", recording)
+    similarities = dycoke_similarities_at_half(monkeypatch)
     qa = VideoQA.from_pretrained("shapes-demo")
     first = ([shapes.render_clip(np.random.default_rng(6)).frames, options_of("stprune", "keep", 8, 12),
               ["describe the objects in the video ?", "what color ?", "describe the shapes ?"]])

@@ -472,23 +472,8 @@ def test_a_refused_question_about_a_cached_clip_is_a_400_and_fails_alone(qa, cli
         code, reply, _ = post(url, {"model": MODEL_NAME, "messages": video_message(h264, refused)})
         assert code == 400 and "special token" in reply["error"]["message"]
         release.clear()
-        replies: dict[int, tuple] = {}
-
-        def ask(i: int, uri: str, question: str) -> None:
-            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
-
-        threads = [threading.Thread(target=ask, args=args)
-                   for args in ((0, vp9, "what moves ?"), (1, vp9, QUESTION), (2, h264, refused))]
-        try:
-            threads[0].start()
-            _wait_for(lambda: len(calls) == 3)
-            for thread in threads[1:]:
-                thread.start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
-        finally:
-            release.set()
-            for thread in threads:
-                thread.join(60)
+        replies = queued_behind_a_held_request(url, calls, release,
+                                               [(vp9, "what moves ?"), (vp9, QUESTION), (h264, refused)])
     assert len(calls[3]) == 2  # the good and the refused request in one round
     assert replies[1][0] == 200 and replies[1][1]["choices"][0]["message"]["content"] == expected(
         qa, clips["vp9"])["answer"]
@@ -501,24 +486,8 @@ def test_a_refused_request_about_a_clip_not_yet_prepared_fails_alone(qa, clips, 
     release, calls = held
     h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
     with live_server(qa, settings(clips["h264"].parent)) as url:
-        replies: dict[int, tuple] = {}
-
-        def ask(i: int, uri: str, question: str) -> None:
-            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
-
-        threads = [threading.Thread(target=ask, args=args)
-                   for args in ((0, vp9, QUESTION), (1, h264, "what is <video> here ?"), (2, h264, QUESTION))]
-        try:
-            threads[0].start()
-            _wait_for(lambda: calls)
-            threads[1].start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 1)
-            threads[2].start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
-        finally:
-            release.set()
-            for thread in threads:
-                thread.join(60)
+        replies = queued_behind_a_held_request(url, calls, release, [(vp9, QUESTION), (h264, "what is <video> here ?"),
+                                                                     (h264, QUESTION)])
     assert replies[1][0] == 400 and "special token" in replies[1][1]["error"]["message"]
     assert replies[2][0] == 200 and replies[2][1]["choices"][0]["message"]["content"] == expected(
         qa, clips["h264"])["answer"]
@@ -544,23 +513,8 @@ def test_a_batch_is_answered_before_the_rounds_next_clip_is_prepared(qa, clips, 
 
     monkeypatch.setattr(VideoQA, "prepare_clip", waits_for_the_first_answer)
     with live_server(qa, settings(clips["h264"].parent, cache_bytes=0)) as url:
-
-        def ask(i: int, uri: str, question: str) -> None:
-            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
-
-        threads = [threading.Thread(target=ask, args=args)
-                   for args in ((0, vp9, QUESTION), (1, h264, QUESTION), (2, vp9, "what moves ?"))]
-        try:
-            threads[0].start()
-            _wait_for(lambda: calls)
-            threads[1].start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 1)
-            threads[2].start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
-        finally:
-            release.set()
-            for thread in threads:
-                thread.join(60)
+        queued_behind_a_held_request(url, calls, release, [(vp9, QUESTION), (h264, QUESTION), (vp9, "what moves ?")],
+                                     replies)
     assert calls[1:] == [[[QUESTION]], [["what moves ?"]]] and answered_first == [True]
     assert all(replies[i][0] == 200 for i in range(3))
 
@@ -580,25 +534,9 @@ def test_a_failed_batch_fails_its_own_requests_only(qa, clips, monkeypatch):
 
     monkeypatch.setattr(VideoQA, "answer_together", fails_on_boom)
     h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
-    with live_server(qa, settings(clips["h264"].parent, cache_bytes=0)) as url:
-        replies: dict[int, tuple] = {}
-
-        def ask(i: int, uri: str, question: str) -> None:
-            replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
-
-        threads = [threading.Thread(target=ask, args=args)
-                   for args in ((0, vp9, "what moves ?"), (1, h264, QUESTION), (2, vp9, "boom ?"))]
-        try:
-            threads[0].start()
-            _wait_for(lambda: calls)
-            threads[1].start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 1)
-            threads[2].start()  # queued after the first: the round's second batch
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 2)
-        finally:
-            release.set()
-            for thread in threads:
-                thread.join(60)
+    with live_server(qa, settings(clips["h264"].parent, cache_bytes=0)) as url:  # "boom ?": the second batch
+        replies = queued_behind_a_held_request(url, calls, release,
+                                               [(vp9, "what moves ?"), (h264, QUESTION), (vp9, "boom ?")])
     assert calls[1:] == [[[QUESTION]], [["boom ?"]]]
     assert replies[1][0] == 200 and replies[1][1]["choices"][0]["message"]["content"] == expected(
         qa, clips["h264"])["answer"]
@@ -668,6 +606,32 @@ def _metric(url: str, name: str) -> float | None:
             if line.startswith(name + " "):
                 return float(line.split()[-1])
     return None
+
+
+def queued_behind_a_held_request(url: str, calls: list, release: threading.Event, asked: list[tuple[str, str]],
+                                 replies: dict[int, tuple] | None = None) -> dict[int, tuple]:
+    """POST each (clip URI, question) to a server whose inference thread waits for `release` at each call
+    it records in `calls`: the first until the thread holds it, then the others one at a time, each
+    queued before the next is sent; then release the thread. Each request's (status, body, headers) in
+    `replies` (a new dict if not given), by its place in `asked`, once all are answered."""
+    replies = {} if replies is None else replies
+
+    def ask(i: int, uri: str, question: str) -> None:
+        replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
+
+    threads = [threading.Thread(target=ask, args=(i, uri, question)) for i, (uri, question) in enumerate(asked)]
+    held_at = len(calls) + 1
+    try:
+        threads[0].start()
+        _wait_for(lambda: len(calls) == held_at)
+        for depth, thread in enumerate(threads[1:], 1):
+            thread.start()
+            _wait_for(lambda depth=depth: _metric(url, "vidsparse_queue_depth") == depth)
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    return replies
 
 
 def _wait_for(condition, timeout_s: float = 30) -> None:

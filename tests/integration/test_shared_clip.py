@@ -128,11 +128,10 @@ def test_questions_decoded_together_each_stop_at_their_own_end():
         torch.testing.assert_close(t.first_logits, a.first_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_questions_decoded_together_each_choose_their_own_keys_while_decoding(monkeypatch):
-    """DyCoke's choice while decoding, for questions decoded together that end at different steps (one
-    that ends early sits among ones that go on): each question's tokens, the visual keys they saw, and
-    every similarity its choice computed (the memory of its own step before) are those it has alone. The
-    threshold is moved to 0.5, where this model's later steps both choose and see every key."""
+def dycoke_similarities_at_half(monkeypatch) -> list[float]:
+    """DyCoke's threshold moved to 0.5 (where the shipped model's later steps both choose and see every
+    key); the list every similarity its choice while decoding computes (against the step before) is
+    appended to."""
     from vidsparse.pruning import dycoke
 
     monkeypatch.setattr(dycoke, "STILL_ATTENTION", 0.5)
@@ -145,6 +144,15 @@ def test_questions_decoded_together_each_choose_their_own_keys_while_decoding(mo
         return choose(self, step)
 
     monkeypatch.setattr(dycoke.DyCoke, "select_while_decoding", recording)
+    return similarities
+
+
+def test_questions_decoded_together_each_choose_their_own_keys_while_decoding(monkeypatch):
+    """DyCoke's choice while decoding, for questions decoded together that end at different steps (one
+    that ends early sits among ones that go on): each question's tokens, the visual keys they saw, and
+    every similarity its choice computed (the memory of its own step before) are those it has alone. The
+    threshold is moved to 0.5, where this model's later steps both choose and see every key."""
+    similarities = dycoke_similarities_at_half(monkeypatch)
     qa = VideoQA.from_pretrained("shapes-demo")
     clip = shapes.render_clip(np.random.default_rng(5))
     questions = ["what color ?", "describe the objects in the video ?", "what shape is red ?",
