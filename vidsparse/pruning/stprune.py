@@ -77,16 +77,22 @@ def diverse_top_k(relevance: torch.Tensor, features: torch.Tensor, k: int, weigh
     to [0, 1], minus `weight` x the highest cosine similarity (clamped at 0) of the candidate's
     features to any token already picked. Ties: the lower index. The similarities come from one
     product, in the features' dtype (the model's: bfloat16 on a GPU, where float32 would cost several
-    times more); each pick is a few vector operations that never wait for the device."""
+    times more). Each pick is two vector operations that never wait for the device: with weight >= 0,
+    s - weight x max(r, q) = min(s - weight x r, s - weight x q), exactly (rounding is monotone), so the
+    gains after a pick are their minimum with the pick's row of score - weight x similarity, whose
+    diagonal is -inf: a pick's own gain falls out with it."""
+    if weight < 0:
+        raise ValueError(f"the redundancy weight must be >= 0, got {weight}")
     low, span = relevance.min(), relevance.max() - relevance.min()
-    score = torch.where(span > 0, (relevance - low) / span, 0.0).float()[None]  # (1, m) gain; -inf once picked
+    score = torch.where(span > 0, (relevance - low) / span, 0.0).float()[None]  # (1, m)
     unit = F.normalize(features, dim=1)
     similarity = (unit @ unit.T).float().clamp_min_(0)
-    redundancy = torch.zeros_like(score)
+    after_pick = score - weight * similarity  # [i, j]: j's gain once i is picked (two roundings, no fused op)
+    after_pick.diagonal().fill_(-torch.inf)
+    gain = score.clone()
     picked = []
     for _ in range(min(k, score.numel())):
-        best = torch.add(score, redundancy, alpha=-weight).argmax(1)
+        best = gain.argmax(1)
         picked.append(best)
-        score.index_fill_(1, best, -torch.inf)
-        torch.maximum(redundancy, similarity.index_select(0, best), out=redundancy)
+        torch.minimum(gain, after_pick.index_select(0, best), out=gain)
     return torch.cat(picked).sort().values if picked else torch.zeros(0, dtype=torch.long, device=relevance.device)
