@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from vidsparse.layers import HeadKV, rotary, run_after_head, run_layers
 from vidsparse.models.visual import PromptEmbeds
 from vidsparse.pruning.base import PromptText, PruningPlan, Selection, StageInput
-from vidsparse.stage import VisualBlock, apply_selection, attention_rows
+from vidsparse.stage import VisualBlock, apply_selection, attention_rows, row_queries
 from vidsparse.stats import StageTimer
 from vidsparse.transfer import arange_of, to_device
 
@@ -66,8 +66,8 @@ class Head:
         return self.text_start if keep else self.tokens_per_layer[layer]
 
 
-# A question's rows after the shared layers: (last shared layer's output, that layer's input, a cache
-# holding the rows' keys/values at the shared layers).
+# A question's rows after the shared layers: (last shared layer's output, that layer's queries of the
+# rows (1, H, r, hd), a cache holding the rows' keys/values at the shared layers).
 QuestionRows = tuple[torch.Tensor, torch.Tensor, DynamicCache]
 
 
@@ -206,7 +206,7 @@ def question_rows(decoder, clips: list[ClipPrompts]) -> list[list[QuestionRows]]
         starts += [[clip.head.question_start(i, keep) for i in range(clip.head.layers)]] * len(clip.prompts)
         heads.append((slice(first, len(questions)), clip.head.kv))
     padded = torch.nn.utils.rnn.pad_sequence(questions, batch_first=True)
-    out, layer_input, kv = run_after_head(decoder, heads, padded,
+    out, queries, kv = run_after_head(decoder, heads, padded,
                                           to_device(starts, padded.device).reshape(len(questions), -1))
     rows = []
     for i, question in enumerate(questions):
@@ -214,13 +214,13 @@ def question_rows(decoder, clips: list[ClipPrompts]) -> list[list[QuestionRows]]
         cache = DynamicCache(config=decoder.config)
         for layer, (keys, values) in enumerate(kv):
             cache.update(keys[i : i + 1, :, :count], values[i : i + 1, :, :count], layer)
-        rows.append((out[i : i + 1, :count], layer_input[i : i + 1, :count], cache))
+        rows.append((out[i : i + 1, :count], queries[i : i + 1, :, :count], cache))
     mine = iter(rows)
     return [[next(mine) for _ in clip.prompts] for clip in clips]
 
 
 def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: StageTimer, head: Head,
-            question: torch.Tensor, layer_input: torch.Tensor, cache: DynamicCache) -> QuestionPrefill:
+            question: torch.Tensor, queries: torch.Tensor, cache: DynamicCache) -> QuestionPrefill:
     """A question's prefill after its rows went through the shared layers: its question-guided
     stages and the layers after them, on its own sequence."""
     device = prompt.embeds.device
@@ -243,11 +243,9 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
                                               head.length, prompt.suffix_words))
             layer = head.layers - 1  # the question's rows query the head's keys and their own
             rows = arange_of(method.query_rows(count, facts), device)
-            rope = rotary(decoder, question, (head.question_start(layer, keep) + rows)[None, None])
             hidden, positions, block, record = _question_stage(
                 decoder, plan, index, stages, prompt, generator, facts, head.hidden, head.positions, block,
-                layer_input[:, rows], rope, head.hidden.shape[1] + rows,
-                [head.kv[layer].keys, cache.layers[layer].keys])
+                queries[:, :, rows], head.hidden.shape[1] + rows, [head.kv[layer].keys, cache.layers[layer].keys])
             hidden = torch.cat([hidden, question], 1)
             text = head.text_start + torch.arange(count, device=device)
             positions = (torch.arange(hidden.shape[1], device=device)[None, None] if not keep
@@ -267,13 +265,12 @@ def _finish(decoder, prompt: PromptEmbeds, plan: PruningPlan | None, timer: Stag
 
 def _question_stage(decoder, plan: PruningPlan, index: int, stages: list[int], prompt: PromptEmbeds,
                     generator: torch.Generator, facts: object | None, hidden: torch.Tensor, positions: torch.Tensor,
-                    block: VisualBlock, queries: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                    key_positions: torch.Tensor, keys: list[torch.Tensor],
+                    block: VisualBlock, queries: torch.Tensor, key_positions: torch.Tensor, keys: list[torch.Tensor],
                     ) -> tuple[torch.Tensor, torch.Tensor, VisualBlock, StageRecord]:
-    """One question-guided stage, after layer `stages[index]`: the attention of the method's `queries`
-    (the layer's input at its query rows) over `keys`, the method's choice from the visual block's
-    part of it, and that choice applied to the layer's output `hidden`."""
-    attention = attention_rows(decoder.layers[stages[index]], queries, rope, key_positions, keys)
+    """One question-guided stage, after layer `stages[index]`: the attention of the method's query
+    rows (their `queries` at that layer, after RoPE) over `keys`, the method's choice from the visual
+    block's part of it, and that choice applied to the layer's output `hidden`."""
+    attention = attention_rows(decoder.layers[stages[index]], queries, key_positions, keys)
     selection = _choose(plan, index, stages, prompt, block, hidden[0, block.start : block.end],
                         attention[:, block.start : block.end], generator, facts)
     hidden, positions, block = apply_selection(hidden, positions, block, selection, plan.positions)
@@ -308,10 +305,11 @@ def _guided_stages(decoder, prompt: PromptEmbeds, plan: PruningPlan, timer: Stag
         with timer.stage("pruning"):
             text = block.end + separators  # the question's first row
             rows = text + arange_of(plan.method.query_rows(hidden.shape[1] - text, facts), hidden.device)
-            cos, sin = rotary(decoder, hidden, positions)
+            queries = row_queries(decoder.layers[stages[index]], layer_input[:, rows],
+                                  rotary(decoder, hidden, positions[..., rows]))
             hidden, positions, block, record = _question_stage(
-                decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block,
-                layer_input[:, rows], (cos[:, rows], sin[:, rows]), rows, [cache.layers[stages[index]].keys])
+                decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block, queries, rows,
+                [cache.layers[stages[index]].keys])
         records.append(record)
     return layers(hidden, len(decoder.layers)), block
 

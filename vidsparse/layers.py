@@ -125,20 +125,19 @@ def run_after_head(decoder, heads: list[tuple[slice, list[HeadKV]]], hidden: tor
     at RoPE positions starts[q, i], starts[q, i] + 1, ... Row j of a question sees every key of its
     head and that question's rows up to j (padding comes after its rows, so no real row sees it). The
     projections and the MLP run on every row at once (the weights read once, whatever the clips).
-    Returns the last layer's output, the last layer's input, and each layer's keys/values of the
-    rows, (b, kv_heads, r, hd)."""
+    Returns the last layer's output, the last layer's queries of the rows (b, H, r, hd, after RoPE: a
+    question-guided stage there reads them), and each layer's keys/values of the rows, (b, kv_heads, r, hd)."""
     local = torch.arange(hidden.shape[1], device=hidden.device)
     future = (local[None, :] > local[:, None])[None]
-    layer_input, kv = hidden, []
+    query, kv = None, []
     for i in range(starts.shape[1]):
         layer = decoder.layers[i]
-        layer_input = hidden
         query, key, value = _project(layer, hidden, rotary(decoder, hidden, (starts[:, i, None] + local)[None]))
         kv.append((key, value))
         attended = [_attend(layer.self_attn, query[rows], head[i], key[rows], value[rows], future)[0]
                     for rows, head in heads]
         hidden = _finish(layer, hidden, attended[0] if len(attended) == 1 else torch.cat(attended))
-    return hidden, layer_input, kv
+    return hidden, query, kv
 
 
 @dataclass

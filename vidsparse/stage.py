@@ -35,22 +35,25 @@ class VisualBlock:
         return self.start + self.size
 
 
-def attention_rows(layer, query_input: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                   query_index: torch.Tensor, key_blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Head-averaged attention probabilities (r, n) of r query rows at decoder `layer`.
-
-    q is recomputed for those rows only from their layer input `query_input` (1, r, d)
-    (input_layernorm, q_proj, RoPE with `cos_sin` at their positions); the keys are the layer's cached
-    post-RoPE keys, given as consecutive blocks (a clip's shared head, then a question's own) so
-    that none is copied. `query_index` (r,): each row's index in the sequence, for the causal mask.
-    Softmax in fp32. Cost O(r x n): SDPA stays on for the layer itself.
-    """
+def row_queries(layer, query_input: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Decoder `layer`'s queries (1, H, r, hd) of r rows from their layer input `query_input` (1, r, d):
+    input_layernorm, q_proj, RoPE with `cos_sin` at their positions; for rows whose layer ran without
+    keeping its queries (HF's layer module)."""
     attn = layer.self_attn
     rows = query_input.shape[1]
-    x = layer.input_layernorm(query_input)
-    query = attn.q_proj(x).view(1, rows, -1, attn.head_dim).transpose(1, 2)  # (1, H, r, hd)
+    query = attn.q_proj(layer.input_layernorm(query_input)).view(1, rows, -1, attn.head_dim).transpose(1, 2)
     query, _ = apply_rotary_pos_emb(query, query, *cos_sin)
-    scores = torch.cat([grouped_scores(query, keys, attn.scaling) for keys in key_blocks], -1)
+    return query
+
+
+def attention_rows(layer, queries: torch.Tensor, query_index: torch.Tensor, key_blocks: Sequence[torch.Tensor],
+                   ) -> torch.Tensor:
+    """Head-averaged attention probabilities (r, n) of r query rows at decoder `layer`, from their
+    post-RoPE `queries` (1, H, r, hd) and the layer's cached post-RoPE keys, given as consecutive
+    blocks (a clip's shared head, then a question's own) so that none is copied. `query_index` (r,):
+    each row's index in the sequence, for the causal mask. Softmax in fp32. Cost O(r x n): SDPA stays
+    on for the layer itself."""
+    scores = torch.cat([grouped_scores(queries, keys, layer.self_attn.scaling) for keys in key_blocks], -1)
     n = scores.shape[-1]
     future = torch.arange(n, device=scores.device)[None, :] > query_index[:, None]
     scores = scores.masked_fill(future, float("-inf"))

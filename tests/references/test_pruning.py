@@ -16,7 +16,7 @@ from vidsparse.models.loading import load_model
 from vidsparse.pipeline import clip_shape_of
 from vidsparse.pruning import METHODS, make_plan
 from vidsparse.pruning.base import Method
-from vidsparse.stage import attention_rows
+from vidsparse.stage import attention_rows, row_queries
 from vidsparse.stats import StageTimer
 from vidsparse.video import decode_video
 
@@ -218,8 +218,8 @@ def test_attention_rows_equal_eager_output_attentions(setup, layer):
         keys = cache.layers[layer].keys
         cos, sin = cos_sin
         # The keys in two blocks, as a question after a clip's shared head passes them.
-        ours = attention_rows(decoder.layers[layer], layer_input[:, rows], (cos[:, rows], sin[:, rows]), rows,
-                              [keys[:, :, :30], keys[:, :, 30:]])
+        queries = row_queries(decoder.layers[layer], layer_input[:, rows], (cos[:, rows], sin[:, rows]))
+        ours = attention_rows(decoder.layers[layer], queries, rows, [keys[:, :, :30], keys[:, :, 30:]])
     with torch.no_grad():
         expected = eager(inputs_embeds=prompt.embeds, position_ids=positions_of(prompt),
                          output_attentions=True).attentions[layer][0].mean(0)[rows]
