@@ -31,9 +31,9 @@ Adapted to the exact budget and to vidsparse's families (../shared/PEERS.md):
   them); kept (3-D) on Qwen2.5-VL.
 - Density and attention ties are broken by index instead of random noise or `topk`'s order; a token
   as near to two density centres joins the denser-scored one (the original: the lower index).
-- Similarities and density-peak distances are products in the model's dtype (`unit_vectors`,
-  `clustering.dpc_knn`; the original: float32), so on a bfloat16 model a similarity within ~0.004 of
-  tau, or near-equal density candidates, can go the other way.
+- Similarities and density-peak distances are products in the model's dtype (`still_runs`,
+  `unit_vectors`, `clustering.dpc_knn`; the original: float32), so on a bfloat16 model a similarity
+  within ~0.004 of tau, or near-equal density candidates, can go the other way.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def merge_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, cou
     frames, places = grid.frames, grid.per_frame
     if count >= frames * places:
         return Selection(torch.arange(frames * places, device=hidden.device), in_clip_order=True)
-    runs = still_runs(unit_vectors(hidden).view(frames, places, -1))
+    runs = still_runs(hidden.view(frames, places, -1))
     static = static_counts(runs)
     windows = fit_windows(best_windows(static, frames), static, frames * places - count)
     constants = [static[start][end - start] if end > start else 0 for start, end in windows]
@@ -117,12 +117,18 @@ def merge_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, cou
     return merged_in_clip_order(torch.cat(keep).sort().values, groups)
 
 
-def still_runs(units: torch.Tensor) -> torch.Tensor:
+def still_runs(states: torch.Tensor) -> torch.Tensor:
     """(frames - 1, places): from each frame t, through how many following frames each place stays
-    similar (> tau) to the frame before, given (frames, places, d) unit vectors."""
-    still = torch.linalg.vecdot(units[:-1], units[1:]).float() > SIMILARITY_CUT
-    runs = torch.zeros(still.shape, dtype=torch.long, device=units.device)
-    following = torch.zeros(still.shape[1], dtype=torch.long, device=units.device)
+    similar (> tau) to the frame before, given the (frames, places, d) states. The cosine is the
+    states' product over their norms, both in the model's dtype: no normalised copy of every token
+    (on a CPU a fresh n x d tensor costs more than the products)."""
+    if states.dtype == torch.float16:  # its squared norms could overflow: through bfloat16
+        states = states.to(torch.bfloat16)
+    norms = torch.linalg.vector_norm(states, dim=-1).float().clamp_min(1e-12)
+    cosine = torch.linalg.vecdot(states[:-1], states[1:]).float() / (norms[:-1] * norms[1:])
+    still = cosine > SIMILARITY_CUT
+    runs = torch.zeros(still.shape, dtype=torch.long, device=states.device)
+    following = torch.zeros(still.shape[1], dtype=torch.long, device=states.device)
     for t in range(still.shape[0] - 1, -1, -1):
         following = still[t] * (following + 1)
         runs[t] = following
