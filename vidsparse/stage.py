@@ -90,32 +90,34 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
     """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then the
     merged ones (or, with `in_clip_order`, all of them in clip order, a merged row at its anchor's
     place). Positions (P, 1, n) follow (`keep`: original RoPE positions, a merged token its anchor's;
-    `compact`: renumbered 0..n'-1, 1-D only)."""
+    `compact`: renumbered 0..n'-1, 1-D only). The new sequence is one gather of the rows that stay (a
+    merged row's slot takes its anchor's row, then its mix is written over it): on a CPU each copy of
+    the sequence costs a pass over memory."""
     device = hidden.device
-    visual = hidden[:, block.start : block.end]
-    visual_positions = positions[..., block.start : block.end]
     keep = selection.keep
-    parts = [visual[:, keep]]
     places = [keep]  # index in the current block of each output row (a merged row: its anchor's)
     merged = [block.merged[keep]]
-    if selection.merge_anchor.numel():
-        anchor = selection.merge_anchor
-        count = anchor.numel()
-        parts.append(merged_tokens(selection, visual))
+    anchor = selection.merge_anchor
+    if anchor.numel():
         places.append(anchor)
         # a group that is its anchor alone (a centre nothing joined) is that token, not a mix
         others = (selection.merge_source != anchor[selection.merge_target]).float()
         if selection.merge_weight is not None:  # a source of weight 0 adds nothing
             others = others * (selection.merge_weight > 0)
-        mixes = torch.zeros(count, device=device).index_add_(0, selection.merge_target, others) > 0
+        mixes = torch.zeros(anchor.numel(), device=device).index_add_(0, selection.merge_target, others) > 0
         merged.append(mixes | block.merged[anchor])  # an anchor merged at an earlier stage stays a mix
     place = torch.cat(places)
-    order = torch.sort(place, stable=True).indices if selection.in_clip_order else slice(None)
-    new_visual = torch.cat(parts, dim=1)[:, order]
-    hidden = torch.cat([hidden[:, : block.start], new_visual, hidden[:, block.end :]], dim=1)
-    positions = torch.cat([positions[..., : block.start], visual_positions[..., place[order]],
-                           positions[..., block.end :]], dim=-1)
-    if mode == "compact":
-        positions = torch.arange(hidden.shape[1], device=device)[None, None]
-    return hidden, positions, VisualBlock(block.start, block.origin[place[order]], torch.cat(merged)[order],
-                                          block.clip_places)
+    order = torch.sort(place, stable=True).indices if selection.in_clip_order else None
+    placed = place if order is None else place[order]
+    rows = torch.cat([torch.arange(block.start, device=device), block.start + placed,
+                      torch.arange(block.end, hidden.shape[1], device=device)])
+    new_hidden = hidden.index_select(1, rows)
+    if anchor.numel():
+        slots = torch.arange(keep.numel(), place.numel(), device=device)  # the merged rows' places in `place`
+        if order is not None:  # ... and in the new block
+            slots = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=device))[slots]
+        new_hidden.index_copy_(1, block.start + slots, merged_tokens(selection, hidden[:, block.start : block.end]))
+    positions = (torch.arange(new_hidden.shape[1], device=device)[None, None] if mode == "compact"
+                 else positions.index_select(-1, rows))
+    flags = torch.cat(merged) if order is None else torch.cat(merged)[order]
+    return new_hidden, positions, VisualBlock(block.start, block.origin[placed], flags, block.clip_places)
