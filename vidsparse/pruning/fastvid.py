@@ -20,6 +20,9 @@ Adapted to VideoLLaVA's CLIP tower and to an exact budget (../shared/PEERS.md):
   0.6 * anchor + 0.4 * mean(its members) (the parallel version of the official code and LightCompress;
   with several anchor frames the segment is merged into each anchor set separately).
 - Output in clip order, every token at its own (a merged token: its anchor's) position.
+- The member-to-anchor cosines and DPC-kNN's distances are products in the model's dtype (the
+  original: float32; float16 goes through bfloat16), so on a bfloat16 model near-equal anchors or
+  density candidates can go the other way.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from vidsparse.pruning.base import (
     StageInput,
     largest_remainder,
     merged_in_clip_order,
+    unit_vectors,
 )
 from vidsparse.pruning.clustering import dpc_knn_groups
 
@@ -75,13 +79,18 @@ class FastVID(BeforeFirstLayer):
         parts = []
         for frames, _, context_counts in merging:
             members = torch.cat([pools[f][0] for f in frames])
-            # (d, members): the cosine argmax over anchors needs no member norms
-            member_states = hidden.index_select(0, members).float().T
+            first = frames[0] * per_frame
+            # the segment's tokens are consecutive: products with all of them, read in place (float16:
+            # through bfloat16, as `unit_vectors`), then the members' columns (the cosine argmax over
+            # anchors needs no member norms)
+            segment = hidden[first : (frames[-1] + 1) * per_frame]
+            segment = segment.to(torch.bfloat16) if segment.dtype == torch.float16 else segment
             for f, count in zip(frames, context_counts, strict=True):
                 if not count:
                     continue
                 chosen = anchors[f]
-                group, weight = merge_into(F.normalize(hidden.index_select(0, chosen).float(), dim=1) @ member_states)
+                similarity = unit_vectors(hidden.index_select(0, chosen)) @ segment.T
+                group, weight = merge_into(similarity.float()[:, members - first])
                 parts.append(MergeGroups(torch.cat([members, chosen]),
                                          torch.cat([group, torch.arange(count, device=hidden.device)]), chosen, weight))
         return merged_in_clip_order(torch.cat(keep).sort().values, parts)
