@@ -43,14 +43,18 @@ def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neig
         centred = centred.to(torch.bfloat16)
     gram = (centred @ centred.transpose(1, 2)).float()
     squared = gram.diagonal(dim1=1, dim2=2)
-    distance = (squared[:, :, None] + squared[:, None, :] - 2 * gram).clamp_min_(0)
+    norms = squared[:, :, None] + squared[:, None, :]  # (i, j) as (j, i): the distances stay symmetric
+    # in place on the Gram matrix: every (groups, m, m) temporary is a pass over memory
+    distance = gram.mul_(-2).add_(norms).clamp_min_(0)
     distance = distance.div_(x.shape[2]).sqrt_()
     distance.diagonal(dim1=1, dim2=2).fill_(0)
-    pair = valid[:, :, None] & valid[:, None, :]
+    padded = min(counts) < m  # known on the host: full groups need no masking
+    pair = valid[:, :, None] & valid[:, None, :] if padded else None
     # density from each group's k nearest (padding is never near): the k smallest, sorted, averaged
     # over the first k of each group
     k = [min(n, c) for n, c in zip(neighbours, counts, strict=True)]
-    nearest = torch.topk(distance.masked_fill(~pair, torch.inf), k=max(k), dim=2, largest=False).values
+    nearest = torch.topk(distance.masked_fill(~pair, torch.inf) if padded else distance, k=max(k), dim=2,
+                         largest=False).values
     within = torch.arange(max(k), device=device)[None, :] < to_device(k, device)[:, None]
     density = torch.exp(-nearest.square_().masked_fill_(~within[:, None, :], 0).sum(2) / within.sum(1, keepdim=True))
     density = density.masked_fill(~valid, -1.0)  # padding ranks after every token
@@ -61,14 +65,15 @@ def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neig
                   torch.arange(m, device=device).expand(groups, m).contiguous())
     denser = rank[:, None, :] < rank[:, :, None]
     delta = distance.masked_fill(~denser, torch.inf).amin(2)
-    widest = distance.masked_fill(~pair, 0).amax((1, 2))
+    widest = (distance.masked_fill(~pair, 0) if padded else distance).amax((1, 2))
     delta = torch.where(torch.isinf(delta), widest[:, None], delta)
     score = (density * delta).masked_fill(~valid, -torch.inf)
-    order = torch.sort(-score, dim=1, stable=True).indices
-    found = []
-    for g in range(groups):
-        centres = order[g, : clusters[g]]
-        assignment = distance[g, : counts[g]][:, centres].argmin(1)
-        assignment[centres] = torch.arange(centres.numel(), device=device)
-        found.append((centres, assignment))
-    return found
+    # every group's centres at once: the first clusters[g] of its order (past them, columns no token joins)
+    most = max(clusters)
+    centres = torch.sort(-score, dim=1, stable=True).indices[:, :most]
+    beyond = torch.arange(most, device=device)[None, :] >= to_device(clusters, device)[:, None]
+    assignment = distance.gather(2, centres[:, None, :].expand(groups, m, most)).masked_fill_(
+        beyond[:, None, :], torch.inf).argmin(2)
+    own = torch.arange(most, device=device).expand(groups, most)  # a centre is its own cluster's ...
+    assignment.scatter_(1, centres, torch.where(beyond, assignment.gather(1, centres), own))  # ... the rest stay
+    return [(centres[g, : clusters[g]], assignment[g, : counts[g]]) for g in range(groups)]
