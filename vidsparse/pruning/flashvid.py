@@ -140,8 +140,8 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     frame_clusters = [(frame, clusters) for segment, rest in zip(segments, rests, strict=True)
                       for frame, clusters in zip(segment, largest_remainder(rest, [trees_in[t] for t in segment])
                                                  if rest else [0] * len(segment), strict=True) if clusters]
-    anchors, cluster_of_root = cluster_trees(tree_sums, tree_size, is_root.view(frames, places), trees_in,
-                                             frame_clusters)
+    anchors, cluster_of_root = cluster_trees(tree_sums, tree_size if linked else None, is_root.view(frames, places),
+                                             trees_in, frame_clusters)
     keep = torch.sort((~flat_picked).to(torch.uint8), stable=True).indices[: sum(picked_counts)].sort().values
     if not anchors:
         return Selection(keep, in_clip_order=True)
@@ -152,11 +152,12 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     return Selection(keep, merging, group.clamp_min(0), torch.cat(anchors), weight, in_clip_order=True)
 
 
-def cluster_trees(tree_sums: torch.Tensor, tree_size: torch.Tensor, is_root: torch.Tensor, trees_in: list[int],
+def cluster_trees(tree_sums: torch.Tensor, tree_size: torch.Tensor | None, is_root: torch.Tensor, trees_in: list[int],
                   frame_clusters: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each (frame, clusters) of `frame_clusters`: the trees rooted in the frame merged by density peaks
-    into that many clusters, every frame in one batch. Returns the clusters' anchors (their centres'
-    roots) and the cluster of each root (-1: none), numbered frame after frame."""
+    into that many clusters, every frame in one batch (`tree_size` None: every tree is one token, its
+    sum its mean). Returns the clusters' anchors (their centres' roots) and the cluster of each root
+    (-1: none), numbered frame after frame."""
     frames, places = is_root.shape
     device = tree_sums.device
     cluster_of_root = torch.full((frames * places,), -1, dtype=torch.long, device=device)
@@ -167,8 +168,9 @@ def cluster_trees(tree_sums: torch.Tensor, tree_size: torch.Tensor, is_root: tor
     # each chosen frame's roots, ascending (past its count: other tokens of the frame, as padding)
     roots_first = torch.sort((~is_root[chosen]).to(torch.uint8), dim=1, stable=True).indices[:, : max(counts)]
     tree_roots = chosen[:, None] * places + roots_first
-    # (divided in place: a second copy of every tree's tokens costs more than the division on a CPU)
-    tree_means = tree_sums[tree_roots].div_(tree_size[tree_roots, None].clamp_min(1).to(tree_sums.dtype))
+    tree_means = tree_sums[tree_roots]
+    if tree_size is not None:  # (in place: a second copy of every tree's tokens costs more on a CPU)
+        tree_means.div_(tree_size[tree_roots, None].clamp_min(1).to(tree_sums.dtype))
     found = dpc_knn_groups(tree_means, counts, [clusters for _, clusters in frame_clusters],
                            [min(NEIGHBOURS, clusters) for _, clusters in frame_clusters])
     anchors, so_far = [], 0
