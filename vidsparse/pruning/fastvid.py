@@ -20,9 +20,9 @@ Adapted to VideoLLaVA's CLIP tower and to an exact budget (../shared/PEERS.md):
   0.6 * anchor + 0.4 * mean(its members) (the parallel version of the official code and LightCompress;
   with several anchor frames the segment is merged into each anchor set separately).
 - Output in clip order, every token at its own (a merged token: its anchor's) position.
-- The member-to-anchor cosines and DPC-kNN's distances are products in the model's dtype (the
-  original: float32; float16 goes through bfloat16), so on a bfloat16 model near-equal anchors or
-  density candidates can go the other way.
+- The member-to-anchor cosines are products in the model's dtype, as the original's; DPC-kNN's
+  distances too (the original: a float32 cdist), so on a bfloat16 model near-equal density
+  candidates can go the other way. float16 goes through bfloat16, whose range holds the products.
 """
 
 from __future__ import annotations
