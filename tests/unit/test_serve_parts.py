@@ -1,5 +1,6 @@
 """The server's parts without a server: the request parser on the bodies lmms-eval sends (captured from
-lmms-eval 0.7.3, trimmed), and the clip cache's byte accounting and eviction order."""
+lmms-eval 0.7.3, trimmed), the clip cache's byte accounting and eviction order, and the Ray front's
+count of the requests its replicas hold."""
 
 from __future__ import annotations
 
@@ -162,3 +163,68 @@ def test_a_stream_closed_while_waiting_leaves_no_task_behind():
         return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
 
     assert asyncio.run(main()) == []
+
+
+def test_the_ray_front_counts_the_requests_its_replicas_have_not_answered():
+    """The Ray front's queue depth (its /metrics gauge): a request counts from when it is sent to a
+    replica until its answer, its refusal, or its client's leaving (which cancels the replica's work)."""
+    pytest.importorskip("ray.serve")
+    import asyncio
+
+    from vidsparse.serve.ray_serve import RayBackend
+
+    class Call:
+        """A replica's pending answer, settled by the test."""
+
+        def __init__(self):
+            self.future = asyncio.get_running_loop().create_future()
+
+        def __await__(self):
+            return self.future.__await__()
+
+        def cancel(self):
+            self.future.cancel()
+
+    class Replicas:  # the deployment handle: options(...).complete.remote(...)
+        def __init__(self):
+            self.calls = []
+
+        def options(self, **_):
+            return self
+
+        @property
+        def complete(self):
+            return self
+
+        def remote(self, *_):
+            self.calls.append(Call())
+            return self.calls[-1]
+
+    class Clip:
+        digest = "sha256:clip"
+
+        def portable(self):
+            return self
+
+    async def scenario():
+        replicas, leaving = Replicas(), asyncio.Event()
+        backend = RayBackend(replicas)
+
+        async def gone():
+            return leaving.is_set()
+
+        answered = asyncio.ensure_future(backend.complete("chat", Clip()))
+        refused = asyncio.ensure_future(backend.complete("chat", Clip()))
+        left = asyncio.ensure_future(backend.complete("chat", Clip(), gone))
+        await asyncio.sleep(0.01)
+        assert backend.depth == 3 and len(replicas.calls) == 3
+        replicas.calls[0].future.set_result("the answer")
+        assert await answered == "the answer" and backend.depth == 2
+        replicas.calls[1].future.set_exception(RequestError(400, "a refusal inside the replica"))
+        with pytest.raises(RequestError):
+            await refused
+        assert backend.depth == 1
+        leaving.set()
+        assert await left is None and replicas.calls[2].future.cancelled() and backend.depth == 0
+
+    asyncio.run(scenario())

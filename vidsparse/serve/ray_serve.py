@@ -65,12 +65,13 @@ class Replica:
 
 
 class RayBackend:
-    """The front's backend: each request to a replica, chosen by Ray Serve with the clip as routing key."""
-
-    depth = 0  # the replicas' queues are theirs; the front holds none
+    """The front's backend: each request to a replica, chosen by Ray Serve with the clip as routing key.
+    Its `depth` (the metrics' queue depth) is the requests sent to replicas and not answered yet: the
+    front cannot see inside a replica, so a request waiting there and one being answered count alike."""
 
     def __init__(self, replicas):
         self.replicas = replicas
+        self.depth = 0  # changed on the event loop only: no lock
 
     def start(self) -> None:
         pass
@@ -84,6 +85,14 @@ class RayBackend:
     async def complete(self, chat: ChatRequest, media: Media, gone: Gone | None = None,
                        send: Send | None = None) -> Completion | None:
         """A replica's answer; with `send`, its text pieces relayed as the replica decodes them."""
+        self.depth += 1
+        try:
+            return await self._complete(chat, media, gone, send)
+        finally:
+            self.depth -= 1
+
+    async def _complete(self, chat: ChatRequest, media: Media, gone: Gone | None, send: Send | None,
+                        ) -> Completion | None:
         from ray.serve.exceptions import BackPressureError
 
         replicas = self.replicas.options(multiplexed_model_id=media.digest)
