@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -115,3 +117,28 @@ def prefill_flops(tokens_per_layer: Sequence[int], shape: DecoderShape) -> int:
 def equivalent_tokens(visual_per_layer: Sequence[int]) -> float:
     """Mean over decoder layers of the visual tokens entering each layer (FastV-style input counting)."""
     return sum(visual_per_layer) / len(visual_per_layer)
+
+
+def nbytes(value: object, seen: set[int] | None = None) -> int:
+    """The bytes of every tensor and array reachable from `value` through dataclass fields, lists,
+    tuples and dicts, each storage counted once (a view shares its base's)."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(value, np.ndarray):
+        base = value if value.base is None else value.base
+        if id(base) in seen or not isinstance(base, np.ndarray):
+            return 0
+        seen.add(id(base))
+        return base.nbytes
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    if isinstance(value, list | tuple):
+        return sum(nbytes(v, seen) for v in value)
+    if isinstance(value, dict):
+        return sum(nbytes(v, seen) for v in value.values())
+    return 0

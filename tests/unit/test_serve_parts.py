@@ -10,7 +10,8 @@ import torch
 
 from vidsparse.options import AskOptions, Budget
 from vidsparse.serve.chat import RequestError, parse_chat
-from vidsparse.serve.clip_cache import ClipCache, nbytes
+from vidsparse.serve.clip_cache import ClipCache
+from vidsparse.stats import nbytes
 
 DEFAULTS = AskOptions(max_new_tokens=64)
 PNG = "data:image/png;base64,iVBORw0KGgo="

@@ -4,37 +4,10 @@ out first, within a byte budget. One thread (the scheduler's) uses it, so it nee
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Hashable
 
-import numpy as np
-import torch
-
-
-def nbytes(value: object, seen: set[int] | None = None) -> int:
-    """The bytes of every tensor and array reachable from `value` through dataclass fields, lists,
-    tuples and dicts, each storage counted once (a view shares its base's)."""
-    seen = set() if seen is None else seen
-    if isinstance(value, torch.Tensor):
-        storage = value.untyped_storage()
-        if storage.data_ptr() in seen:
-            return 0
-        seen.add(storage.data_ptr())
-        return storage.nbytes()
-    if isinstance(value, np.ndarray):
-        base = value if value.base is None else value.base
-        if id(base) in seen or not isinstance(base, np.ndarray):
-            return 0
-        seen.add(id(base))
-        return base.nbytes
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return sum(nbytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
-    if isinstance(value, list | tuple):
-        return sum(nbytes(v, seen) for v in value)
-    if isinstance(value, dict):
-        return sum(nbytes(v, seen) for v in value.values())
-    return 0
+from vidsparse.stats import nbytes
 
 
 class ClipCache:

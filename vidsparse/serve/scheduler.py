@@ -20,8 +20,9 @@ from vidsparse.errors import UserError
 from vidsparse.options import DECODE_BATCH, AskOptions, resolve_positions
 from vidsparse.pipeline import PreparedClip, VideoQA
 from vidsparse.serve.chat import ChatRequest, RequestError
-from vidsparse.serve.clip_cache import ClipCache, nbytes
+from vidsparse.serve.clip_cache import ClipCache
 from vidsparse.serve.media import Media, decoded
+from vidsparse.stats import nbytes
 from vidsparse.video import DecodedVideo, decode_clip
 
 MAX_GATHER_S = 0.02  # the longest a round waits for the questions of clients just answered
