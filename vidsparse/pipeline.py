@@ -161,6 +161,19 @@ class VideoQA:
         still counts as this clip's. Up to `decode_batch` questions of similar length go through the
         shared layers in one batch and are decoded together (one forward per step for all); the
         shared state is released when the last question is answered."""
+        clip, prompts = self.prepare_questions(video, questions, options, features)
+        if clip is None:
+            yield from prompts
+        else:
+            yield from self._answer(clip, questions, prompts, decode_batch)
+
+    def prepare_questions(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
+                          options: AskOptions, features: ClipFeatures | None = None,
+                          ) -> tuple[PreparedClip | None, list[torch.Tensor | UserError]]:
+        """`answer_clip`'s shared work, for questions to be answered later (`_answer`, or with other
+        clips' questions: `answer_together`): the clip, counted as asked by the questions that may be
+        asked (None if none may), and each question's prompt or the UserError that refuses it alone.
+        Raises for what stops them all (the video, the plan)."""
         model = self.model
         timer = StageTimer(model.device)  # the clip's shared work
         memory = PeakMemory(model.device)
@@ -181,8 +194,7 @@ class VideoQA:
 
         prompts, plan = prepared(clip_shape)
         if plan is None:
-            yield from prompts
-            return
+            return None, prompts
         video_path = None
         if not isinstance(video, DecodedVideo):
             video_path = str(video)
@@ -191,17 +203,14 @@ class VideoQA:
             if model.visual_tokens(clip_shape) != model.visual_tokens(provisional):
                 prompts, plan = prepared(clip_shape)
                 if plan is None:
-                    yield from prompts
-                    return
+                    return None, prompts
         cut = self.tower_cut(options, plan, clip_shape)
         if (features is None or (plan.method.needs_saliency and features.tokens.cls_attention is None)
                 or features.cut != cut):
             features = self.clip_features(video, plan.method.needs_saliency, cut)
         head_ids = next(p for p in prompts if not isinstance(p, UserError))
         clip = self._prepare(video, video_path, clip_shape, options, plan, head_ids, features, timer, memory, start)
-        clip = clip.asked(sum(not isinstance(p, UserError) for p in prompts))
-        del features  # the clip's state lives in `clip` only, until the last question
-        yield from self._answer(clip, questions, prompts, decode_batch)
+        return clip.asked(sum(not isinstance(p, UserError) for p in prompts)), prompts
 
     def prepare_clip(self, video: DecodedVideo, question: str, options: AskOptions,
                      video_path: str | None = None) -> PreparedClip:
