@@ -2,8 +2,9 @@
 
 The model is loaded once; the questions are read one at a time and grouped by video (within a
 window of the file); the next video is decoded on a background thread while the current one is
-answered. Each answer (or error) is appended to the
-results file as soon as it exists, so a killed run loses at most the question in flight.
+answered, and clips with few questions are decoded several together (`answered_jobs`). Each answer
+(or error) is appended to the results file as soon as it exists, so a killed run loses at most the
+questions in flight (one decoding batch).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
 from vidsparse.metrics import Tally, is_correct
-from vidsparse.options import DECODE_BATCH, AskOptions
-from vidsparse.pipeline import VideoQA
+from vidsparse.options import DECODE_BATCH, GROUP_MB, AskOptions
+from vidsparse.pipeline import PreparedClip, VideoQA
 from vidsparse.questions import Question, relative_name
 from vidsparse.results import ResultsFile, question_key
+from vidsparse.stats import nbytes
 from vidsparse.video import DecodedVideo, decode_clip
 
 
@@ -190,14 +192,62 @@ def write_answers(job: ClipJob, answers: Iterable[dict[str, Any]], root: Path, r
         on_progress()
 
 
+def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | UserError]], options: AskOptions,
+                  decode_batch: int, hold_bytes: int) -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
+    """Each job with its questions' results or errors, in the jobs' order. A clip with fewer questions
+    than `decode_batch` is prepared and waits for the next ones: such clips are answered together
+    (`VideoQA.answer_together`: one decoding batch, the weights read once a step for all) while their
+    questions fit in `decode_batch` and their prepared state in `hold_bytes` (so a group holds at most
+    the budget plus the clip just prepared; 0: each clip alone). A clip with more questions is answered
+    alone, `decode_batch` at a time. What stops a clip (its video) is its questions' errors; what
+    stops a group, its clips' questions'."""
+    waiting: list[tuple[ClipJob, PreparedClip | None, list[AskResult | Exception]]] = []  # None: results known
+    storages: set[int] = set()  # counted once, whatever clips share them
+    held = asked = 0
+
+    def answered() -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
+        nonlocal held, asked
+        ready = [(clip, [q.question for q in job.questions]) for job, clip, _ in waiting if clip is not None]
+        try:
+            together = iter(qa.answer_together(ready) if ready else [])
+        except Exception as e:  # noqa: BLE001 - one group must not end the run; the error is recorded
+            together = iter([[e] * len(questions) for _, questions in ready])
+        done = [(job, known if clip is None else next(together)) for job, clip, known in waiting]
+        waiting.clear()
+        storages.clear()
+        held = asked = 0
+        yield from done
+
+    for job, video in jobs:
+        questions = [q.question for q in job.questions]
+        if len(questions) >= decode_batch:
+            yield from answered()
+            yield job, list(clip_answers(qa, video, questions, options, decode_batch))
+            continue
+        try:
+            if isinstance(video, UserError):
+                raise video
+            clip, prompts = qa.prepare_questions(video, questions, options)
+        except Exception as e:  # noqa: BLE001 - one clip must not end the run; the error is recorded
+            clip, prompts = None, [e] * len(questions)
+        if clip is not None and waiting and (asked + len(questions) > decode_batch
+                                             or held + nbytes(clip, set(storages)) > hold_bytes):
+            yield from answered()
+        if clip is not None:
+            held += nbytes(clip, storages)
+            asked += len(questions)
+        waiting.append((job, clip, prompts if clip is None else []))
+    yield from answered()
+
+
 def run_batch(qa: VideoQA, jobs: Iterator[ClipJob], root: Path, results: ResultsFile, options: AskOptions,
-              tally: Tally, on_progress: Callable[[], None] = lambda: None, decode_batch: int = DECODE_BATCH) -> None:
+              tally: Tally, on_progress: Callable[[], None] = lambda: None, decode_batch: int = DECODE_BATCH,
+              hold_bytes: int = GROUP_MB * 2**20) -> None:
     """Answer each job's questions, appending one record per question. A clip's questions share its
-    decoding, vision tower and prompt head and are decoded `decode_batch` at a time
-    (VideoQA.answer_clip). A question that cannot be answered (its video, its text) becomes a record
-    with an `error` and the run goes on."""
+    decoding, vision tower and prompt head and are decoded `decode_batch` at a time; clips with fewer
+    questions are answered several together within `hold_bytes` (`answered_jobs`). A question that
+    cannot be answered (its video, its text) becomes a record with an `error` and the run goes on."""
     qa.check_options(options)  # fails every question: fail now
-    for job, video in prefetched(jobs, options):
-        answers = clip_answers(qa, video, [q.question for q in job.questions], options, decode_batch)
+    for job, answers in answered_jobs(qa, prefetched(jobs, options), options, decode_batch, hold_bytes):
         write_answers(job, (answer_fields(result, job.path) for result in answers), root, results, tally,
                       on_progress)

@@ -23,6 +23,7 @@ from vidsparse.errors import UserError
 from vidsparse.options import (
     DECODE_BATCH,
     DEFAULT_MODEL,
+    GROUP_MB,
     METHOD_NAMES,
     AskOptions,
     ask_options,
@@ -336,6 +337,11 @@ def batch(
     decode_batch: Annotated[int, typer.Option(
         "--decode-batch", min=1,
         help="Questions of a clip prefilled and decoded together (lower it to hold less memory).")] = DECODE_BATCH,
+    group_mb: Annotated[int | None, typer.Option(
+        "--group-mb", min=0,
+        help=f"Memory (MB, default {GROUP_MB}) that clips with fewer questions than --decode-batch may hold, "
+             "prepared, to be decoded together (one batch for several clips); 0 answers each clip alone. Not "
+             "with --ray (a worker answers whole clips).")] = None,
     ray_address: Annotated[str | None, typer.Option(
         "--ray", metavar="[ADDRESS]",
         help="Answer on Ray workers: alone, start Ray on this machine; 'auto' or ray://HOST:PORT joins a cluster "
@@ -349,7 +355,8 @@ def batch(
 ) -> None:
     """Answer questions over a whole folder of videos, appending to a results file as it goes.
 
-    A clip's questions share its decoding, vision tower and prompt head, and are decoded together.
+    A clip's questions share its decoding, vision tower and prompt head, and are decoded together;
+    clips with few questions are decoded several at a time (--group-mb).
     Re-running the same command resumes: recorded ids are skipped. A video that cannot be decoded
     is recorded as an error and the run goes on; the exit code is 1 if any question failed
     (--retry-errors asks those again).
@@ -365,6 +372,8 @@ def batch(
         raise UserError(f"--out {out} is the questions file: give the results their own file")
     if workers is not None and ray_address is None:
         raise UserError("--workers needs --ray")
+    if group_mb is not None and ray_address is not None:
+        raise UserError("--group-mb does not apply with --ray: a Ray worker answers whole clips, one at a time")
     with ExitStack() as stack:
         # The lock first: a second run on this file is refused before torch, Ray or the weights are loaded.
         results = stack.enter_context(ResultsFile(out, retry_errors))
@@ -395,7 +404,8 @@ def batch(
             started = time.perf_counter()
             try:
                 if pool is None:
-                    run_batch(qa, jobs, videos_dir, results, options, tally, update, decode_batch)
+                    run_batch(qa, jobs, videos_dir, results, options, tally, update, decode_batch,
+                              (GROUP_MB if group_mb is None else group_mb) * 2**20)
                 else:
                     pool.run(jobs, videos_dir, results, options, tally, update, decode_batch)
             except KeyboardInterrupt:

@@ -235,3 +235,4 @@ def ask_options(method: str = "none", budget: int | str | Budget = 194,
 
 
 DECODE_BATCH = 16  # questions of a clip prefilled and decoded together by default (`batch --decode-batch`)
+GROUP_MB = 1024  # prepared clips held to be answered together by default (`batch --group-mb`)
