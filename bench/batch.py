@@ -5,7 +5,9 @@ Rows, for each method, side by side in one run:
 - `per question`: `VideoQA.answer` for each question: vision tower and whole prefill every time
   (the path before clips were shared);
 - `reuse`: `VideoQA.answer_clip`: a clip's vision tower and prompt head (text + visual block through
-  the layers before the method's first question-guided stage) computed once for its questions.
+  the layers before the method's first question-guided stage) computed once for its questions;
+- `clips together` (with fewer --questions a clip than a decoding batch, 16): what `batch` does with
+  such clips (`batch.answered_jobs`): several clips prepared, then their questions decoded in one batch.
 Clips are decoded once for every row (decoding is not what differs). The per-question rows are
 timed on --sample questions of the first clip: their cost does not depend on what came before.
 
@@ -25,6 +27,7 @@ Two models: `--model 7b` (default): Video-LLaVA-7B geometry with random weights 
 
     python bench/batch.py                       # 7B geometry, CPU defaults
     python bench/batch.py --model demo
+    python bench/batch.py --clips 16 --questions 2   # a benchmark's few questions a video
     python bench/batch.py --device cuda --layers 32 --frames 8
 """
 
@@ -43,9 +46,11 @@ from common import build_7b, decoder_bytes, parse_args, write_results
 from roofline import Machine
 
 from vidsparse.answer import AskResult
+from vidsparse.batch import ClipJob, answered_jobs
 from vidsparse.datasets import shapes
-from vidsparse.options import DECODE_BATCH, ask_options
+from vidsparse.options import DECODE_BATCH, GROUP_MB, ask_options
 from vidsparse.pipeline import VideoQA, clip_shape_of
+from vidsparse.questions import Question
 from vidsparse.stats import PeakMemory, synchronize
 from vidsparse.video import DecodedVideo, decode_video
 
@@ -201,6 +206,8 @@ def main() -> None:
     floor = Floor(machine, decoder_bytes(text, dtype) - embedding)
     # A clip's questions are decoded in groups of DECODE_BATCH (25: 16 and 9): each group shares a pass.
     pass_share = math.ceil(args.questions / DECODE_BATCH) / args.questions
+    jobs = [ClipJob(path, [Question(f"{c}-{i}", path, q) for i, q in enumerate(asked)])
+            for c, (path, asked) in enumerate(zip(paths, questions, strict=True))]
     sample = questions[0][: args.sample]
     qa.answer(videos[0], sample[0], ask_options("none", "100%", None, "keep", 0, 0, frames, "auto", 1))  # warm-up
     rows = []
@@ -224,6 +231,12 @@ def main() -> None:
         floor_s = statistics.fmean(floor.shared(r, pass_share) for r in together)
         rows.append(row(method, budget, "reuse", total_questions / seconds, per_question, amortised(together), floor_s,
                         peak, same))
+        if args.questions < DECODE_BATCH:  # `batch` decodes several such clips in one batch
+            grouped, seconds, peak = timed(device, lambda o: [r for _, results in answered_jobs(
+                qa, zip(jobs, videos, strict=True), o, DECODE_BATCH, GROUP_MB * 2**20) for r in results], options)
+            same = "yes" if [r.answer for r in grouped] == [r.answer for r in together] else "NO (vs reuse)"
+            rows.append(row(method, budget, "clips together", total_questions / seconds, per_question,
+                            amortised(grouped), None, peak, same))
     print(f"\n{device.type}, {args.dtype}, {geometry}; {args.clips} clips x {args.questions} questions, "
           f"{frames} frames, {args.new_tokens} new tokens; per-question rows on {len(sample)} questions; "
           f"{machine.describe()}\n")
