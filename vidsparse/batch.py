@@ -23,7 +23,7 @@ from vidsparse.options import DECODE_BATCH, GROUP_MB, AskOptions
 from vidsparse.pipeline import PreparedClip, VideoQA
 from vidsparse.questions import Question, relative_name
 from vidsparse.results import ResultsFile, question_key
-from vidsparse.stats import nbytes
+from vidsparse.stats import PeakMemory, nbytes
 from vidsparse.video import DecodedVideo, decode_clip
 
 
@@ -192,52 +192,100 @@ def write_answers(job: ClipJob, answers: Iterable[dict[str, Any]], root: Path, r
         on_progress()
 
 
+class _Group:
+    """Prepared clips waiting to be decoded together, within a decoding batch of questions and a byte
+    budget (the storages clips share counted once)."""
+
+    def __init__(self, qa: VideoQA, decode_batch: int, hold_bytes: int):
+        self.qa, self.decode_batch, self.hold_bytes = qa, decode_batch, hold_bytes
+        self.memory = PeakMemory(qa.model.device)  # one high-water mark for the group's records
+        self.clips: list[tuple[ClipJob, PreparedClip]] = []
+        self.storages: set[int] = set()
+        self.held = self.asked = 0
+
+    def fits(self, clip: PreparedClip, questions: int) -> bool:
+        return not self.clips or (self.asked + questions <= self.decode_batch
+                                  and self.held + nbytes(clip, set(self.storages)) <= self.hold_bytes)
+
+    def add(self, job: ClipJob, clip: PreparedClip) -> None:
+        self.clips.append((job, clip))
+        self.held += nbytes(clip, self.storages)
+        self.asked += len(job.questions)
+
+    def full(self) -> bool:
+        return self.asked >= self.decode_batch or self.held >= self.hold_bytes
+
+    def answered(self) -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
+        """Each waiting clip's job and results, in order, the group emptied (its clips released) first.
+        If the batch fails, each clip is tried alone: one clip's fault fails only its questions."""
+        asked = [(clip, [q.question for q in job.questions]) for job, clip in self.clips]
+        try:
+            results = self.qa.answer_together(asked) if asked else []
+        except Exception:  # noqa: BLE001 - one group must not end the run; each clip's error is recorded
+            results = [self._alone(clip, questions) for clip, questions in asked]
+        done = [(job, mine) for (job, _), mine in zip(self.clips, results, strict=True)]
+        del asked
+        self.clips, self.held, self.asked = [], 0, 0
+        self.storages.clear()
+        yield from done
+
+    def _alone(self, clip: PreparedClip, questions: list[str]) -> list[AskResult | Exception]:
+        try:
+            (results,) = self.qa.answer_together([(clip, questions)])
+            return results
+        except Exception as e:  # noqa: BLE001 - recorded as each question's error
+            return [e] * len(questions)
+
+
 def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | UserError]], options: AskOptions,
                   decode_batch: int, hold_bytes: int) -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
     """Each job with its questions' results or errors, in the jobs' order. A clip with fewer questions
     than `decode_batch` is prepared and waits for the next ones: such clips are answered together
     (`VideoQA.answer_together`: one decoding batch, the weights read once a step for all) while their
-    questions fit in `decode_batch` and their prepared state in `hold_bytes` (so a group holds at most
-    the budget plus the clip just prepared; 0: each clip alone). A clip with more questions is answered
-    alone, `decode_batch` at a time. What stops a clip (its video) is its questions' errors; what
-    stops a group, its clips' questions'."""
-    waiting: list[tuple[ClipJob, PreparedClip | None, list[AskResult | Exception]]] = []  # None: results known
-    storages: set[int] = set()  # counted once, whatever clips share them
-    held = asked = 0
-
-    def answered() -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
-        nonlocal held, asked
-        ready = [(clip, [q.question for q in job.questions]) for job, clip, _ in waiting if clip is not None]
+    questions fit in `decode_batch` and their prepared state in `hold_bytes` (a group holds at most the
+    budget plus the clip just prepared, and is answered as soon as it is full; 0: each clip alone). A
+    clip with more questions is answered alone, `decode_batch` at a time. A clip that fails (its video,
+    its preparation) or whose every question is refused is recorded at once, after the clips before
+    it. A record's peak memory is its group's (from its first clip's preparation to its answers). An
+    error reading the next job (a bad line of the questions file) comes after the group's answers."""
+    group = _Group(qa, decode_batch, hold_bytes)
+    pending = iter(jobs)
+    while True:
         try:
-            together = iter(qa.answer_together(ready) if ready else [])
-        except Exception as e:  # noqa: BLE001 - one group must not end the run; the error is recorded
-            together = iter([[e] * len(questions) for _, questions in ready])
-        done = [(job, known if clip is None else next(together)) for job, clip, known in waiting]
-        waiting.clear()
-        storages.clear()
-        held = asked = 0
-        yield from done
-
-    for job, video in jobs:
+            job, video = next(pending)
+        except StopIteration:
+            break
+        except Exception:
+            yield from group.answered()
+            raise
         questions = [q.question for q in job.questions]
         if len(questions) >= decode_batch:
-            yield from answered()
+            yield from group.answered()
             yield job, list(clip_answers(qa, video, questions, options, decode_batch))
             continue
+        if not group.clips:
+            group.memory.reset()
         try:
             if isinstance(video, UserError):
                 raise video
-            clip, prompts = qa.prepare_questions(video, questions, options)
+            clip, prompts = qa.prepare_questions(video, questions, options, memory=group.memory)
         except Exception as e:  # noqa: BLE001 - one clip must not end the run; the error is recorded
-            clip, prompts = None, [e] * len(questions)
-        if clip is not None and waiting and (asked + len(questions) > decode_batch
-                                             or held + nbytes(clip, set(storages)) > hold_bytes):
-            yield from answered()
-        if clip is not None:
-            held += nbytes(clip, storages)
-            asked += len(questions)
-        waiting.append((job, clip, prompts if clip is None else []))
-    yield from answered()
+            failed = [e.with_traceback(None)] * len(questions)  # its frames (a decoded video, tensors) let go
+            del e
+            yield from group.answered()
+            yield job, failed
+            continue
+        if clip is None:  # every question refused: nothing to hold
+            yield from group.answered()
+            yield job, prompts
+            continue
+        if not group.fits(clip, len(questions)):
+            yield from group.answered()
+        group.add(job, clip)
+        del clip
+        if group.full():
+            yield from group.answered()
+    yield from group.answered()
 
 
 def run_batch(qa: VideoQA, jobs: Iterator[ClipJob], root: Path, results: ResultsFile, options: AskOptions,

@@ -169,15 +169,18 @@ class VideoQA:
 
     def prepare_questions(self, video: str | Path | DecodedVideo | np.ndarray, questions: Sequence[str],
                           options: AskOptions, features: ClipFeatures | None = None,
+                          memory: PeakMemory | None = None,
                           ) -> tuple[PreparedClip | None, list[torch.Tensor | UserError]]:
         """`answer_clip`'s shared work, for questions to be answered later (`_answer`, or with other
         clips' questions: `answer_together`): the clip, counted as asked by the questions that may be
         asked (None if none may), and each question's prompt or the UserError that refuses it alone.
-        Raises for what stops them all (the video, the plan)."""
+        Raises for what stops them all (the video, the plan). The results' peak memory is `memory`'s
+        (reset by the caller: a group of clips answered together), by default this clip's from now."""
         model = self.model
         timer = StageTimer(model.device)  # the clip's shared work
-        memory = PeakMemory(model.device)
-        memory.reset()
+        if memory is None:
+            memory = PeakMemory(model.device)
+            memory.reset()
         start = time.perf_counter()
         if isinstance(video, np.ndarray):
             video = DecodedVideo(video, list(range(len(video))), 0.0, 0.0, "given", len(video))

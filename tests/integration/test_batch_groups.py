@@ -32,17 +32,25 @@ def jobs(folder):
     return list(clip_jobs(load_questions(folder, folder / "qa.jsonl", None)))
 
 
-def run(qa, folder, monkeypatch, decode_batch: int, hold_bytes: int):
-    """(each job with its results, the clips' question counts of each `answer_together` call)."""
-    calls = []
-    together = qa.answer_together
+def run(qa, folder, monkeypatch, decode_batch: int, hold_bytes: int, order=None, log=None):
+    """(each job with its results, the clips' question counts of each `answer_together` call); `log`
+    gets "prepared" for each clip prepared and each decoding's question counts, in the order they happen."""
+    calls, log = [], [] if log is None else log
+    together, prepare = qa.answer_together, qa.prepare_questions
 
     def spy(asked, *args, **kwargs):
         calls.append([len(questions) for _, questions in asked])
+        log.append(calls[-1])
         return together(asked, *args, **kwargs)
 
+    def preparing(video, *args, **kwargs):
+        log.append("prepared")
+        return prepare(video, *args, **kwargs)
+
     monkeypatch.setattr(qa, "answer_together", spy)
-    answered = list(answered_jobs(qa, prefetched(iter(jobs(folder)), OPTIONS), OPTIONS, decode_batch, hold_bytes))
+    monkeypatch.setattr(qa, "prepare_questions", preparing)
+    chosen = jobs(folder) if order is None else [jobs(folder)[i] for i in order]
+    answered = list(answered_jobs(qa, prefetched(iter(chosen), OPTIONS), OPTIONS, decode_batch, hold_bytes))
     monkeypatch.undo()
     return answered, calls
 
@@ -99,3 +107,45 @@ def test_batch_group_mb_on_the_command_line(folder, tmp_path, tiny_checkpoint):
     refused = CliRunner().invoke(app, ["batch", str(folder), "--questions", str(folder / "qa.jsonl"), "--out",
                                        str(tmp_path / "x.jsonl"), "--group-mb", "8", "--ray"])
     assert refused.exit_code == 2 and "--group-mb" in refused.stderr
+
+
+def test_a_full_group_or_a_failed_clip_is_answered_at_once_in_the_jobs_order(qa, folder, monkeypatch):
+    """Nothing waits longer than it must: with no budget each clip is decoded before the next is prepared,
+    and a clip that cannot be decoded is recorded after the clips before it, which are answered first."""
+    log = []
+    run(qa, folder, monkeypatch, decode_batch=16, hold_bytes=0, log=log)
+    assert log == ["prepared", [4]] * 3
+    log = []
+    answered, _ = run(qa, folder, monkeypatch, decode_batch=16, hold_bytes=2**30, order=[0, 3, 1, 2], log=log)
+    assert log == ["prepared", [4], "prepared", "prepared", [4, 4]]  # broken.mp4 (second) is not prepared
+    assert [job.path.name for job, _ in answered] == ["a.mp4", "broken.mp4", "b.webm", "c.mp4"]
+    assert isinstance(answered[1][1][0], UserError) and not any(isinstance(r, Exception) for r in answered[0][1])
+
+
+def test_a_failing_group_answers_each_clip_alone(qa, folder, monkeypatch):
+    together = qa.answer_together
+
+    def only_one_clip(asked, *args, **kwargs):
+        if len(asked) > 1 or asked[0][0].video.total_frames == 24:  # b.webm (a: 20 frames, c: 28)
+            raise RuntimeError("a fault in the batch")
+        return together(asked, *args, **kwargs)
+
+    monkeypatch.setattr(qa, "answer_together", only_one_clip)
+    answered = dict((job.path.name, results) for job, results in answered_jobs(
+        qa, prefetched(iter(jobs(folder)[:3]), OPTIONS), OPTIONS, 16, 2**30))
+    assert all(isinstance(r, RuntimeError) for r in answered["b.webm"])  # its own fault, its own questions
+    assert [r.answer for r in answered["a.mp4"]] == [r.answer for r in qa.answer_clip(
+        jobs(folder)[0].path, [q.question for q in jobs(folder)[0].questions], OPTIONS)]
+    assert not any(isinstance(r, Exception) for r in answered["c.mp4"])
+
+
+def test_a_bad_line_after_a_group_comes_after_its_answers(qa, folder):
+    def then_a_bad_line():
+        yield from prefetched(iter(jobs(folder)[:2]), OPTIONS)
+        raise UserError("qa.jsonl line 9: not JSON")
+
+    answered = []
+    with pytest.raises(UserError, match="line 9"):
+        for job, results in answered_jobs(qa, then_a_bad_line(), OPTIONS, 16, 2**30):
+            answered.append((job.path.name, len(results)))
+    assert answered == [("a.mp4", 4), ("b.webm", 4)]

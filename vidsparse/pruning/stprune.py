@@ -87,7 +87,9 @@ def diverse_top_k(relevance: torch.Tensor, features: torch.Tensor, k: int, weigh
     score = torch.where(span > 0, (relevance - low) / span, 0.0).float()[None]  # (1, m)
     unit = F.normalize(features, dim=1)
     similarity = (unit @ unit.T).float().clamp_min_(0)
-    after_pick = score - weight * similarity  # [i, j]: j's gain once i is picked (two roundings, no fused op)
+    # [i, j]: j's gain once i is picked, in place (one m x m matrix): score - weight x similarity rounded
+    # twice, as two operations round it (a fused multiply-add would round once)
+    after_pick = similarity.mul_(-weight).add_(score)
     after_pick.diagonal().fill_(-torch.inf)
     gain = score.clone()
     picked = []
