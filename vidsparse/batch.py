@@ -4,7 +4,7 @@ The model is loaded once; the questions are read one at a time and grouped by vi
 window of the file); the next video is decoded on a background thread while the current one is
 answered, and clips with few questions are decoded several together (`answered_jobs`). Each answer
 (or error) is appended to the results file as soon as it exists, so a killed run loses at most the
-questions in flight (one decoding batch).
+questions in flight (a group's, at most one decoding batch, and the next clip's).
 """
 
 from __future__ import annotations
@@ -203,8 +203,11 @@ class _Group:
         self.storages: set[int] = set()
         self.held = self.asked = 0
 
+    def has_room_for(self, questions: int) -> bool:
+        return not self.clips or self.asked + questions <= self.decode_batch
+
     def fits(self, clip: PreparedClip, questions: int) -> bool:
-        return not self.clips or (self.asked + questions <= self.decode_batch
+        return not self.clips or (self.has_room_for(questions)
                                   and self.held + nbytes(clip, set(self.storages)) <= self.hold_bytes)
 
     def add(self, job: ClipJob, clip: PreparedClip) -> None:
@@ -217,24 +220,31 @@ class _Group:
 
     def answered(self) -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
         """Each waiting clip's job and results, in order, the group emptied (its clips released) first.
-        If the batch fails, each clip is tried alone: one clip's fault fails only its questions."""
+        A clip of several whose questions met a fault (not a refusal) is answered again alone, so that
+        one clip's fault, or a batch too large for memory, fails only what fails alone. Errors keep no
+        traceback: its frames would hold the group's clips and caches."""
         asked = [(clip, [q.question for q in job.questions]) for job, clip in self.clips]
-        try:
-            results = self.qa.answer_together(asked) if asked else []
-        except Exception:  # noqa: BLE001 - one group must not end the run; each clip's error is recorded
-            results = [self._alone(clip, questions) for clip, questions in asked]
+        results = self._together(asked)
+        if len(asked) > 1:
+            results = [self._together([one])[0] if any(_fault(r) for r in mine) else mine
+                       for one, mine in zip(asked, results, strict=True)]
         done = [(job, mine) for (job, _), mine in zip(self.clips, results, strict=True)]
-        del asked
+        del asked, results
         self.clips, self.held, self.asked = [], 0, 0
         self.storages.clear()
         yield from done
 
-    def _alone(self, clip: PreparedClip, questions: list[str]) -> list[AskResult | Exception]:
+    def _together(self, asked: list[tuple[PreparedClip, list[str]]]) -> list[list[AskResult | Exception]]:
         try:
-            (results,) = self.qa.answer_together([(clip, questions)])
-            return results
-        except Exception as e:  # noqa: BLE001 - recorded as each question's error
-            return [e] * len(questions)
+            results = self.qa.answer_together(asked) if asked else []
+        except Exception as e:  # noqa: BLE001 - one group must not end the run; recorded as its questions' errors
+            results = [[e] * len(questions) for _, questions in asked]
+        return [[r.with_traceback(None) if isinstance(r, Exception) else r for r in mine] for mine in results]
+
+
+def _fault(result: AskResult | Exception) -> bool:
+    """An error that is not the question's own refusal."""
+    return isinstance(result, Exception) and not isinstance(result, UserError)
 
 
 def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | UserError]], options: AskOptions,
@@ -246,8 +256,9 @@ def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | User
     budget plus the clip just prepared, and is answered as soon as it is full; 0: each clip alone). A
     clip with more questions is answered alone, `decode_batch` at a time. A clip that fails (its video,
     its preparation) or whose every question is refused is recorded at once, after the clips before
-    it. A record's peak memory is its group's (from its first clip's preparation to its answers). An
-    error reading the next job (a bad line of the questions file) comes after the group's answers."""
+    it. A record's peak memory is its group's, from its first clip's preparation to its answers (a
+    clip that did not fit the group before it was prepared in that group's time, and counts it too).
+    An error reading the next job (a bad line of the questions file) comes after the group's answers."""
     group = _Group(qa, decode_batch, hold_bytes)
     pending = iter(jobs)
     while True:
@@ -263,6 +274,8 @@ def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | User
             yield from group.answered()
             yield job, list(clip_answers(qa, video, questions, options, decode_batch))
             continue
+        if not group.has_room_for(len(questions)):  # known before preparing: its group starts with it
+            yield from group.answered()
         if not group.clips:
             group.memory.reset()
         try:

@@ -118,22 +118,33 @@ def test_a_full_group_or_a_failed_clip_is_answered_at_once_in_the_jobs_order(qa,
     log = []
     answered, _ = run(qa, folder, monkeypatch, decode_batch=16, hold_bytes=2**30, order=[0, 3, 1, 2], log=log)
     assert log == ["prepared", [4], "prepared", "prepared", [4, 4]]  # broken.mp4 (second) is not prepared
+    assert all(r.__traceback__ is None for r in answered[1][1])  # its frames are not held
+    for decode_batch in (8, 10):  # full at 8 questions: decoded at once; at 10, known before the third clip
+        log = []
+        run(qa, folder, monkeypatch, decode_batch=decode_batch, hold_bytes=2**30, log=log)
+        assert log == ["prepared", "prepared", [4, 4], "prepared", [4]], decode_batch
     assert [job.path.name for job, _ in answered] == ["a.mp4", "broken.mp4", "b.webm", "c.mp4"]
     assert isinstance(answered[1][1][0], UserError) and not any(isinstance(r, Exception) for r in answered[0][1])
 
 
-def test_a_failing_group_answers_each_clip_alone(qa, folder, monkeypatch):
+@pytest.mark.parametrize("fault", ["raised", "returned"])
+def test_a_failing_group_answers_each_clip_alone(qa, folder, monkeypatch, fault):
+    """A fault in a group's batch (raised, or returned as every question's error, as a failed decoding
+    step is) fails only the clip that fails alone; the others are answered again, alone."""
     together = qa.answer_together
 
     def only_one_clip(asked, *args, **kwargs):
         if len(asked) > 1 or asked[0][0].video.total_frames == 24:  # b.webm (a: 20 frames, c: 28)
-            raise RuntimeError("a fault in the batch")
+            if fault == "raised":
+                raise RuntimeError("a fault in the batch")
+            return [[RuntimeError("a fault in the batch")] * len(questions) for _, questions in asked]
         return together(asked, *args, **kwargs)
 
     monkeypatch.setattr(qa, "answer_together", only_one_clip)
-    answered = dict((job.path.name, results) for job, results in answered_jobs(
-        qa, prefetched(iter(jobs(folder)[:3]), OPTIONS), OPTIONS, 16, 2**30))
+    answered = {job.path.name: results for job, results in answered_jobs(
+        qa, prefetched(iter(jobs(folder)[:3]), OPTIONS), OPTIONS, 16, 2**30)}
     assert all(isinstance(r, RuntimeError) for r in answered["b.webm"])  # its own fault, its own questions
+    assert all(r.__traceback__ is None for r in answered["b.webm"])  # whose frames would hold the group
     assert [r.answer for r in answered["a.mp4"]] == [r.answer for r in qa.answer_clip(
         jobs(folder)[0].path, [q.question for q in jobs(folder)[0].questions], OPTIONS)]
     assert not any(isinstance(r, Exception) for r in answered["c.mp4"])
