@@ -248,13 +248,14 @@ def _fault(result: AskResult | Exception) -> bool:
 
 
 def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | UserError]], options: AskOptions,
-                  decode_batch: int, hold_bytes: int) -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
+                  decode_batch: int, hold_bytes: int) -> Iterator[tuple[ClipJob, Iterable[AskResult | Exception]]]:
     """Each job with its questions' results or errors, in the jobs' order. A clip with fewer questions
     than `decode_batch` is prepared and waits for the next ones: such clips are answered together
     (`VideoQA.answer_together`: one decoding batch, the weights read once a step for all) while their
     questions fit in `decode_batch` and their prepared state in `hold_bytes` (a group holds at most the
     budget plus the clip just prepared, and is answered as soon as it is full; 0: each clip alone). A
-    clip with more questions is answered alone, `decode_batch` at a time. A clip that fails (its video,
+    clip with more questions is answered alone, `decode_batch` at a time, its results an iterator to
+    consume before the next job (each is written as soon as it exists). A clip that fails (its video,
     its preparation) or whose every question is refused is recorded at once, after the clips before
     it. A record's peak memory is its group's, from its first clip's preparation to its answers (a
     clip that did not fit the group before it was prepared in that group's time, and counts it too).
@@ -272,7 +273,7 @@ def answered_jobs(qa: VideoQA, jobs: Iterable[tuple[ClipJob, DecodedVideo | User
         questions = [q.question for q in job.questions]
         if len(questions) >= decode_batch:
             yield from group.answered()
-            yield job, list(clip_answers(qa, video, questions, options, decode_batch))
+            yield job, clip_answers(qa, video, questions, options, decode_batch)  # each written as it comes
             continue
         if not group.has_room_for(len(questions)):  # known before preparing: its group starts with it
             yield from group.answered()

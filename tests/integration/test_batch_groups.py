@@ -50,7 +50,8 @@ def run(qa, folder, monkeypatch, decode_batch: int, hold_bytes: int, order=None,
     monkeypatch.setattr(qa, "answer_together", spy)
     monkeypatch.setattr(qa, "prepare_questions", preparing)
     chosen = jobs(folder) if order is None else [jobs(folder)[i] for i in order]
-    answered = list(answered_jobs(qa, prefetched(iter(chosen), OPTIONS), OPTIONS, decode_batch, hold_bytes))
+    answered = [(job, list(results)) for job, results in answered_jobs(  # each consumed before the next job
+        qa, prefetched(iter(chosen), OPTIONS), OPTIONS, decode_batch, hold_bytes)]
     monkeypatch.undo()
     return answered, calls
 
@@ -141,7 +142,7 @@ def test_a_failing_group_answers_each_clip_alone(qa, folder, monkeypatch, fault)
         return together(asked, *args, **kwargs)
 
     monkeypatch.setattr(qa, "answer_together", only_one_clip)
-    answered = {job.path.name: results for job, results in answered_jobs(
+    answered = {job.path.name: list(results) for job, results in answered_jobs(
         qa, prefetched(iter(jobs(folder)[:3]), OPTIONS), OPTIONS, 16, 2**30)}
     assert all(isinstance(r, RuntimeError) for r in answered["b.webm"])  # its own fault, its own questions
     assert all(r.__traceback__ is None for r in answered["b.webm"])  # whose frames would hold the group
@@ -158,5 +159,5 @@ def test_a_bad_line_after_a_group_comes_after_its_answers(qa, folder):
     answered = []
     with pytest.raises(UserError, match="line 9"):
         for job, results in answered_jobs(qa, then_a_bad_line(), OPTIONS, 16, 2**30):
-            answered.append((job.path.name, len(results)))
+            answered.append((job.path.name, len(list(results))))
     assert answered == [("a.mp4", 4), ("b.webm", 4)]
