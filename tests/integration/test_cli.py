@@ -131,6 +131,8 @@ def test_real_subprocess(tiny_checkpoint, clips):
     (["ask"], "Missing argument"),
     (["ask", "clip.mp4", "what ?", "--frames", "abc"], "Invalid value for '--frames'"),
     (["batch", "videos", "--out", "r.jsonl", "--decode-batch", "0"], "Invalid value for '--decode-batch'"),
+    (["batch", "videos", "--out", "r.jsonl", "--group-mb", "-1"], "Invalid value for '--group-mb'"),
+    (["batch", "videos", "--out", "r.jsonl", "--group-mb", "lots"], "Invalid value for '--group-mb'"),
     (["bogus"], "No such command 'bogus'"),
     # Path('') is the working directory: an unset variable (--out "$OUT") must not write the results there.
     (["sweep", "clip.mp4", "what ?", "--out", ""], "Invalid value for '--out': it is empty"),
