@@ -5,11 +5,12 @@ Every request is one question about one clip, sent by the official openai client
 lmms-eval sends them), warmed up on a clip of its own. Rows:
 - `ask`: `VideoQA.answer` per question in this process, one after another: decoding, vision tower and
   the whole prefill every time (what a server without reuse pays);
-- `batch`: `VideoQA.answer_clip` on each clip's questions (what `vidsparse batch` runs);
+- `batch`: each clip's shared work once, then its questions answered together, those of one answer
+  length in one call (`prepare_clip` and `answer_prepared`: the work `vidsparse batch` runs);
 - `rounds`: the server's model work without HTTP: the requests in order, in rounds of the concurrency,
   each round's clips prepared when first seen (then kept) and its questions answered in one
   `VideoQA.answer_together` (what the server's inference thread runs when every client's request waits
-  together): the bound the server's row could reach;
+  together and their answers are as long): the bound the server's row could reach then;
 - `serve cache`: the server with its clip cache, at each concurrency;
 - `serve no cache` (`--cache-mb 0`): only requests waiting together share their clip's work.
 Each server row starts a fresh server (an empty cache). Columns: questions/s, the ratio to `batch` and
@@ -19,6 +20,7 @@ to `ask`, p50/p95 latency of a request, and whether every answer equals `ask`'s.
     python bench/serve.py --model 7b          # Video-LLaVA-7B's geometry (random weights, 3 layers on a CPU)
     python bench/serve.py --clips 4 --json out.json
     python bench/serve.py --model 7b --clips 4 --questions 4 --spread   # requests in flight about different clips
+    python bench/serve.py --model 7b --questions 16 --concurrency 4 --new-tokens 2,16   # short answers beside long
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,7 +53,7 @@ from lab.fast_dtype import fastest_dtype  # noqa: E402
 from vidsparse.answer import AskResult  # noqa: E402
 from vidsparse.options import ask_options  # noqa: E402
 from vidsparse.pipeline import PreparedClip, VideoQA  # noqa: E402
-from vidsparse.serve.scheduler import ROUND_QUESTIONS  # noqa: E402
+from vidsparse.serve.scheduler import DECODING_QUESTIONS  # noqa: E402
 from vidsparse.video import decode_clip  # noqa: E402
 
 
@@ -81,8 +84,8 @@ def server_process(model: str, dtype: str, root: Path, options, cache_mb: int, q
         process.wait(60)
 
 
-def serve_row(model: str, dtype: str, root: Path, work: list[tuple[Path, str]], concurrency: int, cache_mb: int,
-              options) -> tuple[float, list[float], list[str]]:
+def serve_row(model: str, dtype: str, root: Path, work: list[tuple[Path, str, int]], concurrency: int,
+              cache_mb: int, options) -> tuple[float, list[float], list[str]]:
     """(seconds for all of `work`, each request's latency, the answers in order) through a fresh server."""
     with server_process(model, dtype, root, options, cache_mb, max(16, concurrency)) as url:
         clients = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) for _ in range(concurrency)]
@@ -91,9 +94,9 @@ def serve_row(model: str, dtype: str, root: Path, work: list[tuple[Path, str]], 
                                          {"type": "text", "text": work[0][1]}]}])
 
         def one(i: int) -> tuple[float, str]:
-            path, question = work[i]
+            path, question, new_tokens = work[i]
             start = time.perf_counter()
-            reply = clients[i % concurrency].chat.completions.create(model="bench", messages=[
+            reply = clients[i % concurrency].chat.completions.create(model="bench", max_tokens=new_tokens, messages=[
                 {"role": "user", "content": [{"type": "video_url", "video_url": {"url": path.resolve().as_uri()}},
                                              {"type": "text", "text": question}]}])
             return time.perf_counter() - start, reply.choices[0].message.content
@@ -105,25 +108,26 @@ def serve_row(model: str, dtype: str, root: Path, work: list[tuple[Path, str]], 
     return seconds, [latency for latency, _ in done], [answer for _, answer in done]
 
 
-def rounds_rate(qa: VideoQA, work: list[tuple[Path, str]], options, size: int) -> tuple[float, list[str]]:
+def rounds_rate(qa: VideoQA, work: list[tuple[Path, str, int]], options, size: int) -> tuple[float, list[str]]:
     """(questions/s, answers in order) of `work` answered in process in rounds of `size` requests: each
     round's clips prepared when first seen, and its questions answered together."""
     prepared: dict[Path, PreparedClip] = {}
     answers = []
-    size = min(size, ROUND_QUESTIONS)  # as the server's rounds
+    size = min(size, DECODING_QUESTIONS)  # as many as the server decodes together
     start = time.perf_counter()
     for first in range(0, len(work), size):
         chunk = work[first : first + size]
-        groups: dict[Path, list[str]] = {}
-        for path, question in chunk:
-            groups.setdefault(path, []).append(question)
-        for path, asked in groups.items():
+        groups: dict[tuple[Path, int], list[str]] = {}  # by clip and answer length
+        for path, question, new_tokens in chunk:
+            groups.setdefault((path, new_tokens), []).append(question)
+        for (path, _), asked in groups.items():
             if path not in prepared:
                 prepared[path] = qa.prepare_clip(decode_clip(path, options), asked[0], options)
             prepared[path] = prepared[path].asked(len(asked))
-        results = qa.answer_together([(prepared[path], asked) for path, asked in groups.items()])
-        answered = {(path, q): r.answer if isinstance(r, AskResult) else f"error: {r}"
-                    for (path, asked), mine in zip(groups.items(), results, strict=True)
+        results = qa.answer_together([(prepared[path].answering(new_tokens), asked)
+                                      for (path, new_tokens), asked in groups.items()])
+        answered = {(path, q, new_tokens): r.answer if isinstance(r, AskResult) else f"error: {r}"
+                    for ((path, new_tokens), asked), mine in zip(groups.items(), results, strict=True)
                     for q, r in zip(asked, mine, strict=True)}
         answers += [answered[item] for item in chunk]
     return len(work) / (time.perf_counter() - start), answers
@@ -160,7 +164,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--method", default="none")
     parser.add_argument("--budget", default="10%")
-    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--new-tokens", default="4",
+                        help="answer length (max_tokens); a list (2,16) is cycled through the requests: short answers "
+                             "beside long ones, where a request that joins the running decoding gains most")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="auto: the model's own choice (--model 7b: the fastest on this CPU; bfloat16 near-ties "
                              "on random weights may flip a token between batch shapes, float32 shows the answers "
@@ -170,8 +176,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         qa, checkpoint, frames = load(args.model, Path(tmp) / "checkpoint", args.dtype)
+        lengths = [int(n) for n in args.new_tokens.split(",")]
         options = ask_options(args.method, "100%" if args.method == "none" else args.budget, num_frames=frames,
-                              max_new_tokens=args.new_tokens)
+                              max_new_tokens=max(lengths))
         paths, questions = workload(args.model, args.clips + 1, args.questions, Path(tmp))
         shutil.copy(paths.pop(), Path(tmp) / "warm.mp4")  # the servers' warm-up clip
         questions.pop()
@@ -179,18 +186,25 @@ def main() -> None:
         if args.spread:
             work = [(path, asked[i]) for i in range(args.questions) for path, asked in zip(paths, questions,
                                                                                             strict=True)]
+        work = [(path, q, lengths[i % len(lengths)]) for i, (path, q) in enumerate(work)]
         qa.answer(paths[0], questions[0][0], options)  # warm-up
         start = time.perf_counter()
         latencies, reference = [], []
-        for path, question in work:
+        for path, question, new_tokens in work:
             began = time.perf_counter()
-            reference.append(qa.answer(path, question, options).answer)
+            reference.append(qa.answer(path, question, replace(options, max_new_tokens=new_tokens)).answer)
             latencies.append(time.perf_counter() - began)
         ask_rate = len(work) / (time.perf_counter() - start)
         rows.append(("ask", 1, ask_rate, latencies, True))
         start = time.perf_counter()
-        answered = {(path, q): r.answer for path, asked in zip(paths, questions, strict=True)
-                    for q, r in zip(asked, qa.answer_clip(path, asked, options), strict=True)}
+        answered = {}
+        for path in paths:
+            mine = [(q, new_tokens) for p, q, new_tokens in work if p == path]
+            clip = qa.prepare_clip(decode_clip(path, options), mine[0][0], options).asked(len(mine))
+            for new_tokens in lengths:
+                asked = [q for q, n in mine if n == new_tokens]
+                answered |= {(path, q, new_tokens): r.answer for q, r in zip(
+                    asked, qa.answer_prepared(clip, asked, max_new_tokens=new_tokens), strict=True)}
         together = [answered[item] for item in work]
         batch_rate = len(work) / (time.perf_counter() - start)
         rows.append(("batch", 1, batch_rate, None, together == reference))
@@ -218,6 +232,15 @@ def main() -> None:
                "p95_ms": p95, "same_answers": same}
         out.append(row)
         print("  ".join(f"{v!s:>14}" for v in row.values()))
+    if len(lengths) > 1:  # each answer length's latency apart: a short answer need not wait for a long one
+        print("\nlatency p50 / p95 ms by answer length (max_tokens):")
+        for (name, concurrency, _, latencies, _), row in zip(rows, out, strict=True):
+            if latencies:
+                by_length = {n: [t for t, (_, _, m) in zip(latencies, work, strict=True) if m == n] for n in lengths}
+                row["p50_ms_by_length"] = {n: round(percentile(mine, 50) * 1000, 1) for n, mine in by_length.items()}
+                print(f"  {name} (concurrency {concurrency}): " + ", ".join(
+                    f"{n} tokens {percentile(mine, 50) * 1000:.0f} / {percentile(mine, 95) * 1000:.0f}"
+                    for n, mine in by_length.items()))
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
         print(f"\nwrote {args.json}")

@@ -23,7 +23,7 @@ from vidsparse.options import DECODE_BATCH, GROUP_MB, AskOptions
 from vidsparse.pipeline import PreparedClip, VideoQA
 from vidsparse.questions import Question, relative_name
 from vidsparse.results import ResultsFile, question_key
-from vidsparse.stats import PeakMemory, nbytes
+from vidsparse.stats import HeldBytes, PeakMemory
 from vidsparse.video import DecodedVideo, decode_clip
 
 
@@ -200,23 +200,22 @@ class _Group:
         self.qa, self.decode_batch, self.hold_bytes = qa, decode_batch, hold_bytes
         self.memory = PeakMemory(qa.model.device)  # one high-water mark for the group's records
         self.clips: list[tuple[ClipJob, PreparedClip]] = []
-        self.storages: set[int] = set()
-        self.held = self.asked = 0
+        self.held, self.asked = HeldBytes(), 0
 
     def has_room_for(self, questions: int) -> bool:
         return not self.clips or self.asked + questions <= self.decode_batch
 
     def fits(self, clip: PreparedClip, questions: int) -> bool:
         return not self.clips or (self.has_room_for(questions)
-                                  and self.held + nbytes(clip, set(self.storages)) <= self.hold_bytes)
+                                  and self.held.total + self.held.adding(clip) <= self.hold_bytes)
 
     def add(self, job: ClipJob, clip: PreparedClip) -> None:
         self.clips.append((job, clip))
-        self.held += nbytes(clip, self.storages)
+        self.held.add(clip)
         self.asked += len(job.questions)
 
     def full(self) -> bool:
-        return self.asked >= self.decode_batch or self.held >= self.hold_bytes
+        return self.asked >= self.decode_batch or self.held.total >= self.hold_bytes
 
     def answered(self) -> Iterator[tuple[ClipJob, list[AskResult | Exception]]]:
         """Each waiting clip's job and results, in order, the group emptied (its clips released) first.
@@ -230,8 +229,7 @@ class _Group:
                        for one, mine in zip(asked, results, strict=True)]
         done = [(job, mine) for (job, _), mine in zip(self.clips, results, strict=True)]
         del asked, results
-        self.clips, self.held, self.asked = [], 0, 0
-        self.storages.clear()
+        self.clips, self.held, self.asked = [], HeldBytes(), 0
         yield from done
 
     def _together(self, asked: list[tuple[PreparedClip, list[str]]]) -> list[list[AskResult | Exception]]:

@@ -4,8 +4,8 @@ for all unfinished ones; `generate` is the one-question case, prefill and all.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -147,6 +147,13 @@ class DecodeState:
         self.positions += 1
         return hidden
 
+    def join(self, other: DecodeState) -> None:
+        """Go on with `other`'s rows after these: questions that join a running decoding."""
+        self.clips += other.clips
+        self.own = [mine.joined(theirs) for mine, theirs in zip(self.own, other.own, strict=True)]
+        self.positions = torch.cat([self.positions, other.positions])
+        self.new_rope = [mine or theirs for mine, theirs in zip(self.new_rope, other.new_rope, strict=True)]
+
     def seen(self) -> torch.Tensor:
         """(b,) visual keys each row's token saw after its clip's decoding layer this step (0 for a clip
         whose plan chooses none while decoding)."""
@@ -172,67 +179,148 @@ class DecodeState:
         self.clips = clips
 
 
-@torch.inference_mode()
+@dataclass
+class _Question:
+    """A question in a running decoding: how long its answer may get, what it has got, its share of
+    the steps' time, and the key its hooks are called with."""
+
+    key: Hashable
+    plan: PruningPlan | None
+    block_size: int  # the prefill's visual tokens
+    chooses: bool  # its plan chooses visual keys while decoding (KeyChoice)
+    limit: int
+    tokens: list[int] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def decoded(self, seen: float) -> Decoded:
+        """Its decoding, `seen` the visual keys its fed-back tokens saw after the decoding layer, summed."""
+        if self.plan is None or self.plan.decoding_layer is None or not self.steps:
+            mean = None
+        else:  # with no choice to make (B covers the prefill's visual tokens), every token saw them all
+            mean = seen / self.steps if self.chooses else float(self.block_size)
+        return Decoded(self.tokens, self.steps, self.seconds, mean)
+
+
+class Decoding:
+    """Greedy decoding of prefilled questions, one forward a step for every unfinished one, which more
+    questions may join between steps (a server's requests join the decoding already running instead
+    of waiting for it to end: iteration-level scheduling, as vLLM's). Each question ends at EOS, at its
+    clip's `max_new_tokens`, or when `on_token(key, token)` says False (a stop sequence met, its client
+    gone); then `on_done(key, decoded)` gets it. Its share of a step's time is the step's time split
+    among the questions in it."""
+
+    def __init__(self, decoder, lm_head: torch.nn.Linear, eos_token_ids: set[int], device: torch.device,
+                 on_done: Callable[[Hashable, Decoded], None],
+                 on_token: Callable[[Hashable, int], bool] | None = None):
+        self.decoder, self.lm_head, self.eos_token_ids, self.device = decoder, lm_head, eos_token_ids, device
+        self.on_done, self.on_token = on_done, on_token
+        self._reset()
+
+    def _reset(self) -> None:
+        self.questions: list[_Question] = []  # one a row of `logits`: first the state's rows, then those joining
+        self.logits: torch.Tensor | None = None  # (rows, vocab): each question's next-token logits
+        self.state: DecodeState | None = None  # the rows fed a token already
+        self.joining: list[ClipQuestions] = []  # the last rows' clips, none fed yet (their caches still theirs)
+        self.seen: torch.Tensor | None = None  # (state rows,) visual keys each one's tokens saw (choice only)
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.questions)
+
+    def join(self, clips: list[ClipQuestions], keys: Sequence[Hashable]) -> None:
+        """Add prefilled questions (`keys`, one each, through the clips in order) from their first logits;
+        their clips' `caches` are taken over at the next step (see DecodeState)."""
+        asked = [(clip, prefilled) for clip in clips for prefilled in clip.prefilled]
+        questions = [_Question(key, clip.plan, prefilled.block.size, KeyChoice.of(clip.plan, prefilled) is not None,
+                               clip.max_new_tokens) for (clip, prefilled), key in zip(asked, keys, strict=True)]
+        logits = torch.cat([c.logits for c in clips])
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.questions += questions
+        self.joining += clips
+
+    def abandon(self) -> list[Hashable]:
+        """Stop: the unfinished questions' keys (a failed step: none of them can go on)."""
+        keys = [question.key for question in self.questions]
+        self._reset()
+        return keys
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Each question's next token; those that end are done; one forward for the others."""
+        tokens = self.logits.argmax(-1)
+        going, ended = [], []
+        for row, (question, token) in enumerate(zip(self.questions, tokens.tolist(), strict=True)):
+            if token not in self.eos_token_ids:
+                question.tokens.append(token)
+                wanted = self.on_token is None or self.on_token(question.key, token)
+                if wanted and len(question.tokens) < question.limit:
+                    going.append(row)
+                    continue
+            ended.append(row)
+        if ended:
+            self._finish(ended)
+        if not going:
+            self._reset()
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        self._feed_joining()
+        if ended:
+            index = to_device(going, self.logits.device)
+            self.state.keep(going)
+            tokens, self.seen = tokens[index], self.seen[index]
+            self.questions = [self.questions[row] for row in going]
+        self.logits = self.lm_head(self.decoder.norm(self.state.step(tokens)))[:, -1].float()
+        if any(clip.choice is not None for clip in self.state.clips):
+            self.seen += self.state.seen()
+        synchronize(self.device)
+        share = (time.perf_counter() - start) / len(going)
+        for question in self.questions:
+            question.steps += 1
+            question.seconds += share
+
+    def _feed_joining(self) -> None:
+        """The joining clips' rows added to the state (their buffers made: their caches let go)."""
+        if not self.joining:
+            return
+        joined = DecodeState(self.decoder, self.joining)
+        zeros = torch.zeros(sum(clip.count for clip in joined.clips), device=self.logits.device)
+        if self.state is None:
+            self.state, self.seen = joined, zeros
+        else:
+            self.state.join(joined)
+            self.seen = torch.cat([self.seen, zeros])
+        self.joining = []
+
+    def _finish(self, rows: list[int]) -> None:
+        """The questions at these rows are done (their visual keys seen read once, where they chose)."""
+        fed = self.seen.shape[0] if self.seen is not None else 0
+        chose = [row for row in rows if row < fed and self.questions[row].chooses]
+        totals = dict(zip(chose, _seen_totals(self.seen, chose), strict=True)) if chose else {}
+        for row in rows:
+            question = self.questions[row]
+            self.on_done(question.key, question.decoded(totals.get(row, 0.0)))
+
+
+def _seen_totals(seen: torch.Tensor, rows: list[int]) -> list[float]:
+    """The visual keys these rows' tokens saw, summed: read from the device once per step that ends any."""
+    return seen[to_device(rows, seen.device)].tolist()
+
+
 def decode_together(decoder, lm_head: torch.nn.Linear, clips: list[ClipQuestions], eos_token_ids: set[int],
                     device: torch.device, on_token: TokenHook | None = None) -> list[Decoded]:
-    """Greedy decoding of prefilled questions about one or several clips (each clip by its own plan)
-    from their first logits until each meets EOS or its clip's `max_new_tokens`, or `on_token` (called
-    with each question's index, counting through the clips in order, and each token it gets, as it
-    gets it: a server streams them) says False (a stop sequence met, its client gone). Each one's share
-    of a step's time is the step's time split among the questions in it. Returns each question's
-    decoding, in the same order. The clips' `caches` are taken over (see DecodeState)."""
-    limits = [c.max_new_tokens for c in clips for _ in c.prefilled]
-    count = len(limits)
-    tokens_of: list[list[int]] = [[] for _ in range(count)]
-    steps, seconds = [0] * count, [0.0] * count
-    logits = torch.cat([c.logits for c in clips])
-    seen = torch.zeros(count, device=logits.device)  # visual keys each question's tokens saw (choice only)
-    state = None
-    active = list(range(count))  # the questions still decoding, one a row
-    for step in range(max(limits)):
-        tokens = logits.argmax(-1)
-        going = []
-        for row, (question, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
-            if token not in eos_token_ids:
-                tokens_of[question].append(token)
-                wanted = on_token is None or on_token(question, token)
-                if wanted and step + 1 < limits[question]:
-                    going.append(row)
-        if not going:
-            break
-        synchronize(device)
-        start = time.perf_counter()
-        if state is None:
-            state = DecodeState(decoder, clips)
-        if len(going) < len(active):
-            state.keep(going)
-            tokens, active = tokens[to_device(going, logits.device)], [active[row] for row in going]
-        logits = lm_head(decoder.norm(state.step(tokens)))[:, -1].float()
-        if any(clip.choice is not None for clip in state.clips):
-            seen.index_add_(0, to_device(active, seen.device), state.seen())
-        synchronize(device)
-        for question in active:
-            steps[question] += 1
-            seconds[question] += (time.perf_counter() - start) / len(active)
-    return [Decoded(tokens_of[q], steps[q], seconds[q], mean)
-            for q, mean in enumerate(_mean_seen(clips, seen, steps))]
-
-
-def _mean_seen(clips: list[ClipQuestions], seen: torch.Tensor, steps: list[int]) -> list[float | None]:
-    """The mean visual keys each question's fed-back tokens saw after its plan's decoding layer (None: its
-    plan chooses none while decoding, or no token was fed back), from `seen`, their sum per question."""
-    chooses = [KeyChoice.of(c.plan, c.prefilled[0]) is not None for c in clips]
-    totals = seen.tolist() if any(chooses) else None
-    means, question = [], 0
-    for clip, choosing in zip(clips, chooses, strict=True):
-        for prefilled in clip.prefilled:
-            taken = steps[question]
-            if clip.plan is None or clip.plan.decoding_layer is None or not taken:
-                means.append(None)
-            else:  # with no choice to make (B covers the prefill's visual tokens), every token saw them all
-                means.append((totals[question] if choosing else prefilled.block.size * taken) / taken)
-            question += 1
-    return means
+    """Greedy decoding of prefilled questions about one or several clips (each clip by its own plan),
+    all of them from the start (`Decoding` without anyone joining later): each question's decoding, in
+    order. `on_token` is called with each question's index, counting through the clips in order, and
+    each token it gets. The clips' `caches` are taken over (see DecodeState)."""
+    done: dict[Hashable, Decoded] = {}
+    decoding = Decoding(decoder, lm_head, eos_token_ids, device, done.__setitem__, on_token)
+    count = sum(len(clip.prefilled) for clip in clips)
+    decoding.join(clips, range(count))
+    while decoding.unfinished:
+        decoding.step()
+    return [done[question] for question in range(count)]
 
 
 def generate(decoder, lm_head: torch.nn.Linear, prompt: PromptEmbeds, max_new_tokens: int,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -160,6 +161,17 @@ class PaddedKV:
             keys[i, :, : layer.keys.shape[-2]] = layer.keys[0]
             values[i, :, : layer.values.shape[-2]] = layer.values[0]
         return cls(keys, values, to_device(counts, keys.device))
+
+    def joined(self, other: PaddedKV) -> PaddedKV:
+        """These rows, then `other`'s (questions joining a running decoding), in buffers as long as the
+        longer's: each row keeps the room it was given."""
+        capacity = max(self.keys.shape[-2], other.keys.shape[-2])
+
+        def rows(*buffers: torch.Tensor) -> torch.Tensor:
+            return torch.cat([F.pad(t, (0, 0, 0, capacity - t.shape[-2])) for t in buffers])
+
+        return PaddedKV(rows(self.keys, other.keys), rows(self.values, other.values),
+                        torch.cat([self.lengths, other.lengths]))
 
 
 @dataclass(frozen=True)

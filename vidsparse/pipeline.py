@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from vidsparse.answer import AskResult, ClipFeatures, ClipWork
-from vidsparse.decoding import ClipQuestions, Decoded, TokenHook, decode_together
+from vidsparse.decoding import ClipQuestions, Decoded, Decoding, TokenHook
 from vidsparse.engine import (
     ClipPrompts,
     Head,
@@ -253,17 +253,10 @@ class VideoQA:
         forward per step for all (the weights read once a step; a server's requests about different
         clips). Each clip's results or errors, in order. `on_token(c, i, token)` is called with each
         token of clip c's question i as it is decoded; False ends that answer there."""
-        prompts = [[self.checked_prompt(q, clip.shape, clip.options) for q in questions] for clip, questions in asked]
-        # The questions that may be asked, per clip: their places among its questions
-        kept = [[i for i, p in enumerate(mine) if not isinstance(p, UserError)] for mine in prompts]
-        asking = [c for c, at in enumerate(kept) if at]  # the clips with a question that may be asked
-        parts = [(asked[c][0], [(asked[c][1][i], prompts[c][i]) for i in kept[c]]) for c in asking]
-        hook = None if on_token is None else lambda p, i, token: on_token(asking[p], kept[asking[p]][i], token)
-        answered = dict(zip(asking, self._decode_parts(parts, hook), strict=True))
-        results = []
-        for c, mine in enumerate(prompts):
-            done = dict(zip(kept[c], answered.get(c, []), strict=True))
-            results.append([done.get(i, p) for i, p in enumerate(mine)])
+        results: list[list[AskResult | Exception | None]] = [[None] * len(questions) for _, questions in asked]
+        answering = Answering(self)
+        answering.join(asked, lambda c, i, result: results[c].__setitem__(i, result), on_token)
+        answering.finish()
         return results
 
     def _prepare(self, video: DecodedVideo, video_path: str | None, clip_shape: ClipShape, options: AskOptions,
@@ -367,31 +360,14 @@ class VideoQA:
 
     def _decode_parts(self, parts: list[tuple[PreparedClip, list[tuple[str, torch.Tensor]]]],
                       on_token: Callable[[int, int, int], bool] | None) -> list[list[AskResult | Exception]]:
-        """Questions (with their prompt ids) about one or several prepared clips, at least one a clip: each
-        clip's through its shared layers and own stages (`_prefill_parts`), then all of them decoded
-        together. Each clip's results or errors, in order; `on_token(c, i, token)` as `answer_together`'s.
-        What fails in a batch (the shared rows of clips batched together, the decoding) fails each of
-        its questions; what fails for one question (its own stages, its result) fails it alone."""
-        model = self.model
-        prefilled = self._prefill_parts(parts)
-        decoding, rows = [], []  # the clips' questions that reached decoding; (clip, question) of each row
-        for c, ((clip, _), (ready, caches)) in enumerate(zip(parts, prefilled, strict=True)):
-            started = [r for r in ready if isinstance(r, _Prefilled)]
-            if started:
-                decoding.append(ClipQuestions(clip.plan, [r.prefilled for r in started], caches,
-                                              torch.stack([r.logits for r in started]), clip.options.max_new_tokens))
-                rows += [(c, i) for i, r in enumerate(ready) if isinstance(r, _Prefilled)]
-        readies = [ready for ready, _ in prefilled]
-        del prefilled  # the caches now live in `decoding` only, which decoding empties
-        hook = None if on_token is None else lambda row, token: on_token(*rows[row], token)
-        try:
-            decoded = iter(decode_together(model.decoder, model.lm_head, decoding, model.eos_token_ids, model.device,
-                                           hook) if decoding else [])
-            failed = None
-        except Exception as e:  # noqa: BLE001 - the decoding failed: each of its questions says so
-            decoded, failed = iter([]), e
-        return [[(failed or self._checked_result(r, next(decoded), clip)) if isinstance(r, _Prefilled) else r
-                 for r in ready] for (clip, _), ready in zip(parts, readies, strict=True)]
+        """Questions (with their prompt ids) about one or several prepared clips answered together, from
+        their prefill to the end of their decoding (`Answering.join_parts`). Each clip's results or errors,
+        in order; `on_token(c, i, token)` as `answer_together`'s."""
+        results: list[list[AskResult | Exception | None]] = [[None] * len(group) for _, group in parts]
+        answering = Answering(self)
+        answering.join_parts(parts, lambda c, i, result: results[c].__setitem__(i, result), on_token)
+        answering.finish()
+        return results
 
     def _checked_result(self, done: _Prefilled, decoded: Decoded, clip: PreparedClip) -> AskResult | Exception:
         """`_result`, or the error that stopped it (this question alone)."""
@@ -517,6 +493,103 @@ class VideoQA:
             decode_tokens_per_s=decoded.steps / decoded.seconds if decoded.steps else None,
             first_logits=done.logits,
         )
+
+
+Answer = Callable[[int, int, AskResult | Exception], None]  # (clip, question, its result or error)
+
+
+@dataclass(frozen=True, eq=False)
+class _Asked:
+    """A question of a join being decoded: where its result goes, and what makes it."""
+
+    clip_index: int
+    question_index: int
+    clip: PreparedClip
+    ready: _Prefilled
+    on_answer: Answer
+    on_token: Callable[[int, int, int], bool] | None
+
+
+class Answering:
+    """Questions about prepared clips decoded together, which more questions may join between decoding
+    steps (`join`, then `step` until nothing is `unfinished`): a server's requests join the decoding
+    already running instead of waiting for it to end. Each question's result or error goes to the
+    `on_answer` of its join as soon as it is known: a refusal or a failed prefill at once, an answer
+    when its decoding ends. What fails a step fails every question in it."""
+
+    def __init__(self, qa: VideoQA):
+        model = qa.model
+        self.qa = qa
+        self.decoding = Decoding(model.decoder, model.lm_head, model.eos_token_ids, model.device, self._decoded,
+                                 self._token)
+
+    @property
+    def unfinished(self) -> int:
+        return self.decoding.unfinished
+
+    def join(self, asked: Sequence[tuple[PreparedClip, Sequence[str]]], on_answer: Answer,
+             on_token: Callable[[int, int, int], bool] | None = None) -> None:
+        """Questions about prepared clips (as `VideoQA.answer_together`'s), checked, prefilled and added to
+        the decoding; `on_answer(c, i, result)` for clip c's question i, `on_token(c, i, token)` with
+        each of its tokens as it is decoded (False ends that answer there)."""
+        qa = self.qa
+        prompts = [[qa.checked_prompt(q, clip.shape, clip.options) for q in questions] for clip, questions in asked]
+        kept = [[i for i, p in enumerate(mine) if not isinstance(p, UserError)] for mine in prompts]
+        for c, mine in enumerate(prompts):
+            for i, prompt in enumerate(mine):
+                if isinstance(prompt, UserError):
+                    on_answer(c, i, prompt)
+        asking = [c for c, at in enumerate(kept) if at]  # the clips with a question that may be asked
+        if not asking:
+            return
+        parts = [(asked[c][0], [(asked[c][1][i], prompts[c][i]) for i in kept[c]]) for c in asking]
+        hook = None if on_token is None else lambda p, i, token: on_token(asking[p], kept[asking[p]][i], token)
+        self.join_parts(parts, lambda p, i, result: on_answer(asking[p], kept[asking[p]][i], result), hook)
+
+    def join_parts(self, parts: list[tuple[PreparedClip, list[tuple[str, torch.Tensor]]]], on_answer: Answer,
+                   on_token: Callable[[int, int, int], bool] | None = None) -> None:
+        """`join` for questions with their checked prompt ids, at least one a clip: each clip's through its
+        shared layers and own stages (`VideoQA._prefill_parts`), then added to the decoding. What fails in
+        a batch (the shared rows of clips batched together) fails each of its questions; what fails for
+        one question (its own stages) fails it alone."""
+        clips, keys = [], []
+        for c, ((clip, _), (ready, caches)) in enumerate(zip(parts, self.qa._prefill_parts(parts), strict=True)):
+            started = []
+            for i, r in enumerate(ready):
+                if isinstance(r, _Prefilled):
+                    started.append(r)
+                    keys.append(_Asked(c, i, clip, r, on_answer, on_token))
+                else:
+                    on_answer(c, i, r)
+            if started:
+                clips.append(ClipQuestions(clip.plan, [r.prefilled for r in started], caches,
+                                           torch.stack([r.logits for r in started]), clip.options.max_new_tokens))
+        if clips:  # the caches now live in `clips` only, which decoding empties
+            self.decoding.join(clips, keys)
+
+    def step(self) -> None:
+        """One decoding step for every unfinished question (see `Decoding.step`)."""
+        try:
+            self.decoding.step()
+        except Exception as e:  # noqa: BLE001 - the step failed: each question in it says so
+            self.abandon(e)
+
+    def abandon(self, error: Exception) -> None:
+        """Stop decoding: every unfinished question gets `error`."""
+        for asked in self.decoding.abandon():
+            asked.on_answer(asked.clip_index, asked.question_index, error)
+
+    def finish(self) -> None:
+        """Decode until every question joined so far is answered."""
+        while self.unfinished:
+            self.step()
+
+    def _token(self, asked: _Asked, token: int) -> bool:
+        return asked.on_token is None or asked.on_token(asked.clip_index, asked.question_index, token)
+
+    def _decoded(self, asked: _Asked, decoded: Decoded) -> None:
+        asked.on_answer(asked.clip_index, asked.question_index, self.qa._checked_result(asked.ready, decoded,
+                                                                                         asked.clip))
 
 
 def clip_shape_of(video: DecodedVideo) -> ClipShape:

@@ -142,3 +142,19 @@ def nbytes(value: object, seen: set[int] | None = None) -> int:
     if isinstance(value, dict):
         return sum(nbytes(v, seen) for v in value.values())
     return 0
+
+
+class HeldBytes:
+    """The bytes of values held together (prepared clips waiting to be decoded, or decoding), each
+    storage counted once: clips about one video share its frames."""
+
+    def __init__(self):
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def adding(self, value: object) -> int:
+        """What holding `value` too would add."""
+        return nbytes(value, set(self._seen))
+
+    def add(self, value: object) -> None:
+        self.total += nbytes(value, self._seen)

@@ -72,6 +72,49 @@ def test_questions_about_several_clips_decode_together_as_if_each_were_asked_alo
         assert together[3][0].visual_while_decoding is not None and together[0][0].visual_while_decoding is None
 
 
+def test_questions_that_join_a_running_decoding_answer_as_if_each_were_asked_alone(tiny_checkpoint, clips,
+                                                                                    monkeypatch):
+    """A server's requests join the decoding already running: the first clip's questions decode alone
+    for a step, the second clip's join, then after two more steps the last two clips' (dycoke choosing
+    keys while decoding, compact positions beside kept ones, answers of different lengths, rows
+    leaving as their answers end). Each answer, its first logits and the visual keys its tokens saw
+    are those it gets asked alone."""
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint), dtype="float32", device="cpu")
+    asked, alone = [], []
+    for c, (codec, frames, method, positions, new_tokens) in enumerate(ASKED["videollava"]):
+        video = decode_video(clips[codec], frames)
+        options = options_of(method, positions, frames, new_tokens)
+        questions = QUESTIONS[: 3 - c % 2]
+        asked.append((qa.prepare_clip(video, questions[0], options).asked(len(questions)), questions))
+        alone.append([qa.answer(video, q, options) for q in questions])
+    batches = []
+    step = decoding.DecodeState.step
+    monkeypatch.setattr(decoding.DecodeState, "step",
+                        lambda self, tokens: batches.append(len(tokens)) or step(self, tokens))
+    results: dict[tuple[int, int], object] = {}
+
+    def joining(first: int, clips_asked: list) -> None:
+        answering.join(clips_asked, lambda c, i, result: results.__setitem__((first + c, i), result))
+
+    answering = pipeline.Answering(qa)
+    joining(0, asked[:1])
+    answering.step()
+    joining(1, asked[1:2])
+    answering.step()
+    answering.step()
+    joining(2, asked[2:])
+    answering.finish()
+    # 3 alone, 2 join them, then the last clips' 5 join as the second clip's 2 end (its answers are 3 tokens)
+    assert batches[:4] == [3, 5, 5, 8]
+    for c, expected in enumerate(alone):
+        for i, want in enumerate(expected):
+            got = results[c, i]
+            assert got.answer == want.answer and got.token_ids == want.token_ids
+            torch.testing.assert_close(got.first_logits, want.first_logits, atol=1e-4, rtol=1e-4)
+            assert got.visual_while_decoding == pytest.approx(want.visual_while_decoding)
+    assert results[3, 0].visual_while_decoding is not None and results[0, 0].visual_while_decoding is None
+
+
 def test_a_hook_and_a_refused_question_keep_each_clip_and_question_in_its_place(tiny_checkpoint, clips):
     """The hook hears (clip, question, token) with the question's place among those asked (a refused
     one before it counts); ending one answer leaves every other as it was."""

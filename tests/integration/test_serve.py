@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.serving import MODEL_NAME, live_server, settings
 from vidsparse.options import ask_options
-from vidsparse.pipeline import VideoQA
+from vidsparse.pipeline import Answering, VideoQA
 from vidsparse.video import decode_video
 
 QUESTION = "what color is the square ?"
@@ -41,17 +41,17 @@ def server(qa, clips):
 
 @pytest.fixture
 def held(monkeypatch) -> tuple[threading.Event, list[list[str]]]:
-    """The inference thread held at each `answer_together` call until the event is set; each call's
-    questions, per clip."""
+    """The inference thread held each time requests join the decoding (`Answering.join`) until the event is
+    set; each join's questions, per clip."""
     release, calls = threading.Event(), []
-    answer_together = VideoQA.answer_together
+    join = Answering.join
 
     def waits(self, asked, *args, **kwargs):
         calls.append([list(questions) for _, questions in asked])
         release.wait(30)
-        return answer_together(self, asked, *args, **kwargs)
+        return join(self, asked, *args, **kwargs)
 
-    monkeypatch.setattr(VideoQA, "answer_together", waits)
+    monkeypatch.setattr(Answering, "join", waits)
     return release, calls
 
 
@@ -195,6 +195,88 @@ def test_a_client_that_leaves_a_stream_stops_its_decoding(qa, clips, monkeypatch
         # Answered after the left request's decoding has ended (one inference thread); it decodes nothing.
         assert post(url, {"model": MODEL_NAME, "messages": video_message(uri), "max_tokens": 1})[0] == 200
         assert len(steps) < 8  # of the 11 its 12 tokens would take
+
+
+def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips, monkeypatch):
+    """A long answer decodes slowly (a pause each step); a short question about another clip comes while
+    it does: the short one joins the running decoding at a step (two rows from then on), gets its answer
+    while the long one is still decoding, and both answers are `ask`'s."""
+    from vidsparse.decoding import DecodeState
+
+    rows, step = [], DecodeState.step
+
+    def slow(self, tokens):
+        rows.append(len(tokens))
+        time.sleep(0.05)
+        return step(self, tokens)
+
+    long_uri, short_uri = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_tokens=12)) as url:
+        monkeypatch.setattr(DecodeState, "step", slow)
+        replies: dict[str, tuple[float, object]] = {}
+
+        def ask(name: str, uri: str, question: str, max_tokens: int) -> None:
+            reply = client(url).chat.completions.create(model=MODEL_NAME, messages=video_message(uri, question),
+                                                        max_tokens=max_tokens)
+            replies[name] = (time.monotonic(), reply)
+
+        long = threading.Thread(target=ask, args=("long", long_uri, QUESTION, 12))
+        long.start()
+        _wait_for(lambda: len(rows) >= 2)
+        ask("short", short_uri, "what moves ?", 2)
+        long.join(60)
+    assert 1 in rows[:2] and 2 in rows  # alone at first, then the two together
+    assert replies["short"][0] < replies["long"][0]
+    for name, video, question, max_tokens in (("long", clips["h264"], QUESTION, 12),
+                                              ("short", clips["vp9"], "what moves ?", 2)):
+        want = qa.answer(video, question, ask_options("none", "194", num_frames=8, max_new_tokens=max_tokens))
+        assert replies[name][1].choices[0].message.content == want.answer
+        assert replies[name][1].usage.completion_tokens == want.generated_tokens
+
+
+def test_a_clip_that_would_overfill_the_budget_waits_prepared_until_the_decoding_ends(qa, clips, monkeypatch):
+    """With room in the cache's budget for one clip (and a half), a question about a second clip comes
+    while the first clip's long answer decodes: its clip is prepared at once but joins only when the
+    first answer has ended (never two rows in a step), and both answers are `ask`'s."""
+    from vidsparse.decoding import DecodeState
+    from vidsparse.stats import nbytes
+
+    size = nbytes(qa.prepare_clip(decode_video(clips["h264"], 8), QUESTION, ask_options("none", "194",
+                                                                                       num_frames=8)))
+    rows, prepared, step, prepare = [], [], DecodeState.step, VideoQA.prepare_clip
+
+    def slow(self, tokens):
+        rows.append(len(tokens))
+        time.sleep(0.05)
+        return step(self, tokens)
+
+    def counted(self, *args, **kwargs):
+        prepared.append(len(rows))  # the steps decoded before it
+        return prepare(self, *args, **kwargs)
+
+    long_uri, short_uri = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_tokens=12, cache_bytes=int(1.5 * size))) as url:
+        monkeypatch.setattr(DecodeState, "step", slow)
+        monkeypatch.setattr(VideoQA, "prepare_clip", counted)
+        replies: dict[str, tuple[float, object]] = {}
+
+        def ask(name: str, uri: str, question: str, max_tokens: int) -> None:
+            reply = client(url).chat.completions.create(model=MODEL_NAME, messages=video_message(uri, question),
+                                                        max_tokens=max_tokens)
+            replies[name] = (time.monotonic(), reply)
+
+        long = threading.Thread(target=ask, args=("long", long_uri, QUESTION, 12))
+        long.start()
+        _wait_for(lambda: len(rows) >= 2)
+        ask("short", short_uri, "what moves ?", 2)
+        long.join(60)
+    assert rows == [1] * len(rows) and len(rows) == 11 + 1  # the long answer's 11 steps, then the short one's
+    assert prepared[0] == 0 and 2 <= prepared[1] < 11  # the second clip prepared while the first decoded
+    assert replies["long"][0] < replies["short"][0]
+    for name, video, question, max_tokens in (("long", clips["h264"], QUESTION, 12),
+                                              ("short", clips["vp9"], "what moves ?", 2)):
+        want = qa.answer(video, question, ask_options("none", "194", num_frames=8, max_new_tokens=max_tokens))
+        assert replies[name][1].choices[0].message.content == want.answer
 
 
 def test_frames_sent_as_images_before_or_after_the_text_answer_as_those_frames(server, qa, clips):
@@ -417,11 +499,11 @@ def test_requests_about_different_clips_waiting_together_are_decoded_together(qa
     is prepared."""
     release, calls = held
     events: list[str] = []
-    prepare, answer_together = VideoQA.prepare_clip, VideoQA.answer_together
+    prepare, join = VideoQA.prepare_clip, Answering.join
     monkeypatch.setattr(VideoQA, "prepare_clip", lambda self, *args, **kwargs: events.append("prepare")
                         or prepare(self, *args, **kwargs))
-    monkeypatch.setattr(VideoQA, "answer_together", lambda self, *args, **kwargs: events.append("decode")
-                        or answer_together(self, *args, **kwargs))
+    monkeypatch.setattr(Answering, "join", lambda self, *args, **kwargs: events.append("decode")
+                        or join(self, *args, **kwargs))
     asked = [(clips["h264"], QUESTION, {}), (clips["vp9"], "what moves ?", {}), (clips["h264"], "what moves ?", {}),
              (clips["vp9"], QUESTION, {"max_tokens": 3, "extra_body": {"vidsparse": {"method": "stprune",
                                                                                      "budget": "25%"}}})]
@@ -523,16 +605,16 @@ def test_a_failed_batch_fails_its_own_requests_only(qa, clips, monkeypatch):
     """Without a clip cache a round decodes one clip a batch; the last batch of a round fails (simulated):
     the requests answered by the round's earlier batch keep their answers."""
     release, calls = threading.Event(), []
-    answer_together = VideoQA.answer_together
+    join = Answering.join
 
     def fails_on_boom(self, asked, *args, **kwargs):
         calls.append([list(questions) for _, questions in asked])
         release.wait(30)
         if any("boom" in q for _, questions in asked for q in questions):
             raise RuntimeError("out of memory (simulated)")
-        return answer_together(self, asked, *args, **kwargs)
+        return join(self, asked, *args, **kwargs)
 
-    monkeypatch.setattr(VideoQA, "answer_together", fails_on_boom)
+    monkeypatch.setattr(Answering, "join", fails_on_boom)
     h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
     with live_server(qa, settings(clips["h264"].parent, cache_bytes=0)) as url:  # "boom ?": the second batch
         replies = queued_behind_a_held_request(url, calls, release,

@@ -20,14 +20,15 @@ from vidsparse.stats import StageTimer
 
 NEW_TOKENS = 4
 # The reads that remain, by "module:function": how many per decoding step or per clip.
-PER_STEP = {("tolist", "decoding.py:decode_together")}  # the step's tokens: EOS, and the answer itself
+PER_STEP = {("tolist", "decoding.py:step")}  # the step's tokens: EOS, and the answer itself
 PER_CLIP = {"fastvid": {("tolist", "pruning/fastvid.py:segment_budgets")},  # T - 1 frame similarities: the segments
             "holitom": {("tolist", "pruning/holitom.py:static_counts")},  # (T - 1) x T static-place counts: the windows
             # T - 1 frame similarities (the segments), then the trees rooted in each frame (its clusters)
             "flashvid": {("tolist", "pruning/flashvid.py:cut_segments"),
                          ("tolist", "pruning/flashvid.py:compress_clip")}}
-# Once a clip's questions are decoded: how many visual keys their tokens saw (a method choosing keys while decoding).
-PER_DECODING = {"dycoke": {("tolist", "decoding.py:_mean_seen")}}
+# Once per step that ends questions (here all of them end together): how many visual keys their tokens saw (a method
+# choosing keys while decoding).
+PER_DECODING = {"dycoke": {("tolist", "decoding.py:_seen_totals")}}
 # ToMe (an image-era baseline) merges in rounds whose survivors it reads: left as it is.
 UNTOUCHED = {"tome"}
 

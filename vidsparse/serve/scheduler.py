@@ -1,10 +1,11 @@
 """One inference thread behind a bounded queue. The model runs one piece of work at a time (torch
-already spreads one forward over the cores); what the scheduler adds is sharing. A *round* takes the
-oldest waiting requests (up to ROUND_QUESTIONS) and answers them in one `answer_together` call: the
-requests about the same clip with the same settings go through their clip's shared layers in one
-batch, and every request of the round, whatever its clip, is decoded in one batch (the weights read
-once a step for all). A clip's shared work comes from the clip cache when an earlier request paid for
-it. A request whose client went away is dropped before it costs anything."""
+already spreads one forward over the cores); what the scheduler adds is sharing. Every request joins
+one running decoding (`Answering`): between two decoding steps the waiting requests are admitted (up
+to DECODING_QUESTIONS in the decoding at once), so a request never waits for others' answers to end.
+Those admitted together about the same clip with the same settings go through their clip's shared
+layers in one batch, and every request in the decoding, whatever its clip, is decoded in one batch
+(the weights read once a step for all). A clip's shared work comes from the clip cache when an
+earlier request paid for it. A request whose client went away is dropped before it costs anything."""
 
 from __future__ import annotations
 
@@ -13,20 +14,24 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from vidsparse.answer import AskResult
 from vidsparse.errors import UserError
 from vidsparse.options import DECODE_BATCH, AskOptions, resolve_positions
-from vidsparse.pipeline import PreparedClip, VideoQA
+from vidsparse.pipeline import Answering, PreparedClip, VideoQA
 from vidsparse.serve.chat import ChatRequest, RequestError
 from vidsparse.serve.clip_cache import ClipCache
 from vidsparse.serve.media import Media, decoded
-from vidsparse.stats import nbytes
+from vidsparse.stats import HeldBytes
 from vidsparse.video import DecodedVideo, decode_clip
 
-MAX_GATHER_S = 0.02  # the longest a round waits for the questions of clients just answered
-ROUND_QUESTIONS = DECODE_BATCH  # requests answered (and decoded) together at most
+# The longest an idle thread waits for the questions of clients just answered, and the least a request waits
+# before it joins a running decoding (unless enough wait to fill it): requests admitted together share one
+# prefill, whose fixed cost (a pass over the weights; on a tiny model, per-call overhead) several joins of
+# one request each would pay several times.
+MAX_GATHER_S = 0.02
+DECODING_QUESTIONS = DECODE_BATCH  # requests decoded together at most
 # The question a clip is prepared with: it only shows the prompt's layout (any question gives the same
 # head), and, unlike a request's own, it is never refused for its text: a refused request fails alone.
 LAYOUT_QUESTION = "what happens ?"
@@ -50,10 +55,26 @@ class Job:
     media: Media
     future: Future  # Answered, or the exception that refused the request
     on_token: Callable[[int], bool]  # each token of its answer as it is decoded; False ends the answer there
+    queued: float = field(default_factory=time.monotonic)
 
     @property
     def group(self) -> tuple:
-        return self.media.digest, self.request.options
+        """The requests that share a prepared clip: the same clip and settings, whatever their answers' length."""
+        return self.media.digest, replace(self.request.options, max_new_tokens=0)
+
+
+@dataclass
+class _Admitted:
+    """Requests about one clip with one setting (answers of any length), the clip prepared for them, and
+    whether it came from the cache."""
+
+    jobs: list[Job]
+    clip: PreparedClip
+    hit: bool
+
+    @property
+    def answered(self) -> bool:
+        return all(job.future.done() for job in self.jobs)
 
 
 class Scheduler:
@@ -63,7 +84,11 @@ class Scheduler:
         self.qa, self.cache, self.max_queue = qa, cache, max_queue
         self.max_video_seconds = max_video_seconds
         self._jobs: deque[Job] = deque()
-        self._in_flight, self._last_seconds = 1, 0.0  # when the last group ended: requests in flight, its time
+        self._taken: list[list[Job]] = []  # groups taken from the queue, waiting for room in the decoding
+        self._prepared: _Admitted | None = None  # a group whose clip would not fit beside those decoding
+        self._decoding: list[_Admitted] = []  # the groups admitted to the decoding (their clips held)
+        self._in_flight, self._last_seconds = 1, 0.0  # as the decoding last ended: requests in flight, its time
+        self._busy_since = 0.0
         self._ready = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="vidsparse-inference", daemon=True)
@@ -71,8 +96,8 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        """Requests waiting (not counting the group being answered)."""
-        return len(self._jobs)
+        """Requests waiting (not counting those being prepared or decoded)."""
+        return len(self._jobs) + sum(map(len, list(self._taken)))
 
     def check_room(self) -> None:
         """Raise QueueFull where a request now would not be queued."""
@@ -97,83 +122,144 @@ class Scheduler:
             self._ready.notify()
         self._thread.join()
 
-    def _next_round(self) -> list[list[Job]] | None:
-        """The oldest waiting jobs, up to ROUND_QUESTIONS, grouped by clip and settings (in the order of
-        each group's oldest). Where fewer wait than were in flight when the last round ended (that round's
-        and those waiting then), it waits a moment (a tenth of that round's time, at most MAX_GATHER_S)
-        for the rest: the clients just answered are sending their next questions, and without it a closed
-        loop of N clients settles into small rounds (N - 1 and 1, or N/2 and N/2) instead of one of N."""
+    def _run(self) -> None:
+        answering = Answering(self.qa)
+        while self._wait_for_work(answering.unfinished):
+            try:
+                self._admit(answering)
+                if answering.unfinished:
+                    self._step(answering)
+            except Exception as e:  # noqa: BLE001 - what stops the thread's own work fails every request it holds
+                self._fail_all(answering, e)
+
+    def _wait_for_work(self, decoding: int) -> bool:
+        """Whether there is work (False: closing, and nothing is left). With `decoding` questions unfinished,
+        at once: the waiting requests join at the next step. Idle, it waits for a request; where fewer wait
+        than were in flight when the decoding last ended, a moment more (a tenth of that decoding's time, at
+        most MAX_GATHER_S) for the rest: the clients just answered are sending their next questions, and
+        admitting them together prefills their rows in one batch (and, without room for two clips, decodes
+        a clip's requests together)."""
         with self._ready:
-            while not self._jobs and not self._closing:
+            if decoding or self._prepared is not None:
+                return True
+            while not self._jobs and not self._taken and not self._closing:
                 self._ready.wait()
-            if not self._jobs:
-                return None
-            wanted = min(self._in_flight, ROUND_QUESTIONS)
+            if not self._jobs and not self._taken:
+                return False
+            wanted = min(self._in_flight, DECODING_QUESTIONS)
             deadline = time.monotonic() + min(MAX_GATHER_S, self._last_seconds / 10)
-            while (len(self._jobs) < wanted and not self._closing
+            while (len(self._jobs) + sum(map(len, self._taken)) < wanted and not self._closing
                    and (left := deadline - time.monotonic()) > 0):
                 self._ready.wait(left)
-            groups: dict[tuple, list[Job]] = {}
-            for _ in range(min(len(self._jobs), ROUND_QUESTIONS)):
+            return True
+
+    def _take(self, room: int) -> list[list[Job]]:
+        """The groups taken before (the oldest), then the oldest waiting jobs, as many as make `room`, grouped
+        by clip and settings (in the order of each group's oldest): a waiting request joins a taken group
+        of its clip and settings."""
+        groups = {jobs[0].group: jobs for jobs in self._taken}
+        with self._ready:
+            for _ in range(min(len(self._jobs), room - sum(map(len, self._taken)))):
                 job = self._jobs.popleft()
                 groups.setdefault(job.group, []).append(job)
         return list(groups.values())
 
-    def _run(self) -> None:
-        while (groups := self._next_round()) is not None:
-            live = [[job for job in group if job.future.set_running_or_notify_cancel()] for group in groups]
-            live = [group for group in live if group]
+    def _due(self, decoding: int) -> bool:
+        """Whether the waiting requests join the running decoding (of `decoding` questions) at this step: once
+        the oldest has waited MAX_GATHER_S, or when enough wait to fill the decoding."""
+        with self._ready:
+            return bool(self._jobs) and (len(self._jobs) >= DECODING_QUESTIONS - decoding
+                                         or time.monotonic() - self._jobs[0].queued >= MAX_GATHER_S)
+
+    def _admit(self, answering: Answering) -> None:
+        """Waiting requests joined to the decoding, their clips prepared (or taken from the cache), as far as
+        there is room: at most DECODING_QUESTIONS in the decoding, and the clips it holds within the cache's
+        budget. A clip that would take them past it waits, prepared, until enough of the decoding's answers
+        have ended (or alone, when nothing decodes), and no more clips are prepared while the held clips fill
+        the budget (without a cache, one clip at a time). So the decoding holds at most the budget, plus the
+        clip just prepared, beside the cache. A group whose clip or options are refused fails alone."""
+        budget, busy = self.cache.max_bytes, answering.unfinished > 0
+        if busy and self._prepared is None and not self._taken and not self._due(answering.unfinished):
+            return
+        self._decoding = [group for group in self._decoding if not group.answered]
+        held = HeldBytes()  # the decoding's clips
+        for group in self._decoding:
+            held.add(group.clip)
+        ready: list[_Admitted] = []
+        if self._prepared is not None:
+            if busy and held.total + held.adding(self._prepared.clip) > budget:
+                return  # still no room: the decoding goes on
+            ready.append(self._prepared)
+            held.add(self._prepared.clip)
+            self._prepared = None
+        room = DECODING_QUESTIONS - answering.unfinished - sum(len(group.jobs) for group in ready)
+        groups, self._taken = self._take(room), []
+        for k, jobs in enumerate(groups):
+            if (busy or ready) and (held.total >= budget or len(jobs) > room):  # full: the rest wait for room
+                self._taken = groups[k:]
+                break
+            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             if not live:
                 continue
-            start = time.monotonic()
             try:
-                self._answer(live)
-            except Exception as e:  # noqa: BLE001 - what stops the whole round fails each of its jobs not answered
-                for group in live:
-                    _settle(group, [e] * len(group), only_pending=True)
-            finally:
-                with self._ready:
-                    self._in_flight = sum(map(len, live)) + len(self._jobs)
-                    self._last_seconds = time.monotonic() - start
-
-    def _answer(self, groups: list[list[Job]]) -> None:
-        """Each group's clip prepared (or taken from the cache), then the groups' questions answered
-        together, each group's futures settled as soon as its batch is answered. A group whose clip or
-        options are refused fails alone; what fails a decoding batch fails the groups in it. The clips
-        held for one batch stay within the cache's budget: a clip that would take them past it goes to
-        the next batch, and a batch that reaches the budget is decoded before the next clip is prepared
-        (a clip as large as the budget, alone; without a cache, one clip a batch). So a round holds at
-        most the budget, plus the clip just prepared, beside the cache."""
-        ready: list[tuple[list[Job], PreparedClip, bool]] = []  # (jobs, their clip, cache hit), not yet answered
-        held, storages = 0, set()  # their bytes, each storage once (two groups' clips may share a video)
-        for jobs in groups:
-            try:
-                clip, hit = self._clip(jobs)
+                clip, hit = self._clip(live)
             except Exception as e:  # noqa: BLE001 - what stops a clip (its video, its options) fails its jobs
-                _settle(jobs, [e] * len(jobs))
+                _settle(live, [e] * len(live))
                 continue
-            if ready and held + nbytes(clip, set(storages)) > self.cache.max_bytes:
-                self._answer_ready(ready)
-                ready, held, storages = [], 0, set()
-            ready.append((jobs, clip, hit))
-            held += nbytes(clip, storages)
-            if held >= self.cache.max_bytes:  # full: decoded before the next clip is prepared
-                self._answer_ready(ready)
-                ready, held, storages = [], 0, set()
+            group = _Admitted(live, clip, hit)
+            if (busy or ready) and held.total + held.adding(clip) > budget:
+                self._prepared, self._taken = group, groups[k + 1 :]
+                break
+            ready.append(group)
+            held.add(clip)
+            room -= len(live)
         if ready:
-            self._answer_ready(ready)
+            self._join(answering, ready)
 
-    def _answer_ready(self, ready: list[tuple[list[Job], PreparedClip, bool]]) -> None:
-        """The questions of the groups whose clips are `ready`, decoded in one batch, their futures settled
-        (what fails the batch fails its groups only)."""
-        asked = [(clip.answering(jobs[0].request.options.max_new_tokens), [job.request.question for job in jobs])
-                 for jobs, clip, _ in ready]
+    def _join(self, answering: Answering, ready: list[_Admitted]) -> None:
+        """The groups' questions prefilled and added to the decoding; each job's future settled as soon as
+        its answer is (a refused question at once; what fails their prefill fails them only)."""
+        if not answering.unfinished:
+            self._busy_since = time.monotonic()
+        parts: list[tuple[_Admitted, list[Job]]] = []  # a group's jobs by answer length: one clip each to `join`
+        for group in ready:
+            lengths: dict[int, list[Job]] = {}
+            for job in group.jobs:
+                lengths.setdefault(job.request.options.max_new_tokens, []).append(job)
+            parts += [(group, jobs) for jobs in lengths.values()]
+        asked = [(group.clip.answering(jobs[0].request.options.max_new_tokens), [job.request.question for job in jobs])
+                 for group, jobs in parts]
+
+        def answer(c: int, i: int, result: AskResult | Exception) -> None:
+            group, jobs = parts[c]
+            _settle([jobs[i]], [result if isinstance(result, Exception) else Answered(result, group.hit)])
+
+        self._decoding += ready
         try:
-            results = self.qa.answer_together(asked, on_token=lambda c, i, token: _going_on(ready[c][0][i], token))
-        except Exception as e:  # noqa: BLE001 - the batch's failure is its groups'; earlier batches' answers stand
-            results = [[e] * len(jobs) for jobs, _, _ in ready]
-        for (jobs, _, hit), mine in zip(ready, results, strict=True):
-            _settle(jobs, [r if isinstance(r, Exception) else Answered(r, hit) for r in mine])
+            answering.join(asked, answer, lambda c, i, token: _going_on(parts[c][1][i], token))
+        except Exception as e:  # noqa: BLE001 - what fails their prefill fails their jobs; the decoding goes on
+            for group in ready:
+                _settle(group.jobs, [e] * len(group.jobs))
+
+    def _step(self, answering: Answering) -> None:
+        """One decoding step; as the decoding ends, the requests in flight then (its last step's and those
+        waiting) and how long it ran, for the next one's wait (`_wait_for_work`)."""
+        decoding = answering.unfinished
+        answering.step()
+        if not answering.unfinished:
+            with self._ready:
+                self._in_flight = decoding + len(self._jobs)
+                self._last_seconds = time.monotonic() - self._busy_since
+
+    def _fail_all(self, answering: Answering, error: Exception) -> None:
+        """Every request the thread holds (decoding, prepared, taken) gets `error`; the decoding starts afresh."""
+        answering.abandon(error)
+        held = [group.jobs for group in self._decoding] + self._taken
+        if self._prepared is not None:
+            held.append(self._prepared.jobs)
+        for jobs in held:
+            _settle(jobs, [error] * len(jobs))
+        self._decoding, self._taken, self._prepared = [], [], None
 
     def _clip(self, jobs: list[Job]) -> tuple[PreparedClip, bool]:
         """The jobs' clip prepared for their options, counted as asked their questions, and whether it came
@@ -205,10 +291,10 @@ class Scheduler:
         return video
 
 
-def _settle(jobs: list[Job], answers: list[Answered | Exception], only_pending: bool = False) -> None:
-    """Each job's future gets its answer or error (`only_pending`: those not settled yet)."""
+def _settle(jobs: list[Job], answers: list[Answered | Exception]) -> None:
+    """Each job's future gets its answer or error, unless it has one already."""
     for job, answer in zip(jobs, answers, strict=True):
-        if only_pending and job.future.done():
+        if job.future.done():
             continue
         if isinstance(answer, Exception):
             job.future.set_exception(answer)
