@@ -207,7 +207,7 @@ def question_rows(decoder, clips: list[ClipPrompts]) -> list[list[QuestionRows]]
         heads.append((slice(first, len(questions)), clip.head.kv))
     padded = torch.nn.utils.rnn.pad_sequence(questions, batch_first=True)
     out, queries, kv = run_after_head(decoder, heads, padded,
-                                          to_device(starts, padded.device).reshape(len(questions), -1))
+                                      to_device(starts, padded.device).reshape(len(questions), -1))
     rows = []
     for i, question in enumerate(questions):
         count = question.shape[0]

@@ -246,12 +246,17 @@ def check_floor(budget: int, num_frames: int, min_per_frame: int) -> None:
                         f"{min_per_frame * num_frames}, got {budget}")
 
 
+def for_products(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype its similarity products are taken in: the model's (bfloat16 products are several
+    times cheaper than float32 ones: AMX, tensor cores; a float32 model keeps float32), but float16
+    through bfloat16, whose range holds the squared norms and sums of products of large states (float16's
+    ends at 65504)."""
+    return x.to(torch.bfloat16) if x.dtype == torch.float16 else x
+
+
 def unit_vectors(x: torch.Tensor) -> torch.Tensor:
-    """Every token (along the last dimension) normalised to length 1 in the model's dtype, for
-    similarity products: bfloat16 products are several times cheaper than float32 ones (AMX, tensor
-    cores), and a float32 model keeps float32. float16 goes through bfloat16, whose range holds the
-    squared norms of large states."""
-    return F.normalize(x.to(torch.bfloat16) if x.dtype == torch.float16 else x, dim=-1)
+    """Every token (along the last dimension) normalised to length 1, in `for_products`' dtype."""
+    return F.normalize(for_products(x), dim=-1)
 
 
 def unit_rows(x: torch.Tensor, columns: torch.Tensor | None = None, rows: int = 256) -> torch.Tensor:

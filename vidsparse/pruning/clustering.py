@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from vidsparse.pruning.base import for_products
 from vidsparse.transfer import to_device
 
 
@@ -39,8 +40,7 @@ def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neig
     # products. Every pass over the tokens counts here: DPC runs once per frame in the video methods.
     weights = (valid / count[:, None]).to(x.dtype)[:, None, :]
     centred = x - weights @ x
-    if centred.dtype == torch.float16:  # centred first: bfloat16 would round away a spread finer than the mean
-        centred = centred.to(torch.bfloat16)
+    centred = for_products(centred)  # centred first: bfloat16 would round away a spread finer than the mean
     gram = (centred @ centred.transpose(1, 2)).float()
     squared = gram.diagonal(dim1=1, dim2=2)
     norms = squared[:, :, None] + squared[:, None, :]  # (i, j) as (j, i): the distances stay symmetric

@@ -38,6 +38,7 @@ from vidsparse.pruning.base import (
     MergeGroups,
     Selection,
     StageInput,
+    for_products,
     largest_remainder,
     merged_in_clip_order,
     unit_vectors,
@@ -80,11 +81,9 @@ class FastVID(BeforeFirstLayer):
         for frames, _, context_counts in merging:
             members = torch.cat([pools[f][0] for f in frames])
             first = frames[0] * per_frame
-            # the segment's tokens are consecutive: products with all of them, read in place (float16:
-            # through bfloat16, as `unit_vectors`), then the members' columns (the cosine argmax over
-            # anchors needs no member norms)
-            segment = hidden[first : (frames[-1] + 1) * per_frame]
-            segment = segment.to(torch.bfloat16) if segment.dtype == torch.float16 else segment
+            # the segment's tokens are consecutive: products with all of them, read in place, then the
+            # members' columns (the cosine argmax over anchors needs no member norms)
+            segment = for_products(hidden[first : (frames[-1] + 1) * per_frame])
             for f, count in zip(frames, context_counts, strict=True):
                 if not count:
                     continue

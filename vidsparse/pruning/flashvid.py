@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from vidsparse.errors import UserError
 from vidsparse.models.visual import ClipGrid
 from vidsparse.pruning.attention_scored import FastV
-from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput, largest_remainder
+from vidsparse.pruning.base import BEFORE_FIRST_LAYER, Selection, StageInput, for_products, largest_remainder
 from vidsparse.pruning.clustering import dpc_knn_groups
 from vidsparse.transfer import to_device
 
@@ -101,14 +101,13 @@ def compress_clip(hidden: torch.Tensor, saliency: torch.Tensor, grid: ClipGrid, 
     device = hidden.device
     if count >= frames * places:
         return Selection(torch.arange(frames * places, device=device), in_clip_order=True)
-    wide = torch.bfloat16 if hidden.dtype == torch.float16 else hidden.dtype  # float16 sums could overflow
-    tokens = hidden.view(frames, places, -1).to(wide)
+    tokens = for_products(hidden.view(frames, places, -1))
     # cosines as products of the tokens themselves scaled by their inverse norms: no n x d copy of unit
     # vectors (on a CPU each fresh n x d temporary costs more than the products that use it)
     # (norms in the tokens' dtype: asking for float32 would convert every token first)
     inverse_norms = torch.linalg.vector_norm(tokens, dim=-1).float().clamp_min(1e-12).reciprocal()
     # a product with ones: several times faster than a mean over the middle dimension on a CPU
-    frame_means = (torch.full((frames, 1, places), 1 / places, dtype=wide, device=device) @ tokens)
+    frame_means = (torch.full((frames, 1, places), 1 / places, dtype=tokens.dtype, device=device) @ tokens)
     frame_means = frame_means.squeeze(1).float()
     segments = cut_segments(frame_means)
     shares = largest_remainder(count, [places] * frames)

@@ -48,6 +48,7 @@ from vidsparse.pruning.base import (
     Method,
     Selection,
     StageInput,
+    for_products,
     largest_remainder,
     merged_in_clip_order,
     rank_in_frame,
@@ -122,8 +123,7 @@ def still_runs(states: torch.Tensor) -> torch.Tensor:
     similar (> tau) to the frame before, given the (frames, places, d) states. The cosine is the
     states' product over their norms, both in the model's dtype: no normalised copy of every token
     (on a CPU a fresh n x d tensor costs more than the products)."""
-    if states.dtype == torch.float16:  # its squared norms could overflow: through bfloat16
-        states = states.to(torch.bfloat16)
+    states = for_products(states)
     norms = torch.linalg.vector_norm(states, dim=-1).float().clamp_min(1e-12)
     cosine = torch.linalg.vecdot(states[:-1], states[1:]).float() / (norms[:-1] * norms[1:])
     still = cosine > SIMILARITY_CUT
