@@ -192,6 +192,7 @@ class _Question:
     tokens: list[int] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    done: bool = False  # handed over (its row may stay until the step's forward)
 
     def decoded(self, seen: float) -> Decoded:
         """Its decoding, `seen` the visual keys its fed-back tokens saw after the decoding layer, summed."""
@@ -231,17 +232,19 @@ class Decoding:
     def join(self, clips: list[ClipQuestions], keys: Sequence[Hashable]) -> None:
         """Add prefilled questions (`keys`, one each, through the clips in order) from their first logits;
         their clips' `caches` are taken over at the next step (see DecodeState)."""
-        asked = [(clip, prefilled) for clip in clips for prefilled in clip.prefilled]
-        questions = [_Question(key, clip.plan, prefilled.block.size, KeyChoice.of(clip.plan, prefilled) is not None,
-                               clip.max_new_tokens) for (clip, prefilled), key in zip(asked, keys, strict=True)]
+        questions, each_key = [], iter(keys)
+        for clip in clips:
+            chooses = KeyChoice.of(clip.plan, clip.prefilled[0]) is not None  # the same for a clip's questions
+            questions += [_Question(next(each_key), clip.plan, prefilled.block.size, chooses, clip.max_new_tokens)
+                          for prefilled in clip.prefilled]
         logits = torch.cat([c.logits for c in clips])
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.questions += questions
         self.joining += clips
 
     def abandon(self) -> list[Hashable]:
-        """Stop: the unfinished questions' keys (a failed step: none of them can go on)."""
-        keys = [question.key for question in self.questions]
+        """Stop: the keys of the questions not handed over yet (a failed step: none of them can go on)."""
+        keys = [question.key for question in self.questions if not question.done]
         self._reset()
         return keys
 
@@ -300,6 +303,7 @@ class Decoding:
         totals = dict(zip(chose, _seen_totals(self.seen, chose), strict=True)) if chose else {}
         for row in rows:
             question = self.questions[row]
+            question.done = True
             self.on_done(question.key, question.decoded(totals.get(row, 0.0)))
 
 

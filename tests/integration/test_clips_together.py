@@ -115,6 +115,31 @@ def test_questions_that_join_a_running_decoding_answer_as_if_each_were_asked_alo
     assert results[3, 0].visual_while_decoding is not None and results[0, 0].visual_while_decoding is None
 
 
+def test_a_failed_step_fails_the_questions_in_it_and_keeps_the_answer_that_ended_before_it(tiny_checkpoint, clips,
+                                                                                          monkeypatch):
+    """The decoding fails (simulated: dropping the ended row from its buffers) at the step where a 2-token
+    answer has just ended: that answer is kept, as `ask` gives it, and the 5-token one still decoding gets
+    the error."""
+    qa = VideoQA.from_pretrained(str(tiny_checkpoint), dtype="float32", device="cpu")
+    asked, alone = [], []
+    for codec, new_tokens in (("h264", 2), ("vp9", 5)):
+        video, options = decode_video(clips[codec], 8), options_of("none", "keep", 8, new_tokens)
+        asked.append((qa.prepare_clip(video, "what moves ?", options).asked(1), ["what moves ?"]))
+        alone.append(qa.answer(video, "what moves ?", options))
+    steps, step = [], decoding.DecodeState.step
+
+    def fails(self, rows):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(decoding.DecodeState, "step", lambda self, tokens: steps.append(len(tokens))
+                        or step(self, tokens))
+    monkeypatch.setattr(decoding.DecodeState, "keep", fails)
+    (short,), (long,) = qa.answer_together(asked)
+    assert steps == [2]  # the short answer ended at the second step, before the rows were kept
+    assert short.token_ids == alone[0].token_ids and len(short.token_ids) == 2
+    assert isinstance(long, RuntimeError) and "simulated" in str(long)
+
+
 def test_a_hook_and_a_refused_question_keep_each_clip_and_question_in_its_place(tiny_checkpoint, clips):
     """The hook hears (clip, question, token) with the question's place among those asked (a refused
     one before it counts); ending one answer leaves every other as it was."""

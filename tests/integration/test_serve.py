@@ -197,22 +197,27 @@ def test_a_client_that_leaves_a_stream_stops_its_decoding(qa, clips, monkeypatch
         assert len(steps) < 8  # of the 11 its 12 tokens would take
 
 
-def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips, monkeypatch):
-    """A long answer decodes slowly (a pause each step); a short question about another clip comes while
-    it does: the short one joins the running decoding at a step (two rows from then on), gets its answer
-    while the long one is still decoding, and both answers are `ask`'s."""
+@pytest.mark.parametrize(("short_codec", "cache_bytes"), [("vp9", 512 * 2**20), ("h264", 0)])
+def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips, monkeypatch, short_codec,
+                                                                      cache_bytes):
+    """A long answer decodes slowly (a pause each step); a short question comes while it does, about
+    another clip, or about the same clip with no clip cache (the decoding's clip serves it): the short one
+    joins the running decoding at a step (two rows from then on), gets its answer while the long one is
+    still decoding, and both answers are `ask`'s."""
     from vidsparse.decoding import DecodeState
 
-    rows, step = [], DecodeState.step
+    rows, prepared, step, prepare = [], [], DecodeState.step, VideoQA.prepare_clip
 
     def slow(self, tokens):
         rows.append(len(tokens))
         time.sleep(0.05)
         return step(self, tokens)
 
-    long_uri, short_uri = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
-    with live_server(qa, settings(clips["h264"].parent, max_tokens=12)) as url:
+    long_uri, short_uri = clips["h264"].resolve().as_uri(), clips[short_codec].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_tokens=12, cache_bytes=cache_bytes)) as url:
         monkeypatch.setattr(DecodeState, "step", slow)
+        monkeypatch.setattr(VideoQA, "prepare_clip", lambda self, *args, **kwargs: prepared.append(1)
+                            or prepare(self, *args, **kwargs))
         replies: dict[str, tuple[float, object]] = {}
 
         def ask(name: str, uri: str, question: str, max_tokens: int) -> None:
@@ -227,8 +232,9 @@ def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips
         long.join(60)
     assert 1 in rows[:2] and 2 in rows  # alone at first, then the two together
     assert replies["short"][0] < replies["long"][0]
+    assert len(prepared) == (2 if short_codec != "h264" else 1)
     for name, video, question, max_tokens in (("long", clips["h264"], QUESTION, 12),
-                                              ("short", clips["vp9"], "what moves ?", 2)):
+                                              ("short", clips[short_codec], "what moves ?", 2)):
         want = qa.answer(video, question, ask_options("none", "194", num_frames=8, max_new_tokens=max_tokens))
         assert replies[name][1].choices[0].message.content == want.answer
         assert replies[name][1].usage.completion_tokens == want.generated_tokens
@@ -494,9 +500,9 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
 def test_requests_about_different_clips_waiting_together_are_decoded_together(qa, clips, held, cache_bytes,
                                                                               monkeypatch):
     """While the inference thread is held, requests about two videos (one of them also with its own
-    pruning and answer length) queue; released, they are answered in one call, as `ask` would. Without
-    a clip cache a round holds one clip at a time: each clip's requests are decoded before the next clip
-    is prepared."""
+    pruning and answer length) queue; released, they join the decoding in one call, as `ask` would answer
+    them. Without a clip cache the decoding holds one clip at a time: each clip's requests are decoded
+    before the next clip is prepared."""
     release, calls = held
     events: list[str] = []
     prepare, join = VideoQA.prepare_clip, Answering.join
@@ -544,7 +550,7 @@ def test_requests_about_different_clips_waiting_together_are_decoded_together(qa
 
 def test_a_refused_question_about_a_cached_clip_is_a_400_and_fails_alone(qa, clips, held):
     """A question the clip refuses (a special token) about a clip already in the cache, alone and then in
-    a round beside a good request about another clip: a 400 for it, the other answered."""
+    the same join as a good request about another clip: a 400 for it, the other answered."""
     release, calls = held
     h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
     refused = "what is <video> here ?"
@@ -556,10 +562,24 @@ def test_a_refused_question_about_a_cached_clip_is_a_400_and_fails_alone(qa, cli
         release.clear()
         replies = queued_behind_a_held_request(url, calls, release,
                                                [(vp9, "what moves ?"), (vp9, QUESTION), (h264, refused)])
-    assert len(calls[3]) == 2  # the good and the refused request in one round
+    assert len(calls[3]) == 2  # the good and the refused request in one join
     assert replies[1][0] == 200 and replies[1][1]["choices"][0]["message"]["content"] == expected(
         qa, clips["vp9"])["answer"]
     assert replies[2][0] == 400 and "special token" in replies[2][1]["error"]["message"]
+
+
+def test_a_request_whose_answer_would_not_fit_the_context_fails_alone_beside_others_on_its_clip(qa, clips, held):
+    """Two requests about one clip wait together, the first asking for an answer longer than the model's
+    positions hold: a 400 for it, and the second (a short answer, in the same group) is answered."""
+    release, calls = held
+    h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
+    with live_server(qa, settings(clips["h264"].parent, max_tokens=100_000)) as url:
+        replies = queued_behind_a_held_request(url, calls, release, [(vp9, QUESTION),
+                                                                     (h264, QUESTION, {"max_tokens": 100_000}),
+                                                                     (h264, "what moves ?", {"max_tokens": 4})])
+    assert replies[1][0] == 400 and "positions" in replies[1][1]["error"]["message"]
+    assert replies[2][0] == 200 and replies[2][1]["choices"][0]["message"]["content"] == expected(
+        qa, clips["h264"], "what moves ?")["answer"]
 
 
 def test_a_refused_request_about_a_clip_not_yet_prepared_fails_alone(qa, clips, held):
@@ -575,9 +595,9 @@ def test_a_refused_request_about_a_clip_not_yet_prepared_fails_alone(qa, clips, 
         qa, clips["h264"])["answer"]
 
 
-def test_a_batch_is_answered_before_the_rounds_next_clip_is_prepared(qa, clips, held, monkeypatch):
-    """Without a clip cache a round answers one clip a batch: a batch's requests get their answers as it
-    ends, while the round's next clip is prepared, not when the whole round ends."""
+def test_a_clips_requests_are_answered_before_the_next_clip_is_prepared(qa, clips, held, monkeypatch):
+    """Without a clip cache the decoding holds one clip at a time: a clip's requests get their answers as
+    they end, before the next waiting clip is prepared."""
     release, calls = held
     h264, vp9 = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
     replies: dict[int, tuple] = {}
@@ -586,7 +606,7 @@ def test_a_batch_is_answered_before_the_rounds_next_clip_is_prepared(qa, clips, 
 
     def waits_for_the_first_answer(self, *args, **kwargs):
         prepared.append(1)
-        if len(prepared) == 3:  # the round's second clip: the first clip's request should be answered already
+        if len(prepared) == 3:  # the second waiting clip: the first clip's request should be answered already
             deadline = time.monotonic() + 10
             while 1 not in replies and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -602,8 +622,8 @@ def test_a_batch_is_answered_before_the_rounds_next_clip_is_prepared(qa, clips, 
 
 
 def test_a_failed_batch_fails_its_own_requests_only(qa, clips, monkeypatch):
-    """Without a clip cache a round decodes one clip a batch; the last batch of a round fails (simulated):
-    the requests answered by the round's earlier batch keep their answers."""
+    """Without a clip cache the decoding holds one clip at a time; the last clip's join fails (simulated):
+    the requests answered before keep their answers."""
     release, calls = threading.Event(), []
     join = Answering.join
 
@@ -690,18 +710,18 @@ def _metric(url: str, name: str) -> float | None:
     return None
 
 
-def queued_behind_a_held_request(url: str, calls: list, release: threading.Event, asked: list[tuple[str, str]],
+def queued_behind_a_held_request(url: str, calls: list, release: threading.Event, asked: list[tuple],
                                  replies: dict[int, tuple] | None = None) -> dict[int, tuple]:
-    """POST each (clip URI, question) to a server whose inference thread waits for `release` at each call
-    it records in `calls`: the first until the thread holds it, then the others one at a time, each
-    queued before the next is sent; then release the thread. Each request's (status, body, headers) in
-    `replies` (a new dict if not given), by its place in `asked`, once all are answered."""
+    """POST each (clip URI, question[, more body fields]) to a server whose inference thread waits for
+    `release` at each call it records in `calls`: the first until the thread holds it, then the others one
+    at a time, each queued before the next is sent; then release the thread. Each request's (status, body,
+    headers) in `replies` (a new dict if not given), by its place in `asked`, once all are answered."""
     replies = {} if replies is None else replies
 
-    def ask(i: int, uri: str, question: str) -> None:
-        replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)})
+    def ask(i: int, uri: str, question: str, more: dict | None = None) -> None:
+        replies[i] = post(url, {"model": MODEL_NAME, "messages": video_message(uri, question)} | (more or {}))
 
-    threads = [threading.Thread(target=ask, args=(i, uri, question)) for i, (uri, question) in enumerate(asked)]
+    threads = [threading.Thread(target=ask, args=(i, *item)) for i, item in enumerate(asked)]
     held_at = len(calls) + 1
     try:
         threads[0].start()

@@ -71,6 +71,7 @@ class _Admitted:
     jobs: list[Job]
     clip: PreparedClip
     hit: bool
+    key: tuple  # the clip's, in the cache
 
     @property
     def answered(self) -> bool:
@@ -179,36 +180,39 @@ class Scheduler:
         the budget (without a cache, one clip at a time). So the decoding holds at most the budget, plus the
         clip just prepared, beside the cache. A group whose clip or options are refused fails alone."""
         budget, busy = self.cache.max_bytes, answering.unfinished > 0
+        self._decoding = [group for group in self._decoding if not group.answered]
         if busy and self._prepared is None and not self._taken and not self._due(answering.unfinished):
             return
-        self._decoding = [group for group in self._decoding if not group.answered]
         held = HeldBytes()  # the decoding's clips
         for group in self._decoding:
             held.add(group.clip)
         ready: list[_Admitted] = []
         if self._prepared is not None:
-            if busy and held.total + held.adding(self._prepared.clip) > budget:
+            if busy and not self._fits(held, self._prepared.clip, budget):
                 return  # still no room: the decoding goes on
             ready.append(self._prepared)
             held.add(self._prepared.clip)
             self._prepared = None
         room = DECODING_QUESTIONS - answering.unfinished - sum(len(group.jobs) for group in ready)
-        groups, self._taken = self._take(room), []
-        for k, jobs in enumerate(groups):
-            if (busy or ready) and (held.total >= budget or len(jobs) > room):  # full: the rest wait for room
-                self._taken = groups[k:]
+        self._taken = self._take(room)
+        while self._taken:
+            jobs = self._taken[0]
+            key = self._clip_key(jobs[0])
+            # full: the rest wait for room (a clip the decoding holds already adds nothing to the budget)
+            if (busy or ready) and (len(jobs) > room or (held.total >= budget and self._held_clip(key) is None)):
                 break
+            self._taken.pop(0)
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             if not live:
                 continue
             try:
-                clip, hit = self._clip(live)
+                clip, hit = self._clip(live, key)
             except Exception as e:  # noqa: BLE001 - what stops a clip (its video, its options) fails its jobs
                 _settle(live, [e] * len(live))
                 continue
-            group = _Admitted(live, clip, hit)
-            if (busy or ready) and held.total + held.adding(clip) > budget:
-                self._prepared, self._taken = group, groups[k + 1 :]
+            group = _Admitted(live, clip, hit, key)
+            if (busy or ready) and not self._fits(held, clip, budget):
+                self._prepared = group
                 break
             ready.append(group)
             held.add(clip)
@@ -216,27 +220,35 @@ class Scheduler:
         if ready:
             self._join(answering, ready)
 
+    @staticmethod
+    def _fits(held: HeldBytes, clip: PreparedClip, budget: int) -> bool:
+        """Whether `clip` fits beside the `held` ones: within the budget, or adding nothing to them (a clip
+        the decoding holds already)."""
+        adding = held.adding(clip)
+        return not adding or held.total + adding <= budget
+
     def _join(self, answering: Answering, ready: list[_Admitted]) -> None:
         """The groups' questions prefilled and added to the decoding; each job's future settled as soon as
         its answer is (a refused question at once; what fails their prefill fails them only)."""
         if not answering.unfinished:
             self._busy_since = time.monotonic()
-        parts: list[tuple[_Admitted, list[Job]]] = []  # a group's jobs by answer length: one clip each to `join`
+        asked, owners = [], []  # a group's jobs by answer length: one clip each to `join`; (its jobs, cache hit)
         for group in ready:
             lengths: dict[int, list[Job]] = {}
             for job in group.jobs:
                 lengths.setdefault(job.request.options.max_new_tokens, []).append(job)
-            parts += [(group, jobs) for jobs in lengths.values()]
-        asked = [(group.clip.answering(jobs[0].request.options.max_new_tokens), [job.request.question for job in jobs])
-                 for group, jobs in parts]
+            for length, jobs in lengths.items():
+                asked.append((group.clip.answering(length), [job.request.question for job in jobs]))
+                owners.append((jobs, group.hit))
 
+        # The hooks hold the jobs only: a clip is let go as soon as its own questions are answered.
         def answer(c: int, i: int, result: AskResult | Exception) -> None:
-            group, jobs = parts[c]
-            _settle([jobs[i]], [result if isinstance(result, Exception) else Answered(result, group.hit)])
+            jobs, hit = owners[c]
+            _settle([jobs[i]], [result if isinstance(result, Exception) else Answered(result, hit)])
 
         self._decoding += ready
         try:
-            answering.join(asked, answer, lambda c, i, token: _going_on(parts[c][1][i], token))
+            answering.join(asked, answer, lambda c, i, token: _going_on(owners[c][0][i], token))
         except Exception as e:  # noqa: BLE001 - what fails their prefill fails their jobs; the decoding goes on
             for group in ready:
                 _settle(group.jobs, [e] * len(group.jobs))
@@ -246,6 +258,7 @@ class Scheduler:
         waiting) and how long it ran, for the next one's wait (`_wait_for_work`)."""
         decoding = answering.unfinished
         answering.step()
+        self._decoding = [group for group in self._decoding if not group.answered]  # their clips let go
         if not answering.unfinished:
             with self._ready:
                 self._in_flight = decoding + len(self._jobs)
@@ -254,28 +267,40 @@ class Scheduler:
     def _fail_all(self, answering: Answering, error: Exception) -> None:
         """Every request the thread holds (decoding, prepared, taken) gets `error`; the decoding starts afresh."""
         answering.abandon(error)
-        held = [group.jobs for group in self._decoding] + self._taken
+        held = [group.jobs for group in self._decoding]
+        held += [[job for job in jobs if job.future.set_running_or_notify_cancel()] for jobs in self._taken]
         if self._prepared is not None:
             held.append(self._prepared.jobs)
         for jobs in held:
             _settle(jobs, [error] * len(jobs))
         self._decoding, self._taken, self._prepared = [], [], None
 
-    def _clip(self, jobs: list[Job]) -> tuple[PreparedClip, bool]:
-        """The jobs' clip prepared for their options, counted as asked their questions, and whether it came
-        from the cache."""
-        options: AskOptions = jobs[0].request.options
-        media = jobs[0].media
-        self.qa.check_options(options)
-        # `authors` positions and the mode they resolve to for this model are one setting: one entry
+    def _clip_key(self, job: Job) -> tuple:
+        """The cache's key for the clip of a job's group: the clip and its settings (`authors` positions and
+        the mode they resolve to for this model are one setting)."""
+        options = job.request.options
         positions = resolve_positions(options.positions, options.method, self.qa.model.position_dims)
-        clip_key = ("clip", media.digest, replace(options, max_new_tokens=0, positions=positions))
-        clip = self.cache.get(clip_key)
+        return "clip", job.media.digest, replace(options, max_new_tokens=0, positions=positions)
+
+    def _held_clip(self, key: tuple) -> PreparedClip | None:
+        """The clip of a group in the decoding under `key`: shared without the cache (or with a cache too
+        small to keep it)."""
+        return next((group.clip for group in self._decoding if group.key == key), None)
+
+    def _clip(self, jobs: list[Job], key: tuple) -> tuple[PreparedClip, bool]:
+        """The jobs' clip prepared for their options (checked with their shortest answer: each question's
+        own length is checked as it joins), counted as asked their questions, and whether it came from
+        the cache or the decoding."""
+        options: AskOptions = replace(jobs[0].request.options,
+                                      max_new_tokens=min(job.request.options.max_new_tokens for job in jobs))
+        self.qa.check_options(options)
+        clip = self.cache.get(key) or self._held_clip(key)
         hit = clip is not None
         if clip is None:
-            clip = self.qa.prepare_clip(self._video(media, options), LAYOUT_QUESTION, options, media.label)
+            clip = self.qa.prepare_clip(self._video(jobs[0].media, options), LAYOUT_QUESTION, options,
+                                        jobs[0].media.label)
         clip: PreparedClip = clip.asked(len(jobs))
-        self.cache.put(clip_key, clip)
+        self.cache.put(key, clip)
         return clip, hit
 
     def _video(self, media: Media, options: AskOptions) -> DecodedVideo:
