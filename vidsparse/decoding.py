@@ -303,8 +303,8 @@ class Decoding:
         totals = dict(zip(chose, _seen_totals(self.seen, chose), strict=True)) if chose else {}
         for row in rows:
             question = self.questions[row]
-            question.done = True
             self.on_done(question.key, question.decoded(totals.get(row, 0.0)))
+            question.done = True
 
 
 def _seen_totals(seen: torch.Tensor, rows: list[int]) -> list[float]:

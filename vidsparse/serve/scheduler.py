@@ -43,7 +43,7 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class Answered:
-    """A request's result, and whether its clip's shared work came from the cache."""
+    """A request's result, and whether its clip's shared work came from the cache (or the decoding)."""
 
     result: AskResult
     cache_hit: bool
@@ -88,6 +88,7 @@ class Scheduler:
         self._taken: list[list[Job]] = []  # groups taken from the queue, waiting for room in the decoding
         self._prepared: _Admitted | None = None  # a group whose clip would not fit beside those decoding
         self._decoding: list[_Admitted] = []  # the groups admitted to the decoding (their clips held)
+        self._held: dict[tuple, PreparedClip] = {}  # by key, the newest copy of each clip the decoding holds
         self._in_flight, self._last_seconds = 1, 0.0  # as the decoding last ended: requests in flight, its time
         self._busy_since = 0.0
         self._ready = threading.Condition()
@@ -180,7 +181,7 @@ class Scheduler:
         the budget (without a cache, one clip at a time). So the decoding holds at most the budget, plus the
         clip just prepared, beside the cache. A group whose clip or options are refused fails alone."""
         budget, busy = self.cache.max_bytes, answering.unfinished > 0
-        self._decoding = [group for group in self._decoding if not group.answered]
+        self._let_go()
         if busy and self._prepared is None and not self._taken and not self._due(answering.unfinished):
             return
         held = HeldBytes()  # the decoding's clips
@@ -247,6 +248,7 @@ class Scheduler:
             _settle([jobs[i]], [result if isinstance(result, Exception) else Answered(result, hit)])
 
         self._decoding += ready
+        self._held |= {group.key: group.clip for group in ready}
         try:
             answering.join(asked, answer, lambda c, i, token: _going_on(owners[c][0][i], token))
         except Exception as e:  # noqa: BLE001 - what fails their prefill fails their jobs; the decoding goes on
@@ -258,7 +260,7 @@ class Scheduler:
         waiting) and how long it ran, for the next one's wait (`_wait_for_work`)."""
         decoding = answering.unfinished
         answering.step()
-        self._decoding = [group for group in self._decoding if not group.answered]  # their clips let go
+        self._let_go()
         if not answering.unfinished:
             with self._ready:
                 self._in_flight = decoding + len(self._jobs)
@@ -273,7 +275,7 @@ class Scheduler:
             held.append(self._prepared.jobs)
         for jobs in held:
             _settle(jobs, [error] * len(jobs))
-        self._decoding, self._taken, self._prepared = [], [], None
+        self._decoding, self._taken, self._prepared, self._held = [], [], None, {}
 
     def _clip_key(self, job: Job) -> tuple:
         """The cache's key for the clip of a job's group: the clip and its settings (`authors` positions and
@@ -283,9 +285,15 @@ class Scheduler:
         return "clip", job.media.digest, replace(options, max_new_tokens=0, positions=positions)
 
     def _held_clip(self, key: tuple) -> PreparedClip | None:
-        """The clip of a group in the decoding under `key`: shared without the cache (or with a cache too
-        small to keep it)."""
-        return next((group.clip for group in self._decoding if group.key == key), None)
+        """The clip the decoding holds under `key` (its newest copy, counting every question asked of it):
+        shared without the cache (or with a cache too small to keep it)."""
+        return self._held.get(key)
+
+    def _let_go(self) -> None:
+        """The answered groups, and the clips no group in the decoding holds any more."""
+        self._decoding = [group for group in self._decoding if not group.answered]
+        keys = {group.key for group in self._decoding}
+        self._held = {key: clip for key, clip in self._held.items() if key in keys}
 
     def _clip(self, jobs: list[Job], key: tuple) -> tuple[PreparedClip, bool]:
         """The jobs' clip prepared for their options (checked with their shortest answer: each question's
