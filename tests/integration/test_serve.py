@@ -197,13 +197,11 @@ def test_a_client_that_leaves_a_stream_stops_its_decoding(qa, clips, monkeypatch
         assert len(steps) < 8  # of the 11 its 12 tokens would take
 
 
-@pytest.mark.parametrize(("short_codec", "cache_bytes"), [("vp9", 512 * 2**20), ("h264", 0)])
-def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips, monkeypatch, short_codec,
-                                                                      cache_bytes):
-    """A long answer decodes slowly (a pause each step); a short question comes while it does, about
-    another clip, or about the same clip with no clip cache (the decoding's clip serves it): the short one
-    joins the running decoding at a step (two rows from then on), gets its answer while the long one is
-    still decoding, and both answers are `ask`'s."""
+def short_question_during_a_long_answer(qa, clips, monkeypatch, short_codec: str, cache_bytes: int
+                                        ) -> tuple[list[int], list[int], dict[str, tuple[float, object]]]:
+    """A 12-token answer about the h264 clip decodes slowly (a pause each step); after its second step a
+    2-token question about `short_codec`'s clip is asked. The rows of each decoding step, the steps decoded
+    before each clip preparation, and each reply ("long", "short") with the time it arrived."""
     from vidsparse.decoding import DecodeState
 
     rows, prepared, step, prepare = [], [], DecodeState.step, VideoQA.prepare_clip
@@ -216,7 +214,7 @@ def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips
     long_uri, short_uri = clips["h264"].resolve().as_uri(), clips[short_codec].resolve().as_uri()
     with live_server(qa, settings(clips["h264"].parent, max_tokens=12, cache_bytes=cache_bytes)) as url:
         monkeypatch.setattr(DecodeState, "step", slow)
-        monkeypatch.setattr(VideoQA, "prepare_clip", lambda self, *args, **kwargs: prepared.append(1)
+        monkeypatch.setattr(VideoQA, "prepare_clip", lambda self, *args, **kwargs: prepared.append(len(rows))
                             or prepare(self, *args, **kwargs))
         replies: dict[str, tuple[float, object]] = {}
 
@@ -230,59 +228,40 @@ def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips
         _wait_for(lambda: len(rows) >= 2)
         ask("short", short_uri, "what moves ?", 2)
         long.join(60)
-    assert 1 in rows[:2] and 2 in rows  # alone at first, then the two together
-    assert replies["short"][0] < replies["long"][0]
-    assert len(prepared) == (2 if short_codec != "h264" else 1)
+    served = list(rows), list(prepared)  # before `ask`'s own decoding below adds its steps
     for name, video, question, max_tokens in (("long", clips["h264"], QUESTION, 12),
                                               ("short", clips[short_codec], "what moves ?", 2)):
         want = qa.answer(video, question, ask_options("none", "194", num_frames=8, max_new_tokens=max_tokens))
         assert replies[name][1].choices[0].message.content == want.answer
         assert replies[name][1].usage.completion_tokens == want.generated_tokens
+    return *served, replies
+
+
+@pytest.mark.parametrize(("short_codec", "cache_bytes"), [("vp9", 512 * 2**20), ("h264", 0)])
+def test_a_request_that_comes_while_another_decodes_joins_its_decoding(qa, clips, monkeypatch, short_codec,
+                                                                      cache_bytes):
+    """A short question comes while a long answer decodes, about another clip, or about the same clip with
+    no clip cache (the decoding's clip serves it): the short one joins the running decoding at a step (two
+    rows from then on), gets its answer while the long one is still decoding, and both answers are
+    `ask`'s."""
+    rows, prepared, replies = short_question_during_a_long_answer(qa, clips, monkeypatch, short_codec, cache_bytes)
+    assert 1 in rows[:2] and 2 in rows  # alone at first, then the two together
+    assert replies["short"][0] < replies["long"][0]
+    assert len(prepared) == (2 if short_codec != "h264" else 1)
 
 
 def test_a_clip_that_would_overfill_the_budget_waits_prepared_until_the_decoding_ends(qa, clips, monkeypatch):
     """With room in the cache's budget for one clip (and a half), a question about a second clip comes
     while the first clip's long answer decodes: its clip is prepared at once but joins only when the
     first answer has ended (never two rows in a step), and both answers are `ask`'s."""
-    from vidsparse.decoding import DecodeState
     from vidsparse.stats import nbytes
 
     size = nbytes(qa.prepare_clip(decode_video(clips["h264"], 8), QUESTION, ask_options("none", "194",
                                                                                        num_frames=8)))
-    rows, prepared, step, prepare = [], [], DecodeState.step, VideoQA.prepare_clip
-
-    def slow(self, tokens):
-        rows.append(len(tokens))
-        time.sleep(0.05)
-        return step(self, tokens)
-
-    def counted(self, *args, **kwargs):
-        prepared.append(len(rows))  # the steps decoded before it
-        return prepare(self, *args, **kwargs)
-
-    long_uri, short_uri = clips["h264"].resolve().as_uri(), clips["vp9"].resolve().as_uri()
-    with live_server(qa, settings(clips["h264"].parent, max_tokens=12, cache_bytes=int(1.5 * size))) as url:
-        monkeypatch.setattr(DecodeState, "step", slow)
-        monkeypatch.setattr(VideoQA, "prepare_clip", counted)
-        replies: dict[str, tuple[float, object]] = {}
-
-        def ask(name: str, uri: str, question: str, max_tokens: int) -> None:
-            reply = client(url).chat.completions.create(model=MODEL_NAME, messages=video_message(uri, question),
-                                                        max_tokens=max_tokens)
-            replies[name] = (time.monotonic(), reply)
-
-        long = threading.Thread(target=ask, args=("long", long_uri, QUESTION, 12))
-        long.start()
-        _wait_for(lambda: len(rows) >= 2)
-        ask("short", short_uri, "what moves ?", 2)
-        long.join(60)
+    rows, prepared, replies = short_question_during_a_long_answer(qa, clips, monkeypatch, "vp9", int(1.5 * size))
     assert rows == [1] * len(rows) and len(rows) == 11 + 1  # the long answer's 11 steps, then the short one's
     assert prepared[0] == 0 and 2 <= prepared[1] < 11  # the second clip prepared while the first decoded
     assert replies["long"][0] < replies["short"][0]
-    for name, video, question, max_tokens in (("long", clips["h264"], QUESTION, 12),
-                                              ("short", clips["vp9"], "what moves ?", 2)):
-        want = qa.answer(video, question, ask_options("none", "194", num_frames=8, max_new_tokens=max_tokens))
-        assert replies[name][1].choices[0].message.content == want.answer
 
 
 def test_frames_sent_as_images_before_or_after_the_text_answer_as_those_frames(server, qa, clips):
@@ -500,9 +479,10 @@ def test_a_full_queue_answers_429_and_waiting_requests_on_one_clip_are_answered_
 def test_requests_about_different_clips_waiting_together_are_decoded_together(qa, clips, held, cache_bytes,
                                                                               monkeypatch):
     """While the inference thread is held, requests about two videos (one of them also with its own
-    pruning and answer length) queue; released, they join the decoding in one call, as `ask` would answer
-    them. Without a clip cache the decoding holds one clip at a time: each clip's requests are decoded
-    before the next clip is prepared."""
+    pruning and answer length) queue, the other video's first; released, they join the decoding in one
+    call, as `ask` would answer them. Without a clip cache the decoding holds one clip at a time: each
+    clip's requests are decoded before the next clip is prepared (the request about the first clip waits
+    behind the other video's, so it does not join the first clip's decoding)."""
     release, calls = held
     events: list[str] = []
     prepare, join = VideoQA.prepare_clip, Answering.join
@@ -527,9 +507,9 @@ def test_requests_about_different_clips_waiting_together_are_decoded_together(qa
         try:
             first.start()
             _wait_for(lambda: calls)
-            for thread in rest:
+            for depth, thread in enumerate(rest, 1):  # queued in order: which comes first decides what joins
                 thread.start()
-            _wait_for(lambda: _metric(url, "vidsparse_queue_depth") == 3)
+                _wait_for(lambda depth=depth: _metric(url, "vidsparse_queue_depth") == depth)
         finally:
             release.set()
             for thread in [first, *rest]:
