@@ -206,8 +206,7 @@ class _Group:
         return not self.clips or self.asked + questions <= self.decode_batch
 
     def fits(self, clip: PreparedClip, questions: int) -> bool:
-        return not self.clips or (self.has_room_for(questions)
-                                  and self.held.total + self.held.adding(clip) <= self.hold_bytes)
+        return not self.clips or (self.has_room_for(questions) and self.held.fits(clip, self.hold_bytes))
 
     def add(self, job: ClipJob, clip: PreparedClip) -> None:
         self.clips.append((job, clip))

@@ -158,3 +158,9 @@ class HeldBytes:
 
     def add(self, value: object) -> None:
         self.total += nbytes(value, self._seen)
+
+    def fits(self, value: object, budget: int) -> bool:
+        """Whether `value` can be held too within `budget`: it does if it adds nothing (its storages are
+        held already, e.g. a clip being decoded)."""
+        adding = self.adding(value)
+        return not adding or self.total + adding <= budget

@@ -189,7 +189,7 @@ class Scheduler:
             held.add(group.clip)
         ready: list[_Admitted] = []
         if self._prepared is not None:
-            if busy and not self._fits(held, self._prepared.clip, budget):
+            if busy and not held.fits(self._prepared.clip, budget):
                 return  # still no room: the decoding goes on
             ready.append(self._prepared)
             held.add(self._prepared.clip)
@@ -212,7 +212,7 @@ class Scheduler:
                 _settle(live, [e] * len(live))
                 continue
             group = _Admitted(live, clip, hit, key)
-            if (busy or ready) and not self._fits(held, clip, budget):
+            if (busy or ready) and not held.fits(clip, budget):
                 self._prepared = group
                 break
             ready.append(group)
@@ -220,13 +220,6 @@ class Scheduler:
             room -= len(live)
         if ready:
             self._join(answering, ready)
-
-    @staticmethod
-    def _fits(held: HeldBytes, clip: PreparedClip, budget: int) -> bool:
-        """Whether `clip` fits beside the `held` ones: within the budget, or adding nothing to them (a clip
-        the decoding holds already)."""
-        adding = held.adding(clip)
-        return not adding or held.total + adding <= budget
 
     def _join(self, answering: Answering, ready: list[_Admitted]) -> None:
         """The groups' questions prefilled and added to the decoding; each job's future settled as soon as
