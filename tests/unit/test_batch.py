@@ -139,8 +139,13 @@ def test_ctrl_c_while_a_record_is_written_keeps_and_counts_it(tmp_path, monkeypa
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(ResultsFile, "_write_line", interrupted_write)
-    with pytest.raises(KeyboardInterrupt), ResultsFile.open(path, SETTINGS) as results:
-        results.append({"id": "1"})
+    # SIGINT handled as a terminal's Ctrl-C finds it (a suite started as a shell's background job has it ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), ResultsFile.open(path, SETTINGS) as results:
+            results.append({"id": "1"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert results.appended == 1 and path.read_text() == HEADER + '{"id": "1"}\n'
 
 

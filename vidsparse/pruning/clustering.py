@@ -42,10 +42,14 @@ def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neig
     centred = x - weights @ x
     centred = for_products(centred)  # centred first: bfloat16 would round away a spread finer than the mean
     gram = (centred @ centred.transpose(1, 2)).float()
-    squared = gram.diagonal(dim1=1, dim2=2)
+    # 2 a.b as a.b + b.a: a product kernel need not round (i, j) and (j, i) alike (one on an AMD EPYC did
+    # not), and the distances must be symmetric, or two mutual nearest neighbours' equal densities (a tie,
+    # broken by index) come out unequal; exact where the product was symmetric
+    twice = gram + gram.transpose(1, 2)
+    squared = twice.diagonal(dim1=1, dim2=2) / 2
     norms = squared[:, :, None] + squared[:, None, :]  # (i, j) as (j, i): the distances stay symmetric
-    # in place on the Gram matrix: every (groups, m, m) temporary is a pass over memory
-    distance = gram.mul_(-2).add_(norms).clamp_min_(0)
+    # in place from here: every (groups, m, m) temporary is a pass over memory
+    distance = twice.neg_().add_(norms).clamp_min_(0)
     distance = distance.div_(x.shape[2]).sqrt_()
     distance.diagonal(dim1=1, dim2=2).fill_(0)
     padded = min(counts) < m  # known on the host: full groups need no masking
