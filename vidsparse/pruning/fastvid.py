@@ -104,7 +104,8 @@ def pool_anchors(hidden: torch.Tensor, pools: dict[int, tuple[torch.Tensor, int]
     sizes = [pools[f][1] for f, _ in clustered]
     index = torch.stack([F.pad(pools[f][0], (0, max(sizes) - size)) for (f, _), size in zip(clustered, sizes,
                                                                                              strict=True)])
-    found = dpc_knn_groups(hidden[index], sizes, [count for _, count in clustered], [NEIGHBOURS] * len(clustered))
+    pooled = hidden.index_select(0, index.flatten()).view(*index.shape, -1)  # index_select: hidden[index] is slower
+    found = dpc_knn_groups(pooled, sizes, [count for _, count in clustered], [NEIGHBOURS] * len(clustered))
     # `count` anchors each: a frame's pool holds at least that many
     return [pools[f][0][centres] for (f, _), (centres, _) in zip(clustered, found, strict=True)]
 

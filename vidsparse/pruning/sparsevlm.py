@@ -75,7 +75,7 @@ def keep_and_recycle(stage: StageInput, scores: torch.Tensor, target: int, in_cl
     deleted_ids = complement(keep, scores.numel())
     pool_count = max(pool_size(deleted_ids.numel()), clusters)
     pool = deleted_ids[torch.sort(-scores[deleted_ids].float(), stable=True).indices[:pool_count]]
-    centres, assignment = dpc_knn(stage.hidden[pool], clusters)
+    centres, assignment = dpc_knn(stage.hidden.index_select(0, pool), clusters)
     return Selection(keep, pool, assignment, pool[centres], in_clip_order=in_clip_order)
 
 
