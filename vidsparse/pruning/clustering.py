@@ -48,6 +48,7 @@ def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neig
     # not), and the distances must be symmetric, or two mutual nearest neighbours' equal densities (a tie,
     # broken by index) come out unequal; exact where the product was symmetric
     twice = gram + gram.transpose(1, 2)
+    del gram
     squared = twice.diagonal(dim1=1, dim2=2) / 2
     norms = squared[:, :, None] + squared[:, None, :]  # (i, j) as (j, i): the distances stay symmetric
     # in place from here: every (groups, m, m) temporary is a pass over memory

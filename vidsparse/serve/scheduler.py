@@ -26,12 +26,12 @@ from vidsparse.serve.media import Media, decoded
 from vidsparse.stats import HeldBytes
 from vidsparse.video import DecodedVideo, decode_clip
 
-# The longest an idle thread waits for the questions of clients just answered, and the longest a request waits
-# before it joins a running decoding (unless enough wait to fill it): requests admitted together share one
-# prefill, whose fixed cost (a pass over the weights; on a tiny model, per-call overhead) several joins of
-# one request each would pay several times. While decoding, a request waits no longer than the last join
-# took: waiting longer than the prefill it could save costs more than it saves (on shapes-demo a join
-# takes ~2 ms, and a fixed 20 ms wait capped 4 clients' requests at ~200 a second).
+# The longest an idle thread waits for the questions of clients just answered, and the most a running decoding
+# makes a waiting request wait for others before admitting it (unless enough wait to fill it): requests
+# admitted together share one prefill, whose fixed cost (a pass over the weights; on a tiny model, per-call
+# overhead) several joins of one request each would pay several times. That wait is also at most what the
+# last join's prefill took: waiting longer than the prefill it could save costs more than it saves (on
+# shapes-demo a join takes ~3 ms).
 MAX_GATHER_S = 0.02
 DECODING_QUESTIONS = DECODE_BATCH  # requests decoded together at most
 # The question a clip is prepared with: it only shows the prompt's layout (any question gives the same
@@ -92,7 +92,7 @@ class Scheduler:
         self._decoding: list[_Admitted] = []  # the groups admitted to the decoding (their clips held)
         self._held: dict[tuple, PreparedClip] = {}  # by key, the newest copy of each clip the decoding holds
         self._in_flight, self._last_seconds = 1, 0.0  # as the decoding last ended: requests in flight, its time
-        self._join_seconds = MAX_GATHER_S  # how long the last join took (its questions' prefill)
+        self._join_seconds = MAX_GATHER_S  # how long the last join that added questions took (their prefill)
         self._busy_since = 0.0
         self._ready = threading.Condition()
         self._closing = False
@@ -247,13 +247,14 @@ class Scheduler:
 
         self._decoding += ready
         self._held |= {group.key: group.clip for group in ready}
-        start = time.monotonic()
+        start, before = time.monotonic(), answering.unfinished
         try:
             answering.join(asked, answer, lambda c, i, token: _going_on(owners[c][0][i], token))
         except Exception as e:  # noqa: BLE001 - what fails their prefill fails their jobs; the decoding goes on
             for group in ready:
                 _settle(group.jobs, [e] * len(group.jobs))
-        self._join_seconds = time.monotonic() - start
+        if answering.unfinished > before:  # a join of refused questions alone prefilled nothing: no measure
+            self._join_seconds = time.monotonic() - start
 
     def _step(self, answering: Answering) -> None:
         """One decoding step; as the decoding ends, the requests in flight then (its last step's and those
