@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import build_7b, decoder_bytes, parse_args, write_results
+from common import build_7b, decoder_bytes, hardware, parse_args, write_results
 from roofline import Machine
 
 from vidsparse.answer import AskResult
@@ -237,7 +237,7 @@ def main() -> None:
             same = "yes" if [r.answer for r in grouped] == [r.answer for r in together] else "NO (vs reuse)"
             rows.append(row(method, budget, "clips together", total_questions / seconds, per_question,
                             amortised(grouped), None, peak, same))
-    print(f"\n{device.type}, {args.dtype}, {geometry}; {args.clips} clips x {args.questions} questions, "
+    print(f"\n{hardware(device)}, {args.dtype}, {geometry}; {args.clips} clips x {args.questions} questions, "
           f"{frames} frames, {args.new_tokens} new tokens; per-question rows on {len(sample)} questions; "
           f"{machine.describe()}\n")
     header = ["method", "budget", "path", "questions/s", "speedup", "amortised TFLOPs", "FLOPs limit",

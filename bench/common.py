@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +23,23 @@ from lab.fast_dtype import fastest_dtype  # noqa: E402
 from lab.tiny import word_tokenizer  # noqa: E402
 from vidsparse.models.video_llava import VideoLlava  # noqa: E402
 from vidsparse.pipeline import VideoQA  # noqa: E402
+
+
+def hardware(device: torch.device) -> str:
+    """The machine a figure came from: the GPU, or the CPU's model with the bfloat16 matmul units it has
+    (one CPU here lacks them: bfloat16 is then 100x slower) and the threads torch uses. platform.processor()
+    is empty on most Linux machines."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model, units = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE).group(1).strip()
+        flags = set(re.search(r"^flags\s*:(.*)$", info, re.MULTILINE).group(1).split())
+        units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    except (OSError, AttributeError):
+        pass  # not Linux: the platform's name
+    return f"{model}{f' ({units[0]})' if units else ''}, {torch.get_num_threads()} threads"
 
 
 def parse_args(doc: str, repeats: int, cpu_layers: int = 4, new_tokens: int = 8,

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import build_7b, parse_args, write_results
+from common import build_7b, hardware, parse_args, write_results
 
 from vidsparse.datasets.shapes import write_video
 
@@ -61,7 +61,7 @@ def main() -> None:
                      "first_token_ms": round(1000 * medians["first_token"], 1),
                      "first_token_speedup": round(base_first / medians["first_token"], 3),
                      **{f"{s}_share": round(medians[s] / medians["total"], 3) for s in STAGES}})
-    print(f"\n{args.device}, {args.dtype}, CLIP ViT-L/14 tower + {layers}-layer 7B-width decoder, 8 frames, "
+    print(f"\n{hardware(device)}, {args.dtype}, CLIP ViT-L/14 tower + {layers}-layer 7B-width decoder, 8 frames, "
           f"{args.new_tokens} new tokens, median of {args.repeats} interleaved runs\n")
     print(f"tower cut: the tower's layers from this one on (of {depth} the projector reads) on the kept tokens only")
     header = ["method", "budget", "tower cut", "total ms", "speedup", "1st token ms", "1st token x", *STAGES]

@@ -17,11 +17,9 @@ same run, interleaved after a warm-up, median of --repeats.
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import torch
-from common import building, decoder_bytes, llama_7b, parse_args, require_memory, write_results
+from common import building, decoder_bytes, hardware, llama_7b, parse_args, require_memory, write_results
 from prefill import print_table, run_once, summarize
 from roofline import Machine
 from transformers import (
@@ -124,9 +122,8 @@ def main() -> None:
 
     args, device, dtype, layers = parse_args(__doc__, repeats=3, more=more)
     machine = Machine.measure(device, dtype)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'} " \
-        f"x {torch.get_num_threads()} threads"
-    report = {"hardware": hardware, "dtype": args.dtype, "layers": layers, "frames": args.frames,
+    machine_name = hardware(device)
+    report = {"hardware": machine_name, "dtype": args.dtype, "layers": layers, "frames": args.frames,
               "matmul_peak_tflops": machine.peak_tflops, "bandwidth_gbs": machine.bandwidth_gbs, "families": {}}
     for family in args.family or ["video_llava", "llava_onevision", "qwen2_5_vl"]:
         model, side = build(family, layers, device, dtype)
@@ -139,7 +136,7 @@ def main() -> None:
             for method, budget in configs:  # interleaved: drift hits every method alike
                 runs[(method, budget)].append(run_once(model.model, prompt, method, budget, args.new_tokens))
         rows = summarize(runs, machine, baseline=("none", n))
-        print(f"\n{family}: {hardware}, {args.dtype}, {layers}-layer 7B-width decoder, {args.frames} frames -> {n} "
+        print(f"\n{family}: {machine_name}, {args.dtype}, {layers}-layer 7B-width decoder, {args.frames} frames -> {n} "
               f"visual tokens + {prompt.embeds.shape[1] - n} other rows, median of {args.repeats} interleaved runs; "
               f"{machine.describe()}\n")
         print_table(rows)

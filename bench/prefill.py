@@ -13,11 +13,10 @@ bytes / bandwidth), bench/roofline.py), which a pruned prefill of a few hundred 
 
 from __future__ import annotations
 
-import platform
 import statistics
 
 import torch
-from common import building, decoder_bytes, llama_7b, parse_args, require_memory, write_results
+from common import building, decoder_bytes, hardware, llama_7b, parse_args, require_memory, write_results
 from roofline import Machine, prefill_work
 from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
@@ -97,13 +96,12 @@ def main() -> None:
         for method, budget in CONFIGS:  # interleaved: drift hits every method alike
             runs[(method, budget)].append(run_once(model, prompt, method, budget, args.new_tokens))
     rows = summarize(runs, machine)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'} " \
-        f"x {torch.get_num_threads()} threads"
-    print(f"\n{hardware}, {args.dtype}, {layers}-layer 7B-width decoder, 8 x 257 visual tokens + {PREFIX + SUFFIX} "
+    machine_name = hardware(device)
+    print(f"\n{machine_name}, {args.dtype}, {layers}-layer 7B-width decoder, 8 x 257 visual tokens + {PREFIX + SUFFIX} "
           f"text, median of {args.repeats} interleaved runs; {machine.describe()}\n")
     print_table(rows)
     write_results(args.out, f"prefill-{device.type}-{layers}L.json", {
-        "hardware": hardware, "dtype": args.dtype, "layers": layers, "matmul_peak_tflops": machine.peak_tflops,
+        "hardware": machine_name, "dtype": args.dtype, "layers": layers, "matmul_peak_tflops": machine.peak_tflops,
         "bandwidth_gbs": machine.bandwidth_gbs, "rows": rows})
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import socket
 import statistics
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import openai  # noqa: E402
 import torch  # noqa: E402
 from batch import WORDS, workload  # noqa: E402
-from common import build_7b  # noqa: E402
+from common import build_7b, hardware  # noqa: E402
 
 from lab.fast_dtype import fastest_dtype  # noqa: E402
 from vidsparse.answer import AskResult  # noqa: E402
@@ -219,7 +218,7 @@ def main() -> None:
                                                         options)
                 rows.append((name, concurrency, len(work) / seconds, latencies, answers == reference))
     model = "shapes-demo" if args.model == "demo" else "Video-LLaVA-7B geometry, 3 decoder layers, random weights"
-    print(f"\n{platform.processor() or platform.machine()}, {device}, {dtype}, {model}, method {args.method}; "
+    print(f"\n{hardware(device)}, {dtype}, {model}, method {args.method}; "
           f"{args.clips} clip(s) x {args.questions} questions{' sent round the clips' if args.spread else ''}, "
           f"{frames} frames, {args.new_tokens} new tokens\n")
     header = ["path", "concurrency", "questions/s", "x batch", "x ask", "p50 ms", "p95 ms", "same answers"]
