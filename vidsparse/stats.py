@@ -152,15 +152,11 @@ class HeldBytes:
         self.total = 0
         self._seen: set[int] = set()
 
-    def adding(self, value: object) -> int:
-        """What holding `value` too would add."""
-        return nbytes(value, set(self._seen))
-
     def add(self, value: object) -> None:
         self.total += nbytes(value, self._seen)
 
     def fits(self, value: object, budget: int) -> bool:
         """Whether `value` can be held too within `budget`: it does if it adds nothing (its storages are
         held already, e.g. a clip being decoded)."""
-        adding = self.adding(value)
+        adding = nbytes(value, set(self._seen))
         return not adding or self.total + adding <= budget

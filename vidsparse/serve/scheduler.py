@@ -90,7 +90,8 @@ class Scheduler:
         self._taken: list[list[Job]] = []  # groups taken from the queue, waiting for room in the decoding
         self._prepared: _Admitted | None = None  # a group whose clip would not fit beside those decoding
         self._decoding: list[_Admitted] = []  # the groups admitted to the decoding (their clips held)
-        self._held: dict[tuple, PreparedClip] = {}  # by key, the newest copy of each clip the decoding holds
+        # by key, the newest copy of each clip the decoding holds (counting every question asked of it)
+        self._held: dict[tuple, PreparedClip] = {}
         self._in_flight, self._last_seconds = 1, 0.0  # as the decoding last ended: requests in flight, its time
         self._join_seconds = MAX_GATHER_S  # how long the last join that added questions took (their prefill)
         self._busy_since = 0.0
@@ -205,7 +206,7 @@ class Scheduler:
             jobs = self._taken[0]
             key = self._clip_key(jobs[0])
             # full: the rest wait for room (a clip the decoding holds already adds nothing to the budget)
-            if (busy or ready) and (len(jobs) > room or (held.total >= budget and self._held_clip(key) is None)):
+            if (busy or ready) and (len(jobs) > room or (held.total >= budget and key not in self._held)):
                 break
             self._taken.pop(0)
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
@@ -285,11 +286,6 @@ class Scheduler:
         positions = resolve_positions(options.positions, options.method, self.qa.model.position_dims)
         return "clip", job.media.digest, replace(options, max_new_tokens=0, positions=positions)
 
-    def _held_clip(self, key: tuple) -> PreparedClip | None:
-        """The clip the decoding holds under `key` (its newest copy, counting every question asked of it):
-        shared without the cache (or with a cache too small to keep it)."""
-        return self._held.get(key)
-
     def _let_go(self) -> None:
         """The answered groups, and the clips no group in the decoding holds any more."""
         self._decoding = [group for group in self._decoding if not group.answered]
@@ -303,7 +299,7 @@ class Scheduler:
         options: AskOptions = replace(jobs[0].request.options,
                                       max_new_tokens=min(job.request.options.max_new_tokens for job in jobs))
         self.qa.check_options(options)
-        clip = self.cache.get(key) or self._held_clip(key)
+        clip = self.cache.get(key) or self._held.get(key)  # the decoding's: shared even without the cache
         hit = clip is not None
         if clip is None:
             clip = self.qa.prepare_clip(self._video(jobs[0].media, options), LAYOUT_QUESTION, options,
