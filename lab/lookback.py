@@ -1,0 +1,178 @@
+"""A second look at the deleted tokens: the visual tokens a question-guided stage deletes stay as keys
+and values ("held"), frozen at the state they had when deleted, for the decoder layers from F on. A
+held token is never updated (no query, no MLP); a live row sees it if it comes after it in the clip,
+and so do the answer's tokens. Each layer from F pays the held tokens' key/value projections and the
+live rows' attention to them (counted below in the FLOPs, paper convention as `stats.layer_flops`).
+
+Why: `lab.read_depth` found that `moving` needs the whole clip in the last layers. This asks whether
+it needs the whole clip's *late* states, or only early ones that the last layers can read back.
+
+    python -m lab.lookback --n 700                          # shapes-hd's tuning clips, 10%
+    python -m lab.lookback --model shapes-hd-plain --n 700
+
+The engine has no such mechanism: for the runs that hold tokens, this probe replaces two of its
+internals (the question-guided stage, to keep the rows it deletes, and the layers after it, run here
+with an explicit mask), on 1-D RoPE with positions kept. With F past the last layer it reproduces the
+engine's answers (`--check N` counts them on the first N questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+import vidsparse.engine as engine
+from lab.shapes_accuracy import TUNING_SEEDS, print_table, save_rows
+from lab.stprune_ablation import EVERY_TOKEN
+from lab.yardsticks import YARDSTICKS
+from vidsparse.layers import _finish, _project, grouped_scores, rotary
+from vidsparse.metrics import is_correct
+from vidsparse.options import AskOptions, parse_budget
+from vidsparse.pipeline import VideoQA
+from vidsparse.pruning import METHODS
+from vidsparse.stats import DecoderShape
+
+
+@dataclass(frozen=True)
+class LookRun:
+    label: str
+    method: str
+    budget: str
+    settings: dict  # constants of the method's module, for this run only
+    lookback: int | None  # F: held tokens are read from this layer on (None: the engine untouched)
+
+
+class Held:
+    """The rows the question-guided stage deleted (their states and positions), between the stage
+    that keeps them and the layers that read them, and the FLOPs those layers spent on them."""
+
+    def __init__(self, lookback: int, shape: DecoderShape) -> None:
+        self.lookback, self.shape = lookback, shape
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.flops = 0
+
+    def stage(self, decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block, *rest):
+        out = original_stage(decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block, *rest)
+        gone = torch.ones(block.size, dtype=torch.bool)
+        gone[out[3].selection.keep] = False  # a recycled mean's anchor is gone too: its slot holds the mix
+        rows = block.start + torch.nonzero(gone).squeeze(1)
+        self.rows = (hidden[:, rows].clone(), positions[..., rows].clone())
+        return out
+
+    @torch.inference_mode()
+    def layers(self, decoder, hidden, positions, cos_sin, cache, layers):
+        if self.rows is None:  # the head's layers, before the stage
+            return original_layers(decoder, hidden, positions, cos_sin, cache, layers)
+        (held, held_positions), self.rows = self.rows, None
+        held_cos_sin = rotary(decoder, held, held_positions)
+        n, m = hidden.shape[1], held.shape[1]
+        own_hidden = torch.ones(n, n, dtype=torch.bool).triu(1)  # live rows: causal in sequence order
+        held_hidden = held_positions[0, 0][None, :] > positions[0, 0][:, None]  # held: by position
+        for i in layers:
+            layer = decoder.layers[i]
+            query, key, value = _project(layer, hidden, cos_sin)
+            if i >= self.lookback and m:
+                _, held_key, held_value = _project(layer, held, held_cos_sin)
+                key, value = torch.cat([held_key, key], -2), torch.cat([held_value, value], -2)
+                hidden_keys = torch.cat([held_hidden, own_hidden], 1)
+                self.flops += m * self.shape.width * 2 * self.shape.kv_width + 2 * n * m * self.shape.query_width
+            else:
+                hidden_keys = own_hidden
+            scores = grouped_scores(query, key, layer.self_attn.scaling).masked_fill(hidden_keys, float("-inf"))
+            out = torch.einsum("bkgrn,bknd->bkgrd", scores.softmax(-1).to(value.dtype), value)
+            out = out.reshape(1, -1, n, layer.self_attn.head_dim).transpose(1, 2).reshape(1, n, -1)
+            cache.update(key, value, i)  # the answer's tokens see the held keys too
+            hidden = _finish(layer, hidden, out)
+        return hidden
+
+
+original_stage, original_layers = engine._question_stage, engine.run_layers
+
+
+def per_type_accuracy(qa: VideoQA, data, n: int, seed: int, runs: list[LookRun]) -> tuple[list[dict], list[list]]:
+    """As `lab.shapes_accuracy.per_type_accuracy`, the held tokens' FLOPs added to the prefill's; also
+    each run's answers."""
+    shape = DecoderShape.of(qa.model.decoder)
+    correct: dict[int, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    flops: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    answers: list[list[str]] = [[] for _ in runs]
+    for i in range(n):
+        qtype = data.QUESTION_TYPES[i % len(data.QUESTION_TYPES)]
+        clip, question, answer = data.sample(np.random.default_rng([seed, i]), qtype)
+        for k, run in enumerate(runs):
+            module = sys.modules[METHODS[run.method].__module__]
+            held = None if run.lookback is None else Held(run.lookback, shape)
+            with (mock.patch.multiple(module, **run.settings) if run.settings else nullcontext(),
+                  nullcontext() if held is None else mock.patch.multiple(
+                      engine, _question_stage=held.stage, run_layers=held.layers)):
+                result = qa.answer(clip.frames, question,
+                                   AskOptions(run.method, parse_budget(run.budget), positions="keep", max_new_tokens=8))
+            correct[k][qtype].append(is_correct(result.answer, answer))
+            answers[k].append(result.answer)
+            flops[k][0] += result.prefill_flops
+            flops[k][1] += 0 if held is None else held.flops
+            flops[k][2] += result.prefill_flops_unpruned
+        if (i + 1) % 100 == 0:
+            print(f"{i + 1}/{n} questions", flush=True)
+    rows = [{"label": run.label, "method": run.method, "budget": run.budget, "settings": run.settings,
+             "lookback": run.lookback, "overall": float(np.mean(sum(correct[k].values(), []))),
+             "prefill_flops_share": (flops[k][0] + flops[k][1]) / flops[k][2],
+             "held_flops_share": flops[k][1] / flops[k][2],
+             **{t: float(np.mean(v)) for t, v in correct[k].items()}} for k, run in enumerate(runs)]
+    return rows, answers
+
+
+def runs(budget: str, last: int) -> list[LookRun]:
+    """stprune as shipped, with the deleted tokens held from the layer after its stage 2 or from the last
+    layer; larger first stages (M = 2.5B .. every token), each without and with held tokens."""
+    shipped = [LookRun("none", "none", "100%", {}, None), LookRun("stprune as shipped", "stprune", budget, {}, None)]
+    shipped += [LookRun(f"held from layer {f}", "stprune", budget, {}, f) for f in (2, last)]
+    for factor, name in ((2.5, "2.5B"), (4.0, "4B"), (6.0, "6B"), (8.0, "8B"), (EVERY_TOKEN, "n (stage 2 alone)")):
+        settings = {"SUMMARY_FACTOR": factor}
+        shipped += [LookRun(f"M = {name}", "stprune", budget, settings, None),
+                    LookRun(f"M = {name}, held from layer {last}", "stprune", budget, settings, last)]
+    return shipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes-hd", choices=["shapes-hd", "shapes-hd-plain"])
+    parser.add_argument("--n", type=int, default=700)
+    parser.add_argument("--seed", type=int, default=TUNING_SEEDS["hd"])
+    parser.add_argument("--budget", default="10%")
+    parser.add_argument("--out", type=Path, default=None, help="default: lab/results/lookback_<model>.json")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="only count, on the first N questions, the answers that the probe's layers with nothing "
+                             "held give as the engine does")
+    args = parser.parse_args()
+    logging.set_verbosity_error()
+    yardstick = YARDSTICKS["hd"]
+    if args.seed == yardstick.eval_seed:
+        parser.error(f"seed {args.seed} is the held-out set's: tuning runs use another seed")
+    qa = VideoQA.from_pretrained(args.model, dtype="float32", device="cpu")
+    last = len(qa.model.decoder.layers) - 1
+    if args.check:
+        _, (engine_answers, probe_answers) = per_type_accuracy(
+            qa, yardstick.data, args.check, args.seed,
+            [LookRun("stprune", "stprune", args.budget, {}, None),
+             LookRun("stprune, the probe's layers, nothing read back", "stprune", args.budget, {}, last + 1)])
+        same = sum(a == b for a, b in zip(engine_answers, probe_answers, strict=True))
+        print(f"{same} of {args.check} answers the same")
+        return
+    rows, _ = per_type_accuracy(qa, yardstick.data, args.n, args.seed, runs(args.budget, last))
+    print_table(rows, yardstick.data.QUESTION_TYPES)
+    args.yardstick = args.model.removeprefix("shapes-")  # save_rows names the file for it
+    print(f"wrote {save_rows(args, args.seed, rows, 'lookback')}")
+
+
+if __name__ == "__main__":
+    main()
