@@ -52,12 +52,12 @@ class LookRun:
 
 
 class Held:
-    """The rows the question-guided stage deleted (their states and positions), between the stage
-    that keeps them and the layers that read them, and the FLOPs those layers spent on them."""
+    """The rows the question-guided stages deleted (their states and positions), from the stage that
+    deleted them to the layers that read them, and the FLOPs those layers spent on them."""
 
     def __init__(self, lookback: int, shape: DecoderShape) -> None:
         self.lookback, self.shape = lookback, shape
-        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.flops = 0
 
     def stage(self, decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block, *rest):
@@ -65,14 +65,15 @@ class Held:
         gone = torch.ones(block.size, dtype=torch.bool)
         gone[out[3].selection.keep] = False  # a recycled mean's anchor is gone too: its slot holds the mix
         rows = block.start + torch.nonzero(gone).squeeze(1)
-        self.rows = (hidden[:, rows].clone(), positions[..., rows].clone())
+        self.rows.append((hidden[:, rows].clone(), positions[..., rows].clone()))
         return out
 
     @torch.inference_mode()
     def layers(self, decoder, hidden, positions, cos_sin, cache, layers):
-        if self.rows is None:  # the head's layers, before the stage
+        if not self.rows:  # the head's layers, before the first question-guided stage
             return original_layers(decoder, hidden, positions, cos_sin, cache, layers)
-        (held, held_positions), self.rows = self.rows, None
+        held = torch.cat([states for states, _ in self.rows], 1)
+        held_positions = torch.cat([places for _, places in self.rows], -1)
         held_cos_sin = rotary(decoder, held, held_positions)
         n, m = hidden.shape[1], held.shape[1]
         own_hidden = torch.ones(n, n, dtype=torch.bool).triu(1)  # live rows: causal in sequence order
@@ -133,13 +134,17 @@ def per_type_accuracy(qa: VideoQA, data, n: int, seed: int, runs: list[LookRun])
 
 def runs(budget: str, last: int) -> list[LookRun]:
     """stprune as shipped, with the deleted tokens held from the layer after its stage 2 or from the last
-    layer; larger first stages (M = 2.5B .. every token), each without and with held tokens."""
+    layer; larger first stages (M = 2.5B .. every token), and the in-LLM methods (PDrop's three stages'
+    deleted tokens all held), each without and with held tokens."""
     shipped = [LookRun("none", "none", "100%", {}, None), LookRun("stprune as shipped", "stprune", budget, {}, None)]
     shipped += [LookRun(f"held from layer {f}", "stprune", budget, {}, f) for f in (2, last)]
     for factor, name in ((2.5, "2.5B"), (4.0, "4B"), (6.0, "6B"), (8.0, "8B"), (EVERY_TOKEN, "n (stage 2 alone)")):
         settings = {"SUMMARY_FACTOR": factor}
         shipped += [LookRun(f"M = {name}", "stprune", budget, settings, None),
                     LookRun(f"M = {name}, held from layer {last}", "stprune", budget, settings, last)]
+    for method in ("fastv", "sparsevlm", "pdrop"):  # every token through their first layers
+        shipped += [LookRun(method, method, budget, {}, None),
+                    LookRun(f"{method}, held from layer {last}", method, budget, {}, last)]
     return shipped
 
 
@@ -161,12 +166,13 @@ def main() -> None:
     qa = VideoQA.from_pretrained(args.model, dtype="float32", device="cpu")
     last = len(qa.model.decoder.layers) - 1
     if args.check:
-        _, (engine_answers, probe_answers) = per_type_accuracy(
-            qa, yardstick.data, args.check, args.seed,
-            [LookRun("stprune", "stprune", args.budget, {}, None),
-             LookRun("stprune, the probe's layers, nothing read back", "stprune", args.budget, {}, last + 1)])
-        same = sum(a == b for a, b in zip(engine_answers, probe_answers, strict=True))
-        print(f"{same} of {args.check} answers the same")
+        methods = ("stprune", "pdrop")  # one question-guided stage, three
+        _, answers = per_type_accuracy(qa, yardstick.data, args.check, args.seed, [
+            LookRun(label, method, args.budget, {}, lookback) for method in methods
+            for label, lookback in ((method, None), (f"{method}, the probe's layers, nothing held", last + 1))])
+        for method, engine_answers, probe_answers in zip(methods, answers[::2], answers[1::2], strict=True):
+            same = sum(a == b for a, b in zip(engine_answers, probe_answers, strict=True))
+            print(f"{method}: {same} of {args.check} answers the same")
         return
     rows, _ = per_type_accuracy(qa, yardstick.data, args.n, args.seed, runs(args.budget, last))
     print_table(rows, yardstick.data.QUESTION_TYPES)
