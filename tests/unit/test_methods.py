@@ -179,17 +179,21 @@ def test_dpc_knn_is_deterministic_on_ties():
     assert first[0].tolist() == [0, 2]  # equal densities: the lower index wins
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8, 9, 12])
-def test_the_k_smallest_values_are_a_full_sorts_first_k_and_the_input_stays(k):
-    """Rows with repeated values and +inf (padding), in passes of a minimum (few k) or by topk."""
+@pytest.mark.parametrize(("k", "length"), [(1, 40), (2, 40), (4, 40), (8, 40), (9, 40), (12, 40), (40, 40),
+                                           (4, 600)])
+def test_the_k_smallest_values_are_a_full_sorts_first_k_and_the_input_stays(k, length):
+    """Rows with repeated values and +inf (padding), in passes of a minimum (few k of short rows) or by
+    topk (more k, long rows); no more than a row holds."""
     from vidsparse.pruning.clustering import smallest
 
     generator = torch.Generator().manual_seed(k)
-    x = torch.randint(0, 6, (3, 5, 40), generator=generator).float()
+    x = torch.randint(0, 6, (3, 5, length), generator=generator).float()
     x[0, :, 30:] = torch.inf
     before = x.clone()
     assert torch.equal(smallest(x, k), torch.sort(x, dim=-1).values[..., :k])
     assert torch.equal(x, before)
+    with pytest.raises(ValueError):
+        smallest(x, length + 1)
 
 
 def test_top_k_breaks_ties_by_index_and_honours_the_floor():

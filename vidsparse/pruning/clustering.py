@@ -8,7 +8,7 @@ import torch
 from vidsparse.pruning.base import for_products
 from vidsparse.transfer import to_device
 
-FEW_NEIGHBOURS = 8  # up to this many nearest, passes of a minimum beat topk (`smallest`)
+FEW_NEIGHBOURS = 8  # up to this many nearest of a short row, passes of a minimum beat topk (`smallest`)
 
 
 def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +88,14 @@ def dpc_knn_groups(x: torch.Tensor, counts: list[int], clusters: list[int], neig
 
 
 def smallest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k smallest values along the last dimension, ascending. A few neighbours are k passes of a
-    minimum, each taking out one occurrence: a CPU's topk falls back to a selection over the whole row
-    whenever 64 k exceeds the row's length (FastVID's k = 4 of 242 tokens a frame: 1.8 ms for 8 frames,
-    against 0.8 ms in passes); each pass reads x once, so past a few neighbours topk is cheaper."""
-    if k > FEW_NEIGHBOURS:
+    """The k smallest values along the last dimension, ascending. A few neighbours of short rows are k
+    passes of a minimum, each taking out one occurrence: a CPU's topk falls back to a selection over the
+    whole row whenever 64 k exceeds the row's length (FastVID's k = 4 of 242 tokens a frame: 1.8 ms for 8
+    frames, against 0.8 ms in passes); each pass reads x once, so past a few neighbours, and on rows long
+    enough for topk's own partial sort, topk is cheaper."""
+    if k > x.shape[-1]:
+        raise ValueError(f"{k} smallest of rows of {x.shape[-1]}")
+    if k > FEW_NEIGHBOURS or 64 * k <= x.shape[-1]:
         return torch.topk(x, k, dim=-1, largest=False).values
     remaining, values = x, []
     for i in range(k):
