@@ -61,9 +61,19 @@ class Held:
         self.flops = 0
 
     def stage(self, decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block, *rest):
+        if stages[index] >= self.lookback:  # a later stage reads its layer's keys: they must be the live rows'
+            raise ValueError(f"held keys from layer {self.lookback} on, but a stage prunes after layer {stages[index]}")
         out = original_stage(decoder, plan, index, stages, prompt, generator, facts, hidden, positions, block, *rest)
-        gone = torch.ones(block.size, dtype=torch.bool)
-        gone[out[3].selection.keep] = False  # a recycled mean's anchor is gone too: its slot holds the mix
+        selection = out[3].selection
+        gone = torch.ones(block.size, dtype=torch.bool, device=hidden.device)
+        gone[selection.keep] = False
+        anchor = selection.merge_anchor  # a mix's anchor is gone (its slot holds the mix, it is held as itself) ...
+        if anchor.numel():  # ... but a group that is its anchor alone is that token, live (stage.apply_selection)
+            others = selection.merge_source != anchor[selection.merge_target]
+            if selection.merge_weight is not None:
+                others &= selection.merge_weight > 0
+            joined = torch.zeros(anchor.numel(), dtype=torch.long, device=hidden.device)
+            gone[anchor[joined.index_add_(0, selection.merge_target, others.long()) == 0]] = False
         rows = block.start + torch.nonzero(gone).squeeze(1)
         self.rows.append((hidden[:, rows].clone(), positions[..., rows].clone()))
         return out
@@ -76,7 +86,7 @@ class Held:
         held_positions = torch.cat([places for _, places in self.rows], -1)
         held_cos_sin = rotary(decoder, held, held_positions)
         n, m = hidden.shape[1], held.shape[1]
-        own_hidden = torch.ones(n, n, dtype=torch.bool).triu(1)  # live rows: causal in sequence order
+        own_hidden = torch.ones(n, n, dtype=torch.bool, device=hidden.device).triu(1)  # live rows: causal in order
         held_hidden = held_positions[0, 0][None, :] > positions[0, 0][:, None]  # held: by position
         for i in layers:
             layer = decoder.layers[i]
@@ -85,7 +95,10 @@ class Held:
                 _, held_key, held_value = _project(layer, held, held_cos_sin)
                 key, value = torch.cat([held_key, key], -2), torch.cat([held_value, value], -2)
                 hidden_keys = torch.cat([held_hidden, own_hidden], 1)
-                self.flops += m * self.shape.width * 2 * self.shape.kv_width + 2 * n * m * self.shape.query_width
+                biases = sum(p.out_features for p in (layer.self_attn.k_proj, layer.self_attn.v_proj)
+                             if p.bias is not None)
+                self.flops += (m * (self.shape.width * 2 * self.shape.kv_width + biases)
+                               + 2 * n * m * self.shape.query_width)
             else:
                 hidden_keys = own_hidden
             scores = grouped_scores(query, key, layer.self_attn.scaling).masked_fill(hidden_keys, float("-inf"))
