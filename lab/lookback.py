@@ -9,6 +9,7 @@ it needs the whole clip's *late* states, or only early ones that the last layers
 
     python -m lab.lookback --n 700                          # shapes-hd's tuning clips, 10%
     python -m lab.lookback --model shapes-hd-plain --n 700
+    python -m lab.lookback --model shapes-demo --n 700     # ShapesQA's tuning clips (also shapes-ov)
 
 The engine has no such mechanism: for the runs that hold tokens, this probe replaces two of its
 internals (the question-guided stage, to keep the rows it deletes, and the layers after it, run here
@@ -110,6 +111,7 @@ class Held:
 
 
 original_stage, original_layers = engine._question_stage, engine.run_layers
+DATA = {"shapes-hd": "hd", "shapes-hd-plain": "hd", "shapes-demo": "demo", "shapes-ov": "demo"}  # 1-D RoPE models
 
 
 def per_type_accuracy(qa: VideoQA, data, n: int, seed: int, runs: list[LookRun]) -> tuple[list[dict], list[list]]:
@@ -163,9 +165,9 @@ def runs(budget: str, last: int) -> list[LookRun]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shapes-hd", choices=["shapes-hd", "shapes-hd-plain"])
+    parser.add_argument("--model", default="shapes-hd", choices=sorted(DATA))
     parser.add_argument("--n", type=int, default=700)
-    parser.add_argument("--seed", type=int, default=TUNING_SEEDS["hd"])
+    parser.add_argument("--seed", type=int, default=None, help="default: the yardstick's tuning seed (777, 515151)")
     parser.add_argument("--budget", default="10%")
     parser.add_argument("--out", type=Path, default=None, help="default: lab/results/lookback_<model>.json")
     parser.add_argument("--check", type=int, default=0, metavar="N",
@@ -173,7 +175,8 @@ def main() -> None:
                              "held give as the engine does")
     args = parser.parse_args()
     logging.set_verbosity_error()
-    yardstick = YARDSTICKS["hd"]
+    yardstick = YARDSTICKS[DATA[args.model]]
+    args.seed = TUNING_SEEDS[yardstick.name] if args.seed is None else args.seed
     if args.seed == yardstick.eval_seed:
         parser.error(f"seed {args.seed} is the held-out set's: tuning runs use another seed")
     qa = VideoQA.from_pretrained(args.model, dtype="float32", device="cpu")
