@@ -20,36 +20,27 @@ engine's answers (`--check N` counts them on the first N questions).
 from __future__ import annotations
 
 import argparse
-import sys
-from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 from transformers.utils import logging
 
 import vidsparse.engine as engine
-from lab.shapes_accuracy import TUNING_SEEDS, print_table, save_rows
+from lab.shapes_accuracy import TUNING_SEEDS, Run, ask_run, per_type_accuracy, print_table, save_rows
 from lab.stprune_ablation import EVERY_TOKEN
 from lab.yardsticks import YARDSTICKS
+from vidsparse.answer import AskResult
 from vidsparse.layers import _finish, _project, grouped_scores, rotary
-from vidsparse.metrics import is_correct
-from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
-from vidsparse.pruning import METHODS
 from vidsparse.stats import DecoderShape
 
 
 @dataclass(frozen=True)
-class LookRun:
-    label: str
-    method: str
-    budget: str
-    settings: dict  # constants of the method's module, for this run only
-    lookback: int | None  # F: held tokens are read from this layer on (None: the engine untouched)
+class LookRun(Run):
+    lookback: int | None = None  # F: held tokens are read from this layer on (None: the engine untouched)
 
 
 class Held:
@@ -114,36 +105,28 @@ original_stage, original_layers = engine._question_stage, engine.run_layers
 DATA = {"shapes-hd": "hd", "shapes-hd-plain": "hd", "shapes-demo": "demo", "shapes-ov": "demo"}  # 1-D RoPE models
 
 
-def per_type_accuracy(qa: VideoQA, data, n: int, seed: int, runs: list[LookRun]) -> tuple[list[dict], list[list]]:
-    """As `lab.shapes_accuracy.per_type_accuracy`, the held tokens' FLOPs added to the prefill's; also
-    each run's answers."""
+def held_accuracy(qa: VideoQA, data, n: int, seed: int, runs: list[LookRun]) -> tuple[list[dict], list[list[str]]]:
+    """`lab.shapes_accuracy.per_type_accuracy` with each run's held tokens, their FLOPs added to the
+    prefill's (and as a share of their own), and each run's answers."""
     shape = DecoderShape.of(qa.model.decoder)
-    correct: dict[int, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    flops: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    held_flops, unpruned = [0] * len(runs), [0] * len(runs)
     answers: list[list[str]] = [[] for _ in runs]
-    for i in range(n):
-        qtype = data.QUESTION_TYPES[i % len(data.QUESTION_TYPES)]
-        clip, question, answer = data.sample(np.random.default_rng([seed, i]), qtype)
-        for k, run in enumerate(runs):
-            module = sys.modules[METHODS[run.method].__module__]
-            held = None if run.lookback is None else Held(run.lookback, shape)
-            with (mock.patch.multiple(module, **run.settings) if run.settings else nullcontext(),
-                  nullcontext() if held is None else mock.patch.multiple(
-                      engine, _question_stage=held.stage, run_layers=held.layers)):
-                result = qa.answer(clip.frames, question,
-                                   AskOptions(run.method, parse_budget(run.budget), positions="keep", max_new_tokens=8))
-            correct[k][qtype].append(is_correct(result.answer, answer))
-            answers[k].append(result.answer)
-            flops[k][0] += result.prefill_flops
-            flops[k][1] += 0 if held is None else held.flops
-            flops[k][2] += result.prefill_flops_unpruned
-        if (i + 1) % 100 == 0:
-            print(f"{i + 1}/{n} questions", flush=True)
-    rows = [{"label": run.label, "method": run.method, "budget": run.budget, "settings": run.settings,
-             "lookback": run.lookback, "overall": float(np.mean(sum(correct[k].values(), []))),
-             "prefill_flops_share": (flops[k][0] + flops[k][1]) / flops[k][2],
-             "held_flops_share": flops[k][1] / flops[k][2],
-             **{t: float(np.mean(v)) for t, v in correct[k].items()}} for k, run in enumerate(runs)]
+
+    def ask(run: LookRun, frames: object, question: str) -> AskResult:
+        k = runs.index(run)
+        held = None if run.lookback is None else Held(run.lookback, shape)
+        with nullcontext() if held is None else mock.patch.multiple(
+                engine, _question_stage=held.stage, run_layers=held.layers):
+            result = ask_run(qa, run, frames, question, positions="keep")
+        spent = 0 if held is None else held.flops
+        held_flops[k] += spent
+        unpruned[k] += result.prefill_flops_unpruned
+        answers[k].append(result.answer)
+        return replace(result, prefill_flops=result.prefill_flops + spent)
+
+    rows = per_type_accuracy(qa, data, n, seed, runs, ask=ask)
+    for k, (row, run) in enumerate(zip(rows, runs, strict=True)):
+        row |= {"settings": run.settings, "lookback": run.lookback, "held_flops_share": held_flops[k] / unpruned[k]}
     return rows, answers
 
 
@@ -183,14 +166,14 @@ def main() -> None:
     last = len(qa.model.decoder.layers) - 1
     if args.check:
         methods = ("stprune", "pdrop")  # one question-guided stage, three
-        _, answers = per_type_accuracy(qa, yardstick.data, args.check, args.seed, [
+        _, answers = held_accuracy(qa, yardstick.data, args.check, args.seed, [
             LookRun(label, method, args.budget, {}, lookback) for method in methods
             for label, lookback in ((method, None), (f"{method}, the probe's layers, nothing held", last + 1))])
         for method, engine_answers, probe_answers in zip(methods, answers[::2], answers[1::2], strict=True):
             same = sum(a == b for a, b in zip(engine_answers, probe_answers, strict=True))
             print(f"{method}: {same} of {args.check} answers the same")
         return
-    rows, _ = per_type_accuracy(qa, yardstick.data, args.n, args.seed, runs(args.budget, last))
+    rows, _ = held_accuracy(qa, yardstick.data, args.n, args.seed, runs(args.budget, last))
     print_table(rows, yardstick.data.QUESTION_TYPES)
     args.yardstick = args.model.removeprefix("shapes-")  # save_rows names the file for it
     print(f"wrote {save_rows(args, args.seed, rows, 'lookback')}")

@@ -18,6 +18,7 @@ from unittest import mock
 import numpy as np
 
 from lab.yardsticks import YARDSTICKS, Yardstick
+from vidsparse.answer import AskResult
 from vidsparse.metrics import is_correct
 from vidsparse.options import AskOptions, parse_budget
 from vidsparse.pipeline import VideoQA
@@ -35,10 +36,21 @@ class Run:
     settings: dict = field(default_factory=dict)  # constants of the method's module, set for this run only
 
 
+def ask_run(qa: VideoQA, run: Run, frames: object, question: str, positions: str = "authors") -> AskResult:
+    """One run's answer to one question, its settings set on its method's module for this call only."""
+    module = sys.modules[METHODS[run.method].__module__]
+    with mock.patch.multiple(module, **run.settings) if run.settings else nullcontext():
+        return qa.answer(frames, question, AskOptions(run.method, parse_budget(run.budget), positions=positions,
+                                                      max_new_tokens=8))
+
+
 def per_type_accuracy(qa: VideoQA, data: ModuleType, n: int, seed: int, runs: list[Run],
-                      on_clip: Callable[[object], None] = lambda clip: None) -> list[dict]:
+                      on_clip: Callable[[object], None] = lambda clip: None,
+                      ask: Callable[[Run, object, str], AskResult] | None = None) -> list[dict]:
     """Question i asks type i mod len(types) about ``data.sample(default_rng([seed, i]))``; each run
-    answers every question. Rows: label, method, budget, overall, prefill FLOPs share, one per type."""
+    answers every question (`ask`, by default `ask_run`). Rows: label, method, budget, overall, prefill
+    FLOPs share, one per type."""
+    ask = ask or (lambda run, frames, question: ask_run(qa, run, frames, question))
     correct: dict[int, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     flops: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for i in range(n):
@@ -46,10 +58,7 @@ def per_type_accuracy(qa: VideoQA, data: ModuleType, n: int, seed: int, runs: li
         clip, question, answer = data.sample(np.random.default_rng([seed, i]), qtype)
         on_clip(clip)
         for k, run in enumerate(runs):
-            module = sys.modules[METHODS[run.method].__module__]
-            with mock.patch.multiple(module, **run.settings) if run.settings else nullcontext():
-                result = qa.answer(clip.frames, question,
-                                   AskOptions(run.method, parse_budget(run.budget), max_new_tokens=8))
+            result = ask(run, clip.frames, question)
             correct[k][qtype].append(is_correct(result.answer, answer))
             flops[k][0] += result.prefill_flops
             flops[k][1] += result.prefill_flops_unpruned
