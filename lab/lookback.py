@@ -35,6 +35,7 @@ from lab.yardsticks import YARDSTICKS
 from vidsparse.answer import AskResult
 from vidsparse.layers import _finish, _project, grouped_scores, rotary
 from vidsparse.pipeline import VideoQA
+from vidsparse.stage import mixes
 from vidsparse.stats import DecoderShape
 
 
@@ -59,13 +60,8 @@ class Held:
         selection = out[3].selection
         gone = torch.ones(block.size, dtype=torch.bool, device=hidden.device)
         gone[selection.keep] = False
-        anchor = selection.merge_anchor  # a mix's anchor is gone (its slot holds the mix, it is held as itself) ...
-        if anchor.numel():  # ... but a group that is its anchor alone is that token, live (stage.apply_selection)
-            others = selection.merge_source != anchor[selection.merge_target]
-            if selection.merge_weight is not None:
-                others &= selection.merge_weight > 0
-            joined = torch.zeros(anchor.numel(), dtype=torch.long, device=hidden.device)
-            gone[anchor[joined.index_add_(0, selection.merge_target, others.long()) == 0]] = False
+        if selection.merge_anchor.numel():  # a mix's anchor is gone (its slot holds the mix; held as itself), ...
+            gone[selection.merge_anchor[~mixes(selection)]] = False  # ... a group that is its anchor alone is live
         rows = block.start + torch.nonzero(gone).squeeze(1)
         self.rows.append((hidden[:, rows].clone(), positions[..., rows].clone()))
         return out

@@ -85,6 +85,16 @@ def merged_tokens(selection: Selection, visual: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 1).to(visual.dtype)
 
 
+def mixes(selection: Selection) -> torch.Tensor:
+    """Which of the selection's groups mix other tokens into their anchor; a group that is its anchor
+    alone (a centre nothing joined, or joined with weight 0 only) is that token."""
+    anchor = selection.merge_anchor
+    others = (selection.merge_source != anchor[selection.merge_target]).float()
+    if selection.merge_weight is not None:  # a source of weight 0 adds nothing
+        others = others * (selection.merge_weight > 0)
+    return torch.zeros(anchor.numel(), device=anchor.device).index_add_(0, selection.merge_target, others) > 0
+
+
 def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: VisualBlock, selection: Selection,
                     mode: PositionMode) -> tuple[torch.Tensor, torch.Tensor, VisualBlock]:
     """Remove/merge visual rows of `hidden` (1, n, d): the new visual block is the kept rows then the
@@ -100,12 +110,7 @@ def apply_selection(hidden: torch.Tensor, positions: torch.Tensor, block: Visual
     anchor = selection.merge_anchor
     if anchor.numel():
         places.append(anchor)
-        # a group that is its anchor alone (a centre nothing joined) is that token, not a mix
-        others = (selection.merge_source != anchor[selection.merge_target]).float()
-        if selection.merge_weight is not None:  # a source of weight 0 adds nothing
-            others = others * (selection.merge_weight > 0)
-        mixes = torch.zeros(anchor.numel(), device=device).index_add_(0, selection.merge_target, others) > 0
-        merged.append(mixes | block.merged[anchor])  # an anchor merged at an earlier stage stays a mix
+        merged.append(mixes(selection) | block.merged[anchor])  # an anchor merged at an earlier stage stays a mix
     place = torch.cat(places)
     order = torch.sort(place, stable=True).indices if selection.in_clip_order else None
     placed = place if order is None else place[order]
